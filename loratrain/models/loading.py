@@ -105,7 +105,7 @@ def _load_folder(root: Path) -> SDModel:
 
 
 def _training_scheduler(cfg: dict[str, Any]) -> DDPMScheduler:
-    keep = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+    keep = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "steps_offset",
                                 "rescale_betas_zero_snr") if k in cfg}
     return DDPMScheduler(**keep, clip_sample=False)
 

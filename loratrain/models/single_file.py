@@ -7,13 +7,21 @@ from typing import Any
 import torch
 
 from . import ldm_keys
-from .families import UNET_PREFIX, VAE_PREFIX, Family
+from .families import UNET_PREFIX, VAE_PREFIX, Family, ModelTypeError
 
 CONFIG_METADATA_KEY = "loratrain.configs"
 
 
 def split_checkpoint(sd: dict[str, torch.Tensor], family: Family, cfgs: dict[str, dict[str, Any]], source: str) -> dict[str, dict[str, torch.Tensor]]:
     """Component state dicts (diffusers / transformers names) from one flat LDM state dict."""
+    try:
+        return _split(sd, family, cfgs, source)
+    except KeyError as e:
+        raise ModelTypeError(f"{source}: weights do not fit the {family.name} layout ({e.args[0]}); "
+                             "not a standard checkpoint of that family") from None
+
+
+def _split(sd: dict[str, torch.Tensor], family: Family, cfgs: dict[str, dict[str, Any]], source: str) -> dict[str, dict[str, torch.Tensor]]:
     parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}}
     te_parts: dict[str, dict[str, torch.Tensor]] = {te.component: {} for te in family.text_encoders}
     for key, value in sd.items():

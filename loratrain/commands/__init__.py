@@ -1,0 +1,1 @@
+"""One module per `loratrain` subcommand; each is a thin shell over a library function."""

@@ -1,0 +1,1 @@
+"""kohya-style datasets: repeat folders, dataset TOML, captions, buckets, latent cache, step plan."""

@@ -1,0 +1,1 @@
+"""The LoRA training loop and its helpers (noise, loss weights, optimizers, saving, sampling)."""

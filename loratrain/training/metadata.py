@@ -1,0 +1,86 @@
+"""The `ss_*` and `modelspec.*` metadata sd-scripts writes, so other tools recognise our LoRAs."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from typing import Any
+
+from ..models.loading import SDModel
+from .config import TrainConfig
+
+
+def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_args: dict[str, Any], plan: Any,
+                  session: dict[str, Any], epoch: int, step: int, dataset_dirs: dict[str, Any],
+                  tag_frequency: dict[str, dict[str, int]]) -> dict[str, str]:
+    v_pred = model.prediction_type == "v_prediction"
+    fam = model.family
+    version = fam.base_model_version + ("_v" if fam.name == "sd2" and v_pred else "")
+    arch = fam.modelspec_arch
+    if fam.name == "sd2":
+        arch = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
+    res = cfg.resolution_wh()
+    meta: dict[str, Any] = {
+        "ss_session_id": session["id"],
+        "ss_training_started_at": session["started"],
+        "ss_training_finished_at": time.time(),
+        "ss_output_name": cfg.output_name,
+        "ss_learning_rate": cfg.learning_rate,
+        "ss_unet_lr": cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate,
+        "ss_text_encoder_lr": cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate,
+        "ss_num_train_images": plan.train_samples,
+        "ss_num_reg_images": plan.reg_samples,
+        "ss_num_batches_per_epoch": plan.batches_per_epoch,
+        "ss_num_epochs": plan.epochs,
+        "ss_max_train_steps": plan.max_train_steps,
+        "ss_epoch": epoch,
+        "ss_steps": step,
+        "ss_gradient_checkpointing": cfg.gradient_checkpointing,
+        "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "ss_lr_warmup_steps": cfg.lr_warmup_steps,
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_network_module": "networks.lora" if network_kind in ("lora", "locon") else network_kind,
+        "ss_network_dim": cfg.network_dim,
+        "ss_network_alpha": cfg.network_alpha,
+        "ss_network_dropout": cfg.network_dropout,
+        "ss_network_args": json.dumps(network_args) if network_args else None,
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_full_fp16": False,
+        "ss_v2": fam.name == "sd2",
+        "ss_base_model_version": version,
+        "ss_clip_skip": cfg.clip_skip,
+        "ss_max_token_length": None,
+        "ss_cache_latents": True,
+        "ss_seed": cfg.seed,
+        "ss_noise_offset": cfg.noise_offset or None,
+        "ss_noise_offset_random_strength": cfg.noise_offset_random_strength,
+        "ss_adaptive_noise_scale": cfg.adaptive_noise_scale or None,
+        "ss_multires_noise_iterations": cfg.multires_noise_iterations or None,
+        "ss_multires_noise_discount": cfg.multires_noise_discount,
+        "ss_min_snr_gamma": cfg.min_snr_gamma or None,
+        "ss_prior_loss_weight": cfg.prior_loss_weight,
+        "ss_max_grad_norm": cfg.max_grad_norm,
+        "ss_optimizer": f"{cfg.optimizer_type}({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else cfg.optimizer_type,
+        "ss_caption_dropout_rate": cfg.caption_dropout_rate,
+        "ss_caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,
+        "ss_training_comment": cfg.training_comment or None,
+        "ss_sd_model_name": session["model_name"],
+        "ss_resolution": f"({res[0]}, {res[1]})",
+        "ss_batch_size_per_device": cfg.train_batch_size,
+        "ss_enable_bucket": cfg.enable_bucket,
+        "ss_min_bucket_reso": cfg.min_bucket_reso,
+        "ss_max_bucket_reso": cfg.max_bucket_reso,
+        "ss_flip_aug": cfg.flip_aug,
+        "ss_shuffle_caption": cfg.shuffle_caption,
+        "ss_keep_tokens": cfg.keep_tokens,
+        "ss_dataset_dirs": json.dumps(dataset_dirs),
+        "ss_tag_frequency": json.dumps(tag_frequency),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": arch + "/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if fam.is_sdxl else "diffusers",
+        "modelspec.title": f"{cfg.output_name}",
+        "modelspec.resolution": f"{res[0]}x{res[1]}",
+        "modelspec.date": dt.datetime.fromtimestamp(session["started"]).isoformat(timespec="seconds"),
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+    }
+    return {k: str(v) for k, v in meta.items() if v is not None}

@@ -1,0 +1,346 @@
+"""train(cfg, reporter, stop): the LoRA training loop the CLI and the UI both call.
+
+Determinism: noise, timesteps and caption shuffles come from generators seeded by (seed, epoch,
+micro-batch index), and batch order by (seed, epoch), so a resumed run replays exactly the steps a
+straight run would have taken.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from ..common.progress import Reporter, StopFlag, TqdmReporter
+from ..data.captions import process_caption
+from ..data.dataset import Item, TrainData
+from ..data.subsets import DatasetSpec, specs_from_toml, subsets_from_folders
+from ..models.loading import SDModel, load_model
+from ..networks import Network, NetworkSpec, build_network
+from .conditioning import ConditioningCache, encode_prompts, sdxl_time_ids
+from .config import TrainConfig
+from .metadata import lora_metadata
+from .noise import min_snr_weight, offset_noise, pyramid_noise
+from .optim import create_optimizer, create_scheduler
+from .sampling import SamplePrompt, generate, load_prompts, sample_file_name
+from .saving import STATE_SUFFIX, load_state, prune_saves, save_lora, save_state
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, bad resume state); the message says what to do."""
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path | None
+    state_dir: Path
+    global_step: int
+    epoch: int
+    losses: list[float] = field(default_factory=list)
+    stopped: bool = False
+    samples: list[Path] = field(default_factory=list)
+
+
+def build_specs(cfg: TrainConfig) -> list[DatasetSpec]:
+    defaults = {"caption_extension": cfg.caption_extension, "shuffle_caption": cfg.shuffle_caption, "keep_tokens": cfg.keep_tokens,
+                "caption_dropout_rate": cfg.caption_dropout_rate, "caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,
+                "flip_aug": cfg.flip_aug, "resolution": cfg.resolution_wh(), "batch_size": cfg.train_batch_size,
+                "enable_bucket": cfg.enable_bucket, "min_bucket_reso": cfg.min_bucket_reso, "max_bucket_reso": cfg.max_bucket_reso,
+                "bucket_reso_steps": cfg.bucket_reso_steps}
+    if cfg.dataset_config:
+        return specs_from_toml(cfg.dataset_config, defaults)
+    subsets = subsets_from_folders(cfg.train_data_dir, cfg.reg_data_dir or None, defaults)
+    return [DatasetSpec(subsets=subsets, **{k: v for k, v in defaults.items() if k in DatasetSpec.__dataclass_fields__})]
+
+
+def _seed_for(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
+
+
+def _vae_id(model: SDModel) -> str:
+    w = model.vae.encoder.conv_in.weight.detach().float().cpu().numpy().tobytes()
+    return hashlib.sha256(w).hexdigest()[:16] + f"-{model.vae.config.scaling_factor}"
+
+
+class LoRATrainer:
+    def __init__(self, cfg: TrainConfig, reporter: Reporter, stop: StopFlag) -> None:
+        cfg.check_ready()
+        self.cfg, self.reporter, self.stop = cfg, reporter, stop
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.device = self.accelerator.device
+        self.out_dir = Path(cfg.output_dir)
+        self.state_dir = self.out_dir / f"{cfg.output_name}{STATE_SUFFIX}"
+        self.session = {"id": random.randint(0, 2**31 - 1), "started": time.time(),
+                        "model_name": Path(cfg.pretrained_model_name_or_path).name}
+        self.losses: list[float] = []
+        self.samples: list[Path] = []
+        self.last_save: Path | None = None
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, log = self.cfg, self.reporter.log
+        self.data = TrainData(build_specs(cfg), log=log)
+        self.model = load_model(cfg.pretrained_model_name_or_path, allow_pickle=cfg.allow_pickle,
+                                v_parameterization=cfg.v_parameterization)
+        log(f"model: {self.model.family.name} ({self.model.prediction_type}) from {self.model.source}")
+        self._cache_latents()
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        for m in (self.model.unet, *self.model.text_encoders):
+            m.to(self.device, dtype=weight_dtype)
+        if cfg.xformers:
+            self.model.unet.enable_xformers_memory_efficient_attention()
+        spec = NetworkSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout,
+                           train_unet=not cfg.network_train_text_encoder_only, train_text_encoder=not cfg.network_train_unet_only)
+        self.network: Network = build_network(cfg.network_module, self.model, spec)
+        self.train_te = any(t.part != "unet" for t in self.network.targets)
+        n_unet = sum(t.part == "unet" for t in self.network.targets)
+        log(f"network: {self.network.kind}, {n_unet} UNet modules, {len(self.network.targets) - n_unet} text encoder modules; "
+            f"dim {cfg.network_dim}, alpha {cfg.network_alpha} -> scale alpha/dim = {cfg.network_alpha / cfg.network_dim:.4g}"
+            + (f"; conv dim {self.network.spec.conv_dim}, alpha {self.network.spec.conv_alpha}" if self.network.spec.conv_dim else ""))
+        if cfg.gradient_checkpointing:
+            self.model.unet.enable_gradient_checkpointing()
+            for te in self.model.text_encoders:
+                te.gradient_checkpointing_enable()
+        unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
+        te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+        groups = []
+        for part in self.network.parts():
+            params = self.network.trainable_parameters(part)
+            if params:
+                groups.append({"params": params, "lr": unet_lr if part == "unet" else te_lr, "name": part})
+        self.optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args)
+        n_proc = self.accelerator.num_processes
+        self.plan = self.data.plan(cfg.gradient_accumulation_steps * n_proc, cfg.max_train_steps, cfg.max_train_epochs)
+        log(self.data.plan(cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.max_train_epochs).describe(
+            [s.batch_size for s in self.data.specs]) + (f"; divided over {n_proc} processes" if n_proc > 1 else ""))
+        self.scheduler = create_scheduler(cfg.lr_scheduler, self.optimizer, self.plan.max_train_steps, cfg.lr_warmup_steps,
+                                          cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power)
+        random_captions = any(s.shuffle_caption or s.caption_dropout_rate or s.caption_tag_dropout_rate or s.caption_dropout_every_n_epochs
+                              for spec in self.data.specs for s in spec.subsets)
+        self.cond_cache = ConditioningCache(self.model, cfg.clip_skip) if not (self.train_te or random_captions) else None
+        prepared = self.accelerator.prepare(*self.network.parts().values(), self.optimizer)
+        self.optimizer = prepared[-1]
+        self.global_step, self.epoch, self.micro = 0, 0, 0
+        if cfg.resume:
+            self._resume()
+        elif cfg.network_weights:
+            net_sd, _, _ = load_state(Path(cfg.network_weights))
+            self.network.load_state_dict(net_sd)
+        log_dir = Path(cfg.logging_dir) if cfg.logging_dir else self.out_dir / "logs"
+        self.writer = None
+        if self.accelerator.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir / cfg.output_name))
+
+    def _cache_latents(self) -> None:
+        vae = self.model.vae.to(self.device, dtype=torch.float32)
+        gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
+        scale = vae.config.scaling_factor
+
+        @torch.no_grad()
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            dist = vae.encode(pixels.to(self.device, torch.float32)).latent_dist
+            noise = torch.randn(dist.mean.shape, generator=gen).to(self.device)
+            return (dist.mean + dist.std * noise) * scale
+
+        total = len(self.data.items())
+        self.reporter.start(total, "caching latents")
+        self.data.cache_latents(encode, _vae_id(self.model), self.cfg.cache_latents_to_disk, self.cfg.on_bad_image,
+                                progress=lambda n: self.reporter.advance(n))
+        if not self.cfg.sample_prompts:
+            vae.to("cpu")
+
+    def _resume(self) -> None:
+        path = self.state_dir if self.cfg.resume == "latest" else Path(self.cfg.resume)
+        net_sd, opt_sd, info = load_state(path)
+        self.network.load_state_dict(net_sd)
+        self.optimizer.load_state_dict(opt_sd["optimizer"])
+        self.scheduler.load_state_dict(opt_sd["scheduler"])
+        if info.get("max_train_steps") != self.plan.max_train_steps:
+            self.reporter.log(f"WARNING: the saved run planned {info.get('max_train_steps')} steps, this one {self.plan.max_train_steps}")
+        self.global_step, self.epoch, self.micro = info["global_step"], info["epoch"], info["micro"]
+        self.losses = list(info.get("losses", []))
+        self.reporter.log(f"resumed from {path} at step {self.global_step} (epoch {self.epoch + 1}, batch {self.micro})")
+
+    # -- one micro-batch -----------------------------------------------------------------------
+    def _loss(self, batch: list[tuple[Item, bool]], epoch: int, micro: int) -> torch.Tensor:
+        cfg, model = self.cfg, self.model
+        rng = random.Random(_seed_for(cfg.seed, epoch, micro, 1))
+        gen = torch.Generator(device="cpu").manual_seed(_seed_for(cfg.seed, epoch, micro, 2))
+        torch.manual_seed(_seed_for(cfg.seed, epoch, micro, 3))
+        latents = torch.stack([it.latents[1 if flip else 0] for it, flip in batch]).to(self.device)
+        captions = [process_caption(it.caption, it.subset, rng, epoch) for it, _ in batch]
+        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+        if cfg.noise_offset:
+            noise = offset_noise(noise, latents, cfg.noise_offset, cfg.noise_offset_random_strength, cfg.adaptive_noise_scale, gen)
+        if cfg.multires_noise_iterations:
+            noise = pyramid_noise(noise, cfg.multires_noise_iterations, cfg.multires_noise_discount, gen)
+        sched = model.noise_scheduler
+        t = torch.randint(cfg.min_timestep, cfg.max_timestep, (len(batch),), generator=gen).to(self.device)
+        noisy = sched.add_noise(latents, noise, t)
+        with self.accelerator.autocast():
+            cond = self.cond_cache(captions) if self.cond_cache else encode_prompts(model, captions, cfg.clip_skip)
+            time_ids = None
+            if model.family.is_sdxl:
+                time_ids = sdxl_time_ids([it.original_size for it, _ in batch], [it.crop_top_left for it, _ in batch],
+                                         [it.bucket for it, _ in batch], self.device, cond.hidden.dtype)
+            pred = model.unet(noisy.to(cond.hidden.dtype), t, **cond.unet_kwargs(time_ids)).sample
+        v_pred = model.prediction_type == "v_prediction"
+        target = sched.get_velocity(latents, noise, t) if v_pred else noise
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weights = torch.tensor([cfg.prior_loss_weight if it.subset.is_reg else 1.0 for it, _ in batch], device=self.device)
+        loss = loss * weights
+        if cfg.min_snr_gamma:
+            loss = loss * min_snr_weight(sched.alphas_cumprod, t, cfg.min_snr_gamma, v_pred)
+        return loss.mean()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, plan, acc = self.cfg, self.plan, self.accelerator
+        if cfg.sample_at_first and self.global_step == 0:
+            self._sample(epoch=None)
+        self.reporter.start(plan.max_train_steps, "training", initial=self.global_step)
+        for m in self.network.parts().values():
+            m.train()
+        accum = cfg.gradient_accumulation_steps
+        stopped = False
+        while self.global_step < plan.max_train_steps and self.epoch < plan.epochs and not stopped:
+            batches = self.data.batches_for_epoch(self.epoch, cfg.seed)[acc.process_index::acc.num_processes]
+            while self.micro < len(batches) and self.global_step < plan.max_train_steps:
+                group = batches[self.micro: self.micro + accum]
+                step_loss = 0.0
+                for offset, batch in enumerate(group):
+                    loss = self._loss(batch, self.epoch, self.micro + offset)
+                    if not torch.isfinite(loss):
+                        self._nan(loss)
+                    acc.backward(loss / len(group))
+                    step_loss += loss.item() / len(group)
+                if cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.micro += len(group)
+                self.global_step += 1
+                self.losses.append(step_loss)
+                self._log_step(step_loss)
+                if self.micro >= len(batches):
+                    self.epoch, self.micro = self.epoch + 1, 0
+                    self._after_epoch()
+                self._after_step()
+                if self.stop.is_set():
+                    stopped = True
+                    break
+            else:
+                if self.micro >= len(batches):  # an epoch with nothing left (resumed at its end)
+                    self.epoch, self.micro = self.epoch + 1, 0
+        final = self._save_final(stopped)
+        if self.writer:
+            self.writer.close()
+        msg = (f"stopped at step {self.global_step}; resume with --resume {self.state_dir}" if stopped
+               else f"done: {self.global_step} steps, LoRA at {final}")
+        self.reporter.done(msg)
+        return TrainResult(final, self.state_dir, self.global_step, self.epoch, self.losses, stopped, self.samples)
+
+    def _nan(self, loss: torch.Tensor) -> None:
+        where = f"step {self.global_step + 1} (epoch {self.epoch + 1})"
+        last = f"the last good save is {self.last_save}" if self.last_save else "nothing was saved yet"
+        raise TrainingError(f"loss became {loss.item()} at {where}; training stopped and {last} (left intact). "
+                            "Common causes: fp16 overflow (try bf16 or no mixed precision), a learning rate that is too high.")
+
+    def _log_step(self, loss: float) -> None:
+        recent = self.losses[-50:]
+        lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        self.reporter.advance(1, loss=loss, avg=sum(recent) / len(recent))
+        if self.writer:
+            self.writer.add_scalar("loss/current", loss, self.global_step)
+            self.writer.add_scalar("loss/average", sum(recent) / len(recent), self.global_step)
+            for k, v in lrs.items():
+                self.writer.add_scalar(k, v, self.global_step)
+
+    def _after_epoch(self) -> None:
+        cfg = self.cfg
+        done = self.global_step >= self.plan.max_train_steps or self.epoch >= self.plan.epochs
+        if cfg.save_every_n_epochs and self.epoch % cfg.save_every_n_epochs == 0 and not done:
+            self._save(self.out_dir / f"{cfg.output_name}-{self.epoch:06d}.safetensors")
+            prune_saves(self.out_dir, cfg.output_name, "epoch", cfg.save_last_n_epochs)
+        if cfg.sample_every_n_epochs and self.epoch % cfg.sample_every_n_epochs == 0:
+            self._sample(epoch=self.epoch)
+
+    def _after_step(self) -> None:
+        cfg = self.cfg
+        done = self.global_step >= self.plan.max_train_steps
+        if cfg.save_every_n_steps and self.global_step % cfg.save_every_n_steps == 0 and not done:
+            self._save(self.out_dir / f"{cfg.output_name}-step{self.global_step:08d}.safetensors")
+            prune_saves(self.out_dir, cfg.output_name, "step", cfg.save_last_n_steps)
+        if cfg.sample_every_n_steps and self.global_step % cfg.sample_every_n_steps == 0:
+            self._sample(epoch=None)
+
+    def _metadata(self) -> dict[str, str]:
+        dirs = {s.image_dir: {"n_repeats": s.num_repeats, "img_count": len(s.images())} for spec in self.data.specs for s in spec.subsets}
+        freq: dict[str, dict[str, int]] = {}
+        for it in self.data.items():
+            counter = freq.setdefault(Path(it.subset.image_dir).name, Counter())
+            counter.update(t.strip() for t in it.caption.split(",") if t.strip())
+        return lora_metadata(self.cfg, self.model, self.network.kind, self.network.args(), self.plan, self.session,
+                             self.epoch, self.global_step, dirs, {k: dict(v) for k, v in freq.items()})
+
+    def _state_info(self) -> dict:
+        return {"global_step": self.global_step, "epoch": self.epoch, "micro": self.micro, "max_train_steps": self.plan.max_train_steps,
+                "losses": self.losses, "network_module": self.network.kind, "seed": self.cfg.seed}
+
+    def _save(self, path: Path) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.last_save = save_lora(self.network, path, self.cfg.save_precision, self._metadata(), self.cfg.save_peft_format)
+        save_state(self.state_dir, self.network, self.optimizer, self.scheduler, self._state_info())
+        self.reporter.log(f"saved {path.name} and training state (step {self.global_step})")
+
+    def _save_final(self, stopped: bool) -> Path | None:
+        path = self.out_dir / f"{self.cfg.output_name}.safetensors"
+        self._save(path)
+        return path
+
+    def _sample(self, epoch: int | None) -> None:
+        cfg = self.cfg
+        if not cfg.sample_prompts or not self.accelerator.is_main_process:
+            return
+        res = cfg.resolution_wh()
+        prompts = load_prompts(cfg.sample_prompts, SamplePrompt("", width=res[0], height=res[1]))
+        self.model.vae.to(self.device)
+        parts = list(self.network.parts().values())
+        for m in parts:
+            m.eval()
+        sample_dir = self.out_dir / "sample"
+        paths, captions = [], []
+        with self.accelerator.autocast():
+            for i, p in enumerate(prompts):
+                if p.seed is None:
+                    p.seed = cfg.seed + i
+                path = generate(self.model, p, sample_dir / sample_file_name(cfg.output_name, epoch, self.global_step, i, p.seed),
+                                cfg.sample_sampler, cfg.clip_skip, {"loratrain_step": str(self.global_step)})
+                paths.append(path)
+                captions.append(f"step {self.global_step}: {p.prompt}")
+                if self.writer:
+                    import numpy as np
+                    from PIL import Image
+
+                    self.writer.add_image(f"sample/{i:02d}", np.asarray(Image.open(path).convert("RGB")), self.global_step, dataformats="HWC")
+        for m in parts:
+            m.train()
+        self.samples.extend(paths)
+        self.reporter.sample([str(p) for p in paths], captions)
+
+
+def train(cfg: TrainConfig, reporter: Reporter | None = None, stop: StopFlag | None = None) -> TrainResult:
+    trainer = LoRATrainer(cfg, reporter or TqdmReporter(), stop or StopFlag())
+    trainer.setup()
+    return trainer.run()

@@ -1,0 +1,42 @@
+"""Tiny models and datasets built on disk by the tests themselves; nothing is downloaded."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from loratrain.demo import make_concept_images  # noqa: E402
+from loratrain.models.tiny import make_tiny_model, write_diffusers_folder, write_single_file  # noqa: E402
+from loratrain.training.config import TrainConfig  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for fam in ("sd1", "sdxl"):
+        model = make_tiny_model(fam, seed=0)
+        out[f"{fam}_file"] = write_single_file(model, root / f"{fam}.safetensors")
+        out[f"{fam}_dir"] = write_diffusers_folder(model, root / f"{fam}_diffusers")
+    return out
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    root = tmp_path / "data"
+    make_concept_images(root / "3_circle", "circle", 4, 64, 0)
+    make_concept_images(root / "2_square", "square", 3, 64, 1)
+    return root
+
+
+def quick_config(model: Path, data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(pretrained_model_name_or_path=str(model), train_data_dir=str(data), resolution="64", output_dir=str(out),
+                output_name="t", network_dim=4, network_alpha=2.0, learning_rate=1e-3, train_batch_size=2, max_train_steps=4,
+                save_precision="float", seed=3)
+    base.update(kw)
+    return TrainConfig(**base)

@@ -1,0 +1,1 @@
+"""Gradio app over the library functions: not built yet."""
