@@ -98,6 +98,7 @@ class LoRATrainer:
             self.model.unet.enable_xformers_memory_efficient_attention()
         spec = NetworkSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout,
                            train_unet=not cfg.network_train_text_encoder_only, train_text_encoder=not cfg.network_train_unet_only)
+        torch.manual_seed(cfg.seed)  # adapter init: same seed, same run
         self.network: Network = build_network(cfg.network_module, self.model, spec)
         self.train_te = any(t.part != "unet" for t in self.network.targets)
         n_unet = sum(t.part == "unet" for t in self.network.targets)

@@ -1,0 +1,124 @@
+"""Dataset conventions, the sd-scripts step formula, buckets, captions, config parsing."""
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from loratrain.common.config import ConfigError
+from loratrain.data.buckets import bucket_resolutions, select_bucket
+from loratrain.data.captions import process_caption
+from loratrain.data.dataset import TrainData
+from loratrain.data.subsets import DatasetError, DatasetSpec, Subset, specs_from_toml, subsets_from_folders
+from loratrain.training.config import TrainConfig
+from loratrain.training.optim import create_optimizer, create_scheduler
+
+
+def _images(folder, n, size=(8, 8)):
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", size).save(folder / f"{i:04d}.png")
+
+
+def test_reference_worked_example_gives_1500_steps(tmp_path):
+    """reference §3: 15 images x 20 repeats, 200 reg images, batch 2, grad-accum 2, 10 epochs -> 1500 steps."""
+    _images(tmp_path / "img" / "20_sks dog", 15)
+    _images(tmp_path / "reg" / "1_dog", 200)
+    subsets = subsets_from_folders(str(tmp_path / "img"), str(tmp_path / "reg"), {})
+    assert subsets[0].class_tokens == "sks dog" and subsets[0].num_repeats == 20
+    data = TrainData([DatasetSpec(subsets=subsets, batch_size=2)], log=lambda s: None)
+    plan = data.plan(grad_accum=2, max_train_steps=None, max_train_epochs=10)
+    assert (plan.train_samples, plan.reg_samples, plan.batches_per_epoch, plan.steps_per_epoch, plan.max_train_steps) == (300, 300, 300, 150, 1500)
+    reg_repeats = sorted(it.repeats for it in data.items() if it.subset.is_reg)
+    assert reg_repeats.count(2) == 100 and reg_repeats.count(1) == 100
+    assert "1500 optimizer steps" in plan.describe([2])
+
+
+def test_missing_captions_are_listed_and_fall_back_to_class_tokens(tmp_path):
+    _images(tmp_path / "img" / "2_my_char", 3)
+    (tmp_path / "img" / "2_my_char" / "0000.txt").write_text("1girl, smile", encoding="utf-8")
+    logs = []
+    data = TrainData([DatasetSpec(subsets=subsets_from_folders(str(tmp_path / "img"), None, {}))], log=logs.append)
+    assert sorted(it.caption for it in data.items()) == ["1girl, smile", "my_char", "my_char"]
+    assert "2 image(s) have no caption file" in logs[0] and "0001.png" in logs[0] and "0002.png" in logs[0]
+
+
+def test_folders_without_repeats_are_ignored_and_empty_fails(tmp_path):
+    _images(tmp_path / "img" / "notes", 1)
+    with pytest.raises(DatasetError, match="no training folders"):
+        subsets_from_folders(str(tmp_path / "img"), None, {})
+
+
+def test_dataset_toml_levels_and_unknown_keys(tmp_path):
+    _images(tmp_path / "a", 2)
+    toml = tmp_path / "ds.toml"
+    toml.write_text('[general]\nshuffle_caption = true\ncaption_extension = ".caption"\n[[datasets]]\nresolution = [512, 768]\n'
+                    'batch_size = 4\n[[datasets.subsets]]\nimage_dir = "a"\nnum_repeats = 3\nkeep_tokens = 1\n'
+                    '[[datasets.subsets]]\nimage_dir = "a"\nis_reg = true\ncaption_extension = ".txt"\n', encoding="utf-8")
+    (spec,) = specs_from_toml(toml, {})
+    assert spec.resolution == (512, 768) and spec.batch_size == 4
+    a, reg = spec.subsets
+    assert (a.num_repeats, a.keep_tokens, a.shuffle_caption, a.caption_extension) == (3, 1, True, ".caption")
+    assert reg.is_reg and reg.caption_extension == ".txt"
+    toml.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nbogus = 1\n', encoding="utf-8")
+    with pytest.raises(DatasetError, match="bogus"):
+        specs_from_toml(toml, {})
+
+
+def test_buckets_follow_sd_scripts():
+    resos = bucket_resolutions((512, 512), 256, 1024, 64)
+    assert (512, 512) in resos and (384, 640) in resos and (640, 384) in resos
+    assert all(w * h <= 512 * 512 and w % 64 == 0 and h % 64 == 0 for w, h in resos)
+    assert select_bucket((1000, 600), resos)[0] > select_bucket((1000, 600), resos)[1]
+
+
+def test_caption_processing_keeps_tokens_and_shuffles():
+    sub = Subset(image_dir=".", keep_tokens=1, shuffle_caption=True)
+    rng = random.Random(0)
+    outs = {process_caption("sks, a, b, c, d", sub, rng) for _ in range(20)}
+    assert all(o.startswith("sks, ") for o in outs) and len(outs) > 1
+    assert process_caption("x, y", Subset(image_dir=".", caption_dropout_rate=1.0), rng) == ""
+
+
+def test_config_toml_then_flags_override(tmp_path):
+    toml = tmp_path / "cfg.toml"
+    toml.write_text('[model]\npretrained_model_name_or_path = "m.safetensors"\n[network]\nnetwork_dim = 16\nnetwork_alpha = 8\n', encoding="utf-8")
+    from loratrain.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--config_file", str(toml), "--network_alpha", "4", "--no-flip_aug"])
+    cfg = TrainConfig.from_args(args)
+    assert (cfg.network_dim, cfg.network_alpha, cfg.pretrained_model_name_or_path) == (16, 4.0, "m.safetensors")
+    toml.write_text("netwrk_dim = 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="netwrk_dim"):
+        TrainConfig.from_toml(toml)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        TrainConfig(network_train_unet_only=True, network_train_text_encoder_only=True).validate()
+
+
+def test_optimizer_and_scheduler_registries():
+    import torch
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    for name in ("AdamW", "Lion", "Prodigy", "DAdaptAdam", "Adafactor", "SGD"):
+        assert create_optimizer(name, [{"params": p}], 1.0, []) is not None
+    with pytest.raises(KeyError, match="choose one of"):
+        create_optimizer("adamq", [{"params": p}], 1.0, [])
+    opt = torch.optim.SGD(p, lr=1.0)
+    sched = create_scheduler("cosine_with_restarts", opt, 100, 0.1, num_cycles=2)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # 10 warmup steps (ratio 0.1)
+    assert lrs[54] < 0.05 and lrs[56] > 0.95  # the restart half way through the decay
+
+
+def test_cli_help_lists_sd_scripts_flags():
+    out = subprocess.run([sys.executable, "-m", "loratrain", "train", "--help"], capture_output=True, text=True, timeout=120).stdout
+    for flag in ("--network_dim", "--network_alpha", "--noise_offset", "--multires_noise_iterations", "--min_snr_gamma",
+                 "--lr_scheduler_num_cycles", "--conv_dim", "--resume", "--dataset_config"):
+        assert flag in out
