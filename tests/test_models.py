@@ -75,14 +75,11 @@ def test_real_size_layouts(fam, unet_modules, te_modules):
     parts = {"unet": model.unet.state_dict(), "vae": {}}
     for spec, te in zip(model.family.text_encoders, model.text_encoders):
         parts[spec.component] = canonical_state_dict(te)
-    from loratrain.models import ldm_keys
-
     flat = join_checkpoint({**parts, "vae": _meta_vae_state(model.configs["vae"])}, model.family, model.configs)
     assert detect_family(set(flat), "x").name == fam
     back = split_checkpoint(flat, model.family, model.configs, "x")
     assert set(back["unet"]) == set(parts["unet"])
     assert "model.diffusion_model.input_blocks.1.0.in_layers.2.weight" in flat
-    del ldm_keys
 
 
 def _meta_vae_state(cfg):

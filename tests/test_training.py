@@ -1,7 +1,6 @@
 """End-to-end training on tiny models: output files other tools load, resume, faults."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

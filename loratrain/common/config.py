@@ -37,6 +37,17 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the field or file."""
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Parse a TOML file, turning a missing file or a syntax error into a ConfigError naming it."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
 @dataclasses.dataclass
 class CommandConfig:
     @classmethod
@@ -64,14 +75,7 @@ class CommandConfig:
 
     @classmethod
     def from_toml(cls: type[C], path: str | Path) -> C:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_toml(path), source=str(path))
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -98,14 +102,7 @@ class CommandConfig:
     def from_args(cls: type[C], args: argparse.Namespace) -> C:
         data: dict[str, Any] = {}
         if getattr(args, "config_file", None):
-            path = Path(args.config_file)
-            try:
-                data = tomllib.loads(path.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise ConfigError(f"config file not found: {path}") from None
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"{path}: invalid TOML: {e}") from None
-            data = dataclasses.asdict(cls.from_dict(data, source=str(path)))
+            data = dataclasses.asdict(cls.from_toml(args.config_file))
         for name in cls.field_types():
             if name in vars(args):
                 data[name] = vars(args)[name]

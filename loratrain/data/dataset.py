@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -199,8 +198,3 @@ class TrainData:
         return StepPlan(len(train), sum(it.repeats for it in train), len(reg), sum(it.repeats for it in reg),
                         n_batches, grad_accum, steps_per_epoch, epochs, total)
 
-
-def image_to_tensor(path: Path) -> torch.Tensor:
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1.0

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..common.config import ConfigError, read_toml
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-class DatasetError(ValueError):
+class DatasetError(ConfigError):
     """The dataset folders or TOML are wrong; the message names the file."""
 
 
@@ -95,12 +96,7 @@ def subsets_from_folders(train_data_dir: str, reg_data_dir: str | None, defaults
 def specs_from_toml(path: str | Path, defaults: dict[str, Any]) -> list[DatasetSpec]:
     """sd-scripts dataset config: [general] > [[datasets]] > [[datasets.subsets]], lower levels win."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DatasetError(f"dataset config not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise DatasetError(f"{path}: invalid TOML: {e}") from None
+    data = read_toml(path, "dataset config")
     general = data.get("general", {})
     unknown = set(data) - {"general", "datasets"}
     if unknown:

@@ -1,7 +1,7 @@
 """Which modules get an adapter (sd-scripts' rule) and the Network object the trainer holds."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from peft.tuners.lora import LoraLayer
 
 from ..models.loading import SDModel
-from .base import NETWORKS, Network, NetworkSpec, Target, find_targets
+from .base import NETWORKS, Network, NetworkSpec, find_targets
 
 ADAPTER = "loratrain"
 
@@ -31,7 +31,7 @@ class PeftLoRANetwork(Network):
             )
             inject_adapter_in_model(config, module, adapter_name=ADAPTER)
             for name, p in module.named_parameters():
-                p.requires_grad_(f"lora_" in name and ADAPTER in name)
+                p.requires_grad_("lora_" in name and ADAPTER in name)
         self._by_path = {(t.part, t.module_path): t for t in self.targets}
 
     def trainable_parameters(self, part: str) -> list[torch.nn.Parameter]:

@@ -7,7 +7,6 @@ straight run would have taken.
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import time
 from collections import Counter
@@ -243,7 +242,7 @@ class LoRATrainer:
             else:
                 if self.micro >= len(batches):  # an epoch with nothing left (resumed at its end)
                     self.epoch, self.micro = self.epoch + 1, 0
-        final = self._save_final(stopped)
+        final = self._save_final()
         if self.writer:
             self.writer.close()
         msg = (f"stopped at step {self.global_step}; resume with --resume {self.state_dir}" if stopped
@@ -305,7 +304,7 @@ class LoRATrainer:
         save_state(self.state_dir, self.network, self.optimizer, self.scheduler, self._state_info())
         self.reporter.log(f"saved {path.name} and training state (step {self.global_step})")
 
-    def _save_final(self, stopped: bool) -> Path | None:
+    def _save_final(self) -> Path | None:
         path = self.out_dir / f"{self.cfg.output_name}.safetensors"
         self._save(path)
         return path
