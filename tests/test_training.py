@@ -161,3 +161,32 @@ def test_cli_reports_bad_input_clearly(tmp_path, dataset):
     assert res.returncode == 2
     assert "model not found" in res.stderr and "nope.safetensors" in res.stderr
     assert not (tmp_path / "o" / "last.safetensors").exists()
+
+
+def test_sd2_v_prediction_single_file_trains(tmp_path, dataset):
+    """SD2: OpenCLIP text encoder keys in the single file, v-prediction target, sd_v2_v metadata."""
+    from loratrain.models.tiny import make_tiny_model, write_single_file
+
+    path = write_single_file(make_tiny_model("sd2"), tmp_path / "sd2.safetensors")
+    with safe_open(str(path), "pt") as f:
+        assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in f.keys()
+    loaded = load_model(path, v_parameterization=True)
+    assert loaded.family.name == "sd2" and loaded.prediction_type == "v_prediction"
+    result = train(quick_config(path, dataset, tmp_path / "out", max_train_steps=2, v_parameterization=True), RecordingReporter())
+    _, meta = _tensors(result.lora_path)
+    assert meta["ss_base_model_version"] == "sd_v2_v" and meta["modelspec.prediction_type"] == "v"
+
+
+def test_disk_latent_cache_is_reused_and_invalidated(tiny_files, dataset, tmp_path):
+    from PIL import Image
+
+    cfg = quick_config(tiny_files["sd1_file"], dataset, tmp_path / "out", max_train_steps=1, cache_latents_to_disk=True)
+    train(cfg, RecordingReporter())
+    cache = dataset / "3_circle" / ".loratrain_cache" / "circle_000.png.64x64.safetensors"
+    first = _tensors(cache)[0]["view0"]
+    stamp = cache.stat().st_mtime_ns
+    train(cfg, RecordingReporter())
+    assert cache.stat().st_mtime_ns == stamp  # reused, not rewritten
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(dataset / "3_circle" / "circle_000.png")
+    train(cfg, RecordingReporter())
+    assert not torch.equal(_tensors(cache)[0]["view0"], first)  # the changed image was re-encoded

@@ -63,6 +63,8 @@ class TrainData:
         self.groups: list[tuple[DatasetSpec, list[Item]]] = []
         missing: list[Path] = []
         for spec in specs:
+            if spec.bucket_no_upscale:
+                raise DatasetError("bucket_no_upscale is not supported yet; remove it (images are scaled to cover their bucket)")
             items = []
             for subset in spec.subsets:
                 for image in subset.images():
