@@ -31,13 +31,11 @@ def build_inputs(root: Path, size: str, resolution: int) -> tuple[Path, Path]:
 
     model = make_tiny_model("sd1", seed=0)
     if size == "sd15":  # real SD1.5 shapes, random weights
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from loratrain.models.loading import build_component
 
         cfgs = FAMILIES["sd1"].shipped_configs()
-        model.unet = UNet2DConditionModel.from_config({k: v for k, v in cfgs["unet"].items() if not k.startswith("_")})
-        model.vae = AutoencoderKL.from_config({k: v for k, v in cfgs["vae"].items() if not k.startswith("_")})
-        model.text_encoders = [CLIPTextModel(CLIPTextConfig(**{k: v for k, v in cfgs["text_encoder"].items() if k != "architectures"}))]
+        model.unet, model.vae = build_component("unet", cfgs["unet"]), build_component("vae", cfgs["vae"])
+        model.text_encoders = [build_component("text_encoder", cfgs["text_encoder"])]
         model.configs = cfgs
     path = write_single_file(model, root / "model.safetensors", dtype=__import__("torch").float16 if size == "sd15" else __import__("torch").float32)
     make_concept_images(root / "data" / "1_shape", "circle", 16, resolution, 0)

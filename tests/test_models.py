@@ -6,13 +6,11 @@ import json
 import pytest
 import torch
 from accelerate import init_empty_weights
-from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from loratrain.common.safe_io import UnsafeFileError
 from loratrain.models.families import FAMILIES, ModelTypeError, detect_family
-from loratrain.models.loading import SDModel, load_model
+from loratrain.models.loading import SDModel, build_component, load_model
 from loratrain.models.single_file import join_checkpoint, split_checkpoint
 from loratrain.models.text_encoder_keys import canonical_state_dict
 from loratrain.networks.base import NetworkSpec, find_targets
@@ -53,9 +51,8 @@ def _meta_model(fam: str) -> SDModel:
     family = FAMILIES[fam]
     cfgs = family.shipped_configs()
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config({k: v for k, v in cfgs["unet"].items() if not k.startswith("_")})
-        tes = [(CLIPTextModelWithProjection if s.with_projection else CLIPTextModel)(
-            CLIPTextConfig(**{k: v for k, v in cfgs[s.component].items() if k != "architectures"})) for s in family.text_encoders]
+        unet = build_component("unet", cfgs["unet"])
+        tes = [build_component(s.component, cfgs[s.component], s.with_projection) for s in family.text_encoders]
     return SDModel(family, unet, None, tes, [], None, "meta", cfgs)
 
 
@@ -83,10 +80,8 @@ def test_real_size_layouts(fam, unet_modules, te_modules):
 
 
 def _meta_vae_state(cfg):
-    from diffusers import AutoencoderKL
-
     with init_empty_weights():
-        vae = AutoencoderKL.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+        vae = build_component("vae", cfg)
     return vae.state_dict()
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import configs
 
@@ -42,6 +42,16 @@ class SDModel:
         for m in (self.unet, self.vae, *self.text_encoders):
             m.to(device=device, dtype=dtype)
         return self
+
+
+def build_component(component: str, cfg: dict[str, Any], with_projection: bool = False) -> torch.nn.Module:
+    """A randomly initialised component from its config dict (wrap in init_empty_weights for no memory)."""
+    if component == "unet":
+        return UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    if component == "vae":
+        return AutoencoderKL.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    te_cfg = CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(te_cfg)
 
 
 def clip_tokenizer(pad_token: str) -> CLIPTokenizer:
@@ -116,15 +126,10 @@ def _load_single_file(path: Path, allow_pickle: bool) -> SDModel:
     cfgs = json.loads(meta[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in meta else family.shipped_configs()
     parts = split_checkpoint(sd, family, cfgs, str(path))
     del sd
-    unet = _instantiate(UNet2DConditionModel, cfgs["unet"], parts["unet"], path, "UNet")
-    vae = _instantiate(AutoencoderKL, cfgs["vae"], parts["vae"], path, "VAE")
-    tes = []
-    for spec in family.text_encoders:
-        from transformers import CLIPTextConfig
-
-        te_cfg = CLIPTextConfig(**{k: v for k, v in cfgs[spec.component].items() if k != "architectures"})
-        cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
-        tes.append(_instantiate_te(cls, te_cfg, parts[spec.component], path, spec.component))
+    unet = _instantiate("unet", cfgs["unet"], parts["unet"], path, "UNet")
+    vae = _instantiate("vae", cfgs["vae"], parts["vae"], path, "VAE")
+    tes = [_instantiate(spec.component, cfgs[spec.component], parts[spec.component], path, spec.component, spec.with_projection)
+           for spec in family.text_encoders]
     toks = [clip_tokenizer(p) for p in family.pad_tokens()]
     sched_cfg = dict(cfgs["scheduler"])
     if meta.get("modelspec.prediction_type") == "v":
@@ -149,18 +154,13 @@ def _check_shapes(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Pat
         raise ModelTypeError(f"{path}: {what} weights do not fit the {what} config: " + "; ".join(parts))
 
 
-def _instantiate(cls: Any, cfg: dict[str, Any], sd: dict[str, torch.Tensor], path: Path, what: str) -> Any:
+def _instantiate(component: str, cfg: dict[str, Any], sd: dict[str, torch.Tensor], path: Path, what: str,
+                 with_projection: bool = False) -> Any:
+    """Build on the meta device, check every shape, then adopt the loaded tensors (no second copy)."""
     with init_empty_weights():
-        model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
-    _check_shapes(model, sd, path, what)
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
-    return model
-
-
-def _instantiate_te(cls: Any, cfg: Any, sd: dict[str, torch.Tensor], path: Path, what: str) -> Any:
-    with init_empty_weights():
-        model = cls(cfg)
-    sd = text_encoder_keys.to_model_names(model, sd)
+        model = build_component(component, cfg, with_projection)
+    if component.startswith("text_encoder"):
+        sd = text_encoder_keys.to_model_names(model, sd)
     _check_shapes(model, sd, path, what)
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False, assign=True)
     _fix_buffers(model)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from . import ldm_keys
+from .text_encoder_keys import canonical
 from .families import UNET_PREFIX, VAE_PREFIX, Family, ModelTypeError
 
 CONFIG_METADATA_KEY = "loratrain.configs"
@@ -46,8 +47,7 @@ def _split(sd: dict[str, torch.Tensor], family: Family, cfgs: dict[str, dict[str
             n_layers = cfgs[te.component]["num_hidden_layers"]
             out[te.component] = ldm_keys.openclip_to_hf(raw, n_layers, te.with_projection)
         else:
-            out[te.component] = {("text_model." + k if not k.startswith(("text_model.", "text_projection")) else k): v
-                                 for k, v in raw.items() if not k.endswith("position_ids")}
+            out[te.component] = {canonical(k): v for k, v in raw.items() if not k.endswith("position_ids")}
     return out
 
 

@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from diffusers import DDPMScheduler
 
 from ..common.safe_io import save_safetensors
 from . import text_encoder_keys
 from .families import FAMILIES
-from .loading import SDModel, clip_tokenizer
+from .loading import SDModel, build_component, clip_tokenizer
 from .single_file import configs_metadata, join_checkpoint
 
 TINY_TE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
@@ -44,12 +43,8 @@ def make_tiny_model(family: str = "sd1", seed: int = 0) -> SDModel:
     fam = FAMILIES[family]
     cfgs = tiny_configs(family)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config({k: v for k, v in cfgs["unet"].items() if not k.startswith("_")})
-    vae = AutoencoderKL.from_config({k: v for k, v in cfgs["vae"].items() if not k.startswith("_")})
-    tes = []
-    for spec in fam.text_encoders:
-        te_cfg = CLIPTextConfig(**{k: v for k, v in cfgs[spec.component].items() if k != "architectures"})
-        tes.append((CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel)(te_cfg))
+    unet, vae = build_component("unet", cfgs["unet"]), build_component("vae", cfgs["vae"])
+    tes = [build_component(spec.component, cfgs[spec.component], spec.with_projection) for spec in fam.text_encoders]
     toks = [clip_tokenizer(p) for p in fam.pad_tokens()]
     sched = DDPMScheduler(**{k: v for k, v in cfgs["scheduler"].items() if not k.startswith("_") and k != "set_alpha_to_one"})
     return SDModel(fam, unet, vae, tes, toks, sched, "tiny", cfgs)

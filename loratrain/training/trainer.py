@@ -118,8 +118,9 @@ class LoRATrainer:
         self.optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args)
         n_proc = self.accelerator.num_processes
         self.plan = self.data.plan(cfg.gradient_accumulation_steps * n_proc, cfg.max_train_steps, cfg.max_train_epochs)
-        log(self.data.plan(cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.max_train_epochs).describe(
-            [s.batch_size for s in self.data.specs]) + (f"; divided over {n_proc} processes" if n_proc > 1 else ""))
+        log(self.plan.describe([s.batch_size for s in self.data.specs])
+            + (f" (accumulation {cfg.gradient_accumulation_steps} x {n_proc} processes)" if n_proc > 1 else ""))
+        self.dataset_meta = self._dataset_metadata()
         self.scheduler = create_scheduler(cfg.lr_scheduler, self.optimizer, self.plan.max_train_steps, cfg.lr_warmup_steps,
                                           cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power)
         random_captions = any(s.shuffle_caption or s.caption_dropout_rate or s.caption_tag_dropout_rate or s.caption_dropout_every_n_epochs
@@ -284,14 +285,20 @@ class LoRATrainer:
         if cfg.sample_every_n_steps and self.global_step % cfg.sample_every_n_steps == 0:
             self._sample(epoch=None)
 
+    def _dataset_metadata(self) -> tuple[dict, dict]:
+        """Folder counts and tag frequencies for ss_* metadata: fixed for the run, so computed once."""
+        items = self.data.items()
+        dirs = {s.image_dir: {"n_repeats": s.num_repeats, "img_count": sum(it.subset is s for it in items)}
+                for spec in self.data.specs for s in spec.subsets}
+        freq: dict[str, Counter] = {}
+        for it in items:
+            freq.setdefault(Path(it.subset.image_dir).name, Counter()).update(t.strip() for t in it.caption.split(",") if t.strip())
+        return dirs, {k: dict(v) for k, v in freq.items()}
+
     def _metadata(self) -> dict[str, str]:
-        dirs = {s.image_dir: {"n_repeats": s.num_repeats, "img_count": len(s.images())} for spec in self.data.specs for s in spec.subsets}
-        freq: dict[str, dict[str, int]] = {}
-        for it in self.data.items():
-            counter = freq.setdefault(Path(it.subset.image_dir).name, Counter())
-            counter.update(t.strip() for t in it.caption.split(",") if t.strip())
+        dirs, freq = self.dataset_meta
         return lora_metadata(self.cfg, self.model, self.network.kind, self.network.args(), self.plan, self.session,
-                             self.epoch, self.global_step, dirs, {k: dict(v) for k, v in freq.items()})
+                             self.epoch, self.global_step, dirs, freq)
 
     def _state_info(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch, "micro": self.micro, "max_train_steps": self.plan.max_train_steps,
