@@ -13,9 +13,9 @@ COMMANDS: Registry[Callable[[argparse._SubParsersAction], None]] = Registry("com
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import demo, generate, train  # noqa: F401  (each registers itself)
+    from .commands import convert, demo, generate, lora, merge, train  # noqa: F401  (each registers itself)
 
-    parser = argparse.ArgumentParser(prog="loratrain", description="Fine-tune SD1/SD2/SDXL with LoRA / LoCon, offline.")
+    parser = argparse.ArgumentParser(prog="loratrain", description="Fine-tune SD1/SD2/SDXL with LoRA / LoCon, merge and convert checkpoints, offline.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         COMMANDS.get(name)(sub)

@@ -82,7 +82,10 @@ class CommandConfig:
         """One flag per field; defaults are suppressed so only flags given override the TOML."""
         parser.add_argument("--config_file", help="TOML file with any of the options below")
         for f in dataclasses.fields(cls):
-            if not f.init or f.metadata.get("positional"):
+            if not f.init:
+                continue
+            if f.metadata.get("positional"):
+                parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
                 continue
             tp, _ = _base_type(cls.field_types()[f.name])
             help_text = f.metadata.get("help", "")

@@ -51,6 +51,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def new_output(path: str | Path, overwrite: bool) -> Path:
+    """The output path of a job, refusing to replace an existing file unless the user said so."""
+    from .config import ConfigError
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} exists; pass --overwrite to replace it")
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -115,6 +115,16 @@ def unet_diffusers_to_ldm_module(path: str, cfg: dict[str, Any]) -> str:
     return mapped[:-2]
 
 
+def unet_module_table(cfg: dict[str, Any]) -> dict[str, str]:
+    """LDM module path -> diffusers module path (for kohya SD1/SD2 LoRA names, which use diffusers paths)."""
+    return {l: d for d, l in unet_module_pairs(cfg)}
+
+
+def map_module(path: str, table: dict[str, str]) -> str | None:
+    mapped = _lookup(path + ".x", table)
+    return mapped[:-2] if mapped is not None else None
+
+
 def vae_reshape(sd: dict[str, torch.Tensor], to_ldm: bool) -> dict[str, torch.Tensor]:
     """VAE mid attention: LDM stores 1x1 convs, diffusers Linear layers."""
     out = {}

@@ -111,7 +111,16 @@ def _load_folder(root: Path) -> SDModel:
     else:
         sched_cfg = family.shipped_configs()["scheduler"]
     scheduler = _training_scheduler(sched_cfg)
-    return SDModel(family, unet, vae, tes, toks, scheduler, str(root))
+    cfgs = {"unet": _plain(dict(unet.config)), "vae": _plain(dict(vae.config)), "scheduler": sched_cfg}
+    for spec, te in zip(family.text_encoders, tes):
+        cfgs[spec.component] = _plain(te.config.to_dict())
+    return SDModel(family, unet, vae, tes, toks, scheduler, str(root), cfgs)
+
+
+def _plain(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-storable part of a loaded config (what writing a single file embeds)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()
+            if not k.startswith("_") and (v is None or isinstance(v, (int, float, str, bool, list, tuple)))}
 
 
 def _training_scheduler(cfg: dict[str, Any]) -> DDPMScheduler:

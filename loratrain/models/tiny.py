@@ -78,3 +78,27 @@ def write_diffusers_folder(model: SDModel, path: str | Path) -> Path:
                                        requires_safety_checker=False)
     pipe.save_pretrained(str(path))
     return Path(path)
+
+
+def checkpoint_layout(family: str, cfgs: dict[str, dict[str, Any]] | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Key -> (shape, dtype) of a single-file checkpoint of a family, built on the meta device.
+
+    With the shipped configs this is the real layout (real key names and sizes) at no memory cost:
+    benchmarks and block-mapping tests use it instead of multi-GB downloads.
+    """
+    from accelerate import init_empty_weights
+
+    fam = FAMILIES[family]
+    cfgs = cfgs or fam.shipped_configs()
+    with init_empty_weights():
+        parts = {"unet": build_component("unet", cfgs["unet"]).state_dict(),
+                 "vae": build_component("vae", cfgs["vae"]).state_dict()}
+        for spec in fam.text_encoders:
+            te = build_component(spec.component, cfgs[spec.component], spec.with_projection)
+            parts[spec.component] = text_encoder_keys.canonical_state_dict(te)
+    flat = join_checkpoint(parts, fam, cfgs)
+    layout = {k: (tuple(v.shape), torch.float32) for k, v in flat.items()}
+    first = fam.text_encoders[0]
+    if first.layout == "hf":  # real CLIP-L checkpoints carry the int64 position_ids buffer
+        layout[first.ldm_prefix + "text_model.embeddings.position_ids"] = ((1, 77), torch.int64)
+    return layout

@@ -1,0 +1,158 @@
+"""Streaming merge vs a load-everything merge vs raw I/O, on real-layout synthetic checkpoints.
+
+    python bench/merge.py [--families sd1 sdxl] [--cache DIR] [--rounds 2]
+
+Builds SD1.5- and/or SDXL-shaped checkpoints once (real key names and shapes, random fp16) in a
+cache folder, then per round runs, each in a fresh subprocess so peak RSS is its own:
+  raw       read both inputs front to back and write one output of the same size (the I/O floor)
+  ours      `merge_checkpoints` (weighted sum, alpha 0.5, fp16 out), inputs' hashes known (cached)
+  ours+hash the same, hashing both inputs during the pass (what a first merge of new files costs)
+  baseline  the A1111 / block-weighted-GUI algorithm: load A and B whole, merge key by key, save
+Prints wall times, ours/raw and ours/baseline ratios (median over rounds) and each one's peak RSS,
+also as a share of one input file's size. Runs are alternated so drift hits all three alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build(family: str, path: Path, seed: int) -> None:
+    import torch
+
+    from loratrain.models.tiny import checkpoint_layout
+    from merge.tensor_io import OutputTensor, StreamingWriter
+
+    layout = checkpoint_layout(family)
+    plan = [OutputTensor(k, torch.float16 if d.is_floating_point else d, s) for k, (s, d) in layout.items()]
+    gen = torch.Generator().manual_seed(seed)
+    with StreamingWriter(path, plan, {"format": "pt"}) as w:
+        for t in plan:
+            n = t.nbytes // t.dtype.itemsize
+            if t.dtype.is_floating_point:
+                for start in range(0, n, 1 << 22):
+                    w.write((torch.randn(min(1 << 22, n - start), generator=gen) * 0.02).half())
+            else:
+                w.write(torch.arange(n, dtype=t.dtype))
+
+
+def peak_rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_raw(a: str, b: str, out: str) -> None:
+    block = 16 << 20
+    buf_a, buf_b = bytearray(block), bytearray(block)
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb, open(out, "wb", buffering=0) as fo:
+        while True:
+            n = fa.readinto(buf_a)
+            fb.readinto(buf_b)
+            if not n:
+                break
+            fo.write(memoryview(buf_a)[:n])
+        os.fsync(fo.fileno())
+
+
+def run_ours(a: str, b: str, out: str, hash_models: bool = False) -> None:
+    from loratrain.common.progress import TqdmReporter
+    from merge.checkpoint import merge_checkpoints
+    from merge.config import MergeConfig
+
+    merge_checkpoints(MergeConfig(model_a=a, model_b=b, output=out, alpha=0.5, save_precision="fp16", overwrite=True,
+                                  hash_models=hash_models), TqdmReporter(quiet=True))
+
+
+def run_ours_hash(a: str, b: str, out: str) -> None:
+    """With both inputs' SHA-256 computed during the pass (a first merge; later ones hit the hash cache)."""
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["LORATRAIN_CACHE"] = cache
+        run_ours(a, b, out, hash_models=True)
+
+
+def run_baseline(a: str, b: str, out: str) -> None:
+    """What A1111's merger and the block-weighted GUI do: whole state dicts in RAM."""
+    from safetensors.torch import load_file, save_file
+
+    theta_0 = load_file(a)
+    theta_1 = load_file(b)
+    for key in theta_0:
+        if "model" in key and key in theta_1 and not key.endswith("position_ids"):
+            theta_0[key] = ((1 - 0.5) * theta_0[key].float() + 0.5 * theta_1[key].float()).half()
+    for key in theta_1:
+        if "model" in key and key not in theta_0:
+            theta_0[key] = theta_1[key]
+    del theta_1
+    save_file(theta_0, out, metadata={"format": "pt"})
+    with open(out, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def child(kind: str, a: str, b: str, out: str) -> None:
+    if kind != "raw":  # imports are not part of the merge's time (both sides need torch)
+        import safetensors.torch  # noqa: F401
+
+        import merge.checkpoint  # noqa: F401
+    t0 = time.perf_counter()
+    {"raw": run_raw, "ours": run_ours, "ours+hash": run_ours_hash, "baseline": run_baseline}[kind](a, b, out)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}))
+
+
+def measure(kind: str, a: Path, b: Path, out: Path) -> dict[str, float]:
+    os.sync()  # flush the previous run's dirty pages so no run pays for another's writeback
+    time.sleep(1.0)
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, str(a), str(b), str(out)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{proc.stderr[-3000:]}")
+    out.unlink(missing_ok=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--families", nargs="+", default=["sd1"], choices=["sd1", "sdxl"])
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "loratrain-bench-merge"))
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--child", nargs=4, metavar=("KIND", "A", "B", "OUT"))
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    for family in args.families:
+        a, b = cache / f"{family}_a.safetensors", cache / f"{family}_b.safetensors"
+        for seed, path in enumerate((a, b)):
+            if not path.exists():
+                print(f"building {path} ...", flush=True)
+                build(family, path, seed)
+        size_mb = a.stat().st_size / 2**20
+        results: dict[str, list[dict[str, float]]] = {"raw": [], "ours": [], "ours+hash": [], "baseline": []}
+        for _ in range(args.rounds):
+            for kind in results:
+                results[kind].append(measure(kind, a, b, cache / f"{family}_out_{kind}.safetensors"))
+        t = {k: statistics.median(r["seconds"] for r in v) for k, v in results.items()}
+        rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in results.items()}
+        print(f"\n{family}: inputs {size_mb:.0f} MiB each, {args.rounds} rounds, cpu threads {os.cpu_count()}")
+        for k in results:
+            print(f"  {k:9s} {t[k]:7.2f} s   peak RSS {rss[k]:7.0f} MiB  ({100 * rss[k] / size_mb:5.1f}% of one input)")
+        print(f"  ours / raw I/O   time ratio {t['ours'] / t['raw']:.2f}   (target <= 1.3)")
+        print(f"  ours+hash / raw  time ratio {t['ours+hash'] / t['raw']:.2f}   (SHA-256 of both inputs for sd_merge_models)")
+        print(f"  ours / baseline  time ratio {t['ours'] / t['baseline']:.2f}   RSS ratio {rss['ours'] / rss['baseline']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""Streaming checkpoint merge: plan every output tensor first, then compute and write them in order.
+
+Planning reads only headers, so every mistake (family mismatch, shape mismatch, wrong weight count,
+missing file) is reported before a byte is written. Execution reads each tensor in chunks of a fixed
+number of elements, so memory stays at a few chunks whatever the model size, and the output is
+written front to back into a temp file that replaces the target only when complete.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loratrain.common.config import ConfigError
+from loratrain.common.progress import Reporter, TqdmReporter
+from loratrain.common.safe_io import new_output
+from loratrain.models.families import VAE_PREFIX, Family, ModelTypeError, detect_family
+from loratrain.models.single_file import CONFIG_METADATA_KEY
+
+from .blocks import BASE, block_of, block_weights, parse_values
+from .config import MergeConfig
+from .methods import MERGE_METHODS, MergeMethod
+from .presets import merge_preset
+from .provenance import cached_sha256, merge_metadata, remember_sha256
+from .tensor_io import LazySafetensors, OutputTensor, StreamingWriter, chunks
+
+CHUNK_ELEMENTS = 4 * 1024 * 1024
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+@dataclass
+class KeyPlan:
+    out: OutputTensor
+    action: str  # merge | copy | reset
+    source: str = "A"  # for copy: A, B or VAE
+    weight: float = 0.0
+    channels: int | None = None  # inpainting / pix2pix conv_in: merge only the first `channels` inputs
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    family: str
+    merged: int
+    copied: int
+    bytes_written: int
+    seconds: float
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+def copy_tensor(src: LazySafetensors, name: str, dtype: torch.dtype, writer: StreamingWriter) -> None:
+    """Pass a tensor through in chunks, cast to the output dtype."""
+    for start, n in chunks(src.tensors[name].numel, CHUNK_ELEMENTS):
+        writer.write(src.read(name, start, n).to(dtype))
+
+
+def open_model(path: str, role: str) -> tuple[LazySafetensors, Family]:
+    f = LazySafetensors(path, what=role)
+    try:
+        return f, detect_family(set(f.tensors), str(f.path))
+    except ModelTypeError:
+        f.close()
+        raise
+
+
+def _out_dtype(dtype: torch.dtype, precision: str) -> torch.dtype:
+    if not dtype.is_floating_point or precision == "auto":
+        return dtype
+    return SAVE_DTYPES[precision]
+
+
+class CheckpointMerge:
+    def __init__(self, cfg: MergeConfig) -> None:
+        cfg.check_complete()
+        self.cfg = cfg
+        self.method: MergeMethod = MERGE_METHODS.get(cfg.method)
+        self.output = Path(cfg.output)
+        self.files: dict[str, LazySafetensors] = {}
+        try:
+            self._open_inputs()
+            self.weights = self._weights()
+            self.plan = self._plan()
+        except Exception:
+            self.close()
+            raise
+
+    # ---- planning ---------------------------------------------------------------------------
+    def _open_inputs(self) -> None:
+        cfg = self.cfg
+        roles = {"A": cfg.model_a, "B": cfg.model_b, **({"C": cfg.model_c} if cfg.model_c else {})}
+        families: dict[str, Family] = {}
+        for role, path in roles.items():
+            self.files[role], families[role] = open_model(path, f"model {role}")
+        names = {r: f.name for r, f in families.items()}
+        if len(set(names.values())) > 1:
+            desc = ", ".join(f"{r} is {n}" for r, n in names.items())
+            raise ModelTypeError(f"models of different families cannot be merged: {desc}")
+        self.family = families["A"]
+        resolved = {f.path.resolve() for f in self.files.values()}
+        if self.output.resolve() in resolved:
+            raise ConfigError(f"--output {self.output} is one of the inputs; choose another file")
+        new_output(self.output, cfg.overwrite)
+        if self.output.suffix.lower() != ".safetensors":
+            raise ConfigError(f"--output must end in .safetensors, got {self.output.name}")
+        if cfg.vae:
+            self.files["VAE"] = LazySafetensors(cfg.vae, what="VAE")
+
+    def _weights(self) -> dict[str, float]:
+        cfg = self.cfg
+        if not cfg.block_mode:
+            return {BASE: float(cfg.alpha)}  # type: ignore[arg-type]
+        if cfg.preset:
+            values = merge_preset(cfg.preset, cfg.preset_file or None)
+        else:
+            values = parse_values(cfg.weights, "--weights")
+        return block_weights(values, self.family, cfg.base_alpha if cfg.base_alpha is not None else 0.0)
+
+    def weight_of(self, key: str) -> float:
+        if not self.cfg.block_mode:
+            return self.weights[BASE]
+        return self.weights[block_of(key, self.family)]
+
+    def _plan(self) -> list[KeyPlan]:
+        cfg = self.cfg
+        a, b = self.files["A"], self.files["B"]
+        c = self.files.get("C")
+        vae = self.files.get("VAE")
+        discard = re.compile(cfg.discard_weights) if cfg.discard_weights else None
+        problems: list[str] = []
+        plan: list[KeyPlan] = []
+
+        def dropped(key: str) -> bool:
+            return bool((discard and discard.search(key)) or (cfg.prune and key.startswith("model_ema.")))
+
+        vae_hits = 0
+        for key in a.keys():
+            if dropped(key):
+                continue
+            ia = a.tensors[key]
+            vkey = key[len(VAE_PREFIX):] if key.startswith(VAE_PREFIX) else None
+            if vae is not None and vkey is not None and vkey in vae:
+                iv = vae.tensors[vkey]
+                if iv.shape != ia.shape:
+                    problems.append(f"VAE {vkey}: {list(iv.shape)} vs model {list(ia.shape)}")
+                vae_hits += 1
+                plan.append(KeyPlan(OutputTensor(key, _out_dtype(iv.dtype, cfg.save_precision), ia.shape), "copy", "VAE"))
+                continue
+            copy_a = KeyPlan(OutputTensor(key, _out_dtype(ia.dtype, cfg.save_precision), ia.shape), "copy", "A")
+            if "model" not in key or key not in b:
+                plan.append(copy_a)
+                continue
+            ib = b.tensors[key]
+            if key.endswith("position_ids"):
+                plan.append(KeyPlan(copy_a.out, "reset") if cfg.position_ids == "reset" else copy_a)
+                continue
+            if not (ia.is_float and ib.is_float):
+                plan.append(copy_a)  # integer tensors are never interpolated
+                continue
+            channels = None
+            if ia.shape != ib.shape:
+                channels = self._channel_subset(key, ia.shape, ib.shape)
+                if channels is None:
+                    problems.append(f"{key}: A {list(ia.shape)} vs B {list(ib.shape)}")
+                    continue
+            if c is not None:
+                if key not in c:
+                    plan.append(copy_a)  # A1111: a key C lacks contributes no difference
+                    continue
+                if c.tensors[key].shape != ib.shape:
+                    problems.append(f"{key}: B {list(ib.shape)} vs C {list(c.tensors[key].shape)}")
+                    continue
+            w = self.weight_of(key)
+            identity = self.method.identity(w)
+            if identity == "A" or (identity == "B" and channels is None):
+                plan.append(copy_a if identity == "A" else
+                            KeyPlan(OutputTensor(key, _out_dtype(ib.dtype, cfg.save_precision), ia.shape), "copy", "B"))
+                continue
+            plan.append(KeyPlan(copy_a.out, "merge", weight=w, channels=channels))
+        for key in b.keys():
+            if key not in a.tensors and "model" in key and not dropped(key) and not key.endswith("position_ids"):
+                ib = b.tensors[key]
+                plan.append(KeyPlan(OutputTensor(key, _out_dtype(ib.dtype, cfg.save_precision), ib.shape), "copy", "B"))
+        if vae is not None and vae_hits == 0:
+            problems.insert(0, f"{vae.path}: none of its keys match the checkpoint's VAE (first_stage_model.*); "
+                               "expected an LDM-layout VAE file")
+        if problems:
+            more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+            raise ValueError("the models do not fit together; nothing was written:\n  " + "\n  ".join(problems[:8]) + more)
+        return plan
+
+    @staticmethod
+    def _channel_subset(key: str, sa: tuple[int, ...], sb: tuple[int, ...]) -> int | None:
+        """Inpainting (9 ch) / instruct-pix2pix (8 ch) A with a 4-ch B: merge the shared input channels."""
+        if key != CONV_IN or len(sa) != 4 or sa[0] != sb[0] or sa[2:] != sb[2:]:
+            return None
+        if sb[1] == 4 and sa[1] in (8, 9):
+            return 4
+        if sa[1] == 4 and sb[1] in (8, 9):
+            raise ValueError(f"{key}: B is an inpainting/instruct-pix2pix model; it must be model A")
+        return None
+
+    # ---- execution --------------------------------------------------------------------------
+    def run(self, reporter: Reporter | None = None) -> MergeResult:
+        reporter = reporter or TqdmReporter()
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        inputs = {"primary": "A", "secondary": "B", "tertiary": "C"}
+        hashed = [self.files[r] for r in inputs.values() if r in self.files]
+        known = {f.path: cached_sha256(f.path) for f in hashed} if cfg.hash_models else {}
+        for f in hashed:
+            if cfg.hash_models and known[f.path] is None:
+                f.start_hash()
+        # same-length stand-ins, so the header can be rewritten in place once the hashes are known
+        placeholder = {f.path: (f"{i:064x}" if cfg.hash_models else None) for i, f in enumerate(hashed)}
+        reporter.start(len(self.plan), "merge")
+        with StreamingWriter(self.output, [p.out for p in self.plan], self._metadata(placeholder)) as writer:
+            for item in self.plan:
+                self._write_one(item, writer)
+                reporter.advance(1)
+            if cfg.hash_models:
+                for f in hashed:
+                    if known[f.path] is None:
+                        known[f.path] = remember_sha256(f.path, f.finish_hash())
+                writer.rewrite_metadata(self._metadata(known))
+        merged = sum(p.action == "merge" for p in self.plan)
+        result = MergeResult(self.output, self.family.name, merged, len(self.plan) - merged, writer.total_bytes,
+                             time.perf_counter() - t0, self.weights)
+        reporter.done(f"wrote {self.output} ({result.bytes_written / 2**20:.0f} MiB, {merged} tensors merged, "
+                      f"{result.copied} copied) in {result.seconds:.1f} s")
+        return result
+
+    def _write_one(self, item: KeyPlan, writer: StreamingWriter) -> None:
+        key, dtype = item.out.name, item.out.dtype
+        if item.action == "reset":
+            writer.write(torch.arange(item.out.nbytes // dtype.itemsize).to(dtype))
+            return
+        if item.action == "copy":
+            name = key[len(VAE_PREFIX):] if item.source == "VAE" else key
+            copy_tensor(self.files[item.source], name, dtype, writer)
+            return
+        a, b, c = self.files["A"], self.files["B"], self.files.get("C")
+        dtypes = {f.tensors[key].dtype for f in (a, b, c) if f is not None}
+        native = self.method.exact_in_low_precision and dtypes == {dtype}
+        compute = dtype if native else torch.float32
+        if item.channels is not None:  # small conv_in tensor: do it whole
+            ta, tb = a.read(key).to(torch.float32, copy=True), b.read(key).to(torch.float32, copy=True)
+            tc = c.read(key).float() if c is not None else None
+            k = item.channels
+            ta[:, :k] = self.method.fn(ta[:, :k].clone(), tb, tc, item.weight)
+            writer.write(ta.to(dtype))
+            return
+        for start, n in chunks(a.tensors[key].numel, CHUNK_ELEMENTS):
+            ta = a.read(key, start, n).to(compute)
+            tb = b.read(key, start, n).to(compute)
+            tc = c.read(key, start, n).to(compute) if c is not None else None
+            out = writer.buffer(n, dtype)  # reused memory: fresh 16 MB blocks would page-fault every chunk
+            out.copy_(self.method.fn(ta, tb, tc, item.weight))
+            writer.write(out)
+
+    def _metadata(self, hashes: dict[Path, str | None]) -> dict[str, str]:
+        cfg = self.cfg
+        roles = {"primary": "A", "secondary": "B", "tertiary": "C"}
+        inputs = {name: (self.files[r].path, self.files[r].metadata) for name, r in roles.items() if r in self.files}
+        recipe = {
+            "type": "loratrain", "interp_method": self.method.a1111_name, "method": self.method.name,
+            "multiplier": cfg.alpha, "block_weights": self.weights if cfg.block_mode else None,
+            "preset": cfg.preset or None, "base_alpha": self.weights.get(BASE) if cfg.block_mode else None,
+            "save_as_half": cfg.save_precision == "fp16", "save_precision": cfg.save_precision,
+            "custom_name": self.output.stem, "config_source": 0,
+            "bake_in_vae": Path(cfg.vae).name if cfg.vae else "None", "discard_weights": cfg.discard_weights,
+            "is_inpainting": any(p.channels and self.files["A"].tensors[CONV_IN].shape[1] == 9 for p in self.plan),
+            "is_instruct_pix2pix": any(p.channels and self.files["A"].tensors[CONV_IN].shape[1] == 8 for p in self.plan),
+            "position_ids": cfg.position_ids, "prune_ema": cfg.prune,
+        }
+        meta = merge_metadata(inputs, hashes, recipe)
+        a_meta = self.files["A"].metadata
+        if CONFIG_METADATA_KEY in a_meta:  # non-standard (e.g. tiny) models need their configs to load offline
+            meta[CONFIG_METADATA_KEY] = a_meta[CONFIG_METADATA_KEY]
+        return meta
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def merge_checkpoints(cfg: MergeConfig, reporter: Reporter | None = None) -> MergeResult:
+    """Plan (validating everything), then stream the merge to `cfg.output`."""
+    job = CheckpointMerge(cfg)
+    try:
+        return job.run(reporter)
+    finally:
+        job.close()

@@ -1,0 +1,158 @@
+"""Reading kohya-layout LoRA files, their dense deltas, block-weight vectors and SVD factorisation."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loratrain.common.safe_io import load_state_dict
+from loratrain.models.families import Family
+
+from .blocks import BASE, block_names
+from .presets import lora_block_presets
+
+# LoRA block-weight formats (hako-mikan's extension); MID is our M00
+LBW_LAYOUTS: dict[int, list[str]] = {
+    26: [BASE] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)],
+    17: [BASE, "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(3, 12)],
+    20: [BASE] + [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)],
+    12: [BASE, "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(6)],
+}
+
+
+@dataclass
+class LoraModule:
+    name: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """scale * up @ down in float32, shaped like the target weight.
+
+        A 3x3 LoCon is a k x k `down` followed by a 1x1 `up`; composing them is the matrix
+        product over the rank axis, reshaped back to a kernel.
+        """
+        up = self.up.float().reshape(self.up.shape[0], -1)
+        down = self.down.float().reshape(self.rank, -1)
+        d = (up @ down) * self.scale
+        if d.numel() != _numel(shape):
+            raise ValueError(f"{self.name}: LoRA delta {list(d.shape)} does not fit the model weight {list(shape)}")
+        return d.reshape(shape)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    """Modules of a kohya-layout LoRA / LoCon file (`<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`)."""
+    sd, meta = load_state_dict(path)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        name, _, part = key.partition(".")
+        groups.setdefault(name, {})[part] = value
+    if any(".lora_A." in k or ".lora_B." in k for k in sd):
+        raise ValueError(f"{path}: PEFT-layout LoRA; use the kohya-layout file our trainer writes next to it")
+    modules: dict[str, LoraModule] = {}
+    for name, parts in groups.items():
+        if "lora_down.weight" not in parts:
+            other = sorted(parts)[0]
+            raise ValueError(f"{path}: module {name} has {other!r} but no lora_down.weight; "
+                             "only LoRA / LoCon are supported (not LoHa, LoKr or DoRA)")
+        down, up = parts["lora_down.weight"], parts.get("lora_up.weight")
+        if up is None:
+            raise ValueError(f"{path}: module {name} has lora_down but no lora_up")
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
+        modules[name] = LoraModule(name, down, up, alpha)
+    if not modules:
+        raise ValueError(f"{path}: no LoRA modules found")
+    return modules, meta
+
+
+def lora_is_sdxl(modules: dict[str, LoraModule], meta: dict[str, str]) -> bool | None:
+    """Whether a LoRA was made for SDXL, from its text-encoder names or its metadata (None: can't tell)."""
+    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in modules):
+        return True
+    if any(n.startswith("lora_te_") for n in modules):
+        return False
+    version = meta.get("ss_base_model_version", "") or meta.get("modelspec.architecture", "")
+    if version:
+        return "xl" in version.lower()
+    return None
+
+
+@dataclass
+class LoraSpec:
+    path: str
+    ratio: float = 1.0
+    blocks: str = ""  # LoRA block-weight preset name or value list
+
+
+def parse_lora_spec(text: str) -> LoraSpec:
+    """`PATH[:RATIO[:LBW]]`, LBW a preset name or comma list (12/17/20/26 values)."""
+    parts = text.split(":")
+    for n_tail in (2, 1):
+        if len(parts) > n_tail:
+            head, tail = ":".join(parts[:-n_tail]), parts[-n_tail:]
+            try:
+                ratio = float(tail[0])
+            except ValueError:
+                continue
+            return LoraSpec(head, ratio, tail[1] if n_tail == 2 else "")
+    return LoraSpec(text)
+
+
+def lbw_weights(text: str, family: Family) -> dict[str, float]:
+    """Block name -> ratio from a LoRA block-weight preset or vector; blocks a format omits get 0."""
+    presets = lora_block_presets()
+    if re.fullmatch(r"[A-Za-z_][\w.]*", text.strip()):
+        if text.strip() not in presets:
+            raise ValueError(f"unknown LoRA block-weight preset {text!r}; known: {', '.join(presets)}")
+        values = presets[text.strip()]
+    else:
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"LoRA block weights {text!r}: not a preset name or a list of numbers") from None
+    layout = LBW_LAYOUTS.get(len(values))
+    if layout is None:
+        raise ValueError(f"LoRA block weights need 12, 17, 20 or 26 values, got {len(values)}")
+    weights = {name: 0.0 for name in [BASE] + block_names(family)}
+    known = set(weights)
+    for name, v in zip(layout, values):
+        if name in known:
+            weights[name] = v
+        elif v != 0:
+            raise ValueError(f"LoRA block weights: block {name} does not exist in {family.name}")
+    return weights
+
+
+def factorize(delta: torch.Tensor, rank: int, clamp_quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) with up @ down ~ delta by truncated SVD, clamped like sd-scripts, shaped for the weight."""
+    shape = delta.shape
+    mat = delta.float().reshape(shape[0], -1)
+    r = min(rank, *mat.shape)
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    up, down = u[:, :r] * s[:r], vh[:r]
+    if clamp_quantile < 1:
+        both = torch.cat([up.flatten(), down.flatten()]).abs()
+        k = max(1, min(both.numel(), int(round(clamp_quantile * both.numel()))))
+        hi = both.kthvalue(k).values.item()
+        up, down = up.clamp(-hi, hi), down.clamp(-hi, hi)
+    if len(shape) == 4:
+        return up.reshape(shape[0], r, 1, 1), down.reshape(r, *shape[1:])
+    return up, down
