@@ -81,3 +81,25 @@ def block_weights(values: Sequence[float], family: Family, base_alpha: float) ->
     out = dict(zip(names, values))
     out[BASE] = float(base_alpha)
     return out
+
+
+_LORA_DIFFUSERS = re.compile(r"lora_unet_(down_blocks|up_blocks)_(\d+)_(attentions|resnets|downsamplers|upsamplers)_(\d+)_")
+_LORA_LDM = re.compile(r"lora_unet_(input_blocks|output_blocks)_(\d+)_")
+
+
+def lora_name_block(name: str, family: Family, ldm_of: dict[str, str]) -> str:
+    """The block of a kohya LoRA module name; `ldm_of` maps diffusers UNet module paths to LDM ones."""
+    if not name.startswith("lora_unet_"):
+        return BASE
+    if name.startswith(("lora_unet_mid_block_", "lora_unet_middle_block_")):
+        return "M00"
+    m = _LORA_LDM.match(name)
+    if m:
+        return block_of(f"{UNET_PREFIX}{m.group(1)}.{m.group(2)}.x", family)
+    m = _LORA_DIFFUSERS.match(name)
+    if m:
+        prefix = ".".join(m.groups())
+        for diff, ldm in ldm_of.items():
+            if diff == prefix or diff.startswith(prefix + "."):
+                return block_of(f"{UNET_PREFIX}{ldm}.x", family)
+    return BASE

@@ -4,24 +4,14 @@ import argparse
 from dataclasses import dataclass
 
 from ..cli import COMMANDS
-from ..common.config import CommandConfig, ConfigError, opt
+from ..common.config import ConfigError, opt
+from ..common.sampling_options import SamplingOptions
 
 
 @dataclass
-class GenerateConfig(CommandConfig):
-    model: str = opt("", "base model (diffusers folder or .safetensors)")
-    prompt: str = opt("", "prompt")
-    negative_prompt: str = opt("", "negative prompt")
+class GenerateConfig(SamplingOptions):
     network_weights: list[str] = opt([], "LoRA files, each optionally as PATH:WEIGHT")
-    width: int = opt(512, "width")
-    height: int = opt(512, "height")
-    steps: int = opt(30, "sampling steps")
-    cfg_scale: float = opt(7.5, "CFG scale")
-    seed: int = opt(0, "seed")
-    sampler: str = opt("ddim", "sampler")
-    clip_skip: int = opt(1, "clip skip")
     output: str = opt("out.png", "output PNG")
-    allow_pickle: bool = opt(False, "allow a pickled .ckpt base model")
 
     def validate(self) -> None:
         if self.steps < 1:

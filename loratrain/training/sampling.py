@@ -83,7 +83,7 @@ def build_pipeline(model: SDModel, sampler: str):
 
 @torch.no_grad()
 def generate(model: SDModel, prompt: SamplePrompt, out_path: str | Path, sampler: str = "ddim", clip_skip: int = 1,
-             extra_info: dict[str, str] | None = None) -> Path:
+             extra_info: dict[str, str] | None = None, extra_params: dict[str, str] | None = None) -> Path:
     """One image, saved atomically as PNG with A1111-style `parameters` text."""
     seed = prompt.seed if prompt.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     pipe = build_pipeline(model, prompt.sampler or sampler)
@@ -94,6 +94,7 @@ def generate(model: SDModel, prompt: SamplePrompt, out_path: str | Path, sampler
                  clip_skip=(clip_skip - 1) if clip_skip > 1 else None, output_type="pil").images[0]
     params = (f"{prompt.prompt}\nNegative prompt: {prompt.negative_prompt}\nSteps: {prompt.steps}, Sampler: {prompt.sampler or sampler}, "
               f"CFG scale: {prompt.cfg_scale}, Seed: {seed}, Size: {prompt.width}x{prompt.height}, Clip skip: {clip_skip}")
+    params += "".join(f", {k}: {v}" for k, v in (extra_params or {}).items())
     info = PngInfo()
     info.add_text("parameters", params)
     for k, v in (extra_info or {}).items():

@@ -22,9 +22,26 @@ def save_lora(network: Network, path: Path, precision: str, metadata: dict[str, 
     save_safetensors(network.kohya_state_dict(dtype), path, metadata)
     if peft_copy:
         flat = {f"{part}.{k}": v for part, sd in network.peft_state_dict(dtype).items() for k, v in sd.items()}
-        adapter_meta = {"lora_adapter_metadata": json.dumps({"r": network.spec.network_dim, "lora_alpha": network.spec.network_alpha})}
+        adapter_meta = {"lora_adapter_metadata": json.dumps(peft_adapter_config(network))}
         save_safetensors(flat, path.with_name(path.stem + ".peft.safetensors"), adapter_meta)
     return path
+
+
+def peft_adapter_config(network: Network) -> dict[str, object]:
+    """The LoraConfig of each part, keyed `<part>.<field>` as diffusers' `load_lora_weights` reads it.
+
+    Without target modules and per-module rank/alpha, diffusers would assume alpha == rank and scale
+    every LoRA wrongly.
+    """
+    out: dict[str, object] = {}
+    spec = network.spec
+    for part in {t.part for t in network.targets}:
+        mine = [t for t in network.targets if t.part == part]
+        out.update({f"{part}.r": spec.network_dim, f"{part}.lora_alpha": spec.network_alpha,
+                    f"{part}.target_modules": sorted(t.module_path for t in mine),
+                    f"{part}.rank_pattern": {t.module_path: t.rank for t in mine if t.rank != spec.network_dim},
+                    f"{part}.alpha_pattern": {t.module_path: t.alpha for t in mine if t.alpha != spec.network_alpha}})
+    return out
 
 
 def prune_saves(output_dir: Path, output_name: str, kind: str, keep: int) -> None:

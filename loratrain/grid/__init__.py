@@ -1,0 +1,1 @@
+"""XY(Z) grid sampling on the trainer's model loading and sampling code."""

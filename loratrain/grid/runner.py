@@ -1,0 +1,269 @@
+"""`loratrain grid`: one labelled image comparing checkpoints, LoRAs, weights and sampling settings.
+
+Every value is parsed and checked before the first image; the seed is fixed once for the whole grid;
+the costliest axis runs outermost, so each checkpoint loads once, and LoRAs are diffusers adapters on
+the loaded model: a weight change is an adapter scale, a LoRA file is loaded once per checkpoint.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ..common.config import ConfigError
+from ..common.progress import Reporter, StopFlag, TqdmReporter
+from ..common.safe_io import atomic_path
+from ..models.loading import SDModel, load_model
+from ..training.sampling import SamplePrompt, build_pipeline, generate
+from .axes import Axis, CellParams, LoraUse, label, parse_axis_values
+from .config import GridConfig
+from .draw import draw_grid, side_by_side
+
+
+@dataclass
+class AxisValues:
+    key: str  # "x" | "y" | "z"
+    axis: Axis | None
+    values: list[Any]
+    raw: str = ""
+
+    @property
+    def labels(self) -> list[str]:
+        return [label(self.axis, v) if self.axis else "" for v in self.values]
+
+
+@dataclass
+class GridResult:
+    grids: list[Path]
+    cells: dict[tuple[int, int, int], Path]
+    complete: bool
+    model_loads: int
+    params: dict[tuple[int, int, int], CellParams] = field(default_factory=dict)
+
+
+def parse_axes(cfg: GridConfig) -> tuple[AxisValues, AxisValues, AxisValues]:
+    if not cfg.x_type or not cfg.y_type:
+        raise ConfigError("a grid needs --x_type/--x_values and --y_type/--y_values")
+    out = []
+    for key in ("x", "y", "z"):
+        kind, raw = getattr(cfg, f"{key}_type"), getattr(cfg, f"{key}_values")
+        if not kind:
+            out.append(AxisValues(key, None, [None]))
+            continue
+        axis, values = parse_axis_values(kind, raw)
+        out.append(AxisValues(key, axis, values, raw))
+    names = [a.axis.name for a in out if a.axis]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"an axis type is used twice ({', '.join(names)})")
+    return out[0], out[1], out[2]
+
+
+def _lora_use(text: str) -> LoraUse:
+    from merge.lora_files import parse_lora_spec
+
+    spec = parse_lora_spec(text)
+    if not Path(spec.path).is_file():
+        raise ConfigError(f"LoRA not found: {spec.path}")
+    return LoraUse(spec.path, spec.ratio, spec.blocks)
+
+
+def cell_params(cfg: GridConfig, axes: tuple[AxisValues, ...], seed: int) -> dict[tuple[int, int, int], CellParams]:
+    """Parameters of every cell, computed (and so checked) before anything is generated."""
+    base = CellParams(cfg.model, cfg.prompt, cfg.negative_prompt, [_lora_use(t) for t in cfg.loras], seed, cfg.steps,
+                      cfg.cfg_scale, cfg.sampler, cfg.clip_skip, cfg.width, cfg.height)
+    cells = {}
+    for iz, iy, ix in itertools.product(*(range(len(a.values)) for a in (axes[2], axes[1], axes[0]))):
+        p = base
+        for av, i in ((axes[2], iz), (axes[1], iy), (axes[0], ix)):
+            if av.axis is None:
+                continue
+            v = av.values[i]
+            if av.axis.name == "prompt_sr":
+                p = replace(p, prompt=p.prompt.replace(av.values[0], v), negative_prompt=p.negative_prompt.replace(av.values[0], v))
+            elif av.axis.name == "seed" and v == -1:
+                p = replace(p, seed=seed)
+            else:
+                p = av.axis.apply(p, v)
+        cells[(ix, iy, iz)] = p
+    return cells
+
+
+def _check(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tuple[int, int, int], CellParams]) -> None:
+    for av in axes:
+        if av.axis is not None and av.axis.name == "prompt_sr":
+            first = av.values[0]
+            if first not in cfg.prompt and first not in cfg.negative_prompt:
+                raise ConfigError(f"axis prompt_sr: the first value {first!r} must appear in the prompt or the negative prompt")
+    for p in cells.values():
+        if not p.checkpoint:
+            raise ConfigError("no checkpoint: pass --model or use the checkpoint axis")
+        if not p.prompt:
+            raise ConfigError("--prompt is required")
+        if p.steps < 1 or p.width < 8 or p.height < 8:
+            raise ConfigError(f"bad cell settings: steps {p.steps}, size {p.width}x{p.height}")
+    pixels = sum(p.width * p.height for p in cells.values())
+    if pixels > cfg.max_megapixels * 1e6:
+        raise ConfigError(f"the grid would have {pixels / 1e6:.0f} MP, above --max_megapixels {cfg.max_megapixels}")
+
+
+def loop_order(axes: tuple[AxisValues, ...]) -> list[tuple[int, int, int]]:
+    """Cells in run order: costliest axis outermost; ties: Z, then Y, then X outer."""
+    x, y, z = axes
+    ranked = sorted([(z, 0), (y, 1), (x, 2)], key=lambda t: (-(t[0].axis.cost if t[0].axis else -1), t[1]))
+    order = []
+    for idx in itertools.product(*(range(len(a.values)) for a, _ in ranked)):
+        pos = {a.key: i for (a, _), i in zip(ranked, idx)}
+        order.append((pos["x"], pos["y"], pos["z"]))
+    return order
+
+
+class LoadedModel:
+    """The current checkpoint and its LoRA adapters; a new checkpoint drops both."""
+
+    def __init__(self, loader: Callable[..., SDModel], allow_pickle: bool) -> None:
+        self.loader, self.allow_pickle = loader, allow_pickle
+        self.path: str | None = None
+        self.model: SDModel | None = None
+        self.adapters: dict[tuple[str, str], str] = {}
+        self.loads = 0
+        self._active: tuple | None = None
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def ensure(self, path: str) -> SDModel:
+        if path != self.path:
+            self.model = None
+            self.model = self.loader(path, allow_pickle=self.allow_pickle).to(self.device)
+            self.path, self.adapters = path, {}
+            self.loads += 1
+        assert self.model is not None
+        return self.model
+
+    def activate(self, loras: list[LoraUse], sampler: str) -> None:
+        assert self.model is not None
+        wanted = (self.path, tuple((u.path, u.blocks, u.weight) for u in loras))
+        if wanted == self._active:
+            return  # same adapters at the same scales: nothing to do between cells
+        pipe = build_pipeline(self.model, sampler)
+        names, weights = [], []
+        for use in loras:
+            key = (use.path, use.blocks)
+            if key not in self.adapters:
+                name = f"grid_lora_{len(self.adapters)}"
+                source = block_scaled_lora(use.path, use.blocks, self.model) if use.blocks else use.path
+                pipe.load_lora_weights(source, adapter_name=name)
+                self.adapters[key] = name
+            names.append(self.adapters[key])
+            weights.append(use.weight)
+        if names:
+            pipe.enable_lora()
+            pipe.set_adapters(names, adapter_weights=weights)
+        elif self.adapters:
+            pipe.disable_lora()
+        self._active = wanted
+
+
+def block_scaled_lora(path: str, blocks: str, model: SDModel) -> dict[str, torch.Tensor]:
+    """A kohya LoRA with each module's up weights scaled by its block's LoRA block weight."""
+    from safetensors.torch import load_file
+
+    from merge.blocks import lora_name_block
+    from merge.lora_files import lbw_weights
+
+    from ..models.ldm_keys import unet_module_pairs
+
+    ratios = lbw_weights(blocks, model.family)
+    ldm_of = dict(unet_module_pairs(dict(model.unet.config)))
+    sd = load_file(path)
+    for key in list(sd):
+        if key.endswith(".lora_up.weight"):
+            sd[key] = sd[key] * ratios[lora_name_block(key.split(".")[0], model.family, ldm_of)]
+    return sd
+
+
+def run_grid(cfg: GridConfig, reporter: Reporter | None = None, stop: StopFlag | None = None,
+             loader: Callable[..., SDModel] = load_model) -> GridResult:
+    reporter = reporter or TqdmReporter()
+    stop = stop or StopFlag()
+    axes = parse_axes(cfg)
+    seed = cfg.seed if cfg.seed != -1 else random.randrange(0, 4294967294)
+    cells = cell_params(cfg, axes, seed)
+    _check(cfg, axes, cells)
+    out_dir = Path(cfg.output_dir)
+    (out_dir / "cells").mkdir(parents=True, exist_ok=True)
+    state = LoadedModel(loader, cfg.allow_pickle)
+    done: dict[tuple[int, int, int], Path] = {}
+    infotexts: dict[tuple[int, int, int], str] = {}
+    order = loop_order(axes)
+    reporter.start(len(order), "grid")
+    for idx in order:
+        if stop.is_set():
+            break
+        p = cells[idx]
+        model = state.ensure(p.checkpoint)
+        state.activate(p.loras, p.sampler)
+        extra = {"Model": Path(p.checkpoint).stem}
+        for i, use in enumerate(p.loras, 1):
+            extra.update({f"AddNet Module {i}": "LoRA", f"AddNet Model {i}": Path(use.path).stem,
+                          f"AddNet Weight A {i}": f"{use.weight:g}", f"AddNet Weight B {i}": f"{use.weight:g}"})
+            if use.blocks:
+                extra[f"LoRA Block Weight {i}"] = use.blocks
+        path = out_dir / "cells" / f"z{idx[2]:02d}_y{idx[1]:02d}_x{idx[0]:02d}.png"
+        generate(model, SamplePrompt(p.prompt, p.negative_prompt, p.width, p.height, p.steps, p.cfg_scale, p.seed, p.sampler),
+                 path, p.sampler, p.clip_skip, extra_params=extra)
+        done[idx] = path
+        infotexts[idx] = Image.open(path).text.get("parameters", "")
+        reporter.advance(1)
+    complete = len(done) == len(cells)
+    grids = _write_grids(cfg, axes, cells, done, infotexts, seed, out_dir, complete)
+    reporter.done(f"{'grid' if complete else 'partial grid (stopped)'}: {grids[-1]} ({len(done)}/{len(cells)} cells, "
+                  f"{state.loads} model load(s))")
+    return GridResult(grids, done, complete, state.loads, cells)
+
+
+def _write_grids(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tuple[int, int, int], CellParams],
+                 done: dict[tuple[int, int, int], Path], infotexts: dict[tuple[int, int, int], str], seed: int,
+                 out_dir: Path, complete: bool) -> list[Path]:
+    x, y, z = axes
+    cw = max(p.width for p in cells.values())
+    ch = max(p.height for p in cells.values())
+    first = infotexts.get((0, 0, 0)) or next(iter(infotexts.values()), cfg.prompt)
+    fields = {"Script": "X/Y/Z plot", "Fixed seed": str(seed)}
+    for av in axes:
+        if av.axis is not None:
+            fields[f"{av.key.upper()} Type"] = av.axis.label
+            fields[f"{av.key.upper()} Values"] = json.dumps(av.raw) if "," in av.raw or '"' in av.raw else av.raw
+    meta = {"base": {k: v for k, v in cfg.to_dict().items() if not k.startswith(("x_", "y_", "z_"))},
+            "seed": seed, "complete": complete,
+            "axes": {av.key: {"type": av.axis.name, "raw": av.raw, "values": av.values} for av in axes if av.axis}}
+    infotext = first + "".join(f", {k}: {v}" for k, v in fields.items())
+    images, paths = [], []
+    for iz in range(len(z.values)):
+        tiles = [Image.open(done[(ix, iy, iz)]).convert("RGB") if (ix, iy, iz) in done else None
+                 for iy in range(len(y.values)) for ix in range(len(x.values))]
+        title = z.labels[iz] if z.axis and cfg.draw_legend else ""
+        img = draw_grid(tiles, len(x.values), len(y.values), x.labels if cfg.draw_legend else [],
+                        y.labels if cfg.draw_legend else [], (cw, ch), cfg.margin, title)
+        images.append(img)
+        if z.axis:
+            paths.append(_save_png(img, out_dir / f"xy_grid_z{iz:02d}.png", infotext, meta))
+    if z.axis:
+        paths.append(_save_png(side_by_side(images, max(cfg.margin, cw // 16)), out_dir / "xyz_grid.png", infotext, meta))
+    else:
+        paths.append(_save_png(images[0], out_dir / "xy_grid.png", infotext, meta))
+    return paths
+
+
+def _save_png(img: Image.Image, path: Path, infotext: str, meta: dict[str, Any]) -> Path:
+    info = PngInfo()
+    info.add_text("parameters", infotext)
+    info.add_text("loratrain.grid", json.dumps(meta, default=str))
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG", pnginfo=info)
+    return path
