@@ -125,7 +125,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", nargs="+", default=["sd1"], choices=["sd1", "sdxl"])
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "loratrain-bench-merge"))
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--child", nargs=4, metavar=("KIND", "A", "B", "OUT"))
     args = ap.parse_args()
     if args.child:
@@ -149,9 +149,15 @@ def main() -> None:
         print(f"\n{family}: inputs {size_mb:.0f} MiB each, {args.rounds} rounds, cpu threads {os.cpu_count()}")
         for k in results:
             print(f"  {k:9s} {t[k]:7.2f} s   peak RSS {rss[k]:7.0f} MiB  ({100 * rss[k] / size_mb:5.1f}% of one input)")
-        print(f"  ours / raw I/O   time ratio {t['ours'] / t['raw']:.2f}   (target <= 1.3)")
-        print(f"  ours+hash / raw  time ratio {t['ours+hash'] / t['raw']:.2f}   (SHA-256 of both inputs for sd_merge_models)")
-        print(f"  ours / baseline  time ratio {t['ours'] / t['baseline']:.2f}   RSS ratio {rss['ours'] / rss['baseline']:.2f}")
+
+        def ratio(a: str, b: str) -> str:
+            """Median of per-round ratios (each round's runs are back to back) and their range."""
+            rs = sorted(x["seconds"] / y["seconds"] for x, y in zip(results[a], results[b]))
+            return f"{statistics.median(rs):.2f}  (rounds {rs[0]:.2f}..{rs[-1]:.2f})"
+
+        print(f"  ours / raw I/O   time ratio {ratio('ours', 'raw')}   target <= 1.3")
+        print(f"  ours+hash / raw  time ratio {ratio('ours+hash', 'raw')}   SHA-256 of both inputs for sd_merge_models")
+        print(f"  ours / baseline  time ratio {ratio('ours', 'baseline')}   RSS ratio {rss['ours'] / rss['baseline']:.2f}")
 
 
 if __name__ == "__main__":
