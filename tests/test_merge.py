@@ -198,3 +198,21 @@ def test_cli_merge_then_convert_both_ways_loads(sd1_trio, tmp_path):
     assert floats and all(torch.equal(M[k], R[k]) for k in floats)
     model = load_model(folder)
     assert model.family.name == "sd1"
+
+
+def test_vae_bake_in_and_discard_regex(sd1_trio, tmp_path):
+    a, b, _ = sd1_trio
+    A = load_file(a)
+    vae = {k[len("first_stage_model."):]: torch.randn_like(v) for k, v in A.items() if k.startswith("first_stage_model.")}
+    vae_path = _write(tmp_path / "vae.safetensors", vae)
+    out = tmp_path / "v.safetensors"
+    merge_checkpoints(MergeConfig(model_a=str(a), model_b=str(b), output=str(out), alpha=0.5, vae=str(vae_path),
+                                  discard_weights=r"^alphas_cumprod$", hash_models=False))
+    O = load_file(out)
+    assert "alphas_cumprod" not in O
+    assert all(torch.equal(O["first_stage_model." + k], v) for k, v in vae.items())
+    with pytest.raises(ValueError, match="VAE"):
+        bad = _write(tmp_path / "notvae.safetensors", {"something.else": torch.zeros(2)})
+        merge_checkpoints(MergeConfig(model_a=str(a), model_b=str(b), output=str(tmp_path / "n.safetensors"), alpha=0.5,
+                                      vae=str(bad), hash_models=False))
+    assert not (tmp_path / "n.safetensors").exists()
