@@ -1,45 +1,103 @@
 """Text-to-image with a base model and any number of LoRAs (kohya or PEFT layout) at given weights."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .models.loading import load_model
+from merge.lora_files import parse_lora_spec
+
+from .common.config import ConfigError
+from .models.ldm_keys import unet_module_pairs
+from .models.loading import SDModel, load_model
 from .training.sampling import SamplePrompt, build_pipeline, generate
 
 
-def parse_lora_arg(value: str) -> tuple[str, float]:
-    """`path.safetensors` or `path.safetensors:0.7`."""
-    path, sep, weight = value.rpartition(":")
-    if sep and path and not Path(value).exists():
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return value, 1.0
+@dataclass
+class LoraUse:
+    path: str
+    weight: float = 1.0
+    blocks: str = ""  # LoRA block-weight preset / vector ("" = all blocks at 1)
 
 
-def apply_loras(pipe: Any, loras: list[tuple[str, float]]) -> None:
-    """diffusers' own loader: kohya files load unchanged, weights become adapter scales (no reload)."""
-    names = []
-    for i, (path, _) in enumerate(loras):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"LoRA not found: {path}")
-        name = f"lora{i}"
-        pipe.load_lora_weights(path, adapter_name=name)
-        names.append(name)
-    if names:
-        pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
+def lora_use(text: str) -> LoraUse:
+    """`PATH[:WEIGHT[:BLOCKS]]`, checked to exist."""
+    spec = parse_lora_spec(text)
+    if not Path(spec.path).is_file():
+        raise ConfigError(f"LoRA not found: {spec.path}")
+    return LoraUse(spec.path, spec.ratio, spec.blocks)
+
+
+class ModelSession:
+    """The current checkpoint and its LoRA adapters; a new checkpoint drops both.
+
+    Used by `generate` and the grid: a LoRA file is loaded once per checkpoint, and a weight change
+    is only an adapter scale (diffusers' own loader, so kohya and PEFT files load unchanged).
+    """
+
+    def __init__(self, loader: Callable[..., SDModel], allow_pickle: bool) -> None:
+        self.loader, self.allow_pickle = loader, allow_pickle
+        self.path: str | None = None
+        self.model: SDModel | None = None
+        self.adapters: dict[tuple[str, str], str] = {}
+        self.loads = 0
+        self._active: tuple | None = None
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def ensure(self, path: str) -> SDModel:
+        if path != self.path:
+            self.model = None
+            self.model = self.loader(path, allow_pickle=self.allow_pickle).to(self.device)
+            self.path, self.adapters = path, {}
+            self.loads += 1
+        assert self.model is not None
+        return self.model
+
+    def activate(self, loras: list[LoraUse], sampler: str = "ddim") -> None:
+        assert self.model is not None
+        wanted = (self.path, tuple((u.path, u.blocks, u.weight) for u in loras))
+        if wanted == self._active:
+            return  # same adapters at the same scales: nothing to do between cells
+        pipe = build_pipeline(self.model, sampler)
+        names, weights = [], []
+        for use in loras:
+            key = (use.path, use.blocks)
+            if key not in self.adapters:
+                name = f"lora{len(self.adapters)}"
+                source = block_scaled_lora(use.path, use.blocks, self.model) if use.blocks else use.path
+                pipe.load_lora_weights(source, adapter_name=name)
+                self.adapters[key] = name
+            names.append(self.adapters[key])
+            weights.append(use.weight)
+        if names:
+            pipe.enable_lora()
+            pipe.set_adapters(names, adapter_weights=weights)
+        elif self.adapters:
+            pipe.disable_lora()
+        self._active = wanted
+
+
+def block_scaled_lora(path: str, blocks: str, model: SDModel) -> dict[str, torch.Tensor]:
+    """A kohya LoRA with each module's up weights scaled by its block's LoRA block weight."""
+    from safetensors.torch import load_file
+
+    from merge.blocks import lora_name_block
+    from merge.lora_files import lbw_weights
+
+    ratios = lbw_weights(blocks, model.family)
+    ldm_of = dict(unet_module_pairs(dict(model.unet.config)))
+    sd = load_file(path)
+    for key in list(sd):
+        if key.endswith(".lora_up.weight"):
+            sd[key] = sd[key] * ratios[lora_name_block(key.split(".")[0], model.family, ldm_of)]
+    return sd
 
 
 def generate_image(cfg: Any) -> Path:
-    model = load_model(cfg.model, allow_pickle=cfg.allow_pickle)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    loras = [parse_lora_arg(v) for v in cfg.network_weights]
-    if loras:
-        apply_loras(build_pipeline(model, cfg.sampler), loras)
+    session = ModelSession(load_model, cfg.allow_pickle)
+    model = session.ensure(cfg.model)
+    session.activate([lora_use(v) for v in cfg.network_weights], cfg.sampler)
     prompt = SamplePrompt(cfg.prompt, cfg.negative_prompt, cfg.width, cfg.height, cfg.steps, cfg.cfg_scale, cfg.seed, cfg.sampler)
     return generate(model, prompt, cfg.output, cfg.sampler, cfg.clip_skip)

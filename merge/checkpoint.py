@@ -25,10 +25,9 @@ from .config import MergeConfig
 from .methods import MERGE_METHODS, MergeMethod
 from .presets import merge_preset
 from .provenance import cached_sha256, merge_metadata, remember_sha256
-from .tensor_io import LazySafetensors, OutputTensor, StreamingWriter, chunks
+from .tensor_io import LazySafetensors, OutputTensor, StreamingWriter, chunks, out_dtype
 
 CHUNK_ELEMENTS = 4 * 1024 * 1024
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
@@ -65,12 +64,6 @@ def open_model(path: str, role: str) -> tuple[LazySafetensors, Family]:
     except ModelTypeError:
         f.close()
         raise
-
-
-def _out_dtype(dtype: torch.dtype, precision: str) -> torch.dtype:
-    if not dtype.is_floating_point or precision == "auto":
-        return dtype
-    return SAVE_DTYPES[precision]
 
 
 class CheckpointMerge:
@@ -147,9 +140,9 @@ class CheckpointMerge:
                 if iv.shape != ia.shape:
                     problems.append(f"VAE {vkey}: {list(iv.shape)} vs model {list(ia.shape)}")
                 vae_hits += 1
-                plan.append(KeyPlan(OutputTensor(key, _out_dtype(iv.dtype, cfg.save_precision), ia.shape), "copy", "VAE"))
+                plan.append(KeyPlan(OutputTensor(key, out_dtype(iv.dtype, cfg.save_precision), ia.shape), "copy", "VAE"))
                 continue
-            copy_a = KeyPlan(OutputTensor(key, _out_dtype(ia.dtype, cfg.save_precision), ia.shape), "copy", "A")
+            copy_a = KeyPlan(OutputTensor(key, out_dtype(ia.dtype, cfg.save_precision), ia.shape), "copy", "A")
             if "model" not in key or key not in b:
                 plan.append(copy_a)
                 continue
@@ -177,13 +170,13 @@ class CheckpointMerge:
             identity = self.method.identity(w)
             if identity == "A" or (identity == "B" and channels is None):
                 plan.append(copy_a if identity == "A" else
-                            KeyPlan(OutputTensor(key, _out_dtype(ib.dtype, cfg.save_precision), ia.shape), "copy", "B"))
+                            KeyPlan(OutputTensor(key, out_dtype(ib.dtype, cfg.save_precision), ia.shape), "copy", "B"))
                 continue
             plan.append(KeyPlan(copy_a.out, "merge", weight=w, channels=channels))
         for key in b.keys():
             if key not in a.tensors and "model" in key and not dropped(key) and not key.endswith("position_ids"):
                 ib = b.tensors[key]
-                plan.append(KeyPlan(OutputTensor(key, _out_dtype(ib.dtype, cfg.save_precision), ib.shape), "copy", "B"))
+                plan.append(KeyPlan(OutputTensor(key, out_dtype(ib.dtype, cfg.save_precision), ib.shape), "copy", "B"))
         if vae is not None and vae_hits == 0:
             problems.insert(0, f"{vae.path}: none of its keys match the checkpoint's VAE (first_stage_model.*); "
                                "expected an LDM-layout VAE file")

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from loratrain.common.config import CommandConfig, ConfigError, opt
 
 from .methods import MERGE_METHODS
+from .tensor_io import SAVE_DTYPES
 
-PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+PRECISIONS = ("auto", *SAVE_DTYPES)
 
 
 @dataclass

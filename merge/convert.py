@@ -6,25 +6,22 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from loratrain.common.config import CommandConfig, ConfigError, opt
 from loratrain.common.safe_io import new_output
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from merge.tensor_io import SAVE_DTYPES
 
 
 @dataclass
 class ConvertConfig(CommandConfig):
     source: str = opt("", "a .safetensors (or, with --allow_pickle, .ckpt) file, or a diffusers folder", metadata={"positional": True})
     target: str = opt("", "OUT.safetensors for a single file, otherwise a diffusers folder", metadata={"positional": True})
-    save_precision: str = opt("fp16", "dtype of float tensors in the output", metadata={"choices": list(DTYPES)})
+    save_precision: str = opt("fp16", "dtype of float tensors in the output", metadata={"choices": list(SAVE_DTYPES)})
     allow_pickle: bool = opt(False, "read a pickled .ckpt with torch.load(weights_only=True)")
     overwrite: bool = opt(False, "replace the target if it exists")
 
     def validate(self) -> None:
-        if self.save_precision not in DTYPES:
-            raise ConfigError(f"save_precision must be one of {', '.join(DTYPES)}")
+        if self.save_precision not in SAVE_DTYPES:
+            raise ConfigError(f"save_precision must be one of {', '.join(SAVE_DTYPES)}")
 
 
 def convert(cfg: ConvertConfig) -> Path:
@@ -38,7 +35,7 @@ def convert(cfg: ConvertConfig) -> Path:
     if target.resolve() == Path(cfg.source).resolve():
         raise ConfigError("SOURCE and TARGET are the same path")
     model = load_model(cfg.source, allow_pickle=cfg.allow_pickle)
-    dtype = DTYPES[cfg.save_precision]
+    dtype = SAVE_DTYPES[cfg.save_precision]
     if target.suffix.lower() == ".safetensors":
         return write_single_file(model, target, dtype)
     if target.suffix.lower() in (".ckpt", ".pt", ".bin"):

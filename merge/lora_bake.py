@@ -13,13 +13,19 @@ from pathlib import Path
 import torch
 
 from loratrain.common.config import CommandConfig, ConfigError, opt
-from loratrain.common.safe_io import new_output
 from loratrain.common.progress import Reporter, TqdmReporter
+from loratrain.common.safe_io import new_output
 
-from .checkpoint import SAVE_DTYPES, copy_tensor, open_model
-from .lora_files import LoraModule, lbw_weights, lora_is_sdxl, parse_lora_spec, read_lora
+from .checkpoint import copy_tensor, open_model
+from .lora_files import (
+    LoraModule,
+    lbw_weights,
+    lora_is_sdxl,
+    parse_lora_spec,
+    read_lora,
+)
 from .lora_keys import LoraSite, lora_sites
-from .tensor_io import OutputTensor, StreamingWriter
+from .tensor_io import SAVE_DTYPES, OutputTensor, StreamingWriter, out_dtype
 
 
 @dataclass
@@ -77,8 +83,7 @@ def bake_loras(cfg: BakeConfig, reporter: Reporter | None = None) -> Path:
         plan = []
         for key in model.keys():
             info = model.tensors[key]
-            dtype = info.dtype if (cfg.save_precision == "auto" or not info.is_float) else SAVE_DTYPES[cfg.save_precision]
-            plan.append(OutputTensor(key, dtype, info.shape))
+            plan.append(OutputTensor(key, out_dtype(info.dtype, cfg.save_precision), info.shape))
         meta = {k: v for k, v in model.metadata.items() if not k.startswith("sd_merge")}
         meta["format"] = "pt"
         meta["loratrain.baked_loras"] = json.dumps(recipe)

@@ -20,7 +20,7 @@ from loratrain.models.families import ModelTypeError
 from .checkpoint import open_model
 from .lora_files import factorize
 from .lora_keys import lora_sites
-from .lora_merge import SAVE
+from .tensor_io import SAVE_DTYPES
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ExtractConfig(CommandConfig):
     conv_dim: int = opt(0, "rank of 3x3 conv modules (0: no conv LoRA)")
     clamp_quantile: float = opt(0.99, "clamp factors to this quantile of their magnitudes (1 = off)")
     min_diff: float = opt(0.01, "text encoder deltas all below this are dropped (U-Net only LoRA)")
-    save_precision: str = opt("fp16", "output dtype", metadata={"choices": list(SAVE)})
+    save_precision: str = opt("fp16", "output dtype", metadata={"choices": list(SAVE_DTYPES)})
     overwrite: bool = opt(False, "replace the output if it exists")
 
 
@@ -54,7 +54,7 @@ def extract_lora(cfg: ExtractConfig, reporter: Reporter | None = None) -> Path:
         t0 = time.perf_counter()
         result: dict[str, torch.Tensor] = {}
         te_max = 0.0
-        dtype = SAVE[cfg.save_precision]
+        dtype = SAVE_DTYPES[cfg.save_precision]
         reporter.start(len(chosen), "extract")
         for s in sorted(chosen, key=lambda s: org.tensors[s.key].start):
             delta = tuned.read(s.key).float() - org.read(s.key).float()

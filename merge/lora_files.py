@@ -1,6 +1,7 @@
 """Reading kohya-layout LoRA files, their dense deltas, block-weight vectors and SVD factorisation."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,16 +47,9 @@ class LoraModule:
         up = self.up.float().reshape(self.up.shape[0], -1)
         down = self.down.float().reshape(self.rank, -1)
         d = (up @ down) * self.scale
-        if d.numel() != _numel(shape):
+        if d.numel() != math.prod(shape):
             raise ValueError(f"{self.name}: LoRA delta {list(d.shape)} does not fit the model weight {list(shape)}")
         return d.reshape(shape)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, LoraModule], dict[str, str]]:
@@ -103,7 +97,12 @@ class LoraSpec:
 
 
 def parse_lora_spec(text: str) -> LoraSpec:
-    """`PATH[:RATIO[:LBW]]`, LBW a preset name or comma list (12/17/20/26 values)."""
+    """`PATH[:RATIO[:LBW]]`, LBW a preset name or comma list (12/17/20/26 values).
+
+    A value that names an existing file is taken as a path whole, so paths with colons still work.
+    """
+    if Path(text).exists():
+        return LoraSpec(text)
     parts = text.split(":")
     for n_tail in (2, 1):
         if len(parts) > n_tail:

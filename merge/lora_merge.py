@@ -11,8 +11,7 @@ from loratrain.common.config import CommandConfig, ConfigError, opt
 from loratrain.common.safe_io import new_output, save_safetensors
 
 from .lora_files import LoraModule, factorize, parse_lora_spec, read_lora
-
-SAVE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from .tensor_io import SAVE_DTYPES
 
 
 @dataclass
@@ -24,7 +23,7 @@ class LoraMergeConfig(CommandConfig):
     new_rank: int = opt(16, "svd: rank of linear / 1x1 modules")
     new_conv_rank: int | None = opt(None, "svd: rank of 3x3 conv modules (default: new_rank)")
     clamp_quantile: float = opt(0.99, "svd: clamp factors to this quantile of their magnitudes (1 = off)")
-    save_precision: str = opt("fp16", "output dtype", metadata={"choices": list(SAVE)})
+    save_precision: str = opt("fp16", "output dtype", metadata={"choices": list(SAVE_DTYPES)})
     overwrite: bool = opt(False, "replace the output if it exists")
 
 
@@ -43,7 +42,7 @@ def merge_loras(cfg: LoraMergeConfig) -> Path:
         inputs.append((spec.ratio, modules))
         metas.append(meta)
     names = list(dict.fromkeys(n for _, mods in inputs for n in mods))
-    dtype = SAVE[cfg.save_precision]
+    dtype = SAVE_DTYPES[cfg.save_precision]
     result: dict[str, torch.Tensor] = {}
     ranks = set()
     for name in names:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,7 @@ DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_HEADER = 100 * 1024 * 1024
 RING_SLOTS = 4
 WRITE_QUEUE = 2  # chunks in flight on the writer thread; must stay below RING_SLOTS
@@ -42,10 +44,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def is_float(self) -> bool:
@@ -201,10 +200,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
-        for s in self.shape:
-            n *= s
-        return n
+        return self.dtype.itemsize * math.prod(self.shape)
 
 
 class StreamingWriter:
@@ -309,6 +305,13 @@ class StreamingWriter:
             raise
         self._fh.close()
         self._ctx.__exit__(exc_type, exc, tb)
+
+
+def out_dtype(dtype: torch.dtype, precision: str) -> torch.dtype:
+    """The output dtype of a tensor: `auto` keeps it, integer tensors are never cast."""
+    if not dtype.is_floating_point or precision == "auto":
+        return dtype
+    return SAVE_DTYPES[precision]
 
 
 def chunks(numel: int, size: int) -> Iterator[tuple[int, int]]:

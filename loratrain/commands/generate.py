@@ -10,7 +10,7 @@ from ..common.sampling_options import SamplingOptions
 
 @dataclass
 class GenerateConfig(SamplingOptions):
-    network_weights: list[str] = opt([], "LoRA files, each optionally as PATH:WEIGHT")
+    network_weights: list[str] = opt([], "LoRA files as PATH[:WEIGHT[:BLOCKS]] (BLOCKS: a LoRA block-weight preset or 12/17/20/26 values)")
     output: str = opt("out.png", "output PNG")
 
     def validate(self) -> None:

@@ -15,14 +15,8 @@ from typing import Any, Callable
 
 from ..common.config import ConfigError
 from ..common.registry import Registry
+from ..generation import LoraUse
 from ..training.sampling import SAMPLERS
-
-
-@dataclass
-class LoraUse:
-    path: str
-    weight: float = 1.0
-    blocks: str = ""  # LoRA block-weight preset / vector ("" = all blocks at 1)
 
 
 @dataclass

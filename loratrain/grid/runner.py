@@ -13,16 +13,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..common.config import ConfigError
 from ..common.progress import Reporter, StopFlag, TqdmReporter
 from ..common.safe_io import atomic_path
+from ..generation import ModelSession, lora_use
 from ..models.loading import SDModel, load_model
-from ..training.sampling import SamplePrompt, build_pipeline, generate
-from .axes import Axis, CellParams, LoraUse, label, parse_axis_values
+from ..training.sampling import SamplePrompt, generate
+from .axes import Axis, CellParams, label, parse_axis_values
 from .config import GridConfig
 from .draw import draw_grid, side_by_side
 
@@ -65,18 +65,9 @@ def parse_axes(cfg: GridConfig) -> tuple[AxisValues, AxisValues, AxisValues]:
     return out[0], out[1], out[2]
 
 
-def _lora_use(text: str) -> LoraUse:
-    from merge.lora_files import parse_lora_spec
-
-    spec = parse_lora_spec(text)
-    if not Path(spec.path).is_file():
-        raise ConfigError(f"LoRA not found: {spec.path}")
-    return LoraUse(spec.path, spec.ratio, spec.blocks)
-
-
 def cell_params(cfg: GridConfig, axes: tuple[AxisValues, ...], seed: int) -> dict[tuple[int, int, int], CellParams]:
     """Parameters of every cell, computed (and so checked) before anything is generated."""
-    base = CellParams(cfg.model, cfg.prompt, cfg.negative_prompt, [_lora_use(t) for t in cfg.loras], seed, cfg.steps,
+    base = CellParams(cfg.model, cfg.prompt, cfg.negative_prompt, [lora_use(t) for t in cfg.loras], seed, cfg.steps,
                       cfg.cfg_scale, cfg.sampler, cfg.clip_skip, cfg.width, cfg.height)
     cells = {}
     for iz, iy, ix in itertools.product(*(range(len(a.values)) for a in (axes[2], axes[1], axes[0]))):
@@ -124,69 +115,6 @@ def loop_order(axes: tuple[AxisValues, ...]) -> list[tuple[int, int, int]]:
     return order
 
 
-class LoadedModel:
-    """The current checkpoint and its LoRA adapters; a new checkpoint drops both."""
-
-    def __init__(self, loader: Callable[..., SDModel], allow_pickle: bool) -> None:
-        self.loader, self.allow_pickle = loader, allow_pickle
-        self.path: str | None = None
-        self.model: SDModel | None = None
-        self.adapters: dict[tuple[str, str], str] = {}
-        self.loads = 0
-        self._active: tuple | None = None
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    def ensure(self, path: str) -> SDModel:
-        if path != self.path:
-            self.model = None
-            self.model = self.loader(path, allow_pickle=self.allow_pickle).to(self.device)
-            self.path, self.adapters = path, {}
-            self.loads += 1
-        assert self.model is not None
-        return self.model
-
-    def activate(self, loras: list[LoraUse], sampler: str) -> None:
-        assert self.model is not None
-        wanted = (self.path, tuple((u.path, u.blocks, u.weight) for u in loras))
-        if wanted == self._active:
-            return  # same adapters at the same scales: nothing to do between cells
-        pipe = build_pipeline(self.model, sampler)
-        names, weights = [], []
-        for use in loras:
-            key = (use.path, use.blocks)
-            if key not in self.adapters:
-                name = f"grid_lora_{len(self.adapters)}"
-                source = block_scaled_lora(use.path, use.blocks, self.model) if use.blocks else use.path
-                pipe.load_lora_weights(source, adapter_name=name)
-                self.adapters[key] = name
-            names.append(self.adapters[key])
-            weights.append(use.weight)
-        if names:
-            pipe.enable_lora()
-            pipe.set_adapters(names, adapter_weights=weights)
-        elif self.adapters:
-            pipe.disable_lora()
-        self._active = wanted
-
-
-def block_scaled_lora(path: str, blocks: str, model: SDModel) -> dict[str, torch.Tensor]:
-    """A kohya LoRA with each module's up weights scaled by its block's LoRA block weight."""
-    from safetensors.torch import load_file
-
-    from merge.blocks import lora_name_block
-    from merge.lora_files import lbw_weights
-
-    from ..models.ldm_keys import unet_module_pairs
-
-    ratios = lbw_weights(blocks, model.family)
-    ldm_of = dict(unet_module_pairs(dict(model.unet.config)))
-    sd = load_file(path)
-    for key in list(sd):
-        if key.endswith(".lora_up.weight"):
-            sd[key] = sd[key] * ratios[lora_name_block(key.split(".")[0], model.family, ldm_of)]
-    return sd
-
-
 def run_grid(cfg: GridConfig, reporter: Reporter | None = None, stop: StopFlag | None = None,
              loader: Callable[..., SDModel] = load_model) -> GridResult:
     reporter = reporter or TqdmReporter()
@@ -197,7 +125,7 @@ def run_grid(cfg: GridConfig, reporter: Reporter | None = None, stop: StopFlag |
     _check(cfg, axes, cells)
     out_dir = Path(cfg.output_dir)
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)
-    state = LoadedModel(loader, cfg.allow_pickle)
+    state = ModelSession(loader, cfg.allow_pickle)
     done: dict[tuple[int, int, int], Path] = {}
     infotexts: dict[tuple[int, int, int], str] = {}
     order = loop_order(axes)
