@@ -15,11 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..common.progress import StopFlag, TqdmReporter
+    from ..common.progress import TqdmReporter, ctrl_c_stop
     from ..grid.runner import run_grid
-    from .train import install_ctrl_c
 
-    stop = StopFlag()
-    install_ctrl_c(stop)
+    stop = ctrl_c_stop("after the current cell")
     result = run_grid(GridConfig.from_args(args), TqdmReporter(), stop)
     return 0 if result.complete else 130

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
 import argparse
-import signal
 
 from ..cli import COMMANDS
-from ..common.progress import StopFlag, TqdmReporter
+from ..common.progress import TqdmReporter, ctrl_c_stop
 from ..training.config import TrainConfig
 
 
@@ -15,22 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def install_ctrl_c(stop: StopFlag) -> None:
-    """First Ctrl-C: finish the step, save a resumable state, exit. Second: abort at once."""
-    def handler(signum, frame):  # noqa: ANN001
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        print("\nstopping after this step and saving a resumable state (Ctrl-C again to abort)", flush=True)
-
-    signal.signal(signal.SIGINT, handler)
-
-
 def run(args: argparse.Namespace) -> int:
     from ..training.trainer import train
 
     cfg = TrainConfig.from_args(args)
-    stop = StopFlag()
-    install_ctrl_c(stop)
+    stop = ctrl_c_stop("after this step and saving a resumable state")
     result = train(cfg, TqdmReporter(), stop)
     return 130 if result.stopped else 0

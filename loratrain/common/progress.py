@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 
 class Reporter(Protocol):
-    def start(self, total: int, desc: str, initial: int = 0) -> None: ...
+    def start(self, total: int, desc: str, initial: int = 0, unit: str = "it") -> None: ...
     def advance(self, n: int = 1, **metrics: float) -> None: ...
     def log(self, text: str) -> None: ...
     def sample(self, paths: list[str], captions: list[str]) -> None: ...
@@ -29,16 +29,32 @@ class StopFlag:
         return self._event.is_set()
 
 
+def ctrl_c_stop(what: str = "after the current item") -> StopFlag:
+    """A StopFlag set by the first Ctrl-C (the job finishes its step and saves); the second aborts at once."""
+    import signal
+
+    stop = StopFlag()
+
+    def handler(signum, frame):  # noqa: ANN001
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"\nstopping {what} (Ctrl-C again to abort)", flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
 class TqdmReporter:
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
         self._bar: Any = None
 
-    def start(self, total: int, desc: str, initial: int = 0) -> None:
+    def start(self, total: int, desc: str, initial: int = 0, unit: str = "it") -> None:
         from tqdm.auto import tqdm
 
         self.close()
-        self._bar = tqdm(total=total, desc=desc, initial=initial, disable=self.quiet, dynamic_ncols=True)
+        self._bar = tqdm(total=total, desc=desc, initial=initial, unit=unit, disable=self.quiet, dynamic_ncols=True)
 
     def advance(self, n: int = 1, **metrics: float) -> None:
         if self._bar is not None:
@@ -58,7 +74,7 @@ class TqdmReporter:
 
     def done(self, status: str) -> None:
         self.close()
-        if not self.quiet:
+        if status and not self.quiet:
             print(status, flush=True)
 
     def close(self) -> None:
@@ -79,7 +95,7 @@ class RecordingReporter:
         self.status = ""
         self._lock = threading.Lock()
 
-    def start(self, total: int, desc: str, initial: int = 0) -> None:
+    def start(self, total: int, desc: str, initial: int = 0, unit: str = "it") -> None:
         with self._lock:
             self.total, self.step = total, initial
 

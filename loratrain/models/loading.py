@@ -21,6 +21,7 @@ from ..common.safe_io import load_state_dict
 from . import text_encoder_keys
 from .families import FAMILIES, Family, ModelTypeError, detect_family, family_from_unet_config
 from .single_file import CONFIG_METADATA_KEY, split_checkpoint
+from ..common.hf_cache import resolve_hf_cache
 
 
 @dataclass
@@ -57,21 +58,6 @@ def build_component(component: str, cfg: dict[str, Any], with_projection: bool =
 def clip_tokenizer(pad_token: str) -> CLIPTokenizer:
     root = configs.path("tokenizers", "clip")
     return CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), pad_token=pad_token, model_max_length=77)
-
-
-def resolve_hf_cache(path: Path) -> Path:
-    """An HF hub cache folder (models--org--name) -> its snapshot for refs/main (or the newest)."""
-    if (path / "snapshots").is_dir():
-        ref = path / "refs" / "main"
-        if ref.is_file():
-            snap = path / "snapshots" / ref.read_text().strip()
-            if snap.is_dir():
-                return snap
-        snaps = sorted((path / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime)
-        if snaps:
-            return snaps[-1]
-        raise FileNotFoundError(f"{path}: HF cache folder has no snapshots")
-    return path
 
 
 def load_model(path: str | Path, *, allow_pickle: bool = False, v_parameterization: bool | None = None,

@@ -1,0 +1,110 @@
+"""All captions of a dataset in memory, filters over them, and journalled saves."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loratrain.common.config import ConfigError
+
+from ..captions import DEFAULT_SEPARATOR, caption_path, join_tags, normalize_extension, split_tags
+from ..images import list_images
+from ..journal import Journal
+
+
+@dataclass
+class Entry:
+    image: Path
+    caption_file: Path
+    tags: list[str]
+    exists: bool
+    original_text: str | None
+
+
+@dataclass
+class CaptionSet:
+    """Captions keyed by image; edits stay in memory until `save`, which journals them for undo."""
+
+    root: Path
+    extension: str
+    separator: str = DEFAULT_SEPARATOR
+    entries: list[Entry] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, root: str | Path, extension: str = ".txt", recursive: bool = False,
+             separator: str = DEFAULT_SEPARATOR) -> "CaptionSet":
+        root = Path(root)
+        extension = normalize_extension(extension)
+        out = cls(root=root, extension=extension, separator=separator)
+        bad = []
+        for image in list_images(root, recursive):
+            cap = caption_path(image, extension)
+            text = None
+            if cap.is_file():
+                try:
+                    text = cap.read_text(encoding="utf-8")
+                except UnicodeDecodeError:
+                    bad.append(str(cap))
+                    continue
+            out.entries.append(Entry(image, cap, split_tags(text or "", separator), text is not None, text))
+        if bad:
+            raise ConfigError(f"{len(bad)} caption(s) are not UTF-8 and cannot be edited safely: {', '.join(bad[:5])}")
+        return out
+
+    def select(self, all_of: list[str] = (), any_of: list[str] = (), none_of: list[str] = ()) -> list[Entry]:
+        """Images whose caption has all of `all_of`, at least one of `any_of`, and none of `none_of`."""
+        out = []
+        for e in self.entries:
+            tags = set(e.tags)
+            if all_of and not all(t in tags for t in all_of):
+                continue
+            if any_of and not any(t in tags for t in any_of):
+                continue
+            if none_of and any(t in tags for t in none_of):
+                continue
+            out.append(e)
+        return out
+
+    def entry(self, image: str | Path) -> Entry:
+        target = Path(image).resolve()
+        for e in self.entries:
+            if e.image.resolve() == target or e.caption_file.resolve() == target:
+                return e
+        raise ConfigError(f"{image}: not an image of {self.root}")
+
+    @staticmethod
+    def frequency(entries: list[Entry]) -> Counter:
+        c: Counter = Counter()
+        for e in entries:
+            c.update(set(e.tags))
+        return c
+
+    def text(self, entry: Entry) -> str:
+        return join_tags(entry.tags, self.separator)
+
+    def pending(self) -> dict[Path, bytes]:
+        """Caption files whose tags differ from what is on disk."""
+        changes = {}
+        for e in self.entries:
+            if e.original_text is not None and split_tags(e.original_text, self.separator) == e.tags:
+                continue
+            if e.original_text is None and not e.tags:
+                continue
+            changes[e.caption_file] = (self.text(e) + "\n").encode("utf-8")
+        return changes
+
+    def save(self, op_name: str, description: str) -> int:
+        """Write every changed caption through one journal operation; returns how many files changed."""
+        changes = self.pending()
+        if not changes:
+            return 0
+        op = Journal(self.root).begin(op_name, description)
+        try:
+            written = op.write(changes)
+        finally:
+            op.finish()
+        for e in self.entries:
+            if e.caption_file in changes:
+                e.original_text = changes[e.caption_file].decode("utf-8")
+                e.exists = True
+        return written
