@@ -1,1 +1,5 @@
-"""Face autoencoder (DF/LIAE) and swap path: see issue 6; not built yet."""
+"""Face autoencoder in the DeepFaceLab SAEHD tradition: extraction, aligned facesets, DF / LIAE training.
+
+Faces of real people are involved: use only faces whose owners consented. Outputs of the swap path
+are labelled as AI-generated.
+"""

@@ -13,7 +13,7 @@ COMMANDS: Registry[Callable[[argparse._SubParsersAction], None]] = Registry("com
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import convert, dataset, demo, generate, grid, lora, merge, tag, tags, train  # noqa: F401  (each registers itself)
+    from .commands import convert, dataset, demo, face, generate, grid, lora, merge, tag, tags, train  # noqa: F401  (each registers itself)
 
     parser = argparse.ArgumentParser(prog="loratrain", description="Fine-tune SD1/SD2/SDXL with LoRA / LoCon, merge and convert checkpoints, offline.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,0 +1,45 @@
+"""ONNX export in DeepFaceLab's .dfm contract, so the swap path and DFM-reading tools can run the model.
+
+Input `in_face:0`: NHWC float, BGR 0..1, resolution x resolution. Outputs: `out_celeb_face` (the face in
+src's likeness), `out_celeb_face_mask` (its mask) and `out_face_mask` (the dst mask), all NHWC.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loratrain.common.safe_io import atomic_path
+
+from .models.archi import FaceAutoencoder, FaceModelConfig, build_model
+from .train.state import read_checkpoint
+
+
+class _DfmWrapper(torch.nn.Module):
+    def __init__(self, model: FaceAutoencoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, face: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.model.swap(face.permute(0, 3, 1, 2))
+        return tuple(t.permute(0, 2, 3, 1) for t in out)
+
+
+def load_face_model(path: str | Path) -> tuple[FaceAutoencoder, dict]:
+    weights, info = read_checkpoint(Path(path))
+    model = build_model(FaceModelConfig(**info["model"]))
+    model.load_state_dict(weights)
+    return model.eval(), info
+
+
+def export_onnx(model_path: str | Path, output: str | Path, opset: int = 17) -> Path:
+    model, info = load_face_model(model_path)
+    res = model.cfg.resolution
+    wrapper = _DfmWrapper(model).eval()
+    example = torch.rand(1, res, res, 3)
+    output = Path(output)
+    with atomic_path(output) as tmp, torch.no_grad():
+        torch.onnx.export(wrapper, (example,), str(tmp), input_names=["in_face:0"],
+                          output_names=["out_celeb_face", "out_celeb_face_mask", "out_face_mask"],
+                          dynamic_axes={"in_face:0": {0: "batch"}}, opset_version=opset, dynamo=False)
+    return output

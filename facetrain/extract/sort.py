@@ -1,0 +1,137 @@
+"""`loratrain face sort`: order a faceset by pose, sharpness, histogram or identity, and set other people aside.
+
+Files are renamed with a rank prefix (an earlier prefix is replaced), never deleted; with --by identity,
+faces farther than --identity_threshold from the reference person move to `<faceset>/_other/`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from dataset_tools.quality.measure import laplacian_variance
+from loratrain.common.config import CommandConfig, ConfigError, opt
+from loratrain.common.progress import Reporter
+from loratrain.common.registry import Registry
+
+from ..faceset import FaceMeta, list_faces, load_face
+from ..landmarks import estimate_yaw_pitch, hull_mask
+from .plugins import identity_encoder
+
+RANK = re.compile(r"^\d{5}_")
+SortKey = Callable[[list[tuple[Path, np.ndarray, FaceMeta]], "SortConfig"], list[float]]
+SORT_KEYS: Registry[SortKey] = Registry("face sort key")
+
+
+@dataclass
+class SortConfig(CommandConfig):
+    faceset: str = opt("", "folder of aligned faces", metadata={"positional": True})
+    by: str = opt("yaw", "yaw, pitch, blur, hist or identity")
+    reference: list[str] = opt([], "identity: face files of the wanted person (default: the whole set's median)")
+    identity_threshold: float = opt(0.6, "identity: faces farther than this from the reference move to _other/")
+    descending: bool = opt(False, "largest first")
+    dry_run: bool = opt(False, "print the order without renaming or moving")
+
+    def validate(self) -> None:
+        if not self.faceset:
+            raise ConfigError("faceset is required")
+        if self.by not in SORT_KEYS:
+            raise ConfigError(f"unknown sort {self.by!r}; choose one of {', '.join(SORT_KEYS.names())}")
+
+
+@SORT_KEYS.register("yaw")
+def _yaw(faces, cfg):  # noqa: ANN001, ANN202
+    return [estimate_yaw_pitch(m.landmarks_array())[0] for _, _, m in faces]
+
+
+@SORT_KEYS.register("pitch")
+def _pitch(faces, cfg):  # noqa: ANN001, ANN202
+    return [estimate_yaw_pitch(m.landmarks_array())[1] for _, _, m in faces]
+
+
+@SORT_KEYS.register("blur")
+def _blur(faces, cfg):  # noqa: ANN001, ANN202
+    """Sharpness inside the face hull (higher is sharper)."""
+    out = []
+    for _, img, m in faces:
+        gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        mask = hull_mask(gray.shape, m.landmarks_array())
+        out.append(laplacian_variance(gray * mask))
+    return out
+
+
+@SORT_KEYS.register("hist")
+def _hist(faces, cfg):  # noqa: ANN001, ANN202
+    """Greedy chain of nearest histograms, so similar-looking faces end up next to each other."""
+    hists = [cv2.normalize(cv2.calcHist([img], [0, 1, 2], None, [16, 16, 16], [0, 256] * 3), None).ravel() for _, img, _ in faces]
+    order, left = [0], set(range(1, len(faces)))
+    while left:
+        last = hists[order[-1]]
+        nxt = min(left, key=lambda i: cv2.compareHist(last, hists[i], cv2.HISTCMP_BHATTACHARYYA))
+        order.append(nxt)
+        left.remove(nxt)
+    rank = {i: r for r, i in enumerate(order)}
+    return [float(rank[i]) for i in range(len(faces))]
+
+
+def embeddings(faces: list[tuple[Path, np.ndarray, FaceMeta]]) -> np.ndarray:
+    enc = identity_encoder()
+    return np.stack([enc(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), m.landmarks_array()) for _, img, m in faces])
+
+
+@SORT_KEYS.register("identity")
+def _identity(faces, cfg):  # noqa: ANN001, ANN202
+    emb = embeddings(faces)
+    if cfg.reference:
+        ref = embeddings([(Path(p), *load_face(p)) for p in cfg.reference]).mean(0)
+    else:
+        ref = np.median(emb, axis=0)
+    return np.linalg.norm(emb - ref, axis=1).tolist()
+
+
+@dataclass
+class SortResult:
+    order: list[tuple[str, float]] = field(default_factory=list)
+    moved_other: list[str] = field(default_factory=list)
+
+
+def sort_faceset(cfg: SortConfig, reporter: Reporter) -> SortResult:
+    folder = Path(cfg.faceset)
+    paths = list_faces(folder)
+    if not paths:
+        raise ConfigError(f"{folder}: no faces")
+    reporter.start(len(paths), "reading faces", unit="face")
+    faces = []
+    for p in paths:
+        faces.append((p, *load_face(p)))
+        reporter.advance()
+    reporter.done("")
+    scores = SORT_KEYS.get(cfg.by)(faces, cfg)
+    ranked = sorted(zip(paths, scores), key=lambda t: t[1], reverse=cfg.descending)
+    result = SortResult(order=[(str(p), float(s)) for p, s in ranked])
+    if cfg.dry_run:
+        return result
+    keep = ranked
+    if cfg.by == "identity":
+        keep = [(p, s) for p, s in ranked if s <= cfg.identity_threshold]
+        other = folder / "_other"
+        for p, s in ranked:
+            if s > cfg.identity_threshold:
+                other.mkdir(exist_ok=True)
+                dst = other / p.name
+                os.replace(p, dst)
+                result.moved_other.append(str(dst))
+    # two phases so a new name never lands on a file not yet renamed
+    temps = []
+    for i, (p, _) in enumerate(keep):
+        tmp = p.with_name(f".sorting_{i:05d}_{RANK.sub('', p.name)}")
+        os.replace(p, tmp)
+        temps.append(tmp)
+    for i, tmp in enumerate(temps):
+        os.replace(tmp, tmp.with_name(f"{i:05d}_{tmp.name.split('_', 2)[2]}"))
+    return result

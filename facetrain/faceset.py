@@ -1,0 +1,194 @@
+"""Aligned facesets: one image per face with its metadata as plain JSON inside the file (no pickle).
+
+JPEG faces carry the JSON in a COM segment, PNG faces in an iTXt chunk, both under the key
+`loratrain.face`. DeepFaceLab's DFLJPG files (a pickled dict in APP15) can be imported through an
+allow-list unpickler that accepts only plain data and numpy arrays; anything else is refused.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from loratrain.common.safe_io import atomic_path, atomic_write_bytes
+
+META_KEY = "loratrain.face"
+FACE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
+
+
+class FacesetError(ValueError):
+    """A face file is missing its metadata, or its metadata is malformed; the message names it."""
+
+
+@dataclass
+class FaceMeta:
+    face_type: str
+    landmarks: list[list[float]]            # 68x2 in the aligned image
+    source_filename: str
+    source_rect: list[float]                # x0, y0, x1, y1 in the source frame
+    source_landmarks: list[list[float]]     # 68x2 in the source frame
+    image_to_face_mat: list[list[float]]    # 2x3 affine, source frame -> aligned image
+    eyebrows_expand_mod: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    def landmarks_array(self) -> np.ndarray:
+        return np.asarray(self.landmarks, np.float64)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> "FaceMeta":
+        try:
+            data = json.loads(text)
+            meta = cls(**data)
+            lm = np.asarray(meta.landmarks, np.float64)
+            mat = np.asarray(meta.image_to_face_mat, np.float64)
+        except (ValueError, TypeError) as e:
+            raise FacesetError(f"{source}: malformed face metadata ({e})") from None
+        if lm.shape != (68, 2) or mat.shape != (2, 3):
+            raise FacesetError(f"{source}: face metadata has landmarks {lm.shape} and matrix {mat.shape}; expected 68x2 and 2x3")
+        return meta
+
+
+def _round(a: np.ndarray, digits: int = 4) -> list:
+    return np.round(np.asarray(a, np.float64), digits).tolist()
+
+
+def make_meta(face_type: str, aligned_landmarks: np.ndarray, source: str, rect: tuple[float, ...],
+              source_landmarks: np.ndarray, mat: np.ndarray) -> FaceMeta:
+    return FaceMeta(face_type, _round(aligned_landmarks), source, [float(v) for v in rect], _round(source_landmarks),
+                    _round(mat, 8))
+
+
+def save_face(path: str | Path, image_bgr: np.ndarray, meta: FaceMeta, quality: int = 95) -> Path:
+    """Write the aligned face (BGR uint8) with its metadata, atomically."""
+    path = Path(path)
+    img = Image.fromarray(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB))
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".png":
+            info = PngImagePlugin.PngInfo()
+            info.add_itxt(META_KEY, meta.to_json())
+            img.save(tmp, format="PNG", pnginfo=info)
+        else:
+            img.save(tmp, format="JPEG", quality=quality, comment=(META_KEY + ":" + meta.to_json()).encode())
+    return path
+
+
+def read_meta(path: str | Path) -> FaceMeta:
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            info = dict(img.info)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise FacesetError(f"{path}: cannot read image ({e})") from None
+    text = info.get(META_KEY)
+    comment = info.get("comment")
+    if text is None and comment:
+        comment = comment.decode("utf-8", "replace") if isinstance(comment, bytes) else comment
+        if comment.startswith(META_KEY + ":"):
+            text = comment[len(META_KEY) + 1:]
+    if text is None:
+        raise FacesetError(f"{path}: no {META_KEY} metadata (not an aligned face from `loratrain face extract`; "
+                           "DeepFaceLab files need `loratrain face import-dfl`)")
+    return FaceMeta.from_json(text, str(path))
+
+
+def load_face(path: str | Path) -> tuple[np.ndarray, FaceMeta]:
+    """(BGR uint8 image, metadata)."""
+    meta = read_meta(path)
+    img = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise FacesetError(f"{path}: cannot decode image")
+    return img, meta
+
+
+def list_faces(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"faceset folder not found: {folder}")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in FACE_EXTENSIONS and not p.name.startswith("."))
+
+
+# ---------------------------------------------------------------- DeepFaceLab import
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """Only what a DFLJPG dict legitimately holds: builtins data and numpy arrays / scalars."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+
+
+def _jpeg_segments(data: bytes, source: str) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each segment before the scan data."""
+    if data[:2] != b"\xff\xd8":
+        raise FacesetError(f"{source}: not a JPEG file")
+    out, pos = [], 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise FacesetError(f"{source}: corrupt JPEG segment at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xDA:  # start of scan: the rest is image data
+            break
+        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        out.append((marker, pos, pos + 2 + length))
+        pos += 2 + length
+    return out
+
+
+def read_dfl_dict(path: str | Path) -> tuple[dict, bytes]:
+    """The APP15 dict of a DFLJPG file, unpickled through the allow list, and the JPEG without it."""
+    path = Path(path)
+    data = path.read_bytes()
+    segs = _jpeg_segments(data, str(path))
+    app15 = [s for s in segs if s[0] == 0xEF]
+    if not app15:
+        raise FacesetError(f"{path}: no DeepFaceLab metadata (APP15 segment)")
+    _, start, end = app15[0]
+    try:
+        obj = _AllowListUnpickler(io.BytesIO(data[start + 4:end])).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise FacesetError(f"{path}: DeepFaceLab metadata refused: {e}") from None
+    if not isinstance(obj, dict):
+        raise FacesetError(f"{path}: DeepFaceLab metadata is not a dict")
+    return obj, data[:start] + data[end:]
+
+
+_DFL_FACE_TYPES = {"half_face": "h", "midfull_face": "mf", "full_face": "f", "whole_face": "wf", "head": "head"}
+
+
+def import_dfl_file(src: str | Path, dst: str | Path) -> FaceMeta:
+    """Convert one DFLJPG to our format without re-encoding the JPEG (segments are rewritten)."""
+    d, jpeg = read_dfl_dict(src)
+    try:
+        face_type = _DFL_FACE_TYPES.get(str(d.get("face_type", "full_face")), "f")
+        meta = make_meta(face_type, np.asarray(d["landmarks"], np.float64), str(d.get("source_filename", "")),
+                         tuple(np.asarray(d.get("source_rect", [0, 0, 0, 0]), np.float64).tolist()),
+                         np.asarray(d.get("source_landmarks", d["landmarks"]), np.float64),
+                         np.asarray(d.get("image_to_face_mat", [[1, 0, 0], [0, 1, 0]]), np.float64))
+        meta.eyebrows_expand_mod = float(d.get("eyebrows_expand_mod", 1.0) or 1.0)
+        meta = FaceMeta.from_json(meta.to_json(), str(src))
+    except (KeyError, ValueError, TypeError) as e:
+        raise FacesetError(f"{src}: DeepFaceLab metadata lacks usable landmarks ({e})") from None
+    payload = (META_KEY + ":" + meta.to_json()).encode()
+    com = b"\xff\xfe" + struct.pack(">H", len(payload) + 2) + payload
+    atomic_write_bytes(dst, jpeg[:2] + com + jpeg[2:])
+    return meta

@@ -1,0 +1,55 @@
+"""Progressive resolution growth: continue a model trained at a low resolution at a higher one.
+
+Recipe (our own; DeepFaceLab has none): train at R/2 (fast, most of the identity is learned there),
+`loratrain face grow MODEL_DIR --resolution R`, then keep training with the same command at R. Every
+convolution (encoder, decoders, mask branch) is resolution-independent and is kept; only the two
+dense layers of each inter depend on R ((R/16)^2*8e inputs and L*L*ae outputs) and are re-initialised.
+The previous model stays in backups/, and the optimizer state is dropped (its shapes changed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from loratrain.common.config import ConfigError
+from loratrain.common.safe_io import save_safetensors
+
+from .models.archi import ArchSpec, FaceModelConfig, build_model
+from .train.state import CONFIG_KEY, _backup, read_checkpoint
+
+
+@dataclasses.dataclass
+class GrowResult:
+    kept: list[str]
+    reinitialised: list[str]
+    model_path: Path
+
+
+def grow_model(model_path: str | Path, resolution: int, keep_backups: int = 3) -> GrowResult:
+    model_path = Path(model_path)
+    weights, info = read_checkpoint(model_path)
+    old = FaceModelConfig(**info["model"])
+    mult = ArchSpec.parse(old.archi).resolution_multiple()
+    if resolution <= old.resolution or resolution % mult:
+        raise ConfigError(f"new resolution must be larger than {old.resolution} and a multiple of {mult}")
+    new_cfg = dataclasses.replace(old, resolution=resolution)
+    model = build_model(new_cfg)
+    state = model.state_dict()
+    kept, fresh = [], []
+    for key, value in state.items():
+        if key in weights and weights[key].shape == value.shape:
+            state[key] = weights[key]
+            kept.append(key)
+        else:
+            fresh.append(key)
+    model.load_state_dict(state)
+    _backup(model_path, keep_backups)
+    state_path = model_path.with_name(model_path.stem + ".state.safetensors")
+    if state_path.exists():
+        _backup(state_path, keep_backups)
+        state_path.unlink()
+    info = {**info, "model": dataclasses.asdict(new_cfg), "grown_from": old.resolution}
+    info.get("options", {})["resolution"] = resolution
+    save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, model_path, {CONFIG_KEY: json.dumps(info)})
+    return GrowResult(kept, fresh, model_path)

@@ -1,0 +1,129 @@
+"""68-point landmarks: the similarity fit to DeepFaceLab's mean face, face-type crops, pose and masks.
+
+The crop is DFL's: Umeyama (with scale) from landmarks 17-48 and 54 to a unit-square mean face, the
+square's diagonals mapped back into the image and scaled by the face type's padding, then a 3-point
+affine to the output square. Reference: shared/reference/face_swap.md §6.
+"""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+# Mean face in the unit square for landmarks 17..48 and 54 (DeepFaceLab's `landmarks_2D_new`).
+TEMPLATE = np.array([
+    [0.000213256, 0.106454], [0.0752622, 0.038915], [0.18113, 0.0187482], [0.29077, 0.0344891],
+    [0.393397, 0.0773906], [0.586856, 0.0773906], [0.689483, 0.0344891], [0.799124, 0.0187482],
+    [0.904991, 0.038915], [0.98004, 0.106454], [0.490127, 0.203352], [0.490127, 0.307009],
+    [0.490127, 0.409805], [0.490127, 0.515625], [0.36688, 0.587326], [0.426036, 0.609345],
+    [0.490127, 0.628106], [0.554217, 0.609345], [0.613373, 0.587326], [0.121737, 0.216423],
+    [0.187122, 0.178758], [0.265825, 0.179852], [0.334606, 0.231733], [0.260918, 0.245099],
+    [0.182743, 0.244077], [0.645647, 0.231733], [0.714428, 0.179852], [0.793132, 0.178758],
+    [0.858516, 0.216423], [0.79751, 0.244077], [0.719335, 0.245099], [0.254149, 0.780233],
+    [0.726104, 0.780233],
+], dtype=np.float64)
+TEMPLATE_INDICES = list(range(17, 49)) + [54]
+
+#: face type -> (padding, upward centre shift as a share of the square's side)
+FACE_TYPES: dict[str, tuple[float, float]] = {
+    "h": (0.0, 0.0), "mf": (0.0675, 0.0), "f": (0.2109375, 0.0), "wf": (0.40, 0.07), "head": (0.70, 0.5),
+}
+FACE_TYPE_NAMES = {"h": "half_face", "mf": "midfull_face", "f": "full_face", "wf": "whole_face", "head": "head"}
+
+
+def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """3x3 least-squares similarity (rotation, uniform scale, translation) mapping src points onto dst."""
+    n, dim = src.shape
+    src_mean, dst_mean = src.mean(0), dst.mean(0)
+    sd, dd = src - src_mean, dst - dst_mean
+    cov = dd.T @ sd / n
+    d = np.ones(dim)
+    if np.linalg.det(cov) < 0:
+        d[-1] = -1
+    u, s, vt = np.linalg.svd(cov)
+    rot = u @ np.diag(d) @ vt
+    scale = (s * d).sum() / sd.var(0).sum()
+    t = np.eye(dim + 1)
+    t[:dim, :dim] = scale * rot
+    t[:dim, dim] = dst_mean - scale * rot @ src_mean
+    return t
+
+
+def transform_points(points: np.ndarray, mat: np.ndarray, invert: bool = False) -> np.ndarray:
+    """Apply a 2x3 affine (or its inverse) to Nx2 points."""
+    if invert:
+        mat = cv2.invertAffineTransform(np.asarray(mat, np.float64))
+    pts = np.asarray(points, np.float64)
+    return pts @ np.asarray(mat, np.float64)[:, :2].T + np.asarray(mat, np.float64)[:, 2]
+
+
+def face_matrix(landmarks: np.ndarray, size: int, face_type: str) -> np.ndarray:
+    """2x3 affine from the frame to the `size`-pixel aligned crop of `face_type`."""
+    if face_type not in FACE_TYPES:
+        raise ValueError(f"unknown face type {face_type!r}; choose one of {', '.join(FACE_TYPES)}")
+    lm = np.asarray(landmarks, np.float64)
+    if lm.shape != (68, 2):
+        raise ValueError(f"expected 68x2 landmarks, got {lm.shape}")
+    to_unit = umeyama(lm[TEMPLATE_INDICES], TEMPLATE)[:2]
+    corners = transform_points(np.array([[0, 0], [1, 0], [1, 1], [0, 1], [0.5, 0.5]]), to_unit, invert=True)
+    centre = corners[4]
+    tb = corners[2] - corners[0]
+    bt = corners[1] - corners[3]
+    diag = np.linalg.norm(tb)
+    tb, bt = tb / diag, bt / np.linalg.norm(bt)
+    padding, shift = FACE_TYPES[face_type]
+    mod = diag * (padding * math.sqrt(2.0) + 0.5)
+    if shift:
+        up = corners[0] - corners[3]  # bottom-left -> top-left
+        centre = centre + up * shift
+    src = np.float32([centre - tb * mod, centre + bt * mod, centre + tb * mod])
+    dst = np.float32([[0, 0], [size, 0], [size, size]])
+    return cv2.getAffineTransform(src, dst)
+
+
+def align_face(image: np.ndarray, landmarks: np.ndarray, size: int, face_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """(aligned crop, frame-to-crop matrix); Lanczos, as DFL intends."""
+    mat = face_matrix(landmarks, size, face_type)
+    return cv2.warpAffine(image, mat, (size, size), flags=cv2.INTER_LANCZOS4), mat
+
+
+def estimate_yaw_pitch(landmarks: np.ndarray) -> tuple[float, float]:
+    """Rough head pose from 2-D landmarks (radians-like, about -1..1): enough to sort and to bin by yaw.
+
+    Yaw from the nose tip's position between the jaw edges; pitch from its height between the eye line
+    and the mouth, relative to a frontal face's."""
+    lm = np.asarray(landmarks, np.float64)
+    left, right, nose = lm[0], lm[16], lm[30]
+    width = np.linalg.norm(right - left) + 1e-6
+    yaw = (np.linalg.norm(nose - left) - np.linalg.norm(nose - right)) / width
+    eyes = (lm[36:42].mean(0) + lm[42:48].mean(0)) / 2
+    mouth = lm[48:68].mean(0)
+    span = np.linalg.norm(mouth - eyes) + 1e-6
+    pitch = (np.linalg.norm(nose - eyes) / span - 0.62) * 2.0
+    return float(np.clip(yaw * 1.5, -1.5, 1.5)), float(np.clip(pitch, -1.5, 1.5))
+
+
+def hull_mask(shape: tuple[int, int], landmarks: np.ndarray, eyebrows_expand_mod: float = 1.0) -> np.ndarray:
+    """float32 HxW mask of the face: convex hull of the landmarks with the brows pushed up."""
+    lm = np.asarray(landmarks, np.float64).copy()
+    for brows, eye in ((slice(17, 22), lm[36:42].mean(0)), (slice(22, 27), lm[42:48].mean(0))):
+        lm[brows] += (lm[brows] - eye) * 0.5 * eyebrows_expand_mod
+    mask = np.zeros(shape, np.float32)
+    cv2.fillConvexPoly(mask, cv2.convexHull(lm.astype(np.int32)), 1.0)
+    return mask
+
+
+def eyes_mouth_mask(shape: tuple[int, int], landmarks: np.ndarray) -> np.ndarray:
+    """Eyes and inner mouth, dilated and softened, clipped to the face: where eyes_mouth_prio looks."""
+    h = shape[0]
+    lm = np.asarray(landmarks, np.float64).astype(np.int32)
+    mask = np.zeros(shape, np.float32)
+    for part in (lm[36:42], lm[42:48], lm[60:68]):
+        cv2.fillConvexPoly(mask, cv2.convexHull(part), 1.0)
+    k = max(1, h // 32)
+    mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    blur = max(3, h // 16) | 1
+    mask = cv2.GaussianBlur(mask, (blur, blur), 0)
+    mask *= hull_mask(shape, landmarks) > 0.5
+    return mask / max(float(mask.max()), 1e-6)

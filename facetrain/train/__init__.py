@@ -1,0 +1,1 @@
+"""`loratrain face train`: the SAEHD-style training loop and what it needs (data, discriminators, saves)."""

@@ -1,0 +1,82 @@
+"""Saving and resuming a face model without pickle: weights and optimizer states as safetensors, the rest JSON.
+
+Every save is atomic; the previous save is first copied to `backups/` (the newest N are kept), so a crash
+or a bad run never leaves the user without a loadable model.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from loratrain.common.safe_io import atomic_path, save_safetensors
+
+CONFIG_KEY = "loratrain.face_model"
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]], prefix: str
+                      ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state keyed by parameter name, so freezing or unfreezing a part keeps the rest's state."""
+    tensors, scalars = {}, {}
+    for name, p in named:
+        for k, v in opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                tensors[f"{prefix}.{name}.{k}"] = v
+            else:
+                scalars.setdefault(name, {})[k] = v.item() if isinstance(v, torch.Tensor) else v
+    return tensors, {"scalars": scalars}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]], prefix: str,
+                   tensors: dict[str, torch.Tensor], meta: dict) -> int:
+    """Restore the state of every parameter found in the save; returns how many were restored."""
+    restored = 0
+    for name, p in named:
+        st = {k[len(prefix) + len(name) + 2:]: t.to(p.device) for k, t in tensors.items() if k.startswith(f"{prefix}.{name}.")}
+        for k, v in meta["scalars"].get(name, {}).items():
+            st[k] = torch.tensor(float(v)) if k == "step" else v
+        if st:
+            if any(t.shape != p.shape for t in st.values() if isinstance(t, torch.Tensor) and t.dim() > 0):
+                raise ValueError(f"optimizer state of {name} has another shape")
+            opt.state[p] = st
+            restored += 1
+    return restored
+
+
+def _backup(path: Path, keep: int) -> None:
+    if not path.exists() or keep <= 0:
+        return
+    folder = path.parent / "backups"
+    folder.mkdir(exist_ok=True)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            it = json.loads(f.metadata()[CONFIG_KEY])["iteration"]
+    except Exception:
+        it = 0
+    with atomic_path(folder / f"{path.stem}_{it:07d}{path.suffix}") as tmp:
+        shutil.copy2(path, tmp)
+    olds = sorted(folder.glob(f"{path.stem}_[0-9]*{path.suffix}"))
+    for old in olds[:-keep]:
+        old.unlink()
+
+
+def save_checkpoint(model_path: Path, state_path: Path, weights: dict[str, torch.Tensor], info: dict,
+                    state_tensors: dict[str, torch.Tensor], state_meta: dict, keep_backups: int) -> None:
+    for path in (model_path, state_path):
+        _backup(path, keep_backups)
+    save_safetensors(state_tensors, state_path, {CONFIG_KEY: json.dumps({"iteration": info["iteration"], **state_meta})})
+    save_safetensors(weights, model_path, {CONFIG_KEY: json.dumps(info)})
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[CONFIG_KEY])
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except KeyError:
+        raise ValueError(f"{path}: not a loratrain face model (no {CONFIG_KEY} metadata)") from None
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable model file ({e})") from None

@@ -1,0 +1,289 @@
+"""The face training loop: DeepFaceLab's SAEHD recipe in PyTorch, resumable, atomic, NaN-guarded."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loratrain.common.config import ConfigError
+from loratrain.common.progress import Reporter, StopFlag
+from loratrain.common.safe_io import atomic_write_json
+
+from ..models.archi import FaceAutoencoder, FaceModelConfig, build_model
+from ..models.blocks import _init
+from ..optim import OPTIMIZERS, LrDropout
+from .config import FaceTrainConfig
+from .data import AugmentOptions, FaceSamples, loader
+from .discriminators import CodeDiscriminator, PatchDiscriminator
+from .losses_step import discriminator_losses, generator_loss
+from .preview import Likeness, preview_grid, write_preview
+from .state import load_optimizer, optimizer_tensors, read_checkpoint, save_checkpoint
+
+
+@dataclass
+class FaceTrainResult:
+    iteration: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    model_path: Path | None = None
+    preview_path: Path | None = None
+    stopped: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def trainable_parameters(model: FaceAutoencoder, cfg: FaceTrainConfig) -> list[torch.nn.Parameter]:
+    """Everything except what the freeze flags (and LIAE's random_warp rule) hold still."""
+    frozen: set[int] = set()
+
+    def freeze(module: torch.nn.Module) -> None:
+        frozen.update(id(p) for p in module.parameters())
+
+    if cfg.freeze_encoder:
+        freeze(model.encoder)
+    if cfg.freeze_inter:
+        for name in model.inter_names:
+            freeze(getattr(model, name))
+    if not cfg.random_warp and hasattr(model, "inter_AB"):
+        freeze(model.inter_AB)  # DeepFaceLab: LIAE trains inter_AB only while the input is warped
+    for name in model.decoder_names:
+        dec = getattr(model, name)
+        if cfg.freeze_decoder:
+            for part in (dec.ups, dec.res, dec.out):
+                freeze(part)
+        if cfg.freeze_decoder_mask:
+            freeze(dec.upms)
+            freeze(dec.out_mask)
+    params = []
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
+        if p.requires_grad:
+            params.append(p)
+    if not params:
+        raise ConfigError("every part of the model is frozen; nothing to train")
+    return params
+
+
+class FaceTrainer:
+    def __init__(self, cfg: FaceTrainConfig, reporter: Reporter) -> None:
+        self.cfg, self.reporter = cfg, reporter
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.dir = Path(cfg.model_dir)
+        self.model_path = self.dir / f"{cfg.model_name}.safetensors"
+        self.state_path = self.dir / f"{cfg.model_name}.state.safetensors"
+        self.notes: list[str] = []
+        self.iteration = 0
+        self.model, saved = self._load_model()
+        self.res = self.model.cfg.resolution
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model.to(self.device, memory_format=fmt)
+        self.params = trainable_parameters(self.model, cfg)
+        self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.opt = OPTIMIZERS.get(cfg.optimizer)(self.params, cfg.lr)
+        self.lr_dropout = LrDropout(self.params) if cfg.lr_dropout else None
+        self.code_d = self.gan_d = None
+        self.d_opts: dict[str, torch.optim.Optimizer] = {}
+        if cfg.true_face_power > 0:
+            self.code_d = CodeDiscriminator(self.model.cfg.ae_dims).to(self.device)
+            self.d_opts["code_d"] = OPTIMIZERS.get(cfg.optimizer)(self.code_d.parameters(), cfg.lr)
+        if cfg.gan_power > 0:
+            self.gan_d = PatchDiscriminator(cfg.gan_patch_size or self.res // 8, cfg.gan_dims).to(self.device)
+            self.d_opts["gan_d"] = OPTIMIZERS.get(cfg.optimizer)(self.gan_d.parameters(), cfg.lr)
+        if saved:
+            self._load_state()
+        amp = cfg.precision != "fp32" and self.device.type == "cuda"
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if amp else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        if cfg.precision != "fp32" and not amp:
+            self.notes.append(f"precision {cfg.precision} is a GPU setting; training in fp32 on {self.device.type}")
+
+    # ------------------------------------------------------------ model files
+    def _load_model(self) -> tuple[FaceAutoencoder, bool]:
+        cfg = self.cfg
+        wanted = cfg.model_config()
+        if not self.model_path.exists():
+            return build_model(wanted), False
+        weights, info = read_checkpoint(self.model_path)
+        saved_cfg = FaceModelConfig(**info["model"])
+        if saved_cfg != wanted:
+            self.notes.append(f"resuming the saved model's architecture {dataclasses.asdict(saved_cfg)} "
+                              "(archi, resolution and dims are first-run options)")
+        model = build_model(saved_cfg)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise ValueError(f"{self.model_path}: weights do not fit the saved architecture ({e})") from None
+        self.iteration = int(info.get("iteration", 0))
+        self.reset_state = False
+        if info.get("pretrain") and not cfg.pretrain:
+            for name in model.inter_names:
+                _init(getattr(model, name))
+            self.iteration = 0
+            self.reset_state = True
+            self.notes.append("pretraining finished: inter layer(s) re-initialised and the iteration count reset, "
+                              "as DeepFaceLab does")
+        return model, True
+
+    def _load_state(self) -> None:
+        if getattr(self, "reset_state", False) or not self.state_path.exists():
+            if not self.state_path.exists():
+                self.notes.append(f"no optimizer state ({self.state_path.name}); optimizers start fresh")
+            return
+        tensors, meta = read_checkpoint(self.state_path)
+        try:
+            load_optimizer(self.opt, self.named, "opt", tensors, meta["opt"])
+            for name, opt in self.d_opts.items():
+                if name in meta:
+                    critic = getattr(self, name)
+                    critic.load_state_dict({k[len(name) + 3:]: v for k, v in tensors.items() if k.startswith(name + ".w.")})
+                    load_optimizer(opt, list(critic.named_parameters()), name, tensors, meta[name])
+        except (ValueError, KeyError, RuntimeError) as e:
+            self.notes.append(f"optimizer state does not match the current options ({e}); optimizers start fresh")
+            self.opt = OPTIMIZERS.get(self.cfg.optimizer)(self.params, self.cfg.lr)
+
+    def save(self) -> Path:
+        weights = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        info = {"model": dataclasses.asdict(self.model.cfg), "iteration": self.iteration, "pretrain": self.cfg.pretrain,
+                "options": {k: v for k, v in dataclasses.asdict(self.cfg).items() if not isinstance(v, list)}}
+        tensors, meta = optimizer_tensors(self.opt, self.named, "opt")
+        state_meta = {"opt": meta}
+        for name, opt in self.d_opts.items():
+            t, m = optimizer_tensors(opt, list(getattr(self, name).named_parameters()), name)
+            tensors.update(t)
+            tensors.update({f"{name}.w.{k}": v for k, v in getattr(self, name).state_dict().items()})
+            state_meta[name] = m
+        save_checkpoint(self.model_path, self.state_path, weights, info, tensors, state_meta, self.cfg.keep_backups)
+        return self.model_path
+
+    # ------------------------------------------------------------ data
+    def _data(self) -> tuple[FaceSamples, FaceSamples]:
+        cfg = self.cfg
+        dst_dir = cfg.dst_faceset or cfg.src_faceset
+        dst = FaceSamples(dst_dir, self.res, cfg.face_type, AugmentOptions(cfg.random_warp, cfg.random_dst_flip), seed=cfg.seed)
+        src = FaceSamples(cfg.src_faceset, self.res, cfg.face_type,
+                          AugmentOptions(cfg.random_warp, cfg.random_src_flip, cfg.random_hsv_power, cfg.ct_mode),
+                          ct_reference=dst, seed=cfg.seed + 1)
+        return src, dst
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        return {k: v.to(self.device, non_blocking=True).contiguous(memory_format=fmt) for k, v in batch.items()}
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------ one iteration
+    def step(self, src_iter, dst_iter) -> dict[str, float]:  # noqa: ANN001
+        cfg = self.cfg
+        logs: dict[str, float] = {}
+        for _ in range(cfg.gradient_accumulation_steps):
+            s, d = self._to_device(next(src_iter)), self._to_device(next(dst_iter))
+            with self._autocast():
+                out = self.model.train_forward(s["input"], d["input"])
+                out = {k: v.float() for k, v in out.items()}
+                loss, logs = generator_loss(cfg, self.res, s, d, out, self.code_d, self.gan_d)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at iteration {self.iteration + 1}; stopping "
+                                         f"without saving (the last save in {self.dir} is intact). Lower --lr or "
+                                         "turn off fp16")
+            loss = loss / cfg.gradient_accumulation_steps
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        if cfg.clipgrad:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        lr = cfg.lr
+        if self.lr_dropout:
+            lr = cfg.lr * self.lr_dropout.lr_scale(self.iteration)
+            self.lr_dropout.before_step()
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        if self.lr_dropout:
+            self.lr_dropout.after_step()
+        self.opt.zero_grad(set_to_none=True)
+        for name, dloss in discriminator_losses(cfg, self.res, s, out, self.code_d, self.gan_d).items():
+            self.d_opts[name].zero_grad(set_to_none=True)
+            dloss.backward()
+            self.d_opts[name].step()
+            logs[name] = float(dloss.detach())
+        self.iteration += 1
+        return logs
+
+    @torch.no_grad()
+    def preview(self, src: FaceSamples, dst: FaceSamples, likeness: Likeness | None, rows: list[tuple[dict, dict]]) -> tuple[np.ndarray, float | None]:
+        self.model.eval()
+        s = torch.stack([torch.from_numpy(r[0]["target"].transpose(2, 0, 1)) for r in rows]).to(self.device)
+        d = torch.stack([torch.from_numpy(r[1]["target"].transpose(2, 0, 1)) for r in rows]).to(self.device)
+        out = self.model.train_forward(s, d)
+        self.model.train()
+        score = likeness(out["swap"], [r[1]["landmarks"] for r in rows]) if likeness else None
+        return preview_grid(s, out["src"], d, out["dst"], out["swap"]), score
+
+
+def train_faces(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag | None = None) -> FaceTrainResult:
+    trainer = FaceTrainer(cfg, reporter)
+    result = FaceTrainResult(iteration=trainer.iteration, notes=trainer.notes)
+    for note in trainer.notes:
+        reporter.log(f"note: {note}")
+    src, dst = trainer._data()
+    rng = np.random.default_rng(cfg.seed)
+    rows = [(src.sample(i % len(src), rng, augment=False), dst.sample(i % len(dst), rng, augment=False)) for i in range(4)]
+    likeness = None
+    try:
+        likeness = Likeness(np.stack([r[0]["target"] for r in rows]), [r[0]["landmarks"] for r in rows])
+    except (ImportError, FileNotFoundError) as e:
+        reporter.log(f"note: no likeness score ({e})")
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(trainer.dir / "logs"))
+    src_iter = iter(loader(src, cfg.batch_size, cfg.uniform_yaw, cfg.workers, cfg.seed))
+    dst_iter = iter(loader(dst, cfg.batch_size, cfg.uniform_yaw, cfg.workers, cfg.seed + 7))
+    reporter.start(cfg.max_iters, f"training {trainer.model.cfg.archi} {trainer.res}px on {trainer.device.type}",
+                   initial=min(trainer.iteration, cfg.max_iters))
+    trainer.dir.mkdir(parents=True, exist_ok=True)
+    try:
+        while trainer.iteration < cfg.max_iters:
+            logs = trainer.step(src_iter, dst_iter)
+            it = trainer.iteration
+            result.history.append({"iteration": it, **logs})
+            reporter.advance(1, src=logs["src_loss"], dst=logs["dst_loss"])
+            for k, v in logs.items():
+                writer.add_scalar(f"loss/{k}", v, it)
+            if it % cfg.preview_every == 0 or it == cfg.max_iters:
+                grid, score = trainer.preview(src, dst, likeness, rows)
+                result.preview_path = write_preview(grid, trainer.dir / "preview.png")
+                writer.add_image("preview", grid[..., ::-1].copy(), it, dataformats="HWC")
+                if score is not None and math.isfinite(score):
+                    writer.add_scalar("likeness/swap_to_src_identity_distance", score, it)
+                    result.history[-1]["likeness"] = score
+            if it % cfg.save_every == 0:
+                result.model_path = trainer.save()
+            if stop is not None and stop.is_set():
+                result.stopped = True
+                break
+        result.model_path = trainer.save()
+    finally:
+        writer.close()
+        reporter.done("stopped" if result.stopped else "")
+    result.iteration = trainer.iteration
+    atomic_write_json(trainer.dir / "history.json", result.history[-2000:])
+    return result
