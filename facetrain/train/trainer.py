@@ -126,6 +126,10 @@ class FaceTrainer:
         except RuntimeError as e:
             raise ValueError(f"{self.model_path}: weights do not fit the saved architecture ({e})") from None
         self.iteration = int(info.get("iteration", 0))
+        saved_type = info.get("options", {}).get("face_type")
+        if saved_type and saved_type != cfg.face_type:
+            self.notes.append(f"the model was trained on face type {saved_type!r}; keeping it (face_type is a first-run option)")
+            cfg.face_type = saved_type
         self.reset_state = False
         if info.get("pretrain") and not cfg.pretrain:
             for name in model.inter_names:
