@@ -11,6 +11,8 @@ import math
 import cv2
 import numpy as np
 
+from .face_types import FACE_TYPES, FACE_TYPE_NAMES  # noqa: F401  (re-exported)
+
 # Mean face in the unit square for landmarks 17..48 and 54 (DeepFaceLab's `landmarks_2D_new`).
 TEMPLATE = np.array([
     [0.000213256, 0.106454], [0.0752622, 0.038915], [0.18113, 0.0187482], [0.29077, 0.0344891],
@@ -25,11 +27,6 @@ TEMPLATE = np.array([
 ], dtype=np.float64)
 TEMPLATE_INDICES = list(range(17, 49)) + [54]
 
-#: face type -> (padding, upward centre shift as a share of the square's side)
-FACE_TYPES: dict[str, tuple[float, float]] = {
-    "h": (0.0, 0.0), "mf": (0.0675, 0.0), "f": (0.2109375, 0.0), "wf": (0.40, 0.07), "head": (0.70, 0.5),
-}
-FACE_TYPE_NAMES = {"h": "half_face", "mf": "midfull_face", "f": "full_face", "wf": "whole_face", "head": "head"}
 
 
 def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

@@ -209,3 +209,27 @@ def test_face_train_cli(facesets, tmp_path, capsys):
     assert main(["face", "train", str(tmp_path / "x"), "--src_faceset", str(tmp_path / "none"), "--dst_faceset",
                  str(facesets[1]), "--resolution", "32", "--ae_dims", "32", "--e_dims", "8", "--d_dims", "8"]) == 2
     assert "none" in capsys.readouterr().err
+
+
+def test_cli_works_without_the_optional_extras():
+    """A base install (no OpenCV, dlib, onnxruntime, onnx, scikit-image) still parses every command, and the
+    face and tagger commands say what to install instead of failing on an import."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for m in ('cv2', 'dlib', 'onnxruntime', 'onnx', 'skimage'): sys.modules[m] = None\n"
+            "from loratrain.cli import build_parser, main\n"
+            "build_parser()\n"
+            "assert main(['face', 'extract', 'x']) == 2\n"
+            "assert main(['face', 'train', 'm', '--src_faceset', 'a', '--dst_faceset', 'b']) == 2\n"
+            "assert main(['demo', 'face']) == 2\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count("pip install 'loratrain[face]'") == 3
+
+
+def test_ct_mode_names_match_the_registry():
+    from facetrain.train.config import CT_MODES
+
+    assert sorted(CT_MODES) == COLOR_TRANSFERS.names()

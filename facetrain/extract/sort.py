@@ -15,33 +15,18 @@ import cv2
 import numpy as np
 
 from dataset_tools.quality.measure import laplacian_variance
-from loratrain.common.config import CommandConfig, ConfigError, opt
+from loratrain.common.config import ConfigError
 from loratrain.common.progress import Reporter
 from loratrain.common.registry import Registry
 
 from ..faceset import FaceMeta, list_faces, load_face
 from ..landmarks import estimate_yaw_pitch, hull_mask
+from .config import SortConfig
 from .plugins import identity_encoder
 
 RANK = re.compile(r"^\d{5}_")
-SortKey = Callable[[list[tuple[Path, np.ndarray, FaceMeta]], "SortConfig"], list[float]]
+SortKey = Callable[[list[tuple[Path, np.ndarray, FaceMeta]], SortConfig], list[float]]
 SORT_KEYS: Registry[SortKey] = Registry("face sort key")
-
-
-@dataclass
-class SortConfig(CommandConfig):
-    faceset: str = opt("", "folder of aligned faces", metadata={"positional": True})
-    by: str = opt("yaw", "yaw, pitch, blur, hist or identity")
-    reference: list[str] = opt([], "identity: face files of the wanted person (default: the whole set's median)")
-    identity_threshold: float = opt(0.6, "identity: faces farther than this from the reference move to _other/")
-    descending: bool = opt(False, "largest first")
-    dry_run: bool = opt(False, "print the order without renaming or moving")
-
-    def validate(self) -> None:
-        if not self.faceset:
-            raise ConfigError("faceset is required")
-        if self.by not in SORT_KEYS:
-            raise ConfigError(f"unknown sort {self.by!r}; choose one of {', '.join(SORT_KEYS.names())}")
 
 
 @SORT_KEYS.register("yaw")

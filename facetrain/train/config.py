@@ -5,10 +5,12 @@ from dataclasses import dataclass
 
 from loratrain.common.config import CommandConfig, ConfigError, opt
 
-from ..color import COLOR_TRANSFERS
-from ..landmarks import FACE_TYPES
+from ..face_types import FACE_TYPES
 from ..models.archi import ArchSpec, FaceModelConfig
 from ..optim import OPTIMIZERS
+
+
+CT_MODES = ("rct", "lct", "mkl", "idt", "sot")  # facetrain.color registers exactly these (checked by a test)
 
 
 @dataclass
@@ -73,8 +75,8 @@ class FaceTrainConfig(CommandConfig):
         mult = spec.resolution_multiple()
         if self.resolution < mult or self.resolution % mult:
             raise ConfigError(f"resolution must be a multiple of {mult} for archi {self.archi}")
-        if self.ct_mode not in ("none", *COLOR_TRANSFERS.names()):
-            raise ConfigError(f"ct_mode must be none or one of {', '.join(COLOR_TRANSFERS.names())}")
+        if self.ct_mode not in ("none", *CT_MODES):
+            raise ConfigError(f"ct_mode must be none or one of {', '.join(CT_MODES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS.names())}")
         if self.true_face_power and spec.kind != "df":

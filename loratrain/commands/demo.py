@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_face(args: argparse.Namespace) -> int:
+    from facetrain import require_extras
+
+    require_extras("cv2", "dlib", "skimage", "onnx")
     from facetrain.demo import run_face_demo
 
     from ..common.progress import TqdmReporter

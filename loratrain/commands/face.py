@@ -9,8 +9,7 @@ CONSENT = "Use only faces of people who have given their consent."
 
 @COMMANDS.register("face")
 def register(sub: argparse._SubParsersAction) -> None:
-    from facetrain.extract.extract import ExtractConfig
-    from facetrain.extract.sort import SortConfig
+    from facetrain.extract.config import ExtractConfig, SortConfig
     from facetrain.train.config import FaceTrainConfig
 
     p = sub.add_parser("face", help="face autoencoder: extract, sort, train (DF / LIAE), grow, export",
@@ -40,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_extract(args: argparse.Namespace) -> int:
+    from facetrain import require_extras
+
+    require_extras("cv2", "dlib")
     from facetrain.extract.extract import ExtractConfig, extract_faces
 
     from ..common.progress import TqdmReporter, ctrl_c_stop
@@ -54,6 +56,9 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def run_sort(args: argparse.Namespace) -> int:
+    from facetrain import require_extras
+
+    require_extras("cv2", "dlib")
     from facetrain.extract.sort import SortConfig, sort_faceset
 
     from ..common.progress import TqdmReporter
@@ -67,6 +72,9 @@ def run_sort(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from facetrain import require_extras
+
+    require_extras("cv2")
     from facetrain.train.config import FaceTrainConfig
     from facetrain.train.trainer import train_faces
 
@@ -82,6 +90,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_grow(args: argparse.Namespace) -> int:
+    from facetrain import require_extras
+
+    require_extras("cv2")
     from facetrain.grow import grow_model
 
     res = grow_model(args.model, args.resolution)
@@ -91,6 +102,9 @@ def run_grow(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from facetrain import require_extras
+
+    require_extras("cv2", "onnx")
     from facetrain.export import export_onnx
 
     print(f"wrote {export_onnx(args.model, args.output)} (input in_face:0, outputs out_celeb_face, out_celeb_face_mask, out_face_mask)")
@@ -99,6 +113,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    from facetrain import require_extras
+
+    require_extras("cv2")
 
     from facetrain.faceset import FacesetError, import_dfl_file
 
