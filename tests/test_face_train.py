@@ -233,3 +233,26 @@ def test_ct_mode_names_match_the_registry():
     from facetrain.train.config import CT_MODES
 
     assert sorted(CT_MODES) == COLOR_TRANSFERS.names()
+
+
+def test_adabelief_is_dfls_and_lr_dropout_updates_a_third():
+    from facetrain.optim import AdaBelief, LrDropout
+
+    p = torch.nn.Parameter(torch.zeros(10000))
+    g = torch.linspace(-1, 1, 10000)
+    opt = AdaBelief([p], lr=0.01)
+    p.grad = g.clone()
+    opt.step()
+    m = 0.1 * g
+    v = 0.001 * (g - m) ** 2
+    torch.testing.assert_close(p.detach(), -0.01 * m / (v.sqrt() + 1e-6))  # no bias correction, as in DFL
+
+    q = torch.nn.Parameter(torch.zeros(10000))
+    drop = LrDropout([q])
+    sgd = torch.optim.SGD([q], lr=1.0)
+    q.grad = torch.ones(10000)
+    drop.before_step()
+    sgd.step()
+    drop.after_step()
+    assert 0.27 < (q != 0).float().mean().item() < 0.33
+    assert drop.lr_scale(0) == 1.0 and drop.lr_scale(250) == pytest.approx(0.0)
