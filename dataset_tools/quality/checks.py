@@ -33,9 +33,16 @@ class Dataset:
     infos: list[ImageInfo]
     unsupported: list[Path]
     cfg: CheckConfig
+    _captions: dict[Path, tuple[Path, str | None, str | None]] = field(default_factory=dict)
 
     def readable(self) -> list[ImageInfo]:
         return [i for i in self.infos if i.error is None]
+
+    def caption(self, info: ImageInfo) -> tuple[Path, str | None, str | None]:
+        """(caption file, text or None, problem or None), read once however many checks ask."""
+        if info.path not in self._captions:
+            self._captions[info.path] = _caption_text(self, info)
+        return self._captions[info.path]
 
 
 Check = Callable[[Dataset], list[Finding]]
@@ -164,7 +171,7 @@ def _caption_text(ds: Dataset, info: ImageInfo) -> tuple[Path, str | None, str |
 def captions(ds: Dataset) -> list[Finding]:
     out = []
     for info in ds.infos:
-        cap, text, problem = _caption_text(ds, info)
+        cap, text, problem = ds.caption(info)
         if problem == "missing":
             out.append(Finding("captions", str(info.path), "warning", f"no caption ({cap.name}); the folder's class tokens will be used"))
         elif problem:
@@ -187,7 +194,7 @@ def tag_imbalance(ds: Dataset) -> list[Finding]:
     captioned = 0
     ignore = {t.strip().lower() for t in ds.cfg.ignore_tags}
     for info in ds.infos:
-        _, text, problem = _caption_text(ds, info)
+        _, text, problem = ds.caption(info)
         if text is None:
             continue
         ordered = split_tags(text)

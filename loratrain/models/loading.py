@@ -17,11 +17,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 import configs
 
+from ..common.hf_cache import resolve_hf_cache
 from ..common.safe_io import load_state_dict
 from . import text_encoder_keys
 from .families import FAMILIES, Family, ModelTypeError, detect_family, family_from_unet_config
 from .single_file import CONFIG_METADATA_KEY, split_checkpoint
-from ..common.hf_cache import resolve_hf_cache
 
 
 @dataclass
