@@ -10,13 +10,13 @@ transfer and warps all run in the data workers as in training.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from benchutil import peak_memory_mib
 
 from facetrain.demo_data import make_photos
 from facetrain.extract.extract import ExtractConfig, extract_faces
@@ -28,15 +28,9 @@ from loratrain.common.progress import RecordingReporter
 DIMS = {"tiny": dict(ae_dims=64, e_dims=16, d_dims=16), "default": dict(ae_dims=256, e_dims=64, d_dims=64)}
 
 
-def peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run(cfg: FaceTrainConfig, iters: int, warmup: int) -> dict[str, float]:
     tr = FaceTrainer(cfg, RecordingReporter())
-    src, dst = tr._data()
+    src, dst = tr.datasets()
     si = iter(loader(src, cfg.batch_size, False, cfg.workers, 0))
     di = iter(loader(dst, cfg.batch_size, False, cfg.workers, 1))
     sync = torch.cuda.synchronize if tr.device.type == "cuda" else (lambda: None)
@@ -56,7 +50,7 @@ def run(cfg: FaceTrainConfig, iters: int, warmup: int) -> dict[str, float]:
     full = rate(si, di)
     s_batch, d_batch = next(si), next(di)  # the same batch again and again: no data work at all
     alone = rate(iter(lambda: s_batch, None), iter(lambda: d_batch, None))
-    return {"full": full, "alone": alone, "peak": peak_mib(tr.device), "params": sum(p.numel() for p in tr.model.parameters()) / 1e6}
+    return {"full": full, "alone": alone, "peak": peak_memory_mib(tr.device), "params": sum(p.numel() for p in tr.model.parameters()) / 1e6}
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ grid's speed-up over separate runs, plus peak RSS of the process. Runs alternate
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchutil import peak_rss_mib  # noqa: E402
 
 
 def build(root: Path, resolution: int) -> tuple[Path, Path]:
@@ -133,7 +134,7 @@ def main() -> None:
           f"the one-time model + LoRA load ({load:.2f} s, which plain does before its clock starts), "
           f"{100 * ((per['grid'] - load / args.cells) / per['plain'] - 1):+.1f}% without it  (target < 10%)")
     print(f"  grid vs separate one-image runs: {per['separate'] / per['grid']:.2f}x faster")
-    print(f"  peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"  peak RSS {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchutil import peak_rss_mib  # noqa: E402
+
 
 def build(family: str, path: Path, seed: int) -> None:
     import torch
@@ -44,13 +46,6 @@ def build(family: str, path: Path, seed: int) -> None:
                     w.write((torch.randn(min(1 << 22, n - start), generator=gen) * 0.02).half())
             else:
                 w.write(torch.arange(n, dtype=t.dtype))
-
-
-def peak_rss_mb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_raw(a: str, b: str, out: str) -> None:
@@ -107,7 +102,7 @@ def child(kind: str, a: str, b: str, out: str) -> None:
         import merge.checkpoint  # noqa: F401
     t0 = time.perf_counter()
     {"raw": run_raw, "ours": run_ours, "ours+hash": run_ours_hash, "baseline": run_baseline}[kind](a, b, out)
-    print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}))
+    print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mib()}))
 
 
 def measure(kind: str, a: Path, b: Path, out: Path) -> dict[str, float]:

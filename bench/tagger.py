@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from dataset_tools.captions import caption_path, join_tags
+from benchutil import PeakRss
+from dataset_tools.captions import caption_bytes, caption_path
 from dataset_tools.synthetic import scene_image
 from dataset_tools.tagger.config import TagConfig
 from dataset_tools.tagger.model import TaggerModel, resolve_model_dir
@@ -28,30 +28,9 @@ from dataset_tools.tagger.preprocess import load_prepared
 from dataset_tools.tagger.runner import default_batch_size, default_workers, tag_images
 from dataset_tools.tagger.tiny import build_tagger
 from loratrain.common.progress import RecordingReporter
-from loratrain.common.safe_io import atomic_write_text
+from loratrain.common.safe_io import atomic_write_bytes
 
 PRESETS = {"vit-b": ("vit", 768, 12), "small": ("conv", 64, 8)}
-
-
-class PeakRss:
-    """Highest resident set size while the block runs, sampled every 5 ms."""
-
-    def __enter__(self) -> "PeakRss":
-        self.peak = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with open("/proc/self/statm") as fh:
-                self.peak = max(self.peak, int(fh.read().split()[1]) * 4096)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
 
 
 def make_images(root: Path, n: int, size: tuple[int, int]) -> list[Path]:
@@ -84,7 +63,7 @@ def naive(model: TaggerModel, paths: list[Path], cfg: TagConfig) -> float:
     t = time.perf_counter()
     for p in paths:
         probs = model(load_prepared(p, model.size)[None])[0]
-        atomic_write_text(caption_path(p, ".txt"), join_tags(post(probs).tags) + "\n")
+        atomic_write_bytes(caption_path(p, ".txt"), caption_bytes(post(probs).tags))
     return len(paths) / (time.perf_counter() - t)
 
 

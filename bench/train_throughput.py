@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchutil import peak_memory_mib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -125,14 +126,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
@@ -150,7 +143,7 @@ def main() -> None:
     if args.variant:  # child process: one measurement
         fn = run_ours if args.variant == "ours" else run_plain
         rate = fn(Path(args.model), Path(args.data), args)
-        print(json.dumps({"steps_per_s": rate, "peak_mb": peak_memory_mb()}))
+        print(json.dumps({"steps_per_s": rate, "peak_mb": peak_memory_mib()}))
         return
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))
     model, data = build_inputs(root, args.size, args.resolution)

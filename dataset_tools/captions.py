@@ -1,25 +1,12 @@
 """Caption files: where they are, how tags are split and joined, and what to do with an existing one."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 from loratrain.common.registry import Registry
+from loratrain.data.captions import caption_path, normalize_extension  # noqa: F401  (re-exported: one definition)
 
 DEFAULT_SEPARATOR = ", "
-
-
-def normalize_extension(extension: str) -> str:
-    extension = extension.strip()
-    if not extension:
-        raise ValueError("caption_extension may not be empty")
-    return extension if extension.startswith(".") else "." + extension
-
-
-def caption_path(image: str | Path, extension: str) -> Path:
-    """`<image minus extension><extension>`, the one file sd-scripts reads for this image."""
-    image = Path(image)
-    return image.with_name(image.stem + normalize_extension(extension))
 
 
 def split_tags(text: str, separator: str = ",") -> list[str]:
@@ -33,6 +20,11 @@ def split_tags(text: str, separator: str = ",") -> list[str]:
 
 def join_tags(tags: list[str], separator: str = DEFAULT_SEPARATOR) -> str:
     return separator.join(tags)
+
+
+def caption_bytes(tags: list[str], separator: str = DEFAULT_SEPARATOR) -> bytes:
+    """What a caption file holds: the tags on one line, newline-terminated, UTF-8 (as sd-scripts' tagger writes)."""
+    return (join_tags(tags, separator) + "\n").encode("utf-8")
 
 
 def dedupe(tags: list[str]) -> list[str]:

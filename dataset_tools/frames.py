@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from loratrain.common.config import CommandConfig, ConfigError, opt
@@ -18,6 +17,7 @@ from loratrain.common.safe_io import atomic_path, atomic_write_json
 
 from .images import grayscale_array
 from .quality.measure import BLUR_SIDE, laplacian_variance, phash
+from .video import read_video
 
 FRAME_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
@@ -54,39 +54,22 @@ class FramesResult:
     dropped_duplicate: int = 0
 
 
-def _ffmpeg():
-    try:
-        import imageio_ffmpeg
-    except ImportError:
-        raise ImportError("frame extraction needs imageio-ffmpeg: pip install imageio-ffmpeg") from None
-    return imageio_ffmpeg
-
-
 def extract_frames(cfg: FramesConfig, reporter: Reporter, stop: StopFlag | None = None) -> FramesResult:
     video = Path(cfg.video)
     if not video.is_file():
-        raise FileNotFoundError(f"video not found: {video}")
+        raise FileNotFoundError(f"video not found: {video}")  # before looking at the output folder
     out = Path(cfg.output_dir)
     prefix = video.stem
     if out.is_dir() and any(out.glob(f"{prefix}_*.{cfg.format}")) and not cfg.overwrite:
         raise ConfigError(f"{out} already has frames of {video.name}; pass --overwrite or choose another --output_dir")
-    ffmpeg = _ffmpeg()
-    input_params = ["-ss", str(cfg.start)] if cfg.start else []
-    output_params = ["-vf", f"fps={cfg.fps}"] + (["-t", str(cfg.duration)] if cfg.duration else [])
-    try:
-        reader = ffmpeg.read_frames(str(video), input_params=input_params, output_params=output_params)
-        meta = next(reader)
-    except (RuntimeError, OSError, StopIteration) as e:
-        raise ValueError(f"{video}: ffmpeg cannot read it as a video ({str(e).strip().splitlines()[-1] if str(e).strip() else e})") from None
-    w, h = meta["size"]
-    seconds = cfg.duration or max(0.0, float(meta.get("duration") or 0) - cfg.start)
-    reporter.start(max(1, round(seconds * cfg.fps)), f"frames of {video.name}", unit="frame")
+    clip = read_video(video, cfg.fps, cfg.start, cfg.duration)
+    reporter.start(clip.estimated_frames, f"frames of {video.name}", unit="frame")
     result = FramesResult()
     recent: list[int] = []
     manifest = []
     try:
-        for i, raw in enumerate(reader):
-            frame = Image.fromarray(np.frombuffer(raw, dtype=np.uint8).reshape(h, w, 3), "RGB")
+        for i, rgb in enumerate(clip.frames):
+            frame = Image.fromarray(rgb, "RGB")
             result.extracted += 1
             reporter.advance()
             if cfg.blur_threshold > 0 and laplacian_variance(grayscale_array(frame, BLUR_SIDE)) < cfg.blur_threshold:
@@ -106,7 +89,7 @@ def extract_frames(cfg: FramesConfig, reporter: Reporter, stop: StopFlag | None 
             if stop is not None and stop.is_set():
                 break
     finally:
-        reader.close()
+        clip.frames.close()
         reporter.done("")
     if manifest:
         atomic_write_json(out / f"{prefix}_frames.json", {"video": str(video.resolve()), "fps": cfg.fps, "frames": manifest})

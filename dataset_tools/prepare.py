@@ -54,10 +54,7 @@ class PrepareConfig(CommandConfig):
             raise ConfigError("--reg_dir needs --reg_class (the class tokens of the regularization images)")
         if self.steps_per_concept < 0 or self.max_repeats < 1 or self.reg_repeats < 1:
             raise ConfigError("steps_per_concept must be >= 0, max_repeats and reg_repeats >= 1")
-        try:
-            self.caption_extension = normalize_extension(self.caption_extension)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.caption_extension = normalize_extension(self.caption_extension)
 
 
 @dataclass

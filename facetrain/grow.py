@@ -16,7 +16,7 @@ from loratrain.common.config import ConfigError
 from loratrain.common.safe_io import save_safetensors
 
 from .models.archi import ArchSpec, FaceModelConfig, build_model
-from .train.state import CONFIG_KEY, _backup, read_checkpoint
+from .train.state import CONFIG_KEY, backup_file, read_checkpoint
 
 
 @dataclasses.dataclass
@@ -44,10 +44,10 @@ def grow_model(model_path: str | Path, resolution: int, keep_backups: int = 3) -
         else:
             fresh.append(key)
     model.load_state_dict(state)
-    _backup(model_path, keep_backups)
+    backup_file(model_path, keep_backups)
     state_path = model_path.with_name(model_path.stem + ".state.safetensors")
     if state_path.exists():
-        _backup(state_path, keep_backups)
+        backup_file(state_path, keep_backups)
         state_path.unlink()
     info = {**info, "model": dataclasses.asdict(new_cfg), "grown_from": old.resolution}
     info.get("options", {})["resolution"] = resolution

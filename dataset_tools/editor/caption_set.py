@@ -7,7 +7,7 @@ from pathlib import Path
 
 from loratrain.common.config import ConfigError
 
-from ..captions import DEFAULT_SEPARATOR, caption_path, join_tags, normalize_extension, split_tags
+from ..captions import DEFAULT_SEPARATOR, caption_bytes, caption_path, join_tags, normalize_extension, split_tags
 from ..images import list_images
 from ..journal import Journal
 
@@ -17,8 +17,10 @@ class Entry:
     image: Path
     caption_file: Path
     tags: list[str]
-    exists: bool
-    original_text: str | None
+    saved: list[str] | None  # the tags on disk; None while the image has no caption file
+
+    def changed(self) -> bool:
+        return self.tags != (self.saved or [])
 
 
 @dataclass
@@ -46,7 +48,8 @@ class CaptionSet:
                 except UnicodeDecodeError:
                     bad.append(str(cap))
                     continue
-            out.entries.append(Entry(image, cap, split_tags(text or "", separator), text is not None, text))
+            tags = split_tags(text, separator) if text is not None else []
+            out.entries.append(Entry(image, cap, tags, list(tags) if text is not None else None))
         if bad:
             raise ConfigError(f"{len(bad)} caption(s) are not UTF-8 and cannot be edited safely: {', '.join(bad[:5])}")
         return out
@@ -82,16 +85,16 @@ class CaptionSet:
     def text(self, entry: Entry) -> str:
         return join_tags(entry.tags, self.separator)
 
+    def set_caption(self, image: str | Path, text: str) -> tuple[str, str, str]:
+        """Replace one image's caption (in memory); returns (image, before, after) like `apply_edit`."""
+        entry = self.entry(image)
+        before = self.text(entry)
+        entry.tags = split_tags(text, self.separator)
+        return str(entry.image), before, self.text(entry)
+
     def pending(self) -> dict[Path, bytes]:
         """Caption files whose tags differ from what is on disk."""
-        changes = {}
-        for e in self.entries:
-            if e.original_text is not None and split_tags(e.original_text, self.separator) == e.tags:
-                continue
-            if e.original_text is None and not e.tags:
-                continue
-            changes[e.caption_file] = (self.text(e) + "\n").encode("utf-8")
-        return changes
+        return {e.caption_file: caption_bytes(e.tags, self.separator) for e in self.entries if e.changed()}
 
     def save(self, op_name: str, description: str) -> int:
         """Write every changed caption through one journal operation; returns how many files changed."""
@@ -105,6 +108,5 @@ class CaptionSet:
             op.finish()
         for e in self.entries:
             if e.caption_file in changes:
-                e.original_text = changes[e.caption_file].decode("utf-8")
-                e.exists = True
+                e.saved = list(e.tags)
         return written

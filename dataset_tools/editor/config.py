@@ -39,10 +39,7 @@ class TagsConfig(CommandConfig):
     def validate(self) -> None:
         if not self.dataset_dir:
             raise ConfigError("dataset_dir is required")
-        try:
-            self.caption_extension = normalize_extension(self.caption_extension)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.caption_extension = normalize_extension(self.caption_extension)
         # "long hair, blue eyes" given as one flag value means two tags
         for name in ("all_of", "any_of", "none_of", "tags"):
             setattr(self, name, [t.strip() for v in getattr(self, name) for t in v.split(",") if t.strip()])

@@ -38,7 +38,4 @@ class CheckConfig(CommandConfig):
                 raise ConfigError(f"unknown check {name!r}; checks: {', '.join(CHECKS.names())}")
         if not 0 < self.tag_share <= 1:
             raise ConfigError("tag_share must be in (0, 1]")
-        try:
-            self.caption_extension = normalize_extension(self.caption_extension)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.caption_extension = normalize_extension(self.caption_extension)

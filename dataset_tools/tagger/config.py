@@ -60,7 +60,4 @@ class TagConfig(CommandConfig):
                 raise ConfigError(f"{name} must be between 0 and 1")
         if self.batch_size < 0 or self.workers < 0:
             raise ConfigError("batch_size and workers must be >= 0")
-        try:
-            self.caption_extension = normalize_extension(self.caption_extension)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.caption_extension = normalize_extension(self.caption_extension)

@@ -12,9 +12,9 @@ from typing import Iterator
 import numpy as np
 
 from loratrain.common.progress import Reporter, StopFlag
-from loratrain.common.safe_io import atomic_path
+from loratrain.common.safe_io import atomic_write_text
 
-from ..captions import CAPTION_POLICIES, caption_path, join_tags, split_tags
+from ..captions import CAPTION_POLICIES, caption_bytes, caption_path, split_tags
 from ..images import list_images
 from ..journal import Journal
 from ..parallel import ordered_map
@@ -129,7 +129,7 @@ def tag_images(cfg: TagConfig, reporter: Reporter, stop: StopFlag | None = None,
                     cap = caption_path(path, cfg.caption_extension)
                     tags = policy(_existing_tags(cap, cfg.caption_separator), pred.tags)
                     if tags is not None:
-                        changes[cap] = (join_tags(tags, cfg.caption_separator) + "\n").encode("utf-8")
+                        changes[cap] = caption_bytes(tags, cfg.caption_separator)
                     if jsonl:
                         jsonl.add(path, pred)
             result.written += op.write(changes)
@@ -157,5 +157,4 @@ class _JsonlSink:
         self.lines.append(json.dumps({"image": str(image), "tags": pred.tags, "rating": pred.rating, "scores": pred.scores}))
 
     def close(self) -> None:
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in self.lines), encoding="utf-8")
+        atomic_write_text(self.path, "".join(line + "\n" for line in self.lines))

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from dataset_tools.images import ImageReadError, list_images, open_image, to_rgb_on_white
+from dataset_tools.video import read_video
 from loratrain.common.config import ConfigError
 from loratrain.common.progress import Reporter, StopFlag
 
@@ -31,25 +32,8 @@ def _frames(cfg: ExtractConfig, result: ExtractResult) -> tuple[int, Iterator[tu
     """(count estimate, iterator of (source name, RGB frame or None when unreadable))."""
     src = Path(cfg.input)
     if src.is_file() and src.suffix.lower() in VIDEO_EXTENSIONS:
-        import imageio_ffmpeg
-
-        params = ["-vf", f"fps={cfg.fps}"] if cfg.fps else []
-        try:
-            reader = imageio_ffmpeg.read_frames(str(src), output_params=params)
-            meta = next(reader)
-        except (RuntimeError, OSError, StopIteration) as e:
-            raise ValueError(f"{src}: ffmpeg cannot read it as a video ({e})") from None
-        w, h = meta["size"]
-        total = int((meta.get("duration") or 0) * (cfg.fps or meta.get("fps") or 1))
-
-        def video() -> Iterator[tuple[str, np.ndarray | None]]:
-            try:
-                for i, raw in enumerate(reader):
-                    yield f"{src.name}#{i:06d}", np.frombuffer(raw, np.uint8).reshape(h, w, 3)
-            finally:
-                reader.close()
-
-        return total, video()
+        clip = read_video(src, cfg.fps)
+        return clip.estimated_frames, ((f"{src.name}#{i:06d}", rgb) for i, rgb in enumerate(clip.frames))
     if src.is_file():
         paths = [src]
     elif src.is_dir():

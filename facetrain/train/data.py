@@ -46,14 +46,13 @@ class FaceSamples(Dataset):
     """One faceset; `ct_reference` (the dst set) supplies colours when ct_mode is on."""
 
     def __init__(self, folder: str | Path, resolution: int, face_type: str, options: AugmentOptions,
-                 ct_reference: "FaceSamples | None" = None, seed: int = 0) -> None:
+                 ct_reference: "FaceSamples | None" = None) -> None:
         self.paths = list_faces(folder)
         if not self.paths:
             raise FileNotFoundError(f"{folder}: no aligned faces (.jpg/.png from `loratrain face extract`)")
         self.metas = [read_meta(p) for p in self.paths]
         self.resolution, self.face_type, self.options = resolution, face_type, options
         self.ct_reference = ct_reference
-        self.seed = seed
         self.yaws = np.array([estimate_yaw_pitch(m.landmarks_array())[0] for m in self.metas])
 
     def __len__(self) -> int:

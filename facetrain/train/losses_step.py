@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from ..losses import blur_out_background, dssim, reconstruction_loss, soft_mask, style_loss, total_variation
+from ..losses import blur_out_background, dssim, reconstruction_loss, style_loss, total_variation
 from .config import FaceTrainConfig
 
 
-def side_loss(cfg: FaceTrainConfig, res: int, target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
-              pred_mask: torch.Tensor, em: torch.Tensor) -> torch.Tensor:
+def side_loss(cfg: FaceTrainConfig, res: int, batch: dict[str, torch.Tensor], pred: torch.Tensor,
+              pred_mask: torch.Tensor) -> torch.Tensor:
     """Per-sample loss of one side (src or dst): DSSIM + MSE (masked), eyes/mouth L1, mask MSE."""
-    mb = soft_mask(mask, res)
+    target, mask, mb, em = batch["target"], batch["mask"], batch["mask_blur"], batch["em"]
     t = blur_out_background(target, mask, res) if cfg.blur_out_mask else target
     if cfg.masked_training:
         t, p = t * mb, pred * mb
@@ -27,11 +27,11 @@ def generator_loss(cfg: FaceTrainConfig, res: int, s: dict[str, torch.Tensor], d
                    out: dict[str, torch.Tensor], code_d: torch.nn.Module | None, gan_d: torch.nn.Module | None
                    ) -> tuple[torch.Tensor, dict[str, float]]:
     """(loss to backpropagate: summed over the batch as DFL does, logged per-sample means)."""
-    src = side_loss(cfg, res, s["target"], out["src"], s["mask"], out["src_mask"], s["em"])
-    dst = side_loss(cfg, res, d["target"], out["dst"], d["mask"], out["dst_mask"], d["em"])
+    src = side_loss(cfg, res, s, out["src"], out["src_mask"])
+    dst = side_loss(cfg, res, d, out["dst"], out["dst_mask"])
     total = src.sum() + dst.sum()
     logs = {"src_loss": float(src.detach().mean()), "dst_loss": float(dst.detach().mean())}
-    dst_mb = soft_mask(d["mask"], res)
+    dst_mb = d["mask_blur"]
     if cfg.face_style_power > 0:
         fs = style_loss(out["swap"] * dst_mb, d["target"] * dst_mb, cfg.face_style_power / 100, res / 8)
         total = total + fs.sum()
@@ -48,7 +48,7 @@ def generator_loss(cfg: FaceTrainConfig, res: int, s: dict[str, torch.Tensor], d
         total = total + tf.sum()
         logs["true_face"] = float(tf.detach().mean())
     if gan_d is not None:
-        src_mb = soft_mask(s["mask"], res)
+        src_mb = s["mask_blur"]
         logit = gan_d(out["src"] * src_mb)
         g = cfg.gan_power * F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit), reduction="none").flatten(1).mean(1)
         if cfg.masked_training:  # DFL's speckle suppression while the GAN is on
@@ -58,7 +58,7 @@ def generator_loss(cfg: FaceTrainConfig, res: int, s: dict[str, torch.Tensor], d
     return total, logs
 
 
-def discriminator_losses(cfg: FaceTrainConfig, res: int, s: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
+def discriminator_losses(cfg: FaceTrainConfig, s: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
                          code_d: torch.nn.Module | None, gan_d: torch.nn.Module | None) -> dict[str, torch.Tensor]:
     bce = F.binary_cross_entropy_with_logits
     losses = {}
@@ -66,7 +66,7 @@ def discriminator_losses(cfg: FaceTrainConfig, res: int, s: dict[str, torch.Tens
         real, fake = code_d(out["dst_code"].detach()), code_d(out["src_code"].detach())
         losses["code_d"] = 0.5 * (bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake)))
     if gan_d is not None:
-        mb = soft_mask(s["mask"], res)
+        mb = s["mask_blur"]
         real, fake = gan_d(s["target"] * mb), gan_d(out["src"].detach() * mb)
         losses["gan_d"] = 0.5 * (bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake)))
     return losses

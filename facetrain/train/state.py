@@ -46,7 +46,8 @@ def load_optimizer(opt: torch.optim.Optimizer, named: list[tuple[str, torch.nn.P
     return restored
 
 
-def _backup(path: Path, keep: int) -> None:
+def backup_file(path: Path, keep: int) -> None:
+    """Copy `path` into backups/ under its saved iteration, keeping the newest `keep` copies."""
     if not path.exists() or keep <= 0:
         return
     folder = path.parent / "backups"
@@ -66,7 +67,7 @@ def _backup(path: Path, keep: int) -> None:
 def save_checkpoint(model_path: Path, state_path: Path, weights: dict[str, torch.Tensor], info: dict,
                     state_tensors: dict[str, torch.Tensor], state_meta: dict, keep_backups: int) -> None:
     for path in (model_path, state_path):
-        _backup(path, keep_backups)
+        backup_file(path, keep_backups)
     save_safetensors(state_tensors, state_path, {CONFIG_KEY: json.dumps({"iteration": info["iteration"], **state_meta})})
     save_safetensors(weights, model_path, {CONFIG_KEY: json.dumps(info)})
 

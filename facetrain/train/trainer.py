@@ -15,6 +15,7 @@ from loratrain.common.progress import Reporter, StopFlag
 from loratrain.common.safe_io import atomic_write_json
 
 from ..models.archi import FaceAutoencoder, FaceModelConfig, build_model
+from ..losses import soft_mask
 from ..models.blocks import _init
 from ..optim import OPTIMIZERS, LrDropout
 from .config import FaceTrainConfig
@@ -43,7 +44,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def trainable_parameters(model: FaceAutoencoder, cfg: FaceTrainConfig) -> list[torch.nn.Parameter]:
+def trainable_parameters(model: FaceAutoencoder, cfg: FaceTrainConfig) -> list[tuple[str, torch.nn.Parameter]]:
     """Everything except what the freeze flags (and LIAE's random_warp rule) hold still."""
     frozen: set[int] = set()
 
@@ -66,10 +67,10 @@ def trainable_parameters(model: FaceAutoencoder, cfg: FaceTrainConfig) -> list[t
             freeze(dec.upms)
             freeze(dec.out_mask)
     params = []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         p.requires_grad_(id(p) not in frozen)
         if p.requires_grad:
-            params.append(p)
+            params.append((name, p))
     if not params:
         raise ConfigError("every part of the model is frozen; nothing to train")
     return params
@@ -85,12 +86,13 @@ class FaceTrainer:
         self.state_path = self.dir / f"{cfg.model_name}.state.safetensors"
         self.notes: list[str] = []
         self.iteration = 0
+        self.reset_state = False  # set when pretraining ends: optimizer states no longer apply
         self.model, saved = self._load_model()
         self.res = self.model.cfg.resolution
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=fmt)
-        self.params = trainable_parameters(self.model, cfg)
-        self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.named = trainable_parameters(self.model, cfg)  # names key the saved optimizer state
+        self.params = [p for _, p in self.named]
         self.opt = OPTIMIZERS.get(cfg.optimizer)(self.params, cfg.lr)
         self.lr_dropout = LrDropout(self.params) if cfg.lr_dropout else None
         self.code_d = self.gan_d = None
@@ -130,7 +132,6 @@ class FaceTrainer:
         if saved_type and saved_type != cfg.face_type:
             self.notes.append(f"the model was trained on face type {saved_type!r}; keeping it (face_type is a first-run option)")
             cfg.face_type = saved_type
-        self.reset_state = False
         if info.get("pretrain") and not cfg.pretrain:
             for name in model.inter_names:
                 _init(getattr(model, name))
@@ -141,7 +142,7 @@ class FaceTrainer:
         return model, True
 
     def _load_state(self) -> None:
-        if getattr(self, "reset_state", False) or not self.state_path.exists():
+        if self.reset_state or not self.state_path.exists():
             if not self.state_path.exists():
                 self.notes.append(f"no optimizer state ({self.state_path.name}); optimizers start fresh")
             return
@@ -172,18 +173,21 @@ class FaceTrainer:
         return self.model_path
 
     # ------------------------------------------------------------ data
-    def _data(self) -> tuple[FaceSamples, FaceSamples]:
+    def datasets(self) -> tuple[FaceSamples, FaceSamples]:
         cfg = self.cfg
         dst_dir = cfg.dst_faceset or cfg.src_faceset
-        dst = FaceSamples(dst_dir, self.res, cfg.face_type, AugmentOptions(cfg.random_warp, cfg.random_dst_flip), seed=cfg.seed)
+        dst = FaceSamples(dst_dir, self.res, cfg.face_type, AugmentOptions(cfg.random_warp, cfg.random_dst_flip))
         src = FaceSamples(cfg.src_faceset, self.res, cfg.face_type,
                           AugmentOptions(cfg.random_warp, cfg.random_src_flip, cfg.random_hsv_power, cfg.ct_mode),
-                          ct_reference=dst, seed=cfg.seed + 1)
+                          ct_reference=dst)
         return src, dst
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch on the device, plus its blurred mask, which every loss term then shares."""
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
-        return {k: v.to(self.device, non_blocking=True).contiguous(memory_format=fmt) for k, v in batch.items()}
+        out = {k: v.to(self.device, non_blocking=True).contiguous(memory_format=fmt) for k, v in batch.items()}
+        out["mask_blur"] = soft_mask(out["mask"], self.res)
+        return out
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -224,7 +228,7 @@ class FaceTrainer:
         if self.lr_dropout:
             self.lr_dropout.after_step()
         self.opt.zero_grad(set_to_none=True)
-        for name, dloss in discriminator_losses(cfg, self.res, s, out, self.code_d, self.gan_d).items():
+        for name, dloss in discriminator_losses(cfg, s, out, self.code_d, self.gan_d).items():
             self.d_opts[name].zero_grad(set_to_none=True)
             dloss.backward()
             self.d_opts[name].step()
@@ -248,7 +252,7 @@ def train_faces(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag | None 
     result = FaceTrainResult(iteration=trainer.iteration, notes=trainer.notes)
     for note in trainer.notes:
         reporter.log(f"note: {note}")
-    src, dst = trainer._data()
+    src, dst = trainer.datasets()
     rng = np.random.default_rng(cfg.seed)
     rows = [(src.sample(i % len(src), rng, augment=False), dst.sample(i % len(dst), rng, augment=False)) for i in range(4)]
     likeness = None

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..cli import COMMANDS
 
@@ -68,12 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if op == "set":
         if not cfg.image:
             raise ValueError("tags set: give --image and --caption")
-        entry = captions.entry(cfg.image)
-        from dataset_tools.captions import split_tags
-
-        entry.tags = split_tags(cfg.caption, cfg.separator)
-        changed = [(str(entry.image), "", captions.text(entry))]
-        description = f"set caption of {entry.image.name}"
+        changed = [captions.set_caption(cfg.image, cfg.caption)]
+        description = f"set caption of {Path(cfg.image).name}"
     else:
         changed = apply_edit(captions, op, cfg)
         description = f"{op} {' '.join(cfg.tags) or cfg.find} on {len(changed)} caption(s)"

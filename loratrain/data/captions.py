@@ -4,12 +4,27 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from ..common.config import ConfigError
 from .subsets import DatasetError, Subset
+
+
+def normalize_extension(extension: str) -> str:
+    """`txt` and `.txt` both mean `.txt`; an empty extension is a config error."""
+    extension = extension.strip()
+    if not extension:
+        raise ConfigError("caption_extension may not be empty")
+    return extension if extension.startswith(".") else "." + extension
+
+
+def caption_path(image: str | Path, extension: str) -> Path:
+    """`<image minus extension><extension>`, the one file sd-scripts (and our trainer) read for this image."""
+    image = Path(image)
+    return image.with_name(image.stem + normalize_extension(extension))
 
 
 def read_caption(image: Path, extension: str) -> str | None:
     """First line of `<image stem><extension>`, or None when there is no caption file."""
-    cap = image.with_suffix(extension if extension.startswith(".") else "." + extension)
+    cap = caption_path(image, extension)
     if not cap.is_file():
         return None
     try:

@@ -1,0 +1,42 @@
+"""Memory readings shared by the benchmarks (run as `python bench/<name>.py`, which puts bench/ on sys.path)."""
+from __future__ import annotations
+
+import resource
+import threading
+import time
+
+
+def peak_rss_mib() -> float:
+    """Highest resident set size of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_mib(device: object = None) -> float:
+    """Peak CUDA allocation when `device` is a CUDA device (or None and CUDA is up), else peak RSS."""
+    import torch
+
+    kind = getattr(device, "type", device)
+    if (kind == "cuda" or (kind is None and torch.cuda.is_available())) and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return peak_rss_mib()
+
+
+class PeakRss:
+    """Highest resident set size while a block runs (sampled every 5 ms), for phases within one process."""
+
+    def __enter__(self) -> "PeakRss":
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with open("/proc/self/statm") as fh:
+                self.peak = max(self.peak, int(fh.read().split()[1]) * 4096)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,49 @@
+"""Reading video frames through the ffmpeg that the imageio-ffmpeg wheel ships (no system install)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+@dataclass
+class VideoFrames:
+    """An open video: its frame count estimate and an iterator of HxWx3 uint8 RGB frames (closes ffmpeg when done)."""
+
+    path: Path
+    size: tuple[int, int]
+    estimated_frames: int
+    frames: Iterator[np.ndarray]
+
+
+def read_video(path: str | Path, fps: float = 0.0, start: float = 0.0, duration: float = 0.0) -> VideoFrames:
+    """Frames at `fps` (0: every frame), from `start` seconds, for `duration` seconds (0: to the end)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise ImportError("reading video needs imageio-ffmpeg: pip install imageio-ffmpeg") from None
+    input_params = ["-ss", str(start)] if start else []
+    output_params = (["-vf", f"fps={fps}"] if fps else []) + (["-t", str(duration)] if duration else [])
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path), input_params=input_params, output_params=output_params)
+        meta = next(reader)
+    except (RuntimeError, OSError, StopIteration) as e:
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        raise ValueError(f"{path}: ffmpeg cannot read it as a video ({last})") from None
+    w, h = meta["size"]
+    seconds = duration or max(0.0, float(meta.get("duration") or 0) - start)
+    estimate = max(1, round(seconds * (fps or float(meta.get("fps") or 1))))
+
+    def frames() -> Iterator[np.ndarray]:
+        try:
+            for raw in reader:
+                yield np.frombuffer(raw, np.uint8).reshape(h, w, 3)
+        finally:
+            reader.close()
+
+    return VideoFrames(path, (w, h), estimate, frames())
