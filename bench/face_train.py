@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from benchutil import peak_memory_mib
 
-from facetrain.demo_data import make_photos
-from facetrain.extract.extract import ExtractConfig, extract_faces
-from facetrain.train.config import FaceTrainConfig
-from facetrain.train.data import loader
-from facetrain.train.trainer import FaceTrainer
-from loratrain.common.progress import RecordingReporter
+from loratrain.facetrain.demo_data import make_photos
+from loratrain.facetrain.extract.extract import ExtractConfig, extract_faces
+from loratrain.facetrain.train.config import FaceTrainConfig
+from loratrain.facetrain.train.data import loader
+from loratrain.facetrain.train.trainer import FaceTrainer
+from loratrain.core.progress import RecordingReporter
 
 DIMS = {"tiny": dict(ae_dims=64, e_dims=16, d_dims=16), "default": dict(ae_dims=256, e_dims=64, d_dims=64)}
 

@@ -27,11 +27,11 @@ from benchutil import peak_rss_mib  # noqa: E402
 def build(root: Path, resolution: int) -> tuple[Path, Path]:
     import torch
 
-    from loratrain.common.safe_io import save_safetensors
-    from loratrain.models.families import FAMILIES
-    from loratrain.models.loading import SDModel, build_component, clip_tokenizer
-    from loratrain.models.tiny import tiny_configs, write_single_file
-    from merge.lora_keys import lora_sites
+    from loratrain.core.safe_io import save_safetensors
+    from loratrain.core.models.families import FAMILIES
+    from loratrain.core.models.loading import SDModel, build_component, clip_tokenizer
+    from loratrain.core.models.tiny import tiny_configs, write_single_file
+    from loratrain.core.lora.keys import lora_sites
 
     cfgs = tiny_configs("sd1")
     cfgs["unet"] = dict(cfgs["unet"], block_out_channels=[64, 128, 128, 128], layers_per_block=2, norm_num_groups=16,
@@ -62,8 +62,8 @@ def run_plain(ckpt: Path, lora: Path, n: int, steps: int, res: int) -> tuple[flo
     """(generation seconds, one-time setup seconds: model + LoRA load)."""
     import torch
 
-    from loratrain.models.loading import load_model
-    from loratrain.training.sampling import build_pipeline
+    from loratrain.core.models.loading import load_model
+    from loratrain.core.sampling import build_pipeline
 
     t0 = time.perf_counter()
     model = load_model(ckpt)
@@ -80,7 +80,7 @@ def run_plain(ckpt: Path, lora: Path, n: int, steps: int, res: int) -> tuple[flo
 
 
 def run_grid_bench(ckpt: Path, lora: Path, n: int, steps: int, res: int, out: Path) -> float:
-    from loratrain.common.progress import TqdmReporter
+    from loratrain.core.progress import TqdmReporter
     from loratrain.grid.runner import GridConfig, run_grid
 
     t0 = time.perf_counter()
@@ -92,7 +92,7 @@ def run_grid_bench(ckpt: Path, lora: Path, n: int, steps: int, res: int, out: Pa
 
 def run_separate(ckpt: Path, lora: Path, n: int, steps: int, res: int, out: Path) -> float:
     from loratrain.commands.generate import GenerateConfig
-    from loratrain.generation import generate_image
+    from loratrain.core.session import generate_image
 
     t0 = time.perf_counter()
     for i, w in enumerate(weights(n)):

@@ -32,8 +32,8 @@ from benchutil import peak_rss_mib  # noqa: E402
 def build(family: str, path: Path, seed: int) -> None:
     import torch
 
-    from loratrain.models.tiny import checkpoint_layout
-    from merge.tensor_io import OutputTensor, StreamingWriter
+    from loratrain.core.models.tiny import checkpoint_layout
+    from loratrain.core.tensor_io import OutputTensor, StreamingWriter
 
     layout = checkpoint_layout(family)
     plan = [OutputTensor(k, torch.float16 if d.is_floating_point else d, s) for k, (s, d) in layout.items()]
@@ -62,9 +62,9 @@ def run_raw(a: str, b: str, out: str) -> None:
 
 
 def run_ours(a: str, b: str, out: str, hash_models: bool = False) -> None:
-    from loratrain.common.progress import TqdmReporter
-    from merge.checkpoint import merge_checkpoints
-    from merge.config import MergeConfig
+    from loratrain.core.progress import TqdmReporter
+    from loratrain.merge.checkpoint import merge_checkpoints
+    from loratrain.merge.config import MergeConfig
 
     merge_checkpoints(MergeConfig(model_a=a, model_b=b, output=out, alpha=0.5, save_precision="fp16", overwrite=True,
                                   hash_models=hash_models), TqdmReporter(quiet=True))
@@ -99,7 +99,7 @@ def child(kind: str, a: str, b: str, out: str) -> None:
     if kind != "raw":  # imports are not part of the merge's time (both sides need torch)
         import safetensors.torch  # noqa: F401
 
-        import merge.checkpoint  # noqa: F401
+        import loratrain.merge.checkpoint  # noqa: F401
     t0 = time.perf_counter()
     {"raw": run_raw, "ours": run_ours, "ours+hash": run_ours_hash, "baseline": run_baseline}[kind](a, b, out)
     print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mib()}))

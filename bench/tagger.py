@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from benchutil import PeakRss
-from dataset_tools.captions import caption_bytes, caption_path
-from dataset_tools.synthetic import scene_image
-from dataset_tools.tagger.config import TagConfig
-from dataset_tools.tagger.model import TaggerModel, resolve_model_dir
-from dataset_tools.tagger.postprocess import TagPostprocessor
-from dataset_tools.tagger.preprocess import load_prepared
-from dataset_tools.tagger.runner import default_batch_size, default_workers, tag_images
-from dataset_tools.tagger.tiny import build_tagger
-from loratrain.common.progress import RecordingReporter
-from loratrain.common.safe_io import atomic_write_bytes
+from loratrain.dataset_tools.captions import caption_bytes, caption_path
+from loratrain.dataset_tools.synthetic import scene_image
+from loratrain.dataset_tools.tagger.config import TagConfig
+from loratrain.dataset_tools.tagger.model import TaggerModel, resolve_model_dir
+from loratrain.dataset_tools.tagger.postprocess import TagPostprocessor
+from loratrain.dataset_tools.tagger.preprocess import load_prepared
+from loratrain.dataset_tools.tagger.runner import default_batch_size, default_workers, tag_images
+from loratrain.dataset_tools.tagger.tiny import build_tagger
+from loratrain.core.progress import RecordingReporter
+from loratrain.core.safe_io import atomic_write_bytes
 
 PRESETS = {"vit-b": ("vit", 768, 12), "small": ("conv", 64, 8)}
 

@@ -26,13 +26,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def build_inputs(root: Path, size: str, resolution: int) -> tuple[Path, Path]:
-    from loratrain.demo import make_concept_images
-    from loratrain.models.families import FAMILIES
-    from loratrain.models.tiny import make_tiny_model, write_single_file
+    from loratrain.training.demo import make_concept_images
+    from loratrain.core.models.families import FAMILIES
+    from loratrain.core.models.tiny import make_tiny_model, write_single_file
 
     model = make_tiny_model("sd1", seed=0)
     if size == "sd15":  # real SD1.5 shapes, random weights
-        from loratrain.models.loading import build_component
+        from loratrain.core.models.loading import build_component
 
         cfgs = FAMILIES["sd1"].shipped_configs()
         model.unet, model.vae = build_component("unet", cfgs["unet"]), build_component("vae", cfgs["vae"])
@@ -44,7 +44,7 @@ def build_inputs(root: Path, size: str, resolution: int) -> tuple[Path, Path]:
 
 
 def run_ours(model: Path, data: Path, args: argparse.Namespace) -> float:
-    from loratrain.common.progress import RecordingReporter, StopFlag
+    from loratrain.core.progress import RecordingReporter, StopFlag
     from loratrain.training.config import TrainConfig
     from loratrain.training.trainer import LoRATrainer
 
@@ -75,8 +75,8 @@ def run_plain(model: Path, data: Path, args: argparse.Namespace) -> float:
     from peft import LoraConfig
     from PIL import Image
 
-    from loratrain.models.loading import load_model
-    from loratrain.networks.base import NetworkSpec, find_targets
+    from loratrain.core.models.loading import load_model
+    from loratrain.training.networks.base import NetworkSpec, find_targets
 
     m = load_model(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"

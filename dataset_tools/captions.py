@@ -1,16 +1,21 @@
-"""Caption files: where they are, how tags are split and joined, and what to do with an existing one."""
+"""Tags in a caption: how they are split and joined, and what to do with an existing caption.
+
+Where a caption lives and which of its lines the trainer reads is defined once, in
+`loratrain.core.captions`: tags always come from the first line, and later lines are written back
+unchanged.
+"""
 from __future__ import annotations
 
 from typing import Callable
 
-from loratrain.common.registry import Registry
-from loratrain.data.captions import caption_path, normalize_extension  # noqa: F401  (re-exported: one definition)
+from loratrain.core.captions import CaptionText
+from loratrain.core.registry import Registry
 
 DEFAULT_SEPARATOR = ", "
 
 
 def split_tags(text: str, separator: str = ",") -> list[str]:
-    """Tags of a caption; new lines count as separators so multi-line captions are not glued together."""
+    """Tags of a caption line; in text typed by a user, new lines count as separators too."""
     sep = separator.strip() or ","
     out = []
     for line in text.splitlines() or [""]:
@@ -22,9 +27,13 @@ def join_tags(tags: list[str], separator: str = DEFAULT_SEPARATOR) -> str:
     return separator.join(tags)
 
 
-def caption_bytes(tags: list[str], separator: str = DEFAULT_SEPARATOR) -> bytes:
-    """What a caption file holds: the tags on one line, newline-terminated, UTF-8 (as sd-scripts' tagger writes)."""
-    return (join_tags(tags, separator) + "\n").encode("utf-8")
+def caption_bytes(tags: list[str], separator: str = DEFAULT_SEPARATOR, keep: CaptionText | None = None) -> bytes:
+    """What a caption file holds: the tags as its first line, newline-terminated, UTF-8 (as sd-scripts' tagger
+    writes); the later lines of `keep` (the file as it was) follow unchanged."""
+    line = join_tags(tags, separator)
+    if keep is not None and keep.rest:
+        return keep.join(line).encode("utf-8")
+    return (line + "\n").encode("utf-8")
 
 
 def dedupe(tags: list[str]) -> list[str]:

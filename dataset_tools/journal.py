@@ -16,10 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loratrain.common.config import ConfigError
-from loratrain.common.safe_io import atomic_write_bytes
-
-from .images import STATE_DIR
+from loratrain.core.config import ConfigError
+from loratrain.core.images import STATE_DIR
+from loratrain.core.safe_io import atomic_write_bytes
 
 
 def _sha(data: bytes) -> str:

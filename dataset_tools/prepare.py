@@ -14,29 +14,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
+from pydantic import field_validator
 
-from loratrain.common.config import CommandConfig, ConfigError, opt
-from loratrain.common.progress import Reporter
-from loratrain.common.safe_io import atomic_write_text
-
-from .captions import caption_path, normalize_extension
-from .images import list_images
+from loratrain.core.captions import caption_path, normalize_extension
+from loratrain.core.config import ConfigError, JobConfig, Problem, opt
+from loratrain.core.images import list_images
+from loratrain.core.jobs import JobResult, job
+from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.safe_io import atomic_write_text
 
 LINK_MODES = ("hardlink", "symlink", "copy")
 
 
-@dataclass
-class PrepareConfig(CommandConfig):
-    output_dir: str = opt("", "where img/, reg/ and dataset.toml are created", metadata={"positional": True})
+class PrepareConfig(JobConfig):
+    output_dir: str = opt("", "where img/, reg/ and dataset.toml are created", positional=True, path="output")
     concepts: list[str] = opt([], "source folders as FOLDER=TOKENS (e.g. 'photos/rex=sks dog'); TOKENS defaults to the folder name")
-    steps_per_concept: int = opt(0, "target repeats x images per concept and epoch (0: match the largest concept)")
-    max_repeats: int = opt(100, "upper bound for the computed repeats")
+    steps_per_concept: int = opt(0, "target repeats x images per concept and epoch (0: match the largest concept)", ge=0)
+    max_repeats: int = opt(100, "upper bound for the computed repeats", ge=1)
     reg_dir: str = opt("", "regularization images folder")
     reg_class: str = opt("", "class tokens of the regularization images (e.g. 'dog')")
-    reg_repeats: int = opt(1, "repeats of the regularization folder")
+    reg_repeats: int = opt(1, "repeats of the regularization folder", ge=1)
     caption_extension: str = opt(".txt", "caption extension, written explicitly into the TOML")
-    link: str = opt("hardlink", "hardlink, symlink or copy the images (captions are always copied)",
-                    metadata={"choices": list(LINK_MODES)})
+    link: str = opt("hardlink", "hardlink, symlink or copy the images (captions are always copied)", choices=LINK_MODES)
     resolution: int = opt(512, "resolution written into the TOML")
     batch_size: int = opt(1, "batch_size written into the TOML")
     enable_bucket: bool = opt(True, "aspect-ratio bucketing in the TOML")
@@ -45,16 +44,28 @@ class PrepareConfig(CommandConfig):
     toml_name: str = opt("dataset.toml", "file name of the dataset config inside output_dir")
     overwrite: bool = opt(False, "add to an output_dir that already has img/ or reg/ (the TOML is rewritten; existing files are never replaced)")
 
-    def validate(self) -> None:
-        if not self.output_dir:
-            raise ConfigError("output_dir is required")
-        if not self.concepts:
-            raise ConfigError("give at least one --concepts FOLDER=TOKENS")
+    @field_validator("caption_extension")
+    @classmethod
+    def _extension(cls, value: str) -> str:
+        try:
+            return normalize_extension(value)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
         if self.reg_dir and not self.reg_class:
-            raise ConfigError("--reg_dir needs --reg_class (the class tokens of the regularization images)")
-        if self.steps_per_concept < 0 or self.max_repeats < 1 or self.reg_repeats < 1:
-            raise ConfigError("steps_per_concept must be >= 0, max_repeats and reg_repeats >= 1")
-        self.caption_extension = normalize_extension(self.caption_extension)
+            out.append(("reg_class", "--reg_dir needs --reg_class (the class tokens of the regularization images)"))
+        for spec in self.concepts:
+            try:
+                parse_concept(spec)
+            except ConfigError as e:
+                out.append(("concepts", str(e)))
+        return out
+
+    def requirements(self) -> list[Problem]:
+        out = [("output_dir", "is required")] if not self.output_dir else []
+        return out + ([("concepts", "give at least one --concepts FOLDER=TOKENS")] if not self.concepts else [])
 
 
 @dataclass
@@ -67,11 +78,21 @@ class Concept:
 
 
 @dataclass
-class PrepareResult:
+class PrepareResult(JobResult):
     concepts: list[Concept] = field(default_factory=list)
     reg: Concept | None = None
     toml: Path | None = None
     missing_captions: list[Path] = field(default_factory=list)
+
+    def summary(self) -> list[str]:
+        if self.stopped:
+            return ["stopped; the files placed so far were removed again"]
+        lines = [f"{c.folder}: {len(c.images)} image(s) x {c.repeats} repeats = {len(c.images) * c.repeats}"
+                 for c in self.concepts + ([self.reg] if self.reg else [])]
+        if self.missing_captions:
+            lines.append(f"warning: {len(self.missing_captions)} image(s) have no caption; their folder's tokens will be used "
+                         f"(first: {self.missing_captions[0]})")
+        return lines + [f"dataset config: {self.toml}", f"train with: loratrain train --dataset_config {self.toml} ..."]
 
 
 def parse_concept(spec: str) -> tuple[Path, str]:
@@ -119,7 +140,13 @@ def _check_paths(cfg: PrepareConfig, out: Path, sources: list[Path]) -> None:
             raise ConfigError(f"{out / sub} already exists and is not empty; pass --overwrite to add to it")
 
 
-def prepare_dataset(cfg: PrepareConfig, reporter: Reporter) -> PrepareResult:
+@job
+def run_prepare(cfg: PrepareConfig, reporter: Reporter, stop: StopFlag) -> PrepareResult:
+    """Link (or copy) images into balanced `<repeats>_<tokens>` folders and write the dataset TOML.
+
+    Nothing is written before every source is read and every target checked free; a stop removes
+    the files this run placed, so the output is either complete (with its TOML) or as it was.
+    """
     out = Path(cfg.output_dir)
     parsed = [parse_concept(c) for c in cfg.concepts]
     sources = [p for p, _ in parsed] + ([Path(cfg.reg_dir)] if cfg.reg_dir else [])
@@ -145,23 +172,43 @@ def prepare_dataset(cfg: PrepareConfig, reporter: Reporter) -> PrepareResult:
     clashes = [c.folder / i.name for c in everything for i in c.images if (c.folder / i.name).exists()]
     if clashes:
         raise ConfigError(f"{len(clashes)} file(s) already exist in the output (first: {clashes[0]}); nothing was written")
-    reporter.start(sum(len(c.images) for c in everything), "preparing")
-    for concept in everything:
-        concept.folder.mkdir(parents=True, exist_ok=True)
-        for img in concept.images:
-            dst = concept.folder / img.name
-            _place(img, dst, cfg.link)
-            cap = caption_path(img, cfg.caption_extension)
-            if cap.is_file():
-                shutil.copy2(cap, caption_path(dst, cfg.caption_extension))
-            elif concept is not result.reg:
-                result.missing_captions.append(img)
-            reporter.advance()
+    placed: list[Path] = []
+    made_dirs = [d for d in {out, out / "img", out / "reg", *(c.folder for c in everything)} if not d.exists()]
+    reporter.start(sum(len(c.images) for c in everything), "preparing", unit="img")
+    try:
+        for concept in everything:
+            concept.folder.mkdir(parents=True, exist_ok=True)
+            for img in concept.images:
+                if stop.is_set():
+                    raise _Undo
+                dst = concept.folder / img.name
+                _place(img, dst, cfg.link)
+                placed.append(dst)
+                cap = caption_path(img, cfg.caption_extension)
+                if cap.is_file():
+                    shutil.copy2(cap, caption_path(dst, cfg.caption_extension))
+                    placed.append(caption_path(dst, cfg.caption_extension))
+                elif concept is not result.reg:
+                    result.missing_captions.append(img)
+                reporter.advance()
+        result.toml = out / cfg.toml_name
+        atomic_write_text(result.toml, dataset_toml(cfg, result))
+    except BaseException as e:
+        for path in reversed(placed):
+            path.unlink(missing_ok=True)
+        for d in sorted(made_dirs, key=lambda p: len(p.parts), reverse=True):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        reporter.done("")
+        if isinstance(e, _Undo):
+            return PrepareResult(stopped=True)
+        raise
     reporter.done("")
-
-    result.toml = out / cfg.toml_name
-    atomic_write_text(result.toml, dataset_toml(cfg, result))
     return result
+
+
+class _Undo(Exception):
+    """A stop while placing files: remove what this run placed."""
 
 
 def dataset_toml(cfg: PrepareConfig, result: PrepareResult) -> str:

@@ -4,11 +4,4 @@ Faces of real people are involved: use only faces whose owners consented. Output
 are labelled as AI-generated.
 """
 
-
-def require_extras(*modules: str) -> None:
-    """Fail with the install command when an optional face dependency is missing."""
-    import importlib.util
-
-    missing = [m for m in modules or ("cv2", "dlib") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ImportError(f"the face tools need {', '.join(missing)}: pip install 'loratrain[face]'")
+CONSENT = "Use only faces of people who have given their consent."

@@ -10,7 +10,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from loratrain.common.registry import Registry
+from loratrain.core.registry import Registry
 
 Transfer = Callable[..., np.ndarray]
 COLOR_TRANSFERS: Registry[Transfer] = Registry("colour transfer mode")

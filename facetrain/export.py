@@ -5,12 +5,16 @@ src's likeness), `out_celeb_face_mask` (its mask) and `out_face_mask` (the dst m
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from loratrain.common.safe_io import atomic_path
+from loratrain.core.jobs import JobResult, job
+from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.safe_io import atomic_path, new_output
 
+from .config import ExportConfig
 from .models.archi import FaceAutoencoder, FaceModelConfig, build_model
 from .train.state import read_checkpoint
 
@@ -43,3 +47,18 @@ def export_onnx(model_path: str | Path, output: str | Path, opset: int = 17) -> 
                           output_names=["out_celeb_face", "out_celeb_face_mask", "out_face_mask"],
                           dynamic_axes={"in_face:0": {0: "batch"}}, opset_version=opset, dynamo=False)
     return output
+
+
+@dataclass
+class ExportResult(JobResult):
+    output: Path
+
+    def summary(self) -> list[str]:
+        return [f"wrote {self.output} (input in_face:0, outputs out_celeb_face, out_celeb_face_mask, out_face_mask)"]
+
+
+@job
+def run_face_export(cfg: ExportConfig, reporter: Reporter, stop: StopFlag) -> ExportResult:
+    """ONNX in DeepFaceLab's .dfm contract, written atomically (one unit)."""
+    new_output(cfg.output, cfg.overwrite)
+    return ExportResult(output=export_onnx(cfg.model, cfg.output))

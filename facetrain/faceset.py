@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from loratrain.common.safe_io import atomic_path, atomic_write_bytes
+from loratrain.core.safe_io import atomic_path, atomic_write_bytes
 
 META_KEY = "loratrain.face"
 FACE_EXTENSIONS = {".jpg", ".jpeg", ".png"}

@@ -12,18 +12,32 @@ import dataclasses
 import json
 from pathlib import Path
 
-from loratrain.common.config import ConfigError
-from loratrain.common.safe_io import save_safetensors
+from loratrain.core.config import ConfigError
+from loratrain.core.jobs import JobResult, job
+from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.safe_io import save_safetensors
 
+from .config import GrowConfig
 from .models.archi import ArchSpec, FaceModelConfig, build_model
 from .train.state import CONFIG_KEY, backup_file, read_checkpoint
 
 
 @dataclasses.dataclass
-class GrowResult:
+class GrowResult(JobResult):
     kept: list[str]
     reinitialised: list[str]
     model_path: Path
+
+    def summary(self) -> list[str]:
+        layers = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in self.reinitialised})
+        return [f"{self.model_path}: {len(self.kept)} tensors kept, {len(self.reinitialised)} re-initialised "
+                f"({', '.join(layers)}); train on at the new resolution"]
+
+
+@job
+def run_face_grow(cfg: GrowConfig, reporter: Reporter, stop: StopFlag) -> GrowResult:
+    """Continue a model at a higher resolution (one unit: the previous model is backed up first)."""
+    return grow_model(cfg.model, cfg.resolution, cfg.keep_backups)
 
 
 def grow_model(model_path: str | Path, resolution: int, keep_backups: int = 3) -> GrowResult:

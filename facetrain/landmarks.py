@@ -11,7 +11,7 @@ import math
 import cv2
 import numpy as np
 
-from .face_types import FACE_TYPES, FACE_TYPE_NAMES  # noqa: F401  (re-exported)
+from .face_types import FACE_TYPE_NAMES, FACE_TYPES  # noqa: F401  (re-exported)
 
 # Mean face in the unit square for landmarks 17..48 and 54 (DeepFaceLab's `landmarks_2D_new`).
 TEMPLATE = np.array([

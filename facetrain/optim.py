@@ -6,7 +6,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from loratrain.common.registry import Registry
+from loratrain.core.registry import Registry
 
 
 class AdaBelief(torch.optim.Optimizer):

@@ -1,25 +1,85 @@
-"""`loratrain <command>`: each command module registers a parser and calls one library function."""
+"""`loratrain <command>`: the parser is generated from the job table; every command runs the same way.
+
+parse -> check the job's optional extras -> merge TOML and flags, validate once -> run the job with a
+console reporter and a Ctrl-C stop flag -> print its summary -> exit with its code. Every user or
+environment error (bad option, missing file, disk full, a file where a folder should be) ends as one
+line naming the path and what to do, exit 2; `LORATRAIN_DEBUG=1` shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
-from typing import Callable
+from typing import Any
 
-from .common.config import ConfigError
-from .common.registry import Registry
+from .core.config import ConfigError
+from .jobs import GROUPS, JOBS, JobSpec, missing_extras
 
-COMMANDS: Registry[Callable[[argparse._SubParsersAction], None]] = Registry("command")
+
+def _parser(parent: Any, name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
+    return parent.add_parser(name, help=help_text, description=description or help_text, allow_abbrev=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import convert, dataset, demo, face, generate, grid, lora, merge, tag, tags, train  # noqa: F401  (each registers itself)
-
-    parser = argparse.ArgumentParser(prog="loratrain", description="Fine-tune SD1/SD2/SDXL with LoRA / LoCon, merge and convert checkpoints, offline.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        COMMANDS.get(name)(sub)
+    parser = argparse.ArgumentParser(prog="loratrain", allow_abbrev=False,
+                                     description="Fine-tune SD1/SD2/SDXL with LoRA / LoCon, prepare datasets, merge and "
+                                                 "convert checkpoints, train face models: offline.")
+    root = parser.add_subparsers(dest="command", required=True)
+    specs = [JOBS.get(name) for name in JOBS]
+    groups: dict[str, list[JobSpec]] = {}
+    for spec in specs:
+        groups.setdefault(spec.path[0], []).append(spec)
+    for head, members in groups.items():
+        leaf = next((s for s in members if len(s.path) == 1), None)
+        subs = [s for s in members if len(s.path) == 2]
+        if leaf is not None:
+            p = _parser(root, head, leaf.help, leaf.description)
+            _add_job(p, leaf)
+        else:
+            p = _parser(root, head, GROUPS.get(head, " / ".join(s.path[1] for s in subs)))
+        if subs:
+            ops = p.add_subparsers(dest=f"{head}_op", required=leaf is None, metavar="{" + ",".join(s.path[1] for s in subs) + "}")
+            for spec in subs:
+                _add_job(_parser(ops, spec.path[1], spec.help, spec.description), spec)
     return parser
+
+
+def _add_job(parser: argparse.ArgumentParser, spec: JobSpec) -> None:
+    spec.config_class().add_arguments(parser, fixed=set(spec.fixed))
+    parser.set_defaults(job=spec)
+
+
+def run_job(spec: JobSpec, args: argparse.Namespace) -> int:
+    from .console import ConsoleReporter, ctrl_c_stop
+
+    hint = missing_extras(spec)
+    if hint:
+        raise ImportError(hint)
+    cfg = spec.config_class().from_args(args, fixed=spec.fixed)
+    stop = ctrl_c_stop(spec.stop_when)
+    result = spec.run_function()(cfg, ConsoleReporter(quiet=bool(getattr(cfg, "quiet", False))), stop)
+    return result.exit_code
+
+
+def describe_error(e: BaseException) -> str:
+    """One line (or one per config problem) that names the path and says what to do."""
+    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError,)) and e.errno is not None:
+        where = e.filename or "the output"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return (f"cannot write {where}: {e.strerror}. Free some space (or choose another output folder) and run "
+                    "again; nothing half-written was left behind")
+        if isinstance(e, NotADirectoryError) or e.errno == errno.ENOTDIR:
+            return f"{where}: a part of this path is a file, not a folder; choose another path"
+        if isinstance(e, FileExistsError):
+            return f"{where}: already exists and is not a folder; choose another path"
+        if isinstance(e, IsADirectoryError):
+            return f"{where}: is a folder, where a file was expected"
+        if isinstance(e, PermissionError):
+            return f"{where}: permission denied; choose a path you can write to"
+        return f"{where}: {e.strerror}"
+    text = str(e).strip()
+    return text or e.__class__.__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.run(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        return run_job(args.job, args)
+    except KeyboardInterrupt:
+        print("\naborted", file=sys.stderr)
+        return 130
+    except (ConfigError, ValueError, OSError, ImportError, RuntimeError, FloatingPointError) as e:
+        if os.environ.get("LORATRAIN_DEBUG"):
+            raise
+        for line in describe_error(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
         return 2

@@ -14,18 +14,19 @@ from pathlib import Path
 
 import torch
 
-from loratrain.common.config import ConfigError
-from loratrain.common.progress import Reporter, TqdmReporter
-from loratrain.common.safe_io import new_output
-from loratrain.models.families import VAE_PREFIX, Family, ModelTypeError, detect_family
-from loratrain.models.single_file import CONFIG_METADATA_KEY
+from loratrain.core.config import ConfigError
+from loratrain.core.jobs import JobResult, Stopped, job
+from loratrain.core.lora.blocks import BASE, block_of, block_weights, parse_values
+from loratrain.core.models.families import VAE_PREFIX, Family, ModelTypeError, detect_family
+from loratrain.core.models.single_file import CONFIG_METADATA_KEY
+from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.safe_io import new_output
+from loratrain.core.tensor_io import LazySafetensors, OutputTensor, StreamingWriter, chunks, out_dtype
 
-from .blocks import BASE, block_of, block_weights, parse_values
 from .config import MergeConfig
 from .methods import MERGE_METHODS, MergeMethod
-from .presets import merge_preset
+from .presets import merge_preset, merge_presets
 from .provenance import cached_sha256, merge_metadata, remember_sha256
-from .tensor_io import LazySafetensors, OutputTensor, StreamingWriter, chunks, out_dtype
 
 CHUNK_ELEMENTS = 4 * 1024 * 1024
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
@@ -41,14 +42,23 @@ class KeyPlan:
 
 
 @dataclass
-class MergeResult:
-    output: Path
-    family: str
-    merged: int
-    copied: int
-    bytes_written: int
-    seconds: float
+class MergeResult(JobResult):
+    output: Path | None
+    family: str = ""
+    merged: int = 0
+    copied: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
     weights: dict[str, float] = field(default_factory=dict)
+    presets: dict[str, list[float]] = field(default_factory=dict)  # filled by --list_presets
+
+    def summary(self) -> list[str]:
+        if self.presets:
+            return [f"{name:28s} {','.join(f'{v:.3g}' for v in values)}" for name, values in sorted(self.presets.items())]
+        if self.stopped:
+            return ["stopped; nothing was written"]
+        return [f"wrote {self.output} ({self.bytes_written / 2**20:.0f} MiB, {self.merged} tensors merged, "
+                f"{self.copied} copied) in {self.seconds:.1f} s"]
 
 
 def copy_tensor(src: LazySafetensors, name: str, dtype: torch.dtype, writer: StreamingWriter) -> None:
@@ -68,7 +78,6 @@ def open_model(path: str, role: str) -> tuple[LazySafetensors, Family]:
 
 class CheckpointMerge:
     def __init__(self, cfg: MergeConfig) -> None:
-        cfg.check_complete()
         self.cfg = cfg
         self.method: MergeMethod = MERGE_METHODS.get(cfg.method)
         self.output = Path(cfg.output)
@@ -97,8 +106,6 @@ class CheckpointMerge:
         if self.output.resolve() in resolved:
             raise ConfigError(f"--output {self.output} is one of the inputs; choose another file")
         new_output(self.output, cfg.overwrite)
-        if self.output.suffix.lower() != ".safetensors":
-            raise ConfigError(f"--output must end in .safetensors, got {self.output.name}")
         if cfg.vae:
             self.files["VAE"] = LazySafetensors(cfg.vae, what="VAE")
 
@@ -197,8 +204,7 @@ class CheckpointMerge:
         return None
 
     # ---- execution --------------------------------------------------------------------------
-    def run(self, reporter: Reporter | None = None) -> MergeResult:
-        reporter = reporter or TqdmReporter()
+    def run(self, reporter: Reporter, stop: StopFlag) -> MergeResult:
         cfg = self.cfg
         t0 = time.perf_counter()
         inputs = {"primary": "A", "secondary": "B", "tertiary": "C"}
@@ -209,22 +215,26 @@ class CheckpointMerge:
                 f.start_hash()
         # same-length stand-ins, so the header can be rewritten in place once the hashes are known
         placeholder = {f.path: (f"{i:064x}" if cfg.hash_models else None) for i, f in enumerate(hashed)}
-        reporter.start(len(self.plan), "merge")
-        with StreamingWriter(self.output, [p.out for p in self.plan], self._metadata(placeholder)) as writer:
-            for item in self.plan:
-                self._write_one(item, writer)
-                reporter.advance(1)
-            if cfg.hash_models:
-                for f in hashed:
-                    if known[f.path] is None:
-                        known[f.path] = remember_sha256(f.path, f.finish_hash())
-                writer.rewrite_metadata(self._metadata(known))
+        reporter.start(len(self.plan), "merge", unit="tensor")
+        try:
+            with StreamingWriter(self.output, [p.out for p in self.plan], self._metadata(placeholder)) as writer:
+                for item in self.plan:
+                    if stop.is_set():
+                        raise Stopped
+                    self._write_one(item, writer)
+                    reporter.advance(1)
+                if cfg.hash_models:
+                    for f in hashed:
+                        if known[f.path] is None:
+                            known[f.path] = remember_sha256(f.path, f.finish_hash())
+                    writer.rewrite_metadata(self._metadata(known))
+        except Stopped:
+            reporter.done("")
+            return MergeResult(output=None, family=self.family.name, stopped=True)
+        reporter.done("")
         merged = sum(p.action == "merge" for p in self.plan)
-        result = MergeResult(self.output, self.family.name, merged, len(self.plan) - merged, writer.total_bytes,
-                             time.perf_counter() - t0, self.weights)
-        reporter.done(f"wrote {self.output} ({result.bytes_written / 2**20:.0f} MiB, {merged} tensors merged, "
-                      f"{result.copied} copied) in {result.seconds:.1f} s")
-        return result
+        return MergeResult(output=self.output, family=self.family.name, merged=merged, copied=len(self.plan) - merged,
+                           bytes_written=writer.total_bytes, seconds=time.perf_counter() - t0, weights=self.weights)
 
     def _write_one(self, item: KeyPlan, writer: StreamingWriter) -> None:
         key, dtype = item.out.name, item.out.dtype
@@ -280,10 +290,23 @@ class CheckpointMerge:
             f.close()
 
 
-def merge_checkpoints(cfg: MergeConfig, reporter: Reporter | None = None) -> MergeResult:
-    """Plan (validating everything), then stream the merge to `cfg.output`."""
-    job = CheckpointMerge(cfg)
+@job
+def run_merge(cfg: MergeConfig, reporter: Reporter, stop: StopFlag) -> MergeResult:
+    """Plan the merge from the inputs' headers (every mismatch reported before a byte is written), then stream it.
+
+    reporter: one "merge" phase, a unit per output tensor. stop: checked per tensor; a stopped merge
+    writes nothing. Result: the output, tensors merged/copied, bytes, seconds and the block weights used
+    (with --list_presets: only the preset table).
+    """
+    if cfg.list_presets:
+        presets = dict(merge_presets())
+        if cfg.preset_file:
+            from loratrain.core.lora.presets import read_tsv
+
+            presets.update(read_tsv(Path(cfg.preset_file), 25))
+        return MergeResult(output=None, presets=presets)
+    merge = CheckpointMerge(cfg)
     try:
-        return job.run(reporter)
+        return merge.run(reporter, stop)
     finally:
-        job.close()
+        merge.close()

@@ -1,72 +1,146 @@
-"""Config of `loratrain merge`: one dataclass shared by the CLI, TOML files and the UI."""
+"""Configs of `loratrain merge`, `convert` and `lora bake|merge|extract`: light to import (the CLI and the UI
+build their flags and forms from them); each job module holds the work."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from pathlib import Path
 
-from loratrain.common.config import CommandConfig, ConfigError, opt
+from loratrain.core.config import JobConfig, Problem, opt
+from loratrain.core.lora.spec import lora_spec_problems, parse_lora_spec
+from loratrain.core.precision import CANONICAL
 
-from .methods import MERGE_METHODS
-from .tensor_io import SAVE_DTYPES
-
-PRECISIONS = ("auto", *SAVE_DTYPES)
+PRECISIONS = ("auto", *CANONICAL, "float")
+METHODS = "loratrain.merge.methods:MERGE_METHODS"
 
 
-@dataclass
-class MergeConfig(CommandConfig):
-    model_a: str = opt("", "model A (.safetensors)", metadata={"positional": True})
-    model_b: str = opt("", "model B (.safetensors)", metadata={"positional": True})
-    model_c: str = opt("", "model C, for add_difference (.safetensors)")
-    output: str = opt("", "output .safetensors file")
-    method: str = opt("weighted_sum", "merge method; w is always the share of B",
-                      metadata={"choices": ["weighted_sum", "add_difference"]})
-    alpha: float | None = opt(None, "plain merge: the weight of B for every key")
-    weights: str = opt("", "block merge: 25 comma-separated weights IN00..IN11,M00,OUT00..OUT11 (SDXL: 19, or 25 converted)")
-    preset: str = opt("", "block merge: a named preset (GRAD_V, GRAD_A, FLAT_25, WRAP08, ...)")
-    preset_file: str = opt("", "extra presets, one 'NAME<TAB>25 values' per line")
-    base_alpha: float | None = opt(None, "block merge: weight of B for text encoder, VAE and other keys (default 0)")
-    save_precision: str = opt("auto", "output dtype of float tensors (auto keeps each input's)", metadata={"choices": list(PRECISIONS)})
+class MergeConfig(JobConfig):
+    model_a: str = opt("", "model A (.safetensors)", positional=True, path="file", group="Models")
+    model_b: str = opt("", "model B (.safetensors)", positional=True, path="file", group="Models")
+    model_c: str = opt("", "model C, for add_difference (.safetensors)", path="file", group="Models")
+    output: str = opt("", "output .safetensors file", path="output", group="Output")
+    method: str = opt("weighted_sum", "merge method; w is always the share of B", registry=METHODS, group="Weights")
+    alpha: float | None = opt(None, "plain merge: the weight of B for every key", group="Weights")
+    weights: str = opt("", "block merge: 25 comma-separated weights IN00..IN11,M00,OUT00..OUT11 (SDXL: 19, or 25 converted)",
+                       group="Weights")
+    preset: str = opt("", "block merge: a named preset (GRAD_V, GRAD_A, FLAT_25, WRAP08, ...)", group="Weights")
+    preset_file: str = opt("", "extra presets, one 'NAME<TAB>25 values' per line", path="file", group="Weights", advanced=True)
+    base_alpha: float | None = opt(None, "block merge: weight of B for text encoder, VAE and other keys (default 0)", group="Weights")
+    save_precision: str = opt("auto", "output dtype of float tensors (auto keeps each input's)", choices=PRECISIONS, group="Output")
     position_ids: str = opt("keep", "CLIP position_ids: keep A's, or reset to 0..N-1 (never interpolated)",
-                            metadata={"choices": ["keep", "reset"]})
-    prune: bool = opt(False, "drop EMA weights (model_ema.*) from the output")
-    vae: str = opt("", "bake this VAE (.safetensors, LDM keys) into the output")
-    discard_weights: str = opt("", "drop keys matching this regular expression from the output")
-    hash_models: bool = opt(True, "record the inputs' SHA-256 in sd_merge_models (reads each input once more, in parallel)")
-    overwrite: bool = opt(False, "replace the output file if it exists")
-
-    def validate(self) -> None:
-        if self.method.lower() not in MERGE_METHODS:
-            raise ConfigError(f"method: unknown merge method {self.method!r}; choose one of {', '.join(MERGE_METHODS.names())}")
-        if self.save_precision not in PRECISIONS:
-            raise ConfigError(f"save_precision must be one of {', '.join(PRECISIONS)}")
-        if self.position_ids not in ("keep", "reset"):
-            raise ConfigError("position_ids must be keep or reset")
-        if self.discard_weights:
-            try:
-                re.compile(self.discard_weights)
-            except re.error as e:
-                raise ConfigError(f"discard_weights: not a valid regular expression ({e})") from None
+                            choices=["keep", "reset"], group="Output", advanced=True)
+    prune: bool = opt(False, "drop EMA weights (model_ema.*) from the output", group="Output")
+    vae: str = opt("", "bake this VAE (.safetensors, LDM keys) into the output", path="file", group="Output")
+    discard_weights: str = opt("", "drop keys matching this regular expression from the output", group="Output", advanced=True)
+    hash_models: bool = opt(True, "record the inputs' SHA-256 in sd_merge_models (computed while merging)", group="Output",
+                            advanced=True)
+    overwrite: bool = opt(False, "replace the output file if it exists", group="Output")
+    list_presets: bool = opt(False, "print the block-weight presets and exit", advanced=True)
 
     @property
     def block_mode(self) -> bool:
         return bool(self.weights or self.preset)
 
-    def check_complete(self) -> None:
-        """Checks that need every value (flags and TOML merged), before any file is opened."""
-        if not self.model_a or not self.model_b:
-            raise ConfigError("merge needs MODEL_A and MODEL_B")
-        if not self.output:
-            raise ConfigError("--output is required")
+    def problems(self) -> list[Problem]:
+        """Everything that needs only the values (flags and TOML merged), before any file is opened."""
+        if self.list_presets:
+            return []
+        out: list[Problem] = []
+        if self.discard_weights:
+            try:
+                re.compile(self.discard_weights)
+            except re.error as e:
+                out.append(("discard_weights", f"not a valid regular expression ({e})"))
+        if self.output and Path(self.output).suffix.lower() != ".safetensors":
+            out.append(("output", f"must end in .safetensors, got {Path(self.output).name}"))
         if self.weights and self.preset:
-            raise ConfigError("give --weights or --preset, not both")
+            out.append(("preset", "give --weights or --preset, not both"))
         if self.block_mode and self.alpha is not None:
-            raise ConfigError("--alpha is for a plain merge; with --weights/--preset use --base_alpha for the non-block keys")
+            out.append(("alpha", "--alpha is for a plain merge; with --weights/--preset use --base_alpha for the non-block keys"))
         if not self.block_mode and self.alpha is None:
-            raise ConfigError("give --alpha W (the share of B) for a plain merge, or --weights/--preset for a block merge")
+            out.append(("alpha", "give --alpha W (the share of B) for a plain merge, or --weights/--preset for a block merge"))
         if not self.block_mode and self.base_alpha is not None:
-            raise ConfigError("--base_alpha only applies to a block merge (--weights or --preset)")
-        needs_c = MERGE_METHODS.get(self.method).needs_c
-        if needs_c and not self.model_c:
-            raise ConfigError(f"{self.method} needs --model_c")
-        if self.model_c and not needs_c:
-            raise ConfigError(f"--model_c is not used by {self.method}; did you mean --method add_difference?")
+            out.append(("base_alpha", "--base_alpha only applies to a block merge (--weights or --preset)"))
+        from .methods import MERGE_METHODS
+
+        if self.method in MERGE_METHODS:
+            needs_c = MERGE_METHODS.get(self.method).needs_c
+            if self.model_c and not needs_c:
+                out.append(("model_c", f"--model_c is not used by {self.method}; did you mean --method add_difference?"))
+        if self.preset:
+            from .presets import merge_preset
+
+            try:
+                merge_preset(self.preset, self.preset_file or None)
+            except (ValueError, OSError) as e:
+                out.append(("preset", str(e)))
+        return out
+
+    def requirements(self) -> list[Problem]:
+        if self.list_presets:
+            return []
+        out = [(name, "is required") for name in ("model_a", "model_b", "output") if not getattr(self, name)]
+        from .methods import MERGE_METHODS
+
+        if self.method in MERGE_METHODS and MERGE_METHODS.get(self.method).needs_c and not self.model_c:
+            out.append(("model_c", f"{self.method} needs --model_c"))
+        return out
+
+
+class BakeConfig(JobConfig):
+    model: str = opt("", "checkpoint to bake into (.safetensors)", positional=True, path="file")
+    loras: list[str] = opt([], "LoRA files as PATH[:RATIO[:BLOCKS]]; BLOCKS a LoRA block-weight preset or 12/17/20/26 values")
+    output: str = opt("", "output .safetensors", path="output")
+    save_precision: str = opt("auto", "dtype of float tensors in the output (auto keeps the model's)", choices=PRECISIONS)
+    overwrite: bool = opt(False, "replace the output if it exists")
+
+    def requirements(self) -> list[Problem]:
+        out = [(name, "is required") for name in ("model", "loras", "output") if not getattr(self, name)]
+        return out + lora_spec_problems(self.loras, "loras")
+
+
+class LoraMergeConfig(JobConfig):
+    loras: list[str] = opt([], "LoRA files as PATH[:RATIO]")
+    output: str = opt("", "output .safetensors", path="output")
+    mode: str = opt("concat", "concat: exact sum, rank = sum of ranks; svd: re-factorise to --new_rank", choices=["concat", "svd"])
+    new_rank: int = opt(16, "svd: rank of linear / 1x1 modules", ge=1)
+    new_conv_rank: int | None = opt(None, "svd: rank of 3x3 conv modules (default: new_rank)", ge=1)
+    clamp_quantile: float = opt(0.99, "svd: clamp factors to this quantile of their magnitudes (1 = off)", gt=0, le=1)
+    save_precision: str = opt("fp16", "output dtype", choices=[*CANONICAL, "float"])
+    overwrite: bool = opt(False, "replace the output if it exists")
+
+    def requirements(self) -> list[Problem]:
+        out = [(name, "is required") for name in ("loras", "output") if not getattr(self, name)]
+        out += [("loras", f"{t}: block weights apply when baking into a model (lora bake), not here")
+                for t in self.loras if parse_lora_spec(t).blocks]
+        return out + lora_spec_problems(self.loras, "loras")
+
+
+class LoraExtractConfig(JobConfig):
+    model_org: str = opt("", "the base checkpoint", positional=True, path="file")
+    model_tuned: str = opt("", "the fine-tuned checkpoint", positional=True, path="file")
+    output: str = opt("", "output LoRA .safetensors", path="output")
+    dim: int = opt(4, "rank of linear / 1x1 modules", ge=1)
+    conv_dim: int = opt(0, "rank of 3x3 conv modules (0: no conv LoRA)", ge=0)
+    clamp_quantile: float = opt(0.99, "clamp factors to this quantile of their magnitudes (1 = off)", gt=0, le=1)
+    min_diff: float = opt(0.01, "text encoder deltas all below this are dropped (U-Net only LoRA)", ge=0)
+    save_precision: str = opt("fp16", "output dtype", choices=[*CANONICAL, "float"])
+    overwrite: bool = opt(False, "replace the output if it exists")
+
+    def requirements(self) -> list[Problem]:
+        return [(name, "is required") for name in ("model_org", "model_tuned", "output") if not getattr(self, name)]
+
+
+class ConvertConfig(JobConfig):
+    source: str = opt("", "a .safetensors (or, with --allow_pickle, .ckpt) file, or a diffusers folder", positional=True, path="any")
+    target: str = opt("", "OUT.safetensors for a single file, otherwise a diffusers folder", positional=True, path="output")
+    save_precision: str = opt("fp16", "dtype of float tensors in the output", choices=[*CANONICAL, "float"])
+    allow_pickle: bool = opt(False, "read a pickled .ckpt with torch.load(weights_only=True)")
+    overwrite: bool = opt(False, "replace the target if it exists")
+
+    def requirements(self) -> list[Problem]:
+        out = [(name, "is required") for name in ("source", "target") if not getattr(self, name)]
+        if self.source and self.target and Path(self.target).resolve() == Path(self.source).resolve():
+            out.append(("target", "SOURCE and TARGET are the same path"))
+        if Path(self.target).suffix.lower() in (".ckpt", ".pt", ".bin"):
+            out.append(("target", "we only write .safetensors or diffusers folders"))
+        return out

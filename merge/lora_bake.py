@@ -9,33 +9,33 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from loratrain.common.config import CommandConfig, ConfigError, opt
-from loratrain.common.progress import Reporter, TqdmReporter
-from loratrain.common.safe_io import new_output
+from loratrain.core.config import ConfigError
+from loratrain.core.jobs import JobResult, Stopped, job
+from loratrain.core.lora.files import LoraModule, lbw_weights, lora_is_sdxl, parse_lora_spec, read_lora
+from loratrain.core.lora.keys import LoraSite, lora_sites
+from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.safe_io import new_output
+from loratrain.core.tensor_io import OutputTensor, StreamingWriter, out_dtype
 
 from .checkpoint import copy_tensor, open_model
-from .lora_files import (
-    LoraModule,
-    lbw_weights,
-    lora_is_sdxl,
-    parse_lora_spec,
-    read_lora,
-)
-from .lora_keys import LoraSite, lora_sites
-from .tensor_io import SAVE_DTYPES, OutputTensor, StreamingWriter, out_dtype
+from .config import BakeConfig
 
 
 @dataclass
-class BakeConfig(CommandConfig):
-    model: str = opt("", "checkpoint to bake into (.safetensors)", metadata={"positional": True})
-    loras: list[str] = opt([], "LoRA files as PATH[:RATIO[:BLOCKS]]; BLOCKS a LoRA block-weight preset or 12/17/20/26 values")
-    output: str = opt("", "output .safetensors")
-    save_precision: str = opt("auto", "dtype of float tensors in the output (auto keeps the model's)",
-                              metadata={"choices": ["auto", *SAVE_DTYPES]})
-    overwrite: bool = opt(False, "replace the output if it exists")
+class BakeResult(JobResult):
+    output: Path | None
+    loras: int = 0
+    weights_changed: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> list[str]:
+        if self.stopped:
+            return ["stopped; nothing was written"]
+        return [f"wrote {self.output}: {self.loras} LoRA(s) baked into {self.weights_changed} weights in {self.seconds:.1f} s"]
 
 
 @dataclass
@@ -45,10 +45,13 @@ class _Applied:
     ratio: float
 
 
-def bake_loras(cfg: BakeConfig, reporter: Reporter | None = None) -> Path:
-    reporter = reporter or TqdmReporter()
-    if not cfg.model or not cfg.loras or not cfg.output:
-        raise ConfigError("lora bake needs MODEL, --loras and --output")
+@job
+def run_lora_bake(cfg: BakeConfig, reporter: Reporter, stop: StopFlag) -> BakeResult:
+    """W += ratio * block_ratio * (alpha/rank) * up @ down for every LoRA, streamed into a new checkpoint.
+
+    Every LoRA is read and shape-checked against the model before the output is opened; stop is
+    checked per tensor and a stopped bake writes nothing. Result: the output and how many weights changed.
+    """
     out = new_output(cfg.output, cfg.overwrite)
     model, family = open_model(cfg.model, "model")
     try:
@@ -88,21 +91,31 @@ def bake_loras(cfg: BakeConfig, reporter: Reporter | None = None) -> Path:
         meta["format"] = "pt"
         meta["loratrain.baked_loras"] = json.dumps(recipe)
         t0 = time.perf_counter()
-        reporter.start(len(plan), "bake")
-        with StreamingWriter(out, plan, meta) as writer:
-            for item in plan:
-                applied = by_key.get(item.name)
-                if applied:
-                    w = model.read(item.name).to(torch.float32, copy=True)
-                    for a in applied:
-                        target = w[a.site.rows[0]:a.site.rows[1]] if a.site.rows else w
-                        target += a.ratio * a.module.delta(a.site.shape)
-                    writer.write(w.to(item.dtype))
-                else:
-                    copy_tensor(model, item.name, item.dtype, writer)
-                reporter.advance(1)
-        reporter.done(f"wrote {out}: {len(cfg.loras)} LoRA(s) baked into {sum(len(v) for v in by_key.values())} "
-                      f"weights in {time.perf_counter() - t0:.1f} s")
-        return out
+        reporter.start(len(plan), "bake", unit="tensor")
+        try:
+            _write_baked(model, plan, meta, by_key, out, reporter, stop)
+        except Stopped:
+            reporter.done("")
+            return BakeResult(output=None, stopped=True)
+        reporter.done("")
+        return BakeResult(output=out, loras=len(cfg.loras), weights_changed=len(by_key), seconds=time.perf_counter() - t0)
     finally:
         model.close()
+
+
+def _write_baked(model: Any, plan: list[OutputTensor], meta: dict[str, str], by_key: dict[str, list[_Applied]], out: Path,
+                 reporter: Reporter, stop: StopFlag) -> None:
+    with StreamingWriter(out, plan, meta) as writer:
+        for item in plan:
+            if stop.is_set():
+                raise Stopped
+            applied = by_key.get(item.name)
+            if applied:
+                w = model.read(item.name).to(torch.float32, copy=True)
+                for a in applied:
+                    target = w[a.site.rows[0]:a.site.rows[1]] if a.site.rows else w
+                    target += a.ratio * a.module.delta(a.site.shape)
+                writer.write(w.to(item.dtype))
+            else:
+                copy_tensor(model, item.name, item.dtype, writer)
+            reporter.advance(1)

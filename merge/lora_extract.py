@@ -12,34 +12,34 @@ from pathlib import Path
 
 import torch
 
-from loratrain.common.config import CommandConfig, ConfigError, opt
-from loratrain.common.progress import Reporter, TqdmReporter
-from loratrain.common.safe_io import new_output, save_safetensors
-from loratrain.models.families import ModelTypeError
+from loratrain.core.jobs import JobResult, job
+from loratrain.core.lora.files import factorize
+from loratrain.core.lora.keys import lora_sites
+from loratrain.core.models.families import ModelTypeError
+from loratrain.core.precision import dtype_of
+from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.safe_io import new_output, save_safetensors
 
 from .checkpoint import open_model
-from .lora_files import factorize
-from .lora_keys import lora_sites
-from .tensor_io import SAVE_DTYPES
+from .config import LoraExtractConfig
 
 
 @dataclass
-class ExtractConfig(CommandConfig):
-    model_org: str = opt("", "the base checkpoint", metadata={"positional": True})
-    model_tuned: str = opt("", "the fine-tuned checkpoint", metadata={"positional": True})
-    output: str = opt("", "output LoRA .safetensors")
-    dim: int = opt(4, "rank of linear / 1x1 modules")
-    conv_dim: int = opt(0, "rank of 3x3 conv modules (0: no conv LoRA)")
-    clamp_quantile: float = opt(0.99, "clamp factors to this quantile of their magnitudes (1 = off)")
-    min_diff: float = opt(0.01, "text encoder deltas all below this are dropped (U-Net only LoRA)")
-    save_precision: str = opt("fp16", "output dtype", metadata={"choices": list(SAVE_DTYPES)})
-    overwrite: bool = opt(False, "replace the output if it exists")
+class LoraExtractResult(JobResult):
+    output: Path | None
+    modules: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> list[str]:
+        return ["stopped; nothing was written"] if self.stopped else [f"wrote {self.output}: {self.modules} modules in {self.seconds:.1f} s"]
 
 
-def extract_lora(cfg: ExtractConfig, reporter: Reporter | None = None) -> Path:
-    reporter = reporter or TqdmReporter()
-    if not cfg.model_org or not cfg.model_tuned or not cfg.output:
-        raise ConfigError("lora extract needs MODEL_ORG, MODEL_TUNED and --output")
+@job
+def run_lora_extract(cfg: LoraExtractConfig, reporter: Reporter, stop: StopFlag) -> LoraExtractResult:
+    """A LoRA from the difference of two checkpoints by truncated SVD, one module at a time (sd-scripts' recipe).
+
+    stop is checked per module; a stopped extraction writes nothing.
+    """
     out = new_output(cfg.output, cfg.overwrite)
     org, fam = open_model(cfg.model_org, "base model")
     tuned, fam_t = open_model(cfg.model_tuned, "tuned model")
@@ -54,9 +54,11 @@ def extract_lora(cfg: ExtractConfig, reporter: Reporter | None = None) -> Path:
         t0 = time.perf_counter()
         result: dict[str, torch.Tensor] = {}
         te_max = 0.0
-        dtype = SAVE_DTYPES[cfg.save_precision]
-        reporter.start(len(chosen), "extract")
+        dtype = dtype_of(cfg.save_precision)
+        reporter.start(len(chosen), "extract", unit="module")
         for s in sorted(chosen, key=lambda s: org.tensors[s.key].start):
+            if stop.is_set():
+                return LoraExtractResult(output=None, stopped=True)
             delta = tuned.read(s.key).float() - org.read(s.key).float()
             if s.rows:
                 delta = delta[s.rows[0]:s.rows[1]]
@@ -77,8 +79,8 @@ def extract_lora(cfg: ExtractConfig, reporter: Reporter | None = None) -> Path:
                 "modelspec.architecture": fam.modelspec_arch + "/lora",
                 "loratrain.extracted_from": f"{org.path.name} -> {tuned.path.name}"}
         save_safetensors(result, out, {k: v for k, v in meta.items() if v})
-        reporter.done(f"wrote {out}: {len(result) // 3} modules in {time.perf_counter() - t0:.1f} s")
-        return out
+        reporter.done("")
+        return LoraExtractResult(output=out, modules=len(result) // 3, seconds=time.perf_counter() - t0)
     finally:
         org.close()
         tuned.close()

@@ -7,45 +7,48 @@ from pathlib import Path
 
 import torch
 
-from loratrain.common.config import CommandConfig, ConfigError, opt
-from loratrain.common.safe_io import new_output, save_safetensors
+from loratrain.core.jobs import JobResult, job
+from loratrain.core.lora.files import LoraModule, factorize, parse_lora_spec, read_lora
+from loratrain.core.precision import dtype_of
+from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.safe_io import new_output, save_safetensors
 
-from .lora_files import LoraModule, factorize, parse_lora_spec, read_lora
-from .tensor_io import SAVE_DTYPES
+from .config import LoraMergeConfig
 
 
 @dataclass
-class LoraMergeConfig(CommandConfig):
-    loras: list[str] = opt([], "LoRA files as PATH[:RATIO]")
-    output: str = opt("", "output .safetensors")
-    mode: str = opt("concat", "concat: exact sum, rank = sum of ranks; svd: re-factorise to --new_rank",
-                    metadata={"choices": ["concat", "svd"]})
-    new_rank: int = opt(16, "svd: rank of linear / 1x1 modules")
-    new_conv_rank: int | None = opt(None, "svd: rank of 3x3 conv modules (default: new_rank)")
-    clamp_quantile: float = opt(0.99, "svd: clamp factors to this quantile of their magnitudes (1 = off)")
-    save_precision: str = opt("fp16", "output dtype", metadata={"choices": list(SAVE_DTYPES)})
-    overwrite: bool = opt(False, "replace the output if it exists")
+class LoraMergeResult(JobResult):
+    output: Path | None
+    modules: int = 0
+    rank: int = 0
+
+    def summary(self) -> list[str]:
+        return ["stopped; nothing was written"] if self.stopped else [f"wrote {self.output}: {self.modules} modules, rank up to {self.rank}"]
 
 
-def merge_loras(cfg: LoraMergeConfig) -> Path:
-    """Sum of ratio_i * delta_i per module; modules present in only some inputs are kept as they are."""
-    if len(cfg.loras) < 1 or not cfg.output:
-        raise ConfigError("lora merge needs --loras (one or more) and --output")
+@job
+def run_lora_merge(cfg: LoraMergeConfig, reporter: Reporter, stop: StopFlag) -> LoraMergeResult:
+    """Sum of ratio_i * delta_i per module; modules present in only some inputs are kept as they are.
+
+    concat is exact (ranks add up); svd re-factorises each summed delta to the new rank. stop is checked
+    per module and a stopped merge writes nothing.
+    """
     out = new_output(cfg.output, cfg.overwrite)
     inputs: list[tuple[float, dict[str, LoraModule]]] = []
     metas = []
     for text in cfg.loras:
         spec = parse_lora_spec(text)
-        if spec.blocks:
-            raise ConfigError(f"{text}: block weights apply when baking into a model (lora bake), not here")
         modules, meta = read_lora(spec.path)
         inputs.append((spec.ratio, modules))
         metas.append(meta)
     names = list(dict.fromkeys(n for _, mods in inputs for n in mods))
-    dtype = SAVE_DTYPES[cfg.save_precision]
+    dtype = dtype_of(cfg.save_precision)
     result: dict[str, torch.Tensor] = {}
     ranks = set()
+    reporter.start(len(names), "merge LoRAs", unit="module")
     for name in names:
+        if stop.is_set():
+            return LoraMergeResult(output=None, stopped=True)
         parts = [(ratio, mods[name]) for ratio, mods in inputs if name in mods]
         shapes = {(p.up.shape[0], tuple(p.down.shape[1:])) for _, p in parts}
         if len(shapes) > 1:
@@ -67,6 +70,7 @@ def merge_loras(cfg: LoraMergeConfig) -> Path:
         result[f"{name}.lora_down.weight"] = down.to(dtype)
         result[f"{name}.lora_up.weight"] = up.to(dtype)
         result[f"{name}.alpha"] = torch.tensor(float(rank), dtype=dtype)  # alpha = rank: scale 1, ratios are inside
+        reporter.advance(1)
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)), "ss_network_alpha": str(max(ranks)),
             "loratrain.merged_loras": json.dumps([{"name": Path(parse_lora_spec(t).path).name, "ratio": parse_lora_spec(t).ratio}
                                                   for t in cfg.loras]), "loratrain.merge_mode": cfg.mode}
@@ -75,4 +79,5 @@ def merge_loras(cfg: LoraMergeConfig) -> Path:
         if len(values) == 1 and None not in values:
             meta[key] = values.pop()
     save_safetensors(result, out, meta)
-    return out
+    reporter.done("")
+    return LoraMergeResult(output=out, modules=len(names), rank=max(ranks))

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from loratrain.common.registry import Registry
+from loratrain.core.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
+from loratrain.core.lora.presets import read_tsv
+
 HERE = Path(__file__).parent / "presets"
 
 
@@ -65,32 +67,11 @@ def _formula_presets() -> dict[str, list[float]]:
     return p
 
 
-def read_tsv(path: Path, length: int | None = None) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.startswith("#") or line.startswith("preset_name"):
-            continue
-        name, _, values = line.partition("\t")
-        try:
-            vec = [float(v) for v in values.split(",")]
-        except ValueError:
-            raise ValueError(f"{path}:{n}: preset {name!r} has a value that is not a number") from None
-        if length is not None and len(vec) != length:
-            raise ValueError(f"{path}:{n}: preset {name!r} has {len(vec)} values, expected {length}")
-        out[name.strip()] = vec
-    return out
-
-
 @lru_cache(maxsize=None)
 def merge_presets() -> dict[str, list[float]]:
     presets = _formula_presets()
     presets.update(read_tsv(HERE / "cubic_hermite.tsv", 25))
     return presets
-
-
-@lru_cache(maxsize=None)
-def lora_block_presets() -> dict[str, list[float]]:
-    return read_tsv(HERE / "lora_block_weight.tsv", 17)
 
 
 def merge_preset(name: str, extra_file: str | Path | None = None) -> list[float]:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from loratrain.common.safe_io import atomic_write_json
+from loratrain.core.safe_io import atomic_write_json
 
 
 def _cache_file() -> Path:

@@ -8,11 +8,11 @@ import sys
 import pytest
 from PIL import Image
 
-from loratrain.common.config import ConfigError
-from loratrain.data.buckets import bucket_resolutions, select_bucket
-from loratrain.data.captions import process_caption
-from loratrain.data.dataset import TrainData
-from loratrain.data.subsets import DatasetError, DatasetSpec, Subset, specs_from_toml, subsets_from_folders
+from loratrain.core.config import ConfigError
+from loratrain.training.data.buckets import bucket_resolutions, select_bucket
+from loratrain.training.data.captions import process_caption
+from loratrain.training.data.dataset import TrainData
+from loratrain.training.data.subsets import DatasetError, DatasetSpec, Subset, specs_from_toml, subsets_from_folders
 from loratrain.training.config import TrainConfig
 from loratrain.training.optim import create_optimizer, create_scheduler
 
@@ -95,15 +95,26 @@ def test_config_toml_then_flags_override(tmp_path):
     with pytest.raises(ConfigError, match="netwrk_dim"):
         TrainConfig.from_toml(toml)
     with pytest.raises(ConfigError, match="exclude each other"):
-        TrainConfig(network_train_unet_only=True, network_train_text_encoder_only=True).validate()
+        TrainConfig(network_train_unet_only=True, network_train_text_encoder_only=True).check(ready=False)
 
 
 def test_optimizer_and_scheduler_registries():
+    import dadaptation
+    import lion_pytorch
+    import prodigyopt
     import torch
+    from transformers.optimization import Adafactor
 
+    expected = {"AdamW": torch.optim.AdamW, "Lion": lion_pytorch.Lion, "Prodigy": prodigyopt.Prodigy,
+                "DAdaptAdam": dadaptation.DAdaptAdam, "Adafactor": Adafactor, "SGD": torch.optim.SGD}
+    for name, cls in expected.items():
+        p = torch.nn.Parameter(torch.zeros(2))
+        opt = create_optimizer(name, [{"params": [p]}], 1e-2, [])
+        assert type(opt) is cls, name
+        p.grad = torch.ones(2)
+        opt.step()
+        assert not torch.equal(p.detach(), torch.zeros(2)), f"{name} did not move the parameter"
     p = [torch.nn.Parameter(torch.zeros(2))]
-    for name in ("AdamW", "Lion", "Prodigy", "DAdaptAdam", "Adafactor", "SGD"):
-        assert create_optimizer(name, [{"params": p}], 1.0, []) is not None
     with pytest.raises(KeyError, match="choose one of"):
         create_optimizer("adamq", [{"params": p}], 1.0, [])
     opt = torch.optim.SGD(p, lr=1.0)
@@ -113,7 +124,8 @@ def test_optimizer_and_scheduler_registries():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # 10 warmup steps (ratio 0.1)
+    # diffusers' (and sd-scripts') warmup: step / warmup, so 0 at the first step and 1.0 after 10 (ratio 0.1)
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.1) and lrs[10] == pytest.approx(1.0)
     assert lrs[54] < 0.05 and lrs[56] > 0.95  # the restart half way through the decay
 
 

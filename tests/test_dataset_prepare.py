@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from dataset_tools.prepare import balance_repeats
-from dataset_tools.synthetic import scene_image
+from loratrain.dataset_tools.prepare import balance_repeats
+from loratrain.dataset_tools.synthetic import scene_image
 from loratrain.cli import main
-from loratrain.data.subsets import specs_from_toml
+from loratrain.training.data.subsets import specs_from_toml
 
 
 def folder(root: Path, n: int, caption: str | None = "x, y") -> Path:

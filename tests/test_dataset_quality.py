@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
-from dataset_tools.quality.config import CheckConfig
-from dataset_tools.quality.report import check_dataset
-from dataset_tools.synthetic import scene_image
+from loratrain.dataset_tools.quality.config import CheckConfig
+from loratrain.dataset_tools.quality.report import run_check
+from loratrain.dataset_tools.synthetic import scene_image
 from loratrain.cli import main
-from loratrain.common.progress import RecordingReporter
+from loratrain.core.progress import RecordingReporter
 
 POSES = ["sitting", "running", "lying", "jumping", "walking", "kneeling"]
 
@@ -31,7 +31,7 @@ def clean_set(root: Path, n: int = 6) -> list[Path]:
 
 
 def run(root: Path, **kw):
-    return check_dataset(CheckConfig(dataset_dir=str(root), **kw), RecordingReporter())
+    return run_check(CheckConfig(dataset_dir=str(root), **kw), RecordingReporter())
 
 
 def by_check(report) -> dict[str, set[str]]:

@@ -10,19 +10,20 @@ import cv2
 import numpy as np
 import pytest
 
-from facetrain.demo_data import astronaut_bgr, make_photos
-from facetrain.extract.extract import ExtractConfig, extract_faces
-from facetrain.faceset import FacesetError, import_dfl_file, list_faces, load_face, make_meta, read_meta, save_face
-from facetrain.landmarks import FACE_TYPES, align_face, estimate_yaw_pitch, face_matrix, transform_points
+from loratrain.facetrain.demo_data import astronaut_bgr, make_photos
+from loratrain.facetrain.extract.config import ExtractConfig
+from loratrain.facetrain.extract.extract import run_face_extract
+from loratrain.facetrain.faceset import FacesetError, import_dfl_file, list_faces, load_face, make_meta, read_meta, save_face
+from loratrain.facetrain.landmarks import FACE_TYPES, align_face, estimate_yaw_pitch, face_matrix, transform_points
 from loratrain.cli import main
-from loratrain.common.progress import RecordingReporter
+from loratrain.core.progress import RecordingReporter
 
 
 @pytest.fixture(scope="module")
 def faceset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faces")
     make_photos(root / "photos", 6, seed=0)
-    res = extract_faces(ExtractConfig(input=str(root / "photos"), output_dir=str(root / "aligned"), image_size=96), RecordingReporter())
+    res = run_face_extract(ExtractConfig(input=str(root / "photos"), output_dir=str(root / "aligned"), image_size=96), RecordingReporter())
     assert len(res.faces) >= 5
     return root / "aligned"
 
@@ -30,7 +31,7 @@ def faceset(tmp_path_factory) -> Path:
 def test_extraction_finds_the_face_and_its_landmarks(tmp_path):
     cv2.imwrite(str(tmp_path / "astronaut.png"), astronaut_bgr())
     (tmp_path / "broken.png").write_bytes(b"\x89PNG nope")
-    res = extract_faces(ExtractConfig(input=str(tmp_path), output_dir=str(tmp_path / "out"), image_size=128), RecordingReporter())
+    res = run_face_extract(ExtractConfig(input=str(tmp_path), output_dir=str(tmp_path / "out"), image_size=128), RecordingReporter())
     assert len(res.faces) == 1 and len(res.unreadable) == 1  # the shoulder patch (score ~0.1) is not a face
     meta = read_meta(res.faces[0])
     x0, y0, x1, y1 = meta.source_rect
@@ -180,7 +181,7 @@ def _onnx_constant_model(path: Path, input_name: str, input_shape: list[int], ou
 
 
 def test_onnx_detector_and_landmarker_plugins(tmp_path):
-    from facetrain.extract.plugins import DETECTORS, LANDMARKERS
+    from loratrain.facetrain.extract.plugins import DETECTORS, LANDMARKERS
 
     size = 64  # strides 8/16/32 -> 8x8, 4x4, 2x2 grids with 2 anchors each
     outs = {}

@@ -8,18 +8,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import facetrain.train.trainer as trainer_mod
-from facetrain.augment import apply_warp, warp_params
-from facetrain.color import COLOR_TRANSFERS
-from facetrain.demo_data import astronaut_bgr, make_photos
-from facetrain.export import export_onnx, load_face_model
-from facetrain.extract.extract import ExtractConfig, extract_faces
-from facetrain.grow import grow_model
-from facetrain.models.archi import ArchSpec, FaceModelConfig, build_model
-from facetrain.train.config import FaceTrainConfig
-from facetrain.train.trainer import train_faces
+import loratrain.facetrain.train.trainer as trainer_mod
+from loratrain.facetrain.augment import apply_warp, warp_params
+from loratrain.facetrain.color import COLOR_TRANSFERS
+from loratrain.facetrain.demo_data import astronaut_bgr, make_photos
+from loratrain.facetrain.export import export_onnx, load_face_model
+from loratrain.facetrain.extract.config import ExtractConfig
+from loratrain.facetrain.extract.extract import run_face_extract
+from loratrain.facetrain.grow import grow_model
+from loratrain.facetrain.models.archi import ArchSpec, FaceModelConfig, build_model
+from loratrain.facetrain.train.config import FaceTrainConfig
+from loratrain.facetrain.train.trainer import run_face_train
 from loratrain.cli import main
-from loratrain.common.progress import RecordingReporter
+from loratrain.core.progress import RecordingReporter
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def facesets(tmp_path_factory):
     root = tmp_path_factory.mktemp("facesets")
     for look, seed in (("src", 0), ("dst", 1)):
         make_photos(root / f"{look}_photos", 8, seed, look)
-        extract_faces(ExtractConfig(input=str(root / f"{look}_photos"), output_dir=str(root / look), image_size=96, max_faces=1),
+        run_face_extract(ExtractConfig(input=str(root / f"{look}_photos"), output_dir=str(root / look), image_size=96, max_faces=1),
                       RecordingReporter())
     return root / "src", root / "dst"
 
@@ -109,7 +110,7 @@ def test_archi_shapes(archi):
 
 @pytest.mark.parametrize("archi", ["df", "liae"])
 def test_tiny_models_learn(facesets, tmp_path, archi):
-    res = train_faces(cfg_for(facesets, tmp_path / archi, archi=archi, max_iters=150, preview_every=150, save_every=150,
+    res = run_face_train(cfg_for(facesets, tmp_path / archi, archi=archi, max_iters=150, preview_every=150, save_every=150,
                               lr=5e-4), RecordingReporter())
     loss = [h["src_loss"] + h["dst_loss"] for h in res.history]
     first, last = np.mean(loss[:10]), np.mean(loss[-10:])
@@ -120,10 +121,10 @@ def test_tiny_models_learn(facesets, tmp_path, archi):
 
 def test_resume_backups_and_freeze(facesets, tmp_path):
     cfg = cfg_for(facesets, tmp_path / "m", max_iters=20, keep_backups=2)
-    first = train_faces(cfg, RecordingReporter())
+    first = run_face_train(cfg, RecordingReporter())
     assert first.iteration == 20
     enc_before = {k: v.clone() for k, v in load_face_model(first.model_path)[0].encoder.state_dict().items()}
-    res = train_faces(cfg.replace(max_iters=40, freeze_encoder=True), RecordingReporter())
+    res = run_face_train(cfg.replace(max_iters=40, freeze_encoder=True), RecordingReporter())
     assert res.iteration == 40 and res.history[0]["iteration"] == 21
     assert not any("start fresh" in n for n in res.notes)
     enc_after = load_face_model(res.model_path)[0].encoder.state_dict()
@@ -146,15 +147,15 @@ def test_nan_guard_keeps_last_save(facesets, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer_mod, "generator_loss", poisoned)
     with pytest.raises(FloatingPointError, match="iteration 15"):
-        train_faces(cfg, RecordingReporter())
+        run_face_train(cfg, RecordingReporter())
     model, info = load_face_model(tmp_path / "m" / "face.safetensors")
     assert info["iteration"] == 10 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_pretrain_then_train_resets_inter(facesets, tmp_path):
-    pre = train_faces(cfg_for(facesets, tmp_path / "m", pretrain=True, dst_faceset="", max_iters=10), RecordingReporter())
+    pre = run_face_train(cfg_for(facesets, tmp_path / "m", pretrain=True, dst_faceset="", max_iters=10), RecordingReporter())
     before = load_face_model(pre.model_path)[0]
-    res = train_faces(cfg_for(facesets, tmp_path / "m", max_iters=5), RecordingReporter())
+    res = run_face_train(cfg_for(facesets, tmp_path / "m", max_iters=5), RecordingReporter())
     assert any("re-initialised" in n for n in res.notes) and res.iteration == 5
     after = load_face_model(res.model_path)[0]
     assert torch.equal(before.decoder_src.out[0].weight, before.decoder_src.out[0].weight)
@@ -166,17 +167,17 @@ def test_all_saehd_options_together(facesets, tmp_path):
                   face_style_power=10, bg_style_power=5, eyes_mouth_prio=True, blur_out_mask=True, uniform_yaw=True,
                   lr_dropout=True, clipgrad=True, ct_mode="sot", random_hsv_power=0.05, random_src_flip=True,
                   optimizer="adamw", gradient_accumulation_steps=2, precision="bf16", channels_last=True)
-    res = train_faces(cfg, RecordingReporter())
+    res = run_face_train(cfg, RecordingReporter())
     keys = set(res.history[-1])
     assert {"gan", "gan_d", "true_face", "code_d", "face_style", "bg_style"} <= keys
     assert all(np.isfinite(v) for h in res.history for v in h.values())
     assert any("GPU setting" in n for n in res.notes)
-    again = train_faces(cfg.replace(max_iters=8), RecordingReporter())  # discriminator states resume too
+    again = run_face_train(cfg.replace(max_iters=8), RecordingReporter())  # discriminator states resume too
     assert again.iteration == 8 and not any("start fresh" in n for n in again.notes)
 
 
 def test_export_and_grow(facesets, tmp_path):
-    res = train_faces(cfg_for(facesets, tmp_path / "m", archi="liae-ud", max_iters=4), RecordingReporter())
+    res = run_face_train(cfg_for(facesets, tmp_path / "m", archi="liae-ud", max_iters=4), RecordingReporter())
     onnx_path = export_onnx(res.model_path, tmp_path / "face.dfm")
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].name == "in_face:0"
@@ -193,7 +194,7 @@ def test_export_and_grow(facesets, tmp_path):
     model64, info = load_face_model(res.model_path)
     assert info["model"]["resolution"] == 64 and info["grown_from"] == 32
     assert torch.equal(model64.decoder.ups[0][0].weight, model.decoder.ups[0][0].weight)
-    more = train_faces(cfg_for(facesets, tmp_path / "m", archi="liae-ud", max_iters=6), RecordingReporter())
+    more = run_face_train(cfg_for(facesets, tmp_path / "m", archi="liae-ud", max_iters=6), RecordingReporter())
     assert more.iteration == 6 and cv2.imread(str(more.preview_path)).shape[1] == 5 * 64
 
 
@@ -230,13 +231,13 @@ def test_cli_works_without_the_optional_extras():
 
 
 def test_ct_mode_names_match_the_registry():
-    from facetrain.train.config import CT_MODES
+    from loratrain.facetrain.train.config import CT_MODES
 
     assert sorted(CT_MODES) == COLOR_TRANSFERS.names()
 
 
 def test_adabelief_is_dfls_and_lr_dropout_updates_a_third():
-    from facetrain.optim import AdaBelief, LrDropout
+    from loratrain.facetrain.optim import AdaBelief, LrDropout
 
     p = torch.nn.Parameter(torch.zeros(10000))
     g = torch.linspace(-1, 1, 10000)

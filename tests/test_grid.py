@@ -10,16 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from loratrain.common.config import ConfigError
-from loratrain.common.progress import RecordingReporter, StopFlag
-from loratrain.common.safe_io import save_safetensors
+from loratrain.core.config import ConfigError
+from loratrain.core.progress import RecordingReporter, StopFlag
+from loratrain.core.safe_io import save_safetensors
 from loratrain.grid.axes import parse_axis_values
 from loratrain.grid.runner import GridConfig, run_grid
-from loratrain.models.families import FAMILIES
-from loratrain.models.loading import load_model
-from loratrain.models.tiny import make_tiny_model, write_single_file
-from merge.lora_keys import lora_sites
-from merge.tensor_io import LazySafetensors
+from loratrain.core.models.families import FAMILIES
+from loratrain.core.models.loading import load_model
+from loratrain.core.models.tiny import make_tiny_model, write_single_file
+from loratrain.core.lora.keys import lora_sites
+from loratrain.core.tensor_io import LazySafetensors
 
 
 @pytest.mark.parametrize("axis,text,expected", [
@@ -162,11 +162,11 @@ def test_stop_keeps_made_cells_and_writes_a_partial_grid(grid_models, tmp_path):
 
 def test_sdxl_grid_over_our_trained_lora_in_both_layouts(tiny_files, dataset, tmp_path):
     """A LoRA the trainer wrote, in the kohya layout and in the PEFT layout, gives the same cell."""
-    from loratrain.training.trainer import train
+    from loratrain.training.trainer import run_train
 
     from .conftest import quick_config
 
-    result = train(quick_config(tiny_files["sdxl_file"], dataset, tmp_path / "out", save_peft_format=True,
+    result = run_train(quick_config(tiny_files["sdxl_file"], dataset, tmp_path / "out", save_peft_format=True,
                                 learning_rate=5e-2, network_train_unet_only=True), RecordingReporter())
     kohya = result.lora_path
     peft = kohya.with_name(kohya.stem + ".peft.safetensors")

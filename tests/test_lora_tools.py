@@ -6,16 +6,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from loratrain.common.safe_io import save_safetensors
-from loratrain.models.families import FAMILIES
-from loratrain.models.tiny import make_tiny_model, write_single_file
-from loratrain.networks.base import NetworkSpec, find_targets
-from merge.lora_bake import BakeConfig, bake_loras
-from merge.lora_extract import ExtractConfig, extract_lora
-from merge.lora_files import read_lora
-from merge.lora_keys import lora_sites
-from merge.lora_merge import LoraMergeConfig, merge_loras
-from merge.tensor_io import LazySafetensors
+from loratrain.core.safe_io import save_safetensors
+from loratrain.core.models.families import FAMILIES
+from loratrain.core.models.tiny import make_tiny_model, write_single_file
+from loratrain.training.networks.base import NetworkSpec, find_targets
+from loratrain.merge.lora_bake import BakeConfig, run_lora_bake
+from loratrain.merge.lora_extract import LoraExtractConfig, run_lora_extract
+from loratrain.core.lora.files import read_lora
+from loratrain.core.lora.keys import lora_sites
+from loratrain.merge.lora_merge import LoraMergeConfig, run_lora_merge
+from loratrain.core.tensor_io import LazySafetensors
 
 SD1_ATTN = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 SD1_CONV = "lora_unet_down_blocks_0_resnets_0_conv1"  # 3x3 LoCon
@@ -59,7 +59,7 @@ def test_bake_equals_the_formula_and_locon_composition(sd1_base, tmp_path):
     sites = _sites(sd1_base, "sd1")
     lora = _random_lora(tmp_path / "l.safetensors", sites, [SD1_ATTN, SD1_CONV, SD1_TE], rank=2, alpha=1.0)
     out = tmp_path / "baked.safetensors"
-    bake_loras(BakeConfig(model=str(sd1_base), loras=[f"{tmp_path / 'l.safetensors'}:0.7"], output=str(out)))
+    run_lora_bake(BakeConfig(model=str(sd1_base), loras=[f"{tmp_path / 'l.safetensors'}:0.7"], output=str(out)))
     base, baked = load_file(sd1_base), load_file(out)
     touched = {sites[n].key for n in (SD1_ATTN, SD1_CONV, SD1_TE)}
     for key in base:
@@ -85,7 +85,7 @@ def test_bake_block_weights_and_openclip_rows(tiny_files, tmp_path):
     out = tmp_path / "xb.safetensors"
     # 20-value SDXL block weights: BASE 1, IN03 0 -> the text encoder gets the LoRA, the IN03 module not
     blocks = ",".join(["1"] + ["0"] * 19)
-    bake_loras(BakeConfig(model=str(path), loras=[f"{tmp_path / 'x.safetensors'}:1:{blocks}"], output=str(out)))
+    run_lora_bake(BakeConfig(model=str(path), loras=[f"{tmp_path / 'x.safetensors'}:1:{blocks}"], output=str(out)))
     base, baked = load_file(path), load_file(out)
     assert torch.equal(baked[sites[unet_in].key], base[sites[unet_in].key])
     key, (r0, r1) = sites[q].key, sites[q].rows
@@ -108,7 +108,7 @@ def test_extract_recovers_a_planted_low_rank_difference(sd1_base, tmp_path):
     tuned_path = tmp_path / "tuned.safetensors"
     save_safetensors(tuned, tuned_path, {"loratrain.configs": LazySafetensors(sd1_base).metadata["loratrain.configs"]})
     out = tmp_path / "ex.safetensors"
-    extract_lora(ExtractConfig(model_org=str(sd1_base), model_tuned=str(tuned_path), output=str(out), dim=4, conv_dim=4,
+    run_lora_extract(LoraExtractConfig(model_org=str(sd1_base), model_tuned=str(tuned_path), output=str(out), dim=4, conv_dim=4,
                                clamp_quantile=1.0, save_precision="fp32"))
     modules, meta = read_lora(out)
     assert meta["ss_network_module"] == "networks.lora"
@@ -120,7 +120,7 @@ def test_extract_recovers_a_planted_low_rank_difference(sd1_base, tmp_path):
     assert other.delta(sites["lora_unet_up_blocks_1_attentions_0_proj_out"].shape).abs().max() < 1e-5
     # baking the extracted LoRA back reproduces the tuned weights
     baked = tmp_path / "rebaked.safetensors"
-    bake_loras(BakeConfig(model=str(sd1_base), loras=[str(out)], output=str(baked)))
+    run_lora_bake(BakeConfig(model=str(sd1_base), loras=[str(out)], output=str(baked)))
     rebaked = load_file(baked)
     for name in planted:
         assert torch.allclose(rebaked[sites[name].key], tuned[sites[name].key], atol=1e-4)
@@ -132,7 +132,7 @@ def test_merge_loras_is_the_weighted_sum_of_deltas(sd1_base, tmp_path, mode):
     _random_lora(tmp_path / "a.safetensors", sites, [SD1_ATTN, SD1_CONV], rank=2, alpha=1.0, seed=1)
     _random_lora(tmp_path / "b.safetensors", sites, [SD1_ATTN, SD1_TE], rank=3, alpha=3.0, seed=2)
     out = tmp_path / f"{mode}.safetensors"
-    merge_loras(LoraMergeConfig(loras=[f"{tmp_path / 'a.safetensors'}:0.6", f"{tmp_path / 'b.safetensors'}:-0.4"],
+    run_lora_merge(LoraMergeConfig(loras=[f"{tmp_path / 'a.safetensors'}:0.6", f"{tmp_path / 'b.safetensors'}:-0.4"],
                                 output=str(out), mode=mode, new_rank=5, clamp_quantile=1.0, save_precision="fp32"))
     a, _ = read_lora(tmp_path / "a.safetensors")
     b, _ = read_lora(tmp_path / "b.safetensors")
@@ -149,5 +149,5 @@ def test_lora_for_another_family_is_refused(tiny_files, sd1_base, tmp_path):
     _random_lora(tmp_path / "xl.safetensors", sites, names)
     out = tmp_path / "no.safetensors"
     with pytest.raises(ValueError, match="another model family"):
-        bake_loras(BakeConfig(model=str(sd1_base), loras=[str(tmp_path / "xl.safetensors")], output=str(out)))
+        run_lora_bake(BakeConfig(model=str(sd1_base), loras=[str(tmp_path / "xl.safetensors")], output=str(out)))
     assert not out.exists()

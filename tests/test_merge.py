@@ -12,14 +12,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from loratrain.common.safe_io import UnsafeFileError, save_safetensors
-from loratrain.models.families import FAMILIES, ModelTypeError
-from loratrain.models.ldm_keys import map_module, unet_module_table
-from loratrain.models.tiny import checkpoint_layout, make_tiny_model, tiny_configs, write_single_file
-from merge.blocks import block_of
-from merge.checkpoint import merge_checkpoints
-from merge.config import MergeConfig
-from merge.presets import merge_preset
+from loratrain.core.safe_io import UnsafeFileError, save_safetensors
+from loratrain.core.models.families import FAMILIES, ModelTypeError
+from loratrain.core.models.ldm_keys import map_module, unet_module_table
+from loratrain.core.models.tiny import checkpoint_layout, make_tiny_model, tiny_configs, write_single_file
+from loratrain.core.lora.blocks import block_of
+from loratrain.merge.checkpoint import run_merge
+from loratrain.merge.config import MergeConfig
+from loratrain.merge.presets import merge_preset
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +97,7 @@ def test_weighted_sum_block_merge_matches_formula_per_key(sd1_trio, tmp_path):
     a, b, _ = sd1_trio
     weights = [round(0.04 * i, 2) for i in range(25)]
     out = tmp_path / "m.safetensors"
-    res = merge_checkpoints(MergeConfig(model_a=str(a), model_b=str(b), output=str(out),
+    res = run_merge(MergeConfig(model_a=str(a), model_b=str(b), output=str(out),
                                         weights=",".join(map(str, weights)), base_alpha=0.3, save_precision="fp32"))
     assert res.family == "sd1"
     A, B, O = load_file(a), load_file(b), load_file(out)
@@ -128,7 +128,7 @@ def test_weighted_sum_block_merge_matches_formula_per_key(sd1_trio, tmp_path):
 def test_add_difference_fp16_prune_and_reset(sd1_trio, tmp_path):
     a, b, c = sd1_trio
     out = tmp_path / "ad.safetensors"
-    merge_checkpoints(MergeConfig(model_a=str(a), model_b=str(b), model_c=str(c), method="add_difference", alpha=0.7,
+    run_merge(MergeConfig(model_a=str(a), model_b=str(b), model_c=str(c), method="add_difference", alpha=0.7,
                                   output=str(out), save_precision="fp16", prune=True, position_ids="reset", hash_models=False))
     A, B, C, O = load_file(a), load_file(b), load_file(c), load_file(out)
     assert "model_ema.only_in_b" not in O
@@ -144,7 +144,7 @@ def test_sdxl_block_merge_takes_a_converted_sd1_preset(tmp_path):
     a = write_single_file(make_tiny_model("sdxl", seed=0), tmp_path / "a.safetensors")
     b = write_single_file(make_tiny_model("sdxl", seed=1), tmp_path / "b.safetensors")
     out = tmp_path / "x.safetensors"
-    res = merge_checkpoints(MergeConfig(model_a=str(a), model_b=str(b), output=str(out), preset="GRAD_V", hash_models=False))
+    res = run_merge(MergeConfig(model_a=str(a), model_b=str(b), output=str(out), preset="GRAD_V", hash_models=False))
     grad_v = merge_preset("GRAD_V")
     assert res.weights["IN08"] == grad_v[8] and res.weights["M00"] == grad_v[12] and res.weights["OUT08"] == grad_v[21]
     A, B, O = load_file(a), load_file(b), load_file(out)
@@ -162,7 +162,7 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(sd1_trio, tmp_path, tiny
         cfg = dict(model_a=str(a), model_b=str(b), output=str(out), alpha=0.5, hash_models=False)
         cfg.update(kw)
         with pytest.raises(exc, match=match):
-            merge_checkpoints(MergeConfig(**cfg))
+            run_merge(MergeConfig(**cfg))
         assert not out.exists() and not list(tmp_path.glob(".never*"))
 
     attempt(ModelTypeError, "different families", model_b=str(tiny_files["sdxl_file"]))
@@ -183,7 +183,7 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(sd1_trio, tmp_path, tiny
 
 
 def test_cli_merge_then_convert_both_ways_loads(sd1_trio, tmp_path):
-    from loratrain.models.loading import load_model
+    from loratrain.core.models.loading import load_model
 
     a, b, _ = sd1_trio
     merged, folder, back = tmp_path / "m.safetensors", tmp_path / "m_diffusers", tmp_path / "back.safetensors"
@@ -206,13 +206,13 @@ def test_vae_bake_in_and_discard_regex(sd1_trio, tmp_path):
     vae = {k[len("first_stage_model."):]: torch.randn_like(v) for k, v in A.items() if k.startswith("first_stage_model.")}
     vae_path = _write(tmp_path / "vae.safetensors", vae)
     out = tmp_path / "v.safetensors"
-    merge_checkpoints(MergeConfig(model_a=str(a), model_b=str(b), output=str(out), alpha=0.5, vae=str(vae_path),
+    run_merge(MergeConfig(model_a=str(a), model_b=str(b), output=str(out), alpha=0.5, vae=str(vae_path),
                                   discard_weights=r"^alphas_cumprod$", hash_models=False))
     O = load_file(out)
     assert "alphas_cumprod" not in O
     assert all(torch.equal(O["first_stage_model." + k], v) for k, v in vae.items())
     with pytest.raises(ValueError, match="VAE"):
         bad = _write(tmp_path / "notvae.safetensors", {"something.else": torch.zeros(2)})
-        merge_checkpoints(MergeConfig(model_a=str(a), model_b=str(b), output=str(tmp_path / "n.safetensors"), alpha=0.5,
+        run_merge(MergeConfig(model_a=str(a), model_b=str(b), output=str(tmp_path / "n.safetensors"), alpha=0.5,
                                       vae=str(bad), hash_models=False))
     assert not (tmp_path / "n.safetensors").exists()

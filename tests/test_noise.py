@@ -1,6 +1,8 @@
 """Noise offset, pyramid noise and min-SNR weights against their definitions (reference §4)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from loratrain.training.noise import min_snr_weight, offset_noise, pyramid_noise
@@ -28,8 +30,9 @@ def test_min_snr_weights():
     ac = torch.tensor([0.99, 0.5, 0.01])
     t = torch.tensor([0, 1, 2])
     snr = ac / (1 - ac)
-    eps = min_snr_weight(ac, t, 5.0, v_prediction=False)
-    v = min_snr_weight(ac, t, 5.0, v_prediction=True)
+    sched = SimpleNamespace(alphas_cumprod=ac)  # what diffusers' compute_snr reads
+    eps = min_snr_weight(sched, t, 5.0, v_prediction=False)
+    v = min_snr_weight(sched, t, 5.0, v_prediction=True)
     assert torch.allclose(eps, torch.minimum(snr, torch.tensor(5.0)) / snr)
     assert torch.allclose(v, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
     assert eps[0] < 1 and eps[2] == 1

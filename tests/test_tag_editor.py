@@ -6,13 +6,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import dataset_tools.journal as journal_mod
-from dataset_tools.editor.caption_set import CaptionSet
-from dataset_tools.editor.config import TagsConfig
-from dataset_tools.editor.ops import apply_edit, token_count
-from dataset_tools.journal import Journal
+import loratrain.dataset_tools.journal as journal_mod
+from loratrain.dataset_tools.editor.caption_set import CaptionSet
+from loratrain.dataset_tools.editor.config import TagsConfig
+from loratrain.dataset_tools.editor.ops import apply_edit, token_count
+from loratrain.dataset_tools.journal import Journal
 from loratrain.cli import main
-from loratrain.common.config import ConfigError
+from loratrain.core.captions import read_caption
+from loratrain.core.config import ConfigError
 
 # Odd bytes on purpose: CRLF, trailing spaces, two lines, no final newline, a BOM-free UTF-8 accent.
 CAPTIONS = {
@@ -39,7 +40,8 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 def tags_of(root: Path, name: str) -> list[str]:
-    return [t.strip() for t in (root / f"{name}.txt").read_text(encoding="utf-8").split(",")]
+    """The tags the trainer reads: the caption's first line (later lines are kept but never trained on)."""
+    return [t.strip() for t in read_caption(root / f"{name}.png", ".txt").split(",")]
 
 
 def test_filters_select_all_any_none(data):
@@ -74,6 +76,7 @@ def test_bulk_edits_then_undo_everything_byte_for_byte(data, capsys):
     assert tags_of(data, "e") == ["new"]  # a caption file is created for the uncaptioned image
     assert main(["tags", "set", d, "--image", str(data / "c.png"), "--caption", "just, this"]) == 0
     assert tags_of(data, "c") == ["just", "this"]
+    assert (data / "c.txt").read_bytes() == b"just, this\nsecond line, outdoors\n"  # the later line is untouched
     assert (data / ".loratrain" / "backup" / "a.txt").read_bytes() == original["a.txt"]
 
     capsys.readouterr()

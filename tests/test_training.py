@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from loratrain.common.progress import RecordingReporter, StopFlag
-from loratrain.models.loading import load_model
-from loratrain.training.trainer import TrainingError, train
+from loratrain.core.progress import RecordingReporter, StopFlag
+from loratrain.core.models.loading import load_model
+from loratrain.training.trainer import TrainingError, run_train
 
 from .conftest import quick_config
 
@@ -26,7 +26,7 @@ def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def test_locon_kohya_file_loads_in_diffusers_with_exact_delta(tiny_files, dataset, tmp_path):
     cfg = quick_config(tiny_files["sd1_file"], dataset, tmp_path / "out", network_module="locon", conv_dim=2, conv_alpha=1.0,
                        max_train_steps=3)
-    result = train(cfg, RecordingReporter())
+    result = run_train(cfg, RecordingReporter())
     sd, meta = _tensors(result.lora_path)
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in sd
     assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in sd  # LoCon 3x3
@@ -53,7 +53,7 @@ def test_locon_kohya_file_loads_in_diffusers_with_exact_delta(tiny_files, datase
         with_lora = pipe.unet(x, t, ctx).sample
     # ... and its output equals our trained network's, which differs from the base model's
     model = load_model(tiny_files["sd1_file"])
-    from loratrain.networks import NetworkSpec, build_network
+    from loratrain.training.networks import NetworkSpec, build_network
     from loratrain.training.saving import load_state
 
     net = build_network("locon", model, NetworkSpec(4, 2.0, 2, 1.0))
@@ -67,7 +67,7 @@ def test_locon_kohya_file_loads_in_diffusers_with_exact_delta(tiny_files, datase
 def test_resume_continues_the_same_run(tiny_files, dataset, tmp_path):
     kw = dict(max_train_steps=6, gradient_accumulation_steps=2, train_batch_size=1, noise_offset=0.05, min_snr_gamma=5.0,
               lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=2, shuffle_caption=True)
-    straight = train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "a", **kw), RecordingReporter())
+    straight = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "a", **kw), RecordingReporter())
 
     class StopAt(RecordingReporter):
         def __init__(self, stop, at):
@@ -80,9 +80,9 @@ def test_resume_continues_the_same_run(tiny_files, dataset, tmp_path):
                 self.stop_flag.set()
 
     stop = StopFlag()
-    first = train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "b", **kw), StopAt(stop, 2), stop)
+    first = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "b", **kw), StopAt(stop, 2), stop)
     assert first.stopped and first.global_step == 2
-    resumed = train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "b", resume="latest", **kw), RecordingReporter())
+    resumed = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "b", resume="latest", **kw), RecordingReporter())
     assert resumed.global_step == 6
     a, _ = _tensors(straight.lora_path)
     b, _ = _tensors(resumed.lora_path)
@@ -96,7 +96,7 @@ def test_nan_loss_stops_and_keeps_last_good_save(tiny_files, dataset, tmp_path):
     cfg = quick_config(tiny_files["sd1_file"], dataset, tmp_path / "out", optimizer_type="SGD", learning_rate=1e30, max_grad_norm=0.0,
                        save_every_n_steps=1, max_train_steps=20, network_train_unet_only=True)
     with pytest.raises(TrainingError, match="loss became .*last good save is .*t-step00000001"):
-        train(cfg, RecordingReporter())
+        run_train(cfg, RecordingReporter())
     first, _ = _tensors(tmp_path / "out" / "t-step00000001.safetensors")
     assert all(torch.isfinite(v).all() for v in first.values())
     assert not (tmp_path / "out" / "t.safetensors").exists()
@@ -106,16 +106,16 @@ def test_corrupt_image_is_named_and_skipped_or_fatal(tiny_files, dataset, tmp_pa
     bad = dataset / "3_circle" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
     rec = RecordingReporter()
-    result = train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "out", max_train_steps=1), rec)
+    result = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "out", max_train_steps=1), rec)
     assert any("broken.png" in line and "corrupt" in line for line in rec.lines)
     assert result.lora_path.exists()
     with pytest.raises(ValueError, match="broken.png"):
-        train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "out2", on_bad_image="error"), RecordingReporter())
+        run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "out2", on_bad_image="error"), RecordingReporter())
     assert not (tmp_path / "out2" / "t.safetensors").exists()
 
 
 def test_sdxl_lora_uses_ldm_names_and_loads_in_diffusers(tiny_files, dataset, tmp_path):
-    result = train(quick_config(tiny_files["sdxl_file"], dataset, tmp_path / "out", max_train_steps=2), RecordingReporter())
+    result = run_train(quick_config(tiny_files["sdxl_file"], dataset, tmp_path / "out", max_train_steps=2), RecordingReporter())
     sd, meta = _tensors(result.lora_path)
     assert any(k.startswith("lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q") for k in sd)  # tiny: 1 layer per block
     assert any(k.startswith("lora_te1_text_model_encoder_layers_0") for k in sd)
@@ -165,14 +165,14 @@ def test_cli_reports_bad_input_clearly(tmp_path, dataset):
 
 def test_sd2_v_prediction_single_file_trains(tmp_path, dataset):
     """SD2: OpenCLIP text encoder keys in the single file, v-prediction target, sd_v2_v metadata."""
-    from loratrain.models.tiny import make_tiny_model, write_single_file
+    from loratrain.core.models.tiny import make_tiny_model, write_single_file
 
     path = write_single_file(make_tiny_model("sd2"), tmp_path / "sd2.safetensors")
     with safe_open(str(path), "pt") as f:
         assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in f.keys()
     loaded = load_model(path, v_parameterization=True)
     assert loaded.family.name == "sd2" and loaded.prediction_type == "v_prediction"
-    result = train(quick_config(path, dataset, tmp_path / "out", max_train_steps=2, v_parameterization=True), RecordingReporter())
+    result = run_train(quick_config(path, dataset, tmp_path / "out", max_train_steps=2, v_parameterization=True), RecordingReporter())
     _, meta = _tensors(result.lora_path)
     assert meta["ss_base_model_version"] == "sd_v2_v" and meta["modelspec.prediction_type"] == "v"
 
@@ -181,12 +181,12 @@ def test_disk_latent_cache_is_reused_and_invalidated(tiny_files, dataset, tmp_pa
     from PIL import Image
 
     cfg = quick_config(tiny_files["sd1_file"], dataset, tmp_path / "out", max_train_steps=1, cache_latents_to_disk=True)
-    train(cfg, RecordingReporter())
+    run_train(cfg, RecordingReporter())
     cache = dataset / "3_circle" / ".loratrain_cache" / "circle_000.png.64x64.safetensors"
     first = _tensors(cache)[0]["view0"]
     stamp = cache.stat().st_mtime_ns
-    train(cfg, RecordingReporter())
+    run_train(cfg, RecordingReporter())
     assert cache.stat().st_mtime_ns == stamp  # reused, not rewritten
     Image.new("RGB", (64, 64), (0, 0, 0)).save(dataset / "3_circle" / "circle_000.png")
-    train(cfg, RecordingReporter())
+    run_train(cfg, RecordingReporter())
     assert not torch.equal(_tensors(cache)[0]["view0"], first)  # the changed image was re-encoded

@@ -5,10 +5,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loratrain.common.config import ConfigError
+from loratrain.core.captions import CaptionError, CaptionText, caption_path, normalize_extension, read_caption_file
+from loratrain.core.config import ConfigError
+from loratrain.core.images import list_images
 
-from ..captions import DEFAULT_SEPARATOR, caption_bytes, caption_path, join_tags, normalize_extension, split_tags
-from ..images import list_images
+from ..captions import DEFAULT_SEPARATOR, caption_bytes, join_tags, split_tags
 from ..journal import Journal
 
 
@@ -18,6 +19,7 @@ class Entry:
     caption_file: Path
     tags: list[str]
     saved: list[str] | None  # the tags on disk; None while the image has no caption file
+    kept: CaptionText | None = None  # the file as read: its later lines are written back unchanged
 
     def changed(self) -> bool:
         return self.tags != (self.saved or [])
@@ -41,17 +43,15 @@ class CaptionSet:
         bad = []
         for image in list_images(root, recursive):
             cap = caption_path(image, extension)
-            text = None
-            if cap.is_file():
-                try:
-                    text = cap.read_text(encoding="utf-8")
-                except UnicodeDecodeError:
-                    bad.append(str(cap))
-                    continue
-            tags = split_tags(text, separator) if text is not None else []
-            out.entries.append(Entry(image, cap, tags, list(tags) if text is not None else None))
+            try:
+                text = read_caption_file(cap)  # the trainer's rule: tags are the first line
+            except CaptionError as e:
+                bad.append(str(e))
+                continue
+            tags = split_tags(text.first, separator) if text is not None else []
+            out.entries.append(Entry(image, cap, tags, list(tags) if text is not None else None, text))
         if bad:
-            raise ConfigError(f"{len(bad)} caption(s) are not UTF-8 and cannot be edited safely: {', '.join(bad[:5])}")
+            raise ConfigError(f"{len(bad)} caption(s) cannot be edited safely: " + "; ".join(bad[:5]))
         return out
 
     def select(self, all_of: list[str] = (), any_of: list[str] = (), none_of: list[str] = ()) -> list[Entry]:
@@ -94,7 +94,7 @@ class CaptionSet:
 
     def pending(self) -> dict[Path, bytes]:
         """Caption files whose tags differ from what is on disk."""
-        return {e.caption_file: caption_bytes(e.tags, self.separator) for e in self.entries if e.changed()}
+        return {e.caption_file: caption_bytes(e.tags, self.separator, e.kept) for e in self.entries if e.changed()}
 
     def save(self, op_name: str, description: str) -> int:
         """Write every changed caption through one journal operation; returns how many files changed."""

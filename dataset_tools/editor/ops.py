@@ -8,11 +8,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable
 
-from loratrain.common.config import ConfigError
-from loratrain.common.registry import Registry
+from loratrain.core.config import ConfigError
+from loratrain.core.registry import Registry
+from loratrain.core.tokenizer import token_count
 
 from ..captions import dedupe, join_tags, split_tags
 from .caption_set import CaptionSet
@@ -103,22 +103,6 @@ def truncate(tags: list[str], ctx: EditContext) -> list[str]:
     while len(out) > cfg.keep_first and token_count(join_tags(out, cfg.separator)) > cfg.max_tokens:
         out.pop()
     return out
-
-
-@lru_cache(maxsize=1)
-def _tokenizer():
-    from transformers import CLIPTokenizer
-
-    import configs
-
-    root = configs.path("tokenizers", "clip")
-    return CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
-
-
-@lru_cache(maxsize=65536)
-def token_count(text: str) -> int:
-    """CLIP tokens, without the start/end tokens: what counts against the 75-token chunk."""
-    return len(_tokenizer()(text, add_special_tokens=False)["input_ids"])
 
 
 def _compile(pattern: str) -> re.Pattern:

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from loratrain.common.registry import Registry
+from loratrain.core.captions import CaptionError, caption_path, read_caption_file
+from loratrain.core.registry import Registry
 
-from ..captions import caption_path, split_tags
+from ..captions import split_tags
 from .config import CheckConfig
 from .measure import ImageInfo, hamming_pairs
 
@@ -153,8 +154,10 @@ def near_duplicate(ds: Dataset) -> list[Finding]:
 
 
 def _caption_text(ds: Dataset, info: ImageInfo) -> tuple[Path, str | None, str | None]:
-    """(caption file, text or None, problem or None)."""
+    """(caption file, its first line (what the trainer reads) or None, problem or None)."""
     cap = caption_path(info.path, ds.cfg.caption_extension)
+    if cap.is_dir():
+        return cap, None, "is a folder, not a caption file"
     if not cap.is_file():
         others = [caption_path(info.path, e) for e in CAPTION_LIKE if e != ds.cfg.caption_extension]
         found = [o for o in others if o.is_file()]
@@ -162,9 +165,10 @@ def _caption_text(ds: Dataset, info: ImageInfo) -> tuple[Path, str | None, str |
             return cap, None, f"no {cap.name}, but {found[0].name} exists: the trainer would ignore it (caption_extension is {ds.cfg.caption_extension})"
         return cap, None, "missing"
     try:
-        return cap, cap.read_text(encoding="utf-8"), None
-    except UnicodeDecodeError:
+        text = read_caption_file(cap)
+    except CaptionError:
         return cap, None, "not UTF-8"
+    return cap, text.first if text else "", None
 
 
 @CHECKS.register("captions")
@@ -177,7 +181,9 @@ def captions(ds: Dataset) -> list[Finding]:
         elif problem:
             out.append(Finding("captions", str(cap), "error", problem))
         elif not split_tags(text or ""):
-            out.append(Finding("captions", str(cap), "error", "caption file is empty"))
+            empty = not cap.read_bytes().strip()
+            out.append(Finding("captions", str(cap), "error", "caption file is empty" if empty else
+                               "the caption's first line is empty (the trainer reads only the first line)"))
     return out
 
 

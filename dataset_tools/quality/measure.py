@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..images import grayscale_array, open_image, to_rgb_on_white
+from loratrain.core.images import grayscale_array, laplacian_variance, open_image, to_rgb_on_white
 
 BLUR_SIDE = 1024
 
@@ -47,13 +47,6 @@ def phash(img: Image.Image, hash_size: int = 8, factor: int = 4) -> int:
     low = (d @ small @ d.T)[:hash_size, :hash_size]
     bits = (low > np.median(low)).ravel()
     return int(sum(1 << i for i, b in enumerate(bits) if b))
-
-
-def laplacian_variance(gray: np.ndarray) -> float:
-    if gray.shape[0] < 3 or gray.shape[1] < 3:
-        return 0.0
-    lap = gray[1:-1, :-2] + gray[1:-1, 2:] + gray[:-2, 1:-1] + gray[2:, 1:-1] - 4.0 * gray[1:-1, 1:-1]
-    return float(lap.var())
 
 
 def measure(path: Path) -> ImageInfo:

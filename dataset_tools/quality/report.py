@@ -9,23 +9,35 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loratrain.common.progress import Reporter
-from loratrain.common.safe_io import atomic_write_json
+from loratrain.core.captions import caption_path
+from loratrain.core.images import UNSUPPORTED_IMAGE_EXTENSIONS, list_images
+from loratrain.core.jobs import JobResult, job
+from loratrain.core.parallel import ordered_map
+from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.safe_io import atomic_write_json
 
-from ..captions import caption_path
-from ..images import UNSUPPORTED_IMAGE_EXTENSIONS, list_images
-from ..parallel import ordered_map
 from .checks import CAPTION_LIKE, CHECKS, Dataset, Finding
 from .config import CheckConfig
 from .measure import measure
 
 
 @dataclass
-class Report:
+class Report(JobResult):
     root: str
     images: int
     findings: list[Finding] = field(default_factory=list)
     moved: list[dict] = field(default_factory=list)
+
+    def summary(self) -> list[str]:
+        return [format_table(self)]
+
+    @property
+    def exit_code(self) -> int:
+        """1 while an error-level finding remains (not moved to quarantine): a dataset the trainer would misread."""
+        if self.stopped:
+            return 130
+        moved = {m["from"] for m in self.moved}
+        return 1 if any(f.severity == "error" and f.path not in moved for f in self.findings) else 0
 
     def counts(self) -> Counter:
         return Counter(f.check for f in self.findings)
@@ -35,7 +47,13 @@ class Report:
                 "findings": [asdict(f) for f in self.findings], "quarantined": self.moved}
 
 
-def check_dataset(cfg: CheckConfig, reporter: Reporter) -> Report:
+@job
+def run_check(cfg: CheckConfig, reporter: Reporter, stop: StopFlag) -> Report:
+    """Measure every image (threads), run the checks, optionally move flagged files aside (never delete).
+
+    stop ends the measuring after the current image; nothing is moved then. Result: the findings,
+    what was moved, and an exit code of 1 while error-level findings remain.
+    """
     root = Path(cfg.dataset_dir)
     paths = list_images(root, cfg.recursive)
     unsupported = list_images(root, cfg.recursive, UNSUPPORTED_IMAGE_EXTENSIONS)
@@ -46,6 +64,9 @@ def check_dataset(cfg: CheckConfig, reporter: Reporter) -> Report:
             raise info
         infos.append(info)
         reporter.advance()
+        if stop.is_set():
+            reporter.done("")
+            return Report(root=str(root), images=len(infos), stopped=True)
     reporter.done("")
     ds = Dataset(root=root, infos=infos, unsupported=unsupported, cfg=cfg)
     report = Report(root=str(root), images=len(paths))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loratrain.common.config import ConfigError
+from loratrain.core.config import ConfigError
 
 RATING, GENERAL, CHARACTER = 9, 0, 4
 

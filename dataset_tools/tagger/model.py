@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loratrain.common.config import ConfigError
-from loratrain.common.hf_cache import hub_cache_dir, resolve_hf_cache
+from loratrain.core.config import ConfigError
+from loratrain.core.hf_cache import hub_cache_dir, resolve_hf_cache
 
 from .labels import TagLabels, read_labels
 

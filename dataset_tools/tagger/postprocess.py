@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loratrain.common.config import ConfigError
+from loratrain.core.config import ConfigError
 
 from ..captions import dedupe
 from .config import TagConfig

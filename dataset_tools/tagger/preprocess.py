@@ -11,9 +11,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from loratrain.common.registry import Registry
-
-from ..images import open_image, to_rgb_on_white
+from loratrain.core.images import open_image, to_rgb_on_white
+from loratrain.core.registry import Registry
 
 Resize = Callable[[Image.Image, int], Image.Image]
 RESIZE_MODES: Registry[Resize] = Registry("tagger resize mode")

@@ -11,13 +11,15 @@ from typing import Iterator
 
 import numpy as np
 
-from loratrain.common.progress import Reporter, StopFlag
-from loratrain.common.safe_io import atomic_write_text
+from loratrain.core.captions import CaptionError, CaptionText, caption_path, read_caption_file
+from loratrain.core.images import list_images
+from loratrain.core.jobs import JobResult, job
+from loratrain.core.parallel import ordered_map
+from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.safe_io import atomic_write_text
 
-from ..captions import CAPTION_POLICIES, caption_bytes, caption_path, split_tags
-from ..images import list_images
+from ..captions import CAPTION_POLICIES, caption_bytes, split_tags
 from ..journal import Journal
-from ..parallel import ordered_map
 from .config import TagConfig
 from .model import TaggerModel, known_threshold, resolve_model_dir
 from .postprocess import Prediction, TagPostprocessor
@@ -25,7 +27,7 @@ from .preprocess import load_prepared
 
 
 @dataclass
-class TagResult:
+class TagResult(JobResult):
     images: int = 0
     tagged: int = 0
     written: int = 0
@@ -33,7 +35,15 @@ class TagResult:
     failed: list[str] = field(default_factory=list)
     frequency: Counter = field(default_factory=Counter)
     provider: str = ""
-    stopped: bool = False
+
+    def summary(self) -> list[str]:
+        lines = [f"provider: {self.provider} | {self.tagged} tagged, {self.written} caption(s) written, "
+                 f"{self.skipped_existing} skipped (caption exists), {len(self.failed)} unreadable"]
+        if self.frequency:
+            lines.append("most frequent tags: " + ", ".join(f"{t} ({n})" for t, n in self.frequency.most_common(15)))
+        if self.failed:
+            lines.append("unreadable images:\n  " + "\n  ".join(self.failed))
+        return lines
 
 
 def iter_batches(paths: list[Path], size: int, batch_size: int, workers: int, resize: str = "bicubic",
@@ -66,23 +76,27 @@ def default_workers(model: TaggerModel) -> int:
     return max(2, os.cpu_count() or 2) if model.provider != "CPUExecutionProvider" else 2
 
 
-def _existing_tags(path: Path, separator: str) -> list[str] | None:
-    if not path.is_file():
-        return None
+def _existing(path: Path) -> CaptionText | None:
     try:
-        return split_tags(path.read_text(encoding="utf-8"), separator)
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: existing caption is not UTF-8; fix or remove it before appending") from None
+        return read_caption_file(path)
+    except CaptionError as e:
+        raise CaptionError(f"{e}; fix or remove it before tagging with --existing append/prepend/overwrite") from None
 
 
-def tag_images(cfg: TagConfig, reporter: Reporter, stop: StopFlag | None = None,
-               model: TaggerModel | None = None) -> TagResult:
-    """Caption every image of `cfg.dataset_dir`; `model` lets a caller (the UI) keep one session open across runs."""
+@job
+def run_tag(cfg: TagConfig, reporter: Reporter, stop: StopFlag, model: TaggerModel | None = None) -> TagResult:
+    """Caption every image of `cfg.dataset_dir` with a WD tagger, journalled (undo with `tags undo`).
+
+    Decoding runs ahead on worker threads, the model runs in batches, captions are written per batch;
+    stop ends after the current batch and keeps what was written. `model` lets a caller (the UI) keep
+    one session open across runs. Result: counts, unreadable images, tag frequency, the provider used.
+    """
     if model is None:
         model = TaggerModel.open(resolve_model_dir(cfg.model, cfg.download), cfg.device)
     model_dir = model.model_dir
     post = TagPostprocessor(cfg, model.labels, known_threshold(model_dir, cfg.model))
     policy = CAPTION_POLICIES.get(cfg.existing)
+    skipping, overwriting = policy is CAPTION_POLICIES.get("skip"), policy is CAPTION_POLICIES.get("overwrite")
     result = TagResult(provider=model.provider)
     for w in model.warnings:
         reporter.log(f"warning: {w}")
@@ -100,7 +114,7 @@ def tag_images(cfg: TagConfig, reporter: Reporter, stop: StopFlag | None = None,
     result.images = len(images)
     todo = []
     for img in images:
-        if cfg.existing == "skip" and caption_path(img, cfg.caption_extension).exists():
+        if skipping and caption_path(img, cfg.caption_extension).exists():
             result.skipped_existing += 1
         else:
             todo.append(img)
@@ -127,20 +141,21 @@ def tag_images(cfg: TagConfig, reporter: Reporter, stop: StopFlag | None = None,
                     result.tagged += 1
                     result.frequency.update(pred.tags)
                     cap = caption_path(path, cfg.caption_extension)
-                    tags = policy(_existing_tags(cap, cfg.caption_separator), pred.tags)
-                    if tags is not None:
-                        changes[cap] = caption_bytes(tags, cfg.caption_separator)
+                    old = None if skipping else _existing(cap)
+                    tags = policy(split_tags(old.first, cfg.caption_separator) if old else None, pred.tags)
+                    if tags is not None:  # overwrite replaces the file; append/prepend keep its later lines
+                        changes[cap] = caption_bytes(tags, cfg.caption_separator, None if overwriting else old)
                     if jsonl:
                         jsonl.add(path, pred)
             result.written += op.write(changes)
             reporter.advance(len(paths) + len(bad))
-            if stop is not None and stop.is_set():
+            if stop.is_set():
                 result.stopped = True
                 reporter.log("stopped; captions written so far are kept")
                 break
     finally:
         op.finish()
-        reporter.done("stopped" if result.stopped else "")
+        reporter.done("")
         if jsonl:
             jsonl.close()
     return result

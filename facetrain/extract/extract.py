@@ -8,10 +8,11 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from dataset_tools.images import ImageReadError, list_images, open_image, to_rgb_on_white
-from dataset_tools.video import read_video
-from loratrain.common.config import ConfigError
-from loratrain.common.progress import Reporter, StopFlag
+from loratrain.core.config import ConfigError
+from loratrain.core.images import ImageReadError, list_images, open_image, to_rgb_on_white
+from loratrain.core.jobs import JobResult, job
+from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.video import read_video
 
 from ..faceset import make_meta, save_face
 from ..landmarks import align_face, transform_points
@@ -19,13 +20,22 @@ from .config import VIDEO_EXTENSIONS, ExtractConfig
 from .plugins import DETECTORS, LANDMARKERS
 
 
-
 @dataclass
-class ExtractResult:
+class ExtractResult(JobResult):
+    output_dir: str = ""
     frames: int = 0
     faces: list[str] = field(default_factory=list)
     no_face: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+
+    def summary(self) -> list[str]:
+        lines = [f"{len(self.faces)} face(s) from {self.frames} frame(s) in {self.output_dir}; {len(self.no_face)} frame(s) "
+                 f"without a face, {len(self.unreadable)} unreadable"]
+        return lines + [f"  {line}" for line in self.unreadable[:10]]
+
+
+class NoFaceError(ConfigError):
+    """Not one face in the whole input: the user learns it now, not when training finds an empty faceset."""
 
 
 def _frames(cfg: ExtractConfig, result: ExtractResult) -> tuple[int, Iterator[tuple[str, np.ndarray | None]]]:
@@ -53,13 +63,19 @@ def _frames(cfg: ExtractConfig, result: ExtractResult) -> tuple[int, Iterator[tu
     return len(paths), images()
 
 
-def extract_faces(cfg: ExtractConfig, reporter: Reporter, stop: StopFlag | None = None) -> ExtractResult:
-    out = Path(cfg.output_dir)
+@job
+def run_face_extract(cfg: ExtractConfig, reporter: Reporter, stop: StopFlag) -> ExtractResult:
+    """Detect, landmark and align every face of an image folder, an image or a video; each face written atomically.
+
+    stop ends after the current frame. A run that finds no face at all is an error naming the input
+    and the options that matter. Result: faces written, frames without a face, unreadable files.
+    """
+    out = cfg.faces_dir
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
         raise ConfigError(f"{out} is not empty; pass --overwrite or choose another --output_dir")
     detect = DETECTORS.get(cfg.detector)(upsample=cfg.upsample, model_path=cfg.detector_model)
     landmark = LANDMARKERS.get(cfg.landmarker)(model_path=cfg.landmarker_model)
-    result = ExtractResult()
+    result = ExtractResult(output_dir=str(out))
     total, frames = _frames(cfg, result)
     reporter.start(total, "extracting faces", unit="frame")
     try:
@@ -86,8 +102,13 @@ def extract_faces(cfg: ExtractConfig, reporter: Reporter, stop: StopFlag | None 
                 while target.exists():  # a.jpg and a.png, or a second run with --overwrite: never replace a face
                     target, n = out / f"{stem}_{k}.{n}.{cfg.format}", n + 1
                 result.faces.append(str(save_face(target, face, meta, cfg.jpeg_quality)))
-            if stop is not None and stop.is_set():
+            if stop.is_set():
+                result.stopped = True
                 break
     finally:
         reporter.done("")
+    if not result.faces and not result.stopped:
+        what = f"any of the {result.frames} frame(s)" if result.frames else "the input (no readable image)"
+        raise NoFaceError(f"{cfg.input}: no face found in {what}; try --upsample 2, a lower --min_score (now "
+                          f"{cfg.min_score}) or --min_face (now {cfg.min_face}), or another --detector")
     return result

@@ -13,8 +13,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from loratrain.common.config import ConfigError
-from loratrain.common.registry import Registry
+from loratrain.core.config import ConfigError
+from loratrain.core.registry import Registry
 
 
 def _dlib():

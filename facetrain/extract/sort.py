@@ -14,10 +14,11 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from dataset_tools.quality.measure import laplacian_variance
-from loratrain.common.config import ConfigError
-from loratrain.common.progress import Reporter
-from loratrain.common.registry import Registry
+from loratrain.core.config import ConfigError
+from loratrain.core.images import laplacian_variance
+from loratrain.core.jobs import JobResult, job
+from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.registry import Registry
 
 from ..faceset import FaceMeta, list_faces, load_face
 from ..landmarks import estimate_yaw_pitch, hull_mask
@@ -84,12 +85,27 @@ def _identity(faces, cfg):  # noqa: ANN001, ANN202
 
 
 @dataclass
-class SortResult:
+class SortResult(JobResult):
+    by: str = ""
+    dry_run: bool = False
     order: list[tuple[str, float]] = field(default_factory=list)
     moved_other: list[str] = field(default_factory=list)
 
+    def summary(self) -> list[str]:
+        if self.stopped:
+            return ["stopped before sorting; nothing was renamed"]
+        lines = [f"{score:9.4f}  {path}" for path, score in self.order[:10]] if self.dry_run else []
+        return lines + [f"sorted {len(self.order)} face(s) by {self.by}"
+                        + (f"; {len(self.moved_other)} other person(s) moved to _other/" if self.moved_other else "")]
 
-def sort_faceset(cfg: SortConfig, reporter: Reporter) -> SortResult:
+
+@job
+def run_face_sort(cfg: SortConfig, reporter: Reporter, stop: StopFlag) -> SortResult:
+    """Order a faceset (rank prefixes) and, by identity, move other people to `_other/`; nothing is deleted.
+
+    stop is honoured while faces are read and scored; the renames that follow run as one unit, so a
+    faceset is never left half renamed.
+    """
     folder = Path(cfg.faceset)
     paths = list_faces(folder)
     if not paths:
@@ -97,12 +113,15 @@ def sort_faceset(cfg: SortConfig, reporter: Reporter) -> SortResult:
     reporter.start(len(paths), "reading faces", unit="face")
     faces = []
     for p in paths:
+        if stop.is_set():
+            reporter.done("")
+            return SortResult(by=cfg.by, stopped=True)
         faces.append((p, *load_face(p)))
         reporter.advance()
     reporter.done("")
     scores = SORT_KEYS.get(cfg.by)(faces, cfg)
     ranked = sorted(zip(paths, scores), key=lambda t: t[1], reverse=cfg.descending)
-    result = SortResult(order=[(str(p), float(s)) for p, s in ranked])
+    result = SortResult(by=cfg.by, dry_run=cfg.dry_run, order=[(str(p), float(s)) for p, s in ranked])
     if cfg.dry_run:
         return result
     keep = ranked

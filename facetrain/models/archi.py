@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loratrain.common.registry import Registry
+from loratrain.core.registry import Registry
 
 from .blocks import Downscale, ResidualBlock, Upscale, _init, pixel_norm
 

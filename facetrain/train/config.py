@@ -1,27 +1,31 @@
 """Options of `loratrain face train`, with DeepFaceLab's SAEHD names and meanings (reference §1)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from loratrain.common.config import CommandConfig, ConfigError, opt
+from loratrain.core.config import JobConfig, Problem, opt
+from loratrain.core.devices import DEVICES
+from loratrain.core.precision import CANONICAL
 
 from ..face_types import FACE_TYPES
-from ..models.archi import ArchSpec, FaceModelConfig
-from ..optim import OPTIMIZERS
-
 
 CT_MODES = ("rct", "lct", "mkl", "idt", "sot")  # facetrain.color registers exactly these (checked by a test)
+#: DeepFaceLab's pretrain rules: the options pretraining forces (said in the log when they change a value)
+PRETRAIN_SETTINGS: dict[str, Any] = {
+    "random_warp": False, "random_src_flip": True, "random_dst_flip": True, "gan_power": 0.0, "true_face_power": 0.0,
+    "face_style_power": 0.0, "bg_style_power": 0.0, "lr_dropout": False, "random_hsv_power": 0.0, "uniform_yaw": True,
+}
 
 
-@dataclass
-class FaceTrainConfig(CommandConfig):
-    model_dir: str = opt("", "folder of the model (created; an existing model there is resumed)", metadata={"positional": True})
-    src_faceset: str = opt("", "aligned faces of the person to put in (src)")
-    dst_faceset: str = opt("", "aligned faces of the video to put them onto (dst)")
+class FaceTrainConfig(JobConfig):
+    model_dir: str = opt("", "folder of the model (created; an existing model there is resumed)", positional=True, path="output")
+    src_faceset: str = opt("", "aligned faces of the person to put in (src)", path="dir")
+    dst_faceset: str = opt("", "aligned faces of the video to put them onto (dst)", path="dir")
     model_name: str = opt("face", "file name stem of the saved model")
     archi: str = opt("liae-ud", "df or liae, with modifiers -u -d -t -c (e.g. df-ud, liae-udt); first run only")
     resolution: int = opt(128, "face resolution (multiple of 16, or 32 with -d / -t); first run only")
-    face_type: str = opt("wf", "h, mf, f, wf or head; faces of another type are re-cropped", metadata={"choices": list(FACE_TYPES)})
+    face_type: str = opt("wf", "h, mf, f, wf or head; faces of another type are re-cropped", choices=list(FACE_TYPES))
     ae_dims: int = opt(256, "autoencoder bottleneck width")
     e_dims: int = opt(64, "encoder base channels")
     d_dims: int = opt(64, "decoder base channels")
@@ -34,8 +38,9 @@ class FaceTrainConfig(CommandConfig):
     random_hsv_power: float = opt(0.0, "random hue/saturation/value shift of the src input (e.g. 0.05)")
     random_src_flip: bool = opt(False, "random horizontal flips of src (p=0.4)")
     random_dst_flip: bool = opt(True, "random horizontal flips of dst (p=0.4)")
-    ct_mode: str = opt("none", "colour transfer of src samples toward random dst samples: none, rct, lct, mkl, idt, sot")
-    optimizer: str = opt("adabelief", "adabelief (DFL's), adamw or rmsprop")
+    ct_mode: str = opt("none", "colour transfer of src samples toward random dst samples: none, rct, lct, mkl, idt, sot",
+                       choices=("none", *CT_MODES))
+    optimizer: str = opt("adabelief", "adabelief (DFL's), adamw or rmsprop", registry="loratrain.facetrain.optim:OPTIMIZERS")
     lr: float = opt(5e-5, "learning rate")
     lr_dropout: bool = opt(False, "random sparse updates (30% of weights per step) with a 500-step cosine lr")
     clipgrad: bool = opt(False, "clip the global gradient norm at 1.0")
@@ -56,41 +61,55 @@ class FaceTrainConfig(CommandConfig):
     save_every: int = opt(500, "save every N iterations (and at the end)")
     keep_backups: int = opt(3, "rotating backups of earlier saves kept in backups/")
     preview_every: int = opt(100, "write the preview image every N iterations")
-    precision: str = opt("fp32", "fp32, bf16 or fp16 autocast (GPU)", metadata={"choices": ["fp32", "bf16", "fp16"]})
+    precision: str = opt("fp32", "fp32, bf16 or fp16 autocast (GPU)", choices=CANONICAL)
     channels_last: bool = opt(False, "channels-last memory format (faster convolutions on recent GPUs)")
-    device: str = opt("auto", "auto, cpu or cuda")
-    workers: int = opt(2, "data loader worker processes (0 = in the main process)")
+    device: str = opt("auto", "auto, cpu or cuda", choices=DEVICES)
+    workers: int = opt(2, "data loader worker processes (0 = in the main process)", ge=0)
     seed: int = opt(0, "random seed")
     quiet: bool = opt(False, "no progress bar")
 
-    def validate(self) -> None:
-        if not self.model_dir:
-            raise ConfigError("model_dir is required")
-        if not self.src_faceset or (not self.dst_faceset and not self.pretrain):
-            raise ConfigError("give --src_faceset and --dst_faceset (or --pretrain with --src_faceset)")
+    def problems(self) -> list[Problem]:
+        from ..models.archi import ArchSpec
+
+        out: list[Problem] = []
         try:
             spec = ArchSpec.parse(self.archi)
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            return out + [("archi", str(e))]
         mult = spec.resolution_multiple()
         if self.resolution < mult or self.resolution % mult:
-            raise ConfigError(f"resolution must be a multiple of {mult} for archi {self.archi}")
-        if self.ct_mode not in ("none", *CT_MODES):
-            raise ConfigError(f"ct_mode must be none or one of {', '.join(CT_MODES)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS.names())}")
+            out.append(("resolution", f"must be a multiple of {mult} for archi {self.archi}"))
         if self.true_face_power and spec.kind != "df":
-            raise ConfigError("true_face_power works with DF models only (as in DeepFaceLab)")
+            out.append(("true_face_power", "works with DF models only (as in DeepFaceLab)"))
         if self.e_dims % 2 or self.d_dims % 2:
-            raise ConfigError("e_dims and d_dims must be even")
+            out.append(("e_dims", "e_dims and d_dims must be even"))
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ConfigError("batch_size and gradient_accumulation_steps must be at least 1")
-        if self.pretrain:
-            # DeepFaceLab's pretrain rules
-            self.random_warp, self.random_src_flip, self.random_dst_flip = False, True, True
-            self.gan_power = self.true_face_power = self.face_style_power = self.bg_style_power = 0.0
-            self.lr_dropout, self.random_hsv_power, self.uniform_yaw = False, 0.0, True
+            out.append(("batch_size", "batch_size and gradient_accumulation_steps must be at least 1"))
+        return out
 
-    def model_config(self) -> FaceModelConfig:
+    def requirements(self) -> list[Problem]:
+        out: list[Problem] = []
+        if not self.model_dir:
+            out.append(("model_dir", "is required"))
+        if not self.src_faceset or (not self.dst_faceset and not self.pretrain):
+            out.append(("src_faceset", "give --src_faceset and --dst_faceset (or --pretrain with --src_faceset)"))
+        for name in ("src_faceset", "dst_faceset"):
+            folder = getattr(self, name)
+            if folder and not Path(folder).is_dir():
+                out.append((name, f"faceset folder not found: {folder}"))
+        return out
+
+    def effective(self) -> tuple["FaceTrainConfig", list[str]]:
+        """The options training really uses, and a note per option a mode (pretrain) changed."""
+        if not self.pretrain:
+            return self, []
+        changed = {k: v for k, v in PRETRAIN_SETTINGS.items() if getattr(self, k) != v}
+        notes = [f"pretrain sets {k} = {v} (was {getattr(self, k)}), as DeepFaceLab's pretraining does" for k, v in changed.items()]
+        return self.model_copy(update=changed), notes
+
+    def arch_config(self) -> Any:
+        """The FaceModelConfig these options build (d_mask_dims 0 -> d_dims/3 rounded up to even)."""
+        from ..models.archi import FaceModelConfig
+
         m = self.d_mask_dims or ((self.d_dims // 3 + 1) // 2 * 2)
         return FaceModelConfig(self.archi, self.resolution, self.ae_dims, self.e_dims, self.d_dims, max(2, m))

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import torch
 
-from loratrain.common.safe_io import atomic_path
+from loratrain.core.safe_io import atomic_path
 
 
 def preview_grid(src: torch.Tensor, pred_src: torch.Tensor, dst: torch.Tensor, pred_dst: torch.Tensor,

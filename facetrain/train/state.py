@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from loratrain.common.safe_io import atomic_path, save_safetensors
+from loratrain.core.safe_io import atomic_path, save_safetensors
 
 CONFIG_KEY = "loratrain.face_model"
 

@@ -10,12 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loratrain.common.config import ConfigError
-from loratrain.common.progress import Reporter, StopFlag
-from loratrain.common.safe_io import atomic_write_json
+from loratrain.core.config import ConfigError
+from loratrain.core.devices import pick_device
+from loratrain.core.jobs import JobResult, job
+from loratrain.core.precision import dtype_of
+from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.safe_io import atomic_write_json
 
-from ..models.archi import FaceAutoencoder, FaceModelConfig, build_model
+from .. import CONSENT
 from ..losses import soft_mask
+from ..models.archi import FaceAutoencoder, FaceModelConfig, build_model
 from ..models.blocks import _init
 from ..optim import OPTIMIZERS, LrDropout
 from .config import FaceTrainConfig
@@ -27,21 +31,19 @@ from .state import load_optimizer, optimizer_tensors, read_checkpoint, save_chec
 
 
 @dataclass
-class FaceTrainResult:
+class FaceTrainResult(JobResult):
     iteration: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     model_path: Path | None = None
     preview_path: Path | None = None
-    stopped: bool = False
     notes: list[str] = field(default_factory=list)
+    logs_dir: Path | None = None
 
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available")
-    return torch.device(name)
+    def summary(self) -> list[str]:
+        last = self.history[-1] if self.history else {}
+        return [CONSENT, f"iteration {self.iteration}: src loss {last.get('src_loss', float('nan')):.4f}, "
+                f"dst loss {last.get('dst_loss', float('nan')):.4f}",
+                f"model: {self.model_path}", f"preview: {self.preview_path}", f"TensorBoard: {self.logs_dir}"]
 
 
 def trainable_parameters(model: FaceAutoencoder, cfg: FaceTrainConfig) -> list[tuple[str, torch.nn.Parameter]]:
@@ -78,13 +80,13 @@ def trainable_parameters(model: FaceAutoencoder, cfg: FaceTrainConfig) -> list[t
 
 class FaceTrainer:
     def __init__(self, cfg: FaceTrainConfig, reporter: Reporter) -> None:
+        cfg, mode_notes = cfg.effective()
         self.cfg, self.reporter = cfg, reporter
         self.device = pick_device(cfg.device)
-        torch.manual_seed(cfg.seed)
         self.dir = Path(cfg.model_dir)
         self.model_path = self.dir / f"{cfg.model_name}.safetensors"
         self.state_path = self.dir / f"{cfg.model_name}.state.safetensors"
-        self.notes: list[str] = []
+        self.notes: list[str] = list(mode_notes)
         self.iteration = 0
         self.reset_state = False  # set when pretraining ends: optimizer states no longer apply
         self.model, saved = self._load_model()
@@ -106,7 +108,7 @@ class FaceTrainer:
         if saved:
             self._load_state()
         amp = cfg.precision != "fp32" and self.device.type == "cuda"
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if amp else None
+        self.autocast_dtype = dtype_of(cfg.precision) if amp else None
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         if cfg.precision != "fp32" and not amp:
             self.notes.append(f"precision {cfg.precision} is a GPU setting; training in fp32 on {self.device.type}")
@@ -114,7 +116,7 @@ class FaceTrainer:
     # ------------------------------------------------------------ model files
     def _load_model(self) -> tuple[FaceAutoencoder, bool]:
         cfg = self.cfg
-        wanted = cfg.model_config()
+        wanted = cfg.arch_config()
         if not self.model_path.exists():
             return build_model(wanted), False
         weights, info = read_checkpoint(self.model_path)
@@ -131,7 +133,7 @@ class FaceTrainer:
         saved_type = info.get("options", {}).get("face_type")
         if saved_type and saved_type != cfg.face_type:
             self.notes.append(f"the model was trained on face type {saved_type!r}; keeping it (face_type is a first-run option)")
-            cfg.face_type = saved_type
+            self.cfg = cfg = cfg.model_copy(update={"face_type": saved_type})
         if info.get("pretrain") and not cfg.pretrain:
             for name in model.inter_names:
                 _init(getattr(model, name))
@@ -161,7 +163,7 @@ class FaceTrainer:
     def save(self) -> Path:
         weights = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
         info = {"model": dataclasses.asdict(self.model.cfg), "iteration": self.iteration, "pretrain": self.cfg.pretrain,
-                "options": {k: v for k, v in dataclasses.asdict(self.cfg).items() if not isinstance(v, list)}}
+                "options": {k: v for k, v in self.cfg.model_dump().items() if not isinstance(v, list)}}
         tensors, meta = optimizer_tensors(self.opt, self.named, "opt")
         state_meta = {"opt": meta}
         for name, opt in self.d_opts.items():
@@ -247,9 +249,25 @@ class FaceTrainer:
         return preview_grid(s, out["src"], d, out["dst"], out["swap"]), score
 
 
-def train_faces(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag | None = None) -> FaceTrainResult:
+@job
+def run_face_train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag) -> FaceTrainResult:
+    """Train (or resume) a DF / LIAE face model with SAEHD's recipe.
+
+    reporter: phase "training ..." with src/dst losses per iteration, the five-column preview as a
+    sample, notes (resume decisions, options a mode changed). stop: saves after the current iteration.
+    Runs with torch's global generator seeded from cfg.seed and restored afterwards.
+    Result: iteration reached, per-iteration losses, model and preview paths, notes.
+    """
+    device = pick_device(cfg.device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        return _train(cfg, reporter, stop)
+
+
+def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag) -> FaceTrainResult:
     trainer = FaceTrainer(cfg, reporter)
-    result = FaceTrainResult(iteration=trainer.iteration, notes=trainer.notes)
+    cfg = trainer.cfg
+    result = FaceTrainResult(iteration=trainer.iteration, notes=trainer.notes, logs_dir=trainer.dir / "logs")
     for note in trainer.notes:
         reporter.log(f"note: {note}")
     src, dst = trainer.datasets()
@@ -279,19 +297,20 @@ def train_faces(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag | None 
             if it % cfg.preview_every == 0 or it == cfg.max_iters:
                 grid, score = trainer.preview(src, dst, likeness, rows)
                 result.preview_path = write_preview(grid, trainer.dir / "preview.png")
+                reporter.sample([str(result.preview_path)], [f"iteration {it}: src | pred src | dst | pred dst | swap"])
                 writer.add_image("preview", grid[..., ::-1].copy(), it, dataformats="HWC")
                 if score is not None and math.isfinite(score):
                     writer.add_scalar("likeness/swap_to_src_identity_distance", score, it)
                     result.history[-1]["likeness"] = score
             if it % cfg.save_every == 0:
                 result.model_path = trainer.save()
-            if stop is not None and stop.is_set():
+            if stop.is_set():
                 result.stopped = True
                 break
         result.model_path = trainer.save()
     finally:
         writer.close()
-        reporter.done("stopped" if result.stopped else "")
+        reporter.done("")
     result.iteration = trainer.iteration
     atomic_write_json(trainer.dir / "history.json", result.history[-2000:])
     return result

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..common.config import ConfigError
-from ..common.registry import Registry
-from ..generation import LoraUse
-from ..training.sampling import SAMPLERS
+from loratrain.core.config import ConfigError
+from loratrain.core.registry import Registry
+from loratrain.core.samplers import SAMPLERS
+from loratrain.core.session import LoraUse
 
 
 @dataclass
@@ -103,6 +103,8 @@ def _expand(item: str, kind: type) -> list[Any]:
     if not m:
         return [kind(item)]
     a, b, step, count = m.groups()
+    if kind is int and any(v is not None and not float(v).is_integer() for v in (a, b, step)):
+        raise ValueError(f"{item!r}: an integer axis takes whole-number ranges (A1111 refuses fractions too)")
     if count is not None:
         n = int(count)
         lo, hi = float(a), float(b)
@@ -130,8 +132,9 @@ def parse_axis_values(axis_name: str, text: str) -> tuple[Axis, list[Any]]:
     for item in items:
         try:
             values.extend(_expand(item, axis.kind) if axis.kind in (int, float) else [item])
-        except ValueError:
-            raise ConfigError(f"axis {axis.name}: {item!r} is not a valid {axis.kind.__name__} or range") from None
+        except ValueError as e:
+            detail = str(e) if "integer axis" in str(e) else f"{item!r} is not a valid {axis.kind.__name__} or range"
+            raise ConfigError(f"axis {axis.name}: {detail}") from None
     for v in values:
         try:
             axis.check(v)

@@ -1,24 +1,73 @@
-"""Config of `loratrain grid` (light to import: the CLI builds its flags from it)."""
+"""Options of `loratrain generate` and `loratrain grid` (light to import: the CLI builds its flags from them)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
-from ..common.config import opt
-from ..common.sampling_options import SamplingOptions
+from loratrain.core.config import ConfigError, JobConfig, Problem, opt
+
+SAMPLERS = "loratrain.core.samplers:SAMPLERS"
 
 
-@dataclass
+class SamplingOptions(JobConfig):
+    """What every image-making job shares, declared once."""
+
+    model: str = opt("", "base model (diffusers folder or .safetensors)", path="any", group="Model")
+    prompt: str = opt("", "prompt", group="Prompt")
+    negative_prompt: str = opt("", "negative prompt", group="Prompt")
+    width: int = opt(512, "width", ge=8, group="Sampling")
+    height: int = opt(512, "height", ge=8, group="Sampling")
+    steps: int = opt(30, "sampling steps", ge=1, le=1000, group="Sampling")
+    cfg_scale: float = opt(7.5, "CFG scale", group="Sampling")
+    seed: int = opt(0, "seed", group="Sampling")
+    sampler: str = opt("ddim", "sampler", registry=SAMPLERS, group="Sampling")
+    clip_skip: int = opt(1, "clip skip", ge=1, group="Sampling")
+    allow_pickle: bool = opt(False, "allow a pickled .ckpt base model", group="Model", advanced=True)
+
+
+class GenerateConfig(SamplingOptions):
+    network_weights: list[str] = opt([], "LoRA files as PATH[:WEIGHT[:BLOCKS]] (BLOCKS: a LoRA block-weight preset or "
+                                         "12/17/20/26 values)", group="Model")
+    output: str = opt("out.png", "output PNG", path="output", group="Output")
+
+    def requirements(self) -> list[Problem]:
+        out: list[Problem] = []
+        if not self.model:
+            out.append(("model", "is required"))
+        elif not Path(self.model).exists():
+            out.append(("model", f"model not found: {self.model}"))
+        if not self.prompt:
+            out.append(("prompt", "is required"))
+        from loratrain.core.session import lora_use
+
+        for text in self.network_weights:
+            try:
+                lora_use(text)
+            except (ConfigError, ValueError) as e:
+                out.append(("network_weights", str(e)))
+        return out
+
+
 class GridConfig(SamplingOptions):
-    seed: int = opt(-1, "seed for every cell (-1: one random seed, fixed for the whole grid)")
-    loras: list[str] = opt([], "LoRAs as PATH[:WEIGHT[:BLOCKS]]; the LoRA axes change the first one")
+    seed: int = opt(-1, "seed for every cell (-1: one random seed, fixed for the whole grid)", group="Sampling")
+    loras: list[str] = opt([], "LoRAs as PATH[:WEIGHT[:BLOCKS]]; the LoRA axes change the first one", group="Model")
     x_type: str = opt("", "X axis: checkpoint, lora, lora_weight, lora_blocks, seed, steps, cfg_scale, sampler, "
-                          "clip_skip, width, height, size, prompt_sr")
-    x_values: str = opt("", "X values: a,b,c or 1-5 or 1-5 (+2) or 0-1 [5]")
-    y_type: str = opt("", "Y axis (as X)")
-    y_values: str = opt("", "Y values")
-    z_type: str = opt("", "Z axis (optional): one grid per value, plus a sheet of all")
-    z_values: str = opt("", "Z values")
-    output_dir: str = opt("grid_output", "where the grid(s) and the single cells go")
-    margin: int = opt(0, "gap between cells in pixels")
-    draw_legend: bool = opt(True, "draw row/column labels")
-    max_megapixels: float = opt(200.0, "refuse grids larger than this")
+                          "clip_skip, width, height, size, prompt_sr", group="Axes")
+    x_values: str = opt("", "X values: a,b,c or 1-5 or 1-5 (+2) or 0-1 [5]", group="Axes")
+    y_type: str = opt("", "Y axis (as X)", group="Axes")
+    y_values: str = opt("", "Y values", group="Axes")
+    z_type: str = opt("", "Z axis (optional): one grid per value, plus a sheet of all", group="Axes")
+    z_values: str = opt("", "Z values", group="Axes")
+    output_dir: str = opt("grid_output", "where the grid(s) and the single cells go", path="output", group="Output")
+    margin: int = opt(0, "gap between cells in pixels", ge=0, group="Output", advanced=True)
+    draw_legend: bool = opt(True, "draw row/column labels", group="Output")
+    max_megapixels: float = opt(200.0, "refuse grids larger than this", gt=0, group="Output", advanced=True)
+
+    def requirements(self) -> list[Problem]:
+        """Every axis value and every cell's settings, checked before the first image."""
+        from .runner import plan_grid
+
+        try:
+            plan_grid(self, seed=0)
+        except (ConfigError, ValueError) as e:
+            return [("", str(e))]
+        return []

@@ -16,12 +16,14 @@ from typing import Any, Callable
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..common.config import ConfigError
-from ..common.progress import Reporter, StopFlag, TqdmReporter
-from ..common.safe_io import atomic_path
-from ..generation import ModelSession, lora_use
-from ..models.loading import SDModel, load_model
-from ..training.sampling import SamplePrompt, generate
+from loratrain.core.config import ConfigError
+from loratrain.core.jobs import JobResult, job
+from loratrain.core.models.loading import SDModel, load_model
+from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.safe_io import atomic_path
+from loratrain.core.sampling import SamplePrompt, generate
+from loratrain.core.session import ModelSession, lora_use
+
 from .axes import Axis, CellParams, label, parse_axis_values
 from .config import GridConfig
 from .draw import draw_grid, side_by_side
@@ -40,12 +42,16 @@ class AxisValues:
 
 
 @dataclass
-class GridResult:
+class GridResult(JobResult):
     grids: list[Path]
     cells: dict[tuple[int, int, int], Path]
     complete: bool
     model_loads: int
     params: dict[tuple[int, int, int], CellParams] = field(default_factory=dict)
+
+    def summary(self) -> list[str]:
+        state = "grid" if self.complete else "partial grid (stopped)"
+        return [f"{state}: {self.grids[-1]} ({len(self.cells)}/{len(self.params)} cells, {self.model_loads} model load(s))"]
 
 
 def parse_axes(cfg: GridConfig) -> tuple[AxisValues, AxisValues, AxisValues]:
@@ -115,21 +121,30 @@ def loop_order(axes: tuple[AxisValues, ...]) -> list[tuple[int, int, int]]:
     return order
 
 
-def run_grid(cfg: GridConfig, reporter: Reporter | None = None, stop: StopFlag | None = None,
-             loader: Callable[..., SDModel] = load_model) -> GridResult:
-    reporter = reporter or TqdmReporter()
-    stop = stop or StopFlag()
+def plan_grid(cfg: GridConfig, seed: int) -> tuple[tuple[AxisValues, AxisValues, AxisValues], dict[tuple[int, int, int], CellParams]]:
+    """Axes and every cell's parameters, parsed and checked: all of it happens before the first image."""
     axes = parse_axes(cfg)
-    seed = cfg.seed if cfg.seed != -1 else random.randrange(0, 4294967294)
     cells = cell_params(cfg, axes, seed)
     _check(cfg, axes, cells)
+    return axes, cells
+
+
+@job
+def run_grid(cfg: GridConfig, reporter: Reporter, stop: StopFlag, loader: Callable[..., SDModel] = load_model) -> GridResult:
+    """An XY(Z) grid: every value checked first, the costliest axis outermost, stop after the current cell.
+
+    Result: the grid image(s) (a partial grid when stopped), each cell's PNG and parameters, model loads.
+    Each finished cell reaches the reporter as a sample.
+    """
+    seed = cfg.seed if cfg.seed != -1 else random.randrange(0, 4294967294)
+    axes, cells = plan_grid(cfg, seed)
     out_dir = Path(cfg.output_dir)
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)
     state = ModelSession(loader, cfg.allow_pickle)
     done: dict[tuple[int, int, int], Path] = {}
     infotexts: dict[tuple[int, int, int], str] = {}
     order = loop_order(axes)
-    reporter.start(len(order), "grid")
+    reporter.start(len(order), "grid", unit="cell")
     for idx in order:
         if stop.is_set():
             break
@@ -143,16 +158,16 @@ def run_grid(cfg: GridConfig, reporter: Reporter | None = None, stop: StopFlag |
             if use.blocks:
                 extra[f"LoRA Block Weight {i}"] = use.blocks
         path = out_dir / "cells" / f"z{idx[2]:02d}_y{idx[1]:02d}_x{idx[0]:02d}.png"
-        generate(model, SamplePrompt(p.prompt, p.negative_prompt, p.width, p.height, p.steps, p.cfg_scale, p.seed, p.sampler),
-                 path, p.sampler, p.clip_skip, extra_params=extra)
+        made = generate(model, SamplePrompt(p.prompt, p.negative_prompt, p.width, p.height, p.steps, p.cfg_scale, p.seed, p.sampler),
+                        path, p.sampler, p.clip_skip, extra_params=extra)
         done[idx] = path
-        infotexts[idx] = Image.open(path).text.get("parameters", "")
+        infotexts[idx] = made.parameters
         reporter.advance(1)
+        reporter.sample([str(path)], [" | ".join(a.labels[i] for a, i in zip(axes, idx) if a.axis)])
     complete = len(done) == len(cells)
     grids = _write_grids(cfg, axes, cells, done, infotexts, seed, out_dir, complete)
-    reporter.done(f"{'grid' if complete else 'partial grid (stopped)'}: {grids[-1]} ({len(done)}/{len(cells)} cells, "
-                  f"{state.loads} model load(s))")
-    return GridResult(grids, done, complete, state.loads, cells)
+    reporter.done("")
+    return GridResult(grids=grids, cells=done, complete=complete, model_loads=state.loads, params=cells, stopped=not complete)
 
 
 def _write_grids(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tuple[int, int, int], CellParams],
@@ -161,7 +176,6 @@ def _write_grids(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tupl
     x, y, z = axes
     cw = max(p.width for p in cells.values())
     ch = max(p.height for p in cells.values())
-    first = infotexts.get((0, 0, 0)) or next(iter(infotexts.values()), cfg.prompt)
     fields = {"Script": "X/Y/Z plot", "Fixed seed": str(seed)}
     for av in axes:
         if av.axis is not None:
@@ -170,7 +184,13 @@ def _write_grids(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tupl
     meta = {"base": {k: v for k, v in cfg.to_dict().items() if not k.startswith(("x_", "y_", "z_"))},
             "seed": seed, "complete": complete,
             "axes": {av.key: {"type": av.axis.name, "raw": av.raw, "values": av.values} for av in axes if av.axis}}
-    infotext = first + "".join(f", {k}: {v}" for k, v in fields.items())
+    tail = "".join(f", {k}: {v}" for k, v in fields.items())
+
+    def infotext(iz: int | None) -> str:
+        """A1111: a grid's text is its first made cell's, with the X/Y/Z fields appended."""
+        made = [k for k in sorted(infotexts, key=lambda k: (k[2], k[1], k[0])) if iz is None or k[2] == iz]
+        return (infotexts[made[0]] if made else cfg.prompt) + tail
+
     images, paths = [], []
     for iz in range(len(z.values)):
         tiles = [Image.open(done[(ix, iy, iz)]).convert("RGB") if (ix, iy, iz) in done else None
@@ -180,11 +200,11 @@ def _write_grids(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tupl
                         y.labels if cfg.draw_legend else [], (cw, ch), cfg.margin, title)
         images.append(img)
         if z.axis:
-            paths.append(_save_png(img, out_dir / f"xy_grid_z{iz:02d}.png", infotext, meta))
+            paths.append(_save_png(img, out_dir / f"xy_grid_z{iz:02d}.png", infotext(iz), meta))
     if z.axis:
-        paths.append(_save_png(side_by_side(images, max(cfg.margin, cw // 16)), out_dir / "xyz_grid.png", infotext, meta))
+        paths.append(_save_png(side_by_side(images, max(cfg.margin, cw // 16)), out_dir / "xyz_grid.png", infotext(None), meta))
     else:
-        paths.append(_save_png(images[0], out_dir / "xy_grid.png", infotext, meta))
+        paths.append(_save_png(images[0], out_dir / "xy_grid.png", infotext(None), meta))
     return paths
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.loading import SDModel
+from loratrain.core.models.loading import SDModel
 
 
 @dataclass

@@ -1,117 +1,186 @@
-"""`loratrain train` options, with sd-scripts names so existing TOML files and habits carry over."""
+"""`loratrain train` options, with sd-scripts names so existing TOML files and habits carry over.
+
+Importing this module is light (no torch): the CLI builds its flags and the UI its form from it.
+Names that go through a registry (network module, optimizer, scheduler, sampler) are checked
+against that registry when the config is validated, before any model loads.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
-from ..common.config import CommandConfig, ConfigError, opt
+from loratrain.core.config import ConfigError, JobConfig, Problem, opt, parse_resolution
+from loratrain.core.precision import NAMES as PRECISION_NAMES
 
-PRECISIONS = ("no", "fp16", "bf16")
+MODEL, DATA, NET, OPTIM, NOISE, SAVE, SAMPLE, LOGS = ("Model", "Dataset", "Network", "Optimizer and schedule", "Noise and loss",
+                                                    "Saving and resume", "Sampling", "Logs")
+MIXED_PRECISIONS = ("no", "fp32", "fp16", "bf16")
 
 
-@dataclass
-class TrainConfig(CommandConfig):
+class TrainConfig(JobConfig):
     # model
-    pretrained_model_name_or_path: str = opt("", "diffusers folder, HF cache folder or single-file .safetensors checkpoint")
-    v_parameterization: bool | None = opt(None, "v-prediction target (SD2 768-v); default: from the model")
-    allow_pickle: bool = opt(False, "allow a pickled .ckpt base model (loaded with weights_only=True)")
+    pretrained_model_name_or_path: str = opt("", "diffusers folder, HF cache folder or single-file .safetensors checkpoint",
+                                             group=MODEL, path="any")
+    v_parameterization: bool | None = opt(None, "v-prediction target (SD2 768-v); default: from the model", group=MODEL, advanced=True)
+    allow_pickle: bool = opt(False, "allow a pickled .ckpt base model (loaded with weights_only=True)", group=MODEL, advanced=True)
     # data
-    train_data_dir: str = opt("", "folder of <repeats>_<class tokens> subfolders")
-    reg_data_dir: str = opt("", "folder of regularization <repeats>_<class> subfolders")
-    dataset_config: str = opt("", "sd-scripts dataset TOML (replaces train/reg_data_dir)")
-    caption_extension: str = opt(".txt", "caption file extension")
-    resolution: str = opt("512", "training resolution: N or W,H")
-    train_batch_size: int = opt(1, "images per batch")
-    enable_bucket: bool = opt(False, "aspect-ratio buckets")
-    min_bucket_reso: int = opt(256, "smallest bucket side")
-    max_bucket_reso: int = opt(1024, "largest bucket side")
-    bucket_reso_steps: int = opt(64, "bucket side step")
-    shuffle_caption: bool = opt(False, "shuffle comma-separated tags")
-    keep_tokens: int = opt(0, "leading tags kept in place when shuffling")
-    caption_dropout_rate: float = opt(0.0, "probability of training a sample with an empty caption")
-    caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each tag")
-    flip_aug: bool = opt(False, "random horizontal flips")
-    prior_loss_weight: float = opt(1.0, "loss weight of regularization images")
-    cache_latents_to_disk: bool = opt(False, "keep encoded latents beside the images (invalidated when an image changes)")
-    on_bad_image: str = opt("skip", "corrupt image: skip it (named in the log) or error", metadata={"choices": ["skip", "error"]})
+    train_data_dir: str = opt("", "folder of <repeats>_<class tokens> subfolders", group=DATA, path="dir")
+    reg_data_dir: str = opt("", "folder of regularization <repeats>_<class> subfolders", group=DATA, path="dir")
+    dataset_config: str = opt("", "sd-scripts dataset TOML (replaces train/reg_data_dir)", group=DATA, path="file")
+    caption_extension: str = opt(".txt", "caption file extension", group=DATA)
+    resolution: str = opt("512", "training resolution: N or W,H (multiples of 8)", group=DATA)
+    train_batch_size: int = opt(1, "images per batch", ge=1, group=DATA)
+    enable_bucket: bool = opt(False, "aspect-ratio buckets", group=DATA)
+    min_bucket_reso: int = opt(256, "smallest bucket side", ge=8, group=DATA, advanced=True)
+    max_bucket_reso: int = opt(1024, "largest bucket side", ge=8, group=DATA, advanced=True)
+    bucket_reso_steps: int = opt(64, "bucket side step (a multiple of 8)", ge=8, group=DATA, advanced=True)
+    shuffle_caption: bool = opt(False, "shuffle comma-separated tags", group=DATA)
+    keep_tokens: int = opt(0, "leading tags kept in place when shuffling", ge=0, group=DATA)
+    caption_dropout_rate: float = opt(0.0, "probability of training a sample with an empty caption", ge=0, le=1, group=DATA, advanced=True)
+    caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each tag", ge=0, le=1, group=DATA, advanced=True)
+    flip_aug: bool = opt(False, "random horizontal flips", group=DATA)
+    prior_loss_weight: float = opt(1.0, "loss weight of regularization images", ge=0, group=DATA)
+    cache_latents_to_disk: bool = opt(False, "keep encoded latents beside the images (invalidated when an image changes)",
+                                      group=DATA, advanced=True)
+    on_bad_image: str = opt("skip", "corrupt image: skip it (named in the log) or error", choices=["skip", "error"], group=DATA,
+                            advanced=True)
     # network
-    network_module: str = opt("lora", "network kind: lora, locon")
-    network_dim: int = opt(4, "LoRA rank")
-    network_alpha: float = opt(1.0, "LoRA alpha; effective scale is alpha/dim (sd-scripts default 1)")
-    network_dropout: float = opt(0.0, "dropout inside the adapters")
-    conv_dim: int | None = opt(None, "rank for 3x3 convolutions (LoCon); unset = no conv adapters")
-    conv_alpha: float | None = opt(None, "alpha for 3x3 convolutions")
-    network_train_unet_only: bool = opt(False, "train only the UNet adapters")
-    network_train_text_encoder_only: bool = opt(False, "train only the text encoder adapters")
-    network_weights: str = opt("", "start from an existing LoRA written by this trainer (state dir or kohya file)")
+    network_module: str = opt("lora", "network kind: lora, locon (sd-scripts' networks.lora works too)",
+                              registry="loratrain.training.networks:NETWORKS", group=NET)
+    network_dim: int = opt(4, "LoRA rank", ge=1, group=NET)
+    network_alpha: float = opt(1.0, "LoRA alpha; effective scale is alpha/dim (sd-scripts default 1)", gt=0, group=NET)
+    network_dropout: float = opt(0.0, "dropout inside the adapters", ge=0, lt=1, group=NET, advanced=True)
+    conv_dim: int | None = opt(None, "rank for 3x3 convolutions (LoCon); unset = no conv adapters", ge=1, group=NET)
+    conv_alpha: float | None = opt(None, "alpha for 3x3 convolutions", gt=0, group=NET)
+    network_train_unet_only: bool = opt(False, "train only the UNet adapters", group=NET)
+    network_train_text_encoder_only: bool = opt(False, "train only the text encoder adapters", group=NET, advanced=True)
+    network_weights: str = opt("", "start from an existing LoRA written by this trainer (state dir or kohya file)", group=NET,
+                               advanced=True, path="any")
     # optimisation
-    learning_rate: float = opt(1e-4, "learning rate (default for UNet and text encoder)")
-    unet_lr: float | None = opt(None, "UNet learning rate")
-    text_encoder_lr: float | None = opt(None, "text encoder learning rate")
-    optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, Lion, Prodigy, DAdaptAdam, Adafactor, SGD")
-    optimizer_args: list[str] = opt([], "extra optimizer arguments as key=value")
-    lr_scheduler: str = opt("constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
-    lr_warmup_steps: float = opt(0.0, "warmup steps, or a ratio of the total when < 1")
-    lr_scheduler_num_cycles: int = opt(1, "restarts for cosine_with_restarts")
-    lr_scheduler_power: float = opt(1.0, "power for polynomial")
-    max_train_steps: int = opt(1600, "total optimizer steps (unless max_train_epochs)")
-    max_train_epochs: int | None = opt(None, "total epochs (overrides max_train_steps)")
-    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
-    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
-    mixed_precision: str = opt("no", "no, fp16, bf16", metadata={"choices": list(PRECISIONS)})
-    gradient_checkpointing: bool = opt(False, "trade compute for memory")
-    xformers: bool = opt(False, "use xformers attention (if installed)")
-    clip_skip: int = opt(1, "use the n-th text encoder layer from the end (SD1/SD2)")
-    seed: int = opt(42, "seed; a run with the same seed and data is repeatable")
-    noise_offset: float = opt(0.0, "noise offset strength")
-    noise_offset_random_strength: bool = opt(False, "draw the offset strength from U(0, noise_offset)")
-    adaptive_noise_scale: float = opt(0.0, "add |mean latent| * this to the offset")
-    multires_noise_iterations: int = opt(0, "pyramid noise iterations (0 = off)")
-    multires_noise_discount: float = opt(0.3, "pyramid noise discount")
-    min_snr_gamma: float = opt(0.0, "min-SNR weighting gamma (0 = off, 5 recommended)")
-    min_timestep: int = opt(0, "lowest timestep sampled")
-    max_timestep: int = opt(1000, "highest timestep sampled (exclusive)")
+    learning_rate: float = opt(1e-4, "learning rate (default for UNet and text encoder)", gt=0, group=OPTIM)
+    unet_lr: float | None = opt(None, "UNet learning rate", gt=0, group=OPTIM)
+    text_encoder_lr: float | None = opt(None, "text encoder learning rate", gt=0, group=OPTIM)
+    optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, Lion, Prodigy, DAdaptAdam, Adafactor, SGD",
+                              registry="loratrain.training.optim:OPTIMIZERS", group=OPTIM)
+    optimizer_args: list[str] = opt([], "extra optimizer arguments as key=value", group=OPTIM, advanced=True)
+    lr_scheduler: str = opt("constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+                            registry="loratrain.training.optim:SCHEDULERS", group=OPTIM)
+    lr_warmup_steps: float = opt(0.0, "warmup steps, or a ratio of the total when < 1", ge=0, group=OPTIM)
+    lr_scheduler_num_cycles: int = opt(1, "restarts for cosine_with_restarts", ge=1, group=OPTIM, advanced=True)
+    lr_scheduler_power: float = opt(1.0, "power for polynomial", gt=0, group=OPTIM, advanced=True)
+    max_train_steps: int = opt(1600, "total optimizer steps (unless max_train_epochs)", ge=1, group=OPTIM)
+    max_train_epochs: int | None = opt(None, "total epochs (overrides max_train_steps)", ge=1, group=OPTIM)
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", ge=1, group=OPTIM)
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", ge=0, group=OPTIM, advanced=True)
+    mixed_precision: str = opt("no", "no, fp16, bf16", choices=MIXED_PRECISIONS, group=OPTIM)
+    gradient_checkpointing: bool = opt(False, "trade compute for memory", group=OPTIM, advanced=True)
+    xformers: bool = opt(False, "use xformers attention (if installed)", group=OPTIM, advanced=True)
+    clip_skip: int = opt(1, "use the n-th text encoder layer from the end (SD1/SD2)", ge=1, group=OPTIM)
+    seed: int = opt(42, "seed; a run with the same seed and data is repeatable", group=OPTIM)
+    noise_offset: float = opt(0.0, "noise offset strength", ge=0, group=NOISE)
+    noise_offset_random_strength: bool = opt(False, "draw the offset strength from U(0, noise_offset)", group=NOISE, advanced=True)
+    adaptive_noise_scale: float = opt(0.0, "add |mean latent| * this to the offset", group=NOISE, advanced=True)
+    multires_noise_iterations: int = opt(0, "pyramid noise iterations (0 = off)", ge=0, group=NOISE)
+    multires_noise_discount: float = opt(0.3, "pyramid noise discount", ge=0, le=1, group=NOISE, advanced=True)
+    min_snr_gamma: float = opt(0.0, "min-SNR weighting gamma (0 = off, 5 recommended)", ge=0, group=NOISE)
+    min_timestep: int = opt(0, "lowest timestep sampled", ge=0, le=999, group=NOISE, advanced=True)
+    max_timestep: int = opt(1000, "highest timestep sampled (exclusive)", ge=1, le=1000, group=NOISE, advanced=True)
     # output
-    output_dir: str = opt("output", "where LoRA files, state and samples go")
-    output_name: str = opt("last", "base file name")
-    save_precision: str = opt("fp16", "dtype of saved LoRA files: float, fp16, bf16", metadata={"choices": ["float", "fp16", "bf16"]})
-    save_every_n_epochs: int = opt(0, "save a LoRA every N epochs")
-    save_every_n_steps: int = opt(0, "save a LoRA every N steps")
-    save_last_n_epochs: int = opt(0, "keep only the last N epoch saves (0 = all)")
-    save_last_n_steps: int = opt(0, "keep only the last N step saves (0 = all)")
-    save_peft_format: bool = opt(False, "also write diffusers/PEFT pytorch_lora_weights.safetensors")
-    resume: str = opt("", "training state folder to continue from, or 'latest'")
-    training_comment: str = opt("", "free text stored in the LoRA metadata")
+    output_dir: str = opt("output", "where LoRA files, state and samples go", group=SAVE, path="output")
+    output_name: str = opt("last", "base file name", group=SAVE)
+    save_precision: str = opt("fp16", "dtype of saved LoRA files: fp16, bf16, fp32 (sd-scripts: float)",
+                              choices=PRECISION_NAMES[:4], group=SAVE)
+    save_every_n_epochs: int = opt(0, "save a LoRA every N epochs", ge=0, group=SAVE)
+    save_every_n_steps: int = opt(0, "save a LoRA every N steps", ge=0, group=SAVE)
+    save_last_n_epochs: int = opt(0, "keep only the last N epoch saves (0 = all)", ge=0, group=SAVE, advanced=True)
+    save_last_n_steps: int = opt(0, "keep only the last N step saves (0 = all)", ge=0, group=SAVE, advanced=True)
+    save_peft_format: bool = opt(False, "also write diffusers/PEFT pytorch_lora_weights.safetensors", group=SAVE, advanced=True)
+    resume: str = opt("", "training state folder to continue from, or 'latest'", group=SAVE)
+    training_comment: str = opt("", "free text stored in the LoRA metadata", group=SAVE, advanced=True)
     # sampling and logs
-    sample_prompts: str = opt("", "prompt file (.txt with --n --w --h --s --l --d options)")
-    sample_every_n_steps: int = opt(0, "sample every N steps")
-    sample_every_n_epochs: int = opt(0, "sample every N epochs")
-    sample_sampler: str = opt("ddim", "sampler for samples")
-    sample_at_first: bool = opt(False, "sample before training")
-    logging_dir: str = opt("", "TensorBoard folder (default <output_dir>/logs)")
-
-    def validate(self) -> None:
-        if self.network_train_unet_only and self.network_train_text_encoder_only:
-            raise ConfigError("network_train_unet_only and network_train_text_encoder_only exclude each other")
-        for name in ("network_dim", "train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        if self.max_train_epochs is not None and self.max_train_epochs < 1:
-            raise ConfigError("max_train_epochs must be at least 1")
-        if self.clip_skip < 1:
-            raise ConfigError("clip_skip must be at least 1")
-        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
-            raise ConfigError("need 0 <= min_timestep < max_timestep <= 1000")
+    sample_prompts: str = opt("", "prompt file (.txt with --n --w --h --s --l --d --ss options)", group=SAMPLE, path="file")
+    sample_every_n_steps: int = opt(0, "sample every N steps", ge=0, group=SAMPLE)
+    sample_every_n_epochs: int = opt(0, "sample every N epochs", ge=0, group=SAMPLE)
+    sample_sampler: str = opt("ddim", "sampler for samples", registry="loratrain.core.samplers:SAMPLERS", group=SAMPLE)
+    sample_at_first: bool = opt(False, "sample before training", group=SAMPLE)
+    logging_dir: str = opt("", "TensorBoard folder (default <output_dir>/logs)", group=LOGS, advanced=True, path="output")
 
     def resolution_wh(self) -> tuple[int, int]:
-        try:
-            parts = [int(v) for v in self.resolution.replace("x", ",").split(",") if v.strip()]
-        except ValueError:
-            raise ConfigError(f"resolution {self.resolution!r} must be N or W,H") from None
-        return (parts[0], parts[-1])
+        return parse_resolution(self.resolution)
 
-    def check_ready(self) -> None:
-        """Checks that only matter when actually training (the UI may hold a half-filled config)."""
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        if self.network_train_unet_only and self.network_train_text_encoder_only:
+            out.append(("network_train_text_encoder_only", "network_train_unet_only and network_train_text_encoder_only exclude each other"))
+        if self.min_timestep >= self.max_timestep:
+            out.append(("min_timestep", f"min_timestep {self.min_timestep} must be below max_timestep {self.max_timestep}"))
+        try:
+            self.resolution_wh()
+        except ConfigError as e:
+            out.append(("resolution", str(e)))
+        if self.bucket_reso_steps % 8:
+            out.append(("bucket_reso_steps", f"{self.bucket_reso_steps} must be a multiple of 8"))
+        elif self.enable_bucket:
+            for name in ("min_bucket_reso", "max_bucket_reso"):
+                if getattr(self, name) % self.bucket_reso_steps:
+                    out.append((name, f"{getattr(self, name)} must be a multiple of bucket_reso_steps {self.bucket_reso_steps}"))
+            if self.min_bucket_reso > self.max_bucket_reso:
+                out.append(("min_bucket_reso", "min_bucket_reso is above max_bucket_reso"))
+        if self.lr_scheduler.lower() == "constant" and self.lr_warmup_steps:
+            out.append(("lr_warmup_steps", "the constant scheduler has no warmup (as in sd-scripts); "
+                                           "use --lr_scheduler constant_with_warmup"))
+        bad_args = [a for a in self.optimizer_args if "=" not in a]
+        if bad_args:
+            out.append(("optimizer_args", f"{bad_args[0]!r} is not key=value"))
+        if not self.caption_extension.strip():
+            out.append(("caption_extension", "may not be empty"))
+        return out
+
+    def requirements(self) -> list[Problem]:
+        """What must exist before a model is loaded: inputs, the prompt file and each sampler it names."""
+        out: list[Problem] = []
         if not self.pretrained_model_name_or_path:
-            raise ConfigError("pretrained_model_name_or_path is required")
+            out.append(("pretrained_model_name_or_path", "is required"))
+        elif not Path(self.pretrained_model_name_or_path).expanduser().exists():
+            out.append(("pretrained_model_name_or_path", f"model not found: {self.pretrained_model_name_or_path}"))
         if not (self.train_data_dir or self.dataset_config):
-            raise ConfigError("give train_data_dir or dataset_config")
+            out.append(("train_data_dir", "give train_data_dir or dataset_config"))
+        for name in ("train_data_dir", "reg_data_dir"):
+            value = getattr(self, name)
+            if value and not Path(value).is_dir():
+                out.append((name, f"folder not found: {value}"))
+        if self.dataset_config and not Path(self.dataset_config).is_file():
+            out.append(("dataset_config", f"file not found: {self.dataset_config}"))
+        if self.network_weights and not Path(self.network_weights).exists():
+            out.append(("network_weights", f"not found: {self.network_weights}"))
+        if self.resume and self.resume != "latest" and not Path(self.resume).is_dir():
+            out.append(("resume", f"state folder not found: {self.resume}"))
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            out.append(("output_dir", f"{self.output_dir} is a file, not a folder"))
+        if self.resume == "latest":
+            from .saving import STATE_SUFFIX, find_state
+
+            state = Path(self.output_dir) / f"{self.output_name}{STATE_SUFFIX}"
+            if find_state(state) is None:
+                out.append(("resume", f"nothing to resume: no complete training state {state} (or .tmp/.old beside it); "
+                                      "run without --resume"))
+        if self.sample_prompts:
+            out += self._prompt_problems()
+        from .optim import OPTIMIZERS
+
+        if self.optimizer_type in OPTIMIZERS and (hint := OPTIMIZERS.get(self.optimizer_type).missing()):
+            out.append(("optimizer_type", hint))
+        return out
+
+    def _prompt_problems(self) -> list[Problem]:
+        from loratrain.core.samplers import SAMPLERS
+        from loratrain.core.sampling import SamplePrompt, load_prompts
+
+        try:
+            prompts = load_prompts(self.sample_prompts, SamplePrompt(""))
+        except (OSError, ValueError) as e:
+            return [("sample_prompts", str(e))]
+        bad = sorted({p.sampler for p in prompts if p.sampler and p.sampler not in SAMPLERS})
+        if bad:
+            return [("sample_prompts", f"{self.sample_prompts}: unknown sampler(s) {', '.join(bad)} (--ss); "
+                                       f"choose one of: {', '.join(SAMPLERS.names())}")]
+        return []

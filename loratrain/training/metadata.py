@@ -6,7 +6,8 @@ import json
 import time
 from typing import Any
 
-from ..models.loading import SDModel
+from loratrain.core.models.loading import SDModel
+
 from .config import TrainConfig
 
 

@@ -1,6 +1,8 @@
 """Noise, targets and per-sample loss weights as sd-scripts defines them (reference section 4)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -32,12 +34,10 @@ def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, generat
     return out / out.std()
 
 
-def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    a = alphas_cumprod.to(timesteps.device)[timesteps]
-    return a / (1 - a)
+def min_snr_weight(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """min(SNR, gamma) / SNR for epsilon targets, min(SNR, gamma) / (SNR + 1) for v-prediction (SNR: diffusers' compute_snr)."""
+    from diffusers.training_utils import compute_snr
 
-
-def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
-    s = snr(alphas_cumprod, timesteps)
+    s = compute_snr(noise_scheduler, timesteps)
     clipped = torch.clamp(s, max=gamma)
     return clipped / (s + 1) if v_prediction else clipped / s

@@ -1,18 +1,20 @@
-"""Optimizers and LR schedules by registry (name -> constructor), with sd-scripts names."""
+"""Optimizers and LR schedules by registry (name -> constructor), with sd-scripts names.
+
+Schedules are diffusers' `get_scheduler` (the ones sd-scripts uses), so warmup and restarts behave identically.
+"""
 from __future__ import annotations
 
 import ast
-import math
+import importlib.util
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
-from ..common.registry import Registry
+from loratrain.core.registry import Registry
 
-OptimizerFactory = Callable[[list[dict[str, Any]], float, dict[str, Any]], torch.optim.Optimizer]
-OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
-SCHEDULES: Registry[Callable[..., Callable[[int], float]]] = Registry("lr scheduler")
+OPTIMIZERS: Registry["OptimizerSpec"] = Registry("optimizer")
+SCHEDULERS: Registry[Callable[..., Any]] = Registry("lr scheduler")
 
 
 def parse_optimizer_args(args: list[str]) -> dict[str, Any]:
@@ -28,47 +30,65 @@ def parse_optimizer_args(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def _need(module: str, extra: str) -> Any:
-    import importlib
+@dataclass(frozen=True)
+class OptimizerSpec:
+    make: Callable[[list[dict[str, Any]], float, dict[str, Any]], torch.optim.Optimizer]
+    package: str = ""  # the module it needs, checked before any model loads
+    install: str = ""  # what to pip install for it
 
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ImportError(f"this optimizer needs the '{module}' package: pip install {extra}") from None
+    def missing(self) -> str | None:
+        """An install hint when the optimizer's package is not importable, else None."""
+        if self.package and importlib.util.find_spec(self.package) is None:
+            return f"this optimizer needs the '{self.package}' package: pip install {self.install or self.package}"
+        return None
 
 
-@OPTIMIZERS.register("adamw", "torch.optim.adamw")
+def optimizer(*names: str, package: str = "", install: str = "") -> Callable:
+    def deco(fn: Callable) -> Callable:
+        OPTIMIZERS.register(*names)(OptimizerSpec(fn, package, install))
+        return fn
+    return deco
+
+
+@optimizer("AdamW", "torch.optim.AdamW")
 def _adamw(groups, lr, kw):
     return torch.optim.AdamW(groups, lr=lr, **{"weight_decay": 0.01, **kw})
 
 
-@OPTIMIZERS.register("sgd")
+@optimizer("SGD")
 def _sgd(groups, lr, kw):
     return torch.optim.SGD(groups, lr=lr, **kw)
 
 
-@OPTIMIZERS.register("adamw8bit")
+@optimizer("AdamW8bit", package="bitsandbytes", install="bitsandbytes (GPU only)")
 def _adamw8bit(groups, lr, kw):
-    bnb = _need("bitsandbytes", "bitsandbytes (GPU only)")
+    import bitsandbytes as bnb
+
     return bnb.optim.AdamW8bit(groups, lr=lr, **kw)
 
 
-@OPTIMIZERS.register("lion")
+@optimizer("Lion", package="lion_pytorch", install="lion-pytorch")
 def _lion(groups, lr, kw):
-    return _need("lion_pytorch", "lion-pytorch").Lion(groups, lr=lr, **kw)
+    from lion_pytorch import Lion
+
+    return Lion(groups, lr=lr, **kw)
 
 
-@OPTIMIZERS.register("prodigy")
+@optimizer("Prodigy", package="prodigyopt")
 def _prodigy(groups, lr, kw):
-    return _need("prodigyopt", "prodigyopt").Prodigy(groups, lr=lr, **kw)
+    from prodigyopt import Prodigy
+
+    return Prodigy(groups, lr=lr, **kw)
 
 
-@OPTIMIZERS.register("dadaptadam", "dadaptation")
+@optimizer("DAdaptAdam", "DAdaptation", package="dadaptation")
 def _dadapt(groups, lr, kw):
-    return _need("dadaptation", "dadaptation").DAdaptAdam(groups, lr=lr, **kw)
+    from dadaptation import DAdaptAdam
+
+    return DAdaptAdam(groups, lr=lr, **kw)
 
 
-@OPTIMIZERS.register("adafactor")
+@optimizer("Adafactor")
 def _adafactor(groups, lr, kw):
     from transformers.optimization import Adafactor
 
@@ -76,54 +96,37 @@ def _adafactor(groups, lr, kw):
 
 
 def create_optimizer(name: str, groups: list[dict[str, Any]], lr: float, args: list[str]) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(name)(groups, lr, parse_optimizer_args(args))
+    spec = OPTIMIZERS.get(name)
+    if (hint := spec.missing()) is not None:
+        raise ImportError(hint)
+    return spec.make(groups, lr, parse_optimizer_args(args))
 
 
-@SCHEDULES.register("constant")
-def _constant(total, warmup, **_):
-    return lambda step: 1.0
+def _diffusers(name: str) -> Callable[..., Any]:
+    """diffusers' own schedule (what sd-scripts uses): warmup is step/warmup, so the first step has lr 0."""
+    def make(optimizer: torch.optim.Optimizer, total: int, warmup: int, num_cycles: int = 1, power: float = 1.0) -> Any:
+        from diffusers.optimization import get_scheduler
+
+        kw: dict[str, Any] = {"num_warmup_steps": warmup, "num_training_steps": total}
+        if name == "cosine_with_restarts":
+            kw["num_cycles"] = num_cycles
+        if name == "polynomial":
+            kw["power"] = power
+        if name == "constant":
+            kw = {}
+        return get_scheduler(name, optimizer, **kw)
+    return make
 
 
-@SCHEDULES.register("constant_with_warmup")
-def _constant_warm(total, warmup, **_):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+for _name in ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"):
+    SCHEDULERS.register(_name)(_diffusers(_name))
 
 
-def _warm(warmup: int, rest: Callable[[float], float], total: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return rest((step - warmup) / max(1, total - warmup))
-    return f
-
-
-@SCHEDULES.register("linear")
-def _linear(total, warmup, **_):
-    return _warm(warmup, lambda p: max(0.0, 1.0 - p), total)
-
-
-@SCHEDULES.register("cosine")
-def _cosine(total, warmup, **_):
-    return _warm(warmup, lambda p: max(0.0, 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))), total)
-
-
-@SCHEDULES.register("cosine_with_restarts")
-def _cosine_restarts(total, warmup, num_cycles=1, **_):
-    def rest(p: float) -> float:
-        if p >= 1.0:
-            return 0.0
-        return max(0.0, 0.5 * (1 + math.cos(math.pi * ((num_cycles * p) % 1.0))))
-    return _warm(warmup, rest, total)
-
-
-@SCHEDULES.register("polynomial")
-def _poly(total, warmup, power=1.0, **_):
-    return _warm(warmup, lambda p: max(0.0, 1.0 - min(p, 1.0)) ** power, total)
+def warmup_steps(warmup: float, total_steps: int) -> int:
+    """Warmup given as steps, or as a ratio of the total when below 1 (sd-scripts)."""
+    return int(warmup * total_steps) if 0 < warmup < 1 else int(warmup)
 
 
 def create_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: int, warmup: float,
-                     num_cycles: int = 1, power: float = 1.0) -> LambdaLR:
-    """Warmup given as steps, or as a ratio of the total when below 1 (sd-scripts)."""
-    warmup_steps = int(warmup * total_steps) if 0 < warmup < 1 else int(warmup)
-    fn = SCHEDULES.get(name)(total_steps, warmup_steps, num_cycles=num_cycles, power=power)
-    return LambdaLR(optimizer, fn)
+                     num_cycles: int = 1, power: float = 1.0) -> Any:
+    return SCHEDULERS.get(name)(optimizer, total_steps, warmup_steps(warmup, total_steps), num_cycles=num_cycles, power=power)

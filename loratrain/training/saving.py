@@ -1,4 +1,11 @@
-"""LoRA files and resumable training state, both written atomically."""
+"""LoRA files and resumable training state, both written atomically.
+
+A state is a folder (`NAME-state/`) of three files; `train_state.json` is written last and lists the
+other two with their sizes, so a folder is complete exactly when that file exists and agrees with
+the disk. A save writes `NAME-state.tmp/`, moves the previous state to `NAME-state.old/` and the new
+one into place. A kill between those two renames leaves no `NAME-state/`, but two complete states:
+`find_state` (what `--resume latest` uses) picks the newest complete one of the three.
+"""
 from __future__ import annotations
 
 import json
@@ -6,19 +13,24 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from loratrain.core.config import ConfigError
+from loratrain.core.precision import dtype_of
+from loratrain.core.safe_io import atomic_write_json, save_safetensors
 
-from ..common.safe_io import atomic_write_json, save_safetensors
-from ..networks import Network
+if TYPE_CHECKING:
+    import torch
 
-SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    from .networks import Network
+
 STATE_SUFFIX = "-state"
+STATE_FILES = ("network.safetensors", "optimizer.pt")
+INFO_FILE = "train_state.json"
 
 
 def save_lora(network: Network, path: Path, precision: str, metadata: dict[str, str], peft_copy: bool = False) -> Path:
-    dtype = SAVE_DTYPES[precision]
+    dtype = dtype_of(precision)
     save_safetensors(network.kohya_state_dict(dtype), path, metadata)
     if peft_copy:
         flat = {f"{part}.{k}": v for part, sd in network.peft_state_dict(dtype).items() for k, v in sd.items()}
@@ -57,33 +69,75 @@ def prune_saves(output_dir: Path, output_name: str, kind: str, keep: int) -> Non
             peft.unlink()
 
 
-def save_state(state_dir: Path, network: Network, optimizer: torch.optim.Optimizer, scheduler: Any, info: dict[str, Any]) -> None:
-    """Write into a temp folder, then swap it in: a crash mid-save leaves the previous state intact."""
-    tmp = state_dir.with_name(state_dir.name + ".tmp")
+def _siblings(state_dir: Path) -> tuple[Path, Path]:
+    return state_dir.with_name(state_dir.name + ".tmp"), state_dir.with_name(state_dir.name + ".old")
+
+
+def state_info(folder: Path) -> dict[str, Any] | None:
+    """The folder's train_state.json when the folder is a complete state, else None."""
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    sizes = info.get("files")
+    if not isinstance(sizes, dict):  # written before sizes were recorded: trust the three files being there
+        return info if all((folder / f).is_file() for f in STATE_FILES) else None
+    for name, size in sizes.items():
+        try:
+            if (folder / name).stat().st_size != size:
+                return None
+        except OSError:
+            return None
+    return info
+
+
+def find_state(state_dir: Path) -> Path | None:
+    """The newest complete state among NAME-state, NAME-state.tmp and NAME-state.old (None if there is none)."""
+    best: tuple[int, Path] | None = None
+    for folder in (state_dir, *_siblings(state_dir)):
+        info = state_info(folder)
+        if info is not None and (best is None or int(info.get("global_step", 0)) > best[0]):
+            best = (int(info.get("global_step", 0)), folder)
+    return best[1] if best else None
+
+
+def save_state(state_dir: Path, network: Network, optimizer: Any, scheduler: Any, info: dict[str, Any]) -> None:
+    """Write the new state beside the old one, then swap it in; a complete state is never removed first."""
+    import torch
+
+    tmp, old = _siblings(state_dir)
+    if not state_dir.exists():
+        survivor = find_state(state_dir)  # an earlier save was killed between its renames
+        if survivor is not None:
+            os.replace(survivor, state_dir)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_safetensors(network.state_dict(), tmp / "network.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    with open(tmp / "optimizer.pt", "rb") as fh:
+    with open(tmp / "optimizer.pt", "wb") as fh:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, fh)
+        fh.flush()
         os.fsync(fh.fileno())
-    atomic_write_json(tmp / "train_state.json", info)
-    old = state_dir.with_name(state_dir.name + ".old")
-    if state_dir.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(state_dir, old)
-    os.replace(tmp, state_dir)
+    sizes = {name: (tmp / name).stat().st_size for name in STATE_FILES}
+    atomic_write_json(tmp / INFO_FILE, {**info, "files": sizes})  # last: marks the folder complete
     if old.exists():
         shutil.rmtree(old)
+    if state_dir.exists():
+        os.replace(state_dir, old)
+    os.replace(tmp, state_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_state(state_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    import torch
     from safetensors.torch import load_file
 
-    info_path = state_dir / "train_state.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{state_dir}: not a training state folder (no train_state.json)")
+    info = state_info(state_dir)
+    if info is None:
+        if not (state_dir / INFO_FILE).is_file():
+            raise ConfigError(f"{state_dir}: not a training state folder (no {INFO_FILE})")
+        raise ConfigError(f"{state_dir}: incomplete training state (a save was interrupted); "
+                          f"use --resume latest to take the newest complete one")
     net = load_file(str(state_dir / "network.safetensors"))
     opt = torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=True)
-    return net, opt, json.loads(info_path.read_text())
+    return net, opt, info

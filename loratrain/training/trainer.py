@@ -1,35 +1,43 @@
-"""train(cfg, reporter, stop): the LoRA training loop the CLI and the UI both call.
+"""run_train(cfg, reporter, stop): the LoRA training loop the CLI and the UI both call.
 
 Determinism: noise, timesteps and caption shuffles come from generators seeded by (seed, epoch,
 micro-batch index), and batch order by (seed, epoch), so a resumed run replays exactly the steps a
-straight run would have taken.
+straight run would have taken. What must use torch's global generator (adapter init, dropout) runs
+inside `torch.random.fork_rng`, so a job leaves the process's random state as it found it.
 """
 from __future__ import annotations
 
 import hashlib
 import random
+import secrets
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 
-from ..common.progress import Reporter, StopFlag, TqdmReporter
-from ..data.captions import process_caption
-from ..data.dataset import Item, TrainData
-from ..data.subsets import DatasetSpec, specs_from_toml, subsets_from_folders
-from ..models.loading import SDModel, load_model
-from ..networks import Network, NetworkSpec, build_network
+from loratrain.core.config import ConfigError
+from loratrain.core.devices import fresh_accelerator
+from loratrain.core.jobs import JobResult, job
+from loratrain.core.models.loading import SDModel, load_model
+from loratrain.core.precision import canonical, dtype_of
+from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.sampling import SamplePrompt, generate, load_prompts, sample_file_name
+
 from .conditioning import ConditioningCache, encode_prompts, sdxl_time_ids
 from .config import TrainConfig
+from .data.captions import process_caption
+from .data.dataset import Item, TrainData
+from .data.subsets import DatasetSpec, specs_from_toml, subsets_from_folders
 from .metadata import lora_metadata
+from .networks import Network, NetworkSpec, build_network
 from .noise import min_snr_weight, offset_noise, pyramid_noise
 from .optim import create_optimizer, create_scheduler
-from .sampling import SamplePrompt, generate, load_prompts, sample_file_name
-from .saving import STATE_SUFFIX, load_state, prune_saves, save_lora, save_state
+from .saving import STATE_SUFFIX, find_state, load_state, prune_saves, save_lora, save_state
 
 
 class TrainingError(RuntimeError):
@@ -37,17 +45,30 @@ class TrainingError(RuntimeError):
 
 
 @dataclass
-class TrainResult:
+class TrainResult(JobResult):
     lora_path: Path | None
     state_dir: Path
     global_step: int
     epoch: int
     losses: list[float] = field(default_factory=list)
-    stopped: bool = False
     samples: list[Path] = field(default_factory=list)
 
+    def summary(self) -> list[str]:
+        if self.stopped:
+            return [f"stopped at step {self.global_step}; resume with --resume {self.state_dir}"]
+        return [f"done: {self.global_step} steps, LoRA at {self.lora_path}"]
 
-def build_specs(cfg: TrainConfig) -> list[DatasetSpec]:
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's global generator seeded for the block, and restored after it."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_specs(cfg: TrainConfig, log=lambda text: None) -> list[DatasetSpec]:
     defaults = {"caption_extension": cfg.caption_extension, "shuffle_caption": cfg.shuffle_caption, "keep_tokens": cfg.keep_tokens,
                 "caption_dropout_rate": cfg.caption_dropout_rate, "caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,
                 "flip_aug": cfg.flip_aug, "resolution": cfg.resolution_wh(), "batch_size": cfg.train_batch_size,
@@ -55,7 +76,7 @@ def build_specs(cfg: TrainConfig) -> list[DatasetSpec]:
                 "bucket_reso_steps": cfg.bucket_reso_steps}
     if cfg.dataset_config:
         return specs_from_toml(cfg.dataset_config, defaults)
-    subsets = subsets_from_folders(cfg.train_data_dir, cfg.reg_data_dir or None, defaults)
+    subsets = subsets_from_folders(cfg.train_data_dir, cfg.reg_data_dir or None, defaults, log)
     return [DatasetSpec(subsets=subsets, **{k: v for k, v in defaults.items() if k in DatasetSpec.__dataclass_fields__})]
 
 
@@ -70,13 +91,13 @@ def _vae_id(model: SDModel) -> str:
 
 class LoRATrainer:
     def __init__(self, cfg: TrainConfig, reporter: Reporter, stop: StopFlag) -> None:
-        cfg.check_ready()
         self.cfg, self.reporter, self.stop = cfg, reporter, stop
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.precision = canonical(cfg.mixed_precision)
+        self.accelerator = fresh_accelerator("no" if self.precision == "fp32" else self.precision)
         self.device = self.accelerator.device
         self.out_dir = Path(cfg.output_dir)
         self.state_dir = self.out_dir / f"{cfg.output_name}{STATE_SUFFIX}"
-        self.session = {"id": random.randint(0, 2**31 - 1), "started": time.time(),
+        self.session = {"id": secrets.randbelow(2**31 - 1), "started": time.time(),
                         "model_name": Path(cfg.pretrained_model_name_or_path).name}
         self.losses: list[float] = []
         self.samples: list[Path] = []
@@ -85,20 +106,21 @@ class LoRATrainer:
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, log = self.cfg, self.reporter.log
-        self.data = TrainData(build_specs(cfg), log=log)
+        self.resume_from = self._resume_source()
+        self.data = TrainData(build_specs(cfg, log), log=log)
         self.model = load_model(cfg.pretrained_model_name_or_path, allow_pickle=cfg.allow_pickle,
                                 v_parameterization=cfg.v_parameterization)
         log(f"model: {self.model.family.name} ({self.model.prediction_type}) from {self.model.source}")
         self._cache_latents()
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        weight_dtype = dtype_of(self.precision)
         for m in (self.model.unet, *self.model.text_encoders):
             m.to(self.device, dtype=weight_dtype)
         if cfg.xformers:
             self.model.unet.enable_xformers_memory_efficient_attention()
         spec = NetworkSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout,
                            train_unet=not cfg.network_train_text_encoder_only, train_text_encoder=not cfg.network_train_unet_only)
-        torch.manual_seed(cfg.seed)  # adapter init: same seed, same run
-        self.network: Network = build_network(cfg.network_module, self.model, spec)
+        with seeded(cfg.seed, self.device):  # adapter init: same seed, same run
+            self.network: Network = build_network(cfg.network_module, self.model, spec)
         self.train_te = any(t.part != "unet" for t in self.network.targets)
         n_unet = sum(t.part == "unet" for t in self.network.targets)
         log(f"network: {self.network.kind}, {n_unet} UNet modules, {len(self.network.targets) - n_unet} text encoder modules; "
@@ -129,8 +151,8 @@ class LoRATrainer:
         prepared = self.accelerator.prepare(*self.network.parts().values(), self.optimizer)
         self.optimizer = prepared[-1]
         self.global_step, self.epoch, self.micro = 0, 0, 0
-        if cfg.resume:
-            self._resume()
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
         elif cfg.network_weights:
             net_sd, _, _ = load_state(Path(cfg.network_weights))
             self.network.load_state_dict(net_sd)
@@ -153,14 +175,29 @@ class LoRATrainer:
             return (dist.mean + dist.std * noise) * scale
 
         total = len(self.data.items())
-        self.reporter.start(total, "caching latents")
+        self.reporter.start(total, "caching latents", unit="img")
         self.data.cache_latents(encode, _vae_id(self.model), self.cfg.cache_latents_to_disk, self.cfg.on_bad_image,
                                 progress=lambda n: self.reporter.advance(n))
+        self.reporter.done("")
         if not self.cfg.sample_prompts:
             vae.to("cpu")
 
-    def _resume(self) -> None:
-        path = self.state_dir if self.cfg.resume == "latest" else Path(self.cfg.resume)
+    def _resume_source(self) -> Path | None:
+        """The state to continue from: the newest complete one for 'latest' (checked before any model loads)."""
+        if not self.cfg.resume:
+            return None
+        if self.cfg.resume != "latest":
+            return Path(self.cfg.resume)
+        found = find_state(self.state_dir)
+        if found is None:
+            raise ConfigError(f"nothing to resume: no complete training state {self.state_dir} (or .tmp/.old beside it); "
+                              "run without --resume")
+        if found != self.state_dir:
+            self.reporter.log(f"note: {self.state_dir} is missing (a save was interrupted); resuming from {found}, "
+                              "the newest complete state")
+        return found
+
+    def _resume(self, path: Path) -> None:
         net_sd, opt_sd, info = load_state(path)
         self.network.load_state_dict(net_sd)
         self.optimizer.load_state_dict(opt_sd["optimizer"])
@@ -176,7 +213,6 @@ class LoRATrainer:
         cfg, model = self.cfg, self.model
         rng = random.Random(_seed_for(cfg.seed, epoch, micro, 1))
         gen = torch.Generator(device="cpu").manual_seed(_seed_for(cfg.seed, epoch, micro, 2))
-        torch.manual_seed(_seed_for(cfg.seed, epoch, micro, 3))
         latents = torch.stack([it.latents[1 if flip else 0] for it, flip in batch]).to(self.device)
         captions = [process_caption(it.caption, it.subset, rng, epoch) for it, _ in batch]
         noise = torch.randn(latents.shape, generator=gen).to(self.device)
@@ -200,7 +236,7 @@ class LoRATrainer:
         weights = torch.tensor([cfg.prior_loss_weight if it.subset.is_reg else 1.0 for it, _ in batch], device=self.device)
         loss = loss * weights
         if cfg.min_snr_gamma:
-            loss = loss * min_snr_weight(sched.alphas_cumprod, t, cfg.min_snr_gamma, v_pred)
+            loss = loss * min_snr_weight(sched, t, cfg.min_snr_gamma, v_pred)
         return loss.mean()
 
     # -- the loop ------------------------------------------------------------------------------
@@ -219,10 +255,11 @@ class LoRATrainer:
                 group = batches[self.micro: self.micro + accum]
                 step_loss = 0.0
                 for offset, batch in enumerate(group):
-                    loss = self._loss(batch, self.epoch, self.micro + offset)
-                    if not torch.isfinite(loss):
-                        self._nan(loss)
-                    acc.backward(loss / len(group))
+                    with seeded(_seed_for(cfg.seed, self.epoch, self.micro + offset, 3), self.device):  # dropout
+                        loss = self._loss(batch, self.epoch, self.micro + offset)
+                        if not torch.isfinite(loss):
+                            self._nan(loss)
+                        acc.backward(loss / len(group))
                     step_loss += loss.item() / len(group)
                 if cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
@@ -246,10 +283,9 @@ class LoRATrainer:
         final = self._save_final()
         if self.writer:
             self.writer.close()
-        msg = (f"stopped at step {self.global_step}; resume with --resume {self.state_dir}" if stopped
-               else f"done: {self.global_step} steps, LoRA at {final}")
-        self.reporter.done(msg)
-        return TrainResult(final, self.state_dir, self.global_step, self.epoch, self.losses, stopped, self.samples)
+        self.reporter.done("")
+        return TrainResult(lora_path=final, state_dir=self.state_dir, global_step=self.global_step, epoch=self.epoch,
+                           losses=self.losses, samples=self.samples, stopped=stopped)
 
     def _nan(self, loss: torch.Tensor) -> None:
         where = f"step {self.global_step + 1} (epoch {self.epoch + 1})"
@@ -333,7 +369,7 @@ class LoRATrainer:
                 if p.seed is None:
                     p.seed = cfg.seed + i
                 path = generate(self.model, p, sample_dir / sample_file_name(cfg.output_name, epoch, self.global_step, i, p.seed),
-                                cfg.sample_sampler, cfg.clip_skip, {"loratrain_step": str(self.global_step)})
+                                cfg.sample_sampler, cfg.clip_skip, {"loratrain_step": str(self.global_step)}).path
                 paths.append(path)
                 captions.append(f"step {self.global_step}: {p.prompt}")
                 if self.writer:
@@ -347,7 +383,15 @@ class LoRATrainer:
         self.reporter.sample([str(p) for p in paths], captions)
 
 
-def train(cfg: TrainConfig, reporter: Reporter | None = None, stop: StopFlag | None = None) -> TrainResult:
-    trainer = LoRATrainer(cfg, reporter or TqdmReporter(), stop or StopFlag())
+@job
+def run_train(cfg: TrainConfig, reporter: Reporter, stop: StopFlag) -> TrainResult:
+    """Train a LoRA / LoCon.
+
+    cfg: the TrainConfig (checked before anything loads). reporter: phases "caching latents" and
+    "training" (metrics loss, avg per step), logs, sample images. stop: finishes the current step,
+    saves a resumable state and returns with `stopped` set.
+    Result: the LoRA file, the state folder, the step and epoch reached, the per-step losses, samples.
+    """
+    trainer = LoRATrainer(cfg, reporter, stop)
     trainer.setup()
     return trainer.run()

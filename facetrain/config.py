@@ -1,0 +1,32 @@
+"""Configs of `loratrain face grow | export | import-dfl`: light to import (no torch, no OpenCV), so every
+command's flags exist even on an install without the face extras."""
+from __future__ import annotations
+
+from loratrain.core.config import JobConfig, Problem, opt
+
+
+class GrowConfig(JobConfig):
+    model: str = opt("", "the model's .safetensors file", positional=True, path="file")
+    resolution: int = opt(0, "the new, larger resolution", ge=0)
+    keep_backups: int = opt(3, "rotating backups kept in backups/", ge=0)
+
+    def requirements(self) -> list[Problem]:
+        out = [("model", "is required")] if not self.model else []
+        return out + ([("resolution", "is required")] if not self.resolution else [])
+
+
+class ExportConfig(JobConfig):
+    model: str = opt("", "the model's .safetensors file", positional=True, path="file")
+    output: str = opt("", "the .onnx (or .dfm) file to write", positional=True, path="output")
+    overwrite: bool = opt(False, "replace the output if it exists")
+
+    def requirements(self) -> list[Problem]:
+        return [(name, "is required") for name in ("model", "output") if not getattr(self, name)]
+
+
+class ImportDflConfig(JobConfig):
+    input: str = opt("", "folder of DFLJPG faces", positional=True, path="dir")
+    output: str = opt("", "folder for the converted faces", positional=True, path="output")
+
+    def requirements(self) -> list[Problem]:
+        return [(name, "is required") for name in ("input", "output") if not getattr(self, name)]

@@ -1,1 +1,0 @@
-"""One module per `loratrain` subcommand; each is a thin shell over a library function."""

@@ -1,0 +1,78 @@
+"""What a job looks like in a terminal: a tqdm bar per phase, log lines, the result's summary, Ctrl-C.
+
+This is the app layer's side of the job contract; the library never prints or handles signals.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+from loratrain.core.progress import StopFlag
+
+
+class ConsoleReporter:
+    """tqdm bars on a terminal; on a pipe (CI, a log file), one plain line per phase instead of bar redraws."""
+
+    def __init__(self, quiet: bool = False, stream: Any = None) -> None:
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self._bar: Any = None
+
+    def _interactive(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def start(self, total: int, desc: str, initial: int = 0, unit: str = "it") -> None:
+        from tqdm.auto import tqdm
+
+        self.close()
+        if not self.quiet and not self._interactive():
+            self.log(f"{desc}: {initial}/{total} {unit}")
+        self._bar = tqdm(total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True, file=self.stream,
+                         disable=self.quiet or not self._interactive())
+
+    def advance(self, n: int = 1, **metrics: float) -> None:
+        if self._bar is not None:
+            if metrics:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+            self._bar.update(n)
+
+    def log(self, text: str) -> None:
+        if self._bar is not None and not self._bar.disable:
+            self._bar.write(text, file=sys.stdout)
+        elif not self.quiet:
+            print(text, flush=True)
+
+    def sample(self, paths: list[str], captions: list[str]) -> None:
+        if not self.quiet:
+            for p in paths:
+                self.log(f"image: {p}")
+
+    def done(self, status: str) -> None:
+        self.close()
+        if status and not self.quiet:
+            print(status, flush=True)
+
+    def result(self, result: Any) -> None:
+        self.close()
+        for line in result.summary():
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def ctrl_c_stop(what: str = "after the current item") -> StopFlag:
+    """A StopFlag set by the first Ctrl-C (the job finishes its unit of work and saves); the second aborts."""
+    stop = StopFlag()
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(f"\nstopping {what} (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    return stop

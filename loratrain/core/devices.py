@@ -1,0 +1,38 @@
+"""One device choice for every job, and a fresh accelerate state per training run."""
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def pick_device(name: str = "auto") -> Any:
+    """auto: CUDA when available, else CPU; cuda: fail clearly without it."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda: no CUDA device is available (use --device cpu or auto)")
+    if name not in DEVICES:
+        raise ConfigError(f"unknown device {name!r}; choose one of: {', '.join(DEVICES)}")
+    return torch.device(name)
+
+
+def fresh_accelerator(mixed_precision: str) -> Any:
+    """An Accelerator for one job, whatever mixed precision an earlier job in this process used.
+
+    accelerate keeps its mixed-precision setting in a process-wide singleton and refuses a second
+    Accelerator with another one. The distributed part (PartialState: ranks, process group) stays;
+    only the per-run AcceleratorState and GradientState are reset, as accelerate's own tests do.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    for state in (AcceleratorState, GradientState):
+        reset = getattr(state, "_reset_state", None)
+        if reset is not None:
+            reset()
+    return Accelerator(mixed_precision=mixed_precision)

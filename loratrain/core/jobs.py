@@ -1,0 +1,55 @@
+"""The job contract every long operation follows, so the CLI and the UI can drive any of them alike.
+
+    run_<job>(cfg, reporter=None, stop=None) -> <Job>Result
+
+`cfg` is the job's JobConfig, checked (every problem at once) before any work starts; `reporter`
+receives phases, metrics, logs, images and finally the result (silent by default); `stop`, when
+set, ends the job within one unit of work (a step, a tensor, an image) with nothing half-written.
+The result says what was made, whether the job was stopped, and the lines a user wants to see.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from .config import JobConfig
+from .progress import NullReporter, Reporter, StopFlag
+
+R = TypeVar("R", bound="JobResult")
+C = TypeVar("C", bound=JobConfig)
+
+
+@dataclass(kw_only=True)
+class JobResult:
+    """Base of every job's result."""
+
+    stopped: bool = False
+
+    def summary(self) -> list[str]:
+        """Lines a person wants to read when the job ends (the CLI prints them, the UI shows them)."""
+        return []
+
+    @property
+    def exit_code(self) -> int:
+        """0 done, 130 stopped (as after Ctrl-C); jobs whose findings are failures override it."""
+        return 130 if self.stopped else 0
+
+
+class Stopped(Exception):
+    """Raised inside an output's writer when a stop is requested, so the temp file is removed on the way out."""
+
+
+def job(fn: Callable[[C, Reporter, StopFlag], R]) -> Callable[..., R]:
+    """Give `fn(cfg, reporter, stop)` the contract: defaults, `cfg.check()` first, the result reported last."""
+
+    @functools.wraps(fn)
+    def run(cfg: C, reporter: Reporter | None = None, stop: StopFlag | None = None, **kw: Any) -> R:
+        reporter = reporter if reporter is not None else NullReporter()
+        stop = stop if stop is not None else StopFlag()
+        cfg.check()
+        result = fn(cfg, reporter, stop, **kw)
+        reporter.result(result)
+        return result
+
+    return run

@@ -1,0 +1,95 @@
+"""Reading kohya-layout LoRA files, their dense deltas, block-weight vectors and SVD factorisation."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loratrain.core.safe_io import load_state_dict
+
+from .spec import LBW_LAYOUTS, LoraSpec, lbw_values, lbw_weights, lora_spec_problems, parse_lora_spec  # noqa: F401  (public here too)
+
+
+@dataclass
+class LoraModule:
+    name: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """scale * up @ down in float32, shaped like the target weight.
+
+        A 3x3 LoCon is a k x k `down` followed by a 1x1 `up`; composing them is the matrix
+        product over the rank axis, reshaped back to a kernel.
+        """
+        up = self.up.float().reshape(self.up.shape[0], -1)
+        down = self.down.float().reshape(self.rank, -1)
+        d = (up @ down) * self.scale
+        if d.numel() != math.prod(shape):
+            raise ValueError(f"{self.name}: LoRA delta {list(d.shape)} does not fit the model weight {list(shape)}")
+        return d.reshape(shape)
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, LoraModule], dict[str, str]]:
+    """Modules of a kohya-layout LoRA / LoCon file (`<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`)."""
+    sd, meta = load_state_dict(path)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        name, _, part = key.partition(".")
+        groups.setdefault(name, {})[part] = value
+    if any(".lora_A." in k or ".lora_B." in k for k in sd):
+        raise ValueError(f"{path}: PEFT-layout LoRA; use the kohya-layout file our trainer writes next to it")
+    modules: dict[str, LoraModule] = {}
+    for name, parts in groups.items():
+        if "lora_down.weight" not in parts:
+            other = sorted(parts)[0]
+            raise ValueError(f"{path}: module {name} has {other!r} but no lora_down.weight; "
+                             "only LoRA / LoCon are supported (not LoHa, LoKr or DoRA)")
+        down, up = parts["lora_down.weight"], parts.get("lora_up.weight")
+        if up is None:
+            raise ValueError(f"{path}: module {name} has lora_down but no lora_up")
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
+        modules[name] = LoraModule(name, down, up, alpha)
+    if not modules:
+        raise ValueError(f"{path}: no LoRA modules found")
+    return modules, meta
+
+
+def lora_is_sdxl(modules: dict[str, LoraModule], meta: dict[str, str]) -> bool | None:
+    """Whether a LoRA was made for SDXL, from its text-encoder names or its metadata (None: can't tell)."""
+    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in modules):
+        return True
+    if any(n.startswith("lora_te_") for n in modules):
+        return False
+    version = meta.get("ss_base_model_version", "") or meta.get("modelspec.architecture", "")
+    if version:
+        return "xl" in version.lower()
+    return None
+
+
+def factorize(delta: torch.Tensor, rank: int, clamp_quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) with up @ down ~ delta by truncated SVD, clamped like sd-scripts, shaped for the weight."""
+    shape = delta.shape
+    mat = delta.float().reshape(shape[0], -1)
+    r = min(rank, *mat.shape)
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    up, down = u[:, :r] * s[:r], vh[:r]
+    if clamp_quantile < 1:
+        both = torch.cat([up.flatten(), down.flatten()]).abs()
+        k = max(1, min(both.numel(), int(round(clamp_quantile * both.numel()))))
+        hi = both.kthvalue(k).values.item()
+        up, down = up.clamp(-hi, hi), down.clamp(-hi, hi)
+    if len(shape) == 4:
+        return up.reshape(shape[0], r, 1, 1), down.reshape(r, *shape[1:])
+    return up, down

@@ -1,0 +1,94 @@
+"""How users name LoRAs and LoRA block weights: `PATH[:RATIO[:BLOCKS]]`, presets and 12/17/20/26-value vectors.
+
+Light to import (no torch), so configs can check these specs before any job starts.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from loratrain.core.models.families import Family
+
+from .blocks import BASE, block_names
+from .presets import lora_block_presets
+
+# LoRA block-weight formats (hako-mikan's extension); MID is our M00
+LBW_LAYOUTS: dict[int, list[str]] = {
+    26: [BASE] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)],
+    17: [BASE, "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(3, 12)],
+    20: [BASE] + [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)],
+    12: [BASE, "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(6)],
+}
+
+
+@dataclass
+class LoraSpec:
+    path: str
+    ratio: float = 1.0
+    blocks: str = ""  # LoRA block-weight preset name or value list
+
+
+def parse_lora_spec(text: str) -> LoraSpec:
+    """`PATH[:RATIO[:LBW]]`, LBW a preset name or comma list (12/17/20/26 values).
+
+    A value that names an existing file is taken as a path whole, so paths with colons still work.
+    """
+    if Path(text).exists():
+        return LoraSpec(text)
+    parts = text.split(":")
+    for n_tail in (2, 1):
+        if len(parts) > n_tail:
+            head, tail = ":".join(parts[:-n_tail]), parts[-n_tail:]
+            try:
+                ratio = float(tail[0])
+            except ValueError:
+                continue
+            return LoraSpec(head, ratio, tail[1] if n_tail == 2 else "")
+    return LoraSpec(text)
+
+
+def lora_spec_problems(specs: list[str], field: str) -> list[tuple[str, str]]:
+    """Each `PATH[:RATIO[:BLOCKS]]` names an existing file and, if given, a known block preset or value list."""
+    out = []
+    for text in specs:
+        spec = parse_lora_spec(text)
+        if not Path(spec.path).is_file():
+            out.append((field, f"LoRA not found: {spec.path}"))
+        if spec.blocks:
+            try:
+                lbw_values(spec.blocks)
+            except ValueError as e:
+                out.append((field, str(e)))
+    return out
+
+
+def lbw_values(text: str) -> list[float]:
+    """The values of a LoRA block-weight preset name or comma list (12, 17, 20 or 26 of them)."""
+    presets = lora_block_presets()
+    if re.fullmatch(r"[A-Za-z_][\w.]*", text.strip()):
+        if text.strip() not in presets:
+            raise ValueError(f"unknown LoRA block-weight preset {text!r}; known: {', '.join(presets)}")
+        values = presets[text.strip()]
+    else:
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"LoRA block weights {text!r}: not a preset name or a list of numbers") from None
+    if len(values) not in LBW_LAYOUTS:
+        raise ValueError(f"LoRA block weights need 12, 17, 20 or 26 values, got {len(values)}")
+    return values
+
+
+def lbw_weights(text: str, family: Family) -> dict[str, float]:
+    """Block name -> ratio from a LoRA block-weight preset or vector; blocks a format omits get 0."""
+    values = lbw_values(text)
+    layout = LBW_LAYOUTS[len(values)]
+    weights = {name: 0.0 for name in [BASE] + block_names(family)}
+    known = set(weights)
+    for name, v in zip(layout, values):
+        if name in known:
+            weights[name] = v
+        elif v != 0:
+            raise ValueError(f"LoRA block weights: block {name} does not exist in {family.name}")
+    return weights

@@ -1,0 +1,174 @@
+"""Load SD1 / SD2 / SDXL from a diffusers folder, an HF cache folder or a single-file checkpoint.
+
+Everything is local: configs and tokenizer data for single files come from `configs/` (or from
+the file's own metadata when we wrote it), never from a hub.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from ..hf_cache import resolve_hf_cache
+from ..safe_io import load_state_dict
+from ..tokenizer import clip_tokenizer
+from . import text_encoder_keys
+from .families import FAMILIES, Family, ModelTypeError, detect_family, family_from_unet_config
+from .single_file import CONFIG_METADATA_KEY, split_checkpoint
+
+
+@dataclass
+class SDModel:
+    family: Family
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[CLIPTokenizer]
+    noise_scheduler: DDPMScheduler
+    source: str
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "SDModel":
+        for m in (self.unet, self.vae, *self.text_encoders):
+            m.to(device=device, dtype=dtype)
+        return self
+
+
+def build_component(component: str, cfg: dict[str, Any], with_projection: bool = False) -> torch.nn.Module:
+    """A randomly initialised component from its config dict (wrap in init_empty_weights for no memory)."""
+    if component == "unet":
+        return UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    if component == "vae":
+        return AutoencoderKL.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    te_cfg = CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(te_cfg)
+
+
+def load_model(path: str | Path, *, allow_pickle: bool = False, v_parameterization: bool | None = None,
+               expect_family: str | None = None) -> SDModel:
+    """Load a base model for training or sampling (fp32 on CPU; the caller moves it)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    model = _load_folder(resolve_hf_cache(path)) if path.is_dir() else _load_single_file(path, allow_pickle)
+    if expect_family and model.family.name != expect_family:
+        raise ModelTypeError(f"{path}: is an {model.family.name} model, but {expect_family} was asked for")
+    if v_parameterization is not None:
+        model.noise_scheduler = DDPMScheduler.from_config(
+            model.noise_scheduler.config, prediction_type="v_prediction" if v_parameterization else "epsilon")
+    for m in (model.unet, model.vae, *model.text_encoders):
+        m.requires_grad_(False)
+        m.eval()
+    return model
+
+
+def _load_folder(root: Path) -> SDModel:
+    if not (root / "unet" / "config.json").is_file():
+        raise ModelTypeError(f"{root}: not a diffusers model folder (no unet/config.json)")
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True)
+    family = family_from_unet_config(dict(unet.config))
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True)
+    tes, toks = [], []
+    for i, spec in enumerate(family.text_encoders):
+        cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
+        tes.append(cls.from_pretrained(root / spec.component, local_files_only=True))
+        tok_dir = root / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")
+        toks.append(CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True) if tok_dir.is_dir()
+                    else clip_tokenizer(family.pad_tokens()[i]))
+    sched_dir = root / "scheduler"
+    if (sched_dir / "scheduler_config.json").is_file():
+        sched_cfg = json.loads((sched_dir / "scheduler_config.json").read_text())
+    else:
+        sched_cfg = family.shipped_configs()["scheduler"]
+    scheduler = _training_scheduler(sched_cfg)
+    cfgs = {"unet": _plain(dict(unet.config)), "vae": _plain(dict(vae.config)), "scheduler": sched_cfg}
+    for spec, te in zip(family.text_encoders, tes):
+        cfgs[spec.component] = _plain(te.config.to_dict())
+    return SDModel(family, unet, vae, tes, toks, scheduler, str(root), cfgs)
+
+
+def _plain(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-storable part of a loaded config (what writing a single file embeds)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()
+            if not k.startswith("_") and (v is None or isinstance(v, (int, float, str, bool, list, tuple)))}
+
+
+def _training_scheduler(cfg: dict[str, Any]) -> DDPMScheduler:
+    keep = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "steps_offset",
+                                "rescale_betas_zero_snr") if k in cfg}
+    return DDPMScheduler(**keep, clip_sample=False)
+
+
+def _load_single_file(path: Path, allow_pickle: bool) -> SDModel:
+    sd, meta = load_state_dict(path, allow_pickle=allow_pickle)
+    family = detect_family(set(sd), str(path))
+    cfgs = json.loads(meta[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in meta else family.shipped_configs()
+    parts = split_checkpoint(sd, family, cfgs, str(path))
+    del sd
+    unet = _instantiate("unet", cfgs["unet"], parts["unet"], path, "UNet")
+    vae = _instantiate("vae", cfgs["vae"], parts["vae"], path, "VAE")
+    tes = [_instantiate(spec.component, cfgs[spec.component], parts[spec.component], path, spec.component, spec.with_projection)
+           for spec in family.text_encoders]
+    toks = [clip_tokenizer(p) for p in family.pad_tokens()]
+    sched_cfg = dict(cfgs["scheduler"])
+    if meta.get("modelspec.prediction_type") == "v":
+        sched_cfg["prediction_type"] = "v_prediction"
+    return SDModel(family, unet, vae, tes, toks, _training_scheduler(sched_cfg), str(path), cfgs)
+
+
+def _check_shapes(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    wrong = [k for k in expected.keys() & got.keys() if expected[k] != got[k]]
+    if missing or extra or wrong:
+        parts = []
+        if wrong:
+            parts.append("shape mismatch " + ", ".join(f"{k}: file {got[k]} vs model {expected[k]}" for k in wrong[:3]))
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
+        raise ModelTypeError(f"{path}: {what} weights do not fit the {what} config: " + "; ".join(parts))
+
+
+def _instantiate(component: str, cfg: dict[str, Any], sd: dict[str, torch.Tensor], path: Path, what: str,
+                 with_projection: bool = False) -> Any:
+    """Build on the meta device, check every shape, then adopt the loaded tensors (no second copy)."""
+    with init_empty_weights():
+        model = build_component(component, cfg, with_projection)
+    if component.startswith("text_encoder"):
+        sd = text_encoder_keys.to_model_names(model, sd)
+    _check_shapes(model, sd, path, what)
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False, assign=True)
+    _fix_buffers(model)
+    return model
+
+
+def _fix_buffers(model: torch.nn.Module) -> None:
+    """Buffers not in the state dict (position ids) stay on the meta device after assign=True."""
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                if name == "position_ids":
+                    module._buffers[name] = torch.arange(buf.shape[-1]).expand(buf.shape).clone()
+                else:
+                    raise RuntimeError(f"buffer {name} was not loaded")
+
+
+def family_by_name(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; one of {', '.join(FAMILIES)}") from None

@@ -1,0 +1,122 @@
+"""Sample images: the sd-scripts prompt-file syntax, and one generate() used by training, generate and the grid."""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+from .models.loading import SDModel
+from .safe_io import atomic_path
+from .samplers import SAMPLERS
+
+
+@dataclass
+class SamplePrompt:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 30
+    cfg_scale: float = 7.5
+    seed: int | None = None
+    sampler: str | None = None
+
+
+def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt:
+    """`prompt --n negative --w 512 --h 512 --s 30 --l 7.5 --d 42 --ss euler_a` (sd-scripts)."""
+    parts = line.split(" --")
+    p = replace(defaults, prompt=parts[0].strip())
+    for part in parts[1:]:
+        key, _, value = part.strip().partition(" ")
+        value = value.strip()
+        try:
+            if key == "n":
+                p.negative_prompt = value
+            elif key == "w":
+                p.width = int(value)
+            elif key == "h":
+                p.height = int(value)
+            elif key == "s":
+                p.steps = max(1, min(1000, int(value)))
+            elif key == "l":
+                p.cfg_scale = float(value)
+            elif key == "d":
+                p.seed = int(value)
+            elif key == "ss":
+                p.sampler = value
+        except ValueError:
+            raise ValueError(f"prompt option --{key} has a bad value {value!r} in line: {line!r}") from None
+    return p
+
+
+def load_prompts(path: str | Path, defaults: SamplePrompt) -> list[SamplePrompt]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sample prompt file not found: {path}")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    return [parse_prompt_line(ln, defaults) for ln in lines if ln and not ln.startswith("#")]
+
+
+def build_pipeline(model: SDModel, sampler: str):
+    """A diffusers pipeline over the already-loaded components (no copy, adapters stay active)."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    spec = SAMPLERS.get(sampler)
+    scheduler = getattr(diffusers, spec.scheduler).from_config(dict(model.noise_scheduler.config), **spec.kwargs)
+    if model.family.is_sdxl:
+        return StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
+                                         tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=scheduler)
+    return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def infotext(prompt: SamplePrompt, sampler: str, seed: int, clip_skip: int, extra: dict[str, str] | None = None) -> str:
+    """A1111's `parameters` text; like A1111, no `Negative prompt:` line when there is none."""
+    lines = [prompt.prompt]
+    if prompt.negative_prompt:
+        lines.append(f"Negative prompt: {prompt.negative_prompt}")
+    fields = {"Steps": prompt.steps, "Sampler": sampler, "CFG scale": prompt.cfg_scale, "Seed": seed,
+              "Size": f"{prompt.width}x{prompt.height}", "Clip skip": clip_skip, **(extra or {})}
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+@dataclass
+class Generated:
+    path: Path
+    parameters: str  # the A1111 infotext written into the PNG
+
+
+@torch.no_grad()
+def generate(model: SDModel, prompt: SamplePrompt, out_path: str | Path, sampler: str = "ddim", clip_skip: int = 1,
+             extra_info: dict[str, str] | None = None, extra_params: dict[str, str] | None = None) -> Generated:
+    """One image, saved atomically as PNG with A1111-style `parameters` text.
+
+    The seed comes from the prompt (or the system's randomness): torch's global generator is never touched.
+    """
+    seed = prompt.seed if prompt.seed is not None else secrets.randbelow(2**31 - 1)
+    used = prompt.sampler or sampler
+    pipe = build_pipeline(model, used)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    image = pipe(prompt.prompt, negative_prompt=prompt.negative_prompt or None, width=prompt.width, height=prompt.height,
+                 num_inference_steps=prompt.steps, guidance_scale=prompt.cfg_scale, generator=gen,
+                 clip_skip=(clip_skip - 1) if clip_skip > 1 else None, output_type="pil").images[0]
+    params = infotext(prompt, used, seed, clip_skip, extra_params)
+    info = PngInfo()
+    info.add_text("parameters", params)
+    for k, v in (extra_info or {}).items():
+        info.add_text(k, v)
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Generated(out_path, params)
+
+
+def sample_file_name(output_name: str, epoch: int | None, step: int, index: int, seed: int | None) -> str:
+    when = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+    return f"{output_name}_{when}_{index:02d}" + (f"_{seed}" if seed is not None else "") + ".png"

@@ -1,0 +1,95 @@
+"""A loaded base model with any number of LoRAs (kohya or PEFT layout) applied at given weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import ConfigError
+from .devices import pick_device
+from .lora.files import parse_lora_spec
+from .models.ldm_keys import unet_module_pairs
+from .models.loading import SDModel
+from .sampling import build_pipeline
+
+
+@dataclass
+class LoraUse:
+    path: str
+    weight: float = 1.0
+    blocks: str = ""  # LoRA block-weight preset / vector ("" = all blocks at 1)
+
+
+def lora_use(text: str) -> LoraUse:
+    """`PATH[:WEIGHT[:BLOCKS]]`, checked to exist."""
+    spec = parse_lora_spec(text)
+    if not Path(spec.path).is_file():
+        raise ConfigError(f"LoRA not found: {spec.path}")
+    return LoraUse(spec.path, spec.ratio, spec.blocks)
+
+
+class ModelSession:
+    """The current checkpoint and its LoRA adapters; a new checkpoint drops both.
+
+    Used by `generate` and the grid: a LoRA file is loaded once per checkpoint, and a weight change
+    is only an adapter scale (diffusers' own loader, so kohya and PEFT files load unchanged).
+    """
+
+    def __init__(self, loader: Callable[..., SDModel], allow_pickle: bool) -> None:
+        self.loader, self.allow_pickle = loader, allow_pickle
+        self.path: str | None = None
+        self.model: SDModel | None = None
+        self.adapters: dict[tuple[str, str], str] = {}
+        self.loads = 0
+        self._active: tuple | None = None
+        self.device = pick_device("auto")
+
+    def ensure(self, path: str) -> SDModel:
+        if path != self.path:
+            self.model = None
+            self.model = self.loader(path, allow_pickle=self.allow_pickle).to(self.device)
+            self.path, self.adapters = path, {}
+            self.loads += 1
+        assert self.model is not None
+        return self.model
+
+    def activate(self, loras: list[LoraUse], sampler: str = "ddim") -> None:
+        assert self.model is not None
+        wanted = (self.path, tuple((u.path, u.blocks, u.weight) for u in loras))
+        if wanted == self._active:
+            return  # same adapters at the same scales: nothing to do between cells
+        pipe = build_pipeline(self.model, sampler)
+        names, weights = [], []
+        for use in loras:
+            key = (use.path, use.blocks)
+            if key not in self.adapters:
+                name = f"lora{len(self.adapters)}"
+                source = block_scaled_lora(use.path, use.blocks, self.model) if use.blocks else use.path
+                pipe.load_lora_weights(source, adapter_name=name)
+                self.adapters[key] = name
+            names.append(self.adapters[key])
+            weights.append(use.weight)
+        if names:
+            pipe.enable_lora()
+            pipe.set_adapters(names, adapter_weights=weights)
+        elif self.adapters:
+            pipe.disable_lora()
+        self._active = wanted
+
+
+def block_scaled_lora(path: str, blocks: str, model: SDModel) -> dict[str, torch.Tensor]:
+    """A kohya LoRA with each module's up weights scaled by its block's LoRA block weight."""
+    from safetensors.torch import load_file
+
+    from .lora.blocks import lora_name_block
+    from .lora.files import lbw_weights
+
+    ratios = lbw_weights(blocks, model.family)
+    ldm_of = dict(unet_module_pairs(dict(model.unet.config)))
+    sd = load_file(path)
+    for key in list(sd):
+        if key.endswith(".lora_up.weight"):
+            sd[key] = sd[key] * ratios[lora_name_block(key.split(".")[0], model.family, ldm_of)]
+    return sd

@@ -1,0 +1,203 @@
+"""The training set: items with repeats, reg balancing, buckets, cached latents and the step plan."""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from loratrain.core.captions import read_caption
+from loratrain.core.safe_io import save_safetensors
+
+from .buckets import bucket_resolutions, fit_to_bucket, select_bucket
+from .subsets import DatasetError, DatasetSpec, Subset
+
+CACHE_DIR = ".loratrain_cache"
+
+
+@dataclass
+class Item:
+    image: Path
+    caption: str
+    subset: Subset
+    repeats: int
+    original_size: tuple[int, int] = (0, 0)
+    bucket: tuple[int, int] = (0, 0)
+    crop_top_left: tuple[int, int] = (0, 0)
+    latents: list[torch.Tensor] = field(default_factory=list)  # [plain, flipped?]
+
+
+@dataclass
+class StepPlan:
+    train_images: int
+    train_samples: int
+    reg_images: int
+    reg_samples: int
+    batches_per_epoch: int
+    grad_accum: int
+    steps_per_epoch: int
+    epochs: int
+    max_train_steps: int
+
+    def describe(self, batch_sizes: list[int]) -> str:
+        reg = f", reg {self.reg_images} images -> {self.reg_samples} samples (balanced to train)" if self.reg_images else ""
+        return (f"steps: train {self.train_images} images x repeats = {self.train_samples} samples{reg}; "
+                f"{self.batches_per_epoch} batches/epoch (batch {','.join(map(str, batch_sizes))}); "
+                f"grad accumulation {self.grad_accum} -> {self.steps_per_epoch} steps/epoch; "
+                f"{self.epochs} epochs -> {self.max_train_steps} optimizer steps")
+
+
+class BadImageError(DatasetError):
+    pass
+
+
+class TrainData:
+    def __init__(self, specs: list[DatasetSpec], log: Callable[[str], None] = print) -> None:
+        self.specs = specs
+        self.log = log
+        self.groups: list[tuple[DatasetSpec, list[Item]]] = []
+        missing: list[Path] = []
+        for spec in specs:
+            if spec.bucket_no_upscale:
+                raise DatasetError("bucket_no_upscale is not supported yet; remove it (images are scaled to cover their bucket)")
+            items = []
+            for subset in spec.subsets:
+                for image in subset.images():
+                    caption = read_caption(image, subset.caption_extension)
+                    if caption is None:
+                        missing.append(image)
+                        caption = subset.class_tokens or ""
+                    items.append(Item(image, caption, subset, subset.num_repeats))
+            self._balance_reg(items)
+            self.groups.append((spec, items))
+        if missing:
+            ext = sorted({s.caption_extension for spec in specs for s in spec.subsets})
+            self.log(f"WARNING: {len(missing)} image(s) have no caption file ({'/'.join(ext)}); "
+                     "using the folder's class tokens (or an empty caption) for:\n  " + "\n  ".join(map(str, missing)))
+        self.missing_captions = missing
+        if not any(not it.subset.is_reg for _, items in self.groups for it in items):
+            raise DatasetError("no training images found in " + ", ".join(s.image_dir for sp in specs for s in sp.subsets))
+
+    @staticmethod
+    def _balance_reg(items: list[Item]) -> None:
+        """sd-scripts: reg images are added pass by pass until they match the train sample count."""
+        n_train = sum(it.repeats for it in items if not it.subset.is_reg)
+        reg = [it for it in items if it.subset.is_reg]
+        if not reg:
+            return
+        for it in reg:
+            it.repeats = 0
+        n, first = 0, True
+        while n < n_train:
+            for it in reg:
+                if first:
+                    it.repeats = it.subset.num_repeats
+                    n += it.subset.num_repeats
+                else:
+                    it.repeats += 1
+                    n += 1
+                if n >= n_train:
+                    break
+            first = False
+        items[:] = [it for it in items if not it.subset.is_reg or it.repeats > 0]
+
+    def items(self) -> list[Item]:
+        return [it for _, items in self.groups for it in items]
+
+    # -- latents -------------------------------------------------------------------------------
+    def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], vae_id: str, to_disk: bool,
+                      on_bad_image: str = "skip", progress: Callable[[int], None] | None = None) -> None:
+        """Decode, bucket and encode every image once; corrupt images are named and skipped (or fatal)."""
+        for spec, items in self.groups:
+            buckets = (bucket_resolutions(spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps)
+                       if spec.enable_bucket else [spec.resolution])
+            kept = []
+            for it in items:
+                try:
+                    self._cache_item(it, buckets, encode, vae_id, to_disk)
+                    kept.append(it)
+                except BadImageError as e:
+                    if on_bad_image == "error":
+                        raise
+                    self.log(f"WARNING: skipping {e}")
+                if progress:
+                    progress(1)
+            items[:] = kept
+        if not any(not it.subset.is_reg for it in self.items()):
+            raise DatasetError("every training image was unreadable")
+
+    def _cache_item(self, it: Item, buckets: list[tuple[int, int]], encode: Callable[[torch.Tensor], torch.Tensor],
+                    vae_id: str, to_disk: bool) -> None:
+        try:
+            raw = it.image.read_bytes()
+            with Image.open(it.image) as im:
+                im.load()
+                image = im.convert("RGB")
+        except Exception as e:
+            raise BadImageError(f"{it.image}: unreadable or corrupt image ({e.__class__.__name__}: {e})") from None
+        it.original_size = image.size
+        it.bucket = select_bucket(image.size, buckets)
+        scale = max(it.bucket[0] / image.size[0], it.bucket[1] / image.size[1])
+        it.crop_top_left = ((round(image.size[1] * scale) - it.bucket[1]) // 2, (round(image.size[0] * scale) - it.bucket[0]) // 2)
+        n_views = 2 if it.subset.flip_aug else 1
+        digest = hashlib.sha256(raw).hexdigest()
+        cache = it.image.parent / CACHE_DIR / f"{it.image.name}.{it.bucket[0]}x{it.bucket[1]}.safetensors"
+        if to_disk and cache.is_file():
+            with safe_open(str(cache), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("image_sha256") == digest and meta.get("vae") == vae_id and int(meta.get("views", 0)) >= n_views:
+                    it.latents = [f.get_tensor(f"view{i}") for i in range(n_views)]
+                    return
+        pixels = torch.from_numpy(fit_to_bucket(image, it.bucket)).permute(2, 0, 1).float() / 127.5 - 1.0
+        views = [pixels] + ([pixels.flip(-1)] if n_views == 2 else [])
+        latents = encode(torch.stack(views))
+        if not torch.isfinite(latents).all():
+            raise DatasetError(f"{it.image}: the VAE produced NaN/inf latents (an fp16 VAE overflow? use fp32 or bf16 for the VAE)")
+        it.latents = [lat.cpu() for lat in latents]
+        if to_disk:
+            save_safetensors({f"view{i}": t for i, t in enumerate(it.latents)}, cache,
+                             {"image_sha256": digest, "vae": vae_id, "views": str(n_views)})
+
+    # -- epochs --------------------------------------------------------------------------------
+    def batches_for_epoch(self, epoch: int, seed: int) -> list[list[tuple[Item, bool]]]:
+        """All batches of one epoch: per dataset and bucket, shuffled reproducibly by (seed, epoch)."""
+        rng = random.Random(seed * 100003 + epoch)
+        batches = []
+        for spec, items in self.groups:
+            by_bucket: dict[tuple[int, int], list[tuple[Item, bool]]] = {}
+            for it in items:
+                for _ in range(it.repeats):
+                    flip = it.subset.flip_aug and rng.random() < 0.5
+                    by_bucket.setdefault(it.bucket, []).append((it, flip))
+            for bucket in sorted(by_bucket):
+                samples = by_bucket[bucket]
+                rng.shuffle(samples)
+                batches += [samples[i:i + spec.batch_size] for i in range(0, len(samples), spec.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def plan(self, grad_accum: int, max_train_steps: int | None, max_train_epochs: int | None) -> StepPlan:
+        n_batches = 0
+        for spec, items in self.groups:
+            counts: dict[tuple[int, int], int] = {}
+            for it in items:
+                counts[it.bucket] = counts.get(it.bucket, 0) + it.repeats
+            n_batches += sum(math.ceil(c / spec.batch_size) for c in counts.values())
+        steps_per_epoch = math.ceil(n_batches / grad_accum)
+        if max_train_epochs:
+            epochs = max_train_epochs
+            total = epochs * steps_per_epoch
+        else:
+            total = max_train_steps or 1600
+            epochs = math.ceil(total / steps_per_epoch)
+        train = [it for it in self.items() if not it.subset.is_reg]
+        reg = [it for it in self.items() if it.subset.is_reg]
+        return StepPlan(len(train), sum(it.repeats for it in train), len(reg), sum(it.repeats for it in reg),
+                        n_batches, grad_accum, steps_per_epoch, epochs, total)
+

@@ -1,0 +1,122 @@
+"""Where training images come from: `<repeats>_<class tokens>` folders or a sd-scripts dataset TOML."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from loratrain.core.config import ConfigError, parse_resolution, read_toml
+from loratrain.core.images import IMAGE_EXTENSIONS
+
+
+class DatasetError(ConfigError):
+    """The dataset folders or TOML are wrong; the message names the file."""
+
+
+@dataclass
+class Subset:
+    image_dir: str
+    num_repeats: int = 1
+    class_tokens: str | None = None
+    is_reg: bool = False
+    caption_extension: str = ".txt"
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    caption_separator: str = ","
+    shuffle_caption: bool = False
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    flip_aug: bool = False
+
+    def images(self) -> list[Path]:
+        root = Path(self.image_dir)
+        if not root.is_dir():
+            raise DatasetError(f"image_dir not found: {root}")
+        return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+@dataclass
+class DatasetSpec:
+    subsets: list[Subset]
+    resolution: tuple[int, int] = (512, 512)
+    batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+
+
+SUBSET_KEYS = {f.name for f in dataclasses.fields(Subset)}
+DATASET_KEYS = {f.name for f in dataclasses.fields(DatasetSpec)} - {"subsets"}
+
+
+def subsets_from_folders(train_data_dir: str, reg_data_dir: str | None, defaults: dict[str, Any],
+                         log: Callable[[str], None] = lambda text: None) -> list[Subset]:
+    """kohya command-line mode: each `<N>_<tokens>` child folder is a subset with N repeats."""
+    out: list[Subset] = []
+    for root, is_reg in ((train_data_dir, False), (reg_data_dir, True)):
+        if not root:
+            continue
+        root_path = Path(root)
+        if not root_path.is_dir():
+            raise DatasetError(f"{'reg' if is_reg else 'train'}_data_dir not found: {root_path}")
+        for child in sorted(p for p in root_path.iterdir() if p.is_dir()):
+            head, _, tokens = child.name.partition("_")
+            try:
+                repeats = int(head)
+            except ValueError:
+                log(f"warning: ignoring folder {child} (name is not <repeats>_<class tokens>)")
+                continue
+            if repeats < 1:
+                log(f"warning: ignoring folder {child} (repeats < 1)")
+                continue
+            out.append(Subset(image_dir=str(child), num_repeats=repeats, class_tokens=tokens or None, is_reg=is_reg,
+                              **{k: v for k, v in defaults.items() if k in SUBSET_KEYS}))
+    if not any(not s.is_reg for s in out):
+        raise DatasetError(f"{train_data_dir}: no training folders named like '10_sks dog' found")
+    return out
+
+
+def specs_from_toml(path: str | Path, defaults: dict[str, Any]) -> list[DatasetSpec]:
+    """sd-scripts dataset config: [general] > [[datasets]] > [[datasets.subsets]], lower levels win."""
+    path = Path(path)
+    data = read_toml(path, "dataset config")
+    general = data.get("general", {})
+    unknown = set(data) - {"general", "datasets"}
+    if unknown:
+        raise DatasetError(f"{path}: unknown top-level keys {sorted(unknown)}")
+    specs = []
+    for d_index, ds in enumerate(data.get("datasets", [])):
+        merged_ds = {**defaults, **general, **{k: v for k, v in ds.items() if k != "subsets"}}
+        for key in set(general) | set(ds) - {"subsets"}:
+            if key not in SUBSET_KEYS | DATASET_KEYS:
+                raise DatasetError(f"{path}: unknown key {key!r} in datasets[{d_index}] or [general]")
+        subsets = []
+        for s_index, sub in enumerate(ds.get("subsets", [])):
+            bad = set(sub) - SUBSET_KEYS
+            if bad or "resolution" in sub:
+                raise DatasetError(f"{path}: datasets[{d_index}].subsets[{s_index}] has unknown key(s) {sorted(bad | ({'resolution'} & set(sub)))}")
+            if "image_dir" not in sub:
+                raise DatasetError(f"{path}: datasets[{d_index}].subsets[{s_index}] needs image_dir")
+            values = {k: v for k, v in {**merged_ds, **sub}.items() if k in SUBSET_KEYS}
+            image_dir = Path(values["image_dir"])
+            if not image_dir.is_absolute():
+                values["image_dir"] = str((path.parent / image_dir).resolve()) if not image_dir.exists() else str(image_dir)
+            subsets.append(Subset(**values))
+        if not subsets:
+            raise DatasetError(f"{path}: datasets[{d_index}] has no subsets")
+        ds_values = {k: v for k, v in merged_ds.items() if k in DATASET_KEYS}
+        if "resolution" in ds_values:
+            try:
+                ds_values["resolution"] = parse_resolution(ds_values["resolution"], f"{path}: resolution")
+            except ConfigError as e:
+                raise DatasetError(str(e)) from None
+        specs.append(DatasetSpec(subsets=subsets, **ds_values))
+    if not specs:
+        raise DatasetError(f"{path}: no [[datasets]] defined")
+    return specs

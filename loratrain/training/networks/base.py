@@ -1,0 +1,119 @@
+"""Which modules get an adapter (sd-scripts' rule) and the Network object the trainer holds."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from loratrain.core.models import text_encoder_keys
+from loratrain.core.models.ldm_keys import unet_diffusers_to_ldm_module
+from loratrain.core.models.loading import SDModel
+from loratrain.core.registry import Registry
+
+UNET_ATTN_CONTAINERS = {"Transformer2DModel"}
+UNET_CONV_CONTAINERS = {"ResnetBlock2D", "Downsample2D", "Upsample2D"}
+TE_CONTAINERS = {"CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP"}
+
+
+@dataclass
+class NetworkSpec:
+    network_dim: int = 4
+    network_alpha: float = 1.0
+    conv_dim: int | None = None
+    conv_alpha: float | None = None
+    network_dropout: float = 0.0
+    train_unet: bool = True
+    train_text_encoder: bool = True
+
+
+@dataclass
+class Target:
+    part: str  # "unet" | "text_encoder" | "text_encoder_2"
+    module_path: str
+    kohya_name: str
+    rank: int
+    alpha: float
+
+
+def find_targets(model: SDModel, spec: NetworkSpec) -> list[Target]:
+    """sd-scripts' rule: Linear/Conv2d children of the container classes, 3x3 convs only with conv_dim."""
+    targets: list[Target] = []
+    if spec.train_unet:
+        containers = UNET_ATTN_CONTAINERS | (UNET_CONV_CONTAINERS if spec.conv_dim else set())
+        for path in _children(model.unet, containers, spec):
+            module = model.unet.get_submodule(path)
+            is_3x3 = isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
+            rank, alpha = ((spec.conv_dim, spec.conv_alpha if spec.conv_alpha is not None else 1.0) if is_3x3
+                           else (spec.network_dim, spec.network_alpha))
+            ldm_path = unet_diffusers_to_ldm_module(path, model.unet.config) if model.family.is_sdxl else path
+            targets.append(Target("unet", path, "lora_unet_" + ldm_path.replace(".", "_"), rank, alpha))
+    if spec.train_text_encoder:
+        for te_spec, te in zip(model.family.text_encoders, model.text_encoders):
+            for path in _children(te, TE_CONTAINERS, spec):
+                name = te_spec.kohya_prefix + "_" + text_encoder_keys.canonical(path).replace(".", "_")
+                targets.append(Target(te_spec.component, path, name, spec.network_dim, spec.network_alpha))
+    return targets
+
+
+def _children(root: nn.Module, containers: set[str], spec: NetworkSpec) -> list[str]:
+    out = []
+    for name, module in root.named_modules():
+        if type(module).__name__ not in containers:
+            continue
+        for child_name, child in module.named_modules():
+            if not child_name:
+                continue
+            if isinstance(child, nn.Linear) or (isinstance(child, nn.Conv2d) and (child.kernel_size == (1, 1) or spec.conv_dim)):
+                out.append(f"{name}.{child_name}")
+    return list(dict.fromkeys(out))
+
+
+class Network:
+    """Adapters attached to a model; knows its targets, parameters and file layouts."""
+
+    kind: str = "lora"
+
+    def __init__(self, model: SDModel, spec: NetworkSpec, targets: list[Target]) -> None:
+        self.model = model
+        self.spec = spec
+        self.targets = targets
+
+    def parts(self) -> dict[str, nn.Module]:
+        parts: dict[str, nn.Module] = {"unet": self.model.unet}
+        for te_spec, te in zip(self.model.family.text_encoders, self.model.text_encoders):
+            parts[te_spec.component] = te
+        return {p: m for p, m in parts.items() if any(t.part == p for t in self.targets)}
+
+    def trainable_parameters(self, part: str) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable adapter tensors keyed `<part>.<peft key>` (for resume)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def peft_state_dict(self, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def set_multiplier(self, value: float) -> None:
+        raise NotImplementedError
+
+    def args(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.spec.conv_dim:
+            out.update(conv_dim=str(self.spec.conv_dim), conv_alpha=str(self.spec.conv_alpha if self.spec.conv_alpha is not None else 1.0))
+        return out
+
+
+NETWORKS: Registry[Callable[[SDModel, NetworkSpec], Network]] = Registry("network kind")
+
+
+def build_network(kind: str, model: SDModel, spec: NetworkSpec) -> Network:
+    return NETWORKS.get(kind)(model, spec)

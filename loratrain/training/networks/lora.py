@@ -1,0 +1,97 @@
+"""LoRA and LoCon through PEFT: y = Wx + (alpha/rank) * up(down(x)), conv down keeps the kernel."""
+from __future__ import annotations
+
+import re
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+
+from loratrain.core.models.loading import SDModel
+
+from .base import NETWORKS, Network, NetworkSpec, find_targets
+
+ADAPTER = "loratrain"
+
+
+class PeftLoRANetwork(Network):
+    kind = "lora"
+
+    def __init__(self, model: SDModel, spec: NetworkSpec) -> None:
+        super().__init__(model, spec, find_targets(model, spec))
+        if not self.targets:
+            raise ValueError("no modules to train: enable the UNet and/or the text encoder")
+        for part, module in self.parts().items():
+            mine = [t for t in self.targets if t.part == part]
+            base_rank, base_alpha = spec.network_dim, spec.network_alpha
+            config = LoraConfig(
+                r=base_rank, lora_alpha=base_alpha, lora_dropout=spec.network_dropout, init_lora_weights=True,
+                target_modules=[t.module_path for t in mine],
+                rank_pattern={re.escape(t.module_path): t.rank for t in mine if t.rank != base_rank},
+                alpha_pattern={re.escape(t.module_path): t.alpha for t in mine if t.alpha != base_alpha},
+            )
+            inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+            for name, p in module.named_parameters():
+                p.requires_grad_("lora_" in name and ADAPTER in name)
+        self._by_path = {(t.part, t.module_path): t for t in self.targets}
+
+    def trainable_parameters(self, part: str) -> list[torch.nn.Parameter]:
+        module = self.parts().get(part)
+        return [p for p in module.parameters() if p.requires_grad] if module is not None else []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for part, module in self.parts().items():
+            for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER).items():
+                out[f"{part}.{k}"] = v.detach().clone()
+        return out
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for part, module in self.parts().items():
+            mine = {k[len(part) + 1:]: v for k, v in sd.items() if k.startswith(part + ".")}
+            result = set_peft_model_state_dict(module, mine, adapter_name=ADAPTER)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise ValueError(f"saved network does not fit this model ({part}: unexpected {unexpected[:2]})")
+
+    def _pairs(self):
+        for part, module in self.parts().items():
+            for path, layer in module.named_modules():
+                if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A:
+                    yield self._by_path[(part, path)], layer
+
+    def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for target, layer in self._pairs():
+            out[f"{target.kohya_name}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype)
+            out[f"{target.kohya_name}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype)
+            out[f"{target.kohya_name}.alpha"] = torch.tensor(float(target.alpha), dtype=dtype)
+        return out
+
+    def peft_state_dict(self, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for target, layer in self._pairs():
+            part = out.setdefault(target.part, {})
+            part[f"{target.module_path}.lora_A.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype)
+            part[f"{target.module_path}.lora_B.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype)
+        return out
+
+    def set_multiplier(self, value: float) -> None:
+        for target, layer in self._pairs():
+            layer.scaling[ADAPTER] = value * target.alpha / target.rank
+
+
+@NETWORKS.register("lora", "networks.lora")
+def _lora(model: SDModel, spec: NetworkSpec) -> Network:
+    return PeftLoRANetwork(model, spec)
+
+
+@NETWORKS.register("locon", "lycoris.locon")
+def _locon(model: SDModel, spec: NetworkSpec) -> Network:
+    """LoRA on the convolutions too; conv_dim defaults to network_dim as LyCORIS' LoCon does."""
+    if not spec.conv_dim:
+        spec = NetworkSpec(**{**spec.__dict__, "conv_dim": spec.network_dim,
+                              "conv_alpha": spec.conv_alpha if spec.conv_alpha is not None else spec.network_alpha})
+    net = PeftLoRANetwork(model, spec)
+    net.kind = "locon"
+    return net
