@@ -7,7 +7,18 @@ import time
 
 
 def peak_rss_mib() -> float:
-    """Highest resident set size of this process so far."""
+    """Highest resident set size of this process so far.
+
+    Linux: VmHWM of this process's own memory. getrusage's ru_maxrss is not used there: it keeps the
+    high-water mark of the process that forked us (a parent holding torch makes every child look big).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from benchutil import peak_memory_mib
 
+from loratrain.core.progress import RecordingReporter
 from loratrain.facetrain.demo_data import make_photos
-from loratrain.facetrain.extract.extract import ExtractConfig, extract_faces
+from loratrain.facetrain.extract.config import ExtractConfig
+from loratrain.facetrain.extract.extract import run_face_extract
 from loratrain.facetrain.train.config import FaceTrainConfig
 from loratrain.facetrain.train.data import loader
 from loratrain.facetrain.train.trainer import FaceTrainer
-from loratrain.core.progress import RecordingReporter
 
 DIMS = {"tiny": dict(ae_dims=64, e_dims=16, d_dims=16), "default": dict(ae_dims=256, e_dims=64, d_dims=64)}
 
@@ -71,7 +72,7 @@ def main() -> None:
         root = Path(tmp)
         for look, seed in (("src", 0), ("dst", 1)):
             make_photos(root / f"{look}_p", 24, seed, look)
-            extract_faces(ExtractConfig(input=str(root / f"{look}_p"), output_dir=str(root / look), image_size=max(128, args.resolution),
+            run_face_extract(ExtractConfig(input=str(root / f"{look}_p"), output_dir=str(root / look), image_size=max(128, args.resolution),
                                         max_faces=1), RecordingReporter())
         print(f"device {args.device} | {args.resolution}px | batch {args.batch} | dims {args.dims} | {args.iters} iterations per run")
         for archi in args.archis:

@@ -27,11 +27,12 @@ from benchutil import peak_rss_mib  # noqa: E402
 def build(root: Path, resolution: int) -> tuple[Path, Path]:
     import torch
 
-    from loratrain.core.safe_io import save_safetensors
-    from loratrain.core.models.families import FAMILIES
-    from loratrain.core.models.loading import SDModel, build_component, clip_tokenizer
-    from loratrain.core.models.tiny import tiny_configs, write_single_file
     from loratrain.core.lora.keys import lora_sites
+    from loratrain.core.models.families import FAMILIES
+    from loratrain.core.models.loading import SDModel, build_component
+    from loratrain.core.models.tiny import tiny_configs, write_single_file
+    from loratrain.core.safe_io import save_safetensors
+    from loratrain.core.tokenizer import clip_tokenizer
 
     cfgs = tiny_configs("sd1")
     cfgs["unet"] = dict(cfgs["unet"], block_out_channels=[64, 128, 128, 128], layers_per_block=2, norm_num_groups=16,
@@ -80,23 +81,22 @@ def run_plain(ckpt: Path, lora: Path, n: int, steps: int, res: int) -> tuple[flo
 
 
 def run_grid_bench(ckpt: Path, lora: Path, n: int, steps: int, res: int, out: Path) -> float:
-    from loratrain.core.progress import TqdmReporter
     from loratrain.grid.runner import GridConfig, run_grid
 
     t0 = time.perf_counter()
     run_grid(GridConfig(model=str(ckpt), prompt="a red circle", loras=[f"{lora}:1"], width=res, height=res, steps=steps,
                         seed=1, sampler="euler_a", x_type="lora_weight", x_values=",".join(map(str, weights(n))),
-                        y_type="seed", y_values="1", output_dir=str(out)), TqdmReporter(quiet=True))
+                        y_type="seed", y_values="1", output_dir=str(out)))
     return time.perf_counter() - t0
 
 
 def run_separate(ckpt: Path, lora: Path, n: int, steps: int, res: int, out: Path) -> float:
-    from loratrain.commands.generate import GenerateConfig
-    from loratrain.core.session import generate_image
+    from loratrain.grid.config import GenerateConfig
+    from loratrain.grid.generate import run_generate
 
     t0 = time.perf_counter()
     for i, w in enumerate(weights(n)):
-        generate_image(GenerateConfig(model=str(ckpt), prompt="a red circle", network_weights=[f"{lora}:{w}"], width=res,
+        run_generate(GenerateConfig(model=str(ckpt), prompt="a red circle", network_weights=[f"{lora}:{w}"], width=res,
                                       height=res, steps=steps, seed=1, sampler="euler_a", output=str(out / f"{i}.png")))
     return time.perf_counter() - t0
 

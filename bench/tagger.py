@@ -17,18 +17,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from benchutil import PeakRss
+
+from loratrain.core.progress import RecordingReporter
+from loratrain.core.safe_io import atomic_write_bytes
 from loratrain.dataset_tools.captions import caption_bytes, caption_path
 from loratrain.dataset_tools.synthetic import scene_image
 from loratrain.dataset_tools.tagger.config import TagConfig
 from loratrain.dataset_tools.tagger.model import TaggerModel, resolve_model_dir
 from loratrain.dataset_tools.tagger.postprocess import TagPostprocessor
 from loratrain.dataset_tools.tagger.preprocess import load_prepared
-from loratrain.dataset_tools.tagger.runner import default_batch_size, default_workers, tag_images
+from loratrain.dataset_tools.tagger.runner import default_batch_size, default_workers, run_tag
 from loratrain.dataset_tools.tagger.tiny import build_tagger
-from loratrain.core.progress import RecordingReporter
-from loratrain.core.safe_io import atomic_write_bytes
 
 PRESETS = {"vit-b": ("vit", 768, 12), "small": ("conv", 64, 8)}
 
@@ -52,7 +52,7 @@ def model_alone(model: TaggerModel, tensors: np.ndarray, batch: int) -> float:
 
 def pipeline(model: TaggerModel, cfg: TagConfig) -> float:
     t = time.perf_counter()
-    res = tag_images(cfg, RecordingReporter(), model=model)
+    res = run_tag(cfg, RecordingReporter(), model=model)
     assert res.tagged and not res.failed
     return res.tagged / (time.perf_counter() - t)
 

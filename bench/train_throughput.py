@@ -26,9 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def build_inputs(root: Path, size: str, resolution: int) -> tuple[Path, Path]:
-    from loratrain.training.demo import make_concept_images
     from loratrain.core.models.families import FAMILIES
     from loratrain.core.models.tiny import make_tiny_model, write_single_file
+    from loratrain.training.demo import make_concept_images
 
     model = make_tiny_model("sd1", seed=0)
     if size == "sd15":  # real SD1.5 shapes, random weights

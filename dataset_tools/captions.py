@@ -6,7 +6,7 @@ unchanged.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from loratrain.core.captions import CaptionText
 from loratrain.core.registry import Registry

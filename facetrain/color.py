@@ -5,7 +5,7 @@ All take and return float32 BGR images in [0, 1] (HxWx3). The same registry serv
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np

@@ -30,21 +30,22 @@ TEMPLATE_INDICES = list(range(17, 49)) + [54]
 
 
 def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """3x3 least-squares similarity (rotation, uniform scale, translation) mapping src points onto dst."""
-    n, dim = src.shape
-    src_mean, dst_mean = src.mean(0), dst.mean(0)
-    sd, dd = src - src_mean, dst - dst_mean
-    cov = dd.T @ sd / n
-    d = np.ones(dim)
-    if np.linalg.det(cov) < 0:
-        d[-1] = -1
-    u, s, vt = np.linalg.svd(cov)
-    rot = u @ np.diag(d) @ vt
-    scale = (s * d).sum() / sd.var(0).sum()
-    t = np.eye(dim + 1)
-    t[:dim, :dim] = scale * rot
-    t[:dim, dim] = dst_mean - scale * rot @ src_mean
-    return t
+    """3x3 least-squares similarity (rotation, uniform scale, translation) mapping src points onto dst.
+
+    scikit-image's SimilarityTransform is Umeyama's estimate with scale, exactly what DFL calls.
+    """
+    from skimage.transform import SimilarityTransform
+
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    if hasattr(SimilarityTransform, "from_estimate"):  # scikit-image >= 0.26
+        tform = SimilarityTransform.from_estimate(src, dst)
+        ok = isinstance(tform, SimilarityTransform)
+    else:
+        tform = SimilarityTransform()
+        ok = tform.estimate(src, dst)
+    if not ok:
+        raise ValueError("the landmarks are degenerate (no similarity transform fits them)")
+    return np.asarray(tform.params, np.float64)
 
 
 def transform_points(points: np.ndarray, mat: np.ndarray, invert: bool = False) -> np.ndarray:

@@ -51,8 +51,9 @@ def _add_job(parser: argparse.ArgumentParser, spec: JobSpec) -> None:
 
 
 def run_job(spec: JobSpec, args: argparse.Namespace) -> int:
-    from .console import ConsoleReporter, ctrl_c_stop
+    from .console import ConsoleReporter, ctrl_c_stop, quiet_irrelevant_library_messages
 
+    quiet_irrelevant_library_messages()
     hint = missing_extras(spec)
     if hint:
         raise ImportError(hint)
@@ -83,9 +84,6 @@ def describe_error(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
         return run_job(args.job, args)

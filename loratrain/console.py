@@ -64,6 +64,18 @@ class ConsoleReporter:
             self._bar = None
 
 
+def quiet_irrelevant_library_messages() -> None:
+    """Silence one known message, not whole libraries.
+
+    Importing diffusers' SD pipelines makes transformers resolve `CLIPImageProcessor` (the pipelines'
+    optional safety-checker input, which we never use) and, without torchvision, announce its PIL
+    fallback. Only that module's logger is raised to ERROR; every other warning still shows.
+    """
+    import logging
+
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+
+
 def ctrl_c_stop(what: str = "after the current item") -> StopFlag:
     """A StopFlag set by the first Ctrl-C (the job finishes its unit of work and saves); the second aborts."""
     stop = StopFlag()

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 from loratrain.core.config import ConfigError
+from loratrain.core.devices import torch_threads
 from loratrain.core.jobs import JobResult, Stopped, job
 from loratrain.core.lora.blocks import BASE, block_of, block_weights, parse_values
 from loratrain.core.models.families import VAE_PREFIX, Family, ModelTypeError, detect_family
 from loratrain.core.models.single_file import CONFIG_METADATA_KEY
 from loratrain.core.progress import Reporter, StopFlag
 from loratrain.core.safe_io import new_output
-from loratrain.core.tensor_io import LazySafetensors, OutputTensor, StreamingWriter, chunks, out_dtype
+from loratrain.core.tensor_io import BackgroundHash, LazySafetensors, OutputTensor, StreamingWriter, chunks, out_dtype
 
 from .config import MergeConfig
 from .methods import MERGE_METHODS, MergeMethod
@@ -62,9 +63,11 @@ class MergeResult(JobResult):
 
 
 def copy_tensor(src: LazySafetensors, name: str, dtype: torch.dtype, writer: StreamingWriter) -> None:
-    """Pass a tensor through in chunks, cast to the output dtype."""
+    """Pass a tensor through in chunks, cast to the output dtype on the way (one copy, input map to output map)."""
     for start, n in chunks(src.tensors[name].numel, CHUNK_ELEMENTS):
-        writer.write(src.read(name, start, n).to(dtype))
+        out = writer.buffer(n, dtype)
+        out.copy_(src.read(name, start, n))
+        writer.write(out)
 
 
 def open_model(path: str, role: str) -> tuple[LazySafetensors, Family]:
@@ -210,9 +213,8 @@ class CheckpointMerge:
         inputs = {"primary": "A", "secondary": "B", "tertiary": "C"}
         hashed = [self.files[r] for r in inputs.values() if r in self.files]
         known = {f.path: cached_sha256(f.path) for f in hashed} if cfg.hash_models else {}
-        for f in hashed:
-            if cfg.hash_models and known[f.path] is None:
-                f.start_hash()
+        todo = list(dict.fromkeys(path for path, sha in known.items() if sha is None))
+        hasher = BackgroundHash(todo) if todo else None
         # same-length stand-ins, so the header can be rewritten in place once the hashes are known
         placeholder = {f.path: (f"{i:064x}" if cfg.hash_models else None) for i, f in enumerate(hashed)}
         reporter.start(len(self.plan), "merge", unit="tensor")
@@ -223,14 +225,20 @@ class CheckpointMerge:
                         raise Stopped
                     self._write_one(item, writer)
                     reporter.advance(1)
+                if hasher is not None:
+                    writer.flush_async()  # the data goes to disk while the hashes finish
+                    known.update({path: remember_sha256(path, sha) for path, sha in hasher.result().items()})
                 if cfg.hash_models:
-                    for f in hashed:
-                        if known[f.path] is None:
-                            known[f.path] = remember_sha256(f.path, f.finish_hash())
                     writer.rewrite_metadata(self._metadata(known))
         except Stopped:
+            if hasher is not None:
+                hasher.cancel()
             reporter.done("")
             return MergeResult(output=None, family=self.family.name, stopped=True)
+        except BaseException:
+            if hasher is not None:
+                hasher.cancel()
+            raise
         reporter.done("")
         merged = sum(p.action == "merge" for p in self.plan)
         return MergeResult(output=self.output, family=self.family.name, merged=merged, copied=len(self.plan) - merged,
@@ -260,8 +268,8 @@ class CheckpointMerge:
             ta = a.read(key, start, n).to(compute)
             tb = b.read(key, start, n).to(compute)
             tc = c.read(key, start, n).to(compute) if c is not None else None
-            out = writer.buffer(n, dtype)  # reused memory: fresh 16 MB blocks would page-fault every chunk
-            out.copy_(self.method.fn(ta, tb, tc, item.weight))
+            out = writer.buffer(n, dtype)  # a reused buffer: fresh 16 MB blocks would page-fault every chunk
+            self.method.fn(ta, tb, tc, item.weight, out=out)
             writer.write(out)
 
     def _metadata(self, hashes: dict[Path, str | None]) -> dict[str, str]:
@@ -307,6 +315,7 @@ def run_merge(cfg: MergeConfig, reporter: Reporter, stop: StopFlag) -> MergeResu
         return MergeResult(output=None, presets=presets)
     merge = CheckpointMerge(cfg)
     try:
-        return merge.run(reporter, stop)
+        with torch_threads(1):  # the arithmetic is trivial; the other cores hash and write
+            return merge.run(reporter, stop)
     finally:
         merge.close()

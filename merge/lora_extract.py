@@ -6,6 +6,7 @@ are read one module at a time, so memory stays small.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ def run_lora_extract(cfg: LoraExtractConfig, reporter: Reporter, stop: StopFlag)
             reporter.log(f"text encoder differs by at most {te_max:.3g} <= min_diff: U-Net only LoRA")
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.dim), "ss_network_alpha": str(cfg.dim),
                 "ss_v2": str(fam.name == "sd2"), "ss_base_model_version": fam.base_model_version,
-                "ss_network_args": '{"conv_dim": "%d", "conv_alpha": "%d"}' % (cfg.conv_dim, cfg.conv_dim) if cfg.conv_dim else "",
+                "ss_network_args": json.dumps({"conv_dim": str(cfg.conv_dim), "conv_alpha": str(cfg.conv_dim)}) if cfg.conv_dim else "",
                 "modelspec.architecture": fam.modelspec_arch + "/lora",
                 "loratrain.extracted_from": f"{org.path.name} -> {tuned.path.name}"}
         save_safetensors(result, out, {k: v for k, v in meta.items() if v})

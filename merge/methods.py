@@ -5,8 +5,8 @@ thing in every tool of ours. Adding a method touches only this file.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -19,7 +19,8 @@ class MergeMethod:
     formula: str
     a1111_name: str
     needs_c: bool
-    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor]
+    # fn(a, b, c, w, out=None): the result, written into `out` when given (same shape, any float dtype)
+    fn: Callable[..., torch.Tensor]
     # weights at which the result is exactly one input, so that input is copied without reading the others
     identity: Callable[[float], str | None]
     # the formula gives bit-identical results on fp16/bf16 inputs (torch computes lerp in float32
@@ -30,13 +31,19 @@ class MergeMethod:
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
-def _weighted_sum(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, w: float) -> torch.Tensor:
-    return torch.lerp(a, b, w)
+def _weighted_sum(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, w: float,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    if out is not None and out.dtype == a.dtype:
+        return torch.lerp(a, b, w, out=out)  # straight into the output buffer: no temporary, no extra copy
+    result = torch.lerp(a, b, w)
+    return result if out is None else out.copy_(result)
 
 
-def _add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, w: float) -> torch.Tensor:
+def _add_difference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None, w: float,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     assert c is not None
-    return a + (b - c) * w
+    result = (b - c).mul_(w).add_(a)
+    return result if out is None else out.copy_(result)
 
 
 MERGE_METHODS.register("weighted_sum", "ws")(MergeMethod(

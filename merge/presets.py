@@ -7,7 +7,7 @@ exist only as tables and ship as data. Users can add their own in a TSV file (`n
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from loratrain.core.lora.presets import read_tsv
@@ -67,7 +67,7 @@ def _formula_presets() -> dict[str, list[float]]:
     return p
 
 
-@lru_cache(maxsize=None)
+@cache
 def merge_presets() -> dict[str, list[float]]:
     presets = _formula_presets()
     presets.update(read_tsv(HERE / "cubic_hermite.tsv", 25))

@@ -10,9 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from loratrain.training.demo import make_concept_images  # noqa: E402
 from loratrain.core.models.tiny import make_tiny_model, write_diffusers_folder, write_single_file  # noqa: E402
 from loratrain.training.config import TrainConfig  # noqa: E402
+from loratrain.training.demo import make_concept_images  # noqa: E402
 
 
 @pytest.fixture(scope="session")

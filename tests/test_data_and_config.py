@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from loratrain.core.config import ConfigError
+from loratrain.training.config import TrainConfig
 from loratrain.training.data.buckets import bucket_resolutions, select_bucket
 from loratrain.training.data.captions import process_caption
 from loratrain.training.data.dataset import TrainData
 from loratrain.training.data.subsets import DatasetError, DatasetSpec, Subset, specs_from_toml, subsets_from_folders
-from loratrain.training.config import TrainConfig
 from loratrain.training.optim import create_optimizer, create_scheduler
 
 
@@ -134,3 +134,26 @@ def test_cli_help_lists_sd_scripts_flags():
     for flag in ("--network_dim", "--network_alpha", "--noise_offset", "--multires_noise_iterations", "--min_snr_gamma",
                  "--lr_scheduler_num_cycles", "--conv_dim", "--resume", "--dataset_config"):
         assert flag in out
+
+
+def test_schema_declares_every_option_once_for_flags_files_and_forms(tmp_path):
+    schema = TrainConfig.model_json_schema()
+    groups = set()
+    for name, prop in schema["properties"].items():
+        assert prop.get("description") and prop.get("group") and "advanced" in prop, name
+        groups.add(prop["group"])
+    assert {"Model", "Dataset", "Network", "Optimizer and schedule", "Noise and loss", "Saving and resume", "Sampling"} <= groups
+    assert schema["properties"]["optimizer_type"]["registry"].endswith(":OPTIMIZERS")
+    assert schema["properties"]["network_dim"]["minimum"] == 1
+    cfg = TrainConfig(network_dim=16, resolution="768,512", optimizer_args=["weight_decay=0.1"], conv_dim=None)
+    text = cfg.to_toml()
+    assert text.startswith("schema_version = 1\n") and "conv_dim" not in text  # TOML has no null: unset stays unset
+    saved = tmp_path / "saved.toml"
+    saved.write_text(text, encoding="utf-8")
+    assert TrainConfig.from_toml(saved, check=False) == cfg
+    saved.write_text("schema_version = 99\nnetwork_dim = 4\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="schema_version 99 is newer"):
+        TrainConfig.from_toml(saved)
+    with pytest.raises(ConfigError) as err:  # every field error at once, each named
+        TrainConfig(network_dim=0, clip_skip=0, resolution="36", mixed_precision="fp8")
+    assert {f for f, _ in err.value.problems} == {"network_dim", "clip_skip", "resolution", "mixed_precision"}

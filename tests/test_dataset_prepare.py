@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from loratrain.cli import main
 from loratrain.dataset_tools.prepare import balance_repeats
 from loratrain.dataset_tools.synthetic import scene_image
-from loratrain.cli import main
 from loratrain.training.data.subsets import specs_from_toml
 
 

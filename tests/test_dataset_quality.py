@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
+from loratrain.cli import main
+from loratrain.core.progress import RecordingReporter
 from loratrain.dataset_tools.quality.config import CheckConfig
 from loratrain.dataset_tools.quality.report import run_check
 from loratrain.dataset_tools.synthetic import scene_image
-from loratrain.cli import main
-from loratrain.core.progress import RecordingReporter
 
 POSES = ["sitting", "running", "lying", "jumping", "walking", "kneeling"]
 

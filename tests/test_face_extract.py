@@ -10,13 +10,13 @@ import cv2
 import numpy as np
 import pytest
 
+from loratrain.cli import main
+from loratrain.core.progress import RecordingReporter
 from loratrain.facetrain.demo_data import astronaut_bgr, make_photos
 from loratrain.facetrain.extract.config import ExtractConfig
 from loratrain.facetrain.extract.extract import run_face_extract
 from loratrain.facetrain.faceset import FacesetError, import_dfl_file, list_faces, load_face, make_meta, read_meta, save_face
 from loratrain.facetrain.landmarks import FACE_TYPES, align_face, estimate_yaw_pitch, face_matrix, transform_points
-from loratrain.cli import main
-from loratrain.core.progress import RecordingReporter
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ def test_onnx_detector_and_landmarker_plugins(tmp_path):
 
     size = 64  # strides 8/16/32 -> 8x8, 4x4, 2x2 grids with 2 anchors each
     outs = {}
-    for k, s in enumerate((8, 16, 32)):
+    for s in (8, 16, 32):
         n = (size // s) ** 2 * 2
         outs[f"score_{s}"] = np.zeros((n, 1))
         outs[f"bbox_{s}"] = np.ones((n, 4))

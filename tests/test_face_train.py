@@ -9,6 +9,8 @@ import torch
 from safetensors import safe_open
 
 import loratrain.facetrain.train.trainer as trainer_mod
+from loratrain.cli import main
+from loratrain.core.progress import RecordingReporter
 from loratrain.facetrain.augment import apply_warp, warp_params
 from loratrain.facetrain.color import COLOR_TRANSFERS
 from loratrain.facetrain.demo_data import astronaut_bgr, make_photos
@@ -19,8 +21,6 @@ from loratrain.facetrain.grow import grow_model
 from loratrain.facetrain.models.archi import ArchSpec, FaceModelConfig, build_model
 from loratrain.facetrain.train.config import FaceTrainConfig
 from loratrain.facetrain.train.trainer import run_face_train
-from loratrain.cli import main
-from loratrain.core.progress import RecordingReporter
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,7 @@ def test_archi_shapes(archi):
         ArchSpec.parse("df-x")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("archi", ["df", "liae"])
 def test_tiny_models_learn(facesets, tmp_path, archi):
     res = run_face_train(cfg_for(facesets, tmp_path / archi, archi=archi, max_iters=150, preview_every=150, save_every=150,
@@ -154,12 +155,17 @@ def test_nan_guard_keeps_last_save(facesets, tmp_path, monkeypatch):
 
 def test_pretrain_then_train_resets_inter(facesets, tmp_path):
     pre = run_face_train(cfg_for(facesets, tmp_path / "m", pretrain=True, dst_faceset="", max_iters=10), RecordingReporter())
+    # a mode that implies settings says which it changed (DeepFaceLab's pretrain turns random_warp off, yaw on, ...)
+    assert "pretrain sets random_warp = False (was True), as DeepFaceLab's pretraining does" in pre.notes
+    assert any(n.startswith("pretrain sets uniform_yaw = True") for n in pre.notes)
     before = load_face_model(pre.model_path)[0]
     res = run_face_train(cfg_for(facesets, tmp_path / "m", max_iters=5), RecordingReporter())
     assert any("re-initialised" in n for n in res.notes) and res.iteration == 5
     after = load_face_model(res.model_path)[0]
-    assert torch.equal(before.decoder_src.out[0].weight, before.decoder_src.out[0].weight)
-    assert not torch.allclose(before.inter.dense1.weight, after.inter.dense1.weight, atol=1e-3)
+    # decoders carry over (5 small steps move a weight by a few 1e-3 at most); the inter is re-initialised (moves ~1e-1)
+    dec = (before.decoder_src.out[0].weight - after.decoder_src.out[0].weight).abs()
+    inter = (before.inter.dense1.weight - after.inter.dense1.weight).abs()
+    assert dec.max() < 1e-2 < inter.mean(), (dec.max(), inter.mean())
 
 
 def test_all_saehd_options_together(facesets, tmp_path):
@@ -212,6 +218,7 @@ def test_face_train_cli(facesets, tmp_path, capsys):
     assert "none" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_works_without_the_optional_extras():
     """A base install (no OpenCV, dlib, onnxruntime, onnx, scikit-image) still parses every command, and the
     face and tagger commands say what to install instead of failing on an import."""

@@ -11,15 +11,15 @@ import torch
 from PIL import Image
 
 from loratrain.core.config import ConfigError
-from loratrain.core.progress import RecordingReporter, StopFlag
-from loratrain.core.safe_io import save_safetensors
-from loratrain.grid.axes import parse_axis_values
-from loratrain.grid.runner import GridConfig, run_grid
+from loratrain.core.lora.keys import lora_sites
 from loratrain.core.models.families import FAMILIES
 from loratrain.core.models.loading import load_model
 from loratrain.core.models.tiny import make_tiny_model, write_single_file
-from loratrain.core.lora.keys import lora_sites
+from loratrain.core.progress import RecordingReporter, StopFlag
+from loratrain.core.safe_io import save_safetensors
 from loratrain.core.tensor_io import LazySafetensors
+from loratrain.grid.axes import parse_axis_values
+from loratrain.grid.runner import GridConfig, run_grid
 
 
 @pytest.mark.parametrize("axis,text,expected", [
@@ -33,6 +33,12 @@ from loratrain.core.tensor_io import LazySafetensors
 ])
 def test_axis_values_parse_like_the_xyz_plot(axis, text, expected):
     assert parse_axis_values(axis, text)[1] == expected
+
+
+@pytest.mark.parametrize("text", ["1-3 (+0.5)", "1.5-3", "1-2.5 [3]", "2.5"])
+def test_integer_axes_refuse_fractions_instead_of_rounding(text):
+    with pytest.raises(ConfigError, match="axis steps"):
+        parse_axis_values("steps", text)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +105,10 @@ def test_lora_weight_grid_with_checkpoint_z(grid_models, tmp_path):
     assert "X Type: LoRA weight" in grid.text["parameters"] and "Seed: 1234" in grid.text["parameters"]
     cell_text = Image.open(res.cells[(1, 1, 1)]).text["parameters"]
     assert "Steps: 2" in cell_text and "Model: b" in cell_text and "AddNet Weight A 1: 1" in cell_text
+    # each Z value's grid carries its own first cell's text (the ckB grid names model b, not a)
+    z1 = Image.open(res.grids[1]).text["parameters"]
+    assert "Model: b" in z1 and "Model: a" not in z1
+    assert "Model: a" in grid.text["parameters"] and "Negative prompt: blurry" in grid.text["parameters"]
 
     weight0, weight1 = pixels(res.cells[(0, 0, 0)]), pixels(res.cells[(1, 0, 0)])
     assert np.abs(weight0 - weight1).mean() > 1.0  # the LoRA changes the image
@@ -106,6 +116,10 @@ def test_lora_weight_grid_with_checkpoint_z(grid_models, tmp_path):
     # the same seed gives the same cell again, and weight 0 equals the model without any LoRA
     plain = run_grid(base_cfg(grid_models, tmp_path / "plain", x_type="seed", x_values="1234", y_type="steps", y_values="1"),
                      RecordingReporter())
+    no_negative = run_grid(base_cfg(grid_models, tmp_path / "noneg", x_type="seed", x_values="1234", y_type="steps", y_values="1",
+                                    negative_prompt=""), RecordingReporter())
+    assert "Negative prompt" not in Image.open(no_negative.cells[(0, 0, 0)]).text["parameters"]  # A1111 omits an empty one
+    assert "Negative prompt" not in Image.open(no_negative.grids[0]).text["parameters"]
     assert np.array_equal(pixels(plain.cells[(0, 0, 0)]), weight0)
     again = run_grid(base_cfg(grid_models, tmp_path / "again", loras=[f"{grid_models['lora']}:1"], x_type="seed",
                               x_values="1234", y_type="steps", y_values="1"), RecordingReporter())
@@ -160,6 +174,7 @@ def test_stop_keeps_made_cells_and_writes_a_partial_grid(grid_models, tmp_path):
     assert (right_cell == 255).all()  # cells never made stay blank
 
 
+@pytest.mark.slow
 def test_sdxl_grid_over_our_trained_lora_in_both_layouts(tiny_files, dataset, tmp_path):
     """A LoRA the trainer wrote, in the kohya layout and in the PEFT layout, gives the same cell."""
     from loratrain.training.trainer import run_train

@@ -6,16 +6,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from loratrain.core.safe_io import save_safetensors
-from loratrain.core.models.families import FAMILIES
-from loratrain.core.models.tiny import make_tiny_model, write_single_file
-from loratrain.training.networks.base import NetworkSpec, find_targets
-from loratrain.merge.lora_bake import BakeConfig, run_lora_bake
-from loratrain.merge.lora_extract import LoraExtractConfig, run_lora_extract
 from loratrain.core.lora.files import read_lora
 from loratrain.core.lora.keys import lora_sites
-from loratrain.merge.lora_merge import LoraMergeConfig, run_lora_merge
+from loratrain.core.models.families import FAMILIES
+from loratrain.core.models.tiny import make_tiny_model, write_single_file
+from loratrain.core.safe_io import save_safetensors
 from loratrain.core.tensor_io import LazySafetensors
+from loratrain.merge.lora_bake import BakeConfig, run_lora_bake
+from loratrain.merge.lora_extract import LoraExtractConfig, run_lora_extract
+from loratrain.merge.lora_merge import LoraMergeConfig, run_lora_merge
+from loratrain.training.networks.base import NetworkSpec, find_targets
 
 SD1_ATTN = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 SD1_CONV = "lora_unet_down_blocks_0_resnets_0_conv1"  # 3x3 LoCon

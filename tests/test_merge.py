@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from loratrain.core.safe_io import UnsafeFileError, save_safetensors
+from loratrain.core.lora.blocks import block_of
 from loratrain.core.models.families import FAMILIES, ModelTypeError
 from loratrain.core.models.ldm_keys import map_module, unet_module_table
 from loratrain.core.models.tiny import checkpoint_layout, make_tiny_model, tiny_configs, write_single_file
-from loratrain.core.lora.blocks import block_of
+from loratrain.core.safe_io import UnsafeFileError, save_safetensors
 from loratrain.merge.checkpoint import run_merge
 from loratrain.merge.config import MergeConfig
 from loratrain.merge.presets import merge_preset
@@ -62,7 +62,9 @@ def test_every_key_of_the_real_layout_lands_in_its_block(family):
         assert got == expected_block(key, family, cfg), key
         seen[got] = seen.get(got, 0) + 1
     assert len(seen) == (20 if family == "sdxl" else 26)  # every block + BASE
-    assert layout["model.diffusion_model.input_blocks.0.0.weight"][0] == ((320, 4, 3, 3) if family != "sdxl" else (320, 4, 3, 3))
+    assert layout["model.diffusion_model.input_blocks.0.0.weight"][0] == (320, 4, 3, 3)  # every family's conv_in
+    context = {"sd1": 768, "sd2": 1024, "sdxl": 2048}[family]  # the cross-attention width tells the families apart
+    assert layout["model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"][0][1] == context
     assert block_of("model.diffusion_model.time_embed.0.weight", fam) == "IN00"
     assert block_of("model.diffusion_model.out.2.weight", fam) == ("OUT08" if family == "sdxl" else "OUT11")
     if family == "sdxl":
@@ -182,6 +184,7 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(sd1_trio, tmp_path, tiny
     assert proc.returncode == 2 and "different families" in proc.stderr and not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_merge_then_convert_both_ways_loads(sd1_trio, tmp_path):
     from loratrain.core.models.loading import load_model
 
@@ -216,3 +219,34 @@ def test_vae_bake_in_and_discard_regex(sd1_trio, tmp_path):
         run_merge(MergeConfig(model_a=str(a), model_b=str(b), output=str(tmp_path / "n.safetensors"), alpha=0.5,
                                       vae=str(bad), hash_models=False))
     assert not (tmp_path / "n.safetensors").exists()
+
+
+@pytest.mark.parametrize("sizes", [[5, 3], [3 << 20, 7, 1 << 21]])
+def test_direct_and_page_cache_writers_write_the_same_file(tmp_path, sizes):
+    """Direct I/O (whole aligned blocks, unaligned tail through the page cache) and plain writes agree byte for byte,
+    including a header patched at the end; a stopped write leaves nothing."""
+    from loratrain.core.tensor_io import OutputTensor, StreamingWriter, chunks
+
+    g = torch.Generator().manual_seed(0)
+    data = {f"t{i}": torch.randn(n, generator=g).half() for i, n in enumerate(sizes)}
+    plan = [OutputTensor(k, torch.float16, tuple(v.shape)) for k, v in data.items()]
+    outs = []
+    for direct in (True, False):
+        path = tmp_path / f"{direct}.safetensors"
+        with StreamingWriter(path, plan, {"sha": "0" * 64}, direct=direct) as w:
+            for k, v in data.items():
+                for start, n in chunks(v.numel(), 1 << 20):
+                    buf = w.buffer(n, torch.float16)
+                    buf.copy_(v[start:start + n])
+                    w.write(buf)
+            w.rewrite_metadata({"sha": "f" * 64})
+        outs.append(path.read_bytes())
+        loaded = load_file(path)
+        assert all(torch.equal(loaded[k], v) for k, v in data.items())
+    assert outs[0] == outs[1]
+    with safe_open(str(tmp_path / "True.safetensors"), "pt") as f:
+        assert f.metadata()["sha"] == "f" * 64
+    with pytest.raises(RuntimeError, match="stop"), StreamingWriter(tmp_path / "never.safetensors", plan) as w:
+        w.write(data["t0"])
+        raise RuntimeError("stop")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["False.safetensors", "True.safetensors"]

@@ -7,13 +7,13 @@ import pytest
 from PIL import Image
 
 import loratrain.dataset_tools.journal as journal_mod
+from loratrain.cli import main
+from loratrain.core.captions import read_caption
+from loratrain.core.config import ConfigError
 from loratrain.dataset_tools.editor.caption_set import CaptionSet
 from loratrain.dataset_tools.editor.config import TagsConfig
 from loratrain.dataset_tools.editor.ops import apply_edit, token_count
 from loratrain.dataset_tools.journal import Journal
-from loratrain.cli import main
-from loratrain.core.captions import read_caption
-from loratrain.core.config import ConfigError
 
 # Odd bytes on purpose: CRLF, trailing spaces, two lines, no final newline, a BOM-free UTF-8 accent.
 CAPTIONS = {

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from loratrain.cli import main
+from loratrain.core.config import ConfigError
 from loratrain.dataset_tools.tagger.config import TagConfig
 from loratrain.dataset_tools.tagger.labels import TagLabels
 from loratrain.dataset_tools.tagger.model import TaggerModel, onnxruntime_install_problem, resolve_model_dir
 from loratrain.dataset_tools.tagger.postprocess import TagPostprocessor, mcut_threshold
 from loratrain.dataset_tools.tagger.preprocess import prepare_image
 from loratrain.dataset_tools.tagger.tiny import build_tagger, linear_probabilities
-from loratrain.cli import main
-from loratrain.core.config import ConfigError
 
 NAMES = ["general", "sensitive", "questionable", "explicit", "red_hair", "green_eyes", "blue_sky", "^_^",
          "hatsune_miku_(vocaloid)", "smile"]

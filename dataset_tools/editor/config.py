@@ -1,6 +1,8 @@
 """Options of `loratrain tags <op>`: which images (filters) and what to do to their tags."""
 from __future__ import annotations
 
+import re
+
 from pydantic import field_validator
 
 from loratrain.core.captions import normalize_extension
@@ -63,6 +65,13 @@ class TagsConfig(JobConfig):
             out.append(("tags", f"tags {self.op}: give --tags"))
         if self.op == "replace" and not self.find:
             out.append(("find", "tags replace: give --find (and --replace_with; empty removes)"))
+        if self.regex:
+            patterns = [("find", self.find)] if self.op == "replace" else [("tags", t) for t in self.tags]
+            for name, pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    out.append((name, f"bad regular expression {pattern!r}: {e}"))
         return out
 
     def requirements(self) -> list[Problem]:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from loratrain.core.captions import CaptionError, caption_path, read_caption_file
 from loratrain.core.registry import Registry

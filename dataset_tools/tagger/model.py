@@ -83,16 +83,15 @@ def resolve_model_dir(spec: str, download: bool = False) -> Path:
 
 
 def _download(repo: str) -> Path:
+    """The one network use of the project, only with --download. HF_HUB_OFFLINE in the user's environment wins."""
     from huggingface_hub import constants, hf_hub_download
 
-    was = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = False  # the user asked for this download explicitly
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"--download {repo}: HF_HUB_OFFLINE is set in this environment; unset it to allow the download")
     try:
         paths = [hf_hub_download(repo, name) for name in (MODEL_FILE, TAGS_FILE)]
     except Exception as e:
         raise ConfigError(f"could not download {repo} ({e})") from None
-    finally:
-        constants.HF_HUB_OFFLINE = was
     return Path(paths[0]).parent
 
 

@@ -5,8 +5,8 @@ The canonical resize is PIL bicubic (SmilingWolf's Space); `area_lanczos` is sd-
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image

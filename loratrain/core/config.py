@@ -151,6 +151,13 @@ class JobConfig(BaseModel):
     #: bumped when a saved config needs a migration; written into saved TOML files
     SCHEMA_VERSION: ClassVar[int] = 1
 
+    def __init__(self, **data: Any) -> None:
+        """Built in code, a bad value is the same ConfigError (every field named) as from a file or flags."""
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(problems=_describe(e.errors())) from None
+
     # ---- declared checks: choices and registry names, for every field at once --------------
     @field_validator("*", mode="before")
     @classmethod
@@ -289,7 +296,7 @@ class JobConfig(BaseModel):
         given = vars(args)
         data.update({name: given[name] for name in cls.model_fields if name in given})
         data.update(fixed or {})
-        return cls.build(data, source=source)
+        return cls.build(data, source=source, check=False)  # the job checks everything at once, before any work
 
     # ---- saving -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """One device choice for every job, and a fresh accelerate state per training run."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .config import ConfigError
@@ -36,3 +38,20 @@ def fresh_accelerator(mixed_precision: str) -> Any:
         if reset is not None:
             reset()
     return Accelerator(mixed_precision=mixed_precision)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for a block, and restored after it.
+
+    Streaming jobs whose arithmetic is trivial (a merge's lerp) run their helper threads (hashing,
+    writing) beside it; OpenMP's spinning team would then fight those threads for the cores.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

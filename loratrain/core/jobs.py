@@ -10,8 +10,10 @@ The result says what was made, whether the job was stopped, and the lines a user
 from __future__ import annotations
 
 import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from .config import JobConfig
 from .progress import NullReporter, Reporter, StopFlag
@@ -52,4 +54,9 @@ def job(fn: Callable[[C, Reporter, StopFlag], R]) -> Callable[..., R]:
         reporter.result(result)
         return result
 
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    params[1] = params[1].replace(default=None, annotation="Reporter | None")
+    params[2] = params[2].replace(default=None, annotation="StopFlag | None")
+    run.__signature__ = sig.replace(parameters=params)  # what callers (and the UI) see
     return run

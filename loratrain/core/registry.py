@@ -1,7 +1,8 @@
 """A name -> object registry, so adding an alternative (optimizer, network kind, ...) touches one file."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from .config import ConfigError
 

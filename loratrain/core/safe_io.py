@@ -12,9 +12,10 @@ import re
 import secrets
 import shutil
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -88,11 +89,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
     os.chmod(tmp_path, mode)  # exactly the replaced file's mode, whatever the umask
     try:
-        yield tmp_path
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, path)
+            _fsync_dir(path.parent)
+        except OSError as e:
+            if e.filename is None and e.errno is not None:  # a failed write names no file: name the one being written
+                raise type(e)(e.errno, e.strerror, str(path)) from e
+            raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -1,9 +1,9 @@
 """A loaded base model with any number of LoRAs (kohya or PEFT layout) applied at given weights."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 

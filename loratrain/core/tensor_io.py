@@ -1,23 +1,27 @@
-"""Lazy safetensors reading and streaming safetensors writing, with plain file I/O.
+"""Lazy safetensors reading and streaming safetensors writing.
 
-Why not `safe_open`: it memory-maps the file, and every page a merge touches then counts in the
-process's resident memory until the end, so a "streaming" merge of two 2 GB files would still show
-4 GB of RSS. Here tensors (or slices of them) are read with `preadv` into a reused buffer, and the
-output is written front to back: a safetensors header only needs names, dtypes and shapes, all
-known from the inputs before the first byte of data is computed.
+Why not `safe_open`: it maps the whole file and keeps it mapped, so every page a merge touches counts
+in the process's resident memory until the end (a "streaming" merge of two 2 GB files would show
+4 GB of RSS). Here reads go through a sliding map window: a tensor returned views the file's page
+cache directly (no copy) and the window is unmapped once no tensor views it. Writes go front to back
+from a few reused buffers on a writer thread: a safetensors header needs only names, dtypes and
+shapes, all known before the first byte of data is computed, so the output's size is claimed first.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any
 
 import torch
 
@@ -30,9 +34,47 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
-RING_SLOTS = 4
-WRITE_QUEUE = 2  # chunks in flight on the writer thread; must stay below RING_SLOTS
-RING_BYTES = 16 * 1024 * 1024  # 4M float32 elements: the merge's chunk size
+PAGE = mmap.ALLOCATIONGRANULARITY
+
+
+WINDOW = 32 << 20  # bytes mapped at a time: few maps (each map and unmap is costly), little resident memory
+
+
+class MapWindow:
+    """A sliding read-only memory map over one file: reads inside the current window reuse it.
+
+    Mapping and unmapping are the costly part of memory-mapped I/O (an unmap interrupts every core),
+    so a sequential pass maps one WINDOW at a time rather than one map per tensor. A window is
+    unmapped as soon as no tensor views it any more, which keeps resident memory to a few windows.
+    Maps are private (MAP_PRIVATE): a tensor on them may be written to without touching the file.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+        self._map: mmap.mmap | None = None
+        self._start = self._end = 0
+
+    def get(self, offset: int, nbytes: int) -> tuple[mmap.mmap, int]:
+        """The map holding bytes [offset, offset+nbytes) and where they start in it."""
+        if self._map is None or not (self._start <= offset and offset + nbytes <= self._end):
+            start = offset - offset % PAGE
+            end = min(self.size, max(offset + nbytes, start + WINDOW))
+            self._map = mmap.mmap(self.fd, end - start, offset=start, access=mmap.ACCESS_COPY)
+            if hasattr(mmap, "MADV_WILLNEED"):
+                try:
+                    self._map.madvise(mmap.MADV_WILLNEED)  # read the window ahead in one go
+                except OSError:
+                    pass
+            self._start, self._end = start, end
+        return self._map, offset - self._start
+
+    def release(self) -> None:
+        self._map = None
+
+
+def tensor_on(m: mmap.mmap, delta: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor viewing `nbytes` of `m` from `delta`; it keeps the mapping alive for as long as it lives."""
+    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=delta).view(dtype)
 
 
 @dataclass(frozen=True)
@@ -52,64 +94,42 @@ class TensorInfo:
         return self.dtype.is_floating_point
 
 
-class SequentialHash:
-    """SHA-256 of a whole file, computed on a worker thread from the bytes the merge reads anyway.
+class BackgroundHash:
+    """SHA-256 of whole files on background threads (one per file, up to the cores), reading them itself.
 
-    Reads that continue where hashing stands are hashed from the caller's buffer (no second pass over
-    the file). Bytes the merge skips or reads out of order are read by the worker itself, through one
-    reused buffer; bytes behind the hash position are ignored. At most MAX_PENDING blocks wait for the
-    worker, so memory stays at a few buffers whatever order the merge reads in.
+    A merge needs its inputs' hashes only for the output's metadata, written last. Hashing from the
+    merge's own reads would tie the merge to the hash's speed; separate sequential readers (the bytes
+    come from the page cache the merge fills, one reused buffer each) run beside it, and once the
+    merge's own work is done they have every core (hashlib releases the GIL).
     """
 
-    MAX_PENDING = 4
-    GAP_BLOCK = 4 << 20
+    BLOCK = 8 << 20
 
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd, self.size = fd, size
-        self.sha = hashlib.sha256()
-        self.pos = 0  # bytes handed to the worker so far, in file order
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-        self._pending: deque[Future] = deque()
-        self._scratch = bytearray(self.GAP_BLOCK)  # used only on the worker thread
+    def __init__(self, paths: list[Path]) -> None:
+        self._stop = False
+        workers = max(1, min(len(paths), os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256")
+        self._futures = {path: self._pool.submit(self._hash, path) for path in paths}
 
-    def _submit(self, fn: Any, *args: Any) -> Future:
-        while len(self._pending) >= self.MAX_PENDING:
-            self._pending.popleft().result()
-        fut = self._pool.submit(fn, *args)
-        self._pending.append(fut)
-        return fut
+    def _hash(self, path: Path) -> str:
+        sha = hashlib.sha256()
+        buf = bytearray(self.BLOCK)
+        view = memoryview(buf)
+        with open(path, "rb", buffering=0) as fh:
+            while not self._stop:
+                n = fh.readinto(buf)
+                if not n:
+                    return sha.hexdigest()
+                sha.update(view[:n])
+        raise RuntimeError("hashing was cancelled")
 
-    def _read_gap(self, start: int, end: int) -> None:
-        view = memoryview(self._scratch)
-        while start < end:
-            n = os.preadv(self.fd, [view[:min(len(view), end - start)]], start)
-            if n <= 0:
-                raise ValueError("file shrank while it was being hashed")
-            self.sha.update(view[:n])
-            start += n
-
-    def offer(self, offset: int, data: memoryview) -> Future | None:
-        """Bytes just read at `offset`; the caller keeps them unchanged until the returned future is done."""
-        end = offset + len(data)
-        if end <= self.pos:
-            return None
-        if offset > self.pos:
-            self._submit(self._read_gap, self.pos, offset)
-            self.pos = offset
-        fut = self._submit(self.sha.update, data[self.pos - offset:])
-        self.pos = end
-        return fut
-
-    def finish(self) -> str:
-        if self.pos < self.size:
-            self._submit(self._read_gap, self.pos, self.size)
-            self.pos = self.size
-        while self._pending:
-            self._pending.popleft().result()
+    def result(self) -> dict[Path, str]:
+        out = {path: fut.result() for path, fut in self._futures.items()}
         self._pool.shutdown(wait=True)
-        return self.sha.hexdigest()
+        return out
 
-    def close(self) -> None:
+    def cancel(self) -> None:
+        self._stop = True
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -127,12 +147,9 @@ class LazySafetensors:
         if suffix != ".safetensors":
             raise ValueError(f"{self.path}: unknown model file type {suffix!r} (expected .safetensors)")
         self.size = self.path.stat().st_size
-        self._hasher: SequentialHash | None = None
-        self._ring: list[torch.Tensor | None] = [None] * RING_SLOTS
-        self._ring_hash: list[Future | None] = [None] * RING_SLOTS
-        self._ring_next = 0
         self.data_start = 0
         self._fd = os.open(self.path, os.O_RDONLY)
+        self._window = MapWindow(self._fd, self.size)
         try:
             self.tensors, self.metadata = self._read_header()
         except Exception:
@@ -163,14 +180,6 @@ class LazySafetensors:
             out[name] = TensorInfo(name, dtype, tuple(entry["shape"]), base + begin, end - begin)
         return out, {str(k): str(v) for k, v in meta.items()}
 
-    def start_hash(self) -> None:
-        """Hash the file while it is read: see `SequentialHash`. Finish with `finish_hash`."""
-        self._hasher = SequentialHash(self._fd, self.size)
-
-    def finish_hash(self) -> str:
-        assert self._hasher is not None, "start_hash() was not called"
-        return self._hasher.finish()
-
     def keys(self) -> list[str]:
         """Keys in file order, so reads go front to back."""
         return sorted(self.tensors, key=lambda k: self.tensors[k].start)
@@ -181,39 +190,33 @@ class LazySafetensors:
     def read(self, key: str, start: int = 0, count: int | None = None) -> torch.Tensor:
         """Elements [start, start+count) of a tensor, flat (the whole tensor, shaped, when no range is given).
 
-        Ranged reads land in a small ring of reused buffers, so the result is only valid until a few
-        more reads of this file: use it (write it out) before reading on.
+        The result views a memory map of just those bytes (zero copy); drop it when done, and the
+        mapping goes with it. Bytes at an offset not aligned to the dtype are copied instead.
         """
         info = self.tensors[key]
         whole = count is None and start == 0
         count = info.numel - start if count is None else count
         itemsize = info.dtype.itemsize
         nbytes = count * itemsize
-        if whole or nbytes > RING_BYTES:
-            slot, buf = None, torch.empty(nbytes, dtype=torch.uint8)
-        else:
-            slot = self._ring_next
-            self._ring_next = (slot + 1) % RING_SLOTS
-            if self._ring_hash[slot] is not None:
-                self._ring_hash[slot].result()  # hashing of the old contents must finish first
-                self._ring_hash[slot] = None
-            if self._ring[slot] is None:
-                self._ring[slot] = torch.empty(RING_BYTES, dtype=torch.uint8)
-            buf = self._ring[slot][:nbytes]
-        view = memoryview(buf.numpy())
         offset = info.start + start * itemsize
-        got = os.preadv(self._fd, [view], offset) if nbytes else 0
-        if got != nbytes:
-            raise ValueError(f"{self.path}: short read in tensor {key!r} (file truncated?)")
-        pending = self._hasher.offer(offset, view) if self._hasher is not None else None
-        if slot is not None:
-            self._ring_hash[slot] = pending
-        flat = buf.view(info.dtype)
+        if nbytes == 0:
+            flat = torch.empty(0, dtype=info.dtype)
+        elif offset % itemsize:
+            flat = self._copy(offset, nbytes).view(info.dtype)
+        else:
+            m, delta = self._window.get(offset, nbytes)
+            flat = tensor_on(m, delta, nbytes, info.dtype)
         return flat.reshape(info.shape) if whole else flat
 
+    def _copy(self, offset: int, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        if os.preadv(self._fd, [view], offset) != nbytes:
+            raise ValueError(f"{self.path}: short read at byte {offset} (file truncated?)")
+        return buf
+
     def close(self) -> None:
-        if self._hasher is not None:
-            self._hasher.close()
+        self._window.release()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -242,25 +245,153 @@ class OutputTensor:
         return self.dtype.itemsize * math.prod(self.shape)
 
 
+class _BufferedSink:
+    """Bytes appended through the page cache by `pwrite` on a writer thread (at most QUEUE in flight)."""
+
+    QUEUE = 2
+
+    def __init__(self, fd: int, pool: ThreadPoolExecutor) -> None:
+        self.fd, self.pool = fd, pool
+        self.pending: deque[Future] = deque()
+
+    def append(self, data: memoryview, offset: int) -> None:
+        """`data` must stay unchanged until QUEUE more appends have been made (the writer's buffer ring ensures it)."""
+        while len(self.pending) >= self.QUEUE:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(_pwrite_all, self.fd, data, offset))
+
+    def patch(self, data: bytes, offset: int) -> None:
+        self.drain()
+        _pwrite_all(self.fd, memoryview(data), offset)
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def finish(self) -> None:
+        self.drain()
+        os.fdatasync(self.fd)
+
+
+class _DirectSink:
+    """Bytes appended with O_DIRECT in whole aligned blocks: no page cache to fill, nothing left to flush.
+
+    In this project's measurements, allocating page-cache pages for a new multi-GB file was the slowest
+    and noisiest part of a merge; direct writes go to disk at its own speed while the next block is
+    computed. Bytes are copied into one of a few page-aligned staging blocks; a full block is written
+    on the writer thread. The unaligned tail (and later header patches) go through the page cache.
+    """
+
+    BLOCK = 16 << 20
+    SLOTS = 3
+    ALIGN = 4096
+
+    def __init__(self, dfd: int, fd: int, pool: ThreadPoolExecutor) -> None:
+        self.dfd, self.fd, self.pool = dfd, fd, pool
+        self.blocks = [mmap.mmap(-1, self.BLOCK) for _ in range(self.SLOTS)]  # anonymous maps are page-aligned
+        self.busy: list[Future | None] = [None] * self.SLOTS
+        self.slot = 0
+        self.block_start = 0  # file offset of the block being filled
+        self.fill = 0
+
+    def append(self, data: memoryview, offset: int) -> None:
+        assert offset == self.block_start + self.fill, "direct writes must be sequential"
+        data = data.cast("B")
+        while data:
+            n = min(len(data), self.BLOCK - self.fill)
+            memoryview(self.blocks[self.slot])[self.fill:self.fill + n] = data[:n]
+            self.fill += n
+            data = data[n:]
+            if self.fill == self.BLOCK:
+                self._submit(self.BLOCK)
+
+    def _submit(self, nbytes: int) -> None:
+        view = memoryview(self.blocks[self.slot])[:nbytes]
+        self.busy[self.slot] = self.pool.submit(_pwrite_all, self.dfd, view, self.block_start)
+        self.slot = (self.slot + 1) % self.SLOTS
+        if self.busy[self.slot] is not None:
+            self.busy[self.slot].result()  # that staging block is reused only once its write is done
+            self.busy[self.slot] = None
+        self.block_start += nbytes
+        self.fill = 0
+
+    def patch(self, data: bytes, offset: int) -> None:
+        if offset >= self.block_start and offset + len(data) <= self.block_start + self.fill:
+            at = offset - self.block_start  # still in the block being filled
+            memoryview(self.blocks[self.slot])[at:at + len(data)] = data
+            return
+        self.drain()
+        _pwrite_all(self.fd, memoryview(data), offset)
+
+    def drain(self) -> None:
+        for i, fut in enumerate(self.busy):
+            if fut is not None:
+                fut.result()
+                self.busy[i] = None
+
+    def finish(self) -> None:
+        aligned = self.fill - self.fill % self.ALIGN
+        tail = memoryview(self.blocks[self.slot])[aligned:self.fill]
+        tail_at = self.block_start + aligned
+        if aligned:
+            self._submit(aligned)
+        if len(tail):
+            _pwrite_all(self.fd, tail, tail_at)
+        self.drain()
+
+    def close(self) -> None:
+        for block in self.blocks:
+            block.close()
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _open_direct(path: Path) -> int | None:
+    """An O_DIRECT descriptor, or None where the platform or file system has none (tmpfs, macOS)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:
+        return None
+
+
 class StreamingWriter:
     """Writes a .safetensors file tensor by tensor in the planned order, atomically.
 
-    The header is written first from the plan; each `write` appends bytes of the current tensor and
-    the writer checks that every tensor gets exactly its planned size, so a bug can't produce a file
-    that loads with shifted data.
+    The header goes first, from the plan; then `buffer()` lends one of a few reused buffers to compute
+    the next chunk into and `write()` appends it, with direct I/O where the file system supports it
+    (else through the page cache on a writer thread), so writing overlaps computing the next chunk.
+    The file's whole size is claimed up front, so a disk too small fails before any work. The writer
+    checks that every tensor gets exactly its planned size, so a bug can't produce a file that loads
+    with shifted data.
     """
 
-    def __init__(self, path: str | Path, plan: list[OutputTensor], metadata: dict[str, str] | None = None) -> None:
+    RING = 4  # lent buffers; more than _BufferedSink.QUEUE, so a lent buffer is never still being written
+    BUFFER_BYTES = 16 << 20
+
+    def __init__(self, path: str | Path, plan: list[OutputTensor], metadata: dict[str, str] | None = None,
+                 direct: bool = True) -> None:
         self.path = Path(path)
         self.plan = plan
+        self.direct = direct
         self._header = self._encode_header(metadata)
         self.total_bytes = len(self._header) + sum(t.nbytes for t in plan)
         self._index = 0
         self._written = 0
-        self._fh: BinaryIO | None = None
-        self._ctx = None
-        self._out_ring: list[torch.Tensor | None] = [None] * RING_SLOTS
-        self._out_next = 0
+        self._pos = len(self._header)
+        self._fd = -1
+        self._dfd: int | None = None
+        self._ctx: Any = None
+        self._ring: list[torch.Tensor | None] = [None] * self.RING
+        self._next = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._sink: _BufferedSink | _DirectSink | None = None
 
     def _encode_header(self, metadata: dict[str, str] | None) -> bytes:
         header: dict[str, object] = {}
@@ -276,73 +407,113 @@ class StreamingWriter:
 
     def rewrite_metadata(self, metadata: dict[str, str]) -> None:
         """Replace the metadata with values known only at the end (hashes); the header size must not change."""
-        assert self._fh is not None
+        assert self._sink is not None
         header = self._encode_header(metadata)
         if len(header) != len(self._header):
             raise ValueError("metadata rewrite changed the header size")
-        os.pwrite(self._fh.fileno(), header, 0)
+        self._sink.patch(header, 0)
         self._header = header
+
+    @property
+    def uses_direct_io(self) -> bool:
+        return isinstance(self._sink, _DirectSink)
 
     def __enter__(self) -> "StreamingWriter":
         self._ctx = atomic_path(self.path)
         tmp = self._ctx.__enter__()
-        self._fh = open(tmp, "wb", buffering=0)
-        self._fh.write(self._header)
+        self._fd = os.open(tmp, os.O_WRONLY)
+        try:
+            os.posix_fallocate(self._fd, 0, self.total_bytes)  # a disk too small fails now, before any work
+        except AttributeError:  # no posix_fallocate on this platform
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                self._abort(e)
+                raise
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
-        self._pending: list[Future] = []
+        self._dfd = _open_direct(tmp) if self.direct else None
+        self._sink = _DirectSink(self._dfd, self._fd, self._pool) if self._dfd is not None else _BufferedSink(self._fd, self._pool)
+        self._sink.append(memoryview(self._header), 0)
+        self._skip_empty()
         return self
 
-    def write(self, data: torch.Tensor) -> None:
-        """Append (part of) the current tensor; `data` must already have the planned dtype.
-
-        The bytes go out on a writer thread so the next chunk is read and computed meanwhile; at
-        most WRITE_QUEUE chunks are in flight, which the readers' buffer rings allow for.
-        """
-        assert self._fh is not None
+    def _entry(self, nbytes: int, dtype: torch.dtype) -> OutputTensor:
+        if self._index >= len(self.plan):
+            raise ValueError(f"{self.path}: more data than the {len(self.plan)} planned tensors")
         entry = self.plan[self._index]
-        if data.dtype != entry.dtype:
-            raise TypeError(f"{entry.name}: got {data.dtype}, planned {entry.dtype}")
-        raw = data.detach().contiguous().reshape(-1).view(torch.uint8)
-        if self._written + raw.numel() > entry.nbytes:
+        if dtype != entry.dtype:
+            raise TypeError(f"{entry.name}: got {dtype}, planned {entry.dtype}")
+        if self._written + nbytes > entry.nbytes:
             raise ValueError(f"{entry.name}: more data than its shape {entry.shape} holds")
-        while len(self._pending) >= WRITE_QUEUE:
-            self._pending.pop(0).result()
-        self._pending.append(self._pool.submit(self._fh.write, memoryview(raw.numpy())))
-        self._written += raw.numel()
+        return entry
+
+    def buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable tensor for the next chunk (no pending write still refers to it): fill it, then `write` it."""
+        nbytes = numel * dtype.itemsize
+        if nbytes > self.BUFFER_BYTES:
+            return torch.empty(numel, dtype=dtype)
+        slot = self._next
+        self._next = (slot + 1) % self.RING
+        if self._ring[slot] is None:
+            self._ring[slot] = torch.empty(self.BUFFER_BYTES, dtype=torch.uint8)
+        return self._ring[slot][:nbytes].view(dtype)
+
+    def write(self, data: torch.Tensor) -> None:
+        """Append (part of) the current tensor; `data` must already have the planned dtype."""
+        assert self._sink is not None
+        data = data.detach().reshape(-1)
+        nbytes = data.numel() * data.dtype.itemsize
+        entry = self._entry(nbytes, data.dtype)
+        if nbytes:
+            self._sink.append(memoryview(data.contiguous().view(torch.uint8).numpy()), self._pos)
+        self._pos += nbytes
+        self._written += nbytes
         if self._written == entry.nbytes:
             self._index += 1
             self._written = 0
+            self._skip_empty()
 
-    def buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A reusable output buffer that no queued write still refers to."""
-        nbytes = numel * dtype.itemsize
-        if nbytes > RING_BYTES:
-            return torch.empty(numel, dtype=dtype)
-        slot = self._out_next
-        self._out_next = (slot + 1) % RING_SLOTS
-        if self._out_ring[slot] is None:
-            self._out_ring[slot] = torch.empty(RING_BYTES, dtype=torch.uint8)
-        return self._out_ring[slot][:nbytes].view(dtype)
+    def flush_async(self) -> None:
+        """Start getting the data written so far to disk while the caller does something else."""
+        if isinstance(self._sink, _BufferedSink):
+            assert self._pool is not None
+            self._sink.pending.append(self._pool.submit(os.fdatasync, self._fd))
 
-    def _drain(self) -> None:
-        for fut in self._pending:
-            fut.result()
-        self._pending.clear()
-        self._pool.shutdown(wait=True)
+    def _skip_empty(self) -> None:
+        while self._index < len(self.plan) and self.plan[self._index].nbytes == 0:
+            self._index += 1
+
+    def _close_fds(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(self._sink, _DirectSink):
+            self._sink.close()
+        for fd in (self._dfd, self._fd):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self._fd, self._dfd = -1, None
+
+    def _abort(self, err: BaseException) -> None:
+        self._close_fds()
+        self._ctx.__exit__(type(err), err, err.__traceback__)  # removes the temp file (and names the path)
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        assert self._fh is not None and self._ctx is not None
         try:
-            self._drain()
-            if exc_type is None and (self._index != len(self.plan) or self._written):
-                raise ValueError(f"{self.path}: only {self._index} of {len(self.plan)} tensors were written")
             if exc_type is None:
-                os.fsync(self._fh.fileno())
+                if self._index != len(self.plan) or self._written:
+                    raise ValueError(f"{self.path}: only {self._index} of {len(self.plan)} tensors were written")
+                assert self._sink is not None
+                self._sink.finish()
+                os.fsync(self._fd)
+            elif self._sink is not None:
+                try:
+                    self._sink.drain()
+                except Exception:
+                    pass  # the error that brought us here is the one to report
         except BaseException as err:
-            self._fh.close()
-            self._ctx.__exit__(type(err), err, err.__traceback__)  # removes the temp file
+            self._abort(err)
             raise
-        self._fh.close()
+        self._close_fds()
         self._ctx.__exit__(exc_type, exc, tb)
 
 

@@ -1,9 +1,9 @@
 """Reading video frames through the ffmpeg that the imageio-ffmpeg wheel ships (no system install)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

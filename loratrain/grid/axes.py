@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loratrain.core.config import ConfigError
 from loratrain.core.registry import Registry

@@ -9,9 +9,10 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo

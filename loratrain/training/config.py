@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import field_validator
+
 from loratrain.core.config import ConfigError, JobConfig, Problem, opt, parse_resolution
 from loratrain.core.precision import NAMES as PRECISION_NAMES
 
@@ -104,6 +106,37 @@ class TrainConfig(JobConfig):
     sample_at_first: bool = opt(False, "sample before training", group=SAMPLE)
     logging_dir: str = opt("", "TensorBoard folder (default <output_dir>/logs)", group=LOGS, advanced=True, path="output")
 
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, value: str) -> str:
+        try:
+            parse_resolution(value, "")
+        except ConfigError as e:
+            raise ValueError(str(e).strip()) from None
+        return value
+
+    @field_validator("bucket_reso_steps")
+    @classmethod
+    def _bucket_step(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"{value} must be a multiple of 8")
+        return value
+
+    @field_validator("optimizer_args")
+    @classmethod
+    def _key_values(cls, value: list[str]) -> list[str]:
+        bad = [a for a in value if "=" not in a]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not key=value")
+        return value
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _extension(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("may not be empty")
+        return value
+
     def resolution_wh(self) -> tuple[int, int]:
         return parse_resolution(self.resolution)
 
@@ -113,13 +146,7 @@ class TrainConfig(JobConfig):
             out.append(("network_train_text_encoder_only", "network_train_unet_only and network_train_text_encoder_only exclude each other"))
         if self.min_timestep >= self.max_timestep:
             out.append(("min_timestep", f"min_timestep {self.min_timestep} must be below max_timestep {self.max_timestep}"))
-        try:
-            self.resolution_wh()
-        except ConfigError as e:
-            out.append(("resolution", str(e)))
-        if self.bucket_reso_steps % 8:
-            out.append(("bucket_reso_steps", f"{self.bucket_reso_steps} must be a multiple of 8"))
-        elif self.enable_bucket:
+        if self.enable_bucket:
             for name in ("min_bucket_reso", "max_bucket_reso"):
                 if getattr(self, name) % self.bucket_reso_steps:
                     out.append((name, f"{getattr(self, name)} must be a multiple of bucket_reso_steps {self.bucket_reso_steps}"))
@@ -128,11 +155,6 @@ class TrainConfig(JobConfig):
         if self.lr_scheduler.lower() == "constant" and self.lr_warmup_steps:
             out.append(("lr_warmup_steps", "the constant scheduler has no warmup (as in sd-scripts); "
                                            "use --lr_scheduler constant_with_warmup"))
-        bad_args = [a for a in self.optimizer_args if "=" not in a]
-        if bad_args:
-            out.append(("optimizer_args", f"{bad_args[0]!r} is not key=value"))
-        if not self.caption_extension.strip():
-            out.append(("caption_extension", "may not be empty"))
         return out
 
     def requirements(self) -> list[Problem]:

@@ -12,10 +12,10 @@ import random
 import secrets
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from loratrain.core.config import ConfigError
 from loratrain.core.devices import fresh_accelerator
 from loratrain.core.jobs import JobResult, job
-from loratrain.core.models.loading import SDModel, load_model
+from loratrain.core.models.loading import SDModel, load_model, move
 from loratrain.core.precision import canonical, dtype_of
 from loratrain.core.progress import Reporter, StopFlag
 from loratrain.core.sampling import SamplePrompt, generate, load_prompts, sample_file_name
@@ -114,7 +114,7 @@ class LoRATrainer:
         self._cache_latents()
         weight_dtype = dtype_of(self.precision)
         for m in (self.model.unet, *self.model.text_encoders):
-            m.to(self.device, dtype=weight_dtype)
+            move(m, self.device, weight_dtype)
         if cfg.xformers:
             self.model.unet.enable_xformers_memory_efficient_attention()
         spec = NetworkSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout,
@@ -164,7 +164,7 @@ class LoRATrainer:
             self.writer = SummaryWriter(str(log_dir / cfg.output_name))
 
     def _cache_latents(self) -> None:
-        vae = self.model.vae.to(self.device, dtype=torch.float32)
+        vae = move(self.model.vae, self.device, torch.float32)
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
         scale = vae.config.scaling_factor
 
@@ -338,7 +338,8 @@ class LoRATrainer:
 
     def _state_info(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch, "micro": self.micro, "max_train_steps": self.plan.max_train_steps,
-                "losses": self.losses, "network_module": self.network.kind, "seed": self.cfg.seed}
+                "losses": self.losses, "network_module": self.network.kind, "seed": self.cfg.seed,
+                "schema_version": self.cfg.SCHEMA_VERSION, "config": self.cfg.model_dump()}
 
     def _save(self, path: Path) -> None:
         if not self.accelerator.is_main_process:

@@ -8,7 +8,7 @@ Every other key (text encoders, VAE, unmatched U-Net keys) takes BASE, i.e. `bas
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from loratrain.core.models.families import UNET_PREFIX, Family
 

@@ -5,7 +5,7 @@ orders them); users can add their own rows in the same TSV format.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 HERE = Path(__file__).parent / "presets"
@@ -28,6 +28,6 @@ def read_tsv(path: Path, length: int | None = None) -> dict[str, list[float]]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def lora_block_presets() -> dict[str, list[float]]:
     return read_tsv(HERE / "lora_block_weight.tsv", 17)

@@ -40,8 +40,24 @@ class SDModel:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "SDModel":
         for m in (self.unet, self.vae, *self.text_encoders):
-            m.to(device=device, dtype=dtype)
+            move(m, device, dtype)
         return self
+
+
+def move(module: torch.nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Move / cast a component the way diffusers intends, without its override's warning.
+
+    diffusers' `ModelMixin.to` warns about "modules that should be kept in float32" whenever a dtype is
+    passed, even for models that keep none (SD's UNet and VAE). This casts with torch's own `to` and
+    then restores exactly the modules a model declares in `_keep_in_fp32_modules` to float32.
+    """
+    torch.nn.Module.to(module, device=device, dtype=dtype)
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    if dtype is not None and keep:
+        for name, sub in module.named_modules():
+            if any(part in keep for part in name.split(".")):
+                torch.nn.Module.to(sub, dtype=torch.float32)
+    return module
 
 
 def build_component(component: str, cfg: dict[str, Any], with_projection: bool = False) -> torch.nn.Module:

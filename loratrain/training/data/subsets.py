@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loratrain.core.config import ConfigError, parse_resolution, read_toml
 from loratrain.core.images import IMAGE_EXTENSIONS

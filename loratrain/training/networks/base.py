@@ -1,8 +1,9 @@
 """Which modules get an adapter (sd-scripts' rule) and the Network object the trainer holds."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
