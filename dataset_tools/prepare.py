@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
-from pydantic import field_validator
 
-from loratrain.core.captions import caption_path, normalize_extension
+from loratrain.core.captions import CaptionExtension, caption_path
 from loratrain.core.config import ConfigError, JobConfig, Problem, opt
 from loratrain.core.images import list_images
 from loratrain.core.jobs import JobResult, job
@@ -34,7 +33,7 @@ class PrepareConfig(JobConfig):
     reg_dir: str = opt("", "regularization images folder")
     reg_class: str = opt("", "class tokens of the regularization images (e.g. 'dog')")
     reg_repeats: int = opt(1, "repeats of the regularization folder", ge=1)
-    caption_extension: str = opt(".txt", "caption extension, written explicitly into the TOML")
+    caption_extension: CaptionExtension = opt(".txt", "caption extension, written explicitly into the TOML")
     link: str = opt("hardlink", "hardlink, symlink or copy the images (captions are always copied)", choices=LINK_MODES)
     resolution: int = opt(512, "resolution written into the TOML")
     batch_size: int = opt(1, "batch_size written into the TOML")
@@ -43,14 +42,6 @@ class PrepareConfig(JobConfig):
     keep_tokens: int = opt(0, "keep_tokens in the TOML (e.g. 1 keeps the trigger word first)")
     toml_name: str = opt("dataset.toml", "file name of the dataset config inside output_dir")
     overwrite: bool = opt(False, "add to an output_dir that already has img/ or reg/ (the TOML is rewritten; existing files are never replaced)")
-
-    @field_validator("caption_extension")
-    @classmethod
-    def _extension(cls, value: str) -> str:
-        try:
-            return normalize_extension(value)
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
 
     def problems(self) -> list[Problem]:
         out: list[Problem] = []

@@ -234,7 +234,7 @@ def test_direct_and_page_cache_writers_write_the_same_file(tmp_path, sizes):
     for direct in (True, False):
         path = tmp_path / f"{direct}.safetensors"
         with StreamingWriter(path, plan, {"sha": "0" * 64}, direct=direct) as w:
-            for k, v in data.items():
+            for v in data.values():
                 for start, n in chunks(v.numel(), 1 << 20):
                     buf = w.buffer(n, torch.float16)
                     buf.copy_(v[start:start + n])

@@ -5,8 +5,8 @@ import re
 
 from pydantic import field_validator
 
-from loratrain.core.captions import normalize_extension
-from loratrain.core.config import ConfigError, JobConfig, Problem, opt
+from loratrain.core.captions import CaptionExtension
+from loratrain.core.config import JobConfig, Problem, opt
 
 QUERIES = ("list", "set", "undo", "history")
 
@@ -15,7 +15,7 @@ class TagsConfig(JobConfig):
     op: str = opt("list", "what to do: list, set, undo, history, or an edit (add, remove, replace, move_front, dedupe, sort, "
                           "truncate)")
     dataset_dir: str = opt("", "dataset folder", positional=True, path="dir")
-    caption_extension: str = opt(".txt", "caption file extension")
+    caption_extension: CaptionExtension = opt(".txt", "caption file extension")
     recursive: bool = opt(False, "include images in subfolders")
     all_of: list[str] = opt([], "only images whose caption has all of these tags", group="Filters")
     any_of: list[str] = opt([], "only images whose caption has at least one of these tags", group="Filters")
@@ -38,14 +38,6 @@ class TagsConfig(JobConfig):
     force: bool = opt(False, "undo: even if captions changed since the edit (originals stay in .loratrain/backup)")
     dry_run: bool = opt(False, "show what would change without writing")
     separator: str = opt(", ", "separator written between tags")
-
-    @field_validator("caption_extension")
-    @classmethod
-    def _extension(cls, value: str) -> str:
-        try:
-            return normalize_extension(value)
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
 
     @field_validator("all_of", "any_of", "none_of", "tags")
     @classmethod

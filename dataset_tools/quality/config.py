@@ -1,10 +1,8 @@
 """Options of `loratrain dataset check`; defaults from the reference spec's recommendations."""
 from __future__ import annotations
 
-from pydantic import field_validator
-
-from loratrain.core.captions import normalize_extension
-from loratrain.core.config import ConfigError, JobConfig, Problem, opt
+from loratrain.core.captions import CaptionExtension
+from loratrain.core.config import JobConfig, Problem, opt
 
 DEFAULT_QUARANTINE = ["corrupt", "unsupported", "exact_duplicate", "near_duplicate", "blurry", "too_small", "extreme_aspect"]
 CHECKS = "loratrain.dataset_tools.quality.checks:CHECKS"
@@ -13,7 +11,7 @@ CHECKS = "loratrain.dataset_tools.quality.checks:CHECKS"
 class CheckConfig(JobConfig):
     dataset_dir: str = opt("", "dataset folder (subfolders such as img/10_concept are included)", positional=True, path="dir")
     recursive: bool = opt(True, "include subfolders")
-    caption_extension: str = opt(".txt", "caption extension the trainer will read")
+    caption_extension: CaptionExtension = opt(".txt", "caption extension the trainer will read")
     min_side: int = opt(512, "flag images whose short side is below this", ge=1)
     max_aspect: float = opt(2.5, "flag images whose long/short side ratio exceeds this", ge=1)
     blur_threshold: float = opt(100.0, "flag images whose Laplacian variance (at <=1024 px) is below this", ge=0)
@@ -27,14 +25,6 @@ class CheckConfig(JobConfig):
     quarantine_checks: list[str] = opt(DEFAULT_QUARANTINE, "which checks' findings are moved by --quarantine", registry=CHECKS)
     workers: int = opt(2, "threads decoding images", ge=1)
     quiet: bool = opt(False, "no progress bar")
-
-    @field_validator("caption_extension")
-    @classmethod
-    def _extension(cls, value: str) -> str:
-        try:
-            return normalize_extension(value)
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
 
     def requirements(self) -> list[Problem]:
         return [("dataset_dir", "is required")] if not self.dataset_dir else []

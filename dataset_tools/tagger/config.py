@@ -1,10 +1,8 @@
 """Options of `loratrain tag` (and the UI's tagger panel), named as in sd-scripts where it has them."""
 from __future__ import annotations
 
-from pydantic import field_validator
-
-from loratrain.core.captions import normalize_extension
-from loratrain.core.config import ConfigError, JobConfig, Problem, opt
+from loratrain.core.captions import CaptionExtension
+from loratrain.core.config import JobConfig, Problem, opt
 from loratrain.core.devices import DEVICES
 
 
@@ -16,7 +14,7 @@ class TagConfig(JobConfig):
     download: bool = opt(False, "fetch a repo id that is not in the local cache from Hugging Face (needs internet)")
     device: str = opt("auto", "auto (CUDA when it really loads, else CPU), cuda (fail without it) or cpu", choices=DEVICES)
     recursive: bool = opt(False, "also tag images in subfolders")
-    caption_extension: str = opt(".txt", "caption file extension written next to each image")
+    caption_extension: CaptionExtension = opt(".txt", "caption file extension written next to each image")
     existing: str = opt("skip", "when a caption exists: skip, overwrite, append or prepend (new tags first; "
                                 "the caption's later lines are kept)", registry="loratrain.dataset_tools.captions:CAPTION_POLICIES")
     general_threshold: float = opt(0.35, "keep general tags with probability >= this", ge=0, le=1)
@@ -45,14 +43,6 @@ class TagConfig(JobConfig):
     output_jsonl: str = opt("", "also write every image's tags and scores to this JSONL file", path="output")
     on_bad_image: str = opt("skip", "skip (report at the end) or error", choices=["skip", "error"])
     quiet: bool = opt(False, "no progress bar")
-
-    @field_validator("caption_extension")
-    @classmethod
-    def _extension(cls, value: str) -> str:
-        try:
-            return normalize_extension(value)
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
 
     def requirements(self) -> list[Problem]:
         return [("dataset_dir", "is required")] if not self.dataset_dir else []

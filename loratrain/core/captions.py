@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from .config import ConfigError
 
@@ -23,6 +26,17 @@ def normalize_extension(extension: str) -> str:
     if not extension:
         raise ConfigError("caption_extension may not be empty")
     return extension if extension.startswith(".") else "." + extension
+
+
+def _normalized(value: str) -> str:
+    try:
+        return normalize_extension(value)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+#: A caption-extension option: `txt` and `.txt` both mean `.txt`, empty is refused.
+CaptionExtension = Annotated[str, AfterValidator(_normalized)]
 
 
 def caption_path(image: str | Path, extension: str) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import field_validator
 
+from loratrain.core.captions import CaptionExtension
 from loratrain.core.config import ConfigError, JobConfig, Problem, opt, parse_resolution
 from loratrain.core.precision import NAMES as PRECISION_NAMES
 
@@ -28,7 +29,7 @@ class TrainConfig(JobConfig):
     train_data_dir: str = opt("", "folder of <repeats>_<class tokens> subfolders", group=DATA, path="dir")
     reg_data_dir: str = opt("", "folder of regularization <repeats>_<class> subfolders", group=DATA, path="dir")
     dataset_config: str = opt("", "sd-scripts dataset TOML (replaces train/reg_data_dir)", group=DATA, path="file")
-    caption_extension: str = opt(".txt", "caption file extension", group=DATA)
+    caption_extension: CaptionExtension = opt(".txt", "caption file extension", group=DATA)
     resolution: str = opt("512", "training resolution: N or W,H (multiples of 8)", group=DATA)
     train_batch_size: int = opt(1, "images per batch", ge=1, group=DATA)
     enable_bucket: bool = opt(False, "aspect-ratio buckets", group=DATA)
@@ -128,13 +129,6 @@ class TrainConfig(JobConfig):
         bad = [a for a in value if "=" not in a]
         if bad:
             raise ValueError(f"{bad[0]!r} is not key=value")
-        return value
-
-    @field_validator("caption_extension")
-    @classmethod
-    def _extension(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("may not be empty")
         return value
 
     def resolution_wh(self) -> tuple[int, int]:
