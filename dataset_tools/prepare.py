@@ -27,10 +27,11 @@ LINK_MODES = ("hardlink", "symlink", "copy")
 
 class PrepareConfig(JobConfig):
     output_dir: str = opt("", "where img/, reg/ and dataset.toml are created", positional=True, path="output")
-    concepts: list[str] = opt([], "source folders as FOLDER=TOKENS (e.g. 'photos/rex=sks dog'); TOKENS defaults to the folder name")
+    concepts: list[str] = opt([], "source folders as FOLDER=TOKENS (e.g. 'photos/rex=sks dog'); TOKENS defaults to the folder name",
+                              path="concept")
     steps_per_concept: int = opt(0, "target repeats x images per concept and epoch (0: match the largest concept)", ge=0)
     max_repeats: int = opt(100, "upper bound for the computed repeats", ge=1)
-    reg_dir: str = opt("", "regularization images folder")
+    reg_dir: str = opt("", "regularization images folder", path="dir")
     reg_class: str = opt("", "class tokens of the regularization images (e.g. 'dog')")
     reg_repeats: int = opt(1, "repeats of the regularization folder", ge=1)
     caption_extension: CaptionExtension = opt(".txt", "caption extension, written explicitly into the TOML")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import struct
 from dataclasses import asdict, dataclass, field
@@ -117,6 +118,27 @@ def list_faces(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"faceset folder not found: {folder}")
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in FACE_EXTENSIONS and not p.name.startswith("."))
+
+
+def move_to_other(folder: str | Path, names: list[str]) -> list[Path]:
+    """Set faces of another person aside in `<folder>/_other/` (what `face sort --by identity` does for the
+    faces it finds): nothing is deleted, and a face already there is never replaced."""
+    folder = Path(folder)
+    faces = {p.name: p for p in list_faces(folder)}
+    unknown = [n for n in names if n not in faces]
+    if unknown:
+        raise FacesetError(f"{folder}: no face named {', '.join(unknown[:5])}")
+    other = folder / "_other"
+    other.mkdir(exist_ok=True)
+    moved = []
+    for name in dict.fromkeys(names):
+        target, n = other / name, 1
+        while target.exists():
+            target = other / f"{Path(name).stem}_{n}{Path(name).suffix}"
+            n += 1
+        os.replace(faces[name], target)
+        moved.append(target)
+    return moved
 
 
 # ---------------------------------------------------------------- DeepFaceLab import

@@ -30,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     groups: dict[str, list[JobSpec]] = {}
     for spec in specs:
         groups.setdefault(spec.path[0], []).append(spec)
+    ui = _parser(root, "ui", "the web app: a page per tool (pip install 'loratrain[ui]')",
+                 "Serves the Gradio app on 127.0.0.1 (another address needs --auth); every path it takes must lie "
+                 "inside the workspace roots (--root, default the current folder).")
+    from loratrain.ui.config import UiConfig
+
+    UiConfig.add_arguments(ui)
+    ui.set_defaults(job=None)
     for head, members in groups.items():
         leaf = next((s for s in members if len(s.path) == 1), None)
         subs = [s for s in members if len(s.path) == 2]
@@ -63,6 +70,19 @@ def run_job(spec: JobSpec, args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def run_ui(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from loratrain.ui.config import UiConfig
+
+    if importlib.util.find_spec("gradio") is None:
+        raise ImportError("the app needs gradio: pip install 'loratrain[ui]'")
+    from loratrain.ui.app import serve
+
+    serve(UiConfig.from_args(args))
+    return 0
+
+
 def describe_error(e: BaseException) -> str:
     """One line (or one per config problem) that names the path and says what to do."""
     if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError,)) and e.errno is not None:
@@ -86,6 +106,8 @@ def describe_error(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.job is None:
+            return run_ui(args)
         return run_job(args.job, args)
     except KeyboardInterrupt:
         print("\naborted", file=sys.stderr)

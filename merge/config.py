@@ -88,7 +88,8 @@ class MergeConfig(JobConfig):
 
 class BakeConfig(JobConfig):
     model: str = opt("", "checkpoint to bake into (.safetensors)", positional=True, path="file")
-    loras: list[str] = opt([], "LoRA files as PATH[:RATIO[:BLOCKS]]; BLOCKS a LoRA block-weight preset or 12/17/20/26 values")
+    loras: list[str] = opt([], "LoRA files as PATH[:RATIO[:BLOCKS]]; BLOCKS a LoRA block-weight preset or 12/17/20/26 values",
+                           path="lora")
     output: str = opt("", "output .safetensors", path="output")
     save_precision: str = opt("auto", "dtype of float tensors in the output (auto keeps the model's)", choices=PRECISIONS)
     overwrite: bool = opt(False, "replace the output if it exists")
@@ -99,7 +100,7 @@ class BakeConfig(JobConfig):
 
 
 class LoraMergeConfig(JobConfig):
-    loras: list[str] = opt([], "LoRA files as PATH[:RATIO]")
+    loras: list[str] = opt([], "LoRA files as PATH[:RATIO]", path="lora")
     output: str = opt("", "output .safetensors", path="output")
     mode: str = opt("concat", "concat: exact sum, rank = sum of ranks; svd: re-factorise to --new_rank", choices=["concat", "svd"])
     new_rank: int = opt(16, "svd: rank of linear / 1x1 modules", ge=1)

@@ -10,7 +10,7 @@ class TagConfig(JobConfig):
     dataset_dir: str = opt("", "folder of images to caption", positional=True, path="dir")
     model: str = opt("SmilingWolf/wd-swinv2-tagger-v3",
                      "tagger: a folder with model.onnx + selected_tags.csv, a Hugging Face cache folder "
-                     "(models--org--name), a repo id, or a short name such as wd-vit-v3")
+                     "(models--org--name), a repo id, or a short name such as wd-vit-v3", path="any")
     download: bool = opt(False, "fetch a repo id that is not in the local cache from Hugging Face (needs internet)")
     device: str = opt("auto", "auto (CUDA when it really loads, else CPU), cuda (fail without it) or cpu", choices=DEVICES)
     recursive: bool = opt(False, "also tag images in subfolders")

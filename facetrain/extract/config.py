@@ -50,7 +50,7 @@ class ExtractConfig(JobConfig):
 class SortConfig(JobConfig):
     faceset: str = opt("", "folder of aligned faces", positional=True, path="dir")
     by: str = opt("yaw", "yaw, pitch, blur, hist or identity", choices=SORT_NAMES)
-    reference: list[str] = opt([], "identity: face files of the wanted person (default: the whole set's median)")
+    reference: list[str] = opt([], "identity: face files of the wanted person (default: the whole set's median)", path="file")
     identity_threshold: float = opt(0.6, "identity: faces farther than this from the reference move to _other/", gt=0)
     descending: bool = opt(False, "largest first")
     dry_run: bool = opt(False, "print the order without renaming or moving")

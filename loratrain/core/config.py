@@ -113,7 +113,7 @@ def resolve_registry(ref: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _base_type(tp: Any) -> tuple[Any, bool]:
+def base_type(tp: Any) -> tuple[Any, bool]:
     """(inner type, is_optional) for `X | None` annotations."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -133,8 +133,12 @@ def _flatten(data: dict[str, Any], fields: set[str]) -> dict[str, Any]:
 
 
 def _describe(errors: list[dict[str, Any]]) -> list[Problem]:
-    out = []
+    out: list[Problem] = []
     for err in errors:
+        inner = (err.get("ctx") or {}).get("error")
+        if isinstance(inner, ConfigError):  # raised by our own __init__ inside pydantic's validation: keep its fields
+            out += inner.problems
+            continue
         field = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] != "value_error":
@@ -163,7 +167,7 @@ class JobConfig(BaseModel):
     @classmethod
     def _split_list_strings(cls, value: Any, info: Any) -> Any:
         """A TOML string given for a list option is split like a shell command line."""
-        tp, _ = _base_type(cls.model_fields[info.field_name].annotation)
+        tp, _ = base_type(cls.model_fields[info.field_name].annotation)
         if typing.get_origin(tp) is list and isinstance(value, str):
             return shlex.split(value)
         return value
@@ -268,7 +272,7 @@ class JobConfig(BaseModel):
             if name in fixed:
                 continue
             extra = cls.extra(name)
-            tp, _ = _base_type(field.annotation)
+            tp, _ = base_type(field.annotation)
             help_text = (field.description or "").replace("%", "%%")
             if extra.get("positional"):
                 parser.add_argument(name, nargs="?", default=argparse.SUPPRESS, help=help_text)

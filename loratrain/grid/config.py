@@ -26,7 +26,7 @@ class SamplingOptions(JobConfig):
 
 class GenerateConfig(SamplingOptions):
     network_weights: list[str] = opt([], "LoRA files as PATH[:WEIGHT[:BLOCKS]] (BLOCKS: a LoRA block-weight preset or "
-                                         "12/17/20/26 values)", group="Model")
+                                         "12/17/20/26 values)", group="Model", path="lora")
     output: str = opt("out.png", "output PNG", path="output", group="Output")
 
     def requirements(self) -> list[Problem]:
@@ -49,7 +49,8 @@ class GenerateConfig(SamplingOptions):
 
 class GridConfig(SamplingOptions):
     seed: int = opt(-1, "seed for every cell (-1: one random seed, fixed for the whole grid)", group="Sampling")
-    loras: list[str] = opt([], "LoRAs as PATH[:WEIGHT[:BLOCKS]]; the LoRA axes change the first one", group="Model")
+    loras: list[str] = opt([], "LoRAs as PATH[:WEIGHT[:BLOCKS]]; the LoRA axes change the first one", group="Model",
+                           path="lora")
     x_type: str = opt("", "X axis: checkpoint, lora, lora_weight, lora_blocks, seed, steps, cfg_scale, sampler, "
                           "clip_skip, width, height, size, prompt_sr", group="Axes")
     x_values: str = opt("", "X values: a,b,c or 1-5 or 1-5 (+2) or 0-1 [5]", group="Axes")

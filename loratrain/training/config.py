@@ -97,7 +97,7 @@ class TrainConfig(JobConfig):
     save_last_n_epochs: int = opt(0, "keep only the last N epoch saves (0 = all)", ge=0, group=SAVE, advanced=True)
     save_last_n_steps: int = opt(0, "keep only the last N step saves (0 = all)", ge=0, group=SAVE, advanced=True)
     save_peft_format: bool = opt(False, "also write diffusers/PEFT pytorch_lora_weights.safetensors", group=SAVE, advanced=True)
-    resume: str = opt("", "training state folder to continue from, or 'latest'", group=SAVE)
+    resume: str = opt("", "training state folder to continue from, or 'latest'", group=SAVE, path="state")
     training_comment: str = opt("", "free text stored in the LoRA metadata", group=SAVE, advanced=True)
     # sampling and logs
     sample_prompts: str = opt("", "prompt file (.txt with --n --w --h --s --l --d --ss options)", group=SAMPLE, path="file")

@@ -295,13 +295,13 @@ class LoRATrainer:
 
     def _log_step(self, loss: float) -> None:
         recent = self.losses[-50:]
-        lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
-        self.reporter.advance(1, loss=loss, avg=sum(recent) / len(recent))
+        lrs = {str(g.get("name", i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        self.reporter.advance(1, loss=loss, avg=sum(recent) / len(recent), **{f"lr_{k}": v for k, v in lrs.items()})
         if self.writer:
             self.writer.add_scalar("loss/current", loss, self.global_step)
             self.writer.add_scalar("loss/average", sum(recent) / len(recent), self.global_step)
             for k, v in lrs.items():
-                self.writer.add_scalar(k, v, self.global_step)
+                self.writer.add_scalar(f"lr/{k}", v, self.global_step)
 
     def _after_epoch(self) -> None:
         cfg = self.cfg

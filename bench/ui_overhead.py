@@ -1,0 +1,120 @@
+"""What the app adds to a job's wall time: the same training config run from the CLI and through the app.
+
+    python bench/ui_overhead.py [--steps 100] [--rounds 3] [--root DIR]
+
+The tiny demo model and dataset (built once under --root), one TrainConfig. Per round, back to back
+and alternating which goes first:
+  cli   `loratrain train --config_file run.toml` in a fresh process: spawn to exit
+  ui    the real app (served on 127.0.0.1 in this process) driven by `gradio_client`: from the
+        `/start_job` request until the app records the job's end (`/job_status`, polled once a second
+        like an open page); the job runs in the app's worker process, reporting JSON-line events,
+        exactly as a click on Start does
+Prints each run, the median of the per-round ratios ui/cli against the bar (1.05), and each job
+process's peak RSS (VmHWM): the CLI's through a wrapper, the worker's from its result event.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BAR = 1.05
+# runs the CLI in-process and leaves the process's VmHWM (MiB) in the file named by argv[1]
+CLI_WRAPPER = """
+import sys
+from loratrain.cli import main
+out, argv = sys.argv[1], sys.argv[2:]
+code = main(argv)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+open(out, "w").write(str(hwm))
+sys.exit(code)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(toml: Path, work: Path) -> tuple[float, float]:
+    peak = work / "cli_peak.txt"
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", CLI_WRAPPER, str(peak), "train", "--config_file", str(toml)],
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"CLI run failed:\n{res.stderr[-3000:]}")
+    return wall, float(peak.read_text())
+
+
+def run_ui(client, config: dict) -> tuple[float, float]:
+    t0 = time.time()
+    job = client.predict("train", config, api_name="/start_job")
+    while True:  # polled once a second, like an open page's timer
+        s = client.predict(job, api_name="/job_status")
+        if s["state"] not in ("queued", "running"):
+            break
+        time.sleep(1.0)
+    wall = s["ended"] - t0  # when the app recorded the end (not when this loop happened to look)
+    if s["state"] != "done":
+        raise SystemExit(f"UI run ended {s['state']}: {s['message'] or s['error']}")
+    return wall, float(s["peak_rss_mib"] or 0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=100, help="training steps per run (samples at the middle and the end)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--root", default="", help="workspace for the demo files and runs (default: a temporary folder)")
+    args = ap.parse_args()
+
+    from gradio_client import Client
+
+    from loratrain.training.demo import demo_train_config
+    from loratrain.ui.app import serve
+    from loratrain.ui.config import UiConfig
+
+    root = Path(args.root or tempfile.mkdtemp(prefix="ui_overhead_")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = demo_train_config(root / "demo", args.steps)
+    app, ctx, url = serve(UiConfig(root=[str(root)], port=free_port()), block=False)
+    client = Client(url, verbose=False)
+    rows = []
+    try:
+        for r in range(args.rounds):
+            out = {}
+            for kind in (("cli", "ui") if r % 2 == 0 else ("ui", "cli")):
+                run_cfg = cfg.model_copy(update={"output_dir": str(root / f"r{r}_{kind}")})
+                if kind == "cli":
+                    toml = root / f"r{r}.toml"
+                    toml.write_text(run_cfg.to_toml())
+                    out[kind] = run_cli(toml, root)
+                else:
+                    out[kind] = run_ui(client, json.loads(run_cfg.model_dump_json()))
+            ratio = out["ui"][0] / out["cli"][0]
+            rows.append((out, ratio))
+            print(f"round {r + 1}: cli {out['cli'][0]:7.2f} s  ui {out['ui'][0]:7.2f} s  ratio {ratio:.3f}  "
+                  f"peak RSS cli {out['cli'][1]:.0f} MiB, ui worker {out['ui'][1]:.0f} MiB", flush=True)
+    finally:
+        client.close()
+        ctx.runner.close()
+        app.close()
+    ratios = [ratio for _, ratio in rows]
+    med = statistics.median(ratios)
+    cli = statistics.median(o["cli"][0] for o, _ in rows)
+    ui = statistics.median(o["ui"][0] for o, _ in rows)
+    print(f"\n{args.steps} steps x {args.rounds} rounds: median cli {cli:.2f} s, ui {ui:.2f} s; "
+          f"ui/cli median ratio {med:.3f} (rounds {min(ratios):.3f}..{max(ratios):.3f}); bar <= {BAR}: "
+          f"{'PASS' if med <= BAR else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The face page: extract aligned faces from images or a video, browse and sort a faceset (setting other
+people aside in `_other/`), train a DF / LIAE model with its live preview and loss curves, and export it.
+
+Face swapping is dual use: the page states the consent rule before anything else.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from loratrain.core.config import ConfigError
+
+from ..config import AppContext
+from ..sections import JobSection
+
+CONSENT = ("**Use only faces of people who have given their consent.** Everything made with these tools from a real "
+           "person's face needs that person's permission; swap outputs are labelled as synthetic.")
+MAX_FACES = 400
+
+
+def faceset_gallery(folder: Path) -> tuple[list[tuple[str, str]], str]:
+    from loratrain.facetrain.faceset import list_faces
+
+    faces = list_faces(folder)
+    other = folder / "_other"
+    n_other = len(list_faces(other)) if other.is_dir() else 0
+    shown = f" (first {MAX_FACES} shown)" if len(faces) > MAX_FACES else ""
+    return [(str(p), p.name) for p in faces[:MAX_FACES]], f"{len(faces)} face(s){shown}; {n_other} in _other/"
+
+
+class Page:
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self.sections = {
+            "Extract": JobSection(ctx, "face extract", "face-extract", title=lambda c: f"extract faces from {Path(c.input).name}",
+                                  start_label="Extract faces"),
+            "Sort": JobSection(ctx, "face sort", "face-sort", shared=("faceset",), title=lambda c: f"sort by {c.by}",
+                               start_label="Sort"),
+            "Train": JobSection(ctx, "face train", "face-train", plots=True, open_groups=("options",),
+                                images=lambda snap: list(snap.samples[-1:]),
+                                images_label="preview: src | predicted src | dst | predicted dst | swap",
+                                title=lambda c: f"face train {Path(c.model_dir).name}", start_label="Train (resumes a model there)"),
+            "Grow": JobSection(ctx, "face grow", "face-grow", title=lambda c: f"grow {Path(c.model).name}", start_label="Grow"),
+            "Export": JobSection(ctx, "face export", "face-export", title=lambda c: f"export {Path(c.output).name}",
+                                 start_label="Export"),
+        }
+        self.panels = [s.panel for s in self.sections.values()]
+
+    def render(self) -> None:
+        gr.Markdown(CONSENT, elem_id="face-consent")
+        with gr.Tabs():
+            with gr.Tab("Extract", elem_id="face-tab-extract"):
+                gr.Markdown("Detect, landmark and align faces from a folder of images or a video.")
+                self.sections["Extract"].render()
+            with gr.Tab("Faceset", elem_id="face-tab-faceset"):
+                with gr.Row():
+                    folder = gr.Textbox(label="faceset folder", elem_id="faceset-folder", scale=4)
+                    open_btn = gr.Button("Open", elem_id="faceset-open", scale=1)
+                status = gr.Markdown(elem_id="faceset-status")
+                gallery = gr.Gallery(label="faces (click to select)", elem_id="faceset-gallery", columns=8, height=380,
+                                     allow_preview=False)
+                with gr.Row():
+                    selected = gr.Textbox(label="selected faces (one per line)", lines=3, elem_id="faceset-selected", scale=4)
+                    move = gr.Button("Move selected to _other/", elem_id="faceset-move", variant="stop", scale=1)
+                gr.Markdown("Sort renames faces with a rank prefix; by identity, other people move to `_other/`.")
+                self.sections["Sort"].render([folder])
+                open_btn.click(self.open, [folder], [gallery, status], api_name="faceset_open")
+                gallery.select(self.pick, [selected], [selected])
+                move.click(self.move, [folder, selected], [gallery, status, selected], api_name="faceset_move")
+            for name in ("Train", "Grow", "Export"):
+                with gr.Tab(name, elem_id=f"face-tab-{name.lower()}"):
+                    gr.Markdown(self.sections[name].spec.help.capitalize() + ".")
+                    self.sections[name].render()
+
+    # ---- handlers ------------------------------------------------------------------------------
+    def open(self, folder: str) -> list[Any]:
+        try:
+            path = self.ctx.workspace.resolve(folder, "faceset folder")  # type: ignore[attr-defined]
+            images, text = faceset_gallery(path)
+        except (ConfigError, OSError) as e:
+            return [[], f"**{e}**"]
+        except ImportError as e:
+            return [[], f"**the face tools need OpenCV: pip install 'loratrain[face]' ({e.name})**"]
+        return [images, text]
+
+    def pick(self, selected: str, event: gr.SelectData) -> str:
+        name = Path(str((event.value or {}).get("caption") or "")).name if isinstance(event.value, dict) else ""
+        names = [n for n in (selected or "").splitlines() if n.strip()]
+        if name and name not in names:
+            names.append(name)
+        return "\n".join(names)
+
+    def move(self, folder: str, selected: str) -> list[Any]:
+        names = [n.strip() for n in (selected or "").splitlines() if n.strip()]
+        if not names:
+            return [gr.skip(), "select faces first (click them in the gallery)", gr.skip()]
+        try:
+            from loratrain.facetrain.faceset import FacesetError, move_to_other
+
+            path = self.ctx.workspace.resolve(folder, "faceset folder")  # type: ignore[attr-defined]
+            try:
+                moved = move_to_other(path, names)
+            except FacesetError as e:
+                return [gr.skip(), f"**{e}**", gr.skip()]
+            images, text = faceset_gallery(path)
+        except (ConfigError, OSError) as e:
+            return [gr.skip(), f"**{e}**", gr.skip()]
+        return [images, f"moved {len(moved)} face(s) to _other/. {text}", ""]

@@ -1,0 +1,215 @@
+"""The training page: every trainer option from the schema, a simple mode, the step plan, and the live job."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import tomli_w
+
+from loratrain.core.config import ConfigError, Problem
+from loratrain.core.safe_io import atomic_write_text
+from loratrain.training.config import DATA, MODEL, NET, OPTIM, TrainConfig
+
+from ..config import AppContext
+from ..forms import Form, problems_markdown
+from ..sections import validate
+from ..widgets import JobPanel
+
+KINDS = ("character", "style", "concept")
+# What the guides our users follow recommend (at UNet lr 1e-4): steps a subject needs, rank for its detail.
+SIMPLE_PRESETS: dict[str, dict[str, Any]] = {
+    "character": {"max_train_steps": 1000, "network_dim": 32, "network_alpha": 16.0},
+    "style": {"max_train_steps": 2500, "network_dim": 96, "network_alpha": 48.0},
+    "concept": {"max_train_steps": 3000, "network_dim": 48, "network_alpha": 24.0},
+}
+SIMPLE_COMMON: dict[str, Any] = {
+    "network_module": "lora", "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": 5e-5, "optimizer_type": "AdamW",
+    "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 3, "lr_warmup_steps": 0.05, "train_batch_size": 1,
+    "shuffle_caption": True, "keep_tokens": 1, "caption_extension": ".txt", "save_precision": "fp16", "mixed_precision": "no",
+}
+
+
+def simple_settings(kind: str, model: str, images: str, trigger: str, name: str, out_root: Path) -> dict[str, Any]:
+    """The full form's values for the simple page, writing a dataset TOML when the folder holds plain images."""
+    if kind not in SIMPLE_PRESETS:
+        raise ConfigError(f"what is trained: choose one of {', '.join(KINDS)}")
+    if not (model and images and trigger and name):
+        raise ConfigError("fill in the base model, the image folder, the trigger word and the output name")
+    values = {**SIMPLE_COMMON, **SIMPLE_PRESETS[kind], "pretrained_model_name_or_path": model, "output_name": name,
+              "output_dir": str(out_root / "output")}
+    steps = values["max_train_steps"]
+    values.update(save_every_n_steps=max(1, steps // 4), save_last_n_steps=2)
+    folder = Path(images)
+    if any(p.is_dir() and p.name.split("_", 1)[0].isdigit() for p in folder.iterdir()):
+        values.update(train_data_dir=str(folder), dataset_config="")  # already kohya <repeats>_<tokens> folders
+        return values
+    toml = out_root / "output" / f"{name}_dataset.toml"
+    subset = {"image_dir": str(folder), "class_tokens": trigger, "num_repeats": 1, "keep_tokens": 1, "caption_extension": ".txt"}
+    atomic_write_text(toml, "# Written by the app's simple mode.\n" + tomli_w.dumps(
+        {"general": {"shuffle_caption": True, "caption_extension": ".txt"}, "datasets": [{"subsets": [subset]}]}))
+    values.update(dataset_config=str(toml), train_data_dir="")
+    return values
+
+
+def command_line(cfg: TrainConfig) -> str:
+    """The `loratrain train ...` that runs exactly this (options left at their defaults are omitted)."""
+    defaults = TrainConfig().model_dump()
+    parts = ["loratrain", "train"]
+    for name, value in cfg.model_dump().items():
+        if value == defaults.get(name) or value is None:
+            continue
+        if isinstance(value, bool):
+            parts.append(f"--{name}" if value else f"--no-{name}")
+        elif isinstance(value, list):
+            parts += [f"--{name}", *map(str, value)]
+        else:
+            parts += [f"--{name}", str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def step_plan(cfg: TrainConfig) -> str:
+    """The sd-scripts step formula for this dataset (reads folders and captions, loads no model)."""
+    from loratrain.training.data.dataset import TrainData
+    from loratrain.training.trainer import build_specs
+
+    logs: list[str] = []
+    data = TrainData(build_specs(cfg, logs.append), log=logs.append)
+    plan = data.plan(cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.max_train_epochs)
+    text = plan.describe([s.batch_size for s in data.specs])
+    return "**Step plan:** " + text + "".join(f"\n\n{line.splitlines()[0]}" for line in logs)
+
+
+class TrainPage:
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self.form = Form(TrainConfig, "train", open_groups=(MODEL, DATA, NET, OPTIM), defaults=ctx.demo_config)
+        self.panel = JobPanel(ctx, "train", kinds=("train",), lr=True, images_label="samples")
+
+    def render(self) -> None:
+        ws = self.ctx.workspace
+        gr.Markdown("Train a LoRA / LoCon. Every option of `loratrain train`; paths are inside the workspace "
+                    f"({ws.describe()}). **Check** shows the step plan and every problem at once.")
+        mode = gr.Radio(["Simple", "Full"], value="Full" if self.ctx.demo_config else "Simple", label="mode",
+                        elem_id="train-mode")
+        with gr.Column(visible=not self.ctx.demo_config, elem_id="train-simple") as simple:
+            with gr.Row():
+                s_model = gr.Textbox(label="base model", elem_id="simple-model", info="a .safetensors checkpoint or diffusers folder")
+                s_images = gr.Textbox(label="image folder", elem_id="simple-images", info="images with .txt captions")
+            with gr.Row():
+                s_trigger = gr.Textbox(label="trigger word", elem_id="simple-trigger")
+                s_kind = gr.Radio(list(KINDS), value="character", label="what is trained", elem_id="simple-kind")
+                s_name = gr.Textbox(label="output name", value="my_lora", elem_id="simple-name")
+            s_apply = gr.Button("Fill the full form with these", elem_id="simple-apply")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                with gr.Column(visible=bool(self.ctx.demo_config), elem_id="train-full") as full:
+                    self.form.render()
+                with gr.Accordion("Config file and command line", open=False):
+                    with gr.Row():
+                        cfg_path = gr.Textbox(label="config TOML", value="output/train.toml", elem_id="train-config-path")
+                        load = gr.Button("Load", elem_id="train-load")
+                        save = gr.Button("Save", elem_id="train-save")
+                    command = gr.Textbox(label="the same run from the CLI", lines=3, interactive=False, elem_id="train-command")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    check = gr.Button("Check", elem_id="train-check")
+                    start = gr.Button("Start", variant="primary", elem_id="train-start")
+                    resume = gr.Button("Resume (latest state)", elem_id="train-resume")
+                plan = gr.Markdown(elem_id="train-plan")
+                self.panel.render()
+
+        inputs = self.form.inputs()
+        mode.change(lambda m: (gr.update(visible=m == "Simple"), gr.update(visible=m == "Full")), [mode], [simple, full])
+        s_apply.click(self.apply_simple, [s_kind, s_model, s_images, s_trigger, s_name, *inputs],
+                      [*inputs, plan, mode, simple, full], api_name="train_simple")
+        check.click(self.check, inputs, [*inputs, plan, command], api_name="train_check")
+        start.click(self.start, inputs, [*inputs, plan, command, self.panel.job], api_name="train_start")
+        resume.click(self.resume, inputs, [*inputs, plan, command, self.panel.job], api_name="train_resume")
+        save.click(self.save, [cfg_path, *inputs], [plan], api_name="train_save")
+        load.click(self.load, [cfg_path], [*inputs, plan], api_name="train_load")
+
+    # ---- handlers (plain functions of the form values: tested without a browser) ----------------
+    def validate(self, values: list[Any], ready: bool) -> tuple[TrainConfig | None, list[Problem]]:
+        cfg, problems = validate(self.ctx, TrainConfig, self.form.to_dict(values), ready)
+        if cfg is not None and ready:
+            problems += self._dataset_outside(cfg)
+        return cfg, problems  # type: ignore[return-value]
+
+    def _dataset_outside(self, cfg: TrainConfig) -> list[Problem]:
+        """A dataset TOML may name image folders anywhere: the app reads only inside the workspace."""
+        if not cfg.dataset_config or not Path(cfg.dataset_config).is_file():
+            return []
+        from loratrain.training.data.subsets import specs_from_toml
+
+        try:
+            specs = specs_from_toml(cfg.dataset_config, {})
+        except ConfigError as e:
+            return [("dataset_config", str(e))]
+        return [("dataset_config", f"image_dir {s.image_dir} is outside the workspace")
+                for spec in specs for s in spec.subsets if not self.ctx.workspace.contains(s.image_dir)]
+
+    def check(self, *values: Any) -> list[Any]:
+        cfg, problems = self.validate(list(values), ready=True)
+        text = problems_markdown(problems)
+        if cfg is not None and not problems:
+            try:
+                text = step_plan(cfg)
+            except ConfigError as e:
+                problems = e.problems
+                text = problems_markdown(problems)
+        return [*self.form.field_updates(problems), text, command_line(cfg) if cfg is not None else ""]
+
+    def start(self, *values: Any, resume: bool = False) -> list[Any]:
+        values = list(values)
+        if resume:
+            values[self.form.names.index("resume")] = "latest"
+        cfg, problems = self.validate(values, ready=True)
+        job = gr.skip()
+        if cfg is not None and not problems:
+            try:
+                job = self.ctx.runner.submit("train", cfg, title=f"train {cfg.output_name}").id  # type: ignore[attr-defined]
+                text = f"started job {job}"
+            except ConfigError as e:
+                problems, text = e.problems, problems_markdown(e.problems)
+        else:
+            text = problems_markdown(problems)
+        return [*self.form.field_updates(problems), text, command_line(cfg) if cfg is not None else "", job]
+
+    def resume(self, *values: Any) -> list[Any]:
+        return self.start(*values, resume=True)
+
+    def apply_simple(self, kind: str, model: str, images: str, trigger: str, name: str, *values: Any) -> list[Any]:
+        ws = self.ctx.workspace
+        try:
+            model_p, images_p = ws.resolve(model, "base model"), ws.resolve(images, "image folder")
+            if not images_p.is_dir():
+                raise ConfigError(f"image folder not found: {images}")
+            settings = simple_settings(kind, str(model_p), str(images_p), trigger.strip(), name.strip(), ws.home)
+        except (ConfigError, OSError) as e:
+            return [*[gr.skip()] * len(values), problems_markdown([("", str(e))]), gr.skip(), gr.skip(), gr.skip()]
+        data = {**self.form.to_dict(list(values)), **settings}
+        shown = ", ".join(f"{k} = {settings[k]}" for k in ("max_train_steps", "network_dim", "network_alpha", "lr_scheduler",
+                                                          "lr_warmup_steps"))
+        return [*self.form.to_values(data), f"Filled in for a {kind}: {shown}. These are the values that will run.",
+                "Full", gr.update(visible=False), gr.update(visible=True)]
+
+    def save(self, path: str, *values: Any) -> str:
+        cfg, problems = self.validate(list(values), ready=False)
+        if cfg is None:
+            return problems_markdown(problems)
+        try:
+            target = self.ctx.workspace.resolve(path, "config TOML")
+            atomic_write_text(target, cfg.to_toml())
+        except (ConfigError, OSError) as e:
+            return problems_markdown([("", str(e))])
+        return f"saved {target} (`loratrain train --config_file {target}` runs it)"
+
+    def load(self, path: str) -> list[Any]:
+        try:
+            source = self.ctx.workspace.resolve(path, "config TOML")
+            cfg = TrainConfig.from_toml(source, check=False)
+        except ConfigError as e:
+            return [*[gr.skip()] * len(self.form.names), problems_markdown(e.problems)]
+        return [*self.form.to_values(cfg.model_dump()), f"loaded {source}"]

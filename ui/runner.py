@@ -1,0 +1,257 @@
+"""Jobs of the app: each in its own process, listed on disk, one GPU job at a time, the rest queued.
+
+A job is a folder under the app's state folder: `job.json` (what to run), `state.json` (queued,
+running with its pid, or how it ended), `events.jsonl` (what it reported) and `worker.log`. Because
+everything is on disk, a reloaded page or a second tab shows the same jobs, finished jobs stay listed
+after the app restarts, and a job whose process outlives the app is picked up again. A job that
+crashes, is killed for memory or stops reporting never takes the app down: its state says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loratrain.core.config import ConfigError, JobConfig
+from loratrain.core.safe_io import atomic_write_json
+from loratrain.jobs import JOBS
+
+from .events import EVENTS, EventFollower, Snapshot, append_event
+from .worker import STOP_FILE
+
+FINISHED = ("done", "stopped", "failed", "crashed", "cancelled")
+QUIET_AFTER = 600.0  # seconds without an event before a running job is shown as possibly hung
+
+
+@dataclass
+class JobRecord:
+    id: str
+    job: str  # the job's name in loratrain/jobs.py ("train", "lora bake", ...)
+    title: str
+    created: float
+    state: str = "queued"  # queued | running | done | stopped | failed | crashed | cancelled
+    pid: int | None = None
+    started: float | None = None
+    ended: float | None = None
+    exit_code: int | None = None
+    message: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+
+class JobStore:
+    """The jobs folder: one subfolder per job, newest first."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def folder(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    def create(self, job: str, config: dict[str, Any], title: str) -> JobRecord:
+        job_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        record = JobRecord(id=job_id, job=job, title=title, created=time.time(), config=config)
+        folder = self.folder(job_id)
+        folder.mkdir(parents=True)
+        atomic_write_json(folder / "job.json", {"job": job, "config": config})
+        self.save(record)
+        return record
+
+    def save(self, record: JobRecord) -> None:
+        atomic_write_json(self.folder(record.id) / "state.json", asdict(record))
+
+    def get(self, job_id: str) -> JobRecord:
+        try:
+            data = json.loads((self.folder(job_id) / "state.json").read_text())
+        except (OSError, ValueError):
+            raise ConfigError(f"no job {job_id!r}") from None
+        return JobRecord(**data)
+
+    def all(self) -> list[JobRecord]:
+        out = []
+        for folder in sorted(self.root.iterdir(), reverse=True):
+            if (folder / "state.json").is_file():
+                try:
+                    out.append(self.get(folder.name))
+                except ConfigError:
+                    continue
+        return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not running
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class JobRunner:
+    """Starts queued jobs (GPU jobs one at a time, in order), follows them and records how they end."""
+
+    def __init__(self, store: JobStore, gpu_slots: int = 1, poll: float = 0.5) -> None:
+        self.store, self.gpu_slots, self.poll = store, gpu_slots, poll
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._followers: dict[str, EventFollower] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._recover()
+
+    # ---- submitting ---------------------------------------------------------------------------
+    def submit(self, job: str, cfg: JobConfig, title: str = "") -> JobRecord:
+        """Queue a job whose config is complete and checked (every problem raised here, before it is queued)."""
+        spec = JOBS.get(job)
+        cfg.check()
+        with self._lock:
+            record = self.store.create(spec.name, cfg.model_dump(), title or spec.name)
+        self.tick()
+        return self.store.get(record.id)
+
+    def stop(self, job_id: str) -> JobRecord:
+        """Ask a running job to stop after its current unit (it saves first); a queued one is cancelled."""
+        with self._lock:
+            record = self.store.get(job_id)
+            if record.state == "queued":
+                record.state, record.ended, record.message = "cancelled", time.time(), "cancelled before it started"
+                self.store.save(record)
+            elif record.state == "running":
+                (self.store.folder(job_id) / STOP_FILE).touch()
+            return record
+
+    def kill(self, job_id: str) -> JobRecord:
+        """End a running job at once (its process group); nothing it writes is ever half-written at a final path."""
+        with self._lock:
+            record = self.store.get(job_id)
+            if record.state == "running" and record.pid:
+                try:
+                    os.killpg(record.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                append_event(self.store.folder(job_id), {"type": "error", "message": "killed from the app"})
+            self.tick()
+            return self.store.get(job_id)
+
+    # ---- following ----------------------------------------------------------------------------
+    def snapshot(self, job_id: str) -> Snapshot:
+        with self._lock:
+            follower = self._followers.get(job_id)
+            if follower is None:
+                follower = self._followers[job_id] = EventFollower(self.store.folder(job_id) / EVENTS)
+            return follower.poll()
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 for the next GPU job to start, 2 after it...; None when not waiting."""
+        queued = [r for r in reversed(self.store.all()) if r.state == "queued" and JOBS.get(r.job).gpu]
+        ids = [r.id for r in queued]
+        return ids.index(job_id) + 1 if job_id in ids else None
+
+    def quiet_for(self, job_id: str) -> float:
+        """Seconds since a running job last reported anything (a hang shows as a growing number)."""
+        snap = self.snapshot(job_id)
+        record = self.store.get(job_id)
+        since = max(snap.last_event, record.started or 0.0)
+        return time.time() - since if record.state == "running" and since else 0.0
+
+    # ---- the scheduler ------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # the scheduler must outlive any single bad job folder
+                pass
+            self._stop.wait(self.poll)
+
+    def tick(self) -> None:
+        with self._lock:
+            records = self.store.all()
+            for record in records:
+                if record.state == "running":
+                    self._reap(record)
+            running_gpu = sum(1 for r in self.store.all() if r.state == "running" and JOBS.get(r.job).gpu)
+            for record in sorted((r for r in self.store.all() if r.state == "queued"), key=lambda r: r.created):
+                if JOBS.get(record.job).gpu:
+                    if running_gpu >= self.gpu_slots:
+                        continue
+                    running_gpu += 1
+                self._launch(record)
+
+    def _launch(self, record: JobRecord) -> None:
+        folder = self.store.folder(record.id)
+        log = open(folder / "worker.log", "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "loratrain.ui.worker", str(folder)], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        log.close()
+        self._procs[record.id] = proc
+        record.state, record.pid, record.started = "running", proc.pid, time.time()
+        self.store.save(record)
+        # the end of a job is recorded the moment its process exits (and the next queued job starts), not at the next poll
+        threading.Thread(target=self._on_exit, args=(proc,), name=f"wait-{record.id}", daemon=True).start()
+
+    def _on_exit(self, proc: subprocess.Popen) -> None:
+        proc.wait()
+        try:
+            self.tick()
+        except Exception:  # the scheduler loop tries again
+            pass
+
+    def _reap(self, record: JobRecord) -> None:
+        proc = self._procs.get(record.id)
+        if proc is not None:
+            code = proc.poll()
+            if code is None:
+                return
+            del self._procs[record.id]
+        elif record.pid and _alive(record.pid):
+            return  # a job started by an earlier run of the app: still running, followed through its events
+        else:
+            code = None
+        snap = self.snapshot(record.id)
+        record.ended, record.exit_code = time.time(), code if code is not None else snap.exit_code
+        if snap.exit_code is not None:
+            record.state = "stopped" if snap.stopped else ("done" if snap.exit_code == 0 else "failed")
+            record.message = snap.summary[-1] if snap.summary else ""
+        elif snap.error:
+            record.state, record.message = "failed", snap.error
+        else:
+            reason = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            record.state = "crashed"
+            record.message = (f"the job's process ended without a result ({reason}); killed for lack of memory?"
+                              if code in (-9, 137) else f"the job's process ended without a result ({reason})")
+            append_event(self.store.folder(record.id), {"type": "error", "message": record.message})
+        self.store.save(record)
+
+    def _recover(self) -> None:
+        """After an app restart: jobs whose process is gone are marked; live ones are followed again."""
+        for record in self.store.all():
+            if record.state == "running" and not (record.pid and _alive(record.pid)):
+                self._reap(record)

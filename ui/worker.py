@@ -1,0 +1,72 @@
+"""`python -m loratrain.ui.worker JOB_DIR`: run one job in its own process, reporting to JOB_DIR/events.jsonl.
+
+JOB_DIR/job.json names the job (as `loratrain/jobs.py` lists it) and holds its config. A file
+`JOB_DIR/stop` (or SIGTERM) asks the job to stop at its next unit of work, exactly like Ctrl-C in the
+CLI. Whatever happens, the last event says how it ended: a `result`, or an `error` with the one-line
+message the CLI would print (the traceback of an unexpected failure goes to JOB_DIR/worker.log).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from loratrain.core.progress import StopFlag
+
+from .events import EVENTS, JsonlReporter, append_event
+
+STOP_FILE = "stop"
+
+
+def watch_stop(job_dir: Path, stop: StopFlag) -> None:
+    def loop() -> None:
+        while not stop.is_set():
+            if (job_dir / STOP_FILE).exists():
+                stop.set()
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=loop, name="stop-watch", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+
+def main(job_dir: str) -> int:
+    from loratrain.cli import describe_error
+    from loratrain.console import quiet_irrelevant_library_messages
+    from loratrain.core.config import ConfigError
+    from loratrain.jobs import JOBS
+
+    folder = Path(job_dir)
+    quiet_irrelevant_library_messages()
+    spec_data = json.loads((folder / "job.json").read_text())
+    stop = StopFlag()
+    watch_stop(folder, stop)
+    reporter = JsonlReporter(folder / EVENTS)
+    try:
+        spec = JOBS.get(spec_data["job"])
+        cfg = spec.config_class().build(spec_data["config"], source="the form", check=False)
+        result = spec.run_function()(cfg, reporter, stop)
+        return result.exit_code
+    except (ConfigError, ValueError, OSError, ImportError, RuntimeError, FloatingPointError) as e:
+        reporter.close()
+        append_event(folder, {"type": "error", "message": describe_error(e)})
+        traceback.print_exc()
+        return 2
+    except BaseException as e:  # a bug: the one line for the page, the traceback for the log
+        reporter.close()
+        append_event(folder, {"type": "error", "message": f"{type(e).__name__}: {e} (the traceback is in worker.log)"})
+        traceback.print_exc()
+        return 3
+    finally:
+        try:
+            reporter.close()
+        except ValueError:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

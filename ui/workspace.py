@@ -1,0 +1,101 @@
+"""The folders the app may read and write: every path a form gives must resolve inside one of them.
+
+A path is resolved the way the job will open it (relative to the first root, `~` expanded, every
+symlink followed), and refused unless the result lies inside a root: `../../etc/passwd`, an absolute
+path elsewhere, a symlink pointing out and `file://` URLs all get a message instead of a file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from loratrain.core.config import ConfigError, JobConfig, Problem
+
+
+class Workspace:
+    def __init__(self, roots: list[str | Path]) -> None:
+        if not roots:
+            raise ConfigError("the app needs at least one workspace root")
+        self.roots = [Path(r).expanduser().resolve() for r in roots]
+        for root in self.roots:
+            if not root.is_dir():
+                raise ConfigError(f"workspace root {root} is not a folder")
+
+    @property
+    def home(self) -> Path:
+        return self.roots[0]
+
+    def resolve(self, value: str, what: str = "path") -> Path:
+        """The absolute path `value` names, or a ConfigError when it lies outside every root."""
+        text = str(value).strip()
+        if not text:
+            raise ConfigError(f"{what}: empty")
+        if "://" in text or text.startswith("file:"):
+            raise ConfigError(f"{what}: {text!r} is a URL; give a path inside the workspace ({self.describe()})")
+        path = Path(os.path.expanduser(text))
+        if not path.is_absolute():
+            path = self.home / path
+        real = Path(os.path.realpath(path))  # follows every symlink, also in missing trailing parts
+        if not any(real == root or root in real.parents for root in self.roots):
+            raise ConfigError(f"{what}: {text!r} is outside the workspace ({self.describe()}); "
+                              "the app reads and writes only there (start it with --root to add folders)")
+        return real
+
+    def contains(self, value: str) -> bool:
+        try:
+            self.resolve(value)
+            return True
+        except ConfigError:
+            return False
+
+    def files(self, suffixes: tuple[str, ...], limit: int = 2000) -> list[str]:
+        """Files with these suffixes under the roots (hidden folders skipped), for pickers; relative to the first
+        root where possible, so a picked value reads the same as a typed one."""
+        out: list[str] = []
+        for root in self.roots:
+            for folder, dirs, names in os.walk(root):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(names):
+                    if name.lower().endswith(suffixes):
+                        path = Path(folder) / name
+                        out.append(str(path.relative_to(self.home)) if self.home in path.parents else str(path))
+                        if len(out) >= limit:
+                            return out
+        return out
+
+    def describe(self) -> str:
+        return ", ".join(str(r) for r in self.roots)
+
+    def check_config(self, cfg_cls: type[JobConfig], values: dict[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+        """The values with every path field resolved to an absolute path inside the workspace, and the refusals."""
+        out, problems = dict(values), []
+        for name in cfg_cls.model_fields:
+            kind = cfg_cls.extra(name).get("path")
+            value = values.get(name)
+            if not kind or value in (None, "", []) or (kind == "state" and value == "latest"):
+                continue
+            items = value if isinstance(value, list) else [value]
+            resolved = []
+            for item in items:
+                head, sep, tail = split_spec(str(item), kind)
+                try:
+                    resolved.append(str(self.resolve(head, name)) + sep + tail)
+                except ConfigError as e:
+                    problems.append((name, str(e).split(": ", 1)[1]))
+            out[name] = resolved if isinstance(value, list) else (resolved[0] if resolved else value)
+        return out, problems
+
+
+def split_spec(text: str, kind: str) -> tuple[str, str, str]:
+    """(path, separator, rest) of a value that carries more than a path: `lora` PATH:WEIGHT[:BLOCKS],
+    `concept` FOLDER=TOKENS; other kinds are the path whole."""
+    if kind == "lora" and not Path(text).exists():
+        from loratrain.core.lora.spec import parse_lora_spec
+
+        path = parse_lora_spec(text).path
+        return path, text[len(path):len(path) + 1], text[len(path) + 1:]
+    if kind == "concept" and "=" in text:
+        head, _, tail = text.rpartition("=")
+        return head, "=", tail
+    return text, "", ""
