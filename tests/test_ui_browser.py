@@ -15,9 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("gradio")
-playwright = pytest.importorskip("playwright.sync_api")
 import torch  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402

@@ -12,8 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("gradio")
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402

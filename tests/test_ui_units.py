@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("gradio")
-
 from loratrain.cli import build_parser  # noqa: E402
 from loratrain.core.config import ConfigError  # noqa: E402
 from loratrain.core.jobs import JobResult  # noqa: E402
@@ -54,6 +52,13 @@ def test_workspace_refuses_every_escape(tmp_path):
         assert "model" in str(e.value) and ("outside the workspace" in str(e.value) or "URL" in str(e.value)), bad
     with pytest.raises(ConfigError, match="not a folder"):
         Workspace([tmp_path / "missing"])
+    # a model name (a tagger's repo id) is no path; anything that exists in the workspace is one
+    from loratrain.dataset_tools.tagger.config import TagConfig
+
+    out, problems = ws.check_config(TagConfig, {"model": "SmilingWolf/wd-vit-tagger-v3", "dataset_dir": "data"})
+    assert problems == [] and out["model"] == "SmilingWolf/wd-vit-tagger-v3" and out["dataset_dir"] == str(root / "data")
+    for value in ("link_out", "link_out/secret.txt", "../x", "/etc"):
+        assert ws.check_config(TagConfig, {"model": value})[1], value
 
 
 def test_check_config_resolves_paths_and_keeps_spec_suffixes(tmp_path):

@@ -104,7 +104,7 @@ def make_context(cfg: UiConfig) -> AppContext:
     workspace = Workspace(cfg.root)
     jobs_dir = Path(cfg.jobs_dir) if cfg.jobs_dir else workspace.home / ".loratrain" / "ui" / "jobs"
     workspace.resolve(str(jobs_dir), "jobs_dir")
-    runner = JobRunner(JobStore(jobs_dir), gpu_slots=cfg.gpu_slots)
+    runner = JobRunner(JobStore(jobs_dir), gpu_slots=cfg.gpu_slots, cwd=workspace.home)
     demo = None
     if cfg.demo:
         from loratrain.training.demo import demo_train_config

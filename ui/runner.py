@@ -107,8 +107,9 @@ def _alive(pid: int) -> bool:
 class JobRunner:
     """Starts queued jobs (GPU jobs one at a time, in order), follows them and records how they end."""
 
-    def __init__(self, store: JobStore, gpu_slots: int = 1, poll: float = 0.5) -> None:
+    def __init__(self, store: JobStore, gpu_slots: int = 1, poll: float = 0.5, cwd: str | Path | None = None) -> None:
         self.store, self.gpu_slots, self.poll = store, gpu_slots, poll
+        self.cwd = Path(cwd) if cwd else None  # the workspace: a relative path a job opens means one inside it
         self._procs: dict[str, subprocess.Popen] = {}
         self._followers: dict[str, EventFollower] = {}
         self._lock = threading.RLock()
@@ -208,8 +209,8 @@ class JobRunner:
         folder = self.store.folder(record.id)
         log = open(folder / "worker.log", "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "loratrain.ui.worker", str(folder)], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "loratrain.ui.worker", str(folder)], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, env=env, cwd=self.cwd)
         log.close()
         self._procs[record.id] = proc
         record.state, record.pid, record.started = "running", proc.pid, time.time()

@@ -7,10 +7,13 @@ path elsewhere, a symlink pointing out and `file://` URLs all get a message inst
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from loratrain.core.config import ConfigError, JobConfig, Problem
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 class Workspace:
@@ -41,6 +44,12 @@ class Workspace:
             raise ConfigError(f"{what}: {text!r} is outside the workspace ({self.describe()}); "
                               "the app reads and writes only there (start it with --root to add folders)")
         return real
+
+    def is_model_name(self, value: str) -> bool:
+        """`org/name` or `name` that is no file or folder of the workspace: a model name (e.g. a tagger's repo id),
+        which loaders look up in the local Hugging Face cache, never a path (jobs run with the first root as
+        their working folder, so a relative path always means one inside it)."""
+        return bool(REPO_ID.match(value)) and not (self.home / value).exists()
 
     def contains(self, value: str) -> bool:
         try:
@@ -78,6 +87,9 @@ class Workspace:
             items = value if isinstance(value, list) else [value]
             resolved = []
             for item in items:
+                if kind == "any" and self.is_model_name(str(item)):
+                    resolved.append(str(item))  # a Hugging Face repo id or short name: looked up in the local cache only
+                    continue
                 head, sep, tail = split_spec(str(item), kind)
                 try:
                     resolved.append(str(self.resolve(head, name)) + sep + tail)
