@@ -142,3 +142,30 @@ def test_bad_values_come_back_as_messages_not_errors(server):
     assert info["resolution"]["info"].startswith("⚠") and info["network_dim"]["info"].startswith("⚠")
     with pytest.raises(AppError, match="no job"):
         server["client"].predict("nonexistent", api_name="/job_status")
+
+
+def test_simple_mode_fills_the_full_form(server):
+    out = call(server, "/train_simple", **{"base model": "demo/tiny_model.safetensors", "image folder": "demo/dataset/4_circle",
+                                           "trigger word": "sks", "what is trained": "style", "output name": "my_style"})
+    labels = [p["label"] for p in server["api"]["named_endpoints"]["/train_check"]["parameters"]]
+    values = dict(zip(labels, out))
+    assert values["max_train_steps"] == 2500 and values["network_dim"] == 96 and values["lr_scheduler"] == "cosine_with_restarts"
+    assert values["output_name"] == "my_style" and values["dataset_config"].endswith("my_style_dataset.toml")
+    assert "Filled in for a style" in out[len(labels)]
+    # what the full form now holds is a config the Check button accepts, with its step plan
+    checked = server["client"].predict(*out[:len(labels)], api_name="/train_check")
+    assert "Step plan" in checked[-2] and "2500 optimizer steps" in checked[-2]
+
+
+def test_grid_cells_arrive_then_the_grid(server):
+    out = call(server, "/grid_start", **{"X axis": "cfg_scale", "X values": "3, 7", "Y axis": "seed", "Y values": "1, 2",
+                                         "steps": 2, "output_dir": "demo/grid_run"})
+    assert out[-2].startswith("started job"), out[-2]
+    job = out[-1]
+    while (s := status(server, job))["state"] in ("queued", "running"):
+        time.sleep(0.5)
+    assert s["state"] == "done", s
+    assert len(s["samples"]) == 4 and all(Path(p).is_file() for p in s["samples"])
+    assert any(p.endswith(".png") for p in s["outputs"]) and all(Path(p).is_file() for p in s["outputs"])
+    bad = call(server, "/grid_check", **{"X axis": "steps", "X values": "1.5, 2", "Y axis": "seed", "Y values": "1"})
+    assert "axis steps: '1.5' is not a valid int" in bad[-1]
