@@ -67,7 +67,7 @@ def job_status(ctx: AppContext, job_id: str) -> dict[str, Any]:
     return {"id": record.id, "job": record.job, "state": record.state, "message": record.message, "phase": snap.phase,
             "step": snap.step, "total": snap.total, "metrics": snap.metrics[-5:], "n_metrics": len(snap.metrics),
             "samples": [p for p, _ in snap.samples], "summary": snap.summary, "error": snap.error,
-            "outputs": snap.outputs, "position": runner.queue_position(job_id), "peak_rss_mib": snap.peak_rss_mib,
+            "outputs": snap.outputs, "position": runner.queue_position(job_id), "peak_rss_mib": snap.peak_rss_mib, "cpu_s": snap.cpu_s,
             "started": record.started, "ended": record.ended}  # type: ignore[attr-defined]
 
 
@@ -97,6 +97,20 @@ def _optional_page(module: str, ctx: AppContext) -> Any:
     return mod.Page(ctx)
 
 
+def quiet_queue(app: Any) -> None:
+    """Let Gradio's event queue poll every 20 ms when idle instead of every 1 ms.
+
+    At 1 ms an idle app burns ~6 % of a core (measured: 0.65 CPU-s per 10 s), taken from the training
+    job beside it on a small machine; 20 ms only delays the start of a click's handler. Gradio has no
+    public option for it, so this sets the queue's attributes where they exist and leaves it alone otherwise.
+    """
+    queue = getattr(app, "_queue", None)
+    if queue is not None and hasattr(queue, "sleep_when_free"):
+        queue.sleep_when_free = max(queue.sleep_when_free, 0.02)
+    if queue is not None and hasattr(queue, "progress_update_sleep_when_free"):
+        queue.progress_update_sleep_when_free = max(queue.progress_update_sleep_when_free, 0.1)
+
+
 def make_context(cfg: UiConfig) -> AppContext:
     from .runner import JobRunner, JobStore
     from .workspace import Workspace
@@ -119,6 +133,7 @@ def serve(cfg: UiConfig, block: bool = True) -> tuple[Any, AppContext, str]:
     cfg.check()
     ctx = make_context(cfg)
     app = build_app(ctx)
+    quiet_queue(app)
     roots = [str(r) for r in ctx.workspace.roots]  # type: ignore[attr-defined]
     ctx.runner.start()  # type: ignore[attr-defined]
     try:

@@ -64,7 +64,8 @@ class JsonlReporter:
     def result(self, result: Any) -> None:
         self._flush_advance()
         self._emit({"type": "result", "summary": result.summary(), "exit_code": result.exit_code, "stopped": result.stopped,
-                    "outputs": outputs_of(result), "data": result_data(result), "peak_rss_mib": peak_rss_mib()})
+                    "outputs": outputs_of(result), "data": result_data(result), "peak_rss_mib": peak_rss_mib(),
+                    "cpu_s": cpu_seconds()})
 
     def close(self) -> None:
         self._flush_advance()
@@ -72,6 +73,14 @@ class JsonlReporter:
 
 
 MAX_DATA = 1 << 20
+
+
+def cpu_seconds() -> float:
+    """CPU time the job process (and the children it waited for) used so far, user + system."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, 3)
 
 
 def peak_rss_mib() -> float | None:
@@ -128,6 +137,7 @@ class Snapshot:
     error: str = ""
     data: dict[str, Any] = field(default_factory=dict)  # the result's fields (see result_data)
     peak_rss_mib: float | None = None
+    cpu_s: float | None = None
     last_event: float = 0.0
     _ticks: list[tuple[float, int]] = field(default_factory=list, repr=False)
 
@@ -153,7 +163,7 @@ class Snapshot:
             self.summary, self.exit_code = list(event["summary"]), int(event["exit_code"])
             self.stopped, self.outputs = bool(event["stopped"]), list(event.get("outputs", []))
             self.data = dict(event.get("data") or {})
-            self.peak_rss_mib = event.get("peak_rss_mib")
+            self.peak_rss_mib, self.cpu_s = event.get("peak_rss_mib"), event.get("cpu_s")
         self._update_rate()
 
     def _update_rate(self) -> None:

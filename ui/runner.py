@@ -107,7 +107,7 @@ def _alive(pid: int) -> bool:
 class JobRunner:
     """Starts queued jobs (GPU jobs one at a time, in order), follows them and records how they end."""
 
-    def __init__(self, store: JobStore, gpu_slots: int = 1, poll: float = 0.5, cwd: str | Path | None = None) -> None:
+    def __init__(self, store: JobStore, gpu_slots: int = 1, poll: float = 1.0, cwd: str | Path | None = None) -> None:
         self.store, self.gpu_slots, self.poll = store, gpu_slots, poll
         self.cwd = Path(cwd) if cwd else None  # the workspace: a relative path a job opens means one inside it
         self._procs: dict[str, subprocess.Popen] = {}
@@ -196,9 +196,9 @@ class JobRunner:
             records = self.store.all()
             for record in records:
                 if record.state == "running":
-                    self._reap(record)
-            running_gpu = sum(1 for r in self.store.all() if r.state == "running" and JOBS.get(r.job).gpu)
-            for record in sorted((r for r in self.store.all() if r.state == "queued"), key=lambda r: r.created):
+                    self._reap(record)  # may change its state on disk and in `record`
+            running_gpu = sum(1 for r in records if r.state == "running" and JOBS.get(r.job).gpu)
+            for record in sorted((r for r in records if r.state == "queued"), key=lambda r: r.created):
                 if JOBS.get(record.job).gpu:
                     if running_gpu >= self.gpu_slots:
                         continue
