@@ -4,6 +4,7 @@ from __future__ import annotations
 import resource
 import threading
 import time
+from pathlib import Path
 
 
 def peak_rss_mib() -> float:
@@ -51,3 +52,23 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def build_checkpoint(family: str, path: Path, seed: int) -> None:
+    """A single-file checkpoint with the real key names and shapes of `family`, random fp16 values."""
+    import torch
+
+    from loratrain.core.models.tiny import checkpoint_layout
+    from loratrain.core.tensor_io import OutputTensor, StreamingWriter
+
+    layout = checkpoint_layout(family)
+    plan = [OutputTensor(k, torch.float16 if d.is_floating_point else d, s) for k, (s, d) in layout.items()]
+    gen = torch.Generator().manual_seed(seed)
+    with StreamingWriter(path, plan, {"format": "pt"}) as w:
+        for t in plan:
+            n = t.nbytes // t.dtype.itemsize
+            if t.dtype.is_floating_point:
+                for start in range(0, n, 1 << 22):
+                    w.write((torch.randn(min(1 << 22, n - start), generator=gen) * 0.02).half())
+            else:
+                w.write(torch.arange(n, dtype=t.dtype))

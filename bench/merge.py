@@ -28,26 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchutil import build_checkpoint as build  # noqa: E402
 from benchutil import peak_rss_mib  # noqa: E402
-
-
-def build(family: str, path: Path, seed: int) -> None:
-    import torch
-
-    from loratrain.core.models.tiny import checkpoint_layout
-    from loratrain.core.tensor_io import OutputTensor, StreamingWriter
-
-    layout = checkpoint_layout(family)
-    plan = [OutputTensor(k, torch.float16 if d.is_floating_point else d, s) for k, (s, d) in layout.items()]
-    gen = torch.Generator().manual_seed(seed)
-    with StreamingWriter(path, plan, {"format": "pt"}) as w:
-        for t in plan:
-            n = t.nbytes // t.dtype.itemsize
-            if t.dtype.is_floating_point:
-                for start in range(0, n, 1 << 22):
-                    w.write((torch.randn(min(1 << 22, n - start), generator=gen) * 0.02).half())
-            else:
-                w.write(torch.arange(n, dtype=t.dtype))
 
 
 def run_raw(a: str, b: str, out: str) -> None:

@@ -66,7 +66,14 @@ def run_job(spec: JobSpec, args: argparse.Namespace) -> int:
         raise ImportError(hint)
     cfg = spec.config_class().from_args(args, fixed=spec.fixed)
     stop = ctrl_c_stop(spec.stop_when)
-    result = spec.run_function()(cfg, ConsoleReporter(quiet=bool(getattr(cfg, "quiet", False))), stop)
+    # under torchrun / accelerate launch only the first process talks; the others' errors still reach stderr
+    if os.environ.get("RANK", "0") == "0":
+        reporter = ConsoleReporter(quiet=bool(getattr(cfg, "quiet", False)))
+    else:
+        from loratrain.core.progress import NullReporter
+
+        reporter = NullReporter()
+    result = spec.run_function()(cfg, reporter, stop)
     return result.exit_code
 
 

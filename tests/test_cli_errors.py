@@ -65,8 +65,8 @@ def test_registry_names_are_checked_before_the_model_loads(train_args, tmp_path,
 def test_every_problem_at_once_and_no_abbreviated_flags(train_args, tmp_path):
     res = cli(*train_args, "--network_dim", "0", "--clip_skip", "0", "--resolution", "36")
     clean_failure(res, "network_dim", "clip_skip", "resolution", "multiple of 8", "nearest: 32 or 40")
-    res = cli(*train_args, "--cache_latents")  # sd-scripts' flag must not silently become --cache_latents_to_disk
-    assert res.returncode == 2 and "unrecognized arguments: --cache_latents" in res.stderr
+    res = cli(*train_args, "--cache_latents_to")  # a prefix must not silently become --cache_latents_to_disk
+    assert res.returncode == 2 and "unrecognized arguments: --cache_latents_to" in res.stderr
     with pytest.raises(ConfigError, match="resolution"):
         TrainConfig(resolution="33").check(ready=False)
 

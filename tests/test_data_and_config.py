@@ -1,6 +1,7 @@
 """Dataset conventions, the sd-scripts step formula, buckets, captions, config parsing."""
 from __future__ import annotations
 
+import importlib.util
 import random
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from loratrain.training.data.buckets import bucket_resolutions, select_bucket
 from loratrain.training.data.captions import process_caption
 from loratrain.training.data.dataset import TrainData
 from loratrain.training.data.subsets import DatasetError, DatasetSpec, Subset, specs_from_toml, subsets_from_folders
-from loratrain.training.optim import create_optimizer, create_scheduler
+from loratrain.training.optim import OPTIMIZERS, create_optimizer, create_scheduler
 
 
 def _images(folder, n, size=(8, 8)):
@@ -99,21 +100,33 @@ def test_config_toml_then_flags_override(tmp_path):
 
 
 def test_optimizer_and_scheduler_registries():
+    import came_pytorch
     import dadaptation
     import lion_pytorch
     import prodigyopt
+    import schedulefree
     import torch
+    from dadaptation.experimental import DAdaptAdamPreprint
     from transformers.optimization import Adafactor
 
     expected = {"AdamW": torch.optim.AdamW, "Lion": lion_pytorch.Lion, "Prodigy": prodigyopt.Prodigy,
-                "DAdaptAdam": dadaptation.DAdaptAdam, "Adafactor": Adafactor, "SGD": torch.optim.SGD}
+                "DAdaptAdam": dadaptation.DAdaptAdam, "Adafactor": Adafactor, "SGD": torch.optim.SGD,
+                "SGDNesterov": torch.optim.SGD, "DAdaptation": DAdaptAdamPreprint, "DAdaptLion": dadaptation.DAdaptLion,
+                "AdamWScheduleFree": schedulefree.AdamWScheduleFree, "RAdamScheduleFree": schedulefree.RAdamScheduleFree,
+                "CAME": came_pytorch.CAME}
     for name, cls in expected.items():
-        p = torch.nn.Parameter(torch.zeros(2))
+        p = torch.nn.Parameter(torch.zeros(2, 2))
         opt = create_optimizer(name, [{"params": [p]}], 1e-2, [])
         assert type(opt) is cls, name
-        p.grad = torch.ones(2)
-        opt.step()
-        assert not torch.equal(p.detach(), torch.zeros(2)), f"{name} did not move the parameter"
+        if hasattr(opt, "train"):
+            opt.train()  # schedule-free optimizers step only in train mode (the trainer switches them)
+        for _ in range(6):  # RAdam's rectified steps move nothing for the first few (by design)
+            p.grad = torch.ones(2, 2)
+            opt.step()
+        assert not torch.equal(p.detach(), torch.zeros(2, 2)), f"{name} did not move the parameter"
+    nesterov = create_optimizer("SGDNesterov", [{"params": [torch.nn.Parameter(torch.zeros(1))]}], 1.0, [])
+    assert nesterov.defaults["nesterov"] and nesterov.defaults["momentum"] == 0.9
+    assert "bitsandbytes" in OPTIMIZERS.get("PagedAdamW8bit").missing() if importlib.util.find_spec("bitsandbytes") is None else True
     p = [torch.nn.Parameter(torch.zeros(2))]
     with pytest.raises(KeyError, match="choose one of"):
         create_optimizer("adamq", [{"params": p}], 1.0, [])
@@ -157,3 +170,29 @@ def test_schema_declares_every_option_once_for_flags_files_and_forms(tmp_path):
     with pytest.raises(ConfigError) as err:  # every field error at once, each named
         TrainConfig(network_dim=0, clip_skip=0, resolution="36", mixed_precision="fp8")
     assert {f for f, _ in err.value.problems} == {"network_dim", "clip_skip", "resolution", "mixed_precision"}
+
+
+def test_the_other_sd_scripts_schedules():
+    import torch
+
+    def lrs(name, total=100, warmup=0.0, **kw):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = create_scheduler(name, opt, total, warmup, **kw)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs("cosine_with_min_lr", min_lr_ratio=0.1)[-1] == pytest.approx(0.1, abs=0.01)
+    wsd = lrs("warmup_stable_decay", warmup=10, decay=0.2, min_lr_ratio=0.0)
+    assert wsd[5] == pytest.approx(0.5) and wsd[50] == pytest.approx(1.0) and wsd[79] == pytest.approx(1.0) and wsd[-1] < 0.01
+    inv = lrs("inverse_sqrt", warmup=0, timescale=25)
+    assert inv[0] == pytest.approx(1.0) and inv[75] == pytest.approx((25 / (75 + 25)) ** 0.5, rel=1e-3)
+    piece = lrs("piecewise_constant", args=["step_rules=1:10,0.5:30,0.1"])
+    assert piece[5] == 1.0 and piece[20] == 0.5 and piece[50] == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="step_rules"):
+        TrainConfig(lr_scheduler="piecewise_constant").check(ready=False)
+    with pytest.raises(ConfigError, match="lr_decay_steps"):
+        TrainConfig(lr_scheduler="warmup_stable_decay").check(ready=False)

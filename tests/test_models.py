@@ -34,6 +34,21 @@ def test_single_file_and_folder_load_the_same_weights(tiny_files, fam):
 
 
 @pytest.mark.parametrize("fam", ["sd1", "sdxl"])
+def test_loading_straight_into_the_training_dtype(tiny_files, fam):
+    """bf16 training loads UNet and text encoders as bf16 (no float32 copy), the VAE stays float32; the same values as a cast."""
+    full = load_model(tiny_files[f"{fam}_file"])
+    for source in (tiny_files[f"{fam}_file"], tiny_files[f"{fam}_dir"]):
+        half = load_model(source, dtype=torch.bfloat16)
+        for a, b in ((full.unet, half.unet), *zip(full.text_encoders, half.text_encoders)):
+            sa, sb = a.state_dict(), b.state_dict()
+            for k in sa:
+                if sa[k].is_floating_point():
+                    assert sb[k].dtype == torch.bfloat16 and torch.equal(sa[k].to(torch.bfloat16), sb[k]), k
+        assert all(p.dtype == torch.float32 for p in half.vae.parameters())
+        _same(full.vae, half.vae)
+
+
+@pytest.mark.parametrize("fam", ["sd1", "sdxl"])
 def test_ldm_layout_matches_diffusers_own_converter(tiny_files, fam):
     """diffusers' independent single-file converter reads our LDM file to the same tensors."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline

@@ -146,7 +146,7 @@ class Form:
             tp, optional = base_type(self.cfg_cls.model_fields[name].annotation)
             value = data.get(name, self.defaults.get(name))
             if typing.get_origin(tp) is list:
-                value = "\n".join(map(str, value or []))
+                value = "\n".join(map(str, value if isinstance(value, (list, tuple)) else [] if value in (None, "") else [value]))
             elif tp is bool and optional:
                 value = _tristate(value)
             elif tp in (int, float) and optional:

@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 C = TypeVar("C", bound="JobConfig")
 Problem = tuple[str, str]  # (field name or "", what is wrong)
@@ -154,6 +154,9 @@ class JobConfig(BaseModel):
 
     #: bumped when a saved config needs a migration; written into saved TOML files
     SCHEMA_VERSION: ClassVar[int] = 1
+    #: flags of another tool accepted on the command line (each takes any number of values)
+    COMPAT_FLAGS: ClassVar[tuple[str, ...]] = ()
+    _notes: list[str] = PrivateAttr(default_factory=list)
 
     def __init__(self, **data: Any) -> None:
         """Built in code, a bad value is the same ConfigError (every field named) as from a file or flags."""
@@ -243,8 +246,9 @@ class JobConfig(BaseModel):
             raise ConfigError(f"{source}: schema_version {version!r} is newer than this loratrain understands "
                               f"({cls.SCHEMA_VERSION}); update loratrain")
         flat = cls.migrate(flat, version)
+        flat, notes, problems = cls.compat(flat)
         unknown = cls.unknown_keys(sorted(set(flat) - set(cls.model_fields)), source)
-        problems = [("", f"{source}: unknown option {k!r}") for k in unknown]
+        problems += [("", f"{source}: unknown option {k!r}") for k in unknown]
         for key in set(flat) - set(cls.model_fields):
             flat.pop(key)
         try:
@@ -253,7 +257,23 @@ class JobConfig(BaseModel):
             raise ConfigError(problems=problems + _describe(e.errors())) from None
         if problems:
             raise ConfigError(problems=problems)
+        cfg._notes = notes
         return cfg.check(ready=False) if check else cfg
+
+    @classmethod
+    def compat(cls, flat: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[Problem]]:
+        """Keys of another tool's config mapped to ours: (data, notes for the job's log, problems)."""
+        return flat, [], []
+
+    @property
+    def notes(self) -> list[str]:
+        """What building this config accepted without using (one line each), for the job to log."""
+        return list(self._notes)
+
+    @classmethod
+    def compat_value(cls, values: list[str]) -> Any:
+        """A compat flag's values as a TOML value: a bare switch is true, one value typed, several a list."""
+        return values
 
     @classmethod
     def migrate(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
@@ -288,6 +308,10 @@ class JobConfig(BaseModel):
                 if extra.get("choices"):
                     kw["choices"] = extra["choices"]
             parser.add_argument(f"--{extra.get('flag', name)}", **kw)
+        for name in cls.COMPAT_FLAGS:
+            if name not in cls.model_fields and name not in fixed and name != "config_file":
+                parser.add_argument(f"--{name}", nargs="*", default=argparse.SUPPRESS, dest=f"compat__{name}",
+                                    help=argparse.SUPPRESS)
 
     @classmethod
     def from_args(cls: type[C], args: argparse.Namespace, fixed: dict[str, Any] | None = None) -> C:
@@ -299,6 +323,7 @@ class JobConfig(BaseModel):
             source = f"{args.config_file} + command line"
         given = vars(args)
         data.update({name: given[name] for name in cls.model_fields if name in given})
+        data.update({key.removeprefix("compat__"): cls.compat_value(value) for key, value in given.items() if key.startswith("compat__")})
         data.update(fixed or {})
         return cls.build(data, source=source, check=False)  # the job checks everything at once, before any work
 

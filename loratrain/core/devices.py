@@ -30,8 +30,14 @@ def fresh_accelerator(mixed_precision: str) -> Any:
     Accelerator with another one. The distributed part (PartialState: ranks, process group) stays;
     only the per-run AcceleratorState and GradientState are reset, as accelerate's own tests do.
     """
+    import os
+
+    import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # torchrun on CPUs: gloo processes, as accelerate's MULTI_CPU
 
     for state in (AcceleratorState, GradientState):
         reset = getattr(state, "_reset_state", None)

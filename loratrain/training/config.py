@@ -14,12 +14,18 @@ from loratrain.core.captions import CaptionExtension
 from loratrain.core.config import ConfigError, JobConfig, Problem, opt, parse_resolution
 from loratrain.core.precision import NAMES as PRECISION_NAMES
 
+from .kohya import GUI_KEYS, SD_SCRIPTS_FLAGS, cli_value, translate
+
 MODEL, DATA, NET, OPTIM, NOISE, SAVE, SAMPLE, LOGS = ("Model", "Dataset", "Network", "Optimizer and schedule", "Noise and loss",
                                                     "Saving and resume", "Sampling", "Logs")
 MIXED_PRECISIONS = ("no", "fp32", "fp16", "bf16")
 
 
 class TrainConfig(JobConfig):
+    """`loratrain train`: sd-scripts' option names; its other options (kohya.py) are accepted or refused by name."""
+
+    COMPAT_FLAGS = tuple(SD_SCRIPTS_FLAGS) + tuple(GUI_KEYS)
+
     # model
     pretrained_model_name_or_path: str = opt("", "diffusers folder, HF cache folder or single-file .safetensors checkpoint",
                                              group=MODEL, path="any")
@@ -33,11 +39,19 @@ class TrainConfig(JobConfig):
     resolution: str = opt("512", "training resolution: N or W,H (multiples of 8)", group=DATA)
     train_batch_size: int = opt(1, "images per batch", ge=1, group=DATA)
     enable_bucket: bool = opt(False, "aspect-ratio buckets", group=DATA)
+    bucket_no_upscale: bool = opt(False, "an image smaller than the resolution keeps its size: its own bucket, never upscaled "
+                                  "(min/max bucket reso ignored)", group=DATA, advanced=True)
     min_bucket_reso: int = opt(256, "smallest bucket side", ge=8, group=DATA, advanced=True)
     max_bucket_reso: int = opt(1024, "largest bucket side", ge=8, group=DATA, advanced=True)
     bucket_reso_steps: int = opt(64, "bucket side step (a multiple of 8)", ge=8, group=DATA, advanced=True)
     shuffle_caption: bool = opt(False, "shuffle comma-separated tags", group=DATA)
     keep_tokens: int = opt(0, "leading tags kept in place when shuffling", ge=0, group=DATA)
+    keep_tokens_separator: str = opt("", "tags before this separator stay fixed (instead of keep_tokens)", group=DATA, advanced=True)
+    caption_separator: str = opt(",", "separator between tags", group=DATA, advanced=True)
+    caption_prefix: str = opt("", "text put before every caption", group=DATA, advanced=True)
+    caption_suffix: str = opt("", "text put after every caption", group=DATA, advanced=True)
+    caption_dropout_every_n_epochs: int = opt(0, "train every N-th epoch with empty captions (0 = off)", ge=0, group=DATA,
+                                              advanced=True)
     caption_dropout_rate: float = opt(0.0, "probability of training a sample with an empty caption", ge=0, le=1, group=DATA, advanced=True)
     caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each tag", ge=0, le=1, group=DATA, advanced=True)
     flip_aug: bool = opt(False, "random horizontal flips", group=DATA)
@@ -56,20 +70,32 @@ class TrainConfig(JobConfig):
     conv_alpha: float | None = opt(None, "alpha for 3x3 convolutions", gt=0, group=NET)
     network_train_unet_only: bool = opt(False, "train only the UNet adapters", group=NET)
     network_train_text_encoder_only: bool = opt(False, "train only the text encoder adapters", group=NET, advanced=True)
-    network_weights: str = opt("", "start from an existing LoRA written by this trainer (state dir or kohya file)", group=NET,
+    network_weights: str = opt("", "start from an existing LoRA: any kohya-layout .safetensors (sd-scripts', ours, ...) "
+                                   "or a training state folder", group=NET,
                                advanced=True, path="any")
     # optimisation
     learning_rate: float = opt(1e-4, "learning rate (default for UNet and text encoder)", gt=0, group=OPTIM)
     unet_lr: float | None = opt(None, "UNet learning rate", gt=0, group=OPTIM)
-    text_encoder_lr: float | None = opt(None, "text encoder learning rate", gt=0, group=OPTIM)
-    optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, Lion, Prodigy, DAdaptAdam, Adafactor, SGD",
+    text_encoder_lr: list[float] = opt([], "text encoder learning rate: one value, or one per encoder (SDXL: two) as sd-scripts",
+                                       group=OPTIM)
+    optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, PagedAdamW8bit, Lion, Lion8bit, Prodigy, DAdaptation, Adafactor, "
+                                       "AdamWScheduleFree, CAME, SGDNesterov, ... (sd-scripts' names)",
                               registry="loratrain.training.optim:OPTIMIZERS", group=OPTIM)
     optimizer_args: list[str] = opt([], "extra optimizer arguments as key=value", group=OPTIM, advanced=True)
-    lr_scheduler: str = opt("constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+    lr_scheduler: str = opt("constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, "
+                                        "cosine_with_min_lr, inverse_sqrt, warmup_stable_decay, piecewise_constant, adafactor",
                             registry="loratrain.training.optim:SCHEDULERS", group=OPTIM)
     lr_warmup_steps: float = opt(0.0, "warmup steps, or a ratio of the total when < 1", ge=0, group=OPTIM)
     lr_scheduler_num_cycles: int = opt(1, "restarts for cosine_with_restarts", ge=1, group=OPTIM, advanced=True)
     lr_scheduler_power: float = opt(1.0, "power for polynomial", gt=0, group=OPTIM, advanced=True)
+    lr_scheduler_args: list[str] = opt([], "extra scheduler arguments as key=value (piecewise_constant: step_rules=1:100,0.1)",
+                                       group=OPTIM, advanced=True)
+    lr_decay_steps: float = opt(0.0, "warmup_stable_decay: decay steps, or a ratio of the total when < 1", ge=0, group=OPTIM,
+                                advanced=True)
+    lr_scheduler_timescale: int | None = opt(None, "inverse_sqrt: timescale (default: the warmup steps)", ge=1, group=OPTIM,
+                                             advanced=True)
+    lr_scheduler_min_lr_ratio: float | None = opt(None, "cosine_with_min_lr / warmup_stable_decay: final lr as a ratio of lr",
+                                                  ge=0, le=1, group=OPTIM, advanced=True)
     max_train_steps: int = opt(1600, "total optimizer steps (unless max_train_epochs)", ge=1, group=OPTIM)
     max_train_epochs: int | None = opt(None, "total epochs (overrides max_train_steps)", ge=1, group=OPTIM)
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", ge=1, group=OPTIM)
@@ -85,6 +111,18 @@ class TrainConfig(JobConfig):
     multires_noise_iterations: int = opt(0, "pyramid noise iterations (0 = off)", ge=0, group=NOISE)
     multires_noise_discount: float = opt(0.3, "pyramid noise discount", ge=0, le=1, group=NOISE, advanced=True)
     min_snr_gamma: float = opt(0.0, "min-SNR weighting gamma (0 = off, 5 recommended)", ge=0, group=NOISE)
+    loss_type: str = opt("l2", "loss: l2, l1, huber, smooth_l1 (sd-scripts' meanings)", choices=["l2", "l1", "huber", "smooth_l1"],
+                         group=NOISE, advanced=True)
+    huber_schedule: str = opt("snr", "how the huber/smooth_l1 parameter c varies with the timestep",
+                              choices=["constant", "exponential", "snr"], group=NOISE, advanced=True)
+    huber_c: float = opt(0.1, "huber/smooth_l1 parameter c (its value at t=0 for the schedules)", gt=0, le=1, group=NOISE,
+                         advanced=True)
+    huber_scale: float = opt(1.0, "multiplies c", gt=0, group=NOISE, advanced=True)
+    ip_noise_gamma: float = opt(0.0, "input perturbation: the noisy latent gets extra noise * gamma, the target does not "
+                                     "(0 = off, 0.1 typical)", ge=0, group=NOISE, advanced=True)
+    ip_noise_gamma_random_strength: bool = opt(False, "draw the input perturbation from U(0, ip_noise_gamma)", group=NOISE,
+                                               advanced=True)
+    debiased_estimation_loss: bool = opt(False, "weight the loss by 1/sqrt(SNR) (eps) or 1/(SNR+1) (v)", group=NOISE, advanced=True)
     min_timestep: int = opt(0, "lowest timestep sampled", ge=0, le=999, group=NOISE, advanced=True)
     max_timestep: int = opt(1000, "highest timestep sampled (exclusive)", ge=1, le=1000, group=NOISE, advanced=True)
     # output
@@ -99,6 +137,11 @@ class TrainConfig(JobConfig):
     save_peft_format: bool = opt(False, "also write diffusers/PEFT pytorch_lora_weights.safetensors", group=SAVE, advanced=True)
     resume: str = opt("", "training state folder to continue from, or 'latest'", group=SAVE, path="state")
     training_comment: str = opt("", "free text stored in the LoRA metadata", group=SAVE, advanced=True)
+    metadata_title: str = opt("", "modelspec title (default: output_name)", group=SAVE, advanced=True)
+    metadata_author: str = opt("", "modelspec author", group=SAVE, advanced=True)
+    metadata_description: str = opt("", "modelspec description", group=SAVE, advanced=True)
+    metadata_license: str = opt("", "modelspec license", group=SAVE, advanced=True)
+    metadata_tags: str = opt("", "modelspec tags, comma-separated", group=SAVE, advanced=True)
     # sampling and logs
     sample_prompts: str = opt("", "prompt file (.txt with --n --w --h --s --l --d --ss options)", group=SAMPLE, path="file")
     sample_every_n_steps: int = opt(0, "sample every N steps", ge=0, group=SAMPLE)
@@ -116,6 +159,32 @@ class TrainConfig(JobConfig):
             raise ValueError(str(e).strip()) from None
         return value
 
+    @field_validator("text_encoder_lr", mode="before")
+    @classmethod
+    def _one_or_per_encoder(cls, value: object) -> object:
+        """sd-scripts and the GUI write a number or a list (one per text encoder); a list either way."""
+        if isinstance(value, str):
+            return value.replace(",", " ").split()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return [value]
+        return value
+
+    @classmethod
+    def compat(cls, flat: dict) -> tuple[dict, list[str], list[Problem]]:
+        return translate(flat, set(cls.model_fields))
+
+    @classmethod
+    def compat_value(cls, values: list[str]) -> object:
+        return cli_value(values)
+
+    def text_encoder_lrs(self, n_encoders: int) -> list[float]:
+        """The learning rate of each text encoder: one value for all, or one each; learning_rate when unset."""
+        if not self.text_encoder_lr:
+            return [self.learning_rate] * n_encoders
+        if len(self.text_encoder_lr) == 1:
+            return list(self.text_encoder_lr) * n_encoders
+        return list(self.text_encoder_lr[:n_encoders])
+
     @field_validator("bucket_reso_steps")
     @classmethod
     def _bucket_step(cls, value: int) -> int:
@@ -123,7 +192,7 @@ class TrainConfig(JobConfig):
             raise ValueError(f"{value} must be a multiple of 8")
         return value
 
-    @field_validator("optimizer_args")
+    @field_validator("optimizer_args", "lr_scheduler_args")
     @classmethod
     def _key_values(cls, value: list[str]) -> list[str]:
         bad = [a for a in value if "=" not in a]
@@ -146,6 +215,18 @@ class TrainConfig(JobConfig):
                     out.append((name, f"{getattr(self, name)} must be a multiple of bucket_reso_steps {self.bucket_reso_steps}"))
             if self.min_bucket_reso > self.max_bucket_reso:
                 out.append(("min_bucket_reso", "min_bucket_reso is above max_bucket_reso"))
+        sched = self.lr_scheduler.lower()
+        if sched == "piecewise_constant" and not any(a.startswith("step_rules=") for a in self.lr_scheduler_args):
+            out.append(("lr_scheduler_args", "piecewise_constant needs step_rules=..., e.g. step_rules=1:100,0.5:200,0.1"))
+        if sched == "warmup_stable_decay" and not self.lr_decay_steps:
+            out.append(("lr_decay_steps", "warmup_stable_decay needs lr_decay_steps (steps, or a ratio of the total)"))
+        if sched == "adafactor" and self.optimizer_type.lower() != "adafactor":
+            out.append(("lr_scheduler", "the adafactor schedule is Adafactor's own: use optimizer_type Adafactor "
+                                        "with optimizer_args relative_step=True"))
+        if len(self.text_encoder_lr) > 2:
+            out.append(("text_encoder_lr", f"{self.text_encoder_lr}: one value, or one per text encoder (at most two)"))
+        if any(v <= 0 for v in self.text_encoder_lr):
+            out.append(("text_encoder_lr", f"{self.text_encoder_lr}: learning rates must be > 0"))
         if self.lr_scheduler.lower() == "constant" and self.lr_warmup_steps:
             out.append(("lr_warmup_steps", "the constant scheduler has no warmup (as in sd-scripts); "
                                            "use --lr_scheduler constant_with_warmup"))

@@ -10,10 +10,19 @@ from loratrain.core.models.loading import SDModel
 
 from .config import TrainConfig
 
+# keys sd-scripts only writes when they have a value; every other unset key is written as "None", as it does
+WRITTEN_ONLY_WHEN_SET = {"ss_network_args", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_reg_dataset_dirs", "modelspec.author",
+                         "modelspec.description", "modelspec.license", "modelspec.tags"}
+
 
 def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_args: dict[str, Any], plan: Any,
-                  session: dict[str, Any], epoch: int, step: int, dataset_dirs: dict[str, Any],
-                  tag_frequency: dict[str, dict[str, int]]) -> dict[str, str]:
+                  session: dict[str, Any], epoch: int, step: int, dataset: dict[str, Any], num_processes: int = 1) -> dict[str, str]:
+    """Every key sd-scripts' train_network.py writes (legacy folder layout); folders by name only.
+
+    `dataset` holds `dirs`, `reg_dirs`, `tag_frequency` and `bucket_info`, keyed by folder *name*
+    (`10_sks dog`), never by path: a LoRA is shared, and the path of the trainer's machine (a user
+    name, a client's project) must not travel with it.
+    """
     v_pred = model.prediction_type == "v_prediction"
     fam = model.family
     version = fam.base_model_version + ("_v" if fam.name == "sd2" and v_pred else "")
@@ -28,13 +37,13 @@ def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_a
         "ss_output_name": cfg.output_name,
         "ss_learning_rate": cfg.learning_rate,
         "ss_unet_lr": cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate,
-        "ss_text_encoder_lr": cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate,
+        "ss_text_encoder_lr": (cfg.text_encoder_lr[0] if len(cfg.text_encoder_lr) == 1 else cfg.text_encoder_lr) or cfg.learning_rate,
         "ss_num_train_images": plan.train_samples,
         "ss_num_reg_images": plan.reg_samples,
         "ss_num_batches_per_epoch": plan.batches_per_epoch,
         "ss_num_epochs": plan.epochs,
         "ss_max_train_steps": plan.max_train_steps,
-        "ss_epoch": epoch,
+        "ss_epoch": epoch,  # 1 for a file saved during the first epoch, as sd-scripts
         "ss_steps": step,
         "ss_gradient_checkpointing": cfg.gradient_checkpointing,
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -50,7 +59,7 @@ def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_a
         "ss_v2": fam.name == "sd2",
         "ss_base_model_version": version,
         "ss_clip_skip": cfg.clip_skip,
-        "ss_max_token_length": None,
+        "ss_max_token_length": None,  # 75 tokens (150/225 are refused)
         "ss_cache_latents": True,
         "ss_seed": cfg.seed,
         "ss_noise_offset": cfg.noise_offset or None,
@@ -59,6 +68,14 @@ def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_a
         "ss_multires_noise_iterations": cfg.multires_noise_iterations or None,
         "ss_multires_noise_discount": cfg.multires_noise_discount,
         "ss_min_snr_gamma": cfg.min_snr_gamma or None,
+        "ss_ip_noise_gamma": cfg.ip_noise_gamma or None,
+        "ss_ip_noise_gamma_random_strength": cfg.ip_noise_gamma_random_strength,
+        "ss_debiased_estimation": cfg.debiased_estimation_loss,
+        "ss_loss_type": cfg.loss_type,
+        "ss_huber_schedule": cfg.huber_schedule,
+        "ss_huber_c": cfg.huber_c,
+        "ss_huber_scale": cfg.huber_scale,
+        "ss_caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs,
         "ss_prior_loss_weight": cfg.prior_loss_weight,
         "ss_max_grad_norm": cfg.max_grad_norm,
         "ss_optimizer": f"{cfg.optimizer_type}({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else cfg.optimizer_type,
@@ -68,20 +85,31 @@ def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_a
         "ss_sd_model_name": session["model_name"],
         "ss_resolution": f"({res[0]}, {res[1]})",
         "ss_batch_size_per_device": cfg.train_batch_size,
+        "ss_total_batch_size": cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps,
+        "ss_bucket_no_upscale": cfg.bucket_no_upscale,
+        "ss_bucket_info": json.dumps(dataset["bucket_info"]),
+        "ss_color_aug": False,
+        "ss_random_crop": False,
         "ss_enable_bucket": cfg.enable_bucket,
         "ss_min_bucket_reso": cfg.min_bucket_reso,
         "ss_max_bucket_reso": cfg.max_bucket_reso,
         "ss_flip_aug": cfg.flip_aug,
         "ss_shuffle_caption": cfg.shuffle_caption,
         "ss_keep_tokens": cfg.keep_tokens,
-        "ss_dataset_dirs": json.dumps(dataset_dirs),
-        "ss_tag_frequency": json.dumps(tag_frequency),
+        "ss_dataset_dirs": json.dumps(dataset["dirs"]),
+        "ss_reg_dataset_dirs": json.dumps(dataset["reg_dirs"]) if dataset["reg_dirs"] else None,
+        "ss_tag_frequency": json.dumps(dataset["tag_frequency"]),
+        **session.get("model_hashes", {}),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": arch + "/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if fam.is_sdxl else "diffusers",
-        "modelspec.title": f"{cfg.output_name}",
+        "modelspec.title": cfg.metadata_title or cfg.output_name,
+        "modelspec.author": cfg.metadata_author or None,
+        "modelspec.description": cfg.metadata_description or None,
+        "modelspec.license": cfg.metadata_license or None,
+        "modelspec.tags": cfg.metadata_tags or None,
         "modelspec.resolution": f"{res[0]}x{res[1]}",
         "modelspec.date": dt.datetime.fromtimestamp(session["started"]).isoformat(timespec="seconds"),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
     }
-    return {k: str(v) for k, v in meta.items() if v is not None}
+    return {k: str(v) for k, v in meta.items() if v is not None or k not in WRITTEN_ONLY_WHEN_SET}

@@ -1,6 +1,7 @@
 """Noise, targets and per-sample loss weights as sd-scripts defines them (reference section 4)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -41,3 +42,40 @@ def min_snr_weight(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, 
     s = compute_snr(noise_scheduler, timesteps)
     clipped = torch.clamp(s, max=gamma)
     return clipped / (s + 1) if v_prediction else clipped / s
+
+
+def huber_c(noise_scheduler: Any, timesteps: torch.Tensor, schedule: str, c: float, scale: float) -> torch.Tensor:
+    """The per-sample parameter of sd-scripts' huber / smooth_l1 losses, shape (B,).
+
+    constant: c * scale. exponential: decays from `scale` at t=0 to c * scale at the last timestep.
+    snr: (1 - c) / (1 + sigma_t)^2 + c with sigma_t = sqrt((1 - abar_t) / abar_t): close to 1
+    (quadratic, like l2) where the sample is barely noised, c (nearly l1) where it is mostly noise.
+    """
+    if schedule == "constant":
+        return torch.full(timesteps.shape, c * scale, device=timesteps.device)
+    if schedule == "exponential":
+        n = noise_scheduler.config.num_train_timesteps
+        return torch.exp(timesteps.float() * (math.log(c) / n)) * scale
+    abar = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    sigma = ((1.0 - abar) / abar).sqrt()
+    return (1.0 - c) / (1.0 + sigma) ** 2 + c
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, c: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-element loss, as sd-scripts' loss_type: l2, l1, huber (2c(sqrt(d^2 + c^2) - c)) or smooth_l1 (the same / c)."""
+    if loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    if loss_type == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    assert c is not None
+    c = c.view(-1, *([1] * (pred.dim() - 1)))
+    pseudo = torch.sqrt((pred - target) ** 2 + c ** 2) - c
+    return 2 * c * pseudo if loss_type == "huber" else 2 * pseudo
+
+
+def debiased_weight(noise_scheduler: Any, timesteps: torch.Tensor, v_prediction: bool) -> torch.Tensor:
+    """Debiased estimation: 1/sqrt(SNR) for epsilon targets, 1/(SNR + 1) for v-prediction, SNR clamped at 1000."""
+    from diffusers.training_utils import compute_snr
+
+    s = compute_snr(noise_scheduler, timesteps).clamp(max=1000.0)
+    return 1.0 / (s + 1) if v_prediction else 1.0 / s.sqrt()

@@ -61,6 +61,47 @@ def _sgd(groups, lr, kw):
     return torch.optim.SGD(groups, lr=lr, **kw)
 
 
+@optimizer("SGDNesterov")
+def _sgd_nesterov(groups, lr, kw):
+    """sd-scripts: SGD with Nesterov momentum, momentum 0.9 unless given."""
+    return torch.optim.SGD(groups, lr=lr, **{"momentum": 0.9, **kw, "nesterov": True})
+
+
+def _bnb(cls_name: str, **fixed: Any) -> Callable:
+    def make(groups, lr, kw):
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, cls_name)(groups, lr=lr, **{**kw, **fixed})
+    return make
+
+
+for _names, _cls, _fixed in ((("PagedAdamW",), "PagedAdamW", {}), (("PagedAdamW8bit",), "PagedAdamW8bit", {}),
+                             (("PagedAdamW32bit",), "PagedAdamW32bit", {}), (("Lion8bit",), "Lion8bit", {}),
+                             (("PagedLion8bit",), "PagedLion8bit", {}), (("AdEMAMix8bit",), "AdEMAMix8bit", {}),
+                             (("PagedAdEMAMix8bit",), "PagedAdEMAMix8bit", {}),
+                             (("SGDNesterov8bit",), "SGD8bit", {"nesterov": True})):
+    OPTIMIZERS.register(*_names)(OptimizerSpec(_bnb(_cls, **_fixed), "bitsandbytes", "bitsandbytes (GPU only)"))
+
+
+def _schedule_free(cls_name: str) -> Callable:
+    def make(groups, lr, kw):
+        import schedulefree
+
+        return getattr(schedulefree, cls_name)(groups, lr=lr, **kw)
+    return make
+
+
+for _cls in ("AdamWScheduleFree", "RAdamScheduleFree", "SGDScheduleFree"):
+    OPTIMIZERS.register(_cls)(OptimizerSpec(_schedule_free(_cls), "schedulefree"))
+
+
+@optimizer("CAME", package="came_pytorch", install="came-pytorch")
+def _came(groups, lr, kw):
+    from came_pytorch import CAME
+
+    return CAME(groups, lr=lr, **kw)
+
+
 @optimizer("AdamW8bit", package="bitsandbytes", install="bitsandbytes (GPU only)")
 def _adamw8bit(groups, lr, kw):
     import bitsandbytes as bnb
@@ -82,11 +123,32 @@ def _prodigy(groups, lr, kw):
     return Prodigy(groups, lr=lr, **kw)
 
 
-@optimizer("DAdaptAdam", "DAdaptation", package="dadaptation")
+@optimizer("DAdaptAdam", package="dadaptation")
 def _dadapt(groups, lr, kw):
     from dadaptation import DAdaptAdam
 
     return DAdaptAdam(groups, lr=lr, **kw)
+
+
+@optimizer("DAdaptation", "DAdaptAdamPreprint", package="dadaptation")
+def _dadapt_preprint(groups, lr, kw):
+    """sd-scripts' "DAdaptation" is the preprint's Adam variant."""
+    from dadaptation.experimental import DAdaptAdamPreprint
+
+    return DAdaptAdamPreprint(groups, lr=lr, **kw)
+
+
+def _dadaptation(cls_name: str, module: str = "dadaptation") -> Callable:
+    def make(groups, lr, kw):
+        import importlib
+
+        return getattr(importlib.import_module(module), cls_name)(groups, lr=lr, **kw)
+    return make
+
+
+for _cls in ("DAdaptAdaGrad", "DAdaptAdan", "DAdaptLion", "DAdaptSGD"):
+    OPTIMIZERS.register(_cls)(OptimizerSpec(_dadaptation(_cls), "dadaptation"))
+OPTIMIZERS.register("DAdaptAdanIP")(OptimizerSpec(_dadaptation("DAdaptAdanIP", "dadaptation.experimental"), "dadaptation"))
 
 
 @optimizer("Adafactor")
@@ -103,24 +165,72 @@ def create_optimizer(name: str, groups: list[dict[str, Any]], lr: float, args: l
     return spec.make(groups, lr, parse_optimizer_args(args))
 
 
+@dataclass(frozen=True)
+class ScheduleInputs:
+    """What a schedule may use: sd-scripts' scheduler options, with warmup and decay already in steps."""
+
+    total: int
+    warmup: int
+    num_cycles: int = 1
+    power: float = 1.0
+    decay: int = 0
+    timescale: int | None = None
+    min_lr_ratio: float | None = None
+    initial_lr: float = 0.0
+    args: dict[str, Any] | None = None
+
+
 def _diffusers(name: str) -> Callable[..., Any]:
     """diffusers' own schedule (what sd-scripts uses): warmup is step/warmup, so the first step has lr 0."""
-    def make(optimizer: torch.optim.Optimizer, total: int, warmup: int, num_cycles: int = 1, power: float = 1.0) -> Any:
+    def make(optimizer: torch.optim.Optimizer, s: ScheduleInputs) -> Any:
         from diffusers.optimization import get_scheduler
 
-        kw: dict[str, Any] = {"num_warmup_steps": warmup, "num_training_steps": total}
+        kw: dict[str, Any] = {"num_warmup_steps": s.warmup, "num_training_steps": s.total}
         if name == "cosine_with_restarts":
-            kw["num_cycles"] = num_cycles
+            kw["num_cycles"] = s.num_cycles
         if name == "polynomial":
-            kw["power"] = power
-        if name == "constant":
+            kw["power"] = s.power
+        if name in ("constant", "piecewise_constant"):
             kw = {}
-        return get_scheduler(name, optimizer, **kw)
+        return get_scheduler(name, optimizer, **kw, **(s.args or {}))
     return make
 
 
-for _name in ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"):
+for _name in ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant"):
     SCHEDULERS.register(_name)(_diffusers(_name))
+
+
+@SCHEDULERS.register("cosine_with_min_lr")
+def _cosine_min_lr(optimizer: torch.optim.Optimizer, s: ScheduleInputs) -> Any:
+    """transformers' cosine that ends at lr_scheduler_min_lr_ratio x lr (sd-scripts' option)."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, s.warmup, s.total, min_lr_rate=s.min_lr_ratio or 0.0,
+                                                       **(s.args or {}))
+
+
+@SCHEDULERS.register("inverse_sqrt")
+def _inverse_sqrt(optimizer: torch.optim.Optimizer, s: ScheduleInputs) -> Any:
+    from transformers.optimization import get_inverse_sqrt_schedule
+
+    return get_inverse_sqrt_schedule(optimizer, s.warmup, timescale=s.timescale, **(s.args or {}))
+
+
+@SCHEDULERS.register("warmup_stable_decay")
+def _wsd(optimizer: torch.optim.Optimizer, s: ScheduleInputs) -> Any:
+    """Warmup, a constant stretch, then a decay over lr_decay_steps to lr_scheduler_min_lr_ratio x lr."""
+    from transformers.optimization import get_wsd_schedule
+
+    return get_wsd_schedule(optimizer, s.warmup, s.decay, num_training_steps=s.total, min_lr_ratio=s.min_lr_ratio or 0.0,
+                            **(s.args or {}))
+
+
+@SCHEDULERS.register("adafactor")
+def _adafactor_schedule(optimizer: torch.optim.Optimizer, s: ScheduleInputs) -> Any:
+    """The lr Adafactor computes itself (optimizer_args relative_step=True), as sd-scripts' "adafactor"."""
+    from transformers.optimization import AdafactorSchedule
+
+    return AdafactorSchedule(optimizer, initial_lr=s.initial_lr)
 
 
 def warmup_steps(warmup: float, total_steps: int) -> int:
@@ -129,5 +239,11 @@ def warmup_steps(warmup: float, total_steps: int) -> int:
 
 
 def create_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: int, warmup: float,
-                     num_cycles: int = 1, power: float = 1.0) -> Any:
-    return SCHEDULERS.get(name)(optimizer, total_steps, warmup_steps(warmup, total_steps), num_cycles=num_cycles, power=power)
+                     num_cycles: int = 1, power: float = 1.0, decay: float = 0.0, timescale: int | None = None,
+                     min_lr_ratio: float | None = None, initial_lr: float = 0.0, args: list[str] | None = None) -> Any:
+    inputs = ScheduleInputs(total_steps, warmup_steps(warmup, total_steps), num_cycles, power, warmup_steps(decay, total_steps),
+                            timescale, min_lr_ratio, initial_lr, parse_optimizer_args(args or []) or None)
+    try:
+        return SCHEDULERS.get(name)(optimizer, inputs)
+    except TypeError as e:
+        raise ValueError(f"lr_scheduler_args {args}: {name} does not take them ({e})") from None

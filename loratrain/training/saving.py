@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratrain.core.config import ConfigError
+from loratrain.core.lora.hashes import addnet_hashes
 from loratrain.core.precision import dtype_of
 from loratrain.core.safe_io import atomic_write_json, save_safetensors
 
@@ -31,7 +32,8 @@ INFO_FILE = "train_state.json"
 
 def save_lora(network: Network, path: Path, precision: str, metadata: dict[str, str], peft_copy: bool = False) -> Path:
     dtype = dtype_of(precision)
-    save_safetensors(network.kohya_state_dict(dtype), path, metadata)
+    tensors = network.kohya_state_dict(dtype)
+    save_safetensors(tensors, path, {**metadata, **addnet_hashes(tensors, metadata)})
     if peft_copy:
         flat = {f"{part}.{k}": v for part, sd in network.peft_state_dict(dtype).items() for k, v in sd.items()}
         adapter_meta = {"lora_adapter_metadata": json.dumps(peft_adapter_config(network))}

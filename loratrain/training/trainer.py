@@ -8,6 +8,7 @@ inside `torch.random.fork_rng`, so a job leaves the process's random state as it
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import secrets
 import time
@@ -18,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from loratrain.core.config import ConfigError
 from loratrain.core.devices import fresh_accelerator
 from loratrain.core.jobs import JobResult, job
+from loratrain.core.lora.hashes import model_file_hashes
 from loratrain.core.models.loading import SDModel, load_model, move
 from loratrain.core.precision import canonical, dtype_of
 from loratrain.core.progress import Reporter, StopFlag
@@ -33,9 +34,10 @@ from .config import TrainConfig
 from .data.captions import process_caption
 from .data.dataset import Item, TrainData
 from .data.subsets import DatasetSpec, specs_from_toml, subsets_from_folders
+from .data_parallel import local_share, sum_across_processes
 from .metadata import lora_metadata
 from .networks import Network, NetworkSpec, build_network
-from .noise import min_snr_weight, offset_noise, pyramid_noise
+from .noise import debiased_weight, elementwise_loss, huber_c, min_snr_weight, offset_noise, pyramid_noise
 from .optim import create_optimizer, create_scheduler
 from .saving import STATE_SUFFIX, find_state, load_state, prune_saves, save_lora, save_state
 
@@ -73,7 +75,10 @@ def build_specs(cfg: TrainConfig, log=lambda text: None) -> list[DatasetSpec]:
                 "caption_dropout_rate": cfg.caption_dropout_rate, "caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,
                 "flip_aug": cfg.flip_aug, "resolution": cfg.resolution_wh(), "batch_size": cfg.train_batch_size,
                 "enable_bucket": cfg.enable_bucket, "min_bucket_reso": cfg.min_bucket_reso, "max_bucket_reso": cfg.max_bucket_reso,
-                "bucket_reso_steps": cfg.bucket_reso_steps}
+                "bucket_reso_steps": cfg.bucket_reso_steps, "bucket_no_upscale": cfg.bucket_no_upscale,
+                "caption_prefix": cfg.caption_prefix, "caption_suffix": cfg.caption_suffix,
+                "keep_tokens_separator": cfg.keep_tokens_separator, "caption_separator": cfg.caption_separator,
+                "caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs}
     if cfg.dataset_config:
         return specs_from_toml(cfg.dataset_config, defaults)
     subsets = subsets_from_folders(cfg.train_data_dir, cfg.reg_data_dir or None, defaults, log)
@@ -106,13 +111,19 @@ class LoRATrainer:
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, log = self.cfg, self.reporter.log
+        for note in cfg.notes:
+            log(note)
         self.resume_from = self._resume_source()
         self.data = TrainData(build_specs(cfg, log), log=log)
-        self.model = load_model(cfg.pretrained_model_name_or_path, allow_pickle=cfg.allow_pickle,
-                                v_parameterization=cfg.v_parameterization)
-        log(f"model: {self.model.family.name} ({self.model.prediction_type}) from {self.model.source}")
-        self._cache_latents()
         weight_dtype = dtype_of(self.precision)
+        self.model = load_model(cfg.pretrained_model_name_or_path, allow_pickle=cfg.allow_pickle,
+                                v_parameterization=cfg.v_parameterization, dtype=weight_dtype)  # no fp32 copy for bf16/fp16 runs
+        log(f"model: {self.model.family.name} ({self.model.prediction_type}) from {self.model.source}")
+        if cfg.cache_latents_to_disk:
+            with self.accelerator.main_process_first():  # encoded once, by the first process; the others read its files
+                self._cache_latents()
+        else:
+            self._cache_latents()
         for m in (self.model.unet, *self.model.text_encoders):
             move(m, self.device, weight_dtype)
         if cfg.xformers:
@@ -131,37 +142,58 @@ class LoRATrainer:
             for te in self.model.text_encoders:
                 te.gradient_checkpointing_enable()
         unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
-        te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+        te_lrs = dict(zip((s.component for s in self.model.family.text_encoders), cfg.text_encoder_lrs(len(self.model.text_encoders))))
         groups = []
         for part in self.network.parts():
             params = self.network.trainable_parameters(part)
             if params:
-                groups.append({"params": params, "lr": unet_lr if part == "unet" else te_lr, "name": part})
+                groups.append({"params": params, "lr": unet_lr if part == "unet" else te_lrs[part], "name": part})
         self.optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args)
         n_proc = self.accelerator.num_processes
-        self.plan = self.data.plan(cfg.gradient_accumulation_steps * n_proc, cfg.max_train_steps, cfg.max_train_epochs)
-        log(self.plan.describe([s.batch_size for s in self.data.specs])
-            + (f" (accumulation {cfg.gradient_accumulation_steps} x {n_proc} processes)" if n_proc > 1 else ""))
+        self.plan = self.data.plan(cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.max_train_epochs, processes=n_proc)
+        log(self.plan.describe([s.batch_size * n_proc for s in self.data.specs])
+            + (f" (batch {cfg.train_batch_size} per process x {n_proc} processes)" if n_proc > 1 else ""))
         self.dataset_meta = self._dataset_metadata()
-        self.scheduler = create_scheduler(cfg.lr_scheduler, self.optimizer, self.plan.max_train_steps, cfg.lr_warmup_steps,
-                                          cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power)
+        try:
+            self.scheduler = create_scheduler(cfg.lr_scheduler, self.optimizer, self.plan.max_train_steps, cfg.lr_warmup_steps,
+                                              cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power, cfg.lr_decay_steps,
+                                              cfg.lr_scheduler_timescale, cfg.lr_scheduler_min_lr_ratio, cfg.learning_rate,
+                                              cfg.lr_scheduler_args)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         random_captions = any(s.shuffle_caption or s.caption_dropout_rate or s.caption_tag_dropout_rate or s.caption_dropout_every_n_epochs
                               for spec in self.data.specs for s in spec.subsets)
         self.cond_cache = ConditioningCache(self.model, cfg.clip_skip) if not (self.train_te or random_captions) else None
-        prepared = self.accelerator.prepare(*self.network.parts().values(), self.optimizer)
-        self.optimizer = prepared[-1]
+        self.optimizer = self.accelerator.prepare(self.optimizer)  # gradients are summed across processes in the loop
         self.global_step, self.epoch, self.micro = 0, 0, 0
         if self.resume_from is not None:
             self._resume(self.resume_from)
         elif cfg.network_weights:
-            net_sd, _, _ = load_state(Path(cfg.network_weights))
-            self.network.load_state_dict(net_sd)
+            self._load_network_weights(Path(cfg.network_weights))
         log_dir = Path(cfg.logging_dir) if cfg.logging_dir else self.out_dir / "logs"
         self.writer = None
         if self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(log_dir / cfg.output_name))
+
+    def _load_network_weights(self, path: Path) -> None:
+        """Start from a training state folder, or from any kohya-layout LoRA file."""
+        if path.is_dir():
+            net_sd, _, _ = load_state(path)
+            self.network.load_state_dict(net_sd)
+            self.reporter.log(f"network weights from the state {path}")
+            return
+        from loratrain.core.safe_io import load_state_dict
+
+        sd, _ = load_state_dict(path, allow_pickle=self.cfg.allow_pickle)
+        try:
+            n = self.network.load_kohya(sd, str(path))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        total = len(self.network.targets)
+        self.reporter.log(f"network weights from {path.name}: {n} of {total} modules"
+                          + ("" if n == total else f" (the other {total - n} start fresh)"))
 
     def _cache_latents(self) -> None:
         vae = move(self.model.vae, self.device, torch.float32)
@@ -180,7 +212,8 @@ class LoRATrainer:
                                 progress=lambda n: self.reporter.advance(n))
         self.reporter.done("")
         if not self.cfg.sample_prompts:
-            vae.to("cpu")
+            self.model.vae = None  # not needed again: its memory goes back before training starts
+            del vae
 
     def _resume_source(self) -> Path | None:
         """The state to continue from: the newest complete one for 'latest' (checked before any model loads)."""
@@ -209,20 +242,34 @@ class LoRATrainer:
         self.reporter.log(f"resumed from {path} at step {self.global_step} (epoch {self.epoch + 1}, batch {self.micro})")
 
     # -- one micro-batch -----------------------------------------------------------------------
-    def _loss(self, batch: list[tuple[Item, bool]], epoch: int, micro: int) -> torch.Tensor:
+    def _loss(self, batch: list[tuple[Item, bool]], epoch: int, micro: int, first: int, global_size: int) -> torch.Tensor:
+        """This process's per-sample losses summed and divided by the global batch size.
+
+        Noise, timestep and caption randomness is drawn per sample, seeded by (seed, epoch, batch,
+        position in the global batch): a sample gets the same draws whichever process trains it,
+        which is what makes N processes equal one with N times the batch. Batch-level draws
+        (offset noise strength, pyramid noise) are seeded by the share's first position.
+        """
         cfg, model = self.cfg, self.model
-        rng = random.Random(_seed_for(cfg.seed, epoch, micro, 1))
-        gen = torch.Generator(device="cpu").manual_seed(_seed_for(cfg.seed, epoch, micro, 2))
+        sched = model.noise_scheduler
         latents = torch.stack([it.latents[1 if flip else 0] for it, flip in batch]).to(self.device)
-        captions = [process_caption(it.caption, it.subset, rng, epoch) for it, _ in batch]
-        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+        gens = [torch.Generator(device="cpu").manual_seed(_seed_for(cfg.seed, epoch, micro, 2, first + i)) for i in range(len(batch))]
+        captions = [process_caption(it.caption, it.subset, random.Random(_seed_for(cfg.seed, epoch, micro, 1, first + i)), epoch)
+                    for i, (it, _) in enumerate(batch)]
+        shape = latents.shape[1:]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)
+        t = torch.cat([torch.randint(cfg.min_timestep, cfg.max_timestep, (1,), generator=g) for g in gens]).to(self.device)
+        perturb = None
+        if cfg.ip_noise_gamma:
+            strength = [cfg.ip_noise_gamma * (torch.rand((), generator=g).item() if cfg.ip_noise_gamma_random_strength else 1.0)
+                        for g in gens]
+            perturb = torch.stack([torch.randn(shape, generator=g) * s for g, s in zip(gens, strength)]).to(self.device)
+        gen = torch.Generator(device="cpu").manual_seed(_seed_for(cfg.seed, epoch, micro, 4, first))
         if cfg.noise_offset:
             noise = offset_noise(noise, latents, cfg.noise_offset, cfg.noise_offset_random_strength, cfg.adaptive_noise_scale, gen)
         if cfg.multires_noise_iterations:
             noise = pyramid_noise(noise, cfg.multires_noise_iterations, cfg.multires_noise_discount, gen)
-        sched = model.noise_scheduler
-        t = torch.randint(cfg.min_timestep, cfg.max_timestep, (len(batch),), generator=gen).to(self.device)
-        noisy = sched.add_noise(latents, noise, t)
+        noisy = sched.add_noise(latents, noise if perturb is None else noise + perturb, t)  # the target keeps the plain noise
         with self.accelerator.autocast():
             cond = self.cond_cache(captions) if self.cond_cache else encode_prompts(model, captions, cfg.clip_skip)
             time_ids = None
@@ -232,12 +279,15 @@ class LoRATrainer:
             pred = model.unet(noisy.to(cond.hidden.dtype), t, **cond.unet_kwargs(time_ids)).sample
         v_pred = model.prediction_type == "v_prediction"
         target = sched.get_velocity(latents, noise, t) if v_pred else noise
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        c = huber_c(sched, t, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale) if cfg.loss_type in ("huber", "smooth_l1") else None
+        loss = elementwise_loss(pred.float(), target.float(), cfg.loss_type, c).mean(dim=(1, 2, 3))
         weights = torch.tensor([cfg.prior_loss_weight if it.subset.is_reg else 1.0 for it, _ in batch], device=self.device)
         loss = loss * weights
         if cfg.min_snr_gamma:
             loss = loss * min_snr_weight(sched, t, cfg.min_snr_gamma, v_pred)
-        return loss.mean()
+        if cfg.debiased_estimation_loss:
+            loss = loss * debiased_weight(sched, t, v_pred)
+        return loss.sum() / global_size
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -249,20 +299,30 @@ class LoRATrainer:
             m.train()
         accum = cfg.gradient_accumulation_steps
         stopped = False
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._optimizer_mode("train")
         while self.global_step < plan.max_train_steps and self.epoch < plan.epochs and not stopped:
-            batches = self.data.batches_for_epoch(self.epoch, cfg.seed)[acc.process_index::acc.num_processes]
+            batches = self.data.batches_for_epoch(self.epoch, cfg.seed, acc.num_processes)
             while self.micro < len(batches) and self.global_step < plan.max_train_steps:
                 group = batches[self.micro: self.micro + accum]
                 step_loss = 0.0
-                for offset, batch in enumerate(group):
-                    with seeded(_seed_for(cfg.seed, self.epoch, self.micro + offset, 3), self.device):  # dropout
-                        loss = self._loss(batch, self.epoch, self.micro + offset)
-                        if not torch.isfinite(loss):
-                            self._nan(loss)
+                for offset, global_batch in enumerate(group):
+                    batch, first = local_share(global_batch, acc.process_index, acc.num_processes)
+                    if not batch:
+                        continue
+                    # dropout: per process, so shares of one batch do not get the same masks
+                    with seeded(_seed_for(cfg.seed, self.epoch, self.micro + offset, 3, acc.process_index), self.device):
+                        loss = self._loss(batch, self.epoch, self.micro + offset, first, len(global_batch))
                         acc.backward(loss / len(group))
                     step_loss += loss.item() / len(group)
+                stop_asked = None
+                if acc.num_processes > 1:  # one collective: gradients, the loss, and whether any process was asked to stop
+                    step_loss, stops = sum_across_processes(params, [step_loss, float(self.stop.is_set())], self.device)
+                    stop_asked = stops > 0  # the same answer in every process, so all stop after the same step
+                if not math.isfinite(step_loss):
+                    self._nan(step_loss)
                 if cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -274,7 +334,7 @@ class LoRATrainer:
                     self.epoch, self.micro = self.epoch + 1, 0
                     self._after_epoch()
                 self._after_step()
-                if self.stop.is_set():
+                if stop_asked if stop_asked is not None else self.stop.is_set():
                     stopped = True
                     break
             else:
@@ -287,10 +347,10 @@ class LoRATrainer:
         return TrainResult(lora_path=final, state_dir=self.state_dir, global_step=self.global_step, epoch=self.epoch,
                            losses=self.losses, samples=self.samples, stopped=stopped)
 
-    def _nan(self, loss: torch.Tensor) -> None:
+    def _nan(self, loss: float) -> None:
         where = f"step {self.global_step + 1} (epoch {self.epoch + 1})"
         last = f"the last good save is {self.last_save}" if self.last_save else "nothing was saved yet"
-        raise TrainingError(f"loss became {loss.item()} at {where}; training stopped and {last} (left intact). "
+        raise TrainingError(f"loss became {loss} at {where}; training stopped and {last} (left intact). "
                             "Common causes: fp16 overflow (try bf16 or no mixed precision), a learning rate that is too high.")
 
     def _log_step(self, loss: float) -> None:
@@ -321,31 +381,57 @@ class LoRATrainer:
         if cfg.sample_every_n_steps and self.global_step % cfg.sample_every_n_steps == 0:
             self._sample(epoch=None)
 
-    def _dataset_metadata(self) -> tuple[dict, dict]:
-        """Folder counts and tag frequencies for ss_* metadata: fixed for the run, so computed once."""
+    def _dataset_metadata(self) -> dict:
+        """Folder counts, tag frequencies and buckets for the ss_* metadata: fixed for the run, so computed once.
+
+        Keyed by folder name (`10_sks dog`) as sd-scripts: never the path of this machine.
+        """
         items = self.data.items()
-        dirs = {s.image_dir: {"n_repeats": s.num_repeats, "img_count": sum(it.subset is s for it in items)}
-                for spec in self.data.specs for s in spec.subsets}
+        dirs: dict[str, dict] = {}
+        reg_dirs: dict[str, dict] = {}
+        for spec in self.data.specs:
+            for sub in spec.subsets:
+                target = reg_dirs if sub.is_reg else dirs
+                target[Path(sub.image_dir).name] = {"n_repeats": sub.num_repeats, "img_count": sum(it.subset is sub for it in items)}
         freq: dict[str, Counter] = {}
         for it in items:
-            freq.setdefault(Path(it.subset.image_dir).name, Counter()).update(t.strip() for t in it.caption.split(",") if t.strip())
-        return dirs, {k: dict(v) for k, v in freq.items()}
+            sep = it.subset.caption_separator
+            freq.setdefault(Path(it.subset.image_dir).name, Counter()).update(t.strip() for t in it.caption.split(sep) if t.strip())
+        buckets: dict[tuple[int, int], int] = {}
+        errors = []
+        for it in items:
+            buckets[it.bucket] = buckets.get(it.bucket, 0) + it.repeats
+            if it.original_size[1]:
+                errors.append(abs(it.bucket[0] / it.bucket[1] - it.original_size[0] / it.original_size[1]))
+        info = {"buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(buckets.items()))},
+                "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
+        return {"dirs": dirs, "reg_dirs": reg_dirs, "tag_frequency": {k: dict(v) for k, v in freq.items()}, "bucket_info": info}
 
     def _metadata(self) -> dict[str, str]:
-        dirs, freq = self.dataset_meta
+        if "model_hashes" not in self.session:  # hashing a multi-GB checkpoint once, at the first save
+            self.session["model_hashes"] = model_file_hashes(self.cfg.pretrained_model_name_or_path)
+        epoch = self.epoch + 1 if self.micro else max(self.epoch, 1)  # sd-scripts counts epochs from 1
         return lora_metadata(self.cfg, self.model, self.network.kind, self.network.args(), self.plan, self.session,
-                             self.epoch, self.global_step, dirs, freq)
+                             epoch, self.global_step, self.dataset_meta, self.accelerator.num_processes)
 
     def _state_info(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch, "micro": self.micro, "max_train_steps": self.plan.max_train_steps,
                 "losses": self.losses, "network_module": self.network.kind, "seed": self.cfg.seed,
                 "schema_version": self.cfg.SCHEMA_VERSION, "config": self.cfg.model_dump()}
 
+    def _optimizer_mode(self, mode: str) -> None:
+        """Schedule-free optimizers keep two points; the averaged one ("eval") is the one to save and sample from."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if callable(getattr(inner, "eval", None)) and callable(getattr(inner, "train", None)):
+            getattr(inner, mode)()
+
     def _save(self, path: Path) -> None:
         if not self.accelerator.is_main_process:
             return
+        self._optimizer_mode("eval")
         self.last_save = save_lora(self.network, path, self.cfg.save_precision, self._metadata(), self.cfg.save_peft_format)
         save_state(self.state_dir, self.network, self.optimizer, self.scheduler, self._state_info())
+        self._optimizer_mode("train")
         self.reporter.log(f"saved {path.name} and training state (step {self.global_step})")
 
     def _save_final(self) -> Path | None:
@@ -361,6 +447,7 @@ class LoRATrainer:
         prompts = load_prompts(cfg.sample_prompts, SamplePrompt("", width=res[0], height=res[1]))
         self.model.vae.to(self.device)
         parts = list(self.network.parts().values())
+        self._optimizer_mode("eval")
         for m in parts:
             m.eval()
         sample_dir = self.out_dir / "sample"
@@ -380,6 +467,7 @@ class LoRATrainer:
                     self.writer.add_image(f"sample/{i:02d}", np.asarray(Image.open(path).convert("RGB")), self.global_step, dataformats="HWC")
         for m in parts:
             m.train()
+        self._optimizer_mode("train")
         self.samples.extend(paths)
         self.reporter.sample([str(p) for p in paths], captions)
 

@@ -25,7 +25,7 @@ SIMPLE_PRESETS: dict[str, dict[str, Any]] = {
     "concept": {"max_train_steps": 3000, "network_dim": 48, "network_alpha": 24.0},
 }
 SIMPLE_COMMON: dict[str, Any] = {
-    "network_module": "lora", "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": 5e-5, "optimizer_type": "AdamW",
+    "network_module": "lora", "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": [5e-5], "optimizer_type": "AdamW",
     "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 3, "lr_warmup_steps": 0.05, "train_batch_size": 1,
     "shuffle_caption": True, "keep_tokens": 1, "caption_extension": ".txt", "save_precision": "fp16", "mixed_precision": "no",
 }

@@ -19,7 +19,7 @@ from ..hf_cache import resolve_hf_cache
 from ..safe_io import load_state_dict
 from ..tokenizer import clip_tokenizer
 from . import text_encoder_keys
-from .families import FAMILIES, Family, ModelTypeError, detect_family, family_from_unet_config
+from .families import FAMILIES, VAE_PREFIX, Family, ModelTypeError, detect_family, family_from_unet_config
 from .single_file import CONFIG_METADATA_KEY, split_checkpoint
 
 
@@ -71,12 +71,16 @@ def build_component(component: str, cfg: dict[str, Any], with_projection: bool =
 
 
 def load_model(path: str | Path, *, allow_pickle: bool = False, v_parameterization: bool | None = None,
-               expect_family: str | None = None) -> SDModel:
-    """Load a base model for training or sampling (fp32 on CPU; the caller moves it)."""
+               expect_family: str | None = None, dtype: torch.dtype | None = None) -> SDModel:
+    """Load a base model for training or sampling, on CPU (the caller moves it).
+
+    dtype: the UNet and text encoders are loaded straight into it (the VAE stays float32), one
+    tensor at a time: training in bf16 never holds an fp32 copy of the model. None: float32.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path}")
-    model = _load_folder(resolve_hf_cache(path)) if path.is_dir() else _load_single_file(path, allow_pickle)
+    model = _load_folder(resolve_hf_cache(path), dtype) if path.is_dir() else _load_single_file(path, allow_pickle, dtype)
     if expect_family and model.family.name != expect_family:
         raise ModelTypeError(f"{path}: is an {model.family.name} model, but {expect_family} was asked for")
     if v_parameterization is not None:
@@ -88,16 +92,16 @@ def load_model(path: str | Path, *, allow_pickle: bool = False, v_parameterizati
     return model
 
 
-def _load_folder(root: Path) -> SDModel:
+def _load_folder(root: Path, dtype: torch.dtype | None = None) -> SDModel:
     if not (root / "unet" / "config.json").is_file():
         raise ModelTypeError(f"{root}: not a diffusers model folder (no unet/config.json)")
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True, torch_dtype=dtype or torch.float32)
     family = family_from_unet_config(dict(unet.config))
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae", local_files_only=True)
     tes, toks = [], []
     for i, spec in enumerate(family.text_encoders):
         cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
-        tes.append(cls.from_pretrained(root / spec.component, local_files_only=True))
+        tes.append(cls.from_pretrained(root / spec.component, local_files_only=True, torch_dtype=dtype or torch.float32))
         tok_dir = root / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")
         toks.append(CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True) if tok_dir.is_dir()
                     else clip_tokenizer(family.pad_tokens()[i]))
@@ -125,16 +129,17 @@ def _training_scheduler(cfg: dict[str, Any]) -> DDPMScheduler:
     return DDPMScheduler(**keep, clip_sample=False)
 
 
-def _load_single_file(path: Path, allow_pickle: bool) -> SDModel:
-    sd, meta = load_state_dict(path, allow_pickle=allow_pickle)
+def _load_single_file(path: Path, allow_pickle: bool, dtype: torch.dtype | None = None) -> SDModel:
+    dtype = dtype or torch.float32
+    sd, meta = load_state_dict(path, allow_pickle=allow_pickle, dtype=dtype, keep_fp32=(VAE_PREFIX,))
     family = detect_family(set(sd), str(path))
     cfgs = json.loads(meta[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in meta else family.shipped_configs()
     parts = split_checkpoint(sd, family, cfgs, str(path))
     del sd
-    unet = _instantiate("unet", cfgs["unet"], parts["unet"], path, "UNet")
-    vae = _instantiate("vae", cfgs["vae"], parts["vae"], path, "VAE")
-    tes = [_instantiate(spec.component, cfgs[spec.component], parts[spec.component], path, spec.component, spec.with_projection)
-           for spec in family.text_encoders]
+    unet = _instantiate("unet", cfgs["unet"], parts.pop("unet"), path, "UNet", dtype=dtype)
+    vae = _instantiate("vae", cfgs["vae"], parts.pop("vae"), path, "VAE")
+    tes = [_instantiate(spec.component, cfgs[spec.component], parts.pop(spec.component), path, spec.component, spec.with_projection,
+                        dtype=dtype) for spec in family.text_encoders]
     toks = [clip_tokenizer(p) for p in family.pad_tokens()]
     sched_cfg = dict(cfgs["scheduler"])
     if meta.get("modelspec.prediction_type") == "v":
@@ -160,14 +165,14 @@ def _check_shapes(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Pat
 
 
 def _instantiate(component: str, cfg: dict[str, Any], sd: dict[str, torch.Tensor], path: Path, what: str,
-                 with_projection: bool = False) -> Any:
+                 with_projection: bool = False, dtype: torch.dtype = torch.float32) -> Any:
     """Build on the meta device, check every shape, then adopt the loaded tensors (no second copy)."""
     with init_empty_weights():
         model = build_component(component, cfg, with_projection)
     if component.startswith("text_encoder"):
         sd = text_encoder_keys.to_model_names(model, sd)
     _check_shapes(model, sd, path, what)
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False, assign=True)
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, strict=False, assign=True)
     _fix_buffers(model)
     return model
 

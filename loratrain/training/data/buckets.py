@@ -26,12 +26,41 @@ def select_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tupl
     return min(buckets, key=lambda b: (abs(b[0] / b[1] - aspect), -b[0] * b[1]))
 
 
-def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> np.ndarray:
-    """Scale so the image covers the bucket, centre-crop, return HWC uint8."""
+def no_upscale_bucket(size: tuple[int, int], max_area: int, step: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """sd-scripts' --bucket_no_upscale: (size to resize to, bucket) for one image, from its own size.
+
+    An image within the resolution's area keeps its size and is only trimmed to multiples of
+    `step`; a larger one is scaled down to that area (its width or its height rounded to a step,
+    whichever keeps the aspect ratio better) and then trimmed. Nothing is ever upscaled.
+    """
+    w, h = size
+    if w * h > max_area:
+        aspect = w / h
+
+        def to_step(x: float) -> int:
+            x = int(x + 0.5)
+            return x - x % step
+
+        rw = math.sqrt(max_area * aspect)
+        rh = max_area / rw
+        bw = to_step(rw)
+        bh_for_w = to_step(bw / aspect)
+        bh = to_step(rh)
+        bw_for_h = to_step(bh * aspect)
+        err_w = abs(bw / bh_for_w - aspect) if bh_for_w else math.inf
+        err_h = abs(bw_for_h / bh - aspect) if bh else math.inf
+        resized = (bw, int(bw / aspect + 0.5)) if err_w < err_h else (int(bh * aspect + 0.5), bh)
+    else:
+        resized = (w, h)
+    return resized, (resized[0] - resized[0] % step, resized[1] - resized[1] % step)
+
+
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], resize_to: tuple[int, int] | None = None) -> np.ndarray:
+    """Scale so the image covers the bucket (or to `resize_to`), centre-crop, return HWC uint8."""
     w, h = image.size
     bw, bh = bucket
     scale = max(bw / w, bh / h)
-    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
-    resized = image.resize((nw, nh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+    nw, nh = resize_to or (max(bw, round(w * scale)), max(bh, round(h * scale)))
+    resized = image if (nw, nh) == (w, h) else image.resize((nw, nh), Image.Resampling.LANCZOS if nw < w else Image.Resampling.BICUBIC)
     left, top = (nw - bw) // 2, (nh - bh) // 2
     return np.array(resized.crop((left, top, left + bw, top + bh)).convert("RGB"))  # writable: torch.from_numpy takes it as is

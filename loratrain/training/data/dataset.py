@@ -15,7 +15,7 @@ from safetensors import safe_open
 from loratrain.core.captions import read_caption
 from loratrain.core.safe_io import save_safetensors
 
-from .buckets import bucket_resolutions, fit_to_bucket, select_bucket
+from .buckets import bucket_resolutions, fit_to_bucket, no_upscale_bucket, select_bucket
 from .subsets import DatasetError, DatasetSpec, Subset
 
 CACHE_DIR = ".loratrain_cache"
@@ -64,8 +64,6 @@ class TrainData:
         self.groups: list[tuple[DatasetSpec, list[Item]]] = []
         missing: list[Path] = []
         for spec in specs:
-            if spec.bucket_no_upscale:
-                raise DatasetError("bucket_no_upscale is not supported yet; remove it (images are scaled to cover their bucket)")
             items = []
             for subset in spec.subsets:
                 for image in subset.images():
@@ -120,7 +118,7 @@ class TrainData:
             kept = []
             for it in items:
                 try:
-                    self._cache_item(it, buckets, encode, vae_id, to_disk)
+                    self._cache_item(it, buckets, encode, vae_id, to_disk, spec)
                     kept.append(it)
                 except BadImageError as e:
                     if on_bad_image == "error":
@@ -133,7 +131,7 @@ class TrainData:
             raise DatasetError("every training image was unreadable")
 
     def _cache_item(self, it: Item, buckets: list[tuple[int, int]], encode: Callable[[torch.Tensor], torch.Tensor],
-                    vae_id: str, to_disk: bool) -> None:
+                    vae_id: str, to_disk: bool, spec: DatasetSpec | None = None) -> None:
         try:
             raw = it.image.read_bytes()
             with Image.open(it.image) as im:
@@ -142,9 +140,17 @@ class TrainData:
         except Exception as e:
             raise BadImageError(f"{it.image}: unreadable or corrupt image ({e.__class__.__name__}: {e})") from None
         it.original_size = image.size
-        it.bucket = select_bucket(image.size, buckets)
-        scale = max(it.bucket[0] / image.size[0], it.bucket[1] / image.size[1])
-        it.crop_top_left = ((round(image.size[1] * scale) - it.bucket[1]) // 2, (round(image.size[0] * scale) - it.bucket[0]) // 2)
+        resize_to = None
+        if spec is not None and spec.bucket_no_upscale:
+            resize_to, it.bucket = no_upscale_bucket(image.size, spec.resolution[0] * spec.resolution[1], spec.bucket_reso_steps)
+            if min(it.bucket) < spec.bucket_reso_steps:
+                raise BadImageError(f"{it.image}: {image.size[0]}x{image.size[1]} is smaller than bucket_reso_steps "
+                                    f"{spec.bucket_reso_steps} on a side (bucket_no_upscale never enlarges it)")
+            it.crop_top_left = ((resize_to[1] - it.bucket[1]) // 2, (resize_to[0] - it.bucket[0]) // 2)
+        else:
+            it.bucket = select_bucket(image.size, buckets)
+            scale = max(it.bucket[0] / image.size[0], it.bucket[1] / image.size[1])
+            it.crop_top_left = ((round(image.size[1] * scale) - it.bucket[1]) // 2, (round(image.size[0] * scale) - it.bucket[0]) // 2)
         n_views = 2 if it.subset.flip_aug else 1
         digest = hashlib.sha256(raw).hexdigest()
         cache = it.image.parent / CACHE_DIR / f"{it.image.name}.{it.bucket[0]}x{it.bucket[1]}.safetensors"
@@ -154,7 +160,7 @@ class TrainData:
                 if meta.get("image_sha256") == digest and meta.get("vae") == vae_id and int(meta.get("views", 0)) >= n_views:
                     it.latents = [f.get_tensor(f"view{i}") for i in range(n_views)]
                     return
-        pixels = torch.from_numpy(fit_to_bucket(image, it.bucket)).permute(2, 0, 1).float() / 127.5 - 1.0
+        pixels = torch.from_numpy(fit_to_bucket(image, it.bucket, resize_to)).permute(2, 0, 1).float() / 127.5 - 1.0
         views = [pixels] + ([pixels.flip(-1)] if n_views == 2 else [])
         latents = encode(torch.stack(views))
         if not torch.isfinite(latents).all():
@@ -165,8 +171,12 @@ class TrainData:
                              {"image_sha256": digest, "vae": vae_id, "views": str(n_views)})
 
     # -- epochs --------------------------------------------------------------------------------
-    def batches_for_epoch(self, epoch: int, seed: int) -> list[list[tuple[Item, bool]]]:
-        """All batches of one epoch: per dataset and bucket, shuffled reproducibly by (seed, epoch)."""
+    def batches_for_epoch(self, epoch: int, seed: int, processes: int = 1) -> list[list[tuple[Item, bool]]]:
+        """All (global) batches of one epoch: per dataset and bucket, shuffled reproducibly by (seed, epoch).
+
+        With N processes a global batch holds N times the dataset's batch size; each process trains
+        its share of it (data_parallel.local_share).
+        """
         rng = random.Random(seed * 100003 + epoch)
         batches = []
         for spec, items in self.groups:
@@ -178,17 +188,18 @@ class TrainData:
             for bucket in sorted(by_bucket):
                 samples = by_bucket[bucket]
                 rng.shuffle(samples)
-                batches += [samples[i:i + spec.batch_size] for i in range(0, len(samples), spec.batch_size)]
+                size = spec.batch_size * processes
+                batches += [samples[i:i + size] for i in range(0, len(samples), size)]
         rng.shuffle(batches)
         return batches
 
-    def plan(self, grad_accum: int, max_train_steps: int | None, max_train_epochs: int | None) -> StepPlan:
+    def plan(self, grad_accum: int, max_train_steps: int | None, max_train_epochs: int | None, processes: int = 1) -> StepPlan:
         n_batches = 0
         for spec, items in self.groups:
             counts: dict[tuple[int, int], int] = {}
             for it in items:
                 counts[it.bucket] = counts.get(it.bucket, 0) + it.repeats
-            n_batches += sum(math.ceil(c / spec.batch_size) for c in counts.values())
+            n_batches += sum(math.ceil(c / (spec.batch_size * processes)) for c in counts.values())
         steps_per_epoch = math.ceil(n_batches / grad_accum)
         if max_train_epochs:
             epochs = max_train_epochs

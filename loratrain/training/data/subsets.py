@@ -83,6 +83,16 @@ def subsets_from_folders(train_data_dir: str, reg_data_dir: str | None, defaults
     return out
 
 
+def _drop_unimplemented(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """sd-scripts keys we do not implement: dropped when off (false, 0), refused with the reason when on."""
+    from ..kohya import DATASET_REFUSED, dataset_key_problem
+
+    problems = [p for k, v in table.items() if (p := dataset_key_problem(k, v))]
+    if problems:
+        raise DatasetError(f"{where}: " + "; ".join(problems))
+    return {k: v for k, v in table.items() if k not in DATASET_REFUSED}
+
+
 def specs_from_toml(path: str | Path, defaults: dict[str, Any]) -> list[DatasetSpec]:
     """sd-scripts dataset config: [general] > [[datasets]] > [[datasets.subsets]], lower levels win."""
     path = Path(path)
@@ -91,8 +101,11 @@ def specs_from_toml(path: str | Path, defaults: dict[str, Any]) -> list[DatasetS
     unknown = set(data) - {"general", "datasets"}
     if unknown:
         raise DatasetError(f"{path}: unknown top-level keys {sorted(unknown)}")
+    general = _drop_unimplemented(general, f"{path} [general]")
     specs = []
     for d_index, ds in enumerate(data.get("datasets", [])):
+        ds = _drop_unimplemented(ds, f"{path} datasets[{d_index}]")
+        ds["subsets"] = [_drop_unimplemented(sub, f"{path} datasets[{d_index}].subsets[{i}]") for i, sub in enumerate(ds.get("subsets", []))]
         merged_ds = {**defaults, **general, **{k: v for k, v in ds.items() if k != "subsets"}}
         for key in set(general) | set(ds) - {"subsets"}:
             if key not in SUBSET_KEYS | DATASET_KEYS:

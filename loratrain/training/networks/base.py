@@ -100,6 +100,9 @@ class Network:
     def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def load_kohya(self, sd: dict[str, torch.Tensor], source: str) -> int:
+        raise NotImplementedError
+
     def peft_state_dict(self, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
         raise NotImplementedError
 

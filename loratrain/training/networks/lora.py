@@ -68,6 +68,36 @@ class PeftLoRANetwork(Network):
             out[f"{target.kohya_name}.alpha"] = torch.tensor(float(target.alpha), dtype=dtype)
         return out
 
+    def load_kohya(self, sd: dict[str, torch.Tensor], source: str) -> int:
+        """Start from a kohya-layout LoRA file (ours, sd-scripts', any trainer's): returns the modules loaded.
+
+        Ranks must match (the message says which dim to set). A file alpha that differs from this
+        run's is folded into `up`, so the loaded LoRA changes the model exactly as the file does.
+        """
+        names = {t.kohya_name for t, _ in self._pairs()}
+        modules = {k.rsplit(".", 2)[0] for k in sd if k.endswith((".lora_down.weight", ".lora_up.weight"))}
+        extra = sorted(modules - names)
+        if extra:
+            raise ValueError(f"{source}: {len(extra)} module(s) of the file are not in this network (e.g. {extra[0]}); "
+                             "match network_module / conv_dim / network_train_*_only to the file")
+        loaded = 0
+        for target, layer in self._pairs():
+            down, up = sd.get(f"{target.kohya_name}.lora_down.weight"), sd.get(f"{target.kohya_name}.lora_up.weight")
+            if down is None or up is None:
+                continue
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            if down.shape != a.shape or up.shape != b.shape:
+                raise ValueError(f"{source}: {target.kohya_name} has rank {down.shape[0]}, this run {a.shape[0]} "
+                                 f"(set network_dim{' / conv_dim' if down.dim() == 4 and down.shape[-1] > 1 else ''} "
+                                 f"to {down.shape[0]})")
+            alpha = sd.get(f"{target.kohya_name}.alpha")
+            file_scale = (float(alpha) if alpha is not None else down.shape[0]) / down.shape[0]
+            with torch.no_grad():
+                a.copy_(down.to(a.dtype))
+                b.copy_((up.float() * (file_scale / (target.alpha / target.rank))).to(b.dtype))
+            loaded += 1
+        return loaded
+
     def peft_state_dict(self, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
         out: dict[str, dict[str, torch.Tensor]] = {}
         for target, layer in self._pairs():

@@ -1,0 +1,286 @@
+"""A kohya_ss user's config and command line, run unchanged through the real CLI on the tiny model.
+
+The GUI TOML below follows what the kohya_ss GUI (v24+) writes for a default SD1.5 "Standard" LoRA
+(flat keys named after sd-scripts' arguments, `text_encoder_lr` always a list, GUI-only keys like
+`epoch` and `noise_offset_type`, `network_args` and `lr_scheduler_args` as lists of "k=v").
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from loratrain.core.config import ConfigError
+from loratrain.core.progress import RecordingReporter
+from loratrain.core.safe_io import read_safetensors_metadata
+from loratrain.training.config import TrainConfig
+from loratrain.training.data.buckets import no_upscale_bucket
+from loratrain.training.kohya import GUI_KEYS, IGNORED, REFUSED, SAME, SD_SCRIPTS_FLAGS, flag_table
+from loratrain.training.trainer import run_train
+
+from .conftest import quick_config
+
+GUI_TOML = """\
+adaptive_noise_scale = 0
+bucket_no_upscale = true
+bucket_reso_steps = 64
+cache_latents = true
+caption_dropout_every_n_epochs = 0
+caption_dropout_rate = 0
+caption_extension = ".txt"
+clip_skip = 1
+dynamo_backend = "no"
+enable_bucket = true
+epoch = 1
+gradient_accumulation_steps = 1
+huber_c = 0.1
+huber_scale = 1
+huber_schedule = "snr"
+keep_tokens = 0
+learning_rate = 0.001
+logging_dir = "{out}/log"
+loss_type = "l2"
+lr_scheduler = "cosine"
+lr_scheduler_args = []
+lr_scheduler_num_cycles = 1
+lr_scheduler_power = 1
+lr_warmup_steps = 0
+max_bucket_reso = 128
+max_data_loader_n_workers = 0
+max_grad_norm = 1
+max_timestep = 1000
+max_token_length = 75
+max_train_steps = 3
+min_bucket_reso = 64
+min_snr_gamma = 0
+min_timestep = 0
+mixed_precision = "no"
+multires_noise_discount = 0.3
+multires_noise_iterations = 0
+network_alpha = 2
+network_args = [ "conv_dim=4", "conv_alpha=1",]
+network_dim = 4
+network_module = "networks.lora"
+noise_offset = 0
+noise_offset_type = "Original"
+optimizer_args = []
+optimizer_type = "AdamW"
+output_dir = "{out}"
+output_name = "gui_lora"
+persistent_data_loader_workers = false
+pretrained_model_name_or_path = "{model}"
+prior_loss_weight = 1
+resolution = "64,64"
+sample_prompts = ""
+sample_sampler = "euler_a"
+save_every_n_epochs = 1
+save_model_as = "safetensors"
+save_precision = "float"
+scale_weight_norms = 0
+sdpa = true
+seed = 1234
+shuffle_caption = false
+text_encoder_lr = [ 0.0005, 0.0005,]
+train_batch_size = 1
+train_data_dir = "{data}"
+training_comment = "made with the GUI"
+unet_lr = 0.001
+wandb_run_name = ""
+xformers = false
+"""
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loratrain", "train", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_sd_scripts_flag_has_a_meaning_here():
+    fields = set(TrainConfig.model_fields)
+    rows = flag_table(fields)
+    assert len(rows) == len(SD_SCRIPTS_FLAGS) == 196
+    for name, status, why in rows:
+        assert status in ("implemented", "translated", "same", "ignored", "refused"), name
+        assert status == "implemented" or why, name
+    classified = fields | set(SAME) | set(IGNORED) | set(REFUSED) | {"network_args", "save_model_as"}
+    assert set(SD_SCRIPTS_FLAGS) <= classified
+    assert not (set(SAME) | set(IGNORED) | set(REFUSED)) & fields  # one place each
+    assert not set(GUI_KEYS) & set(SD_SCRIPTS_FLAGS)
+
+
+def test_the_gui_toml_runs_unchanged_and_the_metadata_carries_no_path(tiny_files, dataset, tmp_path):
+    out = tmp_path / "out"
+    toml = tmp_path / "config_lora-20261202.toml"
+    toml.write_text(GUI_TOML.format(out=out, model=tiny_files["sd1_file"], data=dataset))
+    res = cli("--config_file", str(toml))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    log = res.stdout + res.stderr
+    # GUI-only and no-effect keys are named once, with the reason; nothing else is said about them
+    assert "ignored epoch: kohya_ss GUI key" in log and "ignored max_data_loader_n_workers, persistent_data_loader_workers: no data loader" in log
+    assert "accepted sdpa: " in log and "accepted dynamo_backend, max_token_length, scale_weight_norms: off, as here" in log
+    lora = out / "gui_lora.safetensors"
+    sd = load_file(lora)
+    assert any("conv" in k or "resnets" in k for k in sd if k.endswith("lora_down.weight")), "network_args conv_dim gave no LoCon"
+    meta = read_safetensors_metadata(lora)
+    text = json.dumps(meta)
+    assert str(tmp_path) not in text and "/tmp" not in text  # no path of this machine in a file people share
+    assert json.loads(meta["ss_dataset_dirs"]) == {"2_square": {"n_repeats": 2, "img_count": 3},
+                                                  "3_circle": {"n_repeats": 3, "img_count": 4}}
+    assert set(json.loads(meta["ss_tag_frequency"])) == {"2_square", "3_circle"}
+    assert meta["ss_network_args"] == json.dumps({"conv_dim": "4", "conv_alpha": "1.0"})
+    assert meta["ss_training_comment"] == "made with the GUI" and meta["ss_epoch"] == "1"
+    assert meta["ss_total_batch_size"] == "1" and meta["ss_bucket_no_upscale"] == "True"
+    assert meta["ss_noise_offset"] == "None" and meta["ss_max_token_length"] == "None"  # unset as sd-scripts writes it
+    assert json.loads(meta["ss_bucket_info"])["buckets"]["0"] == {"resolution": [64, 64], "count": 18}
+    # the hashes A1111 shows: the webui's legacy short hash and SHA-256 of the model file; SHA-256 of the LoRA's tensor bytes
+    model_bytes = Path(tiny_files["sd1_file"]).read_bytes()
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(model_bytes).hexdigest()
+    assert meta["ss_sd_model_hash"] == hashlib.sha256(model_bytes[0x100000:0x110000]).hexdigest()[:8]
+    raw = lora.read_bytes()
+    header = int.from_bytes(raw[:8], "little")
+    assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + header:]).hexdigest()
+    assert len(meta["sshs_legacy_hash"]) == 8
+
+
+def test_a_gui_command_line_runs(tiny_files, dataset, tmp_path):
+    out = tmp_path / "cmd"
+    res = cli("--pretrained_model_name_or_path", str(tiny_files["sd1_file"]), "--train_data_dir", str(dataset),
+              "--resolution=64,64", "--output_dir", str(out), "--output_name", "cmd", "--save_model_as=safetensors",
+              "--network_module=networks.lora", "--network_dim", "4", "--network_alpha", "2", "--network_args", "conv_dim=2",
+              "conv_alpha=1", "--text_encoder_lr", "0.0005", "--unet_lr", "0.001", "--learning_rate", "0.001",
+              "--lr_scheduler", "constant", "--train_batch_size", "1", "--max_train_steps", "2", "--mixed_precision", "no",
+              "--save_precision", "float", "--seed", "1", "--cache_latents", "--sdpa", "--max_data_loader_n_workers", "0",
+              "--persistent_data_loader_workers", "--bucket_no_upscale", "--enable_bucket", "--min_bucket_reso=64",
+              "--max_bucket_reso=128", "--loss_type", "smooth_l1", "--huber_schedule", "exponential", "--huber_c", "0.2",
+              "--no_half_vae", "--caption_extension=.txt", "--max_grad_norm", "1", "--max_token_length", "75",
+              "--scale_weight_norms", "0", "--noise_offset", "0.0")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    meta = read_safetensors_metadata(out / "cmd.safetensors")
+    assert meta["ss_loss_type"] == "smooth_l1" and meta["ss_huber_schedule"] == "exponential"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--full_bf16"], "full_bf16"),
+    (["--network_args", "algo=loha"], "algo"),
+    (["--save_model_as", "ckpt"], "pickle"),
+    (["--max_token_length", "225"], "max_token_length"),
+    (["--log_with", "wandb"], "log_with"),
+    (["--network_args", "conv_dim=8", "--conv_dim", "4"], "disagrees"),
+])
+def test_what_is_not_implemented_is_refused_by_name_before_loading(tiny_files, dataset, tmp_path, args, named):
+    res = cli("--pretrained_model_name_or_path", str(tiny_files["sd1_file"]), "--train_data_dir", str(dataset),
+              "--output_dir", str(tmp_path / "o"), *args, timeout=60)
+    assert res.returncode != 0 and named in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert "model:" not in res.stdout  # nothing loaded
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_typo_is_still_an_unknown_option(tmp_path):
+    with pytest.raises(ConfigError, match="unknown option 'netwrok_dim'"):
+        TrainConfig.build({"netwrok_dim": 4, "epoch": 3})
+
+
+def test_text_encoder_lr_list_sets_each_encoder(tiny_files, tmp_path):
+    from loratrain.training.demo import make_concept_images
+
+    data = tmp_path / "d"
+    make_concept_images(data / "1_dot", "dot", 2, 64, 0)
+    rec = RecordingReporter()
+    cfg = quick_config(tiny_files["sdxl_file"], data, tmp_path / "o", max_train_steps=1, text_encoder_lr=[2e-4, 3e-4],
+                       unet_lr=1e-3, lr_scheduler="constant", train_batch_size=1)
+    run_train(cfg, rec)
+    lrs = {k: v for k, v in rec.metrics[-1].items() if k.startswith("lr_")}
+    assert lrs == {"lr_unet": 1e-3, "lr_text_encoder": 2e-4, "lr_text_encoder_2": 3e-4}
+    assert TrainConfig.build({"text_encoder_lr": 5e-5}).text_encoder_lrs(2) == [5e-5, 5e-5]
+
+
+def test_loss_options_change_what_is_learned(tiny_files, dataset, tmp_path):
+    def trained(name, **kw):
+        run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / name, max_train_steps=2, **kw))
+        return load_file(tmp_path / name / "t.safetensors")
+
+    base = trained("l2")
+    again = trained("l2b")
+    assert all(torch.equal(base[k], again[k]) for k in base)  # the comparison is not noise
+    for name, kw in {"l1": dict(loss_type="l1"), "huber": dict(loss_type="huber", huber_schedule="constant", huber_c=0.05),
+                     "ip": dict(ip_noise_gamma=0.1), "debiased": dict(debiased_estimation_loss=True)}.items():
+        other = trained(name, **kw)
+        assert any(not torch.allclose(base[k], other[k]) for k in base), name
+
+
+def test_bucket_no_upscale_keeps_small_images_as_they_are(tiny_files, tmp_path):
+    assert no_upscale_bucket((100, 70), 128 * 128, 8) == ((100, 70), (96, 64))  # small: trimmed only
+    resized, bucket = no_upscale_bucket((400, 200), 128 * 128, 8)
+    assert resized[0] * resized[1] <= 128 * 128 * 1.05 and bucket[0] % 8 == 0 and abs(bucket[0] / bucket[1] - 2) < 0.15
+    data = tmp_path / "d" / "1_x"
+    data.mkdir(parents=True)
+    Image.new("RGB", (72, 40), (200, 30, 30)).save(data / "a.png")
+    Image.new("RGB", (300, 300), (30, 200, 30)).save(data / "b.png")
+    for p in data.glob("*.png"):
+        p.with_suffix(".txt").write_text("x")
+    rec = RecordingReporter()
+    run_train(quick_config(tiny_files["sd1_file"], tmp_path / "d", tmp_path / "o", resolution="128", enable_bucket=True,
+                           bucket_no_upscale=True, bucket_reso_steps=8, min_bucket_reso=8, max_bucket_reso=256,
+                           max_train_steps=1, train_batch_size=1), rec)
+    info = json.loads(read_safetensors_metadata(tmp_path / "o" / "t.safetensors")["ss_bucket_info"])
+    assert sorted(tuple(b["resolution"]) for b in info["buckets"].values()) == [(72, 40), (128, 128)]
+
+
+def test_dataset_toml_keys_sd_scripts_knows(tiny_files, dataset, tmp_path):
+    from loratrain.training.data.subsets import DatasetError, specs_from_toml
+
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f'[general]\ncolor_aug = false\nrandom_crop = false\n[[datasets]]\nresolution = 64\n'
+                    f'[[datasets.subsets]]\nimage_dir = "{dataset / "3_circle"}"\nalpha_mask = false\n')
+    assert specs_from_toml(toml, {})[0].subsets[0].image_dir.endswith("3_circle")
+    toml.write_text(toml.read_text().replace("color_aug = false", "color_aug = true"))
+    with pytest.raises(DatasetError, match="color_aug = True: not implemented"):
+        specs_from_toml(toml, {})
+
+
+def test_the_flag_document_is_current():
+    from loratrain.training.kohya import flag_document
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "sd-scripts-flags.md"
+    if os.environ.get("LORATRAIN_WRITE_DOCS"):
+        doc.write_text(flag_document())
+    assert doc.read_text() == flag_document(), "regenerate: LORATRAIN_WRITE_DOCS=1 pytest tests/test_kohya_compat.py -k flag_document"
+
+
+def test_network_weights_takes_any_kohya_lora_file(tiny_files, dataset, tmp_path):
+    run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "a", max_train_steps=2, network_alpha=2.0))
+    first = load_file(tmp_path / "a" / "t.safetensors")
+    # continue with another alpha and a learning rate too small to move anything: the LoRA's effect is unchanged
+    rec = RecordingReporter()
+    run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "b", max_train_steps=1, network_alpha=4.0, learning_rate=1e-12,
+                           network_weights=str(tmp_path / "a" / "t.safetensors")), rec)
+    assert any("network weights from t.safetensors: " in line for line in rec.lines)
+    second = load_file(tmp_path / "b" / "t.safetensors")
+    for k in first:
+        if k.endswith("lora_up.weight"):
+            name = k.rsplit(".", 2)[0]
+            d1 = first[k].flatten(1) @ first[f"{name}.lora_down.weight"].flatten(1) * (float(first[f"{name}.alpha"]) / 4)
+            d2 = second[k].flatten(1) @ second[f"{name}.lora_down.weight"].flatten(1) * (float(second[f"{name}.alpha"]) / 4)
+            assert torch.allclose(d1, d2, atol=1e-6), name
+    with pytest.raises(ConfigError, match="set network_dim.* to 4"):
+        run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "c", max_train_steps=1, network_dim=8,
+                               network_weights=str(tmp_path / "a" / "t.safetensors")))
+
+
+def test_a_schedule_free_optimizer_trains_and_saves_its_averaged_weights(tiny_files, dataset, tmp_path):
+    rec = RecordingReporter()
+    result = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "sf", max_train_steps=3,
+                                    optimizer_type="AdamWScheduleFree", learning_rate=1e-3), rec)
+    assert result.global_step == 3 and all(m["loss"] > 0 for m in rec.metrics)
+    sd = load_file(result.lora_path)
+    assert any(sd[k].abs().max() > 0 for k in sd if k.endswith("lora_up.weight"))
+    meta = read_safetensors_metadata(result.lora_path)
+    assert meta["ss_optimizer"] == "AdamWScheduleFree"
