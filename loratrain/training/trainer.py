@@ -14,6 +14,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,9 @@ class LoRATrainer:
         self.resume_from = self._resume_source()
         self.data = TrainData(build_specs(cfg, log), log=log)
         weight_dtype = dtype_of(self.precision)
+        # the base model's hashes for the metadata: a multi-GB read, done beside the setup instead of at the first save
+        self._model_hashes = ThreadPoolExecutor(1, thread_name_prefix="loratrain-hash").submit(
+            model_file_hashes, cfg.pretrained_model_name_or_path) if self.accelerator.is_main_process else None
         self.model = load_model(cfg.pretrained_model_name_or_path, allow_pickle=cfg.allow_pickle,
                                 v_parameterization=cfg.v_parameterization, dtype=weight_dtype)  # no fp32 copy for bf16/fp16 runs
         log(f"model: {self.model.family.name} ({self.model.prediction_type}) from {self.model.source}")
@@ -408,8 +412,8 @@ class LoRATrainer:
         return {"dirs": dirs, "reg_dirs": reg_dirs, "tag_frequency": {k: dict(v) for k, v in freq.items()}, "bucket_info": info}
 
     def _metadata(self) -> dict[str, str]:
-        if "model_hashes" not in self.session:  # hashing a multi-GB checkpoint once, at the first save
-            self.session["model_hashes"] = model_file_hashes(self.cfg.pretrained_model_name_or_path)
+        if "model_hashes" not in self.session:
+            self.session["model_hashes"] = self._model_hashes.result()
         epoch = self.epoch + 1 if self.micro else max(self.epoch, 1)  # sd-scripts counts epochs from 1
         return lora_metadata(self.cfg, self.model, self.network.kind, self.network.args(), self.plan, self.session,
                              epoch, self.global_step, self.dataset_meta, self.accelerator.num_processes)
