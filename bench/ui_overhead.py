@@ -68,11 +68,16 @@ def run_cli(toml: Path, work: Path) -> tuple[float, float, float]:
     return wall, hwm, cpu
 
 
+CLIENT_CPU = [0.0]  # CPU seconds the polling client's calls took in this process (a browser page would not cost these here)
+
+
 def run_ui(client, config: dict) -> tuple[float, float, float]:
     t0, c0 = time.time(), app_cpu()
     job = client.predict("train", config, api_name="/start_job")
     while True:  # polled once a second, like an open page's timer
+        t = time.thread_time()
         s = client.predict(job, api_name="/job_status")
+        CLIENT_CPU[0] += time.thread_time() - t
         if s["state"] not in ("queued", "running"):
             break
         time.sleep(1.0)
@@ -80,6 +85,7 @@ def run_ui(client, config: dict) -> tuple[float, float, float]:
     if s["state"] != "done":
         raise SystemExit(f"UI run ended {s['state']}: {s['message'] or s['error']}")
     # the job's own CPU time plus what the app and the client used meanwhile (competing for the same cores)
+    run_ui.split = (float(s["cpu_s"] or 0), app_cpu() - c0)  # type: ignore[attr-defined]
     return wall, float(s["peak_rss_mib"] or 0), float(s["cpu_s"] or 0) + app_cpu() - c0
 
 
@@ -112,7 +118,11 @@ def main() -> None:
                     toml.write_text(run_cfg.to_toml())
                     out[kind] = run_cli(toml, root)
                 else:
+                    CLIENT_CPU[0] = 0.0
                     out[kind] = run_ui(client, json.loads(run_cfg.model_dump_json()))
+                    job_cpu, app_s = run_ui.split  # type: ignore[attr-defined]
+                    print(f"  ui split: job process {job_cpu:.2f} CPU-s, app + client in this process {app_s:.2f} CPU-s "
+                          f"(of which the client's own calls, on their thread, {CLIENT_CPU[0]:.2f})", flush=True)
             ratio = out["ui"][0] / out["cli"][0]
             rows.append((out, ratio))
             print(f"round {r + 1}: wall cli {out['cli'][0]:6.2f} s  ui {out['ui'][0]:6.2f} s  ratio {ratio:.3f} | "

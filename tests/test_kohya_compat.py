@@ -124,7 +124,7 @@ def test_the_gui_toml_runs_unchanged_and_the_metadata_carries_no_path(tiny_files
     log = res.stdout + res.stderr
     # GUI-only and no-effect keys are named once, with the reason; nothing else is said about them
     assert "ignored epoch: kohya_ss GUI key" in log and "ignored max_data_loader_n_workers, persistent_data_loader_workers: no data loader" in log
-    assert "accepted sdpa: " in log and "accepted dynamo_backend, max_token_length, scale_weight_norms: off, as here" in log
+    assert "accepted sdpa: " in log and "accepted dynamo_backend, max_token_length: off, as here" in log
     lora = out / "gui_lora.safetensors"
     sd = load_file(lora)
     assert any("conv" in k or "resnets" in k for k in sd if k.endswith("lora_down.weight")), "network_args conv_dim gave no LoCon"
@@ -284,3 +284,41 @@ def test_a_schedule_free_optimizer_trains_and_saves_its_averaged_weights(tiny_fi
     assert any(sd[k].abs().max() > 0 for k in sd if k.endswith("lora_up.weight"))
     meta = read_safetensors_metadata(result.lora_path)
     assert meta["ss_optimizer"] == "AdamWScheduleFree"
+
+
+def test_scale_weight_norms_caps_every_module(tiny_files, dataset, tmp_path):
+    def deltas(sd):
+        out = []
+        for k in sd:
+            if k.endswith("lora_up.weight"):
+                name = k.rsplit(".", 2)[0]
+                up, down = sd[k].float(), sd[f"{name}.lora_down.weight"].float()
+                out.append(float((up.flatten(1) @ down.flatten(1)).norm() * float(sd[f"{name}.alpha"]) / down.shape[0]))
+        return out
+
+    run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "free", max_train_steps=3, learning_rate=1e-2))
+    free = deltas(load_file(tmp_path / "free" / "t.safetensors"))
+    cap = sorted(free)[len(free) // 2]  # the median: half the modules must be scaled
+    rec = RecordingReporter()
+    run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "cap", max_train_steps=3, learning_rate=1e-2,
+                           scale_weight_norms=cap), rec)
+    capped = deltas(load_file(tmp_path / "cap" / "t.safetensors"))
+    assert max(capped) <= cap * 1.001 < max(free)
+    assert rec.metrics[-1]["keys_scaled"] > 0 and rec.metrics[-1]["max_key_norm"] <= cap * 1.001
+    assert read_safetensors_metadata(tmp_path / "cap" / "t.safetensors")["ss_scale_weight_norms"] == str(cap)
+
+
+def test_cache_text_encoder_outputs_trains_the_same_without_the_encoders(tiny_files, dataset, tmp_path):
+    kw = dict(max_train_steps=3, network_train_unet_only=True)
+    run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "a", **kw))
+    rec = RecordingReporter()
+    run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "b", cache_text_encoder_outputs=True, **kw), rec)
+    captions = {p.read_text().strip() for p in dataset.rglob("*.txt")}
+    assert ("caching text encoder outputs", len(captions)) in rec.phases  # each distinct caption encoded once, up front
+    a, b = load_file(tmp_path / "a" / "t.safetensors"), load_file(tmp_path / "b" / "t.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(ConfigError, match="shuffle_caption"):
+        quick_config(tiny_files["sd1_file"], dataset, tmp_path / "c", cache_text_encoder_outputs=True, shuffle_caption=True,
+                     **kw).check(ready=False)
+    with pytest.raises(ConfigError, match="network_train_unet_only"):
+        quick_config(tiny_files["sd1_file"], dataset, tmp_path / "c", cache_text_encoder_outputs=True).check(ready=False)

@@ -58,10 +58,13 @@ class ConditioningCache:
     def __init__(self, model: SDModel, clip_skip: int) -> None:
         self.model, self.clip_skip = model, clip_skip
         self._cache: dict[str, Conditioning] = {}
+        self.frozen = False  # every caption is cached and the encoders are gone: a miss is a bug, not a slow step
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> Conditioning:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if todo and self.frozen:
+            raise RuntimeError(f"caption {todo[0]!r} was not in the text encoder output cache")
         if todo:
             cond = encode_prompts(self.model, todo, self.clip_skip)
             for i, p in enumerate(todo):

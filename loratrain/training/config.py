@@ -56,6 +56,8 @@ class TrainConfig(JobConfig):
     caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each tag", ge=0, le=1, group=DATA, advanced=True)
     flip_aug: bool = opt(False, "random horizontal flips", group=DATA)
     prior_loss_weight: float = opt(1.0, "loss weight of regularization images", ge=0, group=DATA)
+    cache_text_encoder_outputs: bool = opt(False, "encode every caption once before training and move the text encoders off the "
+                                                  "GPU (needs network_train_unet_only and fixed captions)", group=DATA, advanced=True)
     cache_latents_to_disk: bool = opt(False, "keep encoded latents beside the images (invalidated when an image changes)",
                                       group=DATA, advanced=True)
     on_bad_image: str = opt("skip", "corrupt image: skip it (named in the log) or error", choices=["skip", "error"], group=DATA,
@@ -99,6 +101,8 @@ class TrainConfig(JobConfig):
     max_train_steps: int = opt(1600, "total optimizer steps (unless max_train_epochs)", ge=1, group=OPTIM)
     max_train_epochs: int | None = opt(None, "total epochs (overrides max_train_steps)", ge=1, group=OPTIM)
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", ge=1, group=OPTIM)
+    scale_weight_norms: float = opt(0.0, "max-norm regularisation: each module's delta is scaled back to this Frobenius norm "
+                                         "after every step (0 = off; sd-scripts suggests 1)", ge=0, group=OPTIM, advanced=True)
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", ge=0, group=OPTIM, advanced=True)
     mixed_precision: str = opt("no", "no, fp16, bf16", choices=MIXED_PRECISIONS, group=OPTIM)
     gradient_checkpointing: bool = opt(False, "trade compute for memory", group=OPTIM, advanced=True)
@@ -215,6 +219,15 @@ class TrainConfig(JobConfig):
                     out.append((name, f"{getattr(self, name)} must be a multiple of bucket_reso_steps {self.bucket_reso_steps}"))
             if self.min_bucket_reso > self.max_bucket_reso:
                 out.append(("min_bucket_reso", "min_bucket_reso is above max_bucket_reso"))
+        if self.cache_text_encoder_outputs:
+            if not self.network_train_unet_only:
+                out.append(("cache_text_encoder_outputs", "needs network_train_unet_only: a text encoder being trained "
+                                                          "changes its outputs every step"))
+            random_captions = [n for n in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
+                                           "caption_dropout_every_n_epochs") if getattr(self, n)]
+            if random_captions:
+                out.append(("cache_text_encoder_outputs", f"captions change from step to step with {', '.join(random_captions)}; "
+                                                          "turn those off or the cache"))
         sched = self.lr_scheduler.lower()
         if sched == "piecewise_constant" and not any(a.startswith("step_rules=") for a in self.lr_scheduler_args):
             out.append(("lr_scheduler_args", "piecewise_constant needs step_rules=..., e.g. step_rules=1:100,0.5:200,0.1"))

@@ -111,8 +111,6 @@ REFUSED = {
     "fp8_base": "not implemented yet (fp8 base weights)",
     "fp8_base_unet": "not implemented yet (fp8 base weights)",
     "torch_compile": "not implemented yet",
-    "cache_text_encoder_outputs": "not implemented as an option yet; frozen text encoders' outputs are cached automatically "
-                                  "when captions never change",
     "cache_text_encoder_outputs_to_disk": "not implemented yet",
     "max_token_length": "only 75 tokens (the default) is implemented; 150/225 are not yet",
     "color_aug": "not implemented yet (it would also stop latent caching in sd-scripts)",
@@ -134,7 +132,6 @@ REFUSED = {
     "zero_terminal_snr": "not implemented yet",
     "scale_v_pred_loss_like_noise_pred": "not implemented yet",
     "v_pred_like_loss": "not implemented yet",
-    "scale_weight_norms": "not implemented yet",
     "vae": "a separate VAE file is not supported yet; the checkpoint's own VAE is used",
     "log_with": "only TensorBoard is supported (always on; see logging_dir)",
     "lr_scheduler_type": "custom scheduler classes are not supported; choose lr_scheduler",

@@ -78,6 +78,7 @@ def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_a
         "ss_caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs,
         "ss_prior_loss_weight": cfg.prior_loss_weight,
         "ss_max_grad_norm": cfg.max_grad_norm,
+        "ss_scale_weight_norms": cfg.scale_weight_norms or None,
         "ss_optimizer": f"{cfg.optimizer_type}({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else cfg.optimizer_type,
         "ss_caption_dropout_rate": cfg.caption_dropout_rate,
         "ss_caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,

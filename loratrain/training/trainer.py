@@ -168,6 +168,8 @@ class LoRATrainer:
         random_captions = any(s.shuffle_caption or s.caption_dropout_rate or s.caption_tag_dropout_rate or s.caption_dropout_every_n_epochs
                               for spec in self.data.specs for s in spec.subsets)
         self.cond_cache = ConditioningCache(self.model, cfg.clip_skip) if not (self.train_te or random_captions) else None
+        if cfg.cache_text_encoder_outputs:
+            self._cache_text_encoder_outputs()
         self.optimizer = self.accelerator.prepare(self.optimizer)  # gradients are summed across processes in the loop
         self.global_step, self.epoch, self.micro = 0, 0, 0
         if self.resume_from is not None:
@@ -180,6 +182,24 @@ class LoRATrainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(log_dir / cfg.output_name))
+
+    @torch.no_grad()
+    def _cache_text_encoder_outputs(self) -> None:
+        """sd-scripts' --cache_text_encoder_outputs: every caption encoded up front, then the encoders leave the GPU."""
+        if self.cond_cache is None:
+            raise ConfigError("cache_text_encoder_outputs: a dataset subset changes its captions from step to step "
+                              "(shuffle, dropout) or a text encoder is trained; turn those off or the cache")
+        captions = sorted({process_caption(it.caption, it.subset, random.Random(0), 0) for it in self.data.items()})
+        self.reporter.start(len(captions), "caching text encoder outputs", unit="caption")
+        for i in range(0, len(captions), 16):
+            with self.accelerator.autocast():
+                self.cond_cache(captions[i:i + 16])
+            self.reporter.advance(len(captions[i:i + 16]))
+        self.reporter.done("")
+        if not self.cfg.sample_prompts:  # samples still need them
+            for te in self.model.text_encoders:
+                move(te, "cpu")
+            self.cond_cache.frozen = True
 
     def _load_network_weights(self, path: Path) -> None:
         """Start from a training state folder, or from any kohya-layout LoRA file."""
@@ -330,10 +350,11 @@ class LoRATrainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                norms = self.network.apply_max_norm(cfg.scale_weight_norms) if cfg.scale_weight_norms else None
                 self.micro += len(group)
                 self.global_step += 1
                 self.losses.append(step_loss)
-                self._log_step(step_loss)
+                self._log_step(step_loss, norms)
                 if self.micro >= len(batches):
                     self.epoch, self.micro = self.epoch + 1, 0
                     self._after_epoch()
@@ -357,15 +378,18 @@ class LoRATrainer:
         raise TrainingError(f"loss became {loss} at {where}; training stopped and {last} (left intact). "
                             "Common causes: fp16 overflow (try bf16 or no mixed precision), a learning rate that is too high.")
 
-    def _log_step(self, loss: float) -> None:
+    def _log_step(self, loss: float, norms: tuple[int, float, float] | None = None) -> None:
         recent = self.losses[-50:]
         lrs = {str(g.get("name", i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
-        self.reporter.advance(1, loss=loss, avg=sum(recent) / len(recent), **{f"lr_{k}": v for k, v in lrs.items()})
+        extra = {"keys_scaled": norms[0], "average_key_norm": norms[1], "max_key_norm": norms[2]} if norms else {}
+        self.reporter.advance(1, loss=loss, avg=sum(recent) / len(recent), **{f"lr_{k}": v for k, v in lrs.items()}, **extra)
         if self.writer:
             self.writer.add_scalar("loss/current", loss, self.global_step)
             self.writer.add_scalar("loss/average", sum(recent) / len(recent), self.global_step)
             for k, v in lrs.items():
                 self.writer.add_scalar(f"lr/{k}", v, self.global_step)
+            for k, v in extra.items():
+                self.writer.add_scalar(f"max_norm/{k}", v, self.global_step)
 
     def _after_epoch(self) -> None:
         cfg = self.cfg

@@ -103,6 +103,9 @@ class Network:
     def load_kohya(self, sd: dict[str, torch.Tensor], source: str) -> int:
         raise NotImplementedError
 
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        raise NotImplementedError
+
     def peft_state_dict(self, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
         raise NotImplementedError
 

@@ -98,6 +98,26 @@ class PeftLoRANetwork(Network):
             loaded += 1
         return loaded
 
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """sd-scripts' --scale_weight_norms: shrink each module whose delta (alpha/rank * up @ down) has a
+        Frobenius norm above `max_norm` back to it, splitting the factor evenly between up and down.
+
+        Returns (modules scaled, mean and max delta norm after scaling), which sd-scripts logs.
+        """
+        scaled, norms = 0, []
+        for target, layer in self._pairs():
+            down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            delta = (up.float().reshape(up.shape[0], -1) @ down.float().reshape(down.shape[0], -1)) * (target.alpha / target.rank)
+            norm = delta.norm().clamp(min=max_norm / 2)
+            ratio = float(norm.clamp(max=max_norm) / norm)
+            if ratio != 1.0:
+                scaled += 1
+                up.mul_(ratio ** 0.5)
+                down.mul_(ratio ** 0.5)
+            norms.append(float(delta.norm()) * ratio)
+        return scaled, sum(norms) / max(1, len(norms)), max(norms, default=0.0)
+
     def peft_state_dict(self, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
         out: dict[str, dict[str, torch.Tensor]] = {}
         for target, layer in self._pairs():
