@@ -55,7 +55,7 @@ def build_app(ctx: AppContext) -> Any:
             except ConfigError as e:
                 raise gr.Error("; ".join(f"{f}: {t}" if f else t for f, t in e.problems)) from None
 
-        gr.api(job_status_api, api_name="job_status")
+        gr.api(job_status_api, api_name="job_status", queue=False)  # a cheap read: never waits behind queued events
         gr.api(start_job_api, api_name="start_job")
     return app
 
