@@ -124,7 +124,7 @@ def test_the_gui_toml_runs_unchanged_and_the_metadata_carries_no_path(tiny_files
     log = res.stdout + res.stderr
     # GUI-only and no-effect keys are named once, with the reason; nothing else is said about them
     assert "ignored epoch: kohya_ss GUI key" in log and "ignored max_data_loader_n_workers, persistent_data_loader_workers: no data loader" in log
-    assert "accepted sdpa: " in log and "accepted dynamo_backend, max_token_length: off, as here" in log
+    assert "accepted sdpa: " in log and "accepted dynamo_backend: off, as here" in log
     lora = out / "gui_lora.safetensors"
     sd = load_file(lora)
     assert any("conv" in k or "resnets" in k for k in sd if k.endswith("lora_down.weight")), "network_args conv_dim gave no LoCon"
@@ -171,7 +171,7 @@ def test_a_gui_command_line_runs(tiny_files, dataset, tmp_path):
     (["--full_bf16"], "full_bf16"),
     (["--network_args", "algo=loha"], "algo"),
     (["--save_model_as", "ckpt"], "pickle"),
-    (["--max_token_length", "225"], "max_token_length"),
+    (["--max_token_length", "300"], "max_token_length"),
     (["--log_with", "wandb"], "log_with"),
     (["--network_args", "conv_dim=8", "--conv_dim", "4"], "disagrees"),
 ])
@@ -322,3 +322,32 @@ def test_cache_text_encoder_outputs_trains_the_same_without_the_encoders(tiny_fi
                      **kw).check(ready=False)
     with pytest.raises(ConfigError, match="network_train_unet_only"):
         quick_config(tiny_files["sd1_file"], dataset, tmp_path / "c", cache_text_encoder_outputs=True).check(ready=False)
+
+
+@pytest.mark.parametrize("fam", ["sd1", "sdxl"])
+def test_max_token_length_encodes_windows_of_75_tokens(tiny_files, fam):
+    from loratrain.core.models.loading import load_model
+    from loratrain.training.conditioning import encode_prompts
+
+    model = load_model(tiny_files[f"{fam}_file"])
+    short = ["a red circle on a white background"]
+    with torch.no_grad():
+        plain = encode_prompts(model, short)
+        wide = encode_prompts(model, short, max_token_length=225)
+    assert plain.hidden.shape[1] == 77 and wide.hidden.shape[1] == 227
+    # a short caption's first window is exactly the plain 77-token encoding
+    assert torch.allclose(wide.hidden[:, :76], plain.hidden[:, :76], atol=1e-6)
+    if fam == "sdxl":
+        assert torch.allclose(wide.pooled, plain.pooled, atol=1e-6)  # pooled from the first window, as sd-scripts
+    words = ", ".join(f"tag{i}" for i in range(25))  # about 100 tokens: past the first window, inside the second
+    with torch.no_grad():
+        cut = encode_prompts(model, [words + ", tail words here"])
+        a = encode_prompts(model, [words + ", tail words here"], max_token_length=150)
+        b = encode_prompts(model, [words + ", other ending entirely"], max_token_length=150)
+    assert a.hidden.shape[1] == 152 and not torch.allclose(a.hidden[:, 76:], b.hidden[:, 76:])  # the second window is read
+    assert cut.hidden.shape[1] == 77  # without it, the caption is cut at 75 tokens as before
+
+
+def test_training_with_225_tokens(tiny_files, dataset, tmp_path):
+    result = run_train(quick_config(tiny_files["sdxl_file"], dataset, tmp_path / "o", max_train_steps=2, max_token_length=225))
+    assert read_safetensors_metadata(result.lora_path)["ss_max_token_length"] == "225"

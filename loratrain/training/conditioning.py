@@ -26,22 +26,60 @@ def _final_norm(te: nn.Module) -> nn.Module:
     return inner.final_layer_norm
 
 
-def encode_prompts(model: SDModel, prompts: list[str], clip_skip: int = 1) -> Conditioning:
+WINDOW = 75  # CLIP's 77 positions less BOS and the closing token
+
+
+def _windows(ids: torch.Tensor, n: int, eos: int, pad: int) -> torch.Tensor:
+    """(B, 75n+2) token ids -> (B*n, 77): each 75-token window between its own BOS and closing token.
+
+    sd-scripts' --max_token_length 150/225. Where padding is not EOS (SD2, SDXL's second encoder), a
+    window cut mid-caption is closed with EOS, and a window of padding only starts BOS EOS, so each
+    window reads as a whole prompt to the encoder.
+    """
+    b = ids.shape[0]
+    chunks = []
+    for k in range(n):
+        chunk = torch.cat([ids[:, :1], ids[:, 1 + WINDOW * k: 1 + WINDOW * (k + 1)], ids[:, -1:]], dim=1).clone()
+        if pad != eos:
+            cut = (chunk[:, -2] != eos) & (chunk[:, -2] != pad)
+            chunk[cut, -1] = eos
+            chunk[chunk[:, 1] == pad, 1] = eos
+        chunks.append(chunk)
+    return torch.stack(chunks, dim=1).reshape(b * n, WINDOW + 2)
+
+
+def _joined(hidden: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    """(B*n, 77, D) -> (B, 75n+2, D): the first BOS, every window's 75 tokens, the last window's closing token."""
+    h = hidden.reshape(b, n * (WINDOW + 2), hidden.shape[-1])
+    parts = [h[:, :1]] + [h[:, (WINDOW + 2) * k + 1: (WINDOW + 2) * k + 1 + WINDOW] for k in range(n)] + [h[:, -1:]]
+    return torch.cat(parts, dim=1)
+
+
+def encode_prompts(model: SDModel, prompts: list[str], clip_skip: int = 1, max_token_length: int | None = None) -> Conditioning:
+    """UNet conditioning for a batch of captions; max_token_length 150/225 encodes 2/3 windows of 75 tokens."""
     device = next(model.text_encoders[0].parameters()).device
+    n = (max_token_length or WINDOW) // WINDOW
+    b = len(prompts)
+
+    def run(te: nn.Module, tok) -> tuple[torch.Tensor, object]:
+        length = WINDOW * n + 2 if n > 1 else tok.model_max_length
+        ids = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        if n > 1:
+            ids = _windows(ids, n, tok.eos_token_id, tok.pad_token_id)
+        return ids.to(device), te(ids.to(device), output_hidden_states=True)
+
     if not model.family.is_sdxl:
         te, tok = model.text_encoders[0], model.tokenizers[0]
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
-        out = te(ids, output_hidden_states=True)
-        if clip_skip > 1:
-            return Conditioning(_final_norm(te)(out.hidden_states[-clip_skip]))
-        return Conditioning(out.last_hidden_state)
+        _, out = run(te, tok)
+        hidden = _final_norm(te)(out.hidden_states[-clip_skip]) if clip_skip > 1 else out.last_hidden_state
+        return Conditioning(_joined(hidden, b, n) if n > 1 else hidden)
     hidden, pooled = [], None
     for te, tok in zip(model.text_encoders, model.tokenizers):
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
-        out = te(ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
+        _, out = run(te, tok)
+        h = out.hidden_states[-2]
+        hidden.append(_joined(h, b, n) if n > 1 else h)
         if hasattr(out, "text_embeds"):
-            pooled = out.text_embeds
+            pooled = out.text_embeds[::n]  # the first window's, as sd-scripts
     return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
 
@@ -55,8 +93,8 @@ def sdxl_time_ids(original: list[tuple[int, int]], crops: list[tuple[int, int]],
 class ConditioningCache:
     """Text encoder outputs per caption, when the encoders are frozen and captions never change."""
 
-    def __init__(self, model: SDModel, clip_skip: int) -> None:
-        self.model, self.clip_skip = model, clip_skip
+    def __init__(self, model: SDModel, clip_skip: int, max_token_length: int | None = None) -> None:
+        self.model, self.clip_skip, self.max_token_length = model, clip_skip, max_token_length
         self._cache: dict[str, Conditioning] = {}
         self.frozen = False  # every caption is cached and the encoders are gone: a miss is a bug, not a slow step
 
@@ -66,7 +104,7 @@ class ConditioningCache:
         if todo and self.frozen:
             raise RuntimeError(f"caption {todo[0]!r} was not in the text encoder output cache")
         if todo:
-            cond = encode_prompts(self.model, todo, self.clip_skip)
+            cond = encode_prompts(self.model, todo, self.clip_skip, self.max_token_length)
             for i, p in enumerate(todo):
                 self._cache[p] = Conditioning(cond.hidden[i:i + 1], None if cond.pooled is None else cond.pooled[i:i + 1])
         parts = [self._cache[p] for p in prompts]

@@ -107,6 +107,8 @@ class TrainConfig(JobConfig):
     mixed_precision: str = opt("no", "no, fp16, bf16", choices=MIXED_PRECISIONS, group=OPTIM)
     gradient_checkpointing: bool = opt(False, "trade compute for memory", group=OPTIM, advanced=True)
     xformers: bool = opt(False, "use xformers attention (if installed)", group=OPTIM, advanced=True)
+    max_token_length: int | None = opt(None, "caption tokens: 75 (unset), 150 or 225 (2 or 3 windows of 75, as sd-scripts)",
+                                       group=DATA, advanced=True)
     clip_skip: int = opt(1, "use the n-th text encoder layer from the end (SD1/SD2)", ge=1, group=OPTIM)
     seed: int = opt(42, "seed; a run with the same seed and data is repeatable", group=OPTIM)
     noise_offset: float = opt(0.0, "noise offset strength", ge=0, group=NOISE)
@@ -188,6 +190,13 @@ class TrainConfig(JobConfig):
         if len(self.text_encoder_lr) == 1:
             return list(self.text_encoder_lr) * n_encoders
         return list(self.text_encoder_lr[:n_encoders])
+
+    @field_validator("max_token_length")
+    @classmethod
+    def _token_windows(cls, value: int | None) -> int | None:
+        if value not in (None, 75, 150, 225):
+            raise ValueError(f"{value} must be 75, 150 or 225 (windows of 75 tokens)")
+        return None if value == 75 else value
 
     @field_validator("bucket_reso_steps")
     @classmethod

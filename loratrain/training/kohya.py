@@ -112,7 +112,6 @@ REFUSED = {
     "fp8_base_unet": "not implemented yet (fp8 base weights)",
     "torch_compile": "not implemented yet",
     "cache_text_encoder_outputs_to_disk": "not implemented yet",
-    "max_token_length": "only 75 tokens (the default) is implemented; 150/225 are not yet",
     "color_aug": "not implemented yet (it would also stop latent caching in sd-scripts)",
     "random_crop": "not implemented yet (it would also stop latent caching in sd-scripts)",
     "face_crop_aug_range": "not implemented yet",
@@ -179,7 +178,6 @@ REFUSED = {
 
 # values that mean "off" for a refused option (besides false, 0, "", [] and None)
 OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "max_token_length": (75,),
     "log_with": ("tensorboard",),
     "dynamo_backend": ("no", "NO"),
     "resize_interpolation": ("lanczos", "area"),

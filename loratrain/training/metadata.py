@@ -59,7 +59,7 @@ def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_a
         "ss_v2": fam.name == "sd2",
         "ss_base_model_version": version,
         "ss_clip_skip": cfg.clip_skip,
-        "ss_max_token_length": None,  # 75 tokens (150/225 are refused)
+        "ss_max_token_length": cfg.max_token_length,
         "ss_cache_latents": True,
         "ss_seed": cfg.seed,
         "ss_noise_offset": cfg.noise_offset or None,
