@@ -168,7 +168,8 @@ def test_a_gui_command_line_runs(tiny_files, dataset, tmp_path):
 
 
 @pytest.mark.parametrize("args,named", [
-    (["--full_bf16"], "full_bf16"),
+    (["--full_fp16"], "full_fp16"),
+    (["--full_bf16"], "needs mixed_precision bf16"),
     (["--network_args", "algo=loha"], "algo"),
     (["--save_model_as", "ckpt"], "pickle"),
     (["--max_token_length", "300"], "max_token_length"),
@@ -351,3 +352,18 @@ def test_max_token_length_encodes_windows_of_75_tokens(tiny_files, fam):
 def test_training_with_225_tokens(tiny_files, dataset, tmp_path):
     result = run_train(quick_config(tiny_files["sdxl_file"], dataset, tmp_path / "o", max_train_steps=2, max_token_length=225))
     assert read_safetensors_metadata(result.lora_path)["ss_max_token_length"] == "225"
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_full_bf16_trains_the_adapters_in_bf16(tiny_files, dataset, tmp_path, full):
+    from loratrain.core.progress import StopFlag
+    from loratrain.training.trainer import LoRATrainer
+
+    cfg = quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", max_train_steps=2, mixed_precision="bf16", full_bf16=full)
+    trainer = LoRATrainer(cfg.check(), RecordingReporter(), StopFlag())
+    trainer.setup()
+    result = trainer.run()
+    dtypes = {p.dtype for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert dtypes == ({torch.bfloat16} if full else {torch.float32})
+    assert result.global_step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert any(v.abs().max() > 0 for k, v in load_file(result.lora_path).items() if k.endswith("lora_up.weight"))

@@ -105,6 +105,8 @@ class TrainConfig(JobConfig):
                                          "after every step (0 = off; sd-scripts suggests 1)", ge=0, group=OPTIM, advanced=True)
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", ge=0, group=OPTIM, advanced=True)
     mixed_precision: str = opt("no", "no, fp16, bf16", choices=MIXED_PRECISIONS, group=OPTIM)
+    full_bf16: bool = opt(False, "train the adapters themselves in bf16 (weights, gradients, optimizer state): less memory, "
+                                 "less precision; needs mixed_precision bf16", group=OPTIM, advanced=True)
     gradient_checkpointing: bool = opt(False, "trade compute for memory", group=OPTIM, advanced=True)
     xformers: bool = opt(False, "use xformers attention (if installed)", group=OPTIM, advanced=True)
     max_token_length: int | None = opt(None, "caption tokens: 75 (unset), 150 or 225 (2 or 3 windows of 75, as sd-scripts)",
@@ -245,6 +247,8 @@ class TrainConfig(JobConfig):
         if sched == "adafactor" and self.optimizer_type.lower() != "adafactor":
             out.append(("lr_scheduler", "the adafactor schedule is Adafactor's own: use optimizer_type Adafactor "
                                         "with optimizer_args relative_step=True"))
+        if self.full_bf16 and self.mixed_precision != "bf16":
+            out.append(("full_bf16", "needs mixed_precision bf16 (as in sd-scripts)"))
         if len(self.text_encoder_lr) > 2:
             out.append(("text_encoder_lr", f"{self.text_encoder_lr}: one value, or one per text encoder (at most two)"))
         if any(v <= 0 for v in self.text_encoder_lr):

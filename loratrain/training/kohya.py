@@ -107,7 +107,6 @@ IGNORED = {
 # off-values are accepted; any other value fails with this reason
 REFUSED = {
     "full_fp16": "not implemented yet: the adapters train in fp32 with fp16/bf16 autocast (mixed_precision)",
-    "full_bf16": "not implemented yet: the adapters train in fp32 with bf16 autocast (mixed_precision bf16)",
     "fp8_base": "not implemented yet (fp8 base weights)",
     "fp8_base_unet": "not implemented yet (fp8 base weights)",
     "torch_compile": "not implemented yet",

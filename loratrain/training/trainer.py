@@ -136,6 +136,13 @@ class LoRATrainer:
                            train_unet=not cfg.network_train_text_encoder_only, train_text_encoder=not cfg.network_train_unet_only)
         with seeded(cfg.seed, self.device):  # adapter init: same seed, same run
             self.network: Network = build_network(cfg.network_module, self.model, spec)
+        # PEFT creates adapters in the base layer's dtype: under fp16/bf16 mixed precision they would train in half
+        # precision (and fp16 gradients cannot be unscaled). They train in fp32, as sd-scripts' networks do, unless
+        # --full_bf16 asks for bf16 weights, gradients and optimizer state.
+        adapter_dtype = torch.bfloat16 if cfg.full_bf16 else torch.float32
+        for part in self.network.parts():
+            for p in self.network.trainable_parameters(part):
+                p.data = p.data.to(adapter_dtype)
         self.train_te = any(t.part != "unet" for t in self.network.targets)
         n_unet = sum(t.part == "unet" for t in self.network.targets)
         log(f"network: {self.network.kind}, {n_unet} UNet modules, {len(self.network.targets) - n_unet} text encoder modules; "
