@@ -1,6 +1,7 @@
 """One import root: installed, the project is `loratrain` and nothing else; the CLI starts light."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -13,11 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 MAPPED = ("merge", "dataset_tools", "facetrain", "ui", "configs")
 
 
-@pytest.mark.slow
-def test_install_leaves_one_top_level_package_with_its_data(tmp_path):
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A real (non-editable) install of the project into its own folder, shared by the tests below."""
+    target = tmp_path_factory.mktemp("install") / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(target), str(ROOT)],
                    check=True, capture_output=True, timeout=600)
+    return target
+
+
+@pytest.mark.slow
+def test_install_leaves_one_top_level_package_with_its_data(installed, tmp_path):
+    target = installed
     top = sorted(p.name for p in target.iterdir() if p.name != "bin")
     assert len(top) == 2 and top[0] == "loratrain" and re.fullmatch(r"loratrain-[\d.]+\.dist-info", top[1]), top
     pkg = target / "loratrain"
@@ -72,3 +80,20 @@ def test_building_the_cli_imports_no_heavy_or_optional_library():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_import_layers_hold_on_a_real_install(installed, tmp_path):
+    """app -> features -> core, checked by import-linter on a non-editable install (where every mapped folder
+    sits under loratrain/), as a user's site-packages would hold it."""
+    site = installed
+    lint = Path(sys.executable).with_name("lint-imports")
+    res = subprocess.run([str(lint), "--config", str(ROOT / "pyproject.toml")], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)})
+    assert res.returncode == 0 and "1 kept, 0 broken" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    command = readme.split("**Tests**", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
+    assert command.startswith("python3 -m venv .venv") and "pytest" in command
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
