@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,20 @@ def quick_config(model: Path, data: Path, out: Path, **kw) -> TrainConfig:
                 save_precision="float", seed=3)
     base.update(kw)
     return TrainConfig(**base)
+
+
+@contextmanager
+def running_app(root: Path):
+    """The real app served on a free local port with the demo files under `root`: (context, url); closed after."""
+    from loratrain.ui.app import serve
+    from loratrain.ui.config import UiConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app, ctx, url = serve(UiConfig(root=[str(root)], port=port, demo=True), block=False)
+    try:
+        yield ctx, url
+    finally:
+        ctx.runner.close()
+        app.close()

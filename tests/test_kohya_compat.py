@@ -23,7 +23,7 @@ from loratrain.core.progress import RecordingReporter
 from loratrain.core.safe_io import read_safetensors_metadata
 from loratrain.training.config import TrainConfig
 from loratrain.training.data.buckets import no_upscale_bucket
-from loratrain.training.kohya import GUI_KEYS, IGNORED, REFUSED, SAME, SD_SCRIPTS_FLAGS, flag_table
+from loratrain.training.kohya import GUI_KEYS, IGNORED, REFUSED, SAME, SD_SCRIPTS_FLAGS, TRANSLATED, flag_table
 from loratrain.training.trainer import run_train
 
 from .conftest import quick_config
@@ -109,7 +109,7 @@ def test_every_sd_scripts_flag_has_a_meaning_here():
     for name, status, why in rows:
         assert status in ("implemented", "translated", "same", "ignored", "refused"), name
         assert status == "implemented" or why, name
-    classified = fields | set(SAME) | set(IGNORED) | set(REFUSED) | {"network_args", "save_model_as"}
+    classified = fields | set(SAME) | set(IGNORED) | set(REFUSED) | set(TRANSLATED)
     assert set(SD_SCRIPTS_FLAGS) <= classified
     assert not (set(SAME) | set(IGNORED) | set(REFUSED)) & fields  # one place each
     assert not set(GUI_KEYS) & set(SD_SCRIPTS_FLAGS)
@@ -367,3 +367,12 @@ def test_full_bf16_trains_the_adapters_in_bf16(tiny_files, dataset, tmp_path, fu
     assert dtypes == ({torch.bfloat16} if full else {torch.float32})
     assert result.global_step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert any(v.abs().max() > 0 for k, v in load_file(result.lora_path).items() if k.endswith("lora_up.weight"))
+
+
+def test_a_wrong_network_weights_file_or_scheduler_argument_is_named_before_loading(tiny_files, dataset, tmp_path):
+    for args, named in ((["--network_weights", str(tiny_files["sd1_file"])], "holds no kohya LoRA modules"),
+                        (["--lr_scheduler", "piecewise_constant", "--lr_scheduler_args", "step_rules=abc"], "lr_scheduler_args")):
+        res = cli("--pretrained_model_name_or_path", str(tiny_files["sd1_file"]), "--train_data_dir", str(dataset),
+                  "--output_dir", str(tmp_path / "o"), *args, timeout=120)
+        assert res.returncode == 2 and named in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert "model:" not in res.stdout and not (tmp_path / "o").exists()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +18,7 @@ import torch  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from loratrain.ui.app import serve  # noqa: E402
-from loratrain.ui.config import UiConfig  # noqa: E402
+from .conftest import running_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -34,26 +32,18 @@ def chromium_path() -> str:
     pytest.fail("Chromium not found: install Debian's `chromium` package (`.ci/run` does) or set LORATRAIN_CHROMIUM")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
-    server, ctx, url = serve(UiConfig(root=[str(root)], port=free_port(), demo=True), block=False)
-    # two checkpoints to merge: the demo model and a perturbed copy
-    (root / "models").mkdir()
-    a = load_file(root / "demo" / "tiny_model.safetensors")
-    g = torch.Generator().manual_seed(0)
-    b = {k: (v + 0.05 * torch.randn(v.shape, generator=g).to(v.dtype)) if v.is_floating_point() else v for k, v in a.items()}
-    save_file(a, root / "models" / "a.safetensors")
-    save_file(b, root / "models" / "b.safetensors")
-    yield {"url": url, "root": root, "ctx": ctx}
-    ctx.runner.close()
-    server.close()
+    with running_app(root) as (ctx, url):
+        # two checkpoints to merge: the demo model and a perturbed copy
+        (root / "models").mkdir()
+        a = load_file(root / "demo" / "tiny_model.safetensors")
+        g = torch.Generator().manual_seed(0)
+        b = {k: (v + 0.05 * torch.randn(v.shape, generator=g).to(v.dtype)) if v.is_floating_point() else v for k, v in a.items()}
+        save_file(a, root / "models" / "a.safetensors")
+        save_file(b, root / "models" / "b.safetensors")
+        yield {"url": url, "root": root, "ctx": ctx}
 
 
 @pytest.fixture(scope="module")

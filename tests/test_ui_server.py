@@ -3,7 +3,6 @@ never served, and a real tiny training started, watched, stopped and resumed to 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,9 @@ from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from loratrain.ui.app import serve  # noqa: E402
-from loratrain.ui.config import UiConfig  # noqa: E402
+from .conftest import running_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +27,11 @@ def server(tmp_path_factory):
     root.mkdir()
     (base / "secret.txt").write_text("outside the workspace")
     os.symlink(base, root / "link_out")
-    app, ctx, url = serve(UiConfig(root=[str(root)], port=free_port(), demo=True), block=False)
-    client = Client(url, verbose=False)
-    yield {"url": url, "root": root, "base": base, "client": client, "ctx": ctx,
-           "api": client.view_api(return_format="dict", print_info=False)}
-    client.close()
-    ctx.runner.close()
-    app.close()
+    with running_app(root) as (ctx, url):
+        client = Client(url, verbose=False)
+        yield {"url": url, "root": root, "base": base, "client": client, "ctx": ctx,
+               "api": client.view_api(return_format="dict", print_info=False)}
+        client.close()
 
 
 def call(server, endpoint, **values):

@@ -275,6 +275,8 @@ class TrainConfig(JobConfig):
             out.append(("dataset_config", f"file not found: {self.dataset_config}"))
         if self.network_weights and not Path(self.network_weights).exists():
             out.append(("network_weights", f"not found: {self.network_weights}"))
+        elif self.network_weights and Path(self.network_weights).suffix.lower() == ".safetensors":
+            out += self._lora_file_problems(Path(self.network_weights))
         if self.resume and self.resume != "latest" and not Path(self.resume).is_dir():
             out.append(("resume", f"state folder not found: {self.resume}"))
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
@@ -288,11 +290,43 @@ class TrainConfig(JobConfig):
                                       "run without --resume"))
         if self.sample_prompts:
             out += self._prompt_problems()
+        if self.lr_scheduler_args:
+            out += self._schedule_problems()
         from .optim import OPTIMIZERS
 
         if self.optimizer_type in OPTIMIZERS and (hint := OPTIMIZERS.get(self.optimizer_type).missing()):
             out.append(("optimizer_type", hint))
         return out
+
+    @staticmethod
+    def _lora_file_problems(path: Path) -> list[Problem]:
+        """A network_weights file must hold kohya LoRA modules (its header is enough to tell)."""
+        from loratrain.core.tensor_io import LazySafetensors
+
+        try:
+            with LazySafetensors(path, "network_weights") as f:
+                keys = f.keys()
+        except (OSError, ValueError) as e:
+            return [("network_weights", str(e))]
+        if not any(k.endswith(".lora_down.weight") for k in keys):
+            return [("network_weights", f"{path}: holds no kohya LoRA modules (no *.lora_down.weight keys); "
+                                        "is it a model checkpoint?")]
+        return []
+
+    def _schedule_problems(self) -> list[Problem]:
+        """Build the schedule on a stand-in optimizer, so bad lr_scheduler_args fail before any model loads."""
+        import torch
+
+        from .optim import create_scheduler
+
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=self.learning_rate)
+        try:
+            create_scheduler(self.lr_scheduler, opt, self.max_train_steps, self.lr_warmup_steps, self.lr_scheduler_num_cycles,
+                             self.lr_scheduler_power, self.lr_decay_steps, self.lr_scheduler_timescale,
+                             self.lr_scheduler_min_lr_ratio, self.learning_rate, self.lr_scheduler_args)
+        except (ValueError, TypeError, KeyError) as e:
+            return [("lr_scheduler_args", f"{self.lr_scheduler_args}: {e}")]
+        return []
 
     def _prompt_problems(self) -> list[Problem]:
         from loratrain.core.samplers import SAMPLERS

@@ -16,7 +16,6 @@ Unknown keys that are none of these (a typo) stay errors.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 # sd-scripts 48d368fa: every argument of train_network.py and sdxl_train_network.py
@@ -110,6 +109,7 @@ REFUSED = {
     "fp8_base": "not implemented yet (fp8 base weights)",
     "fp8_base_unet": "not implemented yet (fp8 base weights)",
     "torch_compile": "not implemented yet",
+    "dynamo_backend": "torch.compile backends are not implemented yet",
     "cache_text_encoder_outputs_to_disk": "not implemented yet",
     "color_aug": "not implemented yet (it would also stop latent caching in sd-scripts)",
     "random_crop": "not implemented yet (it would also stop latent caching in sd-scripts)",
@@ -197,12 +197,13 @@ NETWORK_ARGS_REFUSED = {
     "loraplus_unet_lr_ratio": "not implemented yet", "loraplus_text_encoder_lr_ratio": "not implemented yet",
 }
 
+TRANSLATED = {"network_args": "conv_dim/conv_alpha -> LoCon; others refused by name",
+              "save_model_as": "safetensors only; ckpt/pt refused (pickles), diffusers -> save_peft_format"}
 SAVE_MODEL_AS = {"ckpt": "a pickle (unsafe to load); loratrain writes .safetensors only",
                  "pt": "a pickle (unsafe to load); loratrain writes .safetensors only",
                  "diffusers": "use save_peft_format = true for a diffusers/PEFT copy beside the .safetensors",
                  "diffusers_safetensors": "use save_peft_format = true for a diffusers/PEFT copy beside the .safetensors"}
 
-REFUSED["dynamo_backend"] = "torch.compile backends are not implemented yet"
 
 
 def is_off(name: str, value: Any) -> bool:
@@ -231,8 +232,7 @@ def translate(flat: dict[str, Any], fields: set[str]) -> tuple[dict[str, Any], l
         elif key in GUI_KEYS:
             note(f"kohya_ss GUI key(s), {GUI_KEYS[key]}", key)
         elif key in SAME:
-            if not is_off(key, value) or value is False:
-                note(SAME[key], key, "accepted")
+            note(SAME[key], key, "accepted")
         elif key in IGNORED:
             note(IGNORED[key], key)
         elif key in REFUSED:
@@ -285,15 +285,14 @@ def cli_value(values: list[str]) -> Any:
     return [typed(v) for v in values]
 
 
-def flag_table(fields: set[str], status_of: Callable[[str], str] | None = None) -> list[tuple[str, str, str]]:
+def flag_table(fields: set[str]) -> list[tuple[str, str, str]]:
     """(flag, implemented | same | ignored | refused | translated, reason) for each of sd-scripts' flags."""
     out = []
     for name in SD_SCRIPTS_FLAGS:
         if name in fields:
             out.append((name, "implemented", ""))
-        elif name in ("network_args", "save_model_as"):
-            out.append((name, "translated", "conv_dim/conv_alpha -> LoCon; others refused by name" if name == "network_args"
-                        else "safetensors only; ckpt/pt refused (pickles), diffusers -> save_peft_format"))
+        elif name in TRANSLATED:
+            out.append((name, "translated", TRANSLATED[name]))
         elif name in SAME:
             out.append((name, "same", SAME[name]))
         elif name in IGNORED:

@@ -246,4 +246,4 @@ def create_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: i
     try:
         return SCHEDULERS.get(name)(optimizer, inputs)
     except TypeError as e:
-        raise ValueError(f"lr_scheduler_args {args}: {name} does not take them ({e})") from None
+        raise ValueError(f"{name} does not take these arguments ({e})") from None
