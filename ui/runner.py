@@ -161,6 +161,8 @@ class JobRunner:
 
     def queue_position(self, job_id: str) -> int | None:
         """1 for the next GPU job to start, 2 after it...; None when not waiting."""
+        if self.store.get(job_id).state != "queued":  # the common case (every poll of a running job): one record read
+            return None
         queued = [r for r in reversed(self.store.all()) if r.state == "queued" and JOBS.get(r.job).gpu]
         ids = [r.id for r in queued]
         return ids.index(job_id) + 1 if job_id in ids else None
