@@ -2,6 +2,10 @@
 
 Reference §4. The warp and the affine of one sample come from one parameter set, so the warped input,
 the target and the masks stay registered; only the grid warp is reserved for the network input.
+
+One deliberate difference from DFL's grid warp: DFL's control grid runs 0..w over w/cell + 1 points and
+leaves every pixel shifted by about (+0.5, +0.5) px on average; we subtract the warp of the un-jittered
+grid, so the mean displacement is zero. The noise strength itself is DFL's (see `warp_params`).
 """
 from __future__ import annotations
 
@@ -20,16 +24,31 @@ class WarpParams:
     size: int
 
 
+def truncated_normal(rng: np.random.Generator, shape: tuple[int, ...], cut: float = 2.5) -> np.ndarray:
+    """Standard normal draws redrawn until inside +-cut, divided by cut (DFL's `random_normal`)."""
+    out = rng.normal(size=shape)
+    bad = np.abs(out) > cut
+    while bad.any():
+        out[bad] = rng.normal(size=int(bad.sum()))
+        bad = np.abs(out) > cut
+    return (out / cut).astype(np.float32)
+
+
 def warp_params(size: int, rng: np.random.Generator, flip: bool = False, rotation: tuple[float, float] = (-10, 10),
                 scale: tuple[float, float] = (-0.15, 0.15), shift: tuple[float, float] = (-0.05, 0.05)) -> WarpParams:
     w = max(size, 64)  # computed at >= 64 px and resized, as DFL does for small outputs
     cell = w // int(rng.choice([2, 4, 8]))
     count = w // cell + 1
     grid = np.broadcast_to(np.linspace(0, w, count), (count, count)).astype(np.float32)
+    # DFL's noise: a normal cut at +-2.5 and divided by 2.5 (std ~0.38), and its y map is a transposed view
+    # of its x map, so the two in-place adds mix: dx(i, j) = nx(i, j) + ny(j, i) and dy = dx transposed.
+    # Mean |displacement| is then ~1.55% of the side, as in DFL (a plain N(0, 1) doubled it).
+    inner = count - 2
+    nx = truncated_normal(rng, (inner, inner)) * cell * 0.24
+    ny = truncated_normal(rng, (inner, inner)) * cell * 0.24
     noise_x = np.zeros_like(grid)
-    noise_y = np.zeros_like(grid)
-    noise_x[1:-1, 1:-1] = rng.normal(size=(count - 2, count - 2)) * cell * 0.24
-    noise_y[1:-1, 1:-1] = rng.normal(size=(count - 2, count - 2)) * cell * 0.24
+    noise_x[1:-1, 1:-1] = nx + ny.T
+    noise_y = noise_x.T
     half = cell // 2
 
     def dense(control: np.ndarray) -> np.ndarray:

@@ -127,7 +127,9 @@ def sot(target: np.ndarray, reference: np.ndarray, steps: int = 10, directions: 
     out = t.reshape(target.shape).astype(np.float32)
     if regularize:
         delta = (out - target.astype(np.float32))
-        delta = cv2.bilateralFilter(delta, 0, 5 / 255.0 * 10, 16)
+        # DFL: sigmaColor 5.0, sigmaSpace 16 on 0..1 floats; at that sigmaColor the filter is a plain spatial
+        # blur of the displacement, which is what keeps sot from recolouring pixel by pixel.
+        delta = cv2.bilateralFilter(delta, 0, 5.0, 16)
         out = target.astype(np.float32) + delta
     return np.clip(out, 0, 1).astype(np.float32)
 

@@ -6,6 +6,7 @@ allow-list unpickler that accepts only plain data and numpy arrays; anything els
 """
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -41,6 +42,16 @@ class FaceMeta:
 
     def landmarks_array(self) -> np.ndarray:
         return np.asarray(self.landmarks, np.float64)
+
+    def xseg_mask(self, size: int) -> np.ndarray | None:
+        """The XSeg mask carried over from DeepFaceLab (float32 size x size, 0..1), or None when there is none."""
+        data = self.extra.get("xseg_mask")
+        if not data:
+            return None
+        mask = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            return None
+        return cv2.resize(mask, (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -197,6 +208,44 @@ def read_dfl_dict(path: str | Path) -> tuple[dict, bytes]:
 _DFL_FACE_TYPES = {"half_face": "h", "midfull_face": "mf", "full_face": "f", "whole_face": "wf", "head": "head"}
 
 
+def _plain(value: object) -> object:
+    """Numpy arrays and tuples inside DFL's polygons as JSON lists."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+#: the JSON metadata lives in one JPEG COM segment (at most 65533 bytes), so the mask PNG gets a budget
+_MASK_BUDGET = 40_000
+
+
+def _dfl_segmentation(d: dict, source: str) -> dict:
+    """DFL's XSeg mask (PNG or JPEG bytes) re-encoded as a base64 PNG, and its hand-drawn polygons as JSON."""
+    out: dict = {}
+    raw = d.get("xseg_mask")
+    if raw is not None:
+        data = bytes(raw) if not isinstance(raw, np.ndarray) else None
+        mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE) if data else None
+        if mask is None and isinstance(raw, np.ndarray):  # very old files stored the array itself
+            mask = np.clip(raw.squeeze() * (255 if raw.max() <= 1 else 1), 0, 255).astype(np.uint8)
+        if mask is None:
+            raise FacesetError(f"{source}: DeepFaceLab xseg_mask cannot be decoded")
+        while True:
+            encoded = base64.b64encode(cv2.imencode(".png", mask)[1].tobytes()).decode()
+            if len(encoded) <= _MASK_BUDGET or mask.shape[0] <= 32:
+                break
+            mask = cv2.resize(mask, (mask.shape[1] // 2, mask.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        out["xseg_mask"] = encoded
+    polys = d.get("seg_ie_polys")
+    if polys is not None:
+        out["seg_ie_polys"] = _plain(polys)
+    return out
+
+
 def import_dfl_file(src: str | Path, dst: str | Path) -> FaceMeta:
     """Convert one DFLJPG to our format without re-encoding the JPEG (segments are rewritten)."""
     d, jpeg = read_dfl_dict(src)
@@ -207,6 +256,7 @@ def import_dfl_file(src: str | Path, dst: str | Path) -> FaceMeta:
                          np.asarray(d.get("source_landmarks", d["landmarks"]), np.float64),
                          np.asarray(d.get("image_to_face_mat", [[1, 0, 0], [0, 1, 0]]), np.float64))
         meta.eyebrows_expand_mod = float(d.get("eyebrows_expand_mod", 1.0) or 1.0)
+        meta.extra.update(_dfl_segmentation(d, str(src)))
         meta = FaceMeta.from_json(meta.to_json(), str(src))
     except (KeyError, ValueError, TypeError) as e:
         raise FacesetError(f"{src}: DeepFaceLab metadata lacks usable landmarks ({e})") from None

@@ -72,12 +72,28 @@ def face_matrix(landmarks: np.ndarray, size: int, face_type: str) -> np.ndarray:
     tb, bt = tb / diag, bt / np.linalg.norm(bt)
     padding, shift = FACE_TYPES[face_type]
     mod = diag * (padding * math.sqrt(2.0) + 0.5)
+    if face_type == "head":
+        # DFL moves a head crop sideways by the yaw seen in the unit-square landmarks, damped near frontal
+        # (|tanh(2 yaw)|), so a turned head is not cut off on the side it turns to.
+        yaw = averaged_yaw(transform_points(lm, to_unit))
+        yaw *= abs(math.tanh(yaw * 2))
+        left = corners[0] - corners[1]  # top-right -> top-left; its length is the square's side
+        centre = centre - left * yaw / 2
     if shift:
         up = corners[0] - corners[3]  # bottom-left -> top-left
         centre = centre + up * shift
     src = np.float32([centre - tb * mod, centre + bt * mod, centre + tb * mod])
     dst = np.float32([[0, 0], [size, 0], [size, size]])
     return cv2.getAffineTransform(src, dst)
+
+
+def averaged_yaw(landmarks: np.ndarray) -> float:
+    """DFL's yaw proxy for the head crop: nose-bridge-to-jaw distance on the right minus on the left (points 0-2,
+    14-16 against 27-29), in the units of the landmarks given (the unit square, in `face_matrix`)."""
+    lm = np.asarray(landmarks, np.float64)
+    left = ((lm[27, 0] - lm[0, 0]) + (lm[28, 0] - lm[1, 0]) + (lm[29, 0] - lm[2, 0])) / 3.0
+    right = ((lm[16, 0] - lm[27, 0]) + (lm[15, 0] - lm[28, 0]) + (lm[14, 0] - lm[29, 0])) / 3.0
+    return float(right - left)
 
 
 def align_face(image: np.ndarray, landmarks: np.ndarray, size: int, face_type: str) -> tuple[np.ndarray, np.ndarray]:
@@ -102,13 +118,35 @@ def estimate_yaw_pitch(landmarks: np.ndarray) -> tuple[float, float]:
     return float(np.clip(yaw * 1.5, -1.5, 1.5)), float(np.clip(pitch, -1.5, 1.5))
 
 
+def expand_eyebrows(landmarks: np.ndarray, eyebrows_expand_mod: float = 1.0) -> np.ndarray:
+    """DFL's per-point rule: each brow point moves away from the eye-top point below it by half their distance
+    (times the mod), on whole pixels as DFL computes it; the outer points pair with a point between the eye
+    corner and the jaw's first point."""
+    lm = np.asarray(landmarks, np.float64).astype(np.int32)
+    ml, mr = (lm[36] + lm[0]) // 2, (lm[16] + lm[45]) // 2
+    ql, qr = (lm[36] + ml) // 2, (lm[45] + mr) // 2
+    bot_l = np.array((ql, lm[36], lm[37], lm[38], lm[39]))
+    bot_r = np.array((lm[42], lm[43], lm[44], lm[45], qr))
+    top_l, top_r = lm[17:22].copy(), lm[22:27].copy()
+    lm[17:22] = top_l + eyebrows_expand_mod * 0.5 * (top_l - bot_l)
+    lm[22:27] = top_r + eyebrows_expand_mod * 0.5 * (top_r - bot_r)
+    return lm
+
+
+#: the convex parts whose union is DFL's hull mask (jaw halves, cheeks, nose ridge, eye regions, nose)
+HULL_PARTS = (
+    (range(0, 9), (17,)), (range(8, 17), (26,)), (range(17, 20), (8,)), (range(24, 27), (8,)), (range(19, 25), (8,)),
+    (range(17, 22), (27,), range(31, 36), (8,)), (range(22, 27), (27,), range(31, 36), (8,)), (range(27, 31), range(31, 36)),
+)
+
+
 def hull_mask(shape: tuple[int, int], landmarks: np.ndarray, eyebrows_expand_mod: float = 1.0) -> np.ndarray:
-    """float32 HxW mask of the face: convex hull of the landmarks with the brows pushed up."""
-    lm = np.asarray(landmarks, np.float64).copy()
-    for brows, eye in ((slice(17, 22), lm[36:42].mean(0)), (slice(22, 27), lm[42:48].mean(0))):
-        lm[brows] += (lm[brows] - eye) * 0.5 * eyebrows_expand_mod
+    """float32 HxW mask of the face: DFL's union of convex parts over the landmarks with the brows raised."""
+    lm = expand_eyebrows(landmarks, eyebrows_expand_mod)
     mask = np.zeros(shape, np.float32)
-    cv2.fillConvexPoly(mask, cv2.convexHull(lm.astype(np.int32)), 1.0)
+    for part in HULL_PARTS:
+        points = lm[[i for group in part for i in group]]
+        cv2.fillConvexPoly(mask, cv2.convexHull(points), 1.0)
     return mask
 
 

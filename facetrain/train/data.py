@@ -42,6 +42,19 @@ def crop_to_model(img: np.ndarray, meta: FaceMeta, resolution: int, face_type: s
     return out.astype(np.float32) / 255.0, lm
 
 
+def training_mask(meta: FaceMeta, side: int, lm: np.ndarray, resolution: int, face_type: str) -> np.ndarray:
+    """The training mask at the model's crop: the face's XSeg mask when it has one (DFL trains on XSeg masks
+    when they exist), else the landmark hull. `side` is the stored face image's size, `lm` the model-crop
+    landmarks."""
+    xseg = meta.xseg_mask(resolution if meta.face_type == face_type else side)
+    if xseg is None:
+        return hull_mask((resolution, resolution), lm, meta.eyebrows_expand_mod)
+    if meta.face_type == face_type:
+        return xseg
+    mat = face_matrix(meta.landmarks_array(), resolution, face_type)
+    return cv2.warpAffine(xseg, mat, (resolution, resolution), flags=cv2.INTER_LINEAR)
+
+
 class FaceSamples(Dataset):
     """One faceset; `ct_reference` (the dst set) supplies colours when ct_mode is on."""
 
@@ -59,13 +72,17 @@ class FaceSamples(Dataset):
         return len(self.paths)
 
     def face(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.face_and_mask(index)[:2]
+
+    def face_and_mask(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         img, meta = load_face(self.paths[index])
-        return crop_to_model(img, meta, self.resolution, self.face_type)
+        face, lm = crop_to_model(img, meta, self.resolution, self.face_type)
+        return face, lm, training_mask(meta, img.shape[0], lm, self.resolution, self.face_type)
 
     def sample(self, index: int, rng: np.random.Generator, augment: bool = True) -> dict[str, np.ndarray]:
-        img, lm = self.face(index)
+        img, lm, mask = self.face_and_mask(index)
         r = self.resolution
-        mask = hull_mask((r, r), lm, self.metas[index].eyebrows_expand_mod)[..., None]
+        mask = mask[..., None]
         em = eyes_mouth_mask((r, r), lm)[..., None]
         o = self.options
         if o.ct_mode != "none" and self.ct_reference is not None and augment:
