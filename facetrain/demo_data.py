@@ -40,3 +40,41 @@ def make_photos(folder: str | Path, n: int, seed: int, look: str = "src") -> lis
         cv2.imwrite(str(path), np.clip(img, 0, 255).astype(np.uint8))
         out.append(path)
     return out
+
+
+def make_clip(path: str | Path, frames: int = 24, fps: float = 12.0, size: int = 256, motion: float = 0.0,
+              noise: float = 3.0, seed: int = 1, tone_hz: float = 440.0) -> Path:
+    """A dst clip for the swap path: the re-coloured photo on a still camera (motion 0) or panning `motion` px per
+    frame, with per-frame sensor noise (what makes landmarks jitter) and a sine tone as its audio track."""
+    import tempfile
+    import wave
+
+    import imageio_ffmpeg
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    base = astronaut_bgr()[:300, 60:420].astype(np.float32) * np.array([0.75, 0.95, 1.25], np.float32) + 10
+    base = cv2.resize(np.clip(base, 0, 255), (int(size * 360 / 300), size), interpolation=cv2.INTER_AREA)
+    with tempfile.TemporaryDirectory() as tmp:
+        audio = None
+        if tone_hz:
+            rate = 16000
+            t = np.arange(int(rate * frames / fps)) / rate
+            audio = Path(tmp) / "tone.wav"
+            with wave.open(str(audio), "wb") as w:
+                w.setnchannels(1)
+                w.setsampwidth(2)
+                w.setframerate(rate)
+                w.writeframes((0.3 * np.sin(2 * np.pi * tone_hz * t) * 32767).astype(np.int16).tobytes())
+        writer = imageio_ffmpeg.write_frames(str(path), (size, size), fps=fps, pix_fmt_in="bgr24", ffmpeg_log_level="error",
+                                             quality=9, macro_block_size=16, audio_path=str(audio) if audio else None,
+                                             audio_codec="aac" if audio else None)
+        writer.send(None)
+        for i in range(frames):
+            x = int(round((base.shape[1] - size) / 2 + motion * (i - frames / 2)))
+            x = int(np.clip(x, 0, base.shape[1] - size))
+            frame = base[:, x:x + size] + rng.normal(0, noise, (size, size, 3)).astype(np.float32)
+            writer.send(np.ascontiguousarray(np.clip(frame, 0, 255).astype(np.uint8)))
+        writer.close()
+    return path

@@ -46,7 +46,20 @@ def export_onnx(model_path: str | Path, output: str | Path, opset: int = 17) -> 
         torch.onnx.export(wrapper, (example,), str(tmp), input_names=["in_face:0"],
                           output_names=["out_celeb_face", "out_celeb_face_mask", "out_face_mask"],
                           dynamic_axes={"in_face:0": {0: "batch"}}, opset_version=opset, dynamo=False)
+        _add_metadata(tmp, {"face_type": str(info.get("options", {}).get("face_type", "")), "resolution": str(res),
+                            "producer": "loratrain face export"})
     return output
+
+
+def _add_metadata(path: Path, values: dict[str, str]) -> None:
+    """The face type and resolution ride along in the ONNX file, so `face swap` crops as the model was trained."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for key, value in values.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
 
 
 @dataclass

@@ -56,8 +56,9 @@ def transform_points(points: np.ndarray, mat: np.ndarray, invert: bool = False) 
     return pts @ np.asarray(mat, np.float64)[:, :2].T + np.asarray(mat, np.float64)[:, 2]
 
 
-def face_matrix(landmarks: np.ndarray, size: int, face_type: str) -> np.ndarray:
-    """2x3 affine from the frame to the `size`-pixel aligned crop of `face_type`."""
+def face_matrix(landmarks: np.ndarray, size: int, face_type: str, scale: float = 1.0) -> np.ndarray:
+    """2x3 affine from the frame to the `size`-pixel aligned crop of `face_type`; scale > 1 zooms in (the merger's
+    output_face_scale)."""
     if face_type not in FACE_TYPES:
         raise ValueError(f"unknown face type {face_type!r}; choose one of {', '.join(FACE_TYPES)}")
     lm = np.asarray(landmarks, np.float64)
@@ -71,7 +72,7 @@ def face_matrix(landmarks: np.ndarray, size: int, face_type: str) -> np.ndarray:
     diag = np.linalg.norm(tb)
     tb, bt = tb / diag, bt / np.linalg.norm(bt)
     padding, shift = FACE_TYPES[face_type]
-    mod = diag * (padding * math.sqrt(2.0) + 0.5)
+    mod = diag * (padding * math.sqrt(2.0) + 0.5) / scale
     if face_type == "head":
         # DFL moves a head crop sideways by the yaw seen in the unit-square landmarks, damped near frontal
         # (|tanh(2 yaw)|), so a turned head is not cut off on the side it turns to.

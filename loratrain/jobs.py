@@ -44,7 +44,7 @@ def _load(ref: str) -> Any:
 
 JOBS: Registry[JobSpec] = Registry("command")
 #: help of command groups that are not jobs themselves
-GROUPS = {"face": "DeepFaceLab-style face tools: extract, sort, train (DF / LIAE), grow, export. "
+GROUPS = {"face": "DeepFaceLab-style face tools: extract, sort, train (DF / LIAE), grow, export, swap. "
                   "Use only faces of people who have given their consent.",
           "lora": "bake LoRAs into a checkpoint, merge LoRAs, extract a LoRA from two checkpoints",
           "dataset": "prepare repeat folders, check quality, extract video frames",
@@ -116,6 +116,12 @@ add(
             "continue a model at a higher resolution (progressive growth)", extras=("cv2",)),
     JobSpec(("face", "export"), f"{F}.config:ExportConfig", f"{F}.export:run_face_export",
             "export to ONNX in the DeepFaceLab .dfm contract", extras=("cv2", "onnx")),
+    JobSpec(("face", "swap"), f"{F}.swap.config:SwapConfig", f"{F}.swap.run:run_face_swap",
+            "put the trained face onto a video, frames or an image (labelled AI-generated)",
+            "DeepFaceLab's merger options (mask modes, blend modes, colour transfer, erode/blur, sharpen) on a "
+            "one-command pipeline. Every output carries an 'AI-generated' label (metadata always, a visible mark "
+            "unless --no-visible_mark). Use only faces of people who have given their consent.",
+            extras=FACE, stop_when="after this frame (finished video segments are kept: rerun to continue)", gpu=True),
     JobSpec(("face", "import-dfl"), f"{F}.config:ImportDflConfig", f"{F}.import_dfl:run_face_import",
             "convert DeepFaceLab DFLJPG faces (pickled metadata, checked by an allow list)", extras=("cv2",)),
     JobSpec(("demo",), f"{T}.demo:LoraDemoConfig", f"{T}.demo:run_lora_demo",

@@ -16,6 +16,8 @@ class VideoFrames:
     size: tuple[int, int]
     estimated_frames: int
     frames: Iterator[np.ndarray]
+    fps: float = 0.0
+    audio_codec: str = ""  # "" when the file has no audio stream
 
 
 def read_video(path: str | Path, fps: float = 0.0, start: float = 0.0, duration: float = 0.0) -> VideoFrames:
@@ -46,4 +48,4 @@ def read_video(path: str | Path, fps: float = 0.0, start: float = 0.0, duration:
         finally:
             reader.close()
 
-    return VideoFrames(path, (w, h), estimate, frames())
+    return VideoFrames(path, (w, h), estimate, frames(), float(fps or meta.get("fps") or 0), str(meta.get("audio_codec") or ""))

@@ -1,5 +1,6 @@
 """The face page: extract aligned faces from images or a video, browse and sort a faceset (setting other
-people aside in `_other/`), train a DF / LIAE model with its live preview and loss curves, and export it.
+people aside in `_other/`), train a DF / LIAE model with its live preview and loss curves, export it, and swap
+it onto a video with a one-frame interactive preview.
 
 Face swapping is dual use: the page states the consent rule before anything else.
 """
@@ -9,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 
 from loratrain.core.config import ConfigError
 
 from ..config import AppContext
-from ..sections import JobSection
+from ..forms import problems_markdown
+from ..sections import JobSection, validate
 
 CONSENT = ("**Use only faces of people who have given their consent.** Everything made with these tools from a real "
            "person's face needs that person's permission; swap outputs are labelled as synthetic.")
@@ -45,6 +48,8 @@ class Page:
             "Grow": JobSection(ctx, "face grow", "face-grow", title=lambda c: f"grow {Path(c.model).name}", start_label="Grow"),
             "Export": JobSection(ctx, "face export", "face-export", title=lambda c: f"export {Path(c.output).name}",
                                  start_label="Export"),
+            "Swap": JobSection(ctx, "face swap", "face-swap", title=lambda c: f"swap onto {Path(c.input).name}",
+                               start_label="Swap (resumes a stopped swap)"),
         }
         self.panels = [s.panel for s in self.sections.values()]
 
@@ -73,8 +78,35 @@ class Page:
                 with gr.Tab(name, elem_id=f"face-tab-{name.lower()}"):
                     gr.Markdown(self.sections[name].spec.help.capitalize() + ".")
                     self.sections[name].render()
+            with gr.Tab("Swap", elem_id="face-tab-swap"):
+                gr.Markdown("Put the trained face onto a video, frames or an image. Every output is labelled "
+                            "AI-generated. Preview one frame with the options below, then start the whole swap.")
+                section = self.sections["Swap"]
+                section.render()
+                with gr.Row():
+                    frame_no = gr.Slider(0, 10000, value=0, step=1, label="preview frame", elem_id="face-swap-frame", scale=4)
+                    show = gr.Button("Preview frame", elem_id="face-swap-preview", scale=1)
+                shown = gr.Image(label="frame | swapped", elem_id="face-swap-preview-image", interactive=False)
+                note = gr.Markdown(elem_id="face-swap-preview-note")
+                show.click(self.preview, [frame_no, *section.form.inputs()], [shown, note], api_name="face_swap_preview")
 
     # ---- handlers ------------------------------------------------------------------------------
+    def preview(self, frame_no: float, *values: Any) -> list[Any]:
+        """The swap options applied to one frame, side by side with the original (DFL's interactive merger)."""
+        section = self.sections["Swap"]
+        data = section.data(list(values))
+        data["output"] = data.get("output") or "preview.png"
+        cfg, problems = validate(self.ctx, section.cfg_cls, data, ready=True)
+        if cfg is None or problems:
+            return [None, problems_markdown(problems)]
+        try:
+            from loratrain.facetrain.swap.preview import preview_frame
+
+            original, swapped, n = preview_frame(cfg, int(frame_no))  # type: ignore[arg-type]
+        except (ConfigError, ValueError, OSError) as e:
+            return [None, f"**{e}**"]
+        return [np.hstack([original, swapped]), f"frame {int(frame_no)}: {n} face(s) swapped"]
+
     def open(self, folder: str) -> list[Any]:
         try:
             path = self.ctx.workspace.resolve(folder, "faceset folder")  # type: ignore[attr-defined]

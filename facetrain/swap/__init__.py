@@ -1,0 +1,1 @@
+"""The swap path: put a trained face onto frames and video, labelled as AI-generated."""

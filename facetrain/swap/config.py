@@ -1,0 +1,121 @@
+"""Options of `loratrain face swap`, with DeepFaceLab's merger names where it has one (reference §7.1).
+
+Light to import (no OpenCV, no torch): the CLI builds its flags and the UI its form from this class.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from loratrain.core.config import JobConfig, Problem, opt
+from loratrain.core.devices import DEVICES
+
+from ..extract.config import PLUGINS, VIDEO_EXTENSIONS
+from ..face_types import FACE_TYPES
+
+MASK_MODES = ("full", "dst", "learned-prd", "learned-dst", "learned-prd*learned-dst", "learned-prd+learned-dst")
+BLEND_MODES = ("original", "overlay", "hist-match", "seamless", "seamless-hist-match", "raw-rgb", "raw-predict")
+SWAP_CT_MODES = ("none", "rct", "lct", "mkl", "mkl-m", "idt", "idt-m", "sot", "sot-m")
+IMAGE_OUTPUTS = {".png", ".jpg", ".jpeg"}
+MODEL_SUFFIXES = {".safetensors", ".onnx", ".dfm"}
+
+
+class SwapConfig(JobConfig):
+    input: str = opt("", "a video, a folder of frames or one image", positional=True, path="any", group="input and output")
+    model: str = opt("", "the trained face.safetensors, or an exported .onnx / .dfm", path="file", group="input and output")
+    output: str = opt("", "a video file (.mp4, .mkv, ...), an image file, or a folder for frames", positional=True,
+                      path="output", group="input and output")
+    output_frames: str = opt("", "also write the swapped frames as PNG into this folder (video output)", path="output",
+                             group="input and output")
+    overwrite: bool = opt(False, "replace an existing output (otherwise refused; a stopped run of the same swap resumes)",
+                          group="input and output")
+    start: int = opt(0, "first frame to swap (previews)", ge=0, group="input and output")
+    end: int = opt(0, "stop before this frame (0 = to the end)", ge=0, group="input and output")
+    fps: float = opt(0.0, "frame rate of a video made from frames or an image (0: the source's, 25 for frames)", ge=0,
+                     group="input and output")
+    crf: int = opt(18, "video quality (x264 CRF: lower is better, 18 is visually lossless)", ge=0, le=51, group="input and output")
+    segment_frames: int = opt(48, "frames per encoded video segment: a resumed swap keeps every finished segment", ge=1,
+                              group="input and output", advanced=True)
+    # ---- faces
+    dst_faceset: str = opt("", "reuse faces already extracted from these frames (matched by source file), as DFL's merger does",
+                           path="dir", group="faces")
+    face_type: str = opt("", "crop of the model (default: what the model file says; wf for a foreign .dfm)",
+                         choices=["", *FACE_TYPES], group="faces")
+    detector: str = opt("dlib", "face detector plugin: dlib (HOG), dlib_cnn, or scrfd with --detector_model",
+                        registry=f"{PLUGINS}:DETECTORS", group="faces")
+    detector_model: str = opt("", "ONNX file for an ONNX detector", path="file", group="faces", advanced=True)
+    landmarker: str = opt("dlib68", "landmark plugin: dlib68, or 2dfan4 with --landmarker_model", registry=f"{PLUGINS}:LANDMARKERS",
+                          group="faces")
+    landmarker_model: str = opt("", "ONNX file for an ONNX landmarker", path="file", group="faces", advanced=True)
+    upsample: int = opt(0, "detector upsampling (finds smaller faces, slower)", ge=0, le=3, group="faces")
+    min_face: int = opt(40, "ignore detections smaller than this many pixels", group="faces")
+    min_score: float = opt(0.0, "ignore detections scoring below this", group="faces")
+    max_faces: int = opt(0, "swap at most this many faces per frame, largest first (0 = all)", ge=0, group="faces")
+    reference: list[str] = opt([], "only swap faces close to these face files (dlib identity embedding)", path="file",
+                               group="faces")
+    identity_threshold: float = opt(0.6, "identity distance under which a face counts as the reference person", gt=0,
+                                    group="faces")
+    smooth: bool = opt(True, "temporal smoothing of the landmarks (one-euro filter) so the face does not jitter",
+                       group="faces")
+    smooth_min_cutoff: float = opt(0.4, "one-euro: cutoff (Hz) when the face is still; lower is steadier", gt=0,
+                                   group="faces", advanced=True)
+    smooth_beta: float = opt(10.0, "one-euro: how fast the cutoff rises with motion (per face width per second)", ge=0,
+                             group="faces", advanced=True)
+    # ---- model
+    batch_size: int = opt(8, "faces predicted together", ge=1, group="model")
+    morph_value: float = opt(1.0, "for .dfm models with a morph_value input (AMP): 0..1", ge=0, le=1, group="model")
+    device: str = opt("auto", "auto, cpu or cuda (torch models; ONNX uses its best provider)", choices=DEVICES, group="model")
+    # ---- merge (DFL's merger options)
+    mode: str = opt("overlay", "blend: original, overlay, hist-match, seamless, seamless-hist-match, raw-rgb, raw-predict",
+                    choices=BLEND_MODES, group="merge")
+    mask_mode: str = opt("learned-prd*learned-dst", "full, dst (landmark hull), learned-prd, learned-dst, their product or sum",
+                         choices=MASK_MODES, group="merge")
+    erode_mask_modifier: int = opt(0, "erode (>0) or dilate (<0) the mask, in 4x sub-resolution pixels", ge=-400, le=400,
+                                   group="merge")
+    blur_mask_modifier: int = opt(0, "blur the mask edge, in 4x sub-resolution pixels", ge=0, le=400, group="merge")
+    output_face_scale: int = opt(0, "scale the pasted face by this many percent", ge=-50, le=50, group="merge")
+    color_transfer_mode: str = opt("rct", "colour transfer of the prediction toward the frame's face: none, rct, lct, mkl, "
+                                   "mkl-m, idt, idt-m, sot, sot-m (-m: masked)", choices=SWAP_CT_MODES, group="merge")
+    masked_hist_match: bool = opt(True, "hist-match modes: match inside the mask only", group="merge")
+    hist_match_threshold: int = opt(238, "hist-match modes: quantile ceiling (255 = plain matching)", ge=0, le=255, group="merge")
+    sharpen_mode: str = opt("none", "none, box or gaussian", choices=["none", "box", "gaussian"], group="merge")
+    blursharpen_amount: int = opt(0, "sharpen (>0, with sharpen_mode) or blur (<0) the face", ge=-100, le=100, group="merge")
+    motion_blur_power: int = opt(0, "motion blur of the face from its frame-to-frame movement", ge=0, le=100, group="merge")
+    image_denoise_power: int = opt(0, "median-denoise the frame (0-500)", ge=0, le=500, group="merge")
+    bicubic_degrade_power: int = opt(0, "degrade the frame by a bicubic down/up scale (0-100)", ge=0, le=100, group="merge")
+    color_degrade_power: int = opt(0, "reduce the output to 256 colours, this much (0-100)", ge=0, le=100, group="merge")
+    # ---- labelling (reference §7.4): the metadata label cannot be turned off
+    visible_mark: bool = opt(True, "draw the visible 'AI-generated' mark on every output (--no-visible_mark keeps "
+                             "the metadata label)", group="labelling")
+    quiet: bool = opt(False, "no progress bar")
+
+    @property
+    def output_kind(self) -> str:
+        suffix = Path(self.output).suffix.lower()
+        if suffix in VIDEO_EXTENSIONS:
+            return "video"
+        return "image" if suffix in IMAGE_OUTPUTS else "frames"
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        if self.end and self.end <= self.start:
+            out.append(("end", f"must be after --start ({self.start})"))
+        if self.model and Path(self.model).suffix.lower() not in MODEL_SUFFIXES:
+            out.append(("model", f"{self.model}: expected a .safetensors face model or an .onnx / .dfm export"))
+        if self.output_frames and self.output_kind != "video":
+            out.append(("output_frames", "only with a video --output (the output itself holds the frames otherwise)"))
+        if self.blursharpen_amount > 0 and self.sharpen_mode == "none":
+            out.append(("sharpen_mode", "set box or gaussian to sharpen (a positive --blursharpen_amount)"))
+        return out
+
+    def requirements(self) -> list[Problem]:
+        out: list[Problem] = [(name, "is required") for name in ("input", "model", "output") if not getattr(self, name)]
+        if self.input and not Path(self.input).exists():
+            out.append(("input", f"input not found: {self.input}"))
+        if self.model and not Path(self.model).is_file():
+            out.append(("model", f"model file not found: {self.model}"))
+        if self.dst_faceset and not Path(self.dst_faceset).is_dir():
+            out.append(("dst_faceset", f"faceset folder not found: {self.dst_faceset}"))
+        for ref in self.reference:
+            if not Path(ref).is_file():
+                out.append(("reference", f"face file not found: {ref}"))
+        return out

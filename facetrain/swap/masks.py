@@ -1,0 +1,74 @@
+"""Merge masks (DFL's mask modes) and their processing at 4x sub-resolution (reference §7.1 steps 6-8).
+
+A mask mode picks the face-space mask from the landmark hull and the model's two learned masks. Erosion and
+blur then run on a zero-padded 4R copy, so a blur of N sub-pixels fades out inside the crop instead of being
+cut at its edge, which is what lets DFL's blur values mean the same at every model resolution.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from loratrain.core.registry import Registry
+
+NOISE = 1.0 / 255.0
+
+
+@dataclass
+class MaskInputs:
+    hull: np.ndarray        # R x R landmark hull of the dst face
+    predicted: np.ndarray   # R x R mask of the predicted (src-likeness) face
+    dst: np.ndarray         # R x R learned dst mask
+
+
+MASK_MODES: Registry[Callable[[MaskInputs], np.ndarray]] = Registry("mask mode")
+MASK_MODES.register("full")(lambda m: np.ones_like(m.hull))
+MASK_MODES.register("dst")(lambda m: m.hull)
+MASK_MODES.register("learned-prd")(lambda m: m.predicted)
+MASK_MODES.register("learned-dst")(lambda m: m.dst)
+MASK_MODES.register("learned-prd*learned-dst")(lambda m: m.predicted * m.dst)
+MASK_MODES.register("learned-prd+learned-dst")(lambda m: np.clip(m.predicted + m.dst, 0, 1))
+
+
+def face_mask(mode: str, inputs: MaskInputs) -> np.ndarray:
+    """The R x R working mask of `mode`, with values under 1/255 set to 0 (they are noise)."""
+    mask = np.clip(MASK_MODES.get(mode)(inputs), 0, 1).astype(np.float32)
+    mask[mask < NOISE] = 0
+    return mask
+
+
+def process_subres(mask: np.ndarray, resolution: int, erode: int, blur: int) -> np.ndarray:
+    """Erode (or dilate, erode < 0) and blur the 4R mask on a zero pad of R, then fade it to zero inside the crop."""
+    r = resolution
+    out = np.pad(mask, r)
+    if erode > 0:
+        out = cv2.erode(out, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (erode, erode)))
+    elif erode < 0:
+        out = cv2.dilate(out, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (-erode, -erode)))
+    clip = r + blur // 2  # half the blur inside the crop, so the blur reaches zero at its edge
+    out[:clip], out[-clip:], out[:, :clip], out[:, -clip:] = 0, 0, 0, 0
+    if blur > 0:
+        k = blur + (1 - blur % 2)
+        out = cv2.GaussianBlur(out, (k, k), 0)
+    return np.clip(out[r:-r, r:-r], 0, 1)
+
+
+def big_enough(frame_mask: np.ndarray, min_side: int = 4) -> bool:
+    """DFL's skip rule: some level i/10 (i = 1..9) of the frame mask spans at least `min_side` px on both axes."""
+    for i in range(1, 10):
+        ys, xs = np.nonzero(frame_mask > i / 10)
+        if ys.size and min(xs.max() - xs.min(), ys.max() - ys.min()) >= min_side:
+            return True
+    return False
+
+
+def seamless_mask(frame_mask: np.ndarray) -> np.ndarray | None:
+    """The binary source mask of cv2.seamlessClone: the frame mask cut at the first level i/10 that holds pixels."""
+    for i in range(1, 10):
+        above = frame_mask > i / 10
+        if above.any():
+            return above.astype(np.uint8) * 255
+    return None

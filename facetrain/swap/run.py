@@ -1,0 +1,346 @@
+"""`loratrain face swap`: decode -> find faces -> predict (batched) -> merge, label and encode, overlapped.
+
+Three threads and the caller: a reader decodes frames; a finder detects (or looks up in a dst faceset),
+filters by identity, smooths and aligns the faces; the calling thread predicts them in batches; a writer
+merges, labels and encodes them in frame order. OpenCV, onnxruntime, torch and ffmpeg release the GIL, so
+the stages overlap. Everything that can be wrong with the input, the model or the output is checked before
+the model loads.
+"""
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from loratrain.core.config import ConfigError
+from loratrain.core.jobs import JobResult, job
+from loratrain.core.progress import Reporter, StopFlag
+
+from ..faceset import list_faces, load_face, read_meta
+from .compose import FaceCrop, MergeOptions, merge_face, prepare
+from .config import SwapConfig
+from .label import draw_mark
+from .media import ResumeState, Source, VideoSink, fingerprint, open_source, write_frame_image, write_image
+from .predict import Predictor, load_predictor
+from .smooth import Smoother
+
+#: options that do not change a pixel of the output (everything else is part of the resume key)
+NOT_IN_KEY = {"output", "overwrite", "quiet", "batch_size", "device", "output_frames"}
+
+
+@dataclass
+class SwapResult(JobResult):
+    output: str = ""
+    frames: int = 0
+    faces: int = 0
+    frames_without_face: int = 0
+    faces_skipped: int = 0
+    other_people: int = 0
+    resumed_at: int = -1
+    seconds: float = 0.0
+
+    def summary(self) -> list[str]:
+        rate = self.frames / self.seconds if self.seconds else 0.0
+        lines = [f"{self.faces} face(s) swapped in {self.frames} frame(s) ({rate:.1f} frames/s); {self.frames_without_face} "
+                 f"frame(s) without a face; {self.faces_skipped} face(s) too small to paste; {self.other_people} face(s) of "
+                 "other people left alone"]
+        if self.resumed_at >= 0:
+            lines.append(f"resumed a stopped swap at frame {self.resumed_at}")
+        if self.stopped:
+            lines.append("stopped: run the same command again to continue (finished segments are kept)")
+        else:
+            lines.append(f"wrote {self.output} (labelled AI-generated)")
+        return lines
+
+
+@dataclass
+class Item:
+    index: int
+    frame: np.ndarray                     # float32 BGR 0..1
+    crops: list[FaceCrop] = field(default_factory=list)
+    predicted: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    smoother: dict | None = None          # tracker state before this frame (segment starts only)
+
+
+class FaceFinder:
+    """Landmarks of the faces to swap in one frame: from a dst faceset, or detected; identity-filtered."""
+
+    def __init__(self, cfg: SwapConfig, source: Source) -> None:
+        self.cfg, self.source = cfg, source
+        self.table: dict[str, list[np.ndarray]] | None = None
+        if cfg.dst_faceset:
+            self.table = {}
+            for p in list_faces(cfg.dst_faceset):
+                meta = read_meta(p)
+                key = Path(meta.source_filename.split("#")[0]).name + ("#" + meta.source_filename.split("#")[1]
+                                                                     if "#" in meta.source_filename else "")
+                self.table.setdefault(key, []).append(np.asarray(meta.source_landmarks, np.float64))
+        else:
+            from ..extract.plugins import DETECTORS, LANDMARKERS
+
+            self.detect = DETECTORS.get(cfg.detector)(upsample=cfg.upsample, model_path=cfg.detector_model)
+            self.landmark = LANDMARKERS.get(cfg.landmarker)(model_path=cfg.landmarker_model)
+        self.reference = None
+        self.other_people = 0
+        if cfg.reference:
+            from ..extract.plugins import identity_encoder
+
+            enc = identity_encoder()
+            embeds = []
+            for ref in cfg.reference:
+                img, meta = load_face(ref)
+                embeds.append(enc(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), meta.landmarks_array()))
+            self.reference, self.encoder = np.mean(embeds, 0), enc
+
+    def __call__(self, index: int, rgb: np.ndarray) -> list[np.ndarray]:
+        cfg = self.cfg
+        if self.table is not None:
+            faces = list(self.table.get(self.source.source_name(index), []))
+        else:
+            boxes = [b for b in self.detect(rgb) if min(b[2] - b[0], b[3] - b[1]) >= cfg.min_face and b[4] >= cfg.min_score]
+            boxes.sort(key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+            faces = [self.landmark(rgb, b[:4]) for b in boxes]
+        faces.sort(key=lambda lm: -np.ptp(lm[:, 0]) * np.ptp(lm[:, 1]))
+        if self.reference is not None:
+            kept = [lm for lm in faces if np.linalg.norm(self.encoder(rgb, lm) - self.reference) <= cfg.identity_threshold]
+            self.other_people += len(faces) - len(kept)
+            faces = kept
+        return faces[:cfg.max_faces] if cfg.max_faces else faces
+
+
+def _check_outputs(cfg: SwapConfig, source: Source) -> None:
+    out = Path(cfg.output)
+    if cfg.output_kind == "image" and source.kind != "image":
+        raise ConfigError(f"output {out} is one image but {cfg.input} has {source.count} frames: give a video file or a folder")
+    if cfg.output_kind == "video" and out.suffix.lower() == ".webm":
+        raise ConfigError(f"output {out}: .webm cannot hold the H.264 video this writes; use .mp4, .mkv or .mov")
+    if out.resolve() == Path(cfg.input).resolve():
+        raise ConfigError(f"output {out} is the input: choose another path")
+    if cfg.output_kind in ("video", "image") and out.exists() and not cfg.overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
+    for folder in [p for p in (out if cfg.output_kind == "frames" else None, Path(cfg.output_frames) if cfg.output_frames else None) if p]:
+        if folder.is_file():
+            raise ConfigError(f"output {folder} is a file, not a folder")
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / ".swap-state.json").exists() and not cfg.overwrite:
+            raise ConfigError(f"{folder} is not empty; pass --overwrite or choose another folder")
+
+
+def _model_checks(cfg: SwapConfig, predictor: Predictor) -> str:
+    face_type = cfg.face_type or predictor.face_type or "wf"
+    if cfg.dst_faceset:
+        faces = list_faces(cfg.dst_faceset)
+        if not faces:
+            raise ConfigError(f"dst_faceset {cfg.dst_faceset}: no aligned faces")
+        meta = read_meta(faces[0])
+        if predictor.face_type and meta.face_type != predictor.face_type and not cfg.face_type:
+            raise ConfigError(f"dst_faceset {cfg.dst_faceset} holds face type {meta.face_type!r}, the model {predictor.name} was "
+                              f"trained on {predictor.face_type!r}: pass --face_type to crop anyway, or use the faceset it was trained with")
+        side = cv2.imread(str(faces[0])).shape[0]
+        if side < predictor.resolution:
+            raise ConfigError(f"dst_faceset {cfg.dst_faceset}: faces are {side} px, the model {predictor.name} works at "
+                              f"{predictor.resolution} px; extract at --image_size {predictor.resolution} or more")
+    return face_type
+
+
+def _threaded(fn: Callable[[], Iterator[Any]], maxsize: int, errors: list[BaseException]) -> queue.Queue:
+    """Run a generator in a thread, feeding a bounded queue; None ends it (after an error too)."""
+    q: queue.Queue = queue.Queue(maxsize)
+
+    def work() -> None:
+        try:
+            for x in fn():
+                q.put(x)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            errors.append(e)
+        finally:
+            q.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    return q
+
+
+@job
+def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapResult:
+    """Swap the trained face onto every face of a video, a frame folder or an image; label every output.
+
+    cfg: a SwapConfig. stop ends after the current frame; a video keeps its finished segments and the next
+    identical run continues from there. Result: frames and faces done, and where the output is.
+    """
+    t0 = time.perf_counter()
+    source = open_source(cfg.input, cfg.fps)
+    _check_outputs(cfg, source)
+    first = cfg.start
+    end = min(cfg.end or source.count, source.count) if source.kind != "video" else cfg.end
+    if source.kind != "video" and first >= source.count:
+        raise ConfigError(f"start {first} is past the last frame of {cfg.input} ({source.count} frames)")
+    out = Path(cfg.output)
+    kind = cfg.output_kind
+    parts = out.with_name(f".{out.name}.swap-parts") if kind == "video" else out
+    key = fingerprint(cfg, {k: v for k, v in cfg.model_dump().items() if k not in NOT_IN_KEY})
+    state = ResumeState(parts, key, "state.json" if kind == "video" else ".swap-state.json")
+    resumed = kind != "image" and state.load(cfg.overwrite, str(parts))
+    if not resumed and kind == "video" and parts.exists():
+        shutil.rmtree(parts)
+
+    predictor = load_predictor(cfg.model, cfg.device, cfg.morph_value)
+    face_type = _model_checks(cfg, predictor)
+    finder = FaceFinder(cfg, source)
+    smoother = Smoother(source.fps, cfg.smooth, cfg.smooth_min_cutoff, cfg.smooth_beta)
+    start_at = state.next_frame if resumed and state.next_frame is not None else first
+    if resumed:
+        smoother.restore(state.smoother)
+    else:
+        state.segments = []
+    seg = cfg.segment_frames
+    result = SwapResult(output=str(out), resumed_at=start_at if resumed else -1)
+    opts = MergeOptions.of(cfg)
+    r = predictor.resolution
+    errors: list[BaseException] = []
+
+    stopped_early: list[bool] = []
+
+    def read() -> Iterator[tuple[int, np.ndarray]]:
+        for index, rgb in source.frames(start_at, end or 0):
+            if stop.is_set():
+                stopped_early.append(True)
+                return
+            yield index, rgb
+
+    frames_q = _threaded(read, 4, errors)
+
+    def find() -> Iterator[Item]:
+        while (got := frames_q.get()) is not None:
+            index, rgb = got
+            boundary = (index - first) % seg == 0
+            item = Item(index, rgb[..., ::-1].astype(np.float32) / 255, smoother=smoother.state() if boundary else None)
+            for lm, motion in smoother(index, finder(index, rgb)):
+                crop = prepare(item.frame, lm, r, face_type)
+                crop.motion = motion
+                item.crops.append(crop)
+            yield item
+
+    found_q = _threaded(find, 8, errors)
+    to_write: queue.Queue = queue.Queue(16)
+    sink = VideoSink(out, parts, source.fps, source.size, cfg.crf) if kind == "video" else None
+    extra_frames = Path(cfg.output_frames) if cfg.output_frames else None
+    frames_dir = out if kind == "frames" else extra_frames
+    for folder in (frames_dir,):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+    total = (end or source.count) - start_at
+    reporter.start(max(total, 0), "swapping faces", unit="frame")
+    rng = np.random.default_rng(0)
+
+    def write() -> Iterator[None]:
+        while (item := to_write.get()) is not None:
+            if stop.is_set():  # drain what is queued without writing it: the open segment is dropped
+                stopped_early.append(True)
+                continue
+            frame = item.frame
+            for crop, pred in zip(item.crops, item.predicted):
+                merged = merge_face(frame, crop, pred, opts, rng)
+                if merged is None:
+                    result.faces_skipped += 1
+                    continue
+                frame = merged[0]
+                result.faces += 1
+            if not item.crops:
+                result.frames_without_face += 1
+            bgr = (np.clip(frame, 0, 1) * 255 + 0.5).astype(np.uint8)
+            if cfg.visible_mark:
+                draw_mark(bgr)
+            if item.smoother is not None and item.index > start_at:  # a segment ends here
+                if sink is not None:
+                    state.segments.append(sink.close())
+                state.save(item.index, item.smoother)
+            if sink is not None:
+                if sink.writer is None:
+                    sink.open(f"seg_{(item.index - first) // seg:05d}.mp4")
+                sink.write(bgr)
+            if frames_dir is not None:
+                write_frame_image(frames_dir, source.frame_name(item.index), bgr, cfg.model)
+            if kind == "image":
+                write_image(out, bgr, cfg.model)
+            result.frames += 1
+            reporter.advance()
+        yield from ()
+
+    done_q = _threaded(write, 1, errors)
+    writer_gone = threading.Event()
+
+    def hand_over(x: Item | None) -> None:
+        """Queue for the writer, unless it has died (its error is raised below)."""
+        while not writer_gone.is_set():
+            try:
+                to_write.put(x, timeout=0.2)
+                return
+            except queue.Full:
+                if errors:
+                    writer_gone.set()
+
+    try:
+        # Batches are fixed runs of frames inside one segment, never "whatever is queued": a model's output can
+        # differ in the last bit with the batch it ran in, and a resumed swap must redo a segment exactly.
+        def window(index: int) -> tuple[int, int]:
+            return (index - first) // seg, ((index - first) % seg) // cfg.batch_size
+
+        batch: list[Item] = []
+        finished = False
+        while not finished:
+            item = found_q.get()
+            finished = item is None
+            if batch and (finished or window(item.index) != window(batch[0].index)):
+                faces = [c.dst for b in batch for c in b.crops]
+                if faces:
+                    pred = predictor.predict(np.stack(faces))
+                    k = 0
+                    for b in batch:
+                        b.predicted = [(pred[0][k + j], pred[1][k + j], pred[2][k + j]) for j in range(len(b.crops))]
+                        k += len(b.crops)
+                for b in batch:
+                    hand_over(b)
+                batch = []
+            if item is not None:
+                batch.append(item)
+            if errors:
+                break
+    finally:
+        hand_over(None)
+        while done_q.get() is not None:
+            pass
+        reporter.done("")
+    if errors:
+        if sink is not None:
+            sink.abort()
+        raise errors[0]
+    result.seconds = time.perf_counter() - t0
+    if stopped_early:
+        result.stopped = True
+        if sink is not None:
+            sink.abort()
+        return result
+    result.other_people = finder.other_people
+    if result.faces == 0 and result.faces_skipped == 0 and result.other_people == 0 and not resumed:
+        if sink is not None:
+            sink.abort()
+            shutil.rmtree(parts, ignore_errors=True)
+        what = "the image" if source.kind == "image" else f"any of the {result.frames} frame(s)"
+        raise ConfigError(f"{cfg.input}: no face found in {what}; nothing written (try --upsample 1, a lower --min_face, "
+                          "or --dst_faceset with faces extracted from these frames)")
+    if sink is not None:
+        if sink.writer is not None:
+            state.segments.append(sink.close())
+        last = start_at + result.frames
+        sink.join(state.segments, source, first, last - first, cfg.model)
+    elif kind == "frames":
+        (out / ".swap-state.json").unlink(missing_ok=True)
+    result.seconds = time.perf_counter() - t0
+    return result
