@@ -337,3 +337,63 @@ def test_ui_preview_applies_the_form_options_to_one_frame(kit):
     outside = form.to_values({"input": "/etc/passwd", "model": str(kit["model"])})
     image3, note3 = page.preview(0, *outside)
     assert image3 is None and "outside" in note3.lower()
+
+
+def _signing_pair(folder: Path) -> tuple[Path, Path]:
+    """A throwaway CA and an end-entity signing certificate (C2PA refuses self-signed signers)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "test")])
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+
+    def cert(subject: str, public, ca: bool) -> x509.CertificateBuilder:
+        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name("test CA")).public_key(public)
+             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+             .not_valid_after(now + dt.timedelta(days=30)).add_extension(x509.BasicConstraints(ca=ca, path_length=None), True)
+             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False))
+        if ca:
+            return b.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), True)
+        return (b.add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False))
+
+    root = cert("test CA", ca_key.public_key(), True).sign(ca_key, hashes.SHA256())
+    leaf = cert("loratrain test signer", key.public_key(), False).sign(ca_key, hashes.SHA256())
+    chain, pem = folder / "chain.pem", folder / "key.pem"
+    chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + root.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return chain, pem
+
+
+def test_c2pa_content_credentials_signed_with_the_users_key(kit, tmp_path):
+    c2pa = pytest.importorskip("c2pa")
+    import json
+
+    chain, key = _signing_pair(tmp_path)
+    still = tmp_path / "still.png"
+    cv2.imwrite(str(still), cv2.cvtColor(decode(kit["clip"])[2], cv2.COLOR_RGB2BGR))
+    for out, kw in ((tmp_path / "signed.png", {"input": still}), (tmp_path / "signed.mp4", {"end": 3})):
+        swap(kit, out, c2pa_cert=str(chain), c2pa_key=str(key), **kw)
+        store = json.loads(c2pa.Reader(str(out)).json())
+        manifest = store["manifests"][store["active_manifest"]]
+        actions = [a for a in manifest["assertions"] if a["label"].startswith("c2pa.actions")]
+        action = actions[0]["data"]["actions"][0]
+        assert action["digitalSourceType"].endswith("compositeWithTrainedAlgorithmicMedia"), out
+        assert manifest["signature_info"]["common_name"] == "loratrain test signer"
+        assert not [s for s in store.get("validation_status", []) if s["code"] != "signingCredential.untrusted"]
+    assert read_image_label(tmp_path / "signed.png")["AI-generated"] == "true"  # our own label stays
+    assert "comment         : AI-generated" in probe(tmp_path / "signed.mp4")
+    # a key that does not go with anything is named before any work
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    with pytest.raises(ConfigError, match="bad.pem: cannot sign"):
+        swap(kit, tmp_path / "never.mp4", c2pa_cert=str(chain), c2pa_key=str(bad))
+    assert not (tmp_path / "never.mp4").exists()

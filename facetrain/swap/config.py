@@ -17,6 +17,7 @@ BLEND_MODES = ("original", "overlay", "hist-match", "seamless", "seamless-hist-m
 SWAP_CT_MODES = ("none", "rct", "lct", "mkl", "mkl-m", "idt", "idt-m", "sot", "sot-m")
 IMAGE_OUTPUTS = {".png", ".jpg", ".jpeg"}
 MODEL_SUFFIXES = {".safetensors", ".onnx", ".dfm"}
+C2PA_ALGS = ("es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519")
 
 
 class SwapConfig(JobConfig):
@@ -86,6 +87,10 @@ class SwapConfig(JobConfig):
     # ---- labelling (reference §7.4): the metadata label cannot be turned off
     visible_mark: bool = opt(True, "draw the visible 'AI-generated' mark on every output (--no-visible_mark keeps "
                              "the metadata label)", group="labelling")
+    c2pa_cert: str = opt("", "also sign C2PA Content Credentials: your certificate chain (PEM), offline; needs c2pa-python",
+                         path="file", group="labelling", advanced=True)
+    c2pa_key: str = opt("", "the private key (PEM) of --c2pa_cert", path="file", group="labelling", advanced=True)
+    c2pa_alg: str = opt("es256", "signature algorithm of the key", choices=list(C2PA_ALGS), group="labelling", advanced=True)
     quiet: bool = opt(False, "no progress bar")
 
     @property
@@ -103,6 +108,10 @@ class SwapConfig(JobConfig):
             out.append(("model", f"{self.model}: expected a .safetensors face model or an .onnx / .dfm export"))
         if self.output_frames and self.output_kind != "video":
             out.append(("output_frames", "only with a video --output (the output itself holds the frames otherwise)"))
+        if bool(self.c2pa_cert) != bool(self.c2pa_key):
+            out.append(("c2pa_key", "C2PA signing needs both --c2pa_cert and --c2pa_key"))
+        if self.c2pa_cert and self.output_kind == "video" and Path(self.output).suffix.lower() not in (".mp4", ".m4v", ".mov"):
+            out.append(("c2pa_cert", "C2PA signing of video needs an .mp4 or .mov output"))
         if self.blursharpen_amount > 0 and self.sharpen_mode == "none":
             out.append(("sharpen_mode", "set box or gaussian to sharpen (a positive --blursharpen_amount)"))
         return out
@@ -115,6 +124,9 @@ class SwapConfig(JobConfig):
             out.append(("model", f"model file not found: {self.model}"))
         if self.dst_faceset and not Path(self.dst_faceset).is_dir():
             out.append(("dst_faceset", f"faceset folder not found: {self.dst_faceset}"))
+        for name in ("c2pa_cert", "c2pa_key"):
+            if getattr(self, name) and not Path(getattr(self, name)).is_file():
+                out.append((name, f"file not found: {getattr(self, name)}"))
         for ref in self.reference:
             if not Path(ref).is_file():
                 out.append(("reference", f"face file not found: {ref}"))

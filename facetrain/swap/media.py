@@ -181,7 +181,7 @@ class VideoSink:
             self.tmp.unlink()
         self.tmp = None
 
-    def join(self, segments: list[str], source: Source, first: int, frames: int, model: str) -> None:
+    def join(self, segments: list[str], source: Source, first: int, frames: int, model: str, signer: object = None) -> None:
         """Stream-copy the segments, add the source's audio for the swapped range, tag the container."""
         import imageio_ffmpeg
 
@@ -200,20 +200,35 @@ class VideoSink:
             done = subprocess.run([*cmd, str(tmp)], capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"ffmpeg could not join the segments into {self.final}: {done.stderr.strip()[-400:]}")
+            _sign_in_place(tmp, self.final, signer)
         shutil.rmtree(self.parts, ignore_errors=True)
 
 
-def write_frame_image(folder: Path, name: str, bgr: np.ndarray, model: str) -> Path:
+def _sign_in_place(tmp: Path, final: Path, signer: object) -> None:
+    """Replace the finished temp file by its C2PA-signed copy (when signing was asked for)."""
+    if signer is None:
+        return
+    signed = temp_name(final)
+    try:
+        signer.sign(tmp, signed, final.suffix, final.name)  # type: ignore[attr-defined]
+        os.replace(signed, tmp)
+    finally:
+        signed.unlink(missing_ok=True)
+
+
+def write_frame_image(folder: Path, name: str, bgr: np.ndarray, model: str, signer: object = None) -> Path:
     """One labelled PNG frame, atomically."""
     target = folder / f"{name}.png"
     with atomic_path(target) as tmp:
         save_labelled_image(tmp, bgr, model, "PNG")
+        _sign_in_place(tmp, target, signer)
     return target
 
 
-def write_image(path: Path, bgr: np.ndarray, model: str) -> None:
+def write_image(path: Path, bgr: np.ndarray, model: str, signer: object = None) -> None:
     with atomic_path(path) as tmp:
         save_labelled_image(tmp, bgr, model, "PNG" if path.suffix.lower() == ".png" else "JPEG")
+        _sign_in_place(tmp, path, signer)
 
 
 def is_image(path: Path) -> bool:

@@ -190,6 +190,11 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
     if not resumed and kind == "video" and parts.exists():
         shutil.rmtree(parts)
 
+    signer = None
+    if cfg.c2pa_cert:
+        from .label import C2paSigner
+
+        signer = C2paSigner(cfg.c2pa_cert, cfg.c2pa_key, cfg.c2pa_alg, cfg.model)
     predictor = load_predictor(cfg.model, cfg.device, cfg.morph_value)
     face_type = _model_checks(cfg, predictor)
     finder = FaceFinder(cfg, source)
@@ -266,9 +271,9 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
                     sink.open(f"seg_{(item.index - first) // seg:05d}.mp4")
                 sink.write(bgr)
             if frames_dir is not None:
-                write_frame_image(frames_dir, source.frame_name(item.index), bgr, cfg.model)
+                write_frame_image(frames_dir, source.frame_name(item.index), bgr, cfg.model, signer)
             if kind == "image":
-                write_image(out, bgr, cfg.model)
+                write_image(out, bgr, cfg.model, signer)
             result.frames += 1
             reporter.advance()
         yield from ()
@@ -339,7 +344,7 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
         if sink.writer is not None:
             state.segments.append(sink.close())
         last = start_at + result.frames
-        sink.join(state.segments, source, first, last - first, cfg.model)
+        sink.join(state.segments, source, first, last - first, cfg.model, signer)
     elif kind == "frames":
         (out / ".swap-state.json").unlink(missing_ok=True)
     result.seconds = time.perf_counter() - t0
