@@ -7,6 +7,7 @@ own), alternating A/B/A/B, and the ratio of medians is printed.
 
     python bench/train_throughput.py                 # tiny SD1-shaped model on CPU
     python bench/train_throughput.py --size sd15 --resolution 512 --batch 4 --precision bf16   # on a GPU
+    python bench/train_throughput.py --kinds lora,loha,lokr,dora   # each network kind of ours, side by side
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def run_ours(model: Path, data: Path, args: argparse.Namespace) -> float:
     total = args.warmup + args.steps
     cfg = TrainConfig(pretrained_model_name_or_path=str(model), train_data_dir=str(data), resolution=str(args.resolution),
                       output_dir=tempfile.mkdtemp(), network_dim=args.rank, network_alpha=args.rank, network_train_unet_only=True,
+                      network_module=args.kind,
                       train_batch_size=args.batch, max_train_steps=total, mixed_precision=args.precision, seed=0)
 
     class Timer(RecordingReporter):
@@ -136,6 +138,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--precision", default="no", choices=["no", "fp16", "bf16"])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--kinds", default="", help="compare our network kinds (e.g. lora,loha,lokr,dora) instead of ours vs plain")
+    ap.add_argument("--kind", default="lora", help=argparse.SUPPRESS)
     ap.add_argument("--variant", choices=["ours", "plain"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -147,8 +151,23 @@ def main() -> None:
         return
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))
     model, data = build_inputs(root, args.size, args.resolution)
-    results: dict[str, list[dict]] = {"ours": [], "plain": []}
     passthrough = sys.argv[1:]
+    if args.kinds:
+        kinds = args.kinds.split(",")
+        runs: dict[str, list[dict]] = {k: [] for k in kinds}
+        for _ in range(args.repeats):
+            for kind in kinds:
+                out = subprocess.run([sys.executable, __file__, *passthrough, "--variant", "ours", "--kind", kind, "--model", str(model),
+                                      "--data", str(data)], capture_output=True, text=True, check=True)
+                runs[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"model={args.size} res={args.resolution} batch={args.batch} rank={args.rank} precision={args.precision} steps={args.steps} x{args.repeats}")
+        base = statistics.median(r["steps_per_s"] for r in runs[kinds[0]])
+        base_mem = max(r["peak_mb"] for r in runs[kinds[0]])
+        for kind, rs in runs.items():
+            rate, mem = statistics.median(r["steps_per_s"] for r in rs), max(r["peak_mb"] for r in rs)
+            print(f"  {kind:5s}: {rate:8.2f} steps/s ({rate / base:.2f}x {kinds[0]})  peak {mem:9.1f} MB ({mem / base_mem:.2f}x)")
+        return
+    results: dict[str, list[dict]] = {"ours": [], "plain": []}
     for _ in range(args.repeats):
         for variant in ("plain", "ours"):
             out = subprocess.run([sys.executable, __file__, *passthrough, "--variant", variant, "--model", str(model), "--data", str(data)],

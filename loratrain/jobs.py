@@ -46,7 +46,8 @@ JOBS: Registry[JobSpec] = Registry("command")
 #: help of command groups that are not jobs themselves
 GROUPS = {"face": "DeepFaceLab-style face tools: extract, sort, train (DF / LIAE), grow, export, swap. "
                   "Use only faces of people who have given their consent.",
-          "lora": "bake LoRAs into a checkpoint, merge LoRAs, extract a LoRA from two checkpoints",
+          "lora": "bake LoRAs (and LyCORIS files) into a checkpoint, merge LoRAs, resize a LoRA's rank, extract a LoRA "
+                  "from two checkpoints",
           "dataset": "prepare repeat folders, check quality, extract video frames",
           "tags": "edit the captions of a dataset in bulk, with undo (filters --all_of / --any_of / --none_of choose the images; "
                   "every edit is journalled and the originals are backed up in DIR/.loratrain/)"}
@@ -90,6 +91,9 @@ add(
             "bake LoRAs into a checkpoint: W += ratio * up@down * alpha/rank (streamed)", stop_when="(nothing is written)"),
     JobSpec(("lora", "merge"), f"{M}.config:LoraMergeConfig", f"{M}.lora_merge:run_lora_merge",
             "merge LoRAs into one (concatenate ranks, or SVD to a new rank)", stop_when="(nothing is written)"),
+    JobSpec(("lora", "resize"), f"{M}.config:LoraResizeConfig", f"{M}.lora_resize:run_lora_resize",
+            "reduce a LoRA's rank by SVD: a fixed rank, or per module by sv_ratio / sv_fro / sv_cumulative",
+            stop_when="(nothing is written)"),
     JobSpec(("lora", "extract"), f"{M}.config:LoraExtractConfig", f"{M}.lora_extract:run_lora_extract",
             "extract a LoRA from two checkpoints by SVD (kohya layout)", stop_when="(nothing is written)"),
     JobSpec(("tag",), f"{D}.tagger.config:TagConfig", f"{D}.tagger.runner:run_tag", "caption a folder of images with a WD14 tagger (ONNX)",

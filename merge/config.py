@@ -116,6 +116,34 @@ class LoraMergeConfig(JobConfig):
         return out + lora_spec_problems(self.loras, "loras")
 
 
+RESIZE_METHODS = ("", "sv_ratio", "sv_fro", "sv_cumulative")
+
+
+class LoraResizeConfig(JobConfig):
+    model: str = opt("", "the LoRA / LoCon file to resize", positional=True, path="file")
+    output: str = opt("", "output .safetensors", path="output")
+    new_rank: int = opt(4, "rank of the result (with a dynamic method: the most it may keep)", ge=1)
+    new_conv_rank: int | None = opt(None, "rank of 3x3 conv modules (default: new_rank)", ge=1)
+    dynamic_method: str = opt("", "per-module rank rule: sv_ratio (keep singular values >= largest / param), sv_fro "
+                              "(keep this share of the Frobenius norm), sv_cumulative (this share of their sum)",
+                              choices=list(RESIZE_METHODS))
+    dynamic_param: float | None = opt(None, "the dynamic method's value (sv_ratio > 1, the shares in 0..1)", gt=0)
+    save_precision: str = opt("fp16", "output dtype", choices=[*CANONICAL, "float"])
+    overwrite: bool = opt(False, "replace the output if it exists")
+
+    def problems(self) -> list[Problem]:
+        if self.dynamic_method and self.dynamic_param is None:
+            return [("dynamic_param", f"is required with --dynamic_method {self.dynamic_method}")]
+        if self.dynamic_method in ("sv_fro", "sv_cumulative") and self.dynamic_param is not None and self.dynamic_param > 1:
+            return [("dynamic_param", f"{self.dynamic_method} keeps a share: give a value in 0..1")]
+        if self.dynamic_method == "sv_ratio" and self.dynamic_param is not None and self.dynamic_param < 1:
+            return [("dynamic_param", "sv_ratio keeps singular values >= largest / ratio: give a ratio >= 1")]
+        return []
+
+    def requirements(self) -> list[Problem]:
+        return [(name, "is required") for name in ("model", "output") if not getattr(self, name)]
+
+
 class LoraExtractConfig(JobConfig):
     model_org: str = opt("", "the base checkpoint", positional=True, path="file")
     model_tuned: str = opt("", "the fine-tuned checkpoint", positional=True, path="file")

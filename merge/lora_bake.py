@@ -79,7 +79,8 @@ def run_lora_bake(cfg: BakeConfig, reporter: Reporter, stop: StopFlag) -> BakeRe
                 if site is None:
                     continue
                 ratio = spec.ratio * (blocks[site.block] if blocks else 1.0)
-                module.delta(site.shape)  # shape check now, before anything is written
+                if not module.needs_base:
+                    module.delta(site.shape)  # shape check now, before anything is written
                 if ratio != 0:
                     by_key.setdefault(site.key, []).append(_Applied(module, site, ratio))
             recipe.append({"name": Path(spec.path).name, "ratio": spec.ratio, "blocks": spec.blocks or None})
@@ -112,9 +113,13 @@ def _write_baked(model: Any, plan: list[OutputTensor], meta: dict[str, str], by_
             applied = by_key.get(item.name)
             if applied:
                 w = model.read(item.name).to(torch.float32, copy=True)
+                original = w.clone() if any(a.module.needs_base for a in applied) else None
                 for a in applied:
                     target = w[a.site.rows[0]:a.site.rows[1]] if a.site.rows else w
-                    target += a.ratio * a.module.delta(a.site.shape)
+                    base = None
+                    if original is not None:  # (IA)^3 and DoRA change the model's own weight: the original one
+                        base = original[a.site.rows[0]:a.site.rows[1]] if a.site.rows else original
+                    target += a.ratio * a.module.delta(a.site.shape, base)
                 writer.write(w.to(item.dtype))
             else:
                 copy_tensor(model, item.name, item.dtype, writer)

@@ -50,7 +50,13 @@ def run_lora_merge(cfg: LoraMergeConfig, reporter: Reporter, stop: StopFlag) -> 
         if stop.is_set():
             return LoraMergeResult(output=None, stopped=True)
         parts = [(ratio, mods[name]) for ratio, mods in inputs if name in mods]
-        shapes = {(p.up.shape[0], tuple(p.down.shape[1:])) for _, p in parts}
+        lyco = [p for _, p in parts if not isinstance(p, LoraModule)]
+        if lyco:
+            raise ValueError(f"module {name} is {lyco[0].kind}: `lora merge` takes LoRA / LoCon files (a LoHa, LoKr, (IA)^3 or "
+                             "DoRA module does not say the kernel shape of its weight); bake them into a checkpoint with "
+                             "`lora bake`, or extract a LoRA from the baked checkpoint with `lora extract`")
+        else:
+            shapes = {(p.up.shape[0], tuple(p.down.shape[1:])) for _, p in parts}
         if len(shapes) > 1:
             raise ValueError(f"module {name}: the LoRAs disagree on its shape ({sorted(shapes)}); are they for the same model?")
         if cfg.mode == "concat":
@@ -81,3 +87,4 @@ def run_lora_merge(cfg: LoraMergeConfig, reporter: Reporter, stop: StopFlag) -> 
     save_safetensors(result, out, meta)
     reporter.done("")
     return LoraMergeResult(output=out, modules=len(names), rank=max(ranks))
+

@@ -44,13 +44,14 @@ class ModelSession:
         self.adapters: dict[tuple[str, str], str] = {}
         self.loads = 0
         self._active: tuple | None = None
+        self.patcher = WeightPatcher()
         self.device = pick_device("auto")
 
     def ensure(self, path: str) -> SDModel:
         if path != self.path:
             self.model = None
             self.model = self.loader(path, allow_pickle=self.allow_pickle).to(self.device)
-            self.path, self.adapters = path, {}
+            self.path, self.adapters, self.patcher = path, {}, WeightPatcher()
             self.loads += 1
         assert self.model is not None
         return self.model
@@ -61,6 +62,9 @@ class ModelSession:
         if wanted == self._active:
             return  # same adapters at the same scales: nothing to do between cells
         pipe = build_pipeline(self.model, sampler)
+        lyco = [u for u in loras if is_lycoris_file(u.path)]
+        loras = [u for u in loras if u not in lyco]
+        self.patcher.apply(self.model, lyco)
         names, weights = [], []
         for use in loras:
             key = (use.path, use.blocks)
@@ -93,3 +97,56 @@ def block_scaled_lora(path: str, blocks: str, model: SDModel) -> dict[str, torch
         if key.endswith(".lora_up.weight"):
             sd[key] = sd[key] * ratios[lora_name_block(key.split(".")[0], model.family, ldm_of)]
     return sd
+
+
+def is_lycoris_file(path: str) -> bool:
+    """Whether a LoRA file holds LyCORIS kinds (LoHa, LoKr, (IA)^3, full, DoRA), which diffusers' loader does not read."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return any(k.endswith((".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".on_input", ".diff", ".dora_scale")) for k in f.keys())
+
+
+class WeightPatcher:
+    """LyCORIS files applied our own way: W = W0 + sum(weight * block ratio * dW) on the model's own modules,
+    with W0 kept so a new weight (the next grid cell) starts from the original again. Exact for every kind."""
+
+    def __init__(self) -> None:
+        self.originals: dict[torch.nn.Module, torch.Tensor] = {}
+        self.modules: dict[tuple[str, str], dict] = {}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, weight in self.originals.items():
+                module.weight.copy_(weight.to(module.weight.device, module.weight.dtype))
+
+    def apply(self, model: SDModel, uses: list[LoraUse]) -> None:
+        from .lora.blocks import lora_name_block
+        from .lora.files import lbw_weights, read_lora
+        from .lora.keys import module_kohya_names
+
+        self.restore()
+        if not uses:
+            return
+        names = module_kohya_names(model)
+        ldm_of = dict(unet_module_pairs(dict(model.unet.config)))
+        with torch.no_grad():
+            for use in uses:
+                key = (use.path, use.blocks)
+                if key not in self.modules:
+                    self.modules[key] = read_lora(use.path)[0]
+                ratios = lbw_weights(use.blocks, model.family) if use.blocks else None
+                found = 0
+                for name, lyco in self.modules[key].items():
+                    module = names.get(name)
+                    if module is None:
+                        continue
+                    found += 1
+                    if module not in self.originals:
+                        self.originals[module] = module.weight.detach().to("cpu", copy=True)
+                    base = self.originals[module].float()
+                    ratio = use.weight * (ratios[lora_name_block(name, model.family, ldm_of)] if ratios else 1.0)
+                    delta = lyco.delta(tuple(base.shape), base)
+                    module.weight.add_((ratio * delta).to(module.weight.device, module.weight.dtype))
+                if not found:
+                    raise ConfigError(f"{use.path}: none of its modules exist in this model; is it for another model family?")

@@ -63,7 +63,8 @@ class TrainConfig(JobConfig):
     on_bad_image: str = opt("skip", "corrupt image: skip it (named in the log) or error", choices=["skip", "error"], group=DATA,
                             advanced=True)
     # network
-    network_module: str = opt("lora", "network kind: lora, locon (sd-scripts' networks.lora works too)",
+    network_module: str = opt("lora", "network kind: lora, locon, loha, lokr, dora (sd-scripts' networks.lora and "
+                              "lycoris.kohya with --network_args algo=... work too)",
                               registry="loratrain.training.networks:NETWORKS", group=NET)
     network_dim: int = opt(4, "LoRA rank", ge=1, group=NET)
     network_alpha: float = opt(1.0, "LoRA alpha; effective scale is alpha/dim (sd-scripts default 1)", gt=0, group=NET)

@@ -187,8 +187,11 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 NETWORK_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha"}
+#: LyCORIS' `algo=` values and the network kind each one is here
+LYCORIS_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr"}
 NETWORK_ARGS_REFUSED = {
-    "algo": "LyCORIS algorithms are not implemented yet",
+    "factor": "LoKr's factor is chosen as LyCORIS' default (-1, most balanced) here; not settable yet",
+    "use_tucker": "not implemented yet", "use_cp": "not implemented yet", "wd_on_output": "DoRA here is per output channel",
     "rank_dropout": "not implemented yet", "module_dropout": "not implemented yet",
     "block_dims": "not implemented yet", "block_alphas": "not implemented yet",
     "conv_block_dims": "not implemented yet", "conv_block_alphas": "not implemented yet",
@@ -255,6 +258,20 @@ def _network_args(value: Any, data: dict[str, Any]) -> list[tuple[str, str]]:
         key, val = key.strip(), val.strip()
         if not sep:
             problems.append(("network_args", f"{item!r} is not key=value"))
+        elif key == "algo":
+            if val.lower() not in LYCORIS_ALGOS:
+                problems.append(("network_args", f"algo={val}: LyCORIS algorithms here are {', '.join(LYCORIS_ALGOS)} "
+                                                 "(ia3, dylora, full, glora, oft are not implemented yet)"))
+            elif str(data.get("network_module", "lycoris.kohya")) in ("lycoris.kohya", "", "lora", "networks.lora"):
+                data["network_module"] = LYCORIS_ALGOS[val.lower()]
+            else:
+                problems.append(("network_args", f"algo={val} disagrees with network_module = {data['network_module']}"))
+        elif key == "dora_wd":
+            if str(val).lower() in ("true", "1"):
+                if str(data.get("network_module", "lora")) in ("lycoris.kohya", "lora", "networks.lora", "locon", ""):
+                    data["network_module"] = "dora"
+                else:
+                    problems.append(("network_args", f"dora_wd with {data['network_module']}: DoRA is implemented on LoRA only"))
         elif key in NETWORK_ARGS:
             field = NETWORK_ARGS[key]
             if data.get(field) not in (None, "") and str(data[field]) != val:
@@ -264,7 +281,7 @@ def _network_args(value: Any, data: dict[str, Any]) -> list[tuple[str, str]]:
         elif key in NETWORK_ARGS_REFUSED:
             problems.append(("network_args", f"{key}: {NETWORK_ARGS_REFUSED[key]}"))
         else:
-            problems.append(("network_args", f"{key}: not a network argument of sd-scripts' networks.lora"))
+            problems.append(("network_args", f"{key}: not a network argument of sd-scripts' networks.lora or LyCORIS"))
     return problems
 
 

@@ -27,7 +27,10 @@ class LoraModule:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
+    kind = "lora"
+    needs_base = False
+
+    def delta(self, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
         """scale * up @ down in float32, shaped like the target weight.
 
         A 3x3 LoCon is a k x k `down` followed by a 1x1 `up`; composing them is the matrix
@@ -42,7 +45,10 @@ class LoraModule:
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, LoraModule], dict[str, str]]:
-    """Modules of a kohya-layout LoRA / LoCon file (`<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`)."""
+    """Modules of a kohya-layout LoRA / LoCon file (`<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`) or a
+    LyCORIS one (LoHa, LoKr, (IA)^3, full, any of them with DoRA's `dora_scale`); see `kinds.py`."""
+    from .kinds import DoraModule, lycoris_module
+
     sd, meta = load_state_dict(path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
@@ -53,14 +59,20 @@ def read_lora(path: str | Path) -> tuple[dict[str, LoraModule], dict[str, str]]:
     modules: dict[str, LoraModule] = {}
     for name, parts in groups.items():
         if "lora_down.weight" not in parts:
-            other = sorted(parts)[0]
-            raise ValueError(f"{path}: module {name} has {other!r} but no lora_down.weight; "
-                             "only LoRA / LoCon are supported (not LoHa, LoKr or DoRA)")
+            other = lycoris_module(name, parts)
+            if other is None:
+                raise ValueError(f"{path}: module {name} has {sorted(parts)[0]!r}, which is none of LoRA, LoCon, LoHa, LoKr, "
+                                 "(IA)^3, full or DoRA")
+            modules[name] = other  # type: ignore[assignment]
+            continue
         down, up = parts["lora_down.weight"], parts.get("lora_up.weight")
         if up is None:
             raise ValueError(f"{path}: module {name} has lora_down but no lora_up")
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
-        modules[name] = LoraModule(name, down, up, alpha)
+        if "lora_mid.weight" in parts:
+            raise ValueError(f"{path}: module {name} is a Tucker LoCon (lora_mid), which is not supported yet")
+        alpha = float(parts["alpha"]) if "alpha" in parts and float(parts["alpha"]) != 0 else float(down.shape[0])
+        module = LoraModule(name, down, up, alpha)
+        modules[name] = DoraModule(module, parts["dora_scale"]) if "dora_scale" in parts else module  # type: ignore[assignment]
     if not modules:
         raise ValueError(f"{path}: no LoRA modules found")
     return modules, meta

@@ -85,3 +85,27 @@ def lora_sites(shapes: dict[str, tuple[int, ...]], family: Family, metadata: dic
                 name = base + _OPENCLIP_NAMES[part]
                 sites[name] = LoraSite(name, key, None, "BASE", "attn", tuple(shape))
     return sites
+
+
+def module_kohya_names(model: Any) -> dict[str, Any]:
+    """kohya module name -> the Linear / Conv2d module of a loaded model (an SDModel), under every spelling a file
+    may use: diffusers UNet paths for all families and, for SDXL, the LDM ones; text encoders by their canonical
+    (CLIP) paths. Used to apply LyCORIS files to a model in memory."""
+    from torch import nn
+
+    from loratrain.core.models import text_encoder_keys
+    from loratrain.core.models.ldm_keys import _lookup, unet_module_pairs
+
+    out: dict[str, Any] = {}
+    to_ldm = dict(unet_module_pairs(dict(model.unet.config)))
+    for path, module in model.unet.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            out["lora_unet_" + path.replace(".", "_")] = module
+            ldm = _lookup(path + ".x", to_ldm)
+            if ldm is not None:
+                out["lora_unet_" + ldm[:-2].replace(".", "_")] = module
+    for te_spec, te in zip(model.family.text_encoders, model.text_encoders):
+        for path, module in te.named_modules():
+            if isinstance(module, nn.Linear):
+                out[te_spec.kohya_prefix + "_" + text_encoder_keys.canonical(path).replace(".", "_")] = module
+    return out

@@ -16,6 +16,7 @@ ADAPTER = "loratrain"
 
 class PeftLoRANetwork(Network):
     kind = "lora"
+    use_dora = False
 
     def __init__(self, model: SDModel, spec: NetworkSpec) -> None:
         super().__init__(model, spec, find_targets(model, spec))
@@ -26,13 +27,14 @@ class PeftLoRANetwork(Network):
             base_rank, base_alpha = spec.network_dim, spec.network_alpha
             config = LoraConfig(
                 r=base_rank, lora_alpha=base_alpha, lora_dropout=spec.network_dropout, init_lora_weights=True,
+                use_dora=self.use_dora,
                 target_modules=[t.module_path for t in mine],
                 rank_pattern={re.escape(t.module_path): t.rank for t in mine if t.rank != base_rank},
                 alpha_pattern={re.escape(t.module_path): t.alpha for t in mine if t.alpha != base_alpha},
             )
             inject_adapter_in_model(config, module, adapter_name=ADAPTER)
             for name, p in module.named_parameters():
-                p.requires_grad_("lora_" in name and ADAPTER in name)
+                p.requires_grad_("lora_" in name and ADAPTER in name)  # lora_A, lora_B (and DoRA's lora_magnitude_vector)
         self._by_path = {(t.part, t.module_path): t for t in self.targets}
 
     def trainable_parameters(self, part: str) -> list[torch.nn.Parameter]:
@@ -131,7 +133,7 @@ class PeftLoRANetwork(Network):
             layer.scaling[ADAPTER] = value * target.alpha / target.rank
 
 
-@NETWORKS.register("lora", "networks.lora")
+@NETWORKS.register("lora", "networks.lora", "lycoris.kohya")
 def _lora(model: SDModel, spec: NetworkSpec) -> Network:
     return PeftLoRANetwork(model, spec)
 

@@ -1,0 +1,177 @@
+"""The weight change each LyCORIS module kind stores, from the published formulas (reference lora_trainer.md §2.4).
+
+A registry keyed by kind: each entry recognises its tensor suffixes and turns them into a module whose
+`delta(shape, base)` is the dense change of the target weight. LoRA/LoCon live in `files.py`; this file holds
+LoHa, LoKr, (IA)^3, full `diff` and the DoRA wrapper any of them can carry (`dora_scale`). Kinds whose change
+depends on the weight itself ((IA)^3, DoRA) need `base`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from loratrain.core.registry import Registry
+
+
+def _fit(name: str, d: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if d.numel() != math.prod(shape):
+        raise ValueError(f"{name}: delta {list(d.shape)} does not fit the model weight {list(shape)}")
+    return d.reshape(shape)
+
+
+def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """LyCORIS' CP/Tucker rebuild: core t [r, r, kh, kw] with wa [r, out] and wb [r, in] -> [out, in, kh, kw]."""
+    return torch.einsum("i j k l, j r, i p -> p r k l", t.float(), wb.float(), wa.float())
+
+
+@dataclass
+class LohaModule:
+    """dW = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / r (Hadamard product; effective rank up to r^2)."""
+
+    name: str
+    tensors: dict[str, torch.Tensor]
+    alpha: float
+    kind: str = "loha"
+    needs_base: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.tensors["hada_w1_b"].shape[0]
+
+    def delta(self, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        t = self.tensors
+        if "hada_t1" in t:
+            w1, w2 = _tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"]), _tucker(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
+        else:
+            w1 = t["hada_w1_a"].float() @ t["hada_w1_b"].float()
+            w2 = t["hada_w2_a"].float() @ t["hada_w2_b"].float()
+        return _fit(self.name, w1 * w2 * (self.alpha / self.rank), shape)
+
+
+@dataclass
+class LokrModule:
+    """dW = kron(W1, W2), each factor stored whole or as a low-rank pair; alpha / r applies only when a factor
+    is low-rank (LyCORIS ignores alpha for a "full matrix" LoKr)."""
+
+    name: str
+    tensors: dict[str, torch.Tensor]
+    alpha: float
+    kind: str = "lokr"
+    needs_base: bool = False
+
+    def _factor(self, i: int) -> torch.Tensor:
+        t = self.tensors
+        if f"lokr_w{i}" in t:
+            return t[f"lokr_w{i}"].float()
+        if f"lokr_t{i}" in t:
+            return _tucker(t[f"lokr_t{i}"], t[f"lokr_w{i}_a"], t[f"lokr_w{i}_b"])
+        a, b = t[f"lokr_w{i}_a"].float(), t[f"lokr_w{i}_b"].float()
+        return a @ b
+
+    @property
+    def scale(self) -> float:
+        t = self.tensors
+        low = [k for k in ("lokr_w2_b", "lokr_w1_b") if k in t]
+        return self.alpha / t[low[0]].shape[0] if low else 1.0
+
+    def delta(self, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        w1, w2 = self._factor(1), self._factor(2)
+        if len(shape) == 4 and w2.dim() == 2 and math.prod(shape[2:]) > 1:
+            w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
+        if w2.dim() == 4:
+            w1 = w1.reshape(*w1.shape, 1, 1)
+        return _fit(self.name, torch.kron(w1, w2) * self.scale, shape)
+
+
+@dataclass
+class Ia3Module:
+    """(IA)^3: a learned per-channel scale of the weight, so dW = W * w along the output channels (or the
+    input channels when `on_input`)."""
+
+    name: str
+    tensors: dict[str, torch.Tensor]
+    alpha: float = 1.0
+    kind: str = "ia3"
+    needs_base: bool = True
+
+    def delta(self, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        if base is None:
+            raise ValueError(f"{self.name}: an (IA)^3 module scales the model's own weight; bake it into a checkpoint")
+        w = self.tensors["weight"].float().flatten()
+        on_input = bool(self.tensors.get("on_input", torch.tensor(False)).item())
+        base = base.float().reshape(shape)
+        view = [1] * len(shape)
+        view[1 if on_input else 0] = -1
+        return base * w.reshape(view)
+
+
+@dataclass
+class FullModule:
+    """LyCORIS "full": the whole dW (and bias change, which merging ignores) stored as `diff`."""
+
+    name: str
+    tensors: dict[str, torch.Tensor]
+    alpha: float = 1.0
+    kind: str = "full"
+    needs_base: bool = False
+
+    def delta(self, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        return _fit(self.name, self.tensors["diff"].float(), shape)
+
+
+@dataclass
+class DoraModule:
+    """Weight-decomposed: W' = m * (W + dW) / ||W + dW||, the norm per output channel (`wd_on_out`, the
+    default: dora_scale [out, 1, ...]) or per input channel (dora_scale [1, in, ...]); the change is W' - W."""
+
+    inner: object
+    scale: torch.Tensor
+    needs_base: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.inner.name  # type: ignore[attr-defined]
+
+    @property
+    def kind(self) -> str:
+        return "dora+" + self.inner.kind  # type: ignore[attr-defined]
+
+    def delta(self, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        if base is None:
+            raise ValueError(f"{self.name}: a DoRA module rescales the model's own weight; bake it into a checkpoint")
+        w = base.float().reshape(shape)
+        merged = w + self.inner.delta(shape, w)  # type: ignore[attr-defined]
+        m = self.scale.float().flatten()
+        if m.numel() == shape[0] and self.scale.shape[0] == shape[0]:  # per output channel (wd_on_out)
+            norm = merged.reshape(shape[0], -1).norm(dim=1)
+            factor = (m / norm.clamp(min=1e-12)).reshape(-1, *([1] * (len(shape) - 1)))
+        else:  # per input channel
+            norm = merged.transpose(0, 1).reshape(shape[1], -1).norm(dim=1)
+            factor = (m / norm.clamp(min=1e-12)).reshape(1, -1, *([1] * (len(shape) - 2)))
+        return merged * factor - w
+
+
+MODULE_KINDS: Registry[tuple[str, Callable[[str, dict[str, torch.Tensor], float], object]]] = Registry("LyCORIS module kind")
+MODULE_KINDS.register("loha")(("hada_w1_a", LohaModule))
+MODULE_KINDS.register("lokr")(("lokr_w1", LokrModule))
+MODULE_KINDS.register("lokr_a")(("lokr_w1_a", LokrModule))
+MODULE_KINDS.register("ia3")(("on_input", Ia3Module))
+MODULE_KINDS.register("full")(("diff", FullModule))
+
+
+def lycoris_module(name: str, parts: dict[str, torch.Tensor]) -> object | None:
+    """The module these tensors describe, or None when they are not a LyCORIS kind (plain LoRA is read elsewhere)."""
+    alpha_t = parts.get("alpha")
+    for kind in MODULE_KINDS.names():
+        marker, cls = MODULE_KINDS.get(kind)
+        if marker in parts:
+            tensors = {k: v for k, v in parts.items() if k not in ("alpha", "dora_scale")}
+            rank_key = next((k for k in ("hada_w1_b", "lokr_w2_b", "lokr_w1_b") if k in tensors), None)
+            rank = float(tensors[rank_key].shape[0]) if rank_key else 1.0
+            alpha = float(alpha_t) if alpha_t is not None and float(alpha_t) != 0 else rank  # 0 or absent: scale 1
+            module = cls(name, tensors, alpha)
+            return DoraModule(module, parts["dora_scale"]) if "dora_scale" in parts else module
+    return None

@@ -1,0 +1,189 @@
+"""LoHa, LoKr and DoRA through PEFT, written in LyCORIS' key layout (what A1111 and ComfyUI load natively).
+
+Why PEFT and not the `lycoris-lora` package: our trainer already injects adapters with PEFT (one code path
+for targets, dropout, resume and the diffusers copy), PEFT's LoHa tensors have LyCORIS' exact shapes
+(`hada_w?_a` [out, r], `hada_w?_b` [r, in*kh*kw]) and its LoKr the same Kronecker factors, so the file is a
+rename, not a conversion; and PEFT is maintained with diffusers. Where the semantics differ we fold the
+difference into the tensors: LyCORIS ignores alpha for a LoKr whose factors are both whole matrices, PEFT
+still scales by alpha/r, so such a file gets the scale multiplied into `lokr_w2`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from peft import LoHaConfig, LoKrConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+
+from loratrain.core.models.loading import SDModel
+
+from .base import NETWORKS, Network, NetworkSpec, find_targets
+from .lora import PeftLoRANetwork
+
+ADAPTER = "loratrain"
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+class PeftLycorisNetwork(Network):
+    """A PEFT LyCORIS tuner (LoHa or LoKr) on sd-scripts' targets."""
+
+    keys: tuple[str, ...] = ()
+
+    def __init__(self, model: SDModel, spec: NetworkSpec, kind: str) -> None:
+        super().__init__(model, spec, find_targets(model, spec))
+        self.kind = kind
+        if not self.targets:
+            raise ValueError("no modules to train: enable the UNet and/or the text encoder")
+        self.keys = LOHA_KEYS if kind == "loha" else LOKR_KEYS
+        for part, module in self.parts().items():
+            mine = [t for t in self.targets if t.part == part]
+            common: dict[str, Any] = dict(
+                r=spec.network_dim, alpha=spec.network_alpha, target_modules=[t.module_path for t in mine],
+                rank_pattern={re.escape(t.module_path): t.rank for t in mine if t.rank != spec.network_dim},
+                alpha_pattern={re.escape(t.module_path): t.alpha for t in mine if t.alpha != spec.network_alpha},
+                module_dropout=spec.network_dropout, init_weights=True)
+            config = LoHaConfig(**common) if kind == "loha" else LoKrConfig(**common)
+            inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+            for name, p in module.named_parameters():
+                p.requires_grad_(any(k in name for k in self.keys) and ADAPTER in name)
+        self._by_path = {(t.part, t.module_path): t for t in self.targets}
+
+    def _layers(self):
+        for part, module in self.parts().items():
+            for path, layer in module.named_modules():
+                params = getattr(layer, self.keys[0], None) if self.kind == "loha" else getattr(layer, "lokr_w2", None)
+                if isinstance(params, torch.nn.ParameterDict) and (part, path) in self._by_path:
+                    yield self._by_path[(part, path)], layer
+
+    def _tensors(self, layer: Any) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in self.keys:
+            store = getattr(layer, key, None)
+            if isinstance(store, torch.nn.ParameterDict) and ADAPTER in store:
+                out[key] = store[ADAPTER]
+        return out
+
+    def trainable_parameters(self, part: str) -> list[torch.nn.Parameter]:
+        module = self.parts().get(part)
+        return [p for p in module.parameters() if p.requires_grad] if module is not None else []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for part, module in self.parts().items():
+            for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER).items():
+                out[f"{part}.{k}"] = v.detach().clone()
+        return out
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for part, module in self.parts().items():
+            mine = {k[len(part) + 1:]: v for k, v in sd.items() if k.startswith(part + ".")}
+            result = set_peft_model_state_dict(module, mine, adapter_name=ADAPTER)
+            if getattr(result, "unexpected_keys", []):
+                raise ValueError(f"saved network does not fit this model ({part}: unexpected {result.unexpected_keys[:2]})")
+
+    def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for target, layer in self._layers():
+            tensors = {k: v.detach().float().cpu() for k, v in self._tensors(layer).items()}
+            alpha = float(target.alpha)
+            if self.kind == "lokr" and not any(k.endswith(("_a", "_b")) for k in tensors):
+                tensors["lokr_w2"] = tensors["lokr_w2"] * (target.alpha / target.rank)  # readers ignore alpha here
+                alpha = float(target.rank)
+            for key, value in tensors.items():
+                out[f"{target.kohya_name}.{key}"] = value.to(dtype)
+            out[f"{target.kohya_name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+        return out
+
+    def load_kohya(self, sd: dict[str, torch.Tensor], source: str) -> int:
+        """Start from a LyCORIS file of this kind made for these targets (shapes must match)."""
+        loaded = 0
+        for target, layer in self._layers():
+            tensors = self._tensors(layer)
+            found = {k: sd[f"{target.kohya_name}.{k}"] for k in tensors if f"{target.kohya_name}.{k}" in sd}
+            if not found:
+                continue
+            if set(found) != set(tensors):
+                raise ValueError(f"{source}: {target.kohya_name} has {sorted(found)}, this {self.kind} network {sorted(tensors)}")
+            with torch.no_grad():
+                for k, v in found.items():
+                    if v.shape != tensors[k].shape:
+                        raise ValueError(f"{source}: {target.kohya_name}.{k} is {list(v.shape)}, this run {list(tensors[k].shape)} "
+                                         "(set network_dim / conv_dim to the file's)")
+                    tensors[k].copy_(v.to(tensors[k].dtype))
+                alpha = sd.get(f"{target.kohya_name}.alpha")
+                file_scale = float(alpha) / target.rank if alpha is not None else 1.0
+                lead = "hada_w1_a" if self.kind == "loha" else "lokr_w2" if "lokr_w2" in tensors else "lokr_w2_a"
+                tensors[lead].mul_(file_scale / (target.alpha / target.rank))
+            loaded += 1
+        if not loaded:
+            raise ValueError(f"{source}: no {self.kind} module of this network is in the file")
+        return loaded
+
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        raise ValueError(f"scale_weight_norms is implemented for LoRA / LoCon / DoRA, not {self.kind}")
+
+    def peft_state_dict(self, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+        raise ValueError(f"diffusers (PEFT) files hold LoRA only; a {self.kind} network is saved in LyCORIS' layout")
+
+    def set_multiplier(self, value: float) -> None:
+        for target, layer in self._layers():
+            layer.scaling[ADAPTER] = value * target.alpha / target.rank
+
+    def args(self) -> dict[str, Any]:
+        return {**super().args(), "algo": self.kind}
+
+
+class PeftDoraNetwork(PeftLoRANetwork):
+    """LoRA with DoRA's magnitude vector (PEFT `use_dora`), saved with LyCORIS' `dora_scale` [out, 1(, 1, 1)]:
+    the per-output-channel norm LyCORIS uses with wd_on_out, which is what PEFT learns."""
+
+    use_dora = True
+
+    def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        out = super().kohya_state_dict(dtype)
+        for target, layer in self._pairs():
+            m = layer.lora_magnitude_vector[ADAPTER].weight.detach().float().cpu()
+            base = layer.get_base_layer().weight
+            out[f"{target.kohya_name}.dora_scale"] = m.reshape(-1, *([1] * (base.dim() - 1))).to(dtype)
+        return out
+
+    def load_kohya(self, sd: dict[str, torch.Tensor], source: str) -> int:
+        """LoRA's pairs, then each module's magnitude from `dora_scale` (a plain LoRA file keeps PEFT's start, ||W||)."""
+        loaded = super().load_kohya(sd, source)
+        with torch.no_grad():
+            for target, layer in self._pairs():
+                scale = sd.get(f"{target.kohya_name}.dora_scale")
+                if scale is not None:
+                    m = layer.lora_magnitude_vector[ADAPTER].weight
+                    if scale.numel() != m.numel():
+                        raise ValueError(f"{source}: {target.kohya_name}.dora_scale has {scale.numel()} values, this module "
+                                         f"{m.numel()} (only per-output-channel DoRA, LyCORIS' wd_on_out, is supported)")
+                    m.copy_(scale.reshape(m.shape).to(m.dtype))
+        return loaded
+
+    def peft_state_dict(self, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+        raise ValueError("the diffusers (PEFT) copy is written for plain LoRA only; DoRA is saved in LyCORIS' layout")
+
+    def args(self) -> dict[str, Any]:
+        return {**super().args(), "dora_wd": "True"}
+
+
+@NETWORKS.register("loha", "lycoris.loha")
+def _loha(model: SDModel, spec: NetworkSpec) -> Network:
+    """LoHa: the Hadamard product of two low-rank pairs (LyCORIS); conv_dim adds the 3x3 convolutions."""
+    return PeftLycorisNetwork(model, spec, "loha")
+
+
+@NETWORKS.register("lokr", "lycoris.lokr")
+def _lokr(model: SDModel, spec: NetworkSpec) -> Network:
+    """LoKr: a Kronecker product of two factors (LyCORIS), the larger one low-rank when network_dim is small."""
+    return PeftLycorisNetwork(model, spec, "lokr")
+
+
+@NETWORKS.register("dora")
+def _dora(model: SDModel, spec: NetworkSpec) -> Network:
+    """DoRA: LoRA plus a learned magnitude per output channel (weight-decomposed), LyCORIS' `dora_wd=True`."""
+    net = PeftDoraNetwork(model, spec)
+    net.kind = "dora"
+    return net

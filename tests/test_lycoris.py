@@ -1,0 +1,235 @@
+"""LoHa, LoKr and DoRA: trained on the tiny model through the CLI, written in LyCORIS' layout, and the weight
+change the file implies (computed here from the published formulas) is what the trained network does, what
+`lora bake` writes and what generation applies; plus LyCORIS files made by hand ((IA)^3, full, Tucker LoHa)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loratrain.cli import main
+from loratrain.core.lora.keys import module_kohya_names
+from loratrain.core.models.loading import load_model
+from loratrain.core.safe_io import read_safetensors_metadata
+from loratrain.core.session import LoraUse, WeightPatcher
+from loratrain.training.networks import NetworkSpec, build_network
+
+
+def formula_delta(sd: dict[str, torch.Tensor], name: str, weight: torch.Tensor) -> torch.Tensor:
+    """dW of module `name`, from the formulas of the reference (lora_trainer.md §2.4), written out here."""
+    t = {k[len(name) + 1:]: v.float() for k, v in sd.items() if k.startswith(name + ".")}
+    shape, w = weight.shape, weight.float()
+    if "hada_w1_a" in t:
+        r = t["hada_w1_b"].shape[0]
+        d = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * (float(t["alpha"]) / r)
+    elif "lokr_w1" in t or "lokr_w1_a" in t:
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+        low = "lokr_w2_b" if "lokr_w2_b" in t else "lokr_w1_b" if "lokr_w1_b" in t else None
+        scale = float(t["alpha"]) / t[low].shape[0] if low else 1.0
+        if len(shape) == 4:
+            w2 = w2.reshape(w2.shape[0], -1, *shape[2:]) if w2.dim() == 2 else w2
+            w1 = w1[:, :, None, None]
+        d = torch.kron(w1, w2) * scale
+    else:
+        up, down = t["lora_up.weight"], t["lora_down.weight"]
+        d = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)) * (float(t["alpha"]) / down.shape[0])
+    d = d.reshape(shape)
+    if "dora_scale" in t:  # W' = m * (W + dW) / ||W + dW|| per output channel
+        merged = w + d
+        norm = merged.reshape(shape[0], -1).norm(dim=1).reshape(-1, *([1] * (len(shape) - 1)))
+        d = t["dora_scale"].reshape(norm.shape) * merged / norm - w
+    return d
+
+
+def _unet_out(model, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.unet.config
+    x = torch.randn(1, cfg.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(1, 4, cfg.cross_attention_dim, generator=g)
+    kw = {}
+    if model.family.is_sdxl:
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.randn(1, 6, generator=g)}
+    with torch.no_grad():
+        return model.unet(x, torch.tensor([500]), ctx, **kw).sample
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_files, tmp_path_factory):
+    from loratrain.training.demo import make_concept_images
+
+    root = tmp_path_factory.mktemp("lyco")
+    make_concept_images(root / "data" / "3_circle", "circle", 4, 64, 0)
+    out = {}
+    for kind, extra in (("loha", ["--conv_dim", "2", "--conv_alpha", "1"]), ("lokr", []), ("dora", [])):
+        args = ["train", "--pretrained_model_name_or_path", str(tiny_files["sd1_file"]), "--train_data_dir", str(root / "data"),
+                "--output_dir", str(root / kind), "--output_name", kind, "--resolution", "64", "--network_module", kind,
+                "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-2", "--max_train_steps", "3",
+                "--train_batch_size", "2", "--save_precision", "float", *extra]
+        assert main(args) == 0
+        out[kind] = root / kind / f"{kind}.safetensors"
+    return out
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+def test_the_file_is_lycoris_layout_and_its_formula_is_the_trained_effect(tiny_files, trained, kind):
+    path = trained[kind]
+    sd, meta = load_file(str(path)), read_safetensors_metadata(path)
+    marker = {"loha": ".hada_w1_a", "lokr": ".lokr_w1", "dora": ".dora_scale"}[kind]
+    assert any(k.endswith(marker) for k in sd) and all(k.startswith(("lora_unet_", "lora_te_")) for k in sd)
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"]).get("algo" if kind != "dora" else "dora_wd") == (kind if kind != "dora" else "True")
+    if kind == "loha":
+        assert any(k.startswith("lora_unet_down_blocks_") and "_resnets_" in k for k in sd)  # conv_dim reached the 3x3 convolutions
+    # the network, loaded from the file, changes the UNet output exactly as W + formula dW does
+    model = load_model(tiny_files["sd1_file"])
+    base_out = _unet_out(model)
+    names = module_kohya_names(model)
+    net = build_network(kind, model, NetworkSpec(network_dim=4, network_alpha=2.0, conv_dim=2 if kind == "loha" else None,
+                                                 conv_alpha=1.0 if kind == "loha" else None))
+    net.load_kohya(sd, str(path))
+    with_net = _unet_out(model)
+    assert (with_net - base_out).abs().max() > 1e-5  # the training moved something
+    plain = load_model(tiny_files["sd1_file"])
+    pnames = module_kohya_names(plain)
+    modules = {k.split(".")[0] for k in sd}
+    with torch.no_grad():
+        for name in modules:
+            if name.startswith("lora_unet_"):
+                w = pnames[name].weight
+                w += formula_delta(sd, name, w)
+    assert torch.allclose(_unet_out(plain), with_net, atol=1e-5), (_unet_out(plain) - with_net).abs().max()
+    del names
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+def test_bake_and_generation_apply_the_formula(tiny_files, trained, tmp_path, kind):
+    path = trained[kind]
+    sd = load_file(str(path))
+    out = tmp_path / "baked.safetensors"
+    assert main(["lora", "bake", str(tiny_files["sd1_file"]), "--output", str(out), "--loras", f"{path}:0.5"]) == 0
+    baked, base = load_model(out), load_model(tiny_files["sd1_file"])
+    bnames, names = module_kohya_names(baked), module_kohya_names(base)
+    checked = 0
+    for name in {k.split(".")[0] for k in sd}:
+        if name in names:
+            w = names[name].weight
+            expected = w + 0.5 * formula_delta(sd, name, w) if kind != "dora" else None
+            if expected is None:  # DoRA is not linear in its ratio: bake applies ratio * (W' - W)
+                expected = w + 0.5 * formula_delta(sd, name, w)
+            assert torch.allclose(bnames[name].weight, expected, atol=1e-5), name
+            checked += 1
+    assert checked == len({k.split(".")[0] for k in sd})
+    # generation patches the same weights in memory; weight 0 is the model itself
+    patcher = WeightPatcher()
+    patcher.apply(base, [LoraUse(str(path), 0.5)])
+    for name in {k.split(".")[0] for k in sd}:
+        assert torch.allclose(names[name].weight, bnames[name].weight, atol=1e-5)
+    original = load_model(tiny_files["sd1_file"])
+    onames = module_kohya_names(original)
+    patcher.apply(base, [LoraUse(str(path), 0.0)])
+    assert all(torch.equal(names[n].weight, onames[n].weight) for n in {k.split(".")[0] for k in sd})
+
+
+def test_hand_made_ia3_full_and_tucker_loha_files_bake_by_their_formulas(tiny_files, tmp_path):
+    base = load_model(tiny_files["sd1_file"])
+    names = module_kohya_names(base)
+    lin = next(n for n in names if n.startswith("lora_unet_") and n.endswith("attn1_to_q"))
+    conv = next(n for n in names if n.startswith("lora_unet_down_blocks") and n.endswith("conv1"))
+    g = torch.Generator().manual_seed(0)
+    w_lin, w_conv = names[lin].weight.detach().clone(), names[conv].weight.detach().clone()
+    out_c, in_c, kh, kw = w_conv.shape
+    r = 2
+    files = {
+        "ia3": {f"{lin}.weight": torch.randn(w_lin.shape[0], generator=g), f"{lin}.on_input": torch.tensor(False)},
+        "full": {f"{lin}.diff": torch.randn(*w_lin.shape, generator=g) * 0.1},
+        "tucker": {f"{conv}.hada_w1_a": torch.randn(r, out_c, generator=g), f"{conv}.hada_w1_b": torch.randn(r, in_c, generator=g),
+                   f"{conv}.hada_t1": torch.randn(r, r, kh, kw, generator=g), f"{conv}.hada_w2_a": torch.randn(r, out_c, generator=g),
+                   f"{conv}.hada_w2_b": torch.randn(r, in_c, generator=g), f"{conv}.hada_t2": torch.randn(r, r, kh, kw, generator=g),
+                   f"{conv}.alpha": torch.tensor(1.0)},
+    }
+    expected = {
+        "ia3": (lin, w_lin * (1 + files["ia3"][f"{lin}.weight"][:, None])),
+        "full": (lin, w_lin + files["full"][f"{lin}.diff"]),
+    }
+    t = files["tucker"]
+
+    def rebuild(core, a, b):  # w[p, q, k, l] = sum_ij core[i, j, k, l] * a[i, p] * b[j, q]
+        return torch.einsum("ijkl,ip,jq->pqkl", core, a, b)
+
+    expected["tucker"] = (conv, w_conv + rebuild(t[f"{conv}.hada_t1"], t[f"{conv}.hada_w1_a"], t[f"{conv}.hada_w1_b"])
+                          * rebuild(t[f"{conv}.hada_t2"], t[f"{conv}.hada_w2_a"], t[f"{conv}.hada_w2_b"]) * (1.0 / r))
+    for kind, tensors in files.items():
+        path = tmp_path / f"{kind}.safetensors"
+        save_file(tensors, str(path))
+        out = tmp_path / f"{kind}_baked.safetensors"
+        assert main(["lora", "bake", str(tiny_files["sd1_file"]), "--output", str(out), "--loras", str(path)]) == 0
+        name, want = expected[kind]
+        got = module_kohya_names(load_model(out))[name].weight
+        assert torch.allclose(got, want, atol=1e-4), kind
+    # merging into a LoRA needs shapes a LyCORIS file does not hold: a clear message, nothing written
+    assert main(["lora", "merge", "--loras", str(tmp_path / "full.safetensors"), "--output", str(tmp_path / "m.safetensors")]) != 0
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_lycoris_spellings_of_sd_scripts_users(tiny_files, tmp_path):
+    from loratrain.training.config import TrainConfig
+
+    cfg = TrainConfig.build({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "conv_dim=2", "conv_alpha=1"]})
+    assert cfg.network_module == "lokr" and cfg.conv_dim == 2
+    assert TrainConfig.build({"network_module": "networks.lora", "network_args": ["dora_wd=True"]}).network_module == "dora"
+    from loratrain.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="algo=ia3"):
+        TrainConfig.build({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]})
+
+
+def test_generate_and_grid_apply_lycoris_files(tiny_files, trained, tmp_path):
+    """diffusers' loader reads no LoHa: generation patches the weights itself; weight 0 is the plain model's image."""
+    import numpy as np
+    from PIL import Image
+
+    common = ["generate", "--model", str(tiny_files["sd1_file"]), "--prompt", "a circle", "--width", "64", "--height", "64",
+              "--steps", "2", "--seed", "1"]
+    assert main([*common, "--output", str(tmp_path / "plain.png")]) == 0
+    assert main([*common, "--network_weights", f"{trained['loha']}:0", "--output", str(tmp_path / "zero.png")]) == 0
+    assert main([*common, "--network_weights", f"{trained['loha']}:1", "--output", str(tmp_path / "one.png")]) == 0
+    plain, zero, one = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("plain", "zero", "one"))
+    assert np.array_equal(plain, zero)
+    assert np.abs(one - plain).max() > 0
+
+
+def test_lora_resize_fixed_and_dynamic(tmp_path):
+    from loratrain.core.lora.files import read_lora
+
+    g = torch.Generator().manual_seed(0)
+    sv = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25])
+    q1, _ = torch.linalg.qr(torch.randn(40, 6, generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(30, 6, generator=g))
+    up, down = (q1 * sv).contiguous(), q2.T.contiguous()  # up @ down has exactly these singular values
+    conv_down, conv_up = torch.randn(6, 8, 3, 3, generator=g), torch.randn(16, 6, 1, 1, generator=g)
+    src = tmp_path / "r6.safetensors"
+    save_file({"lora_unet_a.lora_up.weight": up, "lora_unet_a.lora_down.weight": down, "lora_unet_a.alpha": torch.tensor(3.0),
+               "lora_unet_c.lora_up.weight": conv_up, "lora_unet_c.lora_down.weight": conv_down,
+               "lora_unet_c.alpha": torch.tensor(6.0)}, str(src))
+    original, _ = read_lora(src)
+    out = tmp_path / "r2.safetensors"
+    assert main(["lora", "resize", str(src), "--output", str(out), "--new_rank", "2", "--save_precision", "float"]) == 0
+    got, meta = read_lora(out)
+    assert got["lora_unet_a"].rank == 2 and got["lora_unet_a"].scale == pytest.approx(0.5)  # alpha/rank scale kept
+    best = (q1[:, :2] * sv[:2]) @ q2.T[:2] * 0.5  # the best rank-2 approximation (Eckart-Young), scaled
+    assert torch.allclose(got["lora_unet_a"].delta((40, 30)), best, atol=1e-5)
+    shape = (16, 8, 3, 3)
+    full, cut = original["lora_unet_c"].delta(shape), got["lora_unet_c"].delta(shape)
+    s = torch.linalg.svdvals(full.reshape(16, -1))
+    assert torch.allclose((full - cut).reshape(16, -1).norm(), s[2:].norm(), atol=1e-4)  # error = the dropped values
+    assert json.loads(meta["loratrain.resize"])["new_rank"] == 2
+    # dynamic: sv_ratio 5 keeps 8, 4, 2 (>= 8/5); sv_fro 0.99 needs 3 (0.992), sv_cumulative 0.9 needs 4 (0.952)
+    for method, param, want in (("sv_ratio", 5, 3), ("sv_fro", 0.99, 3), ("sv_cumulative", 0.9, 4), ("sv_cumulative", 0.5, 1)):
+        dyn = tmp_path / f"{method}{param}.safetensors"
+        assert main(["lora", "resize", str(src), "--output", str(dyn), "--new_rank", "6", "--dynamic_method", method,
+                     "--dynamic_param", str(param)]) == 0
+        assert read_lora(dyn)[0]["lora_unet_a"].rank == want, (method, param)
+    assert main(["lora", "resize", str(src), "--output", str(tmp_path / "x.safetensors"), "--dynamic_method", "sv_fro"]) != 0
