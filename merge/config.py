@@ -128,10 +128,13 @@ class LoraResizeConfig(JobConfig):
                               "(keep this share of the Frobenius norm), sv_cumulative (this share of their sum)",
                               choices=list(RESIZE_METHODS))
     dynamic_param: float | None = opt(None, "the dynamic method's value (sv_ratio > 1, the shares in 0..1)", gt=0)
+    dylora_rank: int = opt(0, "cut a DyLoRA to its first N components instead of an SVD (a multiple of its unit)", ge=0)
     save_precision: str = opt("fp16", "output dtype", choices=[*CANONICAL, "float"])
     overwrite: bool = opt(False, "replace the output if it exists")
 
     def problems(self) -> list[Problem]:
+        if self.dylora_rank and self.dynamic_method:
+            return [("dylora_rank", "a DyLoRA cut keeps the first N components: no dynamic method with it")]
         if self.dynamic_method and self.dynamic_param is None:
             return [("dynamic_param", f"is required with --dynamic_method {self.dynamic_method}")]
         if self.dynamic_method in ("sv_fro", "sv_cumulative") and self.dynamic_param is not None and self.dynamic_param > 1:

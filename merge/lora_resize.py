@@ -57,6 +57,8 @@ def run_lora_resize(cfg: LoraResizeConfig, reporter: Reporter, stop: StopFlag) -
     if odd:
         raise ValueError(f"{cfg.model}: module {odd[0].name} is {odd[0].kind}; `lora resize` works on LoRA / LoCon files")
     dtype = dtype_of(cfg.save_precision)
+    if cfg.dylora_rank:
+        return _dylora_cut(cfg, modules, meta, out, dtype, reporter)
     result: dict[str, torch.Tensor] = {}
     ranks, shares = {}, []
     reporter.start(len(modules), "resize", unit="module")
@@ -92,3 +94,29 @@ def run_lora_resize(cfg: LoraResizeConfig, reporter: Reporter, stop: StopFlag) -
     save_safetensors(result, out, out_meta)
     reporter.done("")
     return LoraResizeResult(output=out, ranks=ranks, fro_kept=sum(shares) / len(shares))
+
+
+def _dylora_cut(cfg: LoraResizeConfig, modules: dict[str, LoraModule], meta: dict[str, str], out: Path, dtype: torch.dtype,
+                reporter: Reporter) -> LoraResizeResult:
+    """The first R components of every module, alpha kept (sd-scripts' extract_lora_from_dylora.py): a DyLoRA
+    trained each rank R at scale alpha/R, so the cut is the LoRA it learned at that rank."""
+    r = cfg.dylora_rank
+    unit = int(json.loads(meta.get("ss_network_args") or "{}").get("unit", 1))
+    if r % unit:
+        raise ValueError(f"{cfg.model}: a DyLoRA with unit {unit} is cut at multiples of {unit}, not {r}")
+    small = [m.name for m in modules.values() if m.rank < r]
+    if small:
+        raise ValueError(f"{cfg.model}: module {small[0]} has rank {modules[small[0]].rank}, below --dylora_rank {r}")
+    result: dict[str, torch.Tensor] = {}
+    reporter.start(len(modules), "cut", unit="module")
+    for name, m in modules.items():
+        result[f"{name}.lora_down.weight"] = m.down[:r].contiguous().to(dtype)
+        result[f"{name}.lora_up.weight"] = m.up[:, :r].contiguous().to(dtype)
+        result[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=dtype)
+        reporter.advance(1)
+    out_meta = {**meta, "ss_network_module": "networks.lora", "ss_network_dim": str(r),
+                "loratrain.resize": json.dumps({"from": Path(cfg.model).name, "dylora_rank": r})}
+    out_meta.pop("ss_network_args", None)
+    save_safetensors(result, out, out_meta)
+    reporter.done("")
+    return LoraResizeResult(output=out, ranks={n: r for n in modules}, fro_kept=float("nan"))

@@ -233,3 +233,42 @@ def test_lora_resize_fixed_and_dynamic(tmp_path):
                      "--dynamic_param", str(param)]) == 0
         assert read_lora(dyn)[0]["lora_unet_a"].rank == want, (method, param)
     assert main(["lora", "resize", str(src), "--output", str(tmp_path / "x.safetensors"), "--dynamic_method", "sv_fro"]) != 0
+
+
+def test_dylora_trains_every_rank_and_its_cut_is_the_first_components(tiny_files, trained, tmp_path):
+    from loratrain.core.lora.files import read_lora
+
+    data = trained["loha"].parent.parent / "data"
+    out = tmp_path / "dy"
+    assert main(["train", "--pretrained_model_name_or_path", str(tiny_files["sd1_file"]), "--train_data_dir", str(data),
+                 "--output_dir", str(out), "--output_name", "dy", "--resolution", "64", "--network_module", "networks.dylora",
+                 "--network_args", "unit=2", "--network_dim", "8", "--network_alpha", "4", "--learning_rate", "1e-2",
+                 "--max_train_steps", "6", "--train_batch_size", "2", "--save_precision", "float", "--network_train_unet_only"]) == 0
+    path = out / "dy.safetensors"
+    meta = read_safetensors_metadata(path)
+    assert meta["ss_network_module"] == "networks.dylora" and json.loads(meta["ss_network_args"])["unit"] == "2"
+    sd = load_file(str(path))
+    ups = [v for k, v in sd.items() if k.endswith("lora_up.weight")]
+    for block in range(4):  # every rank step was trained somewhere (lora_up starts at zero)
+        assert any(u[:, 2 * block:2 * block + 2].abs().sum() > 0 for u in ups), block
+    cut = tmp_path / "dy4.safetensors"
+    assert main(["lora", "resize", str(path), "--output", str(cut), "--dylora_rank", "4", "--save_precision", "float"]) == 0
+    full, small = read_lora(path)[0], read_lora(cut)[0]
+    for name, m in small.items():
+        assert m.rank == 4 and torch.equal(m.down, full[name].down[:4]) and torch.equal(m.up, full[name].up[:, :4])
+        assert m.alpha == full[name].alpha  # alpha kept: the rank-4 LoRA was trained at alpha/4
+    assert main(["lora", "resize", str(path), "--output", str(tmp_path / "x.safetensors"), "--dylora_rank", "3"]) != 0
+    # the network evaluated at rank 4 changes the UNet exactly as the cut file does
+    model = load_model(tiny_files["sd1_file"])
+    net = build_network("dylora", model, NetworkSpec(network_dim=8, network_alpha=4.0, unit=2, train_text_encoder=False))
+    net.load_kohya(sd, str(path))
+    net.forced_rank = 4
+    with_net = _unet_out(model)
+    plain = load_model(tiny_files["sd1_file"])
+    names = module_kohya_names(plain)
+    cut_sd = load_file(str(cut))
+    with torch.no_grad():
+        for name in small:
+            w = names[name].weight
+            w += formula_delta(cut_sd, name, w)
+    assert torch.allclose(_unet_out(plain), with_net, atol=1e-5)

@@ -63,12 +63,14 @@ class TrainConfig(JobConfig):
     on_bad_image: str = opt("skip", "corrupt image: skip it (named in the log) or error", choices=["skip", "error"], group=DATA,
                             advanced=True)
     # network
-    network_module: str = opt("lora", "network kind: lora, locon, loha, lokr, dora (sd-scripts' networks.lora and "
+    network_module: str = opt("lora", "network kind: lora, locon, loha, lokr, dora, dylora (sd-scripts' networks.lora and "
                               "lycoris.kohya with --network_args algo=... work too)",
                               registry="loratrain.training.networks:NETWORKS", group=NET)
     network_dim: int = opt(4, "LoRA rank", ge=1, group=NET)
     network_alpha: float = opt(1.0, "LoRA alpha; effective scale is alpha/dim (sd-scripts default 1)", gt=0, group=NET)
     network_dropout: float = opt(0.0, "dropout inside the adapters", ge=0, lt=1, group=NET, advanced=True)
+    dylora_unit: int = opt(1, "DyLoRA: the rank step (network_args unit=N); ranks unit, 2*unit, ... network_dim are trained",
+                           ge=1, group=NET, advanced=True)
     conv_dim: int | None = opt(None, "rank for 3x3 convolutions (LoCon); unset = no conv adapters", ge=1, group=NET)
     conv_alpha: float | None = opt(None, "alpha for 3x3 convolutions", gt=0, group=NET)
     network_train_unet_only: bool = opt(False, "train only the UNet adapters", group=NET)
@@ -223,6 +225,13 @@ class TrainConfig(JobConfig):
         out: list[Problem] = []
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             out.append(("network_train_text_encoder_only", "network_train_unet_only and network_train_text_encoder_only exclude each other"))
+        if self.network_module in ("dylora", "networks.dylora", "lycoris.dylora"):
+            for name in ("network_dim", "conv_dim"):
+                value = getattr(self, name)
+                if value and value % self.dylora_unit:
+                    out.append((name, f"{value} must be a multiple of the DyLoRA unit {self.dylora_unit}"))
+        elif self.dylora_unit != 1:
+            out.append(("dylora_unit", "only with network_module dylora"))
         if self.min_timestep >= self.max_timestep:
             out.append(("min_timestep", f"min_timestep {self.min_timestep} must be below max_timestep {self.max_timestep}"))
         if self.enable_bucket:

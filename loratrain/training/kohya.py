@@ -186,9 +186,9 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "zero_stage": (2,),
 }
 
-NETWORK_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha"}
+NETWORK_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "unit": "dylora_unit"}
 #: LyCORIS' `algo=` values and the network kind each one is here
-LYCORIS_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr"}
+LYCORIS_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr", "dylora": "dylora"}
 NETWORK_ARGS_REFUSED = {
     "factor": "LoKr's factor is chosen as LyCORIS' default (-1, most balanced) here; not settable yet",
     "use_tucker": "not implemented yet", "use_cp": "not implemented yet", "wd_on_output": "DoRA here is per output channel",
@@ -200,7 +200,7 @@ NETWORK_ARGS_REFUSED = {
     "loraplus_unet_lr_ratio": "not implemented yet", "loraplus_text_encoder_lr_ratio": "not implemented yet",
 }
 
-TRANSLATED = {"network_args": "conv_dim/conv_alpha -> LoCon; others refused by name",
+TRANSLATED = {"network_args": "conv_dim/conv_alpha -> LoCon, algo=loha/lokr/locon -> that kind, dora_wd=True -> dora; others refused by name",
               "save_model_as": "safetensors only; ckpt/pt refused (pickles), diffusers -> save_peft_format"}
 SAVE_MODEL_AS = {"ckpt": "a pickle (unsafe to load); loratrain writes .safetensors only",
                  "pt": "a pickle (unsafe to load); loratrain writes .safetensors only",

@@ -133,7 +133,8 @@ class LoRATrainer:
         if cfg.xformers:
             self.model.unet.enable_xformers_memory_efficient_attention()
         spec = NetworkSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout,
-                           train_unet=not cfg.network_train_text_encoder_only, train_text_encoder=not cfg.network_train_unet_only)
+                           train_unet=not cfg.network_train_text_encoder_only, train_text_encoder=not cfg.network_train_unet_only,
+                           unit=cfg.dylora_unit)
         with seeded(cfg.seed, self.device):  # adapter init: same seed, same run
             self.network: Network = build_network(cfg.network_module, self.model, spec)
         # PEFT creates adapters in the base layer's dtype: under fp16/bf16 mixed precision they would train in half
@@ -338,6 +339,7 @@ class LoRATrainer:
             while self.micro < len(batches) and self.global_step < plan.max_train_steps:
                 group = batches[self.micro: self.micro + accum]
                 step_loss = 0.0
+                self.network.begin_step(_seed_for(cfg.seed, self.epoch, self.micro, 5, 0))
                 for offset, global_batch in enumerate(group):
                     batch, first = local_share(global_batch, acc.process_index, acc.num_processes)
                     if not batch:

@@ -27,6 +27,7 @@ class NetworkSpec:
     network_dropout: float = 0.0
     train_unet: bool = True
     train_text_encoder: bool = True
+    unit: int = 1  # DyLoRA: ranks unit, 2*unit, ... network_dim
 
 
 @dataclass
@@ -111,6 +112,9 @@ class Network:
 
     def set_multiplier(self, value: float) -> None:
         raise NotImplementedError
+
+    def begin_step(self, seed: int) -> None:
+        """Called before each optimisation step with a seed of that step (DyLoRA picks its ranks from it)."""
 
     def args(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -147,3 +147,71 @@ def _locon(model: SDModel, spec: NetworkSpec) -> Network:
     net = PeftLoRANetwork(model, spec)
     net.kind = "locon"
     return net
+
+
+class DyLoRANetwork(PeftLoRANetwork):
+    """DyLoRA (sd-scripts' networks.dylora, unit=N): one LoRA whose first R components, for every R = unit,
+    2*unit, ... dim, work as a LoRA of rank R. Each step, each module trains at a random rank b (from the step's
+    seed, so a resumed run draws the same): the forward uses only its first b components, scaled alpha/b, and
+    only the newest block b-unit..b learns (the earlier ones are held, as in the DyLoRA paper). Evaluation and
+    saving use the full rank. `lora resize --dylora_rank R` cuts the file."""
+
+    def __init__(self, model: SDModel, spec: NetworkSpec) -> None:
+        super().__init__(model, spec)
+        self.kind, self.unit = "dylora", spec.unit
+        self.step_seed: int | None = None
+        self.forced_rank: int | None = None  # evaluate every module at this rank (tests, previews of a cut)
+        for index, (target, layer) in enumerate(self._pairs()):
+            self._patch(layer, target.rank, index)
+
+    def _rank(self, rank: int, index: int) -> int | None:
+        if self.forced_rank is not None:
+            return min(self.forced_rank, rank)
+        if self.step_seed is None:
+            return None
+        rng = torch.Generator().manual_seed((self.step_seed * 1_000_003 + index) % (2 ** 63))
+        return int(torch.randint(1, rank // self.unit + 1, (1,), generator=rng)) * self.unit
+
+    def _patch(self, layer, rank: int, index: int) -> None:  # noqa: ANN001
+        import torch.nn.functional as F
+
+        a_mod, b_mod = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+        chosen: dict[str, int] = {}
+        net = self
+
+        def rows(w: torch.Tensor, b: int, dim: int) -> torch.Tensor:
+            keep = w.narrow(dim, 0, b)
+            if net.forced_rank is not None or b <= net.unit:
+                return keep
+            return torch.cat([keep.narrow(dim, 0, b - net.unit).detach(), keep.narrow(dim, b - net.unit, net.unit)], dim)
+
+        def forward_a(x: torch.Tensor) -> torch.Tensor:
+            b = net._rank(rank, index) if a_mod.training or net.forced_rank is not None else None
+            chosen["b"] = b or 0  # 0: the full, plain forward (evaluation, saving, sampling)
+            if not b:
+                return type(a_mod).forward(a_mod, x)
+            w = rows(a_mod.weight, b, 0)
+            if isinstance(a_mod, torch.nn.Conv2d):
+                return F.conv2d(x, w, None, a_mod.stride, a_mod.padding, a_mod.dilation, a_mod.groups)
+            return F.linear(x, w)
+
+        def forward_b(h: torch.Tensor) -> torch.Tensor:
+            b = chosen.get("b", 0)
+            if not b:
+                return type(b_mod).forward(b_mod, h)
+            w = rows(b_mod.weight, b, 1)
+            out = F.conv2d(h, w, None, b_mod.stride, b_mod.padding) if isinstance(b_mod, torch.nn.Conv2d) else F.linear(h, w)
+            return out * (rank / b)  # alpha/b instead of PEFT's alpha/rank
+
+        a_mod.forward, b_mod.forward = forward_a, forward_b
+
+    def begin_step(self, seed: int) -> None:
+        self.step_seed = seed
+
+    def args(self) -> dict:
+        return {**super().args(), "unit": str(self.unit)}
+
+
+@NETWORKS.register("dylora", "networks.dylora", "lycoris.dylora")
+def _dylora(model: SDModel, spec: NetworkSpec) -> Network:
+    return DyLoRANetwork(model, spec)
