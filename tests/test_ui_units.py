@@ -111,6 +111,20 @@ def test_form_round_trips_every_train_option(tmp_path):
     assert form.to_dict(values)["unet_lr"] is None and "learning_rate" not in form.to_dict(values)
 
 
+def test_the_network_choice_offers_every_kind_and_builds_it(tmp_path):
+    from loratrain.ui.forms import _choices
+
+    cfg = demo_train_config(tmp_path / "demo", 20)
+    form = Form(TrainConfig, "t")
+    choices = _choices(TrainConfig, "network_module")
+    assert {"lora", "locon", "loha", "lokr", "dora", "dylora"} <= set(choices)
+    for kind in ("loha", "lokr", "dora", "dylora"):
+        built, problems = form.build(form.to_values({**cfg.model_dump(), "network_module": kind}), check_ready=True)
+        assert problems == [] and built.network_module == kind
+    built, problems = form.build(form.to_values({**cfg.model_dump(), "network_module": "dylora", "dylora_unit": 3}))
+    assert any(f == "network_dim" and "multiple of the DyLoRA unit 3" in m for f, m in problems), problems
+
+
 def test_form_reports_problems_against_their_fields():
     form = Form(TrainConfig, "t")
     values = form.to_values({"resolution": "65", "network_dim": 0})
