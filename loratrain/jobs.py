@@ -76,6 +76,16 @@ TAG_EDITS = {
 add(
     JobSpec(("train",), f"{T}.config:TrainConfig", f"{T}.trainer:run_train", "train a LoRA / LoCon",
             "Train a LoRA; options use sd-scripts names.", stop_when="after this step and saving a resumable state", gpu=True),
+    JobSpec(("dreambooth",), f"{T}.dreambooth:DreamBoothConfig", f"{T}.dreambooth:run_dreambooth",
+            "DreamBooth: fine-tune the whole model with class images (generated when missing) and prior preservation",
+            "Full fine-tune of SD1/SD2/SDXL from the same N_concept folders as `train`; --class_prompt and "
+            "--num_class_images fill --reg_data_dir with class images from the base model. Saves single-file checkpoints.",
+            fixed={"network_module": "full"}, stop_when="after this step and saving a resumable state", gpu=True),
+    JobSpec(("finetune",), f"{T}.dreambooth:FinetuneConfig", f"{T}.dreambooth:run_finetune",
+            "fine-tune the whole model (UNet, and text encoders unless --network_train_unet_only)",
+            "The training loop of `train` on every weight; saves single-file checkpoints (`lora extract` against the "
+            "base gives a LoRA of the result).", fixed={"network_module": "full"},
+            stop_when="after this step and saving a resumable state", gpu=True),
     JobSpec(("generate",), f"{G}.config:GenerateConfig", f"{G}.generate:run_generate",
             "generate an image with a base model and LoRAs", gpu=True),
     JobSpec(("grid",), f"{G}.config:GridConfig", f"{G}.runner:run_grid",

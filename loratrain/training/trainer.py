@@ -40,7 +40,7 @@ from .metadata import lora_metadata
 from .networks import Network, NetworkSpec, build_network
 from .noise import debiased_weight, elementwise_loss, huber_c, min_snr_weight, offset_noise, pyramid_noise
 from .optim import create_optimizer, create_scheduler
-from .saving import STATE_SUFFIX, find_state, load_state, prune_saves, save_lora, save_state
+from .saving import STATE_SUFFIX, find_state, load_state, prune_saves, save_state
 
 
 class TrainingError(RuntimeError):
@@ -59,7 +59,8 @@ class TrainResult(JobResult):
     def summary(self) -> list[str]:
         if self.stopped:
             return [f"stopped at step {self.global_step}; resume with --resume {self.state_dir}"]
-        return [f"done: {self.global_step} steps, LoRA at {self.lora_path}"]
+        what = "checkpoint" if self.lora_path and self.lora_path.suffix and _is_checkpoint(self.lora_path) else "LoRA"
+        return [f"done: {self.global_step} steps, {what} at {self.lora_path}"]
 
 
 @contextmanager
@@ -84,6 +85,15 @@ def build_specs(cfg: TrainConfig, log=lambda text: None) -> list[DatasetSpec]:
         return specs_from_toml(cfg.dataset_config, defaults)
     subsets = subsets_from_folders(cfg.train_data_dir, cfg.reg_data_dir or None, defaults, log)
     return [DatasetSpec(subsets=subsets, **{k: v for k, v in defaults.items() if k in DatasetSpec.__dataclass_fields__})]
+
+
+def _is_checkpoint(path: Path) -> bool:
+    from loratrain.core.safe_io import read_safetensors_metadata
+
+    try:
+        return read_safetensors_metadata(path).get("loratrain.full_finetune") == "1"
+    except (OSError, ValueError):
+        return False
 
 
 def _seed_for(*parts: int) -> int:
@@ -243,7 +253,9 @@ class LoRATrainer:
         self.data.cache_latents(encode, _vae_id(self.model), self.cfg.cache_latents_to_disk, self.cfg.on_bad_image,
                                 progress=lambda n: self.reporter.advance(n))
         self.reporter.done("")
-        if not self.cfg.sample_prompts:
+        if self.cfg.network_module in ("full", "finetune"):
+            self.model.vae.to("cpu")  # a full fine-tune saves the whole model, VAE included
+        elif not self.cfg.sample_prompts:
             self.model.vae = None  # not needed again: its memory goes back before training starts
             del vae
 
@@ -467,7 +479,7 @@ class LoRATrainer:
         if not self.accelerator.is_main_process:
             return
         self._optimizer_mode("eval")
-        self.last_save = save_lora(self.network, path, self.cfg.save_precision, self._metadata(), self.cfg.save_peft_format)
+        self.last_save = self.network.save(path, self.cfg.save_precision, self._metadata(), self.cfg.save_peft_format)
         save_state(self.state_dir, self.network, self.optimizer, self.scheduler, self._state_info())
         self._optimizer_mode("train")
         self.reporter.log(f"saved {path.name} and training state (step {self.global_step})")

@@ -113,6 +113,12 @@ class Network:
     def set_multiplier(self, value: float) -> None:
         raise NotImplementedError
 
+    def save(self, path: Any, precision: str, metadata: dict[str, str], peft_copy: bool = False) -> Any:
+        """Write the trained result to `path` (a LoRA file in kohya / LyCORIS layout; a full fine-tune overrides it)."""
+        from ..saving import save_lora
+
+        return save_lora(self, path, precision, metadata, peft_copy)
+
     def begin_step(self, seed: int) -> None:
         """Called before each optimisation step with a seed of that step (DyLoRA picks its ranks from it)."""
 

@@ -1,0 +1,102 @@
+"""Full fine-tuning (DreamBooth and plain fine-tune) as a "network" of the trainer: every UNet weight, and the
+text encoder(s) unless `network_train_unet_only`, train directly; saves are single-file LDM checkpoints.
+
+Being one more registry entry means the whole training loop (data, buckets, noise and loss options, schedules,
+optimizers, resume, samples, TensorBoard, data parallel) is the LoRA trainer's, unchanged.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loratrain.core.models.loading import SDModel
+
+from .base import NETWORKS, Network, NetworkSpec, Target
+
+
+class FullNetwork(Network):
+    kind = "full"
+
+    def __init__(self, model: SDModel, spec: NetworkSpec) -> None:
+        targets = [Target("unet", "", "unet", 0, 0.0)] if spec.train_unet else []
+        if spec.train_text_encoder:
+            targets += [Target(te.component, "", te.component, 0, 0.0) for te in model.family.text_encoders]
+        super().__init__(model, spec, targets)
+        if not targets:
+            raise ValueError("nothing to train: enable the UNet and/or the text encoder")
+        self.stop_text_encoder_after = 0  # steps; 0 = train them to the end
+        self.steps = 0
+        for module in self.parts().values():
+            module.requires_grad_(True)
+
+    def trainable_parameters(self, part: str) -> list[torch.nn.Parameter]:
+        module = self.parts().get(part)
+        return [p for p in module.parameters() if p.requires_grad] if module is not None else []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {f"{part}.{k}": v.detach().clone() for part, m in self.parts().items() for k, v in m.state_dict().items()}
+        out["loratrain.steps"] = torch.tensor(self.steps)
+        return out
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.steps = int(sd.get("loratrain.steps", torch.tensor(0)))
+        for part, module in self.parts().items():
+            mine = {k[len(part) + 1:]: v for k, v in sd.items() if k.startswith(part + ".")}
+            missing, unexpected = module.load_state_dict(mine, strict=False)
+            if unexpected or missing:
+                raise ValueError(f"saved weights do not fit this model ({part}: {(unexpected or missing)[:2]})")
+        self._freeze_text_encoders_if_due()
+
+    def begin_step(self, seed: int) -> None:
+        self.steps += 1
+        self._freeze_text_encoders_if_due()
+
+    def _freeze_text_encoders_if_due(self) -> None:
+        """--stop_text_encoder_training N: after N steps the text encoders keep their weights (grads stay None, so
+        the optimizer skips them)."""
+        if self.stop_text_encoder_after and self.steps > self.stop_text_encoder_after:
+            for part, module in self.parts().items():
+                if part != "unet":
+                    module.requires_grad_(False)
+                    for p in module.parameters():
+                        p.grad = None
+
+    def save(self, path: Path, precision: str, metadata: dict[str, str], peft_copy: bool = False) -> Path:
+        """The whole model as one LDM / A1111 single-file checkpoint (what A1111, ComfyUI and diffusers'
+        from_single_file read), written atomically."""
+        from loratrain.core.models.single_file import configs_metadata, join_checkpoint
+        from loratrain.core.models.tiny import components_state
+        from loratrain.core.precision import dtype_of
+        from loratrain.core.safe_io import save_safetensors
+
+        dtype = dtype_of(precision)
+        flat = join_checkpoint(components_state(self.model), self.model.family, self.model.configs)
+        flat = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous() for k, v in flat.items()}
+        keep = {k: v for k, v in metadata.items() if k.startswith(("modelspec.", "ss_training_comment", "ss_output_name"))}
+        save_safetensors(flat, path, {**keep, **configs_metadata(self.model.configs), "loratrain.full_finetune": "1"})
+        return path
+
+    def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        raise ValueError("a full fine-tune saves a checkpoint; `lora extract` against the base gives a LoRA of it")
+
+    def load_kohya(self, sd: dict[str, torch.Tensor], source: str) -> int:
+        raise ValueError(f"{source}: network_weights (a LoRA) cannot start a full fine-tune; start from a checkpoint instead")
+
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        raise ValueError("scale_weight_norms applies to LoRA networks, not a full fine-tune")
+
+    def peft_state_dict(self, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+        raise ValueError("a full fine-tune has no PEFT adapter to save")
+
+    def set_multiplier(self, value: float) -> None:
+        pass
+
+    def args(self) -> dict[str, Any]:
+        return {}
+
+
+@NETWORKS.register("full", "finetune")
+def _full(model: SDModel, spec: NetworkSpec) -> Network:
+    return FullNetwork(model, spec)
