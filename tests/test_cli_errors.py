@@ -49,8 +49,8 @@ def train_args(tiny_files, dataset, tmp_path):
 def test_registry_names_are_checked_before_the_model_loads(train_args, tmp_path, dataset):
     res = cli(*train_args, "--optimizer_type", "adamq")
     clean_failure(res, "optimizer_type", "unknown optimizer 'adamq'", "AdamW", "Lion")
-    res = cli(*train_args, "--network_module", "lokr")
-    clean_failure(res, "network_module", "unknown network kind 'lokr'", "locon")
+    res = cli(*train_args, "--network_module", "glora")
+    clean_failure(res, "network_module", "unknown network kind 'glora'", "locon", "loha")
     res = cli(*train_args, "--lr_scheduler", "cosine_fast")
     clean_failure(res, "unknown lr scheduler", "cosine_with_restarts")
     prompts = tmp_path / "p.txt"

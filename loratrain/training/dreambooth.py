@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from loratrain.core.config import Problem, opt
 from loratrain.core.images import list_images
 from loratrain.core.jobs import job
@@ -65,6 +63,7 @@ def make_class_images(cfg: DreamBoothConfig, reporter: Reporter, stop: StopFlag)
     need = cfg.num_class_images - have
     if need <= 0:
         return 0, False
+    import torch
     from PIL.PngImagePlugin import PngInfo
 
     from loratrain.core.devices import pick_device
