@@ -20,6 +20,10 @@ from .config import DATA, OPTIM, TrainConfig
 class FinetuneConfig(TrainConfig):
     stop_text_encoder_training: int = opt(0, "stop training the text encoder(s) after this many steps (0 = never)", ge=0,
                                           group=OPTIM)
+    use_ema: bool = opt(False, "keep an exponential moving average of the weights and save it", group=OPTIM)
+    ema_decay: float = opt(0.9999, "EMA decay (diffusers' EMAModel, with its warm-up)", gt=0, lt=1, group=OPTIM, advanced=True)
+    ema_on_cpu: bool = opt(False, "keep the EMA weights in CPU memory (frees GPU memory, costs a copy per step)",
+                           group=OPTIM, advanced=True)
 
     def problems(self) -> list[Problem]:
         out = super().problems()
@@ -108,8 +112,6 @@ def _train(cfg: FinetuneConfig, reporter: Reporter, stop: StopFlag):  # noqa: AN
 
     trainer = LoRATrainer(cfg, reporter, stop)
     trainer.setup()
-    trainer.network.stop_text_encoder_after = cfg.stop_text_encoder_training  # type: ignore[attr-defined]
-    trainer.network._freeze_text_encoders_if_due()  # type: ignore[attr-defined]
     return trainer.run()
 
 

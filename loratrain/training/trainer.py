@@ -144,7 +144,9 @@ class LoRATrainer:
             self.model.unet.enable_xformers_memory_efficient_attention()
         spec = NetworkSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout,
                            train_unet=not cfg.network_train_text_encoder_only, train_text_encoder=not cfg.network_train_unet_only,
-                           unit=cfg.dylora_unit)
+                           unit=cfg.dylora_unit, ema_decay=getattr(cfg, "ema_decay", 0.0) if getattr(cfg, "use_ema", False) else 0.0,
+                           ema_on_cpu=getattr(cfg, "ema_on_cpu", False),
+                           stop_text_encoder_after=getattr(cfg, "stop_text_encoder_training", 0))
         with seeded(cfg.seed, self.device):  # adapter init: same seed, same run
             self.network: Network = build_network(cfg.network_module, self.model, spec)
         # PEFT creates adapters in the base layer's dtype: under fp16/bf16 mixed precision they would train in half
@@ -370,6 +372,7 @@ class LoRATrainer:
                 if cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 self.optimizer.step()
+                self.network.end_step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 norms = self.network.apply_max_norm(cfg.scale_weight_norms) if cfg.scale_weight_norms else None

@@ -28,6 +28,9 @@ class NetworkSpec:
     train_unet: bool = True
     train_text_encoder: bool = True
     unit: int = 1  # DyLoRA: ranks unit, 2*unit, ... network_dim
+    ema_decay: float = 0.0  # full fine-tune: EMA of the weights (0 = off)
+    ema_on_cpu: bool = False
+    stop_text_encoder_after: int = 0  # full fine-tune: steps the text encoders train (0 = all)
 
 
 @dataclass
@@ -121,6 +124,9 @@ class Network:
 
     def begin_step(self, seed: int) -> None:
         """Called before each optimisation step with a seed of that step (DyLoRA picks its ranks from it)."""
+
+    def end_step(self) -> None:
+        """Called after each optimiser step (the full fine-tune updates its EMA here)."""
 
     def args(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

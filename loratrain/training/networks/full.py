@@ -26,10 +26,29 @@ class FullNetwork(Network):
         super().__init__(model, spec, targets)
         if not targets:
             raise ValueError("nothing to train: enable the UNet and/or the text encoder")
-        self.stop_text_encoder_after = 0  # steps; 0 = train them to the end
+        self.stop_text_encoder_after = spec.stop_text_encoder_after  # steps; 0 = train them to the end
         self.steps = 0
         for module in self.parts().values():
             module.requires_grad_(True)
+        self.ema = None
+        if spec.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            self.ema_params = [p for m in self.parts().values() for p in m.parameters()]
+            self.ema = EMAModel(self.ema_params, decay=spec.ema_decay)
+            self.ema_on_cpu = spec.ema_on_cpu
+            if spec.ema_on_cpu:
+                self.ema.to("cpu")
+
+    def end_step(self) -> None:
+        """EMA of every trained weight (diffusers' EMAModel and its decay warm-up); with ema_on_cpu the shadow
+        weights live in CPU memory and each step's weights are copied there."""
+        if self.ema is None:
+            return
+        params = self.ema_params
+        if self.ema_on_cpu and params and params[0].device.type != "cpu":
+            params = [p.detach().to("cpu").requires_grad_(p.requires_grad) for p in params]
+        self.ema.step(params)
 
     def trainable_parameters(self, part: str) -> list[torch.nn.Parameter]:
         module = self.parts().get(part)
@@ -38,10 +57,18 @@ class FullNetwork(Network):
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"{part}.{k}": v.detach().clone() for part, m in self.parts().items() for k, v in m.state_dict().items()}
         out["loratrain.steps"] = torch.tensor(self.steps)
+        if self.ema is not None:
+            out.update({f"loratrain.ema.{i}": t.detach().clone() for i, t in enumerate(self.ema.shadow_params)})
+            out["loratrain.ema_step"] = torch.tensor(self.ema.optimization_step)
         return out
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         self.steps = int(sd.get("loratrain.steps", torch.tensor(0)))
+        if self.ema is not None and "loratrain.ema_step" in sd:
+            with torch.no_grad():
+                for i, t in enumerate(self.ema.shadow_params):
+                    t.copy_(sd[f"loratrain.ema.{i}"].to(t.device, t.dtype))
+            self.ema.optimization_step = int(sd["loratrain.ema_step"])
         for part, module in self.parts().items():
             mine = {k[len(part) + 1:]: v for k, v in sd.items() if k.startswith(part + ".")}
             missing, unexpected = module.load_state_dict(mine, strict=False)
@@ -72,10 +99,19 @@ class FullNetwork(Network):
         from loratrain.core.safe_io import save_safetensors
 
         dtype = dtype_of(precision)
-        flat = join_checkpoint(components_state(self.model), self.model.family, self.model.configs)
-        flat = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous() for k, v in flat.items()}
+        if self.ema is not None:  # the averaged weights are what is saved; training goes on with the raw ones
+            self.ema.store(self.ema_params)
+            self.ema.copy_to(self.ema_params)
+        try:  # copies, taken while the EMA weights are in place (state_dict tensors are the parameters themselves)
+            flat = join_checkpoint(components_state(self.model), self.model.family, self.model.configs)
+            flat = {k: (v.detach().to("cpu", dtype, copy=True) if v.is_floating_point() else v.detach().to("cpu", copy=True))
+                    .contiguous() for k, v in flat.items()}
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self.ema_params)
         keep = {k: v for k, v in metadata.items() if k.startswith(("modelspec.", "ss_training_comment", "ss_output_name"))}
-        save_safetensors(flat, path, {**keep, **configs_metadata(self.model.configs), "loratrain.full_finetune": "1"})
+        extra = {"loratrain.ema_decay": str(self.ema.decay)} if self.ema is not None else {}
+        save_safetensors(flat, path, {**keep, **configs_metadata(self.model.configs), "loratrain.full_finetune": "1", **extra})
         return path
 
     def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
