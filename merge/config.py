@@ -102,6 +102,8 @@ class BakeConfig(JobConfig):
 class LoraMergeConfig(JobConfig):
     loras: list[str] = opt([], "LoRA files as PATH[:RATIO]", path="lora")
     output: str = opt("", "output .safetensors", path="output")
+    model: str = opt("", "the base checkpoint: needed (with --mode svd) to merge LoHa / LoKr / (IA)^3 / DoRA files, for "
+                     "their weights' shapes and, for (IA)^3 and DoRA, the weights themselves", path="file")
     mode: str = opt("concat", "concat: exact sum, rank = sum of ranks; svd: re-factorise to --new_rank", choices=["concat", "svd"])
     new_rank: int = opt(16, "svd: rank of linear / 1x1 modules", ge=1)
     new_conv_rank: int | None = opt(None, "svd: rank of 3x3 conv modules (default: new_rank)", ge=1)

@@ -42,6 +42,8 @@ def run_lora_merge(cfg: LoraMergeConfig, reporter: Reporter, stop: StopFlag) -> 
         inputs.append((spec.ratio, modules))
         metas.append(meta)
     names = list(dict.fromkeys(n for _, mods in inputs for n in mods))
+    lyco = sorted({m.kind for _, mods in inputs for m in mods.values() if not isinstance(m, LoraModule)})
+    base = _Base(cfg, inputs) if lyco else None
     dtype = dtype_of(cfg.save_precision)
     result: dict[str, torch.Tensor] = {}
     ranks = set()
@@ -50,11 +52,11 @@ def run_lora_merge(cfg: LoraMergeConfig, reporter: Reporter, stop: StopFlag) -> 
         if stop.is_set():
             return LoraMergeResult(output=None, stopped=True)
         parts = [(ratio, mods[name]) for ratio, mods in inputs if name in mods]
-        lyco = [p for _, p in parts if not isinstance(p, LoraModule)]
-        if lyco:
-            raise ValueError(f"module {name} is {lyco[0].kind}: `lora merge` takes LoRA / LoCon files (a LoHa, LoKr, (IA)^3 or "
-                             "DoRA module does not say the kernel shape of its weight); bake them into a checkpoint with "
-                             "`lora bake`, or extract a LoRA from the baked checkpoint with `lora extract`")
+        if base is not None:
+            site = base.sites.get(name)
+            if site is None:
+                raise ValueError(f"module {name} is not in {Path(cfg.model).name}; are the LoRAs for this model?")
+            shapes = {(site.shape[0], tuple(site.shape[1:]))}
         else:
             shapes = {(p.up.shape[0], tuple(p.down.shape[1:])) for _, p in parts}
         if len(shapes) > 1:
@@ -65,7 +67,8 @@ def run_lora_merge(cfg: LoraMergeConfig, reporter: Reporter, stop: StopFlag) -> 
         else:
             out_dim, rest = shapes.pop()
             target = (out_dim, *rest)
-            delta = sum(r * p.delta(target) for r, p in parts)
+            weight = base.weight(name) if base is not None and any(p.needs_base for _, p in parts) else None
+            delta = sum(r * p.delta(target, weight) for r, p in parts)
             is_3x3 = len(rest) == 3 and rest[1:] != (1, 1)
             rank = (cfg.new_conv_rank or cfg.new_rank) if is_3x3 else cfg.new_rank
             up, down = factorize(delta, rank, cfg.clamp_quantile)
@@ -84,7 +87,37 @@ def run_lora_merge(cfg: LoraMergeConfig, reporter: Reporter, stop: StopFlag) -> 
         values = {m.get(key) for m in metas}
         if len(values) == 1 and None not in values:
             meta[key] = values.pop()
+    if base is not None:
+        base.close()
+        meta["loratrain.merged_kinds"] = json.dumps(lyco)
     save_safetensors(result, out, meta)
     reporter.done("")
     return LoraMergeResult(output=out, modules=len(names), rank=max(ranks))
 
+
+class _Base:
+    """The base checkpoint, read lazily: module shapes for LyCORIS kinds and weights for (IA)^3 / DoRA."""
+
+    def __init__(self, cfg: LoraMergeConfig, inputs: list) -> None:
+        from loratrain.core.config import ConfigError
+
+        kinds = sorted({m.kind for _, mods in inputs for m in mods.values() if not isinstance(m, LoraModule)})
+        if not cfg.model:
+            raise ConfigError(f"the inputs hold {', '.join(kinds)} modules: give --model (the base checkpoint) so their "
+                              "weights' shapes are known, and --mode svd")
+        if cfg.mode != "svd":
+            raise ConfigError(f"the inputs hold {', '.join(kinds)} modules: only --mode svd merges them (into a LoRA)")
+        from loratrain.core.lora.keys import lora_sites
+
+        from .checkpoint import open_model
+
+        self.model, family = open_model(cfg.model, "model")
+        self.sites = lora_sites({k: v.shape for k, v in self.model.tensors.items()}, family, self.model.metadata)
+
+    def weight(self, name: str) -> torch.Tensor:
+        site = self.sites[name]
+        w = self.model.read(site.key).float()
+        return w[site.rows[0]:site.rows[1]] if site.rows else w
+
+    def close(self) -> None:
+        self.model.close()

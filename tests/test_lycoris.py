@@ -272,3 +272,32 @@ def test_dylora_trains_every_rank_and_its_cut_is_the_first_components(tiny_files
             w = names[name].weight
             w += formula_delta(cut_sd, name, w)
     assert torch.allclose(_unet_out(plain), with_net, atol=1e-5)
+
+
+def test_lora_merge_takes_lycoris_files_with_the_base_model(tiny_files, trained, tmp_path):
+    """LoHa + DoRA merged into one LoRA by SVD: at full rank the merged LoRA is exactly the sum of their formulas."""
+    from loratrain.core.lora.files import read_lora
+
+    loha, dora = trained["loha"], trained["dora"]
+    out = tmp_path / "merged.safetensors"
+    assert main(["lora", "merge", "--loras", f"{loha}:0.7", f"{dora}:0.5", "--output", str(out)]) != 0  # no --model
+    assert not out.exists()
+    assert main(["lora", "merge", "--loras", f"{loha}:0.7", f"{dora}:0.5", "--model", str(tiny_files["sd1_file"]), "--mode", "svd",
+                 "--new_rank", "512", "--clamp_quantile", "1", "--save_precision", "float", "--output", str(out)]) == 0
+    merged, _ = read_lora(out)
+    base = load_model(tiny_files["sd1_file"])
+    names = module_kohya_names(base)
+    a, b = load_file(str(loha)), load_file(str(dora))
+    checked = 0
+    for name, m in merged.items():
+        if not name.startswith("lora_unet_"):
+            continue
+        w = names[name].weight
+        want = torch.zeros_like(w)
+        if any(k.startswith(name + ".") for k in a):
+            want += 0.7 * formula_delta(a, name, w)
+        if any(k.startswith(name + ".") for k in b):
+            want += 0.5 * formula_delta(b, name, w)
+        assert torch.allclose(m.delta(tuple(w.shape)), want, atol=1e-4), name
+        checked += 1
+    assert checked > 20
