@@ -170,7 +170,7 @@ def test_a_gui_command_line_runs(tiny_files, dataset, tmp_path):
 @pytest.mark.parametrize("args,named", [
     (["--full_fp16"], "full_fp16"),
     (["--full_bf16"], "needs mixed_precision bf16"),
-    (["--network_args", "algo=ia3"], "algo"),
+    (["--network_args", "algo=glora"], "algo"),
     (["--save_model_as", "ckpt"], "pickle"),
     (["--max_token_length", "300"], "max_token_length"),
     (["--log_with", "wandb"], "log_with"),

@@ -21,6 +21,10 @@ def formula_delta(sd: dict[str, torch.Tensor], name: str, weight: torch.Tensor) 
     """dW of module `name`, from the formulas of the reference (lora_trainer.md §2.4), written out here."""
     t = {k[len(name) + 1:]: v.float() for k, v in sd.items() if k.startswith(name + ".")}
     shape, w = weight.shape, weight.float()
+    if "on_input" in t:  # (IA)^3: W' = W * (1 + w), w along the input (or output) channels
+        view = [1] * len(shape)
+        view[1 if int(t["on_input"]) else 0] = -1
+        return w * t["weight"].flatten().reshape(view)
     if "hada_w1_a" in t:
         r = t["hada_w1_b"].shape[0]
         d = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * (float(t["alpha"]) / r)
@@ -63,7 +67,7 @@ def trained(tiny_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("lyco")
     make_concept_images(root / "data" / "3_circle", "circle", 4, 64, 0)
     out = {}
-    for kind, extra in (("loha", ["--conv_dim", "2", "--conv_alpha", "1"]), ("lokr", []), ("dora", [])):
+    for kind, extra in (("loha", ["--conv_dim", "2", "--conv_alpha", "1"]), ("lokr", []), ("dora", []), ("ia3", [])):
         args = ["train", "--pretrained_model_name_or_path", str(tiny_files["sd1_file"]), "--train_data_dir", str(root / "data"),
                 "--output_dir", str(root / kind), "--output_name", kind, "--resolution", "64", "--network_module", kind,
                 "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-2", "--max_train_steps", "3",
@@ -73,11 +77,11 @@ def trained(tiny_files, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora", "ia3"])
 def test_the_file_is_lycoris_layout_and_its_formula_is_the_trained_effect(tiny_files, trained, kind):
     path = trained[kind]
     sd, meta = load_file(str(path)), read_safetensors_metadata(path)
-    marker = {"loha": ".hada_w1_a", "lokr": ".lokr_w1", "dora": ".dora_scale"}[kind]
+    marker = {"loha": ".hada_w1_a", "lokr": ".lokr_w1", "dora": ".dora_scale", "ia3": ".on_input"}[kind]
     assert any(k.endswith(marker) for k in sd) and all(k.startswith(("lora_unet_", "lora_te_")) for k in sd)
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert json.loads(meta["ss_network_args"]).get("algo" if kind != "dora" else "dora_wd") == (kind if kind != "dora" else "True")
@@ -104,7 +108,7 @@ def test_the_file_is_lycoris_layout_and_its_formula_is_the_trained_effect(tiny_f
     del names
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora", "ia3"])
 def test_bake_and_generation_apply_the_formula(tiny_files, trained, tmp_path, kind):
     path = trained[kind]
     sd = load_file(str(path))
@@ -182,8 +186,9 @@ def test_lycoris_spellings_of_sd_scripts_users(tiny_files, tmp_path):
     assert TrainConfig.build({"network_module": "networks.lora", "network_args": ["dora_wd=True"]}).network_module == "dora"
     from loratrain.core.config import ConfigError
 
-    with pytest.raises(ConfigError, match="algo=ia3"):
-        TrainConfig.build({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]})
+    with pytest.raises(ConfigError, match="algo=glora"):
+        TrainConfig.build({"network_module": "lycoris.kohya", "network_args": ["algo=glora"]})
+    assert TrainConfig.build({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]}).network_module == "ia3"
 
 
 def test_generate_and_grid_apply_lycoris_files(tiny_files, trained, tmp_path):

@@ -63,7 +63,7 @@ class TrainConfig(JobConfig):
     on_bad_image: str = opt("skip", "corrupt image: skip it (named in the log) or error", choices=["skip", "error"], group=DATA,
                             advanced=True)
     # network
-    network_module: str = opt("lora", "network kind: lora, locon, loha, lokr, dora, dylora (sd-scripts' networks.lora and "
+    network_module: str = opt("lora", "network kind: lora, locon, loha, lokr, ia3, dora, dylora (sd-scripts' networks.lora and "
                               "lycoris.kohya with --network_args algo=... work too)",
                               registry="loratrain.training.networks:NETWORKS", group=NET)
     network_dim: int = opt(4, "LoRA rank", ge=1, group=NET)

@@ -188,10 +188,11 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
 
 NETWORK_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "unit": "dylora_unit"}
 #: LyCORIS' `algo=` values and the network kind each one is here
-LYCORIS_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr", "dylora": "dylora"}
+LYCORIS_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr", "dylora": "dylora", "ia3": "ia3"}
 NETWORK_ARGS_REFUSED = {
     "factor": "LoKr's factor is chosen as LyCORIS' default (-1, most balanced) here; not settable yet",
     "use_tucker": "not implemented yet", "use_cp": "not implemented yet", "wd_on_output": "DoRA here is per output channel",
+    "train_on_input": "(IA)^3 here always trains the input side (the output side would scale the bias too)",
     "rank_dropout": "not implemented yet", "module_dropout": "not implemented yet",
     "block_dims": "not implemented yet", "block_alphas": "not implemented yet",
     "conv_block_dims": "not implemented yet", "conv_block_alphas": "not implemented yet",
@@ -200,7 +201,8 @@ NETWORK_ARGS_REFUSED = {
     "loraplus_unet_lr_ratio": "not implemented yet", "loraplus_text_encoder_lr_ratio": "not implemented yet",
 }
 
-TRANSLATED = {"network_args": "conv_dim/conv_alpha -> LoCon, algo=loha/lokr/locon -> that kind, dora_wd=True -> dora; others refused by name",
+TRANSLATED = {"network_args": "conv_dim/conv_alpha -> LoCon, algo=loha/lokr/locon/ia3/dylora -> that kind, dora_wd=True -> dora, "
+                              "unit -> DyLoRA; others refused by name",
               "save_model_as": "safetensors only; ckpt/pt refused (pickles), diffusers -> save_peft_format"}
 SAVE_MODEL_AS = {"ckpt": "a pickle (unsafe to load); loratrain writes .safetensors only",
                  "pt": "a pickle (unsafe to load); loratrain writes .safetensors only",
@@ -261,7 +263,7 @@ def _network_args(value: Any, data: dict[str, Any]) -> list[tuple[str, str]]:
         elif key == "algo":
             if val.lower() not in LYCORIS_ALGOS:
                 problems.append(("network_args", f"algo={val}: LyCORIS algorithms here are {', '.join(LYCORIS_ALGOS)} "
-                                                 "(ia3, dylora, full, glora, oft are not implemented yet)"))
+                                                 "(full, glora, oft are not implemented yet)"))
             elif str(data.get("network_module", "lycoris.kohya")) in ("lycoris.kohya", "", "lora", "networks.lora"):
                 data["network_module"] = LYCORIS_ALGOS[val.lower()]
             else:

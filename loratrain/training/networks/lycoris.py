@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 import torch
-from peft import LoHaConfig, LoKrConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import IA3Config, LoHaConfig, LoKrConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
 from loratrain.core.models.loading import SDModel
 
@@ -167,6 +167,71 @@ class PeftDoraNetwork(PeftLoRANetwork):
 
     def args(self) -> dict[str, Any]:
         return {**super().args(), "dora_wd": "True"}
+
+
+class PeftIa3Network(PeftLycorisNetwork):
+    """(IA)^3: one learned scale per input channel of each target, W' = W * (1 + w) on the input side.
+
+    PEFT's IA3 on the input side ("feedforward" modules) scales x before the layer, which leaves the bias alone,
+    exactly LyCORIS' `train_on_input`; on the output side PEFT would scale the bias too, so every module is
+    trained on the input side and saved with `on_input = 1` and LyCORIS' `weight` = PEFT's scale - 1."""
+
+    def __init__(self, model: SDModel, spec: NetworkSpec) -> None:
+        Network.__init__(self, model, spec, find_targets(model, spec))
+        self.kind = "ia3"
+        if not self.targets:
+            raise ValueError("no modules to train: enable the UNet and/or the text encoder")
+        self.keys = ("ia3_l",)
+        for part, module in self.parts().items():
+            paths = [t.module_path for t in self.targets if t.part == part]
+            inject_adapter_in_model(IA3Config(target_modules=paths, feedforward_modules=paths, init_ia3_weights=True), module,
+                                    adapter_name=ADAPTER)
+            for name, p in module.named_parameters():
+                p.requires_grad_("ia3_l" in name and ADAPTER in name)
+        self._by_path = {(t.part, t.module_path): t for t in self.targets}
+
+    def _layers(self):
+        for part, module in self.parts().items():
+            for path, layer in module.named_modules():
+                store = getattr(layer, "ia3_l", None)
+                if isinstance(store, torch.nn.ParameterDict) and ADAPTER in store and (part, path) in self._by_path:
+                    yield self._by_path[(part, path)], layer
+
+    def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for target, layer in self._layers():
+            scale = layer.ia3_l[ADAPTER].detach().float().cpu().flatten()
+            out[f"{target.kohya_name}.weight"] = (scale - 1).to(dtype)
+            out[f"{target.kohya_name}.on_input"] = torch.tensor(1, dtype=torch.int64)
+        return out
+
+    def load_kohya(self, sd: dict[str, torch.Tensor], source: str) -> int:
+        loaded = 0
+        with torch.no_grad():
+            for target, layer in self._layers():
+                w = sd.get(f"{target.kohya_name}.weight")
+                if w is None:
+                    continue
+                if not bool(sd.get(f"{target.kohya_name}.on_input", torch.tensor(0)).item()):
+                    raise ValueError(f"{source}: {target.kohya_name} scales the output side; this network trains the input side")
+                param = layer.ia3_l[ADAPTER]
+                param.copy_((w.float() + 1).reshape(param.shape).to(param.dtype))
+                loaded += 1
+        if not loaded:
+            raise ValueError(f"{source}: no (IA)^3 module of this network is in the file")
+        return loaded
+
+    def set_multiplier(self, value: float) -> None:
+        pass  # (IA)^3 has no scale: its weight is the change itself
+
+    def args(self) -> dict[str, Any]:
+        return {"algo": "ia3", "train_on_input": "True"}
+
+
+@NETWORKS.register("ia3", "lycoris.ia3")
+def _ia3(model: SDModel, spec: NetworkSpec) -> Network:
+    """(IA)^3: learned per-channel scales of the weights (LyCORIS' algo=ia3, train_on_input)."""
+    return PeftIa3Network(model, spec)
 
 
 @NETWORKS.register("loha", "lycoris.loha")
