@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from loratrain.core.config import ConfigError
-from loratrain.core.progress import RecordingReporter
+from loratrain.core.progress import RecordingReporter, StopFlag
 from loratrain.core.safe_io import read_safetensors_metadata
 from loratrain.training.config import TrainConfig
 from loratrain.training.data.buckets import no_upscale_bucket
@@ -376,3 +376,30 @@ def test_a_wrong_network_weights_file_or_scheduler_argument_is_named_before_load
                   "--output_dir", str(tmp_path / "o"), *args, timeout=120)
         assert res.returncode == 2 and named in res.stderr and "Traceback" not in res.stderr, res.stderr
         assert "model:" not in res.stdout and not (tmp_path / "o").exists()
+
+
+def test_a_separate_vae_file_replaces_the_models_own(tiny_files, dataset, tmp_path):
+    """--vae with an A1111-style VAE file (LDM keys, no prefix): the latents are that VAE's; a wrong file is named."""
+    from safetensors.torch import save_file
+
+    from loratrain.core.models.families import VAE_PREFIX
+    from loratrain.training.trainer import LoRATrainer
+
+    ckpt = load_file(str(tiny_files["sd1_file"]))
+    vae = {k[len(VAE_PREFIX):]: (v * 1.01 if v.is_floating_point() else v).contiguous() for k, v in ckpt.items()
+           if k.startswith(VAE_PREFIX)}
+    path = tmp_path / "other_vae.safetensors"
+    save_file(vae, str(path))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a circle --s 1\n")
+    cfg = quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", vae=str(path), sample_prompts=str(prompts), max_train_steps=1)
+    trainer = LoRATrainer(cfg, RecordingReporter(), StopFlag())
+    trainer.setup()
+    enc = trainer.model.vae.encoder.conv_in.weight.detach().float().cpu()
+    assert torch.allclose(enc, vae["encoder.conv_in.weight"].float(), atol=1e-6)
+    trainer.run()
+    assert read_safetensors_metadata(tmp_path / "o" / "t.safetensors")["ss_vae_name"] == "other_vae.safetensors"
+    not_vae = tmp_path / "not_vae.safetensors"
+    save_file({"x": torch.zeros(2)}, str(not_vae))
+    with pytest.raises(ConfigError, match="not_vae.safetensors: not a VAE file"):
+        quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o2", vae=str(not_vae)).check()

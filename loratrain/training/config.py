@@ -29,6 +29,8 @@ class TrainConfig(JobConfig):
     # model
     pretrained_model_name_or_path: str = opt("", "diffusers folder, HF cache folder or single-file .safetensors checkpoint",
                                              group=MODEL, path="any")
+    vae: str = opt("", "a separate VAE file (.safetensors; LDM keys as A1111's VAE files, or diffusers keys) used instead of the "
+                        "model's own", group=MODEL, path="file", advanced=True)
     v_parameterization: bool | None = opt(None, "v-prediction target (SD2 768-v); default: from the model", group=MODEL, advanced=True)
     allow_pickle: bool = opt(False, "allow a pickled .ckpt base model (loaded with weights_only=True)", group=MODEL, advanced=True)
     # data
@@ -281,6 +283,8 @@ class TrainConfig(JobConfig):
             value = getattr(self, name)
             if value and not Path(value).is_dir():
                 out.append((name, f"folder not found: {value}"))
+        if self.vae:
+            out += self._vae_problems(Path(self.vae))
         if self.dataset_config and not Path(self.dataset_config).is_file():
             out.append(("dataset_config", f"file not found: {self.dataset_config}"))
         if self.network_weights and not Path(self.network_weights).exists():
@@ -307,6 +311,25 @@ class TrainConfig(JobConfig):
         if self.optimizer_type in OPTIMIZERS and (hint := OPTIMIZERS.get(self.optimizer_type).missing()):
             out.append(("optimizer_type", hint))
         return out
+
+    @staticmethod
+    def _vae_problems(path: Path) -> list[Problem]:
+        """A VAE file that is missing or is not a VAE is named before the model loads (its header only is read)."""
+        if not path.is_file():
+            return [("vae", f"file not found: {path}")]
+        if path.suffix.lower() != ".safetensors":
+            return [("vae", f"{path}: give a .safetensors VAE (pickled .pt/.ckpt files are not loaded)")]
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                keys = set(f.keys())
+        except Exception as e:  # safetensors raises its own error types for a damaged header
+            return [("vae", f"{path}: unreadable safetensors file ({e})")]
+        known = ("encoder.down.0.block.0.conv1.weight", "encoder.down_blocks.0.resnets.0.conv1.weight")
+        if not any(k in keys or "first_stage_model." + k in keys for k in known):
+            return [("vae", f"{path}: not a VAE file (no encoder.down.* / encoder.down_blocks.* weights)")]
+        return []
 
     @staticmethod
     def _lora_file_problems(path: Path) -> list[Problem]:

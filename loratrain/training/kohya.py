@@ -130,7 +130,6 @@ REFUSED = {
     "zero_terminal_snr": "not implemented yet",
     "scale_v_pred_loss_like_noise_pred": "not implemented yet",
     "v_pred_like_loss": "not implemented yet",
-    "vae": "a separate VAE file is not supported yet; the checkpoint's own VAE is used",
     "log_with": "only TensorBoard is supported (always on; see logging_dir)",
     "lr_scheduler_type": "custom scheduler classes are not supported; choose lr_scheduler",
     "fused_backward_pass": "not implemented yet",

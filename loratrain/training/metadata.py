@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from loratrain.core.models.loading import SDModel
@@ -11,7 +12,7 @@ from loratrain.core.models.loading import SDModel
 from .config import TrainConfig
 
 # keys sd-scripts only writes when they have a value; every other unset key is written as "None", as it does
-WRITTEN_ONLY_WHEN_SET = {"ss_network_args", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_reg_dataset_dirs", "modelspec.author",
+WRITTEN_ONLY_WHEN_SET = {"ss_vae_name", "ss_network_args", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_reg_dataset_dirs", "modelspec.author",
                          "modelspec.description", "modelspec.license", "modelspec.tags"}
 
 
@@ -60,6 +61,7 @@ def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_a
         "ss_v2": fam.name == "sd2",
         "ss_base_model_version": version,
         "ss_clip_skip": cfg.clip_skip,
+        "ss_vae_name": Path(cfg.vae).name if cfg.vae else None,
         "ss_max_token_length": cfg.max_token_length,
         "ss_cache_latents": True,
         "ss_seed": cfg.seed,

@@ -133,6 +133,14 @@ class LoRATrainer:
         self.model = load_model(cfg.pretrained_model_name_or_path, allow_pickle=cfg.allow_pickle,
                                 v_parameterization=cfg.v_parameterization, dtype=weight_dtype)  # no fp32 copy for bf16/fp16 runs
         log(f"model: {self.model.family.name} ({self.model.prediction_type}) from {self.model.source}")
+        if cfg.vae:
+            from loratrain.core.models.loading import replace_vae
+
+            try:
+                replace_vae(self.model, cfg.vae)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            log(f"VAE: {Path(cfg.vae).name} (instead of the model's own)")
         if cfg.cache_latents_to_disk:
             with self.accelerator.main_process_first():  # encoded once, by the first process; the others read its files
                 self._cache_latents()

@@ -193,3 +193,35 @@ def family_by_name(name: str) -> Family:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown model family {name!r}; one of {', '.join(FAMILIES)}") from None
+
+
+_LDM_VAE_KEY = "encoder.down.0.block.0.conv1.weight"
+_DIFFUSERS_VAE_KEY = "encoder.down_blocks.0.resnets.0.conv1.weight"
+
+
+def read_vae_file(path: str | Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A separate VAE file (`--vae`) as a diffusers AutoencoderKL state dict: LDM keys (A1111's VAE files, e.g.
+    vae-ft-mse-840000), the same under `first_stage_model.` (a whole checkpoint), or diffusers keys."""
+    from . import ldm_keys
+
+    sd, _ = load_state_dict(path)
+    if any(k.startswith(VAE_PREFIX) for k in sd):
+        sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+    if _DIFFUSERS_VAE_KEY in sd:
+        return sd
+    if _LDM_VAE_KEY not in sd:
+        raise ValueError(f"{path}: not a VAE file (no {_LDM_VAE_KEY} or {_DIFFUSERS_VAE_KEY})")
+    sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.") and k != "model_ema.decay"}
+    return ldm_keys.vae_reshape(ldm_keys.convert_keys(sd, ldm_keys.vae_module_pairs(cfg), to_ldm=False, what="VAE"), to_ldm=False)
+
+
+def replace_vae(model: SDModel, path: str | Path) -> None:
+    """Load a separate VAE file into the model's VAE, every shape checked; the message names the file."""
+    sd = read_vae_file(path, model.configs.get("vae") or dict(model.vae.config))
+    own = model.vae.state_dict()
+    missing = sorted(set(own) - set(sd))
+    bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or bad:
+        what = f"missing {missing[0]}" if missing else f"{bad[0]} is {list(sd[bad[0]].shape)}, the model's {list(own[bad[0]].shape)}"
+        raise ValueError(f"{path}: this VAE does not fit the model's ({what})")
+    model.vae.load_state_dict({k: sd[k].to(own[k].dtype) for k in own})
