@@ -31,6 +31,8 @@ class _DfmWrapper(torch.nn.Module):
 
 def load_face_model(path: str | Path) -> tuple[FaceAutoencoder, dict]:
     weights, info = read_checkpoint(Path(path))
+    if "model" not in info:  # face.state.safetensors carries the same key, for the optimizer
+        raise ValueError(f"{path}: a training state, not the face model; give the face.safetensors beside it")
     model = build_model(FaceModelConfig(**info["model"]))
     model.load_state_dict(weights)
     return model.eval(), info

@@ -15,7 +15,7 @@ import torch
 
 from loratrain.core.config import ConfigError
 from loratrain.core.jobs import JobResult, Stopped, job
-from loratrain.core.lora.files import LoraModule, lbw_weights, lora_is_sdxl, parse_lora_spec, read_lora
+from loratrain.core.lora.files import LoraModule, check_family, lbw_weights, parse_lora_spec, read_lora
 from loratrain.core.lora.keys import LoraSite, lora_sites
 from loratrain.core.progress import Reporter, StopFlag
 from loratrain.core.safe_io import new_output
@@ -63,10 +63,7 @@ def run_lora_bake(cfg: BakeConfig, reporter: Reporter, stop: StopFlag) -> BakeRe
         for text in cfg.loras:
             spec = parse_lora_spec(text)
             modules, lora_meta = read_lora(spec.path)
-            made_for_sdxl = lora_is_sdxl(modules, lora_meta)
-            if made_for_sdxl is not None and made_for_sdxl != family.is_sdxl:
-                raise ValueError(f"{spec.path}: this LoRA is for {'SDXL' if made_for_sdxl else 'SD1/SD2'} but "
-                                 f"{model.path.name} is a {family.name} model; it belongs to another model family")
+            check_family(modules, lora_meta, family, spec.path, model.path.name)
             blocks = lbw_weights(spec.blocks, family) if spec.blocks else None
             unknown = [n for n in modules if n not in sites]
             if len(unknown) == len(modules):

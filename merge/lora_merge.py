@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from loratrain.core.jobs import JobResult, job
-from loratrain.core.lora.files import LoraModule, factorize, parse_lora_spec, read_lora
+from loratrain.core.lora.files import LoraModule, check_family, factorize, parse_lora_spec, read_lora
 from loratrain.core.precision import dtype_of
 from loratrain.core.progress import Reporter, StopFlag
 from loratrain.core.safe_io import new_output, save_safetensors
@@ -43,7 +43,7 @@ def run_lora_merge(cfg: LoraMergeConfig, reporter: Reporter, stop: StopFlag) -> 
         metas.append(meta)
     names = list(dict.fromkeys(n for _, mods in inputs for n in mods))
     lyco = sorted({m.kind for _, mods in inputs for m in mods.values() if not isinstance(m, LoraModule)})
-    base = _Base(cfg, inputs) if lyco else None
+    base = _Base(cfg, inputs, lyco) if lyco else None
     dtype = dtype_of(cfg.save_precision)
     result: dict[str, torch.Tensor] = {}
     ranks = set()
@@ -53,9 +53,7 @@ def run_lora_merge(cfg: LoraMergeConfig, reporter: Reporter, stop: StopFlag) -> 
             return LoraMergeResult(output=None, stopped=True)
         parts = [(ratio, mods[name]) for ratio, mods in inputs if name in mods]
         if base is not None:
-            site = base.sites.get(name)
-            if site is None:
-                raise ValueError(f"module {name} is not in {Path(cfg.model).name}; are the LoRAs for this model?")
+            site = base.sites[name]
             shapes = {(site.shape[0], tuple(site.shape[1:]))}
         else:
             shapes = {(p.up.shape[0], tuple(p.down.shape[1:])) for _, p in parts}
@@ -98,10 +96,9 @@ def run_lora_merge(cfg: LoraMergeConfig, reporter: Reporter, stop: StopFlag) -> 
 class _Base:
     """The base checkpoint, read lazily: module shapes for LyCORIS kinds and weights for (IA)^3 / DoRA."""
 
-    def __init__(self, cfg: LoraMergeConfig, inputs: list) -> None:
+    def __init__(self, cfg: LoraMergeConfig, inputs: list, kinds: list[str]) -> None:
         from loratrain.core.config import ConfigError
 
-        kinds = sorted({m.kind for _, mods in inputs for m in mods.values() if not isinstance(m, LoraModule)})
         if not cfg.model:
             raise ConfigError(f"the inputs hold {', '.join(kinds)} modules: give --model (the base checkpoint) so their "
                               "weights' shapes are known, and --mode svd")
@@ -112,7 +109,18 @@ class _Base:
         from .checkpoint import open_model
 
         self.model, family = open_model(cfg.model, "model")
+        try:
+            for text, (_, mods) in zip(cfg.loras, inputs):
+                check_family(mods, {}, family, parse_lora_spec(text).path, Path(cfg.model).name)
+        except ConfigError:
+            self.model.close()
+            raise
         self.sites = lora_sites({k: v.shape for k, v in self.model.tensors.items()}, family, self.model.metadata)
+        missing = [n for _, mods in inputs for n in mods if n not in self.sites]
+        if missing:
+            self.model.close()
+            raise ConfigError(f"module {missing[0]} is not in {Path(cfg.model).name} ({len(missing)} module(s) are not); "
+                              "are the LoRAs for this model?")
 
     def weight(self, name: str) -> torch.Tensor:
         site = self.sites[name]

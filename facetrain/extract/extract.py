@@ -17,7 +17,7 @@ from loratrain.core.video import read_video
 from ..faceset import make_meta, save_face
 from ..landmarks import align_face, transform_points
 from .config import VIDEO_EXTENSIONS, ExtractConfig
-from .plugins import DETECTORS, LANDMARKERS
+from .plugins import DETECTORS, LANDMARKERS, find_faces
 
 
 @dataclass
@@ -84,15 +84,11 @@ def run_face_extract(cfg: ExtractConfig, reporter: Reporter, stop: StopFlag) -> 
             if rgb is None:
                 continue
             result.frames += 1
-            boxes = [b for b in detect(rgb) if min(b[2] - b[0], b[3] - b[1]) >= cfg.min_face and b[4] >= cfg.min_score]
-            boxes.sort(key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
-            if cfg.max_faces:
-                boxes = boxes[:cfg.max_faces]
-            if not boxes:
+            found = find_faces(rgb, detect, landmark, cfg.min_face, cfg.min_score, cfg.max_faces)
+            if not found:
                 result.no_face.append(name)
             bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-            for k, box in enumerate(boxes):
-                lm = landmark(rgb, box[:4])
+            for k, (box, lm) in enumerate(found):
                 face, mat = align_face(bgr, lm, cfg.image_size, cfg.face_type)
                 meta = make_meta(cfg.face_type, transform_points(lm, mat), name, box[:4], lm, mat)
                 base, _, frame_no = name.partition("#")

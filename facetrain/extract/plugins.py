@@ -171,6 +171,15 @@ def onnx_2dfan4(model_path: str = "", **_: object) -> Landmarker:
     return landmarks
 
 
+def find_faces(rgb: np.ndarray, detect: Detector, landmark: Landmarker, min_face: float, min_score: float,
+               max_faces: int = 0) -> list[tuple[tuple[float, ...], np.ndarray]]:
+    """(box, 68 landmarks) of every detection at least `min_face` px and `min_score` sure, largest first, at most
+    `max_faces` (0: all): what extraction and the swap both look for in a frame."""
+    boxes = [b for b in detect(rgb) if min(b[2] - b[0], b[3] - b[1]) >= min_face and b[4] >= min_score]
+    boxes.sort(key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+    return [(b, landmark(rgb, b[:4])) for b in (boxes[:max_faces] if max_faces else boxes)]
+
+
 class IdentityEncoder:
     """dlib's 128-d face embedding; distances under about 0.6 mean the same person."""
 

@@ -74,11 +74,16 @@ def embeddings(faces: list[tuple[Path, np.ndarray, FaceMeta]]) -> np.ndarray:
     return np.stack([enc(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), m.landmarks_array()) for _, img, m in faces])
 
 
+def reference_embedding(paths: list[str]) -> np.ndarray:
+    """The mean identity embedding of these face files: the person `--reference` names."""
+    return embeddings([(Path(p), *load_face(p)) for p in paths]).mean(0)
+
+
 @SORT_KEYS.register("identity")
 def _identity(faces, cfg):  # noqa: ANN001, ANN202
     emb = embeddings(faces)
     if cfg.reference:
-        ref = embeddings([(Path(p), *load_face(p)) for p in cfg.reference]).mean(0)
+        ref = reference_embedding(cfg.reference)
     else:
         ref = np.median(emb, axis=0)
     return np.linalg.norm(emb - ref, axis=1).tolist()

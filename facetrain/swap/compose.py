@@ -90,7 +90,6 @@ class Context:
     dst: np.ndarray           # R x R x 3 dst crop
     area: np.ndarray          # R x R x 1 binary face area
     frame_mask: np.ndarray    # region mask, H x W x 1
-    work_mask: np.ndarray     # R x R x 1 processed mask
     out_mat: np.ndarray       # region -> R crop, with output_face_scale
     opts: MergeOptions
 
@@ -170,13 +169,13 @@ def merge_face(frame: np.ndarray, crop: FaceCrop, predicted: tuple[np.ndarray, n
     face = prd_face
     if not seamless and not opts.mode.startswith("raw"):
         face = post.transfer(opts.color_transfer_mode, face, crop.dst, area, rng)
-    ctx = Context(region, face, crop.dst, area, frame_mask[..., None], work, _shift(out_mat, x0, y0), opts)
+    ctx = Context(region, face, crop.dst, area, frame_mask[..., None], _shift(out_mat, x0, y0), opts)
     out = BLEND_MODES.get(opts.mode)(ctx)
 
     new_frame = frame.copy()
     needs_post = ((seamless and opts.color_transfer_mode != "none") or opts.mode == "seamless-hist-match"
                   or opts.motion_blur_power or opts.blursharpen_amount or opts.image_denoise_power or opts.bicubic_degrade_power)
-    if needs_post and opts.mode not in ("original",) and not opts.mode.startswith("raw"):
+    if needs_post and opts.mode != "original" and not opts.mode.startswith("raw"):
         face_mat = _shift(crop.mat, x0, y0)
         again = np.clip(cv2.warpAffine(out, face_mat, (r, r), flags=cv2.INTER_CUBIC), 0, 1)
         if seamless and opts.color_transfer_mode != "none":

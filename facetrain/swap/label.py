@@ -38,16 +38,21 @@ def xmp_packet(model: str) -> bytes:
     ).encode()
 
 
-def draw_mark(bgr: np.ndarray) -> np.ndarray:
-    """The visible mark, in place, bottom-right: white text on a dark box, about 3% of the frame's height."""
-    h, w = bgr.shape[:2]
+def _layout(shape: tuple[int, ...]) -> tuple[float, int, int, int, tuple[int, int, int, int]]:
+    """(font scale, thickness, padding, baseline, box) of the mark on a frame of this shape: text about 3% of
+    the frame's smaller side, bottom-right."""
+    h, w = shape[:2]
     text_h = max(8, int(round(min(h, w) * 0.03)))
-    scale = text_h / 22.0
-    thick = max(1, text_h // 10)
+    scale, thick = text_h / 22.0, max(1, text_h // 10)
     (tw, th), base = cv2.getTextSize(MARK_TEXT, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
     pad = max(2, text_h // 4)
     x1, y1 = w - pad, h - pad
-    x0, y0 = max(0, x1 - tw - 2 * pad), max(0, y1 - th - base - 2 * pad)
+    return scale, thick, pad, base, (max(0, x1 - tw - 2 * pad), max(0, y1 - th - base - 2 * pad), x1, y1)
+
+
+def draw_mark(bgr: np.ndarray) -> np.ndarray:
+    """The visible mark, in place: white text on a darkened box."""
+    scale, thick, pad, base, (x0, y0, x1, y1) = _layout(bgr.shape)
     box = bgr[y0:y1, x0:x1]
     box[:] = (box.astype(np.float32) * 0.35).astype(bgr.dtype)
     cv2.putText(bgr, MARK_TEXT, (x0 + pad, y1 - pad - base), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
@@ -56,11 +61,7 @@ def draw_mark(bgr: np.ndarray) -> np.ndarray:
 
 def mark_box(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) of the mark on a frame of this shape (tests and the UI look there)."""
-    h, w = shape[:2]
-    text_h = max(8, int(round(min(h, w) * 0.03)))
-    (tw, th), base = cv2.getTextSize(MARK_TEXT, cv2.FONT_HERSHEY_SIMPLEX, text_h / 22.0, max(1, text_h // 10))
-    pad = max(2, text_h // 4)
-    return max(0, w - pad - tw - 2 * pad), max(0, h - pad - th - base - 2 * pad), w - pad, h - pad
+    return _layout(shape)[4]
 
 
 def save_labelled_image(path: Path, bgr: np.ndarray, model: str, fmt: str, quality: int = 95) -> None:

@@ -24,7 +24,9 @@ from loratrain.core.config import ConfigError
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.progress import Reporter, StopFlag
 
-from ..faceset import list_faces, load_face, read_meta
+from ..extract.plugins import DETECTORS, LANDMARKERS, find_faces, identity_encoder
+from ..extract.sort import reference_embedding
+from ..faceset import list_faces, read_meta
 from .compose import FaceCrop, MergeOptions, merge_face, prepare
 from .config import SwapConfig
 from .label import draw_mark
@@ -80,35 +82,21 @@ class FaceFinder:
             self.table = {}
             for p in list_faces(cfg.dst_faceset):
                 meta = read_meta(p)
-                key = Path(meta.source_filename.split("#")[0]).name + ("#" + meta.source_filename.split("#")[1]
-                                                                     if "#" in meta.source_filename else "")
-                self.table.setdefault(key, []).append(np.asarray(meta.source_landmarks, np.float64))
+                file, sep, frame = meta.source_filename.partition("#")  # `clip.mp4#000012` for a video's frame
+                self.table.setdefault(Path(file).name + sep + frame, []).append(np.asarray(meta.source_landmarks, np.float64))
         else:
-            from ..extract.plugins import DETECTORS, LANDMARKERS
-
             self.detect = DETECTORS.get(cfg.detector)(upsample=cfg.upsample, model_path=cfg.detector_model)
             self.landmark = LANDMARKERS.get(cfg.landmarker)(model_path=cfg.landmarker_model)
-        self.reference = None
+        self.reference = reference_embedding(cfg.reference) if cfg.reference else None
+        self.encoder = identity_encoder() if cfg.reference else None
         self.other_people = 0
-        if cfg.reference:
-            from ..extract.plugins import identity_encoder
-
-            enc = identity_encoder()
-            embeds = []
-            for ref in cfg.reference:
-                img, meta = load_face(ref)
-                embeds.append(enc(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), meta.landmarks_array()))
-            self.reference, self.encoder = np.mean(embeds, 0), enc
 
     def __call__(self, index: int, rgb: np.ndarray) -> list[np.ndarray]:
         cfg = self.cfg
-        if self.table is not None:
-            faces = list(self.table.get(self.source.source_name(index), []))
+        if self.table is not None:  # largest first, as detection gives them
+            faces = sorted(self.table.get(self.source.source_name(index), []), key=lambda lm: -np.ptp(lm[:, 0]) * np.ptp(lm[:, 1]))
         else:
-            boxes = [b for b in self.detect(rgb) if min(b[2] - b[0], b[3] - b[1]) >= cfg.min_face and b[4] >= cfg.min_score]
-            boxes.sort(key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
-            faces = [self.landmark(rgb, b[:4]) for b in boxes]
-        faces.sort(key=lambda lm: -np.ptp(lm[:, 0]) * np.ptp(lm[:, 1]))
+            faces = [lm for _, lm in find_faces(rgb, self.detect, self.landmark, cfg.min_face, cfg.min_score)]
         if self.reference is not None:
             kept = [lm for lm in faces if np.linalg.norm(self.encoder(rgb, lm) - self.reference) <= cfg.identity_threshold]
             self.other_people += len(faces) - len(kept)
@@ -150,20 +138,31 @@ def _model_checks(cfg: SwapConfig, predictor: Predictor) -> str:
     return face_type
 
 
+def _spawn(fn: Callable[[], None], errors: list[BaseException]) -> threading.Thread:
+    """Run `fn` in a daemon thread; an exception is handed to the caller's thread through `errors`."""
+    def work() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+            errors.append(e)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
 def _threaded(fn: Callable[[], Iterator[Any]], maxsize: int, errors: list[BaseException]) -> queue.Queue:
     """Run a generator in a thread, feeding a bounded queue; None ends it (after an error too)."""
     q: queue.Queue = queue.Queue(maxsize)
 
-    def work() -> None:
+    def feed() -> None:
         try:
             for x in fn():
                 q.put(x)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            errors.append(e)
         finally:
             q.put(None)
 
-    threading.Thread(target=work, daemon=True).start()
+    _spawn(feed, errors)
     return q
 
 
@@ -235,16 +234,15 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
     found_q = _threaded(find, 8, errors)
     to_write: queue.Queue = queue.Queue(16)
     sink = VideoSink(out, parts, source.fps, source.size, cfg.crf) if kind == "video" else None
-    extra_frames = Path(cfg.output_frames) if cfg.output_frames else None
-    frames_dir = out if kind == "frames" else extra_frames
-    for folder in (frames_dir,):
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
+    frames_dir = out if kind == "frames" else Path(cfg.output_frames) if cfg.output_frames else None
+    if frames_dir is not None:
+        frames_dir.mkdir(parents=True, exist_ok=True)
+    image: list[np.ndarray] = []  # an image output is written once the run is known to have found a face
     total = (end or source.count) - start_at
     reporter.start(max(total, 0), "swapping faces", unit="frame")
     rng = np.random.default_rng(0)
 
-    def write() -> Iterator[None]:
+    def write() -> None:
         while (item := to_write.get()) is not None:
             if stop.is_set():  # drain what is queued without writing it: the open segment is dropped
                 stopped_early.append(True)
@@ -273,23 +271,20 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
             if frames_dir is not None:
                 write_frame_image(frames_dir, source.frame_name(item.index), bgr, cfg.model, signer)
             if kind == "image":
-                write_image(out, bgr, cfg.model, signer)
+                image.append(bgr)
             result.frames += 1
             reporter.advance()
-        yield from ()
 
-    done_q = _threaded(write, 1, errors)
-    writer_gone = threading.Event()
+    writer = _spawn(write, errors)
 
     def hand_over(x: Item | None) -> None:
         """Queue for the writer, unless it has died (its error is raised below)."""
-        while not writer_gone.is_set():
+        while writer.is_alive():
             try:
                 to_write.put(x, timeout=0.2)
                 return
             except queue.Full:
-                if errors:
-                    writer_gone.set()
+                pass
 
     try:
         # Batches are fixed runs of frames inside one segment, never "whatever is queued": a model's output can
@@ -319,20 +314,18 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
                 break
     finally:
         hand_over(None)
-        while done_q.get() is not None:
-            pass
+        writer.join()
         reporter.done("")
     if errors:
         if sink is not None:
             sink.abort()
         raise errors[0]
-    result.seconds = time.perf_counter() - t0
+    result.seconds, result.other_people = time.perf_counter() - t0, finder.other_people
     if stopped_early:
         result.stopped = True
         if sink is not None:
             sink.abort()
         return result
-    result.other_people = finder.other_people
     if result.faces == 0 and result.faces_skipped == 0 and result.other_people == 0 and not resumed:
         if sink is not None:
             sink.abort()
@@ -345,7 +338,8 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
             state.segments.append(sink.close())
         last = start_at + result.frames
         sink.join(state.segments, source, first, last - first, cfg.model, signer)
+    elif image:
+        write_image(out, image[-1], cfg.model, signer)
     elif kind == "frames":
         (out / ".swap-state.json").unlink(missing_ok=True)
-    result.seconds = time.perf_counter() - t0
     return result

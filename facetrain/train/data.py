@@ -72,7 +72,8 @@ class FaceSamples(Dataset):
         return len(self.paths)
 
     def face(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.face_and_mask(index)[:2]
+        img, meta = load_face(self.paths[index])
+        return crop_to_model(img, meta, self.resolution, self.face_type)
 
     def face_and_mask(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         img, meta = load_face(self.paths[index])

@@ -22,12 +22,31 @@ class LoraUse:
     blocks: str = ""  # LoRA block-weight preset / vector ("" = all blocks at 1)
 
 
-def lora_use(text: str) -> LoraUse:
-    """`PATH[:WEIGHT[:BLOCKS]]`, checked to exist."""
+def lora_use(text: str, model: str = "") -> LoraUse:
+    """`PATH[:WEIGHT[:BLOCKS]]`, checked to exist and, given the base `model` file, to be made for its family
+    (both headers only: a LoRA of another family is named before the model loads)."""
     spec = parse_lora_spec(text)
     if not Path(spec.path).is_file():
         raise ConfigError(f"LoRA not found: {spec.path}")
+    if model and Path(model).is_file() and Path(model).suffix.lower() == ".safetensors":
+        _check_family(spec.path, model)
     return LoraUse(spec.path, spec.ratio, spec.blocks)
+
+
+def _check_family(lora: str, model: str) -> None:
+    from safetensors import safe_open
+
+    from .lora.files import check_family
+    from .models.families import ModelTypeError, detect_family
+
+    try:
+        with safe_open(lora, framework="pt") as f:
+            names, meta = {k.split(".")[0] for k in f.keys()}, f.metadata() or {}
+        with safe_open(model, framework="pt") as f:
+            family = detect_family(set(f.keys()), model)
+    except (OSError, ValueError, ModelTypeError):  # unreadable or odd headers are reported where the files load
+        return
+    check_family(names, meta, family, lora, Path(model).name)
 
 
 class ModelSession:
@@ -62,7 +81,7 @@ class ModelSession:
         if wanted == self._active:
             return  # same adapters at the same scales: nothing to do between cells
         pipe = build_pipeline(self.model, sampler)
-        lyco = [u for u in loras if is_lycoris_file(u.path)]
+        lyco = [u for u in loras if self.patcher.is_lycoris(u.path)]
         loras = [u for u in loras if u not in lyco]
         self.patcher.apply(self.model, lyco)
         names, weights = [], []
@@ -113,7 +132,15 @@ class WeightPatcher:
 
     def __init__(self) -> None:
         self.originals: dict[torch.nn.Module, torch.Tensor] = {}
-        self.modules: dict[tuple[str, str], dict] = {}
+        self.modules: dict[str, dict] = {}  # file -> its modules, read once
+        self.kinds: dict[str, bool] = {}  # file -> whether it is a LyCORIS file
+        self.names: dict[str, torch.nn.Module] | None = None  # the model's modules by kohya name, built once
+        self.ldm_of: dict[str, str] = {}
+
+    def is_lycoris(self, path: str) -> bool:
+        if path not in self.kinds:
+            self.kinds[path] = is_lycoris_file(path)
+        return self.kinds[path]
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -128,24 +155,23 @@ class WeightPatcher:
         self.restore()
         if not uses:
             return
-        names = module_kohya_names(model)
-        ldm_of = dict(unet_module_pairs(dict(model.unet.config)))
+        if self.names is None:
+            self.names, self.ldm_of = module_kohya_names(model), dict(unet_module_pairs(dict(model.unet.config)))
         with torch.no_grad():
             for use in uses:
-                key = (use.path, use.blocks)
-                if key not in self.modules:
-                    self.modules[key] = read_lora(use.path)[0]
+                if use.path not in self.modules:
+                    self.modules[use.path] = read_lora(use.path)[0]
                 ratios = lbw_weights(use.blocks, model.family) if use.blocks else None
                 found = 0
-                for name, lyco in self.modules[key].items():
-                    module = names.get(name)
+                for name, lyco in self.modules[use.path].items():
+                    module = self.names.get(name)
                     if module is None:
                         continue
                     found += 1
                     if module not in self.originals:
                         self.originals[module] = module.weight.detach().to("cpu", copy=True)
                     base = self.originals[module].float()
-                    ratio = use.weight * (ratios[lora_name_block(name, model.family, ldm_of)] if ratios else 1.0)
+                    ratio = use.weight * (ratios[lora_name_block(name, model.family, self.ldm_of)] if ratios else 1.0)
                     delta = lyco.delta(tuple(base.shape), base)
                     module.weight.add_((ratio * delta).to(module.weight.device, module.weight.dtype))
                 if not found:

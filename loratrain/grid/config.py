@@ -41,7 +41,7 @@ class GenerateConfig(SamplingOptions):
 
         for text in self.network_weights:
             try:
-                lora_use(text)
+                lora_use(text, self.model)
             except (ConfigError, ValueError) as e:
                 out.append(("network_weights", str(e)))
         return out

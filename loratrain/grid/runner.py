@@ -74,7 +74,7 @@ def parse_axes(cfg: GridConfig) -> tuple[AxisValues, AxisValues, AxisValues]:
 
 def cell_params(cfg: GridConfig, axes: tuple[AxisValues, ...], seed: int) -> dict[tuple[int, int, int], CellParams]:
     """Parameters of every cell, computed (and so checked) before anything is generated."""
-    base = CellParams(cfg.model, cfg.prompt, cfg.negative_prompt, [lora_use(t) for t in cfg.loras], seed, cfg.steps,
+    base = CellParams(cfg.model, cfg.prompt, cfg.negative_prompt, [lora_use(t, cfg.model) for t in cfg.loras], seed, cfg.steps,
                       cfg.cfg_scale, cfg.sampler, cfg.clip_skip, cfg.width, cfg.height)
     cells = {}
     for iz, iy, ix in itertools.product(*(range(len(a.values)) for a in (axes[2], axes[1], axes[0]))):

@@ -61,21 +61,21 @@ def encode_prompts(model: SDModel, prompts: list[str], clip_skip: int = 1, max_t
     n = (max_token_length or WINDOW) // WINDOW
     b = len(prompts)
 
-    def run(te: nn.Module, tok) -> tuple[torch.Tensor, object]:
+    def run(te: nn.Module, tok) -> object:
         length = WINDOW * n + 2 if n > 1 else tok.model_max_length
         ids = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
         if n > 1:
             ids = _windows(ids, n, tok.eos_token_id, tok.pad_token_id)
-        return ids.to(device), te(ids.to(device), output_hidden_states=True)
+        return te(ids.to(device), output_hidden_states=True)
 
     if not model.family.is_sdxl:
         te, tok = model.text_encoders[0], model.tokenizers[0]
-        _, out = run(te, tok)
+        out = run(te, tok)
         hidden = _final_norm(te)(out.hidden_states[-clip_skip]) if clip_skip > 1 else out.last_hidden_state
         return Conditioning(_joined(hidden, b, n) if n > 1 else hidden)
     hidden, pooled = [], None
     for te, tok in zip(model.text_encoders, model.tokenizers):
-        _, out = run(te, tok)
+        out = run(te, tok)
         h = out.hidden_states[-2]
         hidden.append(_joined(h, b, n) if n > 1 else h)
         if hasattr(out, "text_embeds"):

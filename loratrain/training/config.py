@@ -7,6 +7,7 @@ against that registry when the config is validated, before any model loads.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import field_validator
 
@@ -19,6 +20,11 @@ from .kohya import GUI_KEYS, SD_SCRIPTS_FLAGS, cli_value, translate
 MODEL, DATA, NET, OPTIM, NOISE, SAVE, SAMPLE, LOGS = ("Model", "Dataset", "Network", "Optimizer and schedule", "Noise and loss",
                                                     "Saving and resume", "Sampling", "Logs")
 MIXED_PRECISIONS = ("no", "fp32", "fp16", "bf16")
+
+
+#: the tensor suffixes that mark a module of a network kind in a file (network_weights is checked against them;
+#: every other kind is stored as LoRA pairs)
+WEIGHT_MARKERS = {"loha": (".hada_w1_a",), "lokr": (".lokr_w1", ".lokr_w1_a"), "ia3": (".on_input",)}
 
 
 class TrainConfig(JobConfig):
@@ -223,11 +229,22 @@ class TrainConfig(JobConfig):
     def resolution_wh(self) -> tuple[int, int]:
         return parse_resolution(self.resolution)
 
+    @property
+    def network_kind(self) -> str:
+        """network_module without its spelling: `networks.dylora` -> dylora, `lycoris.kohya` -> lora, `finetune` -> full
+        (lycoris.kohya's algo= has already been turned into the kind)."""
+        kind = self.network_module.lower().rsplit(".", 1)[-1]
+        return {"kohya": "lora", "finetune": "full"}.get(kind, kind)
+
+    def network_options(self) -> dict[str, Any]:
+        """What the network needs beyond the LoRA options (NetworkSpec's other fields)."""
+        return {"unit": self.dylora_unit}
+
     def problems(self) -> list[Problem]:
         out: list[Problem] = []
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             out.append(("network_train_text_encoder_only", "network_train_unet_only and network_train_text_encoder_only exclude each other"))
-        if self.network_module in ("dylora", "networks.dylora", "lycoris.dylora"):
+        if self.network_kind == "dylora":
             for name in ("network_dim", "conv_dim"):
                 value = getattr(self, name)
                 if value and value % self.dylora_unit:
@@ -326,24 +343,30 @@ class TrainConfig(JobConfig):
                 keys = set(f.keys())
         except Exception as e:  # safetensors raises its own error types for a damaged header
             return [("vae", f"{path}: unreadable safetensors file ({e})")]
-        known = ("encoder.down.0.block.0.conv1.weight", "encoder.down_blocks.0.resnets.0.conv1.weight")
-        if not any(k in keys or "first_stage_model." + k in keys for k in known):
+        from loratrain.core.models.families import VAE_DIFFUSERS_KEY, VAE_LDM_KEY, VAE_PREFIX
+
+        if not any(k in keys or VAE_PREFIX + k in keys for k in (VAE_LDM_KEY, VAE_DIFFUSERS_KEY)):
             return [("vae", f"{path}: not a VAE file (no encoder.down.* / encoder.down_blocks.* weights)")]
         return []
 
-    @staticmethod
-    def _lora_file_problems(path: Path) -> list[Problem]:
-        """A network_weights file must hold kohya LoRA modules (its header is enough to tell)."""
+    def _lora_file_problems(self, path: Path) -> list[Problem]:
+        """A network_weights file must hold modules of this run's network kind (its header is enough to tell)."""
         from loratrain.core.tensor_io import LazySafetensors
 
+        kind = self.network_kind
+        if kind == "full":
+            return [("network_weights", f"{path}: a full fine-tune starts from a checkpoint "
+                                        "(pretrained_model_name_or_path), not from a network file")]
+        markers = WEIGHT_MARKERS.get(kind, (".lora_down.weight",))
         try:
             with LazySafetensors(path, "network_weights") as f:
                 keys = f.keys()
         except (OSError, ValueError) as e:
             return [("network_weights", str(e))]
-        if not any(k.endswith(".lora_down.weight") for k in keys):
-            return [("network_weights", f"{path}: holds no kohya LoRA modules (no *.lora_down.weight keys); "
-                                        "is it a model checkpoint?")]
+        if not any(k.endswith(markers) for k in keys):
+            what = f"{kind} modules" if kind in WEIGHT_MARKERS else "kohya LoRA modules"
+            return [("network_weights", f"{path}: holds no {what} (no *{markers[0]} keys); is it a model checkpoint, or "
+                                        "a file of another network kind?")]
         return []
 
     def _schedule_problems(self) -> list[Problem]:

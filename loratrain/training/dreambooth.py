@@ -8,16 +8,19 @@ prompt as caption, so a stop keeps what was made and the next run continues with
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from loratrain.core.config import Problem, opt
 from loratrain.core.images import list_images
 from loratrain.core.jobs import job
 from loratrain.core.progress import Reporter, StopFlag
 
-from .config import DATA, OPTIM, TrainConfig
+from .config import DATA, NET, OPTIM, TrainConfig
 
 
 class FinetuneConfig(TrainConfig):
+    network_module: str = opt("full", "a fine-tune trains the whole model", registry="loratrain.training.networks:NETWORKS",
+                              group=NET)
     stop_text_encoder_training: int = opt(0, "stop training the text encoder(s) after this many steps (0 = never)", ge=0,
                                           group=OPTIM)
     use_ema: bool = opt(False, "keep an exponential moving average of the weights and save it", group=OPTIM)
@@ -25,9 +28,13 @@ class FinetuneConfig(TrainConfig):
     ema_on_cpu: bool = opt(False, "keep the EMA weights in CPU memory (frees GPU memory, costs a copy per step)",
                            group=OPTIM, advanced=True)
 
+    def network_options(self) -> dict[str, Any]:
+        return {**super().network_options(), "ema_decay": self.ema_decay if self.use_ema else 0.0, "ema_on_cpu": self.ema_on_cpu,
+                "stop_text_encoder_after": self.stop_text_encoder_training}
+
     def problems(self) -> list[Problem]:
         out = super().problems()
-        if self.network_module not in ("full", "finetune"):
+        if self.network_kind != "full":
             out.append(("network_module", "a fine-tune trains the whole model (network_module full)"))
         return out
 

@@ -188,6 +188,8 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
 NETWORK_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "unit": "dylora_unit"}
 #: LyCORIS' `algo=` values and the network kind each one is here
 LYCORIS_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr", "dylora": "dylora", "ia3": "ia3"}
+#: network_module spellings that leave the kind to network_args (algo=, dora_wd=)
+GENERIC_MODULES = {"", "lora", "networks.lora", "lycoris.kohya"}
 NETWORK_ARGS_REFUSED = {
     "factor": "LoKr's factor is chosen as LyCORIS' default (-1, most balanced) here; not settable yet",
     "use_tucker": "not implemented yet", "use_cp": "not implemented yet", "wd_on_output": "DoRA here is per output channel",
@@ -263,13 +265,13 @@ def _network_args(value: Any, data: dict[str, Any]) -> list[tuple[str, str]]:
             if val.lower() not in LYCORIS_ALGOS:
                 problems.append(("network_args", f"algo={val}: LyCORIS algorithms here are {', '.join(LYCORIS_ALGOS)} "
                                                  "(full, glora, oft are not implemented yet)"))
-            elif str(data.get("network_module", "lycoris.kohya")) in ("lycoris.kohya", "", "lora", "networks.lora"):
+            elif str(data.get("network_module", "")) in GENERIC_MODULES:
                 data["network_module"] = LYCORIS_ALGOS[val.lower()]
             else:
                 problems.append(("network_args", f"algo={val} disagrees with network_module = {data['network_module']}"))
         elif key == "dora_wd":
             if str(val).lower() in ("true", "1"):
-                if str(data.get("network_module", "lora")) in ("lycoris.kohya", "lora", "networks.lora", "locon", ""):
+                if str(data.get("network_module", "")) in GENERIC_MODULES | {"locon"}:
                     data["network_module"] = "dora"
                 else:
                     problems.append(("network_args", f"dora_wd with {data['network_module']}: DoRA is implemented on LoRA only"))

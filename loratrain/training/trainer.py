@@ -55,12 +55,12 @@ class TrainResult(JobResult):
     epoch: int
     losses: list[float] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
+    saved: str = "LoRA"  # what lora_path holds: a LoRA (any network kind) or a checkpoint (a full fine-tune)
 
     def summary(self) -> list[str]:
         if self.stopped:
             return [f"stopped at step {self.global_step}; resume with --resume {self.state_dir}"]
-        what = "checkpoint" if self.lora_path and self.lora_path.suffix and _is_checkpoint(self.lora_path) else "LoRA"
-        return [f"done: {self.global_step} steps, {what} at {self.lora_path}"]
+        return [f"done: {self.global_step} steps, {self.saved} at {self.lora_path}"]
 
 
 @contextmanager
@@ -85,15 +85,6 @@ def build_specs(cfg: TrainConfig, log=lambda text: None) -> list[DatasetSpec]:
         return specs_from_toml(cfg.dataset_config, defaults)
     subsets = subsets_from_folders(cfg.train_data_dir, cfg.reg_data_dir or None, defaults, log)
     return [DatasetSpec(subsets=subsets, **{k: v for k, v in defaults.items() if k in DatasetSpec.__dataclass_fields__})]
-
-
-def _is_checkpoint(path: Path) -> bool:
-    from loratrain.core.safe_io import read_safetensors_metadata
-
-    try:
-        return read_safetensors_metadata(path).get("loratrain.full_finetune") == "1"
-    except (OSError, ValueError):
-        return False
 
 
 def _seed_for(*parts: int) -> int:
@@ -152,9 +143,7 @@ class LoRATrainer:
             self.model.unet.enable_xformers_memory_efficient_attention()
         spec = NetworkSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout,
                            train_unet=not cfg.network_train_text_encoder_only, train_text_encoder=not cfg.network_train_unet_only,
-                           unit=cfg.dylora_unit, ema_decay=getattr(cfg, "ema_decay", 0.0) if getattr(cfg, "use_ema", False) else 0.0,
-                           ema_on_cpu=getattr(cfg, "ema_on_cpu", False),
-                           stop_text_encoder_after=getattr(cfg, "stop_text_encoder_training", 0))
+                           **cfg.network_options())
         with seeded(cfg.seed, self.device):  # adapter init: same seed, same run
             self.network: Network = build_network(cfg.network_module, self.model, spec)
         # PEFT creates adapters in the base layer's dtype: under fp16/bf16 mixed precision they would train in half
@@ -263,7 +252,7 @@ class LoRATrainer:
         self.data.cache_latents(encode, _vae_id(self.model), self.cfg.cache_latents_to_disk, self.cfg.on_bad_image,
                                 progress=lambda n: self.reporter.advance(n))
         self.reporter.done("")
-        if self.cfg.network_module in ("full", "finetune"):
+        if self.cfg.network_kind == "full":
             self.model.vae.to("cpu")  # a full fine-tune saves the whole model, VAE included
         elif not self.cfg.sample_prompts:
             self.model.vae = None  # not needed again: its memory goes back before training starts
@@ -403,7 +392,8 @@ class LoRATrainer:
             self.writer.close()
         self.reporter.done("")
         return TrainResult(lora_path=final, state_dir=self.state_dir, global_step=self.global_step, epoch=self.epoch,
-                           losses=self.losses, samples=self.samples, stopped=stopped)
+                           losses=self.losses, samples=self.samples, stopped=stopped,
+                           saved="checkpoint" if self.network.kind == "full" else "LoRA")
 
     def _nan(self, loss: float) -> None:
         where = f"step {self.global_step + 1} (epoch {self.epoch + 1})"

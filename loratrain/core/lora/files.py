@@ -90,6 +90,16 @@ def lora_is_sdxl(modules: dict[str, LoraModule], meta: dict[str, str]) -> bool |
     return None
 
 
+def check_family(names: object, meta: dict[str, str], family: object, lora: str | Path, model_name: str) -> None:
+    """A LoRA made for the other family (SD1/SD2 vs SDXL), told from its module names or metadata, is refused by name."""
+    from loratrain.core.config import ConfigError
+
+    made_for_sdxl = lora_is_sdxl(names, meta)  # type: ignore[arg-type]
+    if made_for_sdxl is not None and made_for_sdxl != family.is_sdxl:  # type: ignore[attr-defined]
+        raise ConfigError(f"{lora}: this LoRA is for {'SDXL' if made_for_sdxl else 'SD1/SD2'} but {model_name} is a "
+                          f"{family.name} model; it belongs to another model family")  # type: ignore[attr-defined]
+
+
 def factorize(delta: torch.Tensor, rank: int, clamp_quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(up, down) with up @ down ~ delta by truncated SVD, clamped like sd-scripts, shaped for the weight."""
     shape = delta.shape

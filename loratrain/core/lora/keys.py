@@ -87,25 +87,36 @@ def lora_sites(shapes: dict[str, tuple[int, ...]], family: Family, metadata: dic
     return sites
 
 
+def unet_lora_name(path: str) -> str:
+    """kohya's name of a UNet module: its path (diffusers for SD1/SD2, LDM for SDXL) with dots as underscores."""
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def te_lora_name(prefix: str, path: str) -> str:
+    """kohya's name of a text encoder module: the encoder's prefix (lora_te, lora_te1, lora_te2) and its CLIP path."""
+    from loratrain.core.models import text_encoder_keys
+
+    return prefix + "_" + text_encoder_keys.canonical(path).replace(".", "_")
+
+
 def module_kohya_names(model: Any) -> dict[str, Any]:
     """kohya module name -> the Linear / Conv2d module of a loaded model (an SDModel), under every spelling a file
     may use: diffusers UNet paths for all families and, for SDXL, the LDM ones; text encoders by their canonical
     (CLIP) paths. Used to apply LyCORIS files to a model in memory."""
     from torch import nn
 
-    from loratrain.core.models import text_encoder_keys
-    from loratrain.core.models.ldm_keys import _lookup, unet_module_pairs
+    from loratrain.core.models.ldm_keys import unet_module_pairs
 
     out: dict[str, Any] = {}
     to_ldm = dict(unet_module_pairs(dict(model.unet.config)))
     for path, module in model.unet.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            out["lora_unet_" + path.replace(".", "_")] = module
-            ldm = _lookup(path + ".x", to_ldm)
+            out[unet_lora_name(path)] = module
+            ldm = map_module(path, to_ldm)
             if ldm is not None:
-                out["lora_unet_" + ldm[:-2].replace(".", "_")] = module
+                out[unet_lora_name(ldm)] = module
     for te_spec, te in zip(model.family.text_encoders, model.text_encoders):
         for path, module in te.named_modules():
             if isinstance(module, nn.Linear):
-                out[te_spec.kohya_prefix + "_" + text_encoder_keys.canonical(path).replace(".", "_")] = module
+                out[te_lora_name(te_spec.kohya_prefix, path)] = module
     return out

@@ -8,8 +8,8 @@ depends on the weight itself ((IA)^3, DoRA) need `base`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -28,14 +28,28 @@ def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor
 
 
 @dataclass
-class LohaModule:
-    """dW = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / r (Hadamard product; effective rank up to r^2)."""
+class TensorModule:
+    """One module of a LyCORIS file: its tensors by suffix and its alpha; a kind subclass turns them into dW."""
 
     name: str
     tensors: dict[str, torch.Tensor]
-    alpha: float
-    kind: str = "loha"
-    needs_base: bool = False
+    alpha: float = 1.0
+    kind: ClassVar[str] = ""
+    markers: ClassVar[tuple[str, ...]] = ()  # a module holding any of these suffixes is of this kind
+    needs_base: ClassVar[bool] = False  # its change depends on the model's own weight
+
+    def delta(self, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+MODULE_KINDS: Registry[type[TensorModule]] = Registry("LyCORIS module kind")
+
+
+@MODULE_KINDS.register("loha")
+class LohaModule(TensorModule):
+    """dW = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / r (Hadamard product; effective rank up to r^2)."""
+
+    kind, markers = "loha", ("hada_w1_a",)
 
     @property
     def rank(self) -> int:
@@ -51,16 +65,12 @@ class LohaModule:
         return _fit(self.name, w1 * w2 * (self.alpha / self.rank), shape)
 
 
-@dataclass
-class LokrModule:
+@MODULE_KINDS.register("lokr")
+class LokrModule(TensorModule):
     """dW = kron(W1, W2), each factor stored whole or as a low-rank pair; alpha / r applies only when a factor
     is low-rank (LyCORIS ignores alpha for a "full matrix" LoKr)."""
 
-    name: str
-    tensors: dict[str, torch.Tensor]
-    alpha: float
-    kind: str = "lokr"
-    needs_base: bool = False
+    kind, markers = "lokr", ("lokr_w1", "lokr_w1_a")
 
     def _factor(self, i: int) -> torch.Tensor:
         t = self.tensors
@@ -68,8 +78,7 @@ class LokrModule:
             return t[f"lokr_w{i}"].float()
         if f"lokr_t{i}" in t:
             return _tucker(t[f"lokr_t{i}"], t[f"lokr_w{i}_a"], t[f"lokr_w{i}_b"])
-        a, b = t[f"lokr_w{i}_a"].float(), t[f"lokr_w{i}_b"].float()
-        return a @ b
+        return t[f"lokr_w{i}_a"].float() @ t[f"lokr_w{i}_b"].float()
 
     @property
     def scale(self) -> float:
@@ -86,37 +95,27 @@ class LokrModule:
         return _fit(self.name, torch.kron(w1, w2) * self.scale, shape)
 
 
-@dataclass
-class Ia3Module:
+@MODULE_KINDS.register("ia3")
+class Ia3Module(TensorModule):
     """(IA)^3: a learned per-channel scale of the weight, so dW = W * w along the output channels (or the
     input channels when `on_input`)."""
 
-    name: str
-    tensors: dict[str, torch.Tensor]
-    alpha: float = 1.0
-    kind: str = "ia3"
-    needs_base: bool = True
+    kind, markers, needs_base = "ia3", ("on_input",), True
 
     def delta(self, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
         if base is None:
             raise ValueError(f"{self.name}: an (IA)^3 module scales the model's own weight; bake it into a checkpoint")
         w = self.tensors["weight"].float().flatten()
-        on_input = bool(self.tensors.get("on_input", torch.tensor(False)).item())
-        base = base.float().reshape(shape)
         view = [1] * len(shape)
-        view[1 if on_input else 0] = -1
-        return base * w.reshape(view)
+        view[1 if bool(self.tensors["on_input"].item()) else 0] = -1
+        return base.float().reshape(shape) * w.reshape(view)
 
 
-@dataclass
-class FullModule:
+@MODULE_KINDS.register("full")
+class FullModule(TensorModule):
     """LyCORIS "full": the whole dW (and bias change, which merging ignores) stored as `diff`."""
 
-    name: str
-    tensors: dict[str, torch.Tensor]
-    alpha: float = 1.0
-    kind: str = "full"
-    needs_base: bool = False
+    kind, markers = "full", ("diff",)
 
     def delta(self, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
         return _fit(self.name, self.tensors["diff"].float(), shape)
@@ -154,24 +153,15 @@ class DoraModule:
         return merged * factor - w
 
 
-MODULE_KINDS: Registry[tuple[str, Callable[[str, dict[str, torch.Tensor], float], object]]] = Registry("LyCORIS module kind")
-MODULE_KINDS.register("loha")(("hada_w1_a", LohaModule))
-MODULE_KINDS.register("lokr")(("lokr_w1", LokrModule))
-MODULE_KINDS.register("lokr_a")(("lokr_w1_a", LokrModule))
-MODULE_KINDS.register("ia3")(("on_input", Ia3Module))
-MODULE_KINDS.register("full")(("diff", FullModule))
-
-
 def lycoris_module(name: str, parts: dict[str, torch.Tensor]) -> object | None:
     """The module these tensors describe, or None when they are not a LyCORIS kind (plain LoRA is read elsewhere)."""
+    cls = next((MODULE_KINDS.get(k) for k in MODULE_KINDS.names() if any(m in parts for m in MODULE_KINDS.get(k).markers)), None)
+    if cls is None:
+        return None
+    tensors = {k: v for k, v in parts.items() if k not in ("alpha", "dora_scale")}
+    rank_key = next((k for k in ("hada_w1_b", "lokr_w2_b", "lokr_w1_b") if k in tensors), None)
+    rank = float(tensors[rank_key].shape[0]) if rank_key else 1.0
     alpha_t = parts.get("alpha")
-    for kind in MODULE_KINDS.names():
-        marker, cls = MODULE_KINDS.get(kind)
-        if marker in parts:
-            tensors = {k: v for k, v in parts.items() if k not in ("alpha", "dora_scale")}
-            rank_key = next((k for k in ("hada_w1_b", "lokr_w2_b", "lokr_w1_b") if k in tensors), None)
-            rank = float(tensors[rank_key].shape[0]) if rank_key else 1.0
-            alpha = float(alpha_t) if alpha_t is not None and float(alpha_t) != 0 else rank  # 0 or absent: scale 1
-            module = cls(name, tensors, alpha)
-            return DoraModule(module, parts["dora_scale"]) if "dora_scale" in parts else module
-    return None
+    alpha = float(alpha_t) if alpha_t is not None and float(alpha_t) != 0 else rank  # 0 or absent: scale 1
+    module = cls(name, tensors, alpha)
+    return DoraModule(module, parts["dora_scale"]) if "dora_scale" in parts else module

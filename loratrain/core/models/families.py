@@ -39,6 +39,8 @@ class Family:
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+#: a VAE's first encoder weight in the LDM layout (A1111's VAE files) and in diffusers' layout
+VAE_LDM_KEY, VAE_DIFFUSERS_KEY = "encoder.down.0.block.0.conv1.weight", "encoder.down_blocks.0.resnets.0.conv1.weight"
 
 FAMILIES = {
     "sd1": Family("sd1", (TextEncoderSpec("text_encoder", "cond_stage_model.transformer.", "hf", False, "lora_te"),),

@@ -19,7 +19,7 @@ from ..hf_cache import resolve_hf_cache
 from ..safe_io import load_state_dict
 from ..tokenizer import clip_tokenizer
 from . import text_encoder_keys
-from .families import FAMILIES, VAE_PREFIX, Family, ModelTypeError, detect_family, family_from_unet_config
+from .families import FAMILIES, VAE_DIFFUSERS_KEY, VAE_LDM_KEY, VAE_PREFIX, Family, ModelTypeError, detect_family, family_from_unet_config
 from .single_file import CONFIG_METADATA_KEY, split_checkpoint
 
 
@@ -195,10 +195,6 @@ def family_by_name(name: str) -> Family:
         raise ValueError(f"unknown model family {name!r}; one of {', '.join(FAMILIES)}") from None
 
 
-_LDM_VAE_KEY = "encoder.down.0.block.0.conv1.weight"
-_DIFFUSERS_VAE_KEY = "encoder.down_blocks.0.resnets.0.conv1.weight"
-
-
 def read_vae_file(path: str | Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A separate VAE file (`--vae`) as a diffusers AutoencoderKL state dict: LDM keys (A1111's VAE files, e.g.
     vae-ft-mse-840000), the same under `first_stage_model.` (a whole checkpoint), or diffusers keys."""
@@ -207,11 +203,11 @@ def read_vae_file(path: str | Path, cfg: dict[str, Any]) -> dict[str, torch.Tens
     sd, _ = load_state_dict(path)
     if any(k.startswith(VAE_PREFIX) for k in sd):
         sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
-    if _DIFFUSERS_VAE_KEY in sd:
+    if VAE_DIFFUSERS_KEY in sd:
         return sd
-    if _LDM_VAE_KEY not in sd:
-        raise ValueError(f"{path}: not a VAE file (no {_LDM_VAE_KEY} or {_DIFFUSERS_VAE_KEY})")
-    sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.") and k != "model_ema.decay"}
+    if VAE_LDM_KEY not in sd:
+        raise ValueError(f"{path}: not a VAE file (no {VAE_LDM_KEY} or {VAE_DIFFUSERS_KEY})")
+    sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
     return ldm_keys.vae_reshape(ldm_keys.convert_keys(sd, ldm_keys.vae_module_pairs(cfg), to_ldm=False, what="VAE"), to_ldm=False)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loratrain.core.models import text_encoder_keys
+from loratrain.core.lora.keys import te_lora_name, unet_lora_name
 from loratrain.core.models.ldm_keys import unet_diffusers_to_ldm_module
 from loratrain.core.models.loading import SDModel
 from loratrain.core.registry import Registry
@@ -53,11 +53,11 @@ def find_targets(model: SDModel, spec: NetworkSpec) -> list[Target]:
             rank, alpha = ((spec.conv_dim, spec.conv_alpha if spec.conv_alpha is not None else 1.0) if is_3x3
                            else (spec.network_dim, spec.network_alpha))
             ldm_path = unet_diffusers_to_ldm_module(path, model.unet.config) if model.family.is_sdxl else path
-            targets.append(Target("unet", path, "lora_unet_" + ldm_path.replace(".", "_"), rank, alpha))
+            targets.append(Target("unet", path, unet_lora_name(ldm_path), rank, alpha))
     if spec.train_text_encoder:
         for te_spec, te in zip(model.family.text_encoders, model.text_encoders):
             for path in _children(te, TE_CONTAINERS, spec):
-                name = te_spec.kohya_prefix + "_" + text_encoder_keys.canonical(path).replace(".", "_")
+                name = te_lora_name(te_spec.kohya_prefix, path)
                 targets.append(Target(te_spec.component, path, name, spec.network_dim, spec.network_alpha))
     return targets
 
@@ -92,7 +92,9 @@ class Network:
         return {p: m for p, m in parts.items() if any(t.part == p for t in self.targets)}
 
     def trainable_parameters(self, part: str) -> list[nn.Parameter]:
-        raise NotImplementedError
+        """The parameters of `part` that train (requires_grad), in module order."""
+        module = self.parts().get(part)
+        return [p for p in module.parameters() if p.requires_grad] if module is not None else []
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable adapter tensors keyed `<part>.<peft key>` (for resume)."""

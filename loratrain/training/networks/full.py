@@ -50,10 +50,6 @@ class FullNetwork(Network):
             params = [p.detach().to("cpu").requires_grad_(p.requires_grad) for p in params]
         self.ema.step(params)
 
-    def trainable_parameters(self, part: str) -> list[torch.nn.Parameter]:
-        module = self.parts().get(part)
-        return [p for p in module.parameters() if p.requires_grad] if module is not None else []
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"{part}.{k}": v.detach().clone() for part, m in self.parts().items() for k, v in m.state_dict().items()}
         out["loratrain.steps"] = torch.tensor(self.steps)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
@@ -9,37 +10,36 @@ from peft.tuners.lora import LoraLayer
 
 from loratrain.core.models.loading import SDModel
 
-from .base import NETWORKS, Network, NetworkSpec, find_targets
+from .base import NETWORKS, Network, NetworkSpec, Target, find_targets
 
 ADAPTER = "loratrain"
 
 
-class PeftLoRANetwork(Network):
-    kind = "lora"
-    use_dora = False
+def rank_alpha_patterns(targets: list[Target], spec: NetworkSpec) -> dict[str, dict[str, float]]:
+    """PEFT's per-module rank and alpha overrides for the targets whose rank/alpha differ from the spec's (conv_dim)."""
+    return {"rank_pattern": {re.escape(t.module_path): t.rank for t in targets if t.rank != spec.network_dim},
+            "alpha_pattern": {re.escape(t.module_path): t.alpha for t in targets if t.alpha != spec.network_alpha}}
+
+
+class PeftNetwork(Network):
+    """Adapters PEFT injects on sd-scripts' targets, one config per model part; resume state is PEFT's state dict.
+
+    Subclasses say which config (`peft_config`) and which parameter names train (`trained`)."""
+
+    trained: tuple[str, ...] = ()
 
     def __init__(self, model: SDModel, spec: NetworkSpec) -> None:
         super().__init__(model, spec, find_targets(model, spec))
         if not self.targets:
             raise ValueError("no modules to train: enable the UNet and/or the text encoder")
         for part, module in self.parts().items():
-            mine = [t for t in self.targets if t.part == part]
-            base_rank, base_alpha = spec.network_dim, spec.network_alpha
-            config = LoraConfig(
-                r=base_rank, lora_alpha=base_alpha, lora_dropout=spec.network_dropout, init_lora_weights=True,
-                use_dora=self.use_dora,
-                target_modules=[t.module_path for t in mine],
-                rank_pattern={re.escape(t.module_path): t.rank for t in mine if t.rank != base_rank},
-                alpha_pattern={re.escape(t.module_path): t.alpha for t in mine if t.alpha != base_alpha},
-            )
-            inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+            inject_adapter_in_model(self.peft_config([t for t in self.targets if t.part == part]), module, adapter_name=ADAPTER)
             for name, p in module.named_parameters():
-                p.requires_grad_("lora_" in name and ADAPTER in name)  # lora_A, lora_B (and DoRA's lora_magnitude_vector)
+                p.requires_grad_(ADAPTER in name and any(k in name for k in self.trained))
         self._by_path = {(t.part, t.module_path): t for t in self.targets}
 
-    def trainable_parameters(self, part: str) -> list[torch.nn.Parameter]:
-        module = self.parts().get(part)
-        return [p for p in module.parameters() if p.requires_grad] if module is not None else []
+    def peft_config(self, targets: list[Target]) -> Any:
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -55,6 +55,18 @@ class PeftLoRANetwork(Network):
             unexpected = getattr(result, "unexpected_keys", [])
             if unexpected:
                 raise ValueError(f"saved network does not fit this model ({part}: unexpected {unexpected[:2]})")
+
+
+class PeftLoRANetwork(PeftNetwork):
+    kind = "lora"
+    use_dora = False
+    trained = ("lora_",)  # lora_A, lora_B (and DoRA's lora_magnitude_vector)
+
+    def peft_config(self, targets: list[Target]) -> LoraConfig:
+        spec = self.spec
+        return LoraConfig(r=spec.network_dim, lora_alpha=spec.network_alpha, lora_dropout=spec.network_dropout,
+                          init_lora_weights=True, use_dora=self.use_dora, target_modules=[t.module_path for t in targets],
+                          **rank_alpha_patterns(targets, spec))
 
     def _pairs(self):
         for part, module in self.parts().items():
@@ -159,18 +171,17 @@ class DyLoRANetwork(PeftLoRANetwork):
     def __init__(self, model: SDModel, spec: NetworkSpec) -> None:
         super().__init__(model, spec)
         self.kind, self.unit = "dylora", spec.unit
-        self.step_seed: int | None = None
+        self.step_ranks: list[int] = []  # this step's rank of each module (drawn in begin_step)
         self.forced_rank: int | None = None  # evaluate every module at this rank (tests, previews of a cut)
+        self.module_ranks = []
         for index, (target, layer) in enumerate(self._pairs()):
+            self.module_ranks.append(target.rank)
             self._patch(layer, target.rank, index)
 
     def _rank(self, rank: int, index: int) -> int | None:
         if self.forced_rank is not None:
             return min(self.forced_rank, rank)
-        if self.step_seed is None:
-            return None
-        rng = torch.Generator().manual_seed((self.step_seed * 1_000_003 + index) % (2 ** 63))
-        return int(torch.randint(1, rank // self.unit + 1, (1,), generator=rng)) * self.unit
+        return self.step_ranks[index] if self.step_ranks else None
 
     def _patch(self, layer, rank: int, index: int) -> None:  # noqa: ANN001
         import torch.nn.functional as F
@@ -206,7 +217,9 @@ class DyLoRANetwork(PeftLoRANetwork):
         a_mod.forward, b_mod.forward = forward_a, forward_b
 
     def begin_step(self, seed: int) -> None:
-        self.step_seed = seed
+        """Each module's rank for this step, from the step's seed (a resumed run draws the same)."""
+        g = torch.Generator().manual_seed(seed % (2 ** 63))
+        self.step_ranks = [int(torch.randint(1, r // self.unit + 1, (1,), generator=g)) * self.unit for r in self.module_ranks]
 
     def args(self) -> dict:
         return {**super().args(), "unit": str(self.unit)}

@@ -9,78 +9,33 @@ still scales by alpha/r, so such a file gets the scale multiplied into `lokr_w2`
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
-from peft import IA3Config, LoHaConfig, LoKrConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import IA3Config, LoHaConfig, LoKrConfig
 
 from loratrain.core.models.loading import SDModel
 
-from .base import NETWORKS, Network, NetworkSpec, find_targets
-from .lora import PeftLoRANetwork
-
-ADAPTER = "loratrain"
-LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+from .base import NETWORKS, Network, NetworkSpec, Target
+from .lora import ADAPTER, PeftLoRANetwork, PeftNetwork, rank_alpha_patterns
 
 
-class PeftLycorisNetwork(Network):
-    """A PEFT LyCORIS tuner (LoHa or LoKr) on sd-scripts' targets."""
-
-    keys: tuple[str, ...] = ()
-
-    def __init__(self, model: SDModel, spec: NetworkSpec, kind: str) -> None:
-        super().__init__(model, spec, find_targets(model, spec))
-        self.kind = kind
-        if not self.targets:
-            raise ValueError("no modules to train: enable the UNet and/or the text encoder")
-        self.keys = LOHA_KEYS if kind == "loha" else LOKR_KEYS
-        for part, module in self.parts().items():
-            mine = [t for t in self.targets if t.part == part]
-            common: dict[str, Any] = dict(
-                r=spec.network_dim, alpha=spec.network_alpha, target_modules=[t.module_path for t in mine],
-                rank_pattern={re.escape(t.module_path): t.rank for t in mine if t.rank != spec.network_dim},
-                alpha_pattern={re.escape(t.module_path): t.alpha for t in mine if t.alpha != spec.network_alpha},
-                module_dropout=spec.network_dropout, init_weights=True)
-            config = LoHaConfig(**common) if kind == "loha" else LoKrConfig(**common)
-            inject_adapter_in_model(config, module, adapter_name=ADAPTER)
-            for name, p in module.named_parameters():
-                p.requires_grad_(any(k in name for k in self.keys) and ADAPTER in name)
-        self._by_path = {(t.part, t.module_path): t for t in self.targets}
+class PeftLycorisNetwork(PeftNetwork):
+    """A PEFT LyCORIS tuner on sd-scripts' targets; `trained` names its tensors, which are LyCORIS' key suffixes."""
 
     def _layers(self):
         for part, module in self.parts().items():
             for path, layer in module.named_modules():
-                params = getattr(layer, self.keys[0], None) if self.kind == "loha" else getattr(layer, "lokr_w2", None)
-                if isinstance(params, torch.nn.ParameterDict) and (part, path) in self._by_path:
+                if (part, path) in self._by_path and self._tensors(layer):
                     yield self._by_path[(part, path)], layer
 
     def _tensors(self, layer: Any) -> dict[str, torch.Tensor]:
         out = {}
-        for key in self.keys:
+        for key in self.trained:
             store = getattr(layer, key, None)
             if isinstance(store, torch.nn.ParameterDict) and ADAPTER in store:
                 out[key] = store[ADAPTER]
         return out
-
-    def trainable_parameters(self, part: str) -> list[torch.nn.Parameter]:
-        module = self.parts().get(part)
-        return [p for p in module.parameters() if p.requires_grad] if module is not None else []
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for part, module in self.parts().items():
-            for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER).items():
-                out[f"{part}.{k}"] = v.detach().clone()
-        return out
-
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        for part, module in self.parts().items():
-            mine = {k[len(part) + 1:]: v for k, v in sd.items() if k.startswith(part + ".")}
-            result = set_peft_model_state_dict(module, mine, adapter_name=ADAPTER)
-            if getattr(result, "unexpected_keys", []):
-                raise ValueError(f"saved network does not fit this model ({part}: unexpected {result.unexpected_keys[:2]})")
 
     def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -134,6 +89,26 @@ class PeftLycorisNetwork(Network):
         return {**super().args(), "algo": self.kind}
 
 
+class PeftLohaNetwork(PeftLycorisNetwork):
+    kind = "loha"
+    trained = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+
+    def peft_config(self, targets: list[Target]) -> LoHaConfig:
+        spec = self.spec
+        return LoHaConfig(r=spec.network_dim, alpha=spec.network_alpha, target_modules=[t.module_path for t in targets],
+                          module_dropout=spec.network_dropout, init_weights=True, **rank_alpha_patterns(targets, spec))
+
+
+class PeftLokrNetwork(PeftLycorisNetwork):
+    kind = "lokr"
+    trained = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+    def peft_config(self, targets: list[Target]) -> LoKrConfig:
+        spec = self.spec
+        return LoKrConfig(r=spec.network_dim, alpha=spec.network_alpha, target_modules=[t.module_path for t in targets],
+                          module_dropout=spec.network_dropout, init_weights=True, **rank_alpha_patterns(targets, spec))
+
+
 class PeftDoraNetwork(PeftLoRANetwork):
     """LoRA with DoRA's magnitude vector (PEFT `use_dora`), saved with LyCORIS' `dora_scale` [out, 1(, 1, 1)]:
     the per-output-channel norm LyCORIS uses with wd_on_out, which is what PEFT learns."""
@@ -176,26 +151,12 @@ class PeftIa3Network(PeftLycorisNetwork):
     exactly LyCORIS' `train_on_input`; on the output side PEFT would scale the bias too, so every module is
     trained on the input side and saved with `on_input = 1` and LyCORIS' `weight` = PEFT's scale - 1."""
 
-    def __init__(self, model: SDModel, spec: NetworkSpec) -> None:
-        Network.__init__(self, model, spec, find_targets(model, spec))
-        self.kind = "ia3"
-        if not self.targets:
-            raise ValueError("no modules to train: enable the UNet and/or the text encoder")
-        self.keys = ("ia3_l",)
-        for part, module in self.parts().items():
-            paths = [t.module_path for t in self.targets if t.part == part]
-            inject_adapter_in_model(IA3Config(target_modules=paths, feedforward_modules=paths, init_ia3_weights=True), module,
-                                    adapter_name=ADAPTER)
-            for name, p in module.named_parameters():
-                p.requires_grad_("ia3_l" in name and ADAPTER in name)
-        self._by_path = {(t.part, t.module_path): t for t in self.targets}
+    kind = "ia3"
+    trained = ("ia3_l",)
 
-    def _layers(self):
-        for part, module in self.parts().items():
-            for path, layer in module.named_modules():
-                store = getattr(layer, "ia3_l", None)
-                if isinstance(store, torch.nn.ParameterDict) and ADAPTER in store and (part, path) in self._by_path:
-                    yield self._by_path[(part, path)], layer
+    def peft_config(self, targets: list[Target]) -> IA3Config:
+        paths = [t.module_path for t in targets]
+        return IA3Config(target_modules=paths, feedforward_modules=paths, init_ia3_weights=True)
 
     def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -237,13 +198,13 @@ def _ia3(model: SDModel, spec: NetworkSpec) -> Network:
 @NETWORKS.register("loha", "lycoris.loha")
 def _loha(model: SDModel, spec: NetworkSpec) -> Network:
     """LoHa: the Hadamard product of two low-rank pairs (LyCORIS); conv_dim adds the 3x3 convolutions."""
-    return PeftLycorisNetwork(model, spec, "loha")
+    return PeftLohaNetwork(model, spec)
 
 
 @NETWORKS.register("lokr", "lycoris.lokr")
 def _lokr(model: SDModel, spec: NetworkSpec) -> Network:
     """LoKr: a Kronecker product of two factors (LyCORIS), the larger one low-rank when network_dim is small."""
-    return PeftLycorisNetwork(model, spec, "lokr")
+    return PeftLokrNetwork(model, spec)
 
 
 @NETWORKS.register("dora")
