@@ -64,6 +64,21 @@ class TrainConfig(JobConfig):
     caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each tag", ge=0, le=1, group=DATA, advanced=True)
     flip_aug: bool = opt(False, "random horizontal flips", group=DATA)
     prior_loss_weight: float = opt(1.0, "loss weight of regularization images", ge=0, group=DATA)
+    alpha_mask: bool = opt(False, "each image's alpha channel weights its loss (transparent parts are not learned)", group=DATA,
+                           advanced=True)
+    conditioning_data_dir: str = opt("", "masked_loss: folder of mask images named like the training images (white = learned, "
+                                         "black = ignored; directly or in folders named like the image folders)", group=DATA,
+                                     path="dir", advanced=True)
+    validation_split: float = opt(0.0, "share of each training folder's images held out to measure a validation loss "
+                                       "(0 = none; reg folders are never split)", ge=0, lt=1, group=DATA, advanced=True)
+    validation_seed: int | None = opt(None, "seed of which images are held out and of the validation noise (default: seed)",
+                                      group=DATA, advanced=True)
+    validate_every_n_steps: int | None = opt(None, "validation loss every N steps too (default: only at the end of epochs)",
+                                             ge=1, group=DATA, advanced=True)
+    validate_every_n_epochs: int | None = opt(None, "validation loss every N epochs (default: every epoch)", ge=1, group=DATA,
+                                              advanced=True)
+    max_validation_steps: int | None = opt(None, "at most this many held-out batches per validation (default: all)", ge=1,
+                                           group=DATA, advanced=True)
     cache_text_encoder_outputs: bool = opt(False, "encode every caption once before training and move the text encoders off the "
                                                   "GPU (needs network_train_unet_only and fixed captions)", group=DATA, advanced=True)
     cache_latents_to_disk: bool = opt(False, "keep encoded latents beside the images (invalidated when an image changes)",
@@ -142,6 +157,10 @@ class TrainConfig(JobConfig):
     ip_noise_gamma_random_strength: bool = opt(False, "draw the input perturbation from U(0, ip_noise_gamma)", group=NOISE,
                                                advanced=True)
     debiased_estimation_loss: bool = opt(False, "weight the loss by 1/sqrt(SNR) (eps) or 1/(SNR+1) (v)", group=NOISE, advanced=True)
+    masked_loss: bool = opt(False, "weight the loss by a mask: conditioning_data_dir's images (red channel) or the alpha channel "
+                                   "(alpha_mask)", group=NOISE, advanced=True)
+    zero_terminal_snr: bool = opt(False, "rescale the noise schedule so the last timestep is pure noise (SNR 0, Lin et al. 2023): "
+                                         "lets a v-prediction model learn very dark or bright images", group=NOISE, advanced=True)
     min_timestep: int = opt(0, "lowest timestep sampled", ge=0, le=999, group=NOISE, advanced=True)
     max_timestep: int = opt(1000, "highest timestep sampled (exclusive)", ge=1, le=1000, group=NOISE, advanced=True)
     # output

@@ -114,8 +114,6 @@ REFUSED = {
     "color_aug": "not implemented yet (it would also stop latent caching in sd-scripts)",
     "random_crop": "not implemented yet (it would also stop latent caching in sd-scripts)",
     "face_crop_aug_range": "not implemented yet",
-    "masked_loss": "not implemented yet",
-    "alpha_mask": "not implemented yet",
     "weighted_captions": "not implemented yet",
     "secondary_separator": "not implemented yet",
     "enable_wildcard": "not implemented yet",
@@ -126,8 +124,6 @@ REFUSED = {
     "in_json": "fine-tuning metadata JSON is not supported; use folders or a dataset TOML",
     "dataset_class": "custom dataset classes are not supported",
     "dataset_repeats": "only for in_json datasets, which are not supported",
-    "conditioning_data_dir": "ControlNet training is not supported",
-    "zero_terminal_snr": "not implemented yet",
     "scale_v_pred_loss_like_noise_pred": "not implemented yet",
     "v_pred_like_loss": "not implemented yet",
     "log_with": "only TensorBoard is supported (always on; see logging_dir)",
@@ -152,11 +148,6 @@ REFUSED = {
     "skip_until_initial_step": "use resume (it continues exactly where a run stopped)",
     "initial_epoch": "use resume (it continues exactly where a run stopped)",
     "initial_step": "use resume (it continues exactly where a run stopped)",
-    "validation_seed": "validation is not implemented yet",
-    "validation_split": "validation is not implemented yet",
-    "validate_every_n_steps": "validation is not implemented yet",
-    "validate_every_n_epochs": "validation is not implemented yet",
-    "max_validation_steps": "validation is not implemented yet",
     "deepspeed": "DeepSpeed is not supported",
     "zero_stage": "DeepSpeed is not supported",
     "offload_optimizer_device": "DeepSpeed is not supported",
@@ -348,11 +339,9 @@ def flag_document() -> str:
 # dataset TOML keys sd-scripts accepts that are not implemented here (off values accepted)
 DATASET_REFUSED = {
     **{k: REFUSED[k] for k in ("color_aug", "face_crop_aug_range", "random_crop", "secondary_separator", "enable_wildcard",
-                               "token_warmup_min", "token_warmup_step", "resize_interpolation", "cache_info", "alpha_mask")},
+                               "token_warmup_min", "token_warmup_step", "resize_interpolation", "cache_info")},
     "custom_attributes": "not implemented yet",
     "metadata_file": "fine-tuning metadata JSON is not supported; use image folders with caption files",
-    "validation_seed": "validation is not implemented yet",
-    "validation_split": "validation is not implemented yet",
     "network_multiplier": "not implemented yet",
 }
 

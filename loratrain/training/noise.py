@@ -41,7 +41,10 @@ def min_snr_weight(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float, 
 
     s = compute_snr(noise_scheduler, timesteps)
     clipped = torch.clamp(s, max=gamma)
-    return clipped / (s + 1) if v_prediction else clipped / s
+    if v_prediction:
+        return clipped / (s + 1)
+    # min(s, gamma) / s is 1 wherever s <= gamma; written so, a zero terminal SNR (zero_terminal_snr) gives 1, not 0/0
+    return torch.where(s <= gamma, torch.ones_like(s), gamma / s.clamp(min=gamma))
 
 
 def huber_c(noise_scheduler: Any, timesteps: torch.Tensor, schedule: str, c: float, scale: float) -> torch.Tensor:
@@ -74,8 +77,12 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, c
 
 
 def debiased_weight(noise_scheduler: Any, timesteps: torch.Tensor, v_prediction: bool) -> torch.Tensor:
-    """Debiased estimation: 1/sqrt(SNR) for epsilon targets, 1/(SNR + 1) for v-prediction, SNR clamped at 1000."""
+    """Debiased estimation: 1/sqrt(SNR) for epsilon targets, 1/(SNR + 1) for v-prediction, SNR clamped at 1000.
+
+    Also clamped at 1e-3 from below: with zero_terminal_snr the last timestep has SNR 0, where 1/sqrt
+    would make the loss infinite (sd-scripts' NaN there); the weight stops at ~31.6 instead.
+    """
     from diffusers.training_utils import compute_snr
 
-    s = compute_snr(noise_scheduler, timesteps).clamp(max=1000.0)
+    s = compute_snr(noise_scheduler, timesteps).clamp(min=1e-3, max=1000.0)
     return 1.0 / (s + 1) if v_prediction else 1.0 / s.sqrt()

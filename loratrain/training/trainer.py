@@ -80,11 +80,22 @@ def build_specs(cfg: TrainConfig, log=lambda text: None) -> list[DatasetSpec]:
                 "bucket_reso_steps": cfg.bucket_reso_steps, "bucket_no_upscale": cfg.bucket_no_upscale,
                 "caption_prefix": cfg.caption_prefix, "caption_suffix": cfg.caption_suffix,
                 "keep_tokens_separator": cfg.keep_tokens_separator, "caption_separator": cfg.caption_separator,
-                "caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs}
+                "caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs,
+                "validation_split": cfg.validation_split, "validation_seed": cfg.validation_seed}
+    defaults |= {"alpha_mask": cfg.alpha_mask, "conditioning_data_dir": cfg.conditioning_data_dir}
     if cfg.dataset_config:
-        return specs_from_toml(cfg.dataset_config, defaults)
-    subsets = subsets_from_folders(cfg.train_data_dir, cfg.reg_data_dir or None, defaults, log)
-    return [DatasetSpec(subsets=subsets, **{k: v for k, v in defaults.items() if k in DatasetSpec.__dataclass_fields__})]
+        specs = specs_from_toml(cfg.dataset_config, defaults)
+    else:
+        subsets = subsets_from_folders(cfg.train_data_dir, cfg.reg_data_dir or None, defaults, log)
+        specs = [DatasetSpec(subsets=subsets, **{k: v for k, v in defaults.items() if k in DatasetSpec.__dataclass_fields__})]
+    subsets = [s for spec in specs for s in spec.subsets]
+    if cfg.masked_loss and not any(s.alpha_mask or s.conditioning_data_dir for s in subsets):
+        raise ConfigError("masked_loss: no mask source; set conditioning_data_dir (mask images named like the training "
+                          "images) or alpha_mask (the images' alpha channel)")
+    if not cfg.masked_loss:  # as sd-scripts: mask images weight the loss only with masked_loss (an alpha mask always does)
+        for s in subsets:
+            s.conditioning_data_dir = ""
+    return specs
 
 
 def _seed_for(*parts: int) -> int:
@@ -116,7 +127,7 @@ class LoRATrainer:
         for note in cfg.notes:
             log(note)
         self.resume_from = self._resume_source()
-        self.data = TrainData(build_specs(cfg, log), log=log)
+        self.data = TrainData(build_specs(cfg, log), log=log, seed=cfg.seed)
         weight_dtype = dtype_of(self.precision)
         # the base model's hashes for the metadata: a multi-GB read, done beside the setup instead of at the first save
         self._model_hashes = ThreadPoolExecutor(1, thread_name_prefix="loratrain-hash").submit(
@@ -124,6 +135,14 @@ class LoRATrainer:
         self.model = load_model(cfg.pretrained_model_name_or_path, allow_pickle=cfg.allow_pickle,
                                 v_parameterization=cfg.v_parameterization, dtype=weight_dtype)  # no fp32 copy for bf16/fp16 runs
         log(f"model: {self.model.family.name} ({self.model.prediction_type}) from {self.model.source}")
+        self.noise_scheduler = self.model.noise_scheduler  # the training schedule; samples keep the model's own
+        if cfg.zero_terminal_snr:
+            from diffusers import DDPMScheduler
+
+            self.noise_scheduler = DDPMScheduler.from_config(self.model.noise_scheduler.config, rescale_betas_zero_snr=True)
+            if self.model.prediction_type != "v_prediction":
+                log("note: zero_terminal_snr with an epsilon-prediction model; the paper pairs it with v-prediction "
+                    "(--v_parameterization)")
         if cfg.vae:
             from loratrain.core.models.loading import replace_vae
 
@@ -247,7 +266,7 @@ class LoRATrainer:
             noise = torch.randn(dist.mean.shape, generator=gen).to(self.device)
             return (dist.mean + dist.std * noise) * scale
 
-        total = len(self.data.items())
+        total = len(self.data.items()) + len(self.data.validation_items())
         self.reporter.start(total, "caching latents", unit="img")
         self.data.cache_latents(encode, _vae_id(self.model), self.cfg.cache_latents_to_disk, self.cfg.on_bad_image,
                                 progress=lambda n: self.reporter.advance(n))
@@ -285,29 +304,34 @@ class LoRATrainer:
         self.reporter.log(f"resumed from {path} at step {self.global_step} (epoch {self.epoch + 1}, batch {self.micro})")
 
     # -- one micro-batch -----------------------------------------------------------------------
-    def _loss(self, batch: list[tuple[Item, bool]], epoch: int, micro: int, first: int, global_size: int) -> torch.Tensor:
+    def _loss(self, batch: list[tuple[Item, bool]], epoch: int, micro: int, first: int, global_size: int,
+              seed: int | None = None, timestep: int | None = None) -> torch.Tensor:
         """This process's per-sample losses summed and divided by the global batch size.
 
         Noise, timestep and caption randomness is drawn per sample, seeded by (seed, epoch, batch,
         position in the global batch): a sample gets the same draws whichever process trains it,
         which is what makes N processes equal one with N times the batch. Batch-level draws
         (offset noise strength, pyramid noise) are seeded by the share's first position.
+        Validation passes its own seed and a fixed timestep.
         """
         cfg, model = self.cfg, self.model
-        sched = model.noise_scheduler
+        seed = cfg.seed if seed is None else seed
+        sched = self.noise_scheduler
         latents = torch.stack([it.latents[1 if flip else 0] for it, flip in batch]).to(self.device)
-        gens = [torch.Generator(device="cpu").manual_seed(_seed_for(cfg.seed, epoch, micro, 2, first + i)) for i in range(len(batch))]
-        captions = [process_caption(it.caption, it.subset, random.Random(_seed_for(cfg.seed, epoch, micro, 1, first + i)), epoch)
+        gens = [torch.Generator(device="cpu").manual_seed(_seed_for(seed, epoch, micro, 2, first + i)) for i in range(len(batch))]
+        captions = [process_caption(it.caption, it.subset, random.Random(_seed_for(seed, epoch, micro, 1, first + i)), epoch)
                     for i, (it, _) in enumerate(batch)]
         shape = latents.shape[1:]
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)
         t = torch.cat([torch.randint(cfg.min_timestep, cfg.max_timestep, (1,), generator=g) for g in gens]).to(self.device)
+        if timestep is not None:
+            t = torch.full_like(t, timestep)
         perturb = None
         if cfg.ip_noise_gamma:
             strength = [cfg.ip_noise_gamma * (torch.rand((), generator=g).item() if cfg.ip_noise_gamma_random_strength else 1.0)
                         for g in gens]
             perturb = torch.stack([torch.randn(shape, generator=g) * s for g, s in zip(gens, strength)]).to(self.device)
-        gen = torch.Generator(device="cpu").manual_seed(_seed_for(cfg.seed, epoch, micro, 4, first))
+        gen = torch.Generator(device="cpu").manual_seed(_seed_for(seed, epoch, micro, 4, first))
         if cfg.noise_offset:
             noise = offset_noise(noise, latents, cfg.noise_offset, cfg.noise_offset_random_strength, cfg.adaptive_noise_scale, gen)
         if cfg.multires_noise_iterations:
@@ -324,7 +348,11 @@ class LoRATrainer:
         v_pred = model.prediction_type == "v_prediction"
         target = sched.get_velocity(latents, noise, t) if v_pred else noise
         c = huber_c(sched, t, cfg.huber_schedule, cfg.huber_c, cfg.huber_scale) if cfg.loss_type in ("huber", "smooth_l1") else None
-        loss = elementwise_loss(pred.float(), target.float(), cfg.loss_type, c).mean(dim=(1, 2, 3))
+        loss = elementwise_loss(pred.float(), target.float(), cfg.loss_type, c)
+        if any(it.mask for it, _ in batch):  # masked loss: per-pixel weights at latent size (1 where an item has none)
+            loss = loss * torch.stack([it.mask[1 if flip else 0].to(loss.device) if it.mask else torch.ones_like(loss[0, :1])
+                                       for it, flip in batch])
+        loss = loss.mean(dim=(1, 2, 3))
         weights = torch.tensor([cfg.prior_loss_weight if it.subset.is_reg else 1.0 for it, _ in batch], device=self.device)
         loss = loss * weights
         if cfg.min_snr_gamma:
@@ -422,6 +450,8 @@ class LoRATrainer:
             prune_saves(self.out_dir, cfg.output_name, "epoch", cfg.save_last_n_epochs)
         if cfg.sample_every_n_epochs and self.epoch % cfg.sample_every_n_epochs == 0:
             self._sample(epoch=self.epoch)
+        if self.epoch % (cfg.validate_every_n_epochs or 1) == 0:
+            self._validate("epoch")
 
     def _after_step(self) -> None:
         cfg = self.cfg
@@ -431,6 +461,44 @@ class LoRATrainer:
             prune_saves(self.out_dir, cfg.output_name, "step", cfg.save_last_n_steps)
         if cfg.sample_every_n_steps and self.global_step % cfg.sample_every_n_steps == 0:
             self._sample(epoch=None)
+        if cfg.validate_every_n_steps and self.global_step % cfg.validate_every_n_steps == 0:
+            self._validate("step")
+
+    @torch.no_grad()
+    def _validate(self, when: str) -> float | None:
+        """The held-out images' loss at sd-scripts' 4 fixed timesteps (evenly inside [min_timestep, max_timestep]),
+        with the same noise every time (validation_seed), adapters in eval mode: a number that moves only
+        because the network did. Logged as loss/validation/{step,epoch}_average and shown on the UI's loss plot."""
+        cfg = self.cfg
+        batches = self.data.validation_batches(cfg.max_validation_steps)
+        if not batches or not self.accelerator.is_main_process:
+            return None
+        seed = cfg.seed if cfg.validation_seed is None else cfg.validation_seed
+        span = cfg.max_timestep - cfg.min_timestep
+        timesteps = [cfg.min_timestep + span * k // 5 for k in range(1, 5)]  # np.linspace(lo, hi, 6)[1:-1] as ints
+        parts = list(self.network.parts().values())
+        self._optimizer_mode("eval")
+        for m in parts:
+            m.eval()
+        self.reporter.start(len(batches) * len(timesteps), "validation", unit="batch")
+        total = 0.0
+        for b, batch in enumerate(batches):
+            for t in timesteps:
+                total += self._loss(batch, -1, b, 0, len(batch), seed=seed, timestep=t).item()
+                self.reporter.advance(1)
+        for m in parts:
+            m.train()
+        self._optimizer_mode("train")
+        mean = total / (len(batches) * len(timesteps))
+        recent = self.losses[-50:]
+        self.reporter.start(self.plan.max_train_steps, "training", initial=self.global_step)
+        self.reporter.advance(0, val_loss=mean)
+        self.reporter.log(f"validation loss {mean:.5f} at step {self.global_step} ({len(batches)} held-out batches x 4 timesteps)")
+        if self.writer:
+            self.writer.add_scalar(f"loss/validation/{when}_average", mean, self.global_step)
+            if recent:
+                self.writer.add_scalar(f"loss/validation/{when}_divergence", mean - sum(recent) / len(recent), self.global_step)
+        return mean
 
     def _dataset_metadata(self) -> dict:
         """Folder counts, tag frequencies and buckets for the ss_* metadata: fixed for the run, so computed once.

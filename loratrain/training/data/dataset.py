@@ -31,6 +31,7 @@ class Item:
     bucket: tuple[int, int] = (0, 0)
     crop_top_left: tuple[int, int] = (0, 0)
     latents: list[torch.Tensor] = field(default_factory=list)  # [plain, flipped?]
+    mask: list[torch.Tensor] = field(default_factory=list)  # loss weights at latent size, [plain, flipped?]; empty: all 1
 
 
 @dataclass
@@ -44,10 +45,12 @@ class StepPlan:
     steps_per_epoch: int
     epochs: int
     max_train_steps: int
+    validation_images: int = 0
 
     def describe(self, batch_sizes: list[int]) -> str:
         reg = f", reg {self.reg_images} images -> {self.reg_samples} samples (balanced to train)" if self.reg_images else ""
-        return (f"steps: train {self.train_images} images x repeats = {self.train_samples} samples{reg}; "
+        held = f", {self.validation_images} images held out for validation" if self.validation_images else ""
+        return (f"steps: train {self.train_images} images x repeats = {self.train_samples} samples{reg}{held}; "
                 f"{self.batches_per_epoch} batches/epoch (batch {','.join(map(str, batch_sizes))}); "
                 f"grad accumulation {self.grad_accum} -> {self.steps_per_epoch} steps/epoch; "
                 f"{self.epochs} epochs -> {self.max_train_steps} optimizer steps")
@@ -57,23 +60,51 @@ class BadImageError(DatasetError):
     pass
 
 
+def split_validation(images: list[Path], share: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """(train, held out): round(n * share) images drawn by the seed, both lists in file order.
+
+    sd-scripts draws the same way (a seeded shuffle per subset) but cuts with ceil for the
+    training part and round for the held-out part, so one image can land in both; here the two
+    parts never overlap.
+    """
+    if share <= 0 or not images:
+        return images, []
+    order = list(images)
+    random.Random(seed).shuffle(order)
+    n_val = round(len(order) * share)
+    held = set(order[len(order) - n_val:])
+    return [p for p in images if p not in held], [p for p in images if p in held]
+
+
 class TrainData:
-    def __init__(self, specs: list[DatasetSpec], log: Callable[[str], None] = print) -> None:
+    def __init__(self, specs: list[DatasetSpec], log: Callable[[str], None] = print, seed: int = 0) -> None:
         self.specs = specs
         self.log = log
         self.groups: list[tuple[DatasetSpec, list[Item]]] = []
+        self.validation: list[tuple[DatasetSpec, list[Item]]] = []  # held-out images (repeats 1), per dataset
         missing: list[Path] = []
         for spec in specs:
-            items = []
+            items, held_out = [], []
             for subset in spec.subsets:
-                for image in subset.images():
+                images, val_images = subset.images(), []
+                if not subset.is_reg:  # as sd-scripts: regularization images are never held out
+                    images, val_images = split_validation(
+                        images, spec.validation_split, seed if spec.validation_seed is None else spec.validation_seed)
+                    if val_images and not images:
+                        raise DatasetError(f"{subset.image_dir}: validation_split {spec.validation_split} leaves no training image")
+                for image, target in [(i, items) for i in images] + [(i, held_out) for i in val_images]:
                     caption = read_caption(image, subset.caption_extension)
                     if caption is None:
                         missing.append(image)
                         caption = subset.class_tokens or ""
-                    items.append(Item(image, caption, subset, subset.num_repeats))
+                    target.append(Item(image, caption, subset, subset.num_repeats if target is items else 1))
             self._balance_reg(items)
+            no_mask = [it.image for it in items + held_out if it.subset.conditioning_data_dir and not it.subset.mask_file(it.image)]
+            if no_mask:
+                raise DatasetError(f"masked_loss: {len(no_mask)} image(s) have no mask image of the same name in "
+                                   f"{no_mask[0].parent.name}'s conditioning_data_dir, e.g. {no_mask[0].name}")
             self.groups.append((spec, items))
+            self.validation.append((spec, held_out))
         if missing:
             ext = sorted({s.caption_extension for spec in specs for s in spec.subsets})
             self.log(f"WARNING: {len(missing)} image(s) have no caption file ({'/'.join(ext)}); "
@@ -108,11 +139,27 @@ class TrainData:
     def items(self) -> list[Item]:
         return [it for _, items in self.groups for it in items]
 
+    def validation_items(self) -> list[Item]:
+        return [it for _, items in self.validation for it in items]
+
+    def validation_batches(self, max_batches: int | None = None) -> list[list[tuple[Item, bool]]]:
+        """The held-out images in fixed batches (per dataset and bucket, file order, never flipped): every
+        validation pass sees the same batches."""
+        batches = []
+        for spec, items in self.validation:
+            by_bucket: dict[tuple[int, int], list[Item]] = {}
+            for it in items:
+                by_bucket.setdefault(it.bucket, []).append(it)
+            for bucket in sorted(by_bucket):
+                group = sorted(by_bucket[bucket], key=lambda it: str(it.image))
+                batches += [[(it, False) for it in group[i:i + spec.batch_size]] for i in range(0, len(group), spec.batch_size)]
+        return batches[:max_batches] if max_batches else batches
+
     # -- latents -------------------------------------------------------------------------------
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], vae_id: str, to_disk: bool,
                       on_bad_image: str = "skip", progress: Callable[[int], None] | None = None) -> None:
-        """Decode, bucket and encode every image once; corrupt images are named and skipped (or fatal)."""
-        for spec, items in self.groups:
+        """Decode, bucket and encode every image once (held-out ones too); corrupt images are named and skipped (or fatal)."""
+        for spec, items in self.groups + self.validation:
             buckets = (bucket_resolutions(spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps)
                        if spec.enable_bucket else [spec.resolution])
             kept = []
@@ -137,6 +184,7 @@ class TrainData:
             with Image.open(it.image) as im:
                 im.load()
                 image = im.convert("RGB")
+                im_alpha = im.convert("RGBA").getchannel("A") if it.subset.alpha_mask else None
         except Exception as e:
             raise BadImageError(f"{it.image}: unreadable or corrupt image ({e.__class__.__name__}: {e})") from None
         it.original_size = image.size
@@ -152,6 +200,7 @@ class TrainData:
             scale = max(it.bucket[0] / image.size[0], it.bucket[1] / image.size[1])
             it.crop_top_left = ((round(image.size[1] * scale) - it.bucket[1]) // 2, (round(image.size[0] * scale) - it.bucket[0]) // 2)
         n_views = 2 if it.subset.flip_aug else 1
+        mask = self._loss_mask(it, im_alpha, resize_to) if it.subset.alpha_mask or it.subset.conditioning_data_dir else None
         digest = hashlib.sha256(raw).hexdigest()
         cache = it.image.parent / CACHE_DIR / f"{it.image.name}.{it.bucket[0]}x{it.bucket[1]}.safetensors"
         if to_disk and cache.is_file():
@@ -159,6 +208,7 @@ class TrainData:
                 meta = f.metadata() or {}
                 if meta.get("image_sha256") == digest and meta.get("vae") == vae_id and int(meta.get("views", 0)) >= n_views:
                     it.latents = [f.get_tensor(f"view{i}") for i in range(n_views)]
+                    it.mask = self._mask_views(mask, it.latents[0].shape[-2:], n_views)
                     return
         pixels = torch.from_numpy(fit_to_bucket(image, it.bucket, resize_to)).permute(2, 0, 1).float() / 127.5 - 1.0
         views = [pixels] + ([pixels.flip(-1)] if n_views == 2 else [])
@@ -166,9 +216,36 @@ class TrainData:
         if not torch.isfinite(latents).all():
             raise DatasetError(f"{it.image}: the VAE produced NaN/inf latents (an fp16 VAE overflow? use fp32 or bf16 for the VAE)")
         it.latents = [lat.cpu() for lat in latents]
+        it.mask = self._mask_views(mask, it.latents[0].shape[-2:], n_views)
         if to_disk:
             save_safetensors({f"view{i}": t for i, t in enumerate(it.latents)}, cache,
                              {"image_sha256": digest, "vae": vae_id, "views": str(n_views)})
+
+    @staticmethod
+    def _mask_views(mask: torch.Tensor | None, size: tuple[int, int], n_views: int) -> list[torch.Tensor]:
+        """The pixel mask averaged down to the latents' size ("area", as sd-scripts), and flipped for a flipped view."""
+        if mask is None:
+            return []
+        small = torch.nn.functional.interpolate(mask[None, None], size=tuple(size), mode="area")[0]
+        return [small] + ([small.flip(-1)] if n_views == 2 else [])
+
+    @staticmethod
+    def _loss_mask(it: Item, alpha: Image.Image | None, resize_to: tuple[int, int] | None) -> torch.Tensor:
+        """sd-scripts' masked loss: the alpha channel (alpha_mask) or the red channel of the item's mask image in
+        conditioning_data_dir, resized and cropped as the image; (H, W) weights in [0, 1]."""
+        if alpha is None:
+            path = it.subset.mask_file(it.image)
+            if path is None:
+                raise DatasetError(f"{it.image}: no mask image named {it.image.stem}.* in conditioning_data_dir "
+                                   f"{it.subset.conditioning_data_dir} (masked_loss needs one per training image)")
+            try:
+                with Image.open(path) as m:
+                    alpha = m.convert("RGB").getchannel("R")
+            except Exception as e:
+                raise DatasetError(f"{path}: unreadable mask image ({e.__class__.__name__}: {e})") from None
+            if alpha.size != it.original_size:
+                alpha = alpha.resize(it.original_size, Image.Resampling.BILINEAR)
+        return torch.from_numpy(fit_to_bucket(alpha, it.bucket, resize_to)[:, :, 0]).float() / 255.0
 
     # -- epochs --------------------------------------------------------------------------------
     def batches_for_epoch(self, epoch: int, seed: int, processes: int = 1) -> list[list[tuple[Item, bool]]]:
@@ -210,5 +287,5 @@ class TrainData:
         train = [it for it in self.items() if not it.subset.is_reg]
         reg = [it for it in self.items() if it.subset.is_reg]
         return StepPlan(len(train), sum(it.repeats for it in train), len(reg), sum(it.repeats for it in reg),
-                        n_batches, grad_accum, steps_per_epoch, epochs, total)
+                        n_batches, grad_accum, steps_per_epoch, epochs, total, len(self.validation_items()))
 

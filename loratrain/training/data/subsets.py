@@ -32,6 +32,19 @@ class Subset:
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
     flip_aug: bool = False
+    alpha_mask: bool = False  # the image's alpha channel weights its loss (transparent: not learned)
+    conditioning_data_dir: str = ""  # masked_loss: mask images named like the training images (red channel)
+
+    def mask_file(self, image: Path) -> Path | None:
+        """The mask image of `image` in conditioning_data_dir (same stem, any image type), directly or in a folder
+        named like the image's own folder (`10_sks dog/`), as sd-scripts' folder layout has it."""
+        root = Path(self.conditioning_data_dir)
+        for folder in (root / image.parent.name, root):
+            for ext in IMAGE_EXTENSIONS:
+                for candidate in (folder / (image.stem + ext), folder / (image.stem + ext.upper())):
+                    if candidate.is_file():
+                        return candidate
+        return None
 
     def images(self) -> list[Path]:
         root = Path(self.image_dir)
@@ -50,6 +63,8 @@ class DatasetSpec:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
+    validation_split: float = 0.0  # share of each training subset's images held out for the validation loss
+    validation_seed: int | None = None  # which images: None draws with the training seed
 
 
 SUBSET_KEYS = {f.name for f in dataclasses.fields(Subset)}

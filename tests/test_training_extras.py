@@ -1,0 +1,168 @@
+"""sd-scripts' training options added for kohya users: zero terminal SNR, validation split/loss, masked loss,
+fp8 base weights, the kohya_ss GUI's JSON. Each test checks what the option does, not only that it parses."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from loratrain.core.progress import RecordingReporter, StopFlag
+from loratrain.core.safe_io import read_safetensors_metadata
+from loratrain.training.data.dataset import TrainData
+from loratrain.training.data.subsets import DatasetSpec, subsets_from_folders
+from loratrain.training.noise import debiased_weight, min_snr_weight
+from loratrain.training.trainer import LoRATrainer, run_train
+
+from .conftest import quick_config
+
+
+# -- zero terminal SNR ----------------------------------------------------------------------------------------------
+def test_zero_terminal_snr_rescales_the_schedule_as_lin_et_al(tiny_files, dataset, tmp_path):
+    cfg = quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", zero_terminal_snr=True, min_snr_gamma=5.0,
+                       min_timestep=990, max_train_steps=2, v_parameterization=True)
+    trainer = LoRATrainer(cfg, RecordingReporter(), StopFlag())
+    trainer.setup()
+    base = trainer.model.noise_scheduler.alphas_cumprod.double().sqrt()
+    new = trainer.noise_scheduler.alphas_cumprod.double().sqrt()
+    # Lin et al. 2023, algorithm 1: sqrt(abar) shifted so the last is 0 and scaled so the first is unchanged
+    expected = (base - base[-1]) * base[0] / (base[0] - base[-1])
+    assert torch.allclose(new, expected, atol=1e-6)
+    assert new[-1] == 0 and base[-1] > 0.06  # the plain SD schedule keeps ~0.07 of the image at t=999
+    res = trainer.run()
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in res.losses)  # min-SNR at SNR 0: weight 1, not 0/0
+    assert read_safetensors_metadata(res.lora_path)["ss_zero_terminal_snr"] == "True"
+
+
+def test_snr_weights_are_finite_at_zero_snr():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(rescale_betas_zero_snr=True)
+    t = torch.tensor([999, 500])
+    w = min_snr_weight(sched, t, 5.0, False)
+    assert w[0] == 1.0 and torch.isfinite(w).all()
+    assert torch.isfinite(debiased_weight(sched, t, False)).all()
+    plain = DDPMScheduler()
+    from diffusers.training_utils import compute_snr
+
+    s = compute_snr(plain, torch.tensor([10, 900]))
+    assert torch.allclose(min_snr_weight(plain, torch.tensor([10, 900]), 5.0, False), torch.clamp(s, max=5.0) / s)
+
+
+# -- validation -------------------------------------------------------------------------------------------------------
+def test_validation_split_holds_images_out_of_training(tmp_path):
+    from loratrain.training.demo import make_concept_images
+
+    make_concept_images(tmp_path / "img" / "2_a", "a", 10, 64, 0)
+    make_concept_images(tmp_path / "reg" / "1_b", "b", 4, 64, 1)
+
+    def data(seed: int) -> TrainData:
+        subsets = subsets_from_folders(str(tmp_path / "img"), str(tmp_path / "reg"), {})
+        return TrainData([DatasetSpec(subsets=subsets, validation_split=0.2, validation_seed=seed)], log=lambda s: None)
+
+    one, again, other = data(1), data(1), data(2)
+    held = {it.image for it in one.validation_items()}
+    assert len(held) == 2 and held == {it.image for it in again.validation_items()}
+    assert held != {it.image for it in other.validation_items()}
+    train = {it.image for it in one.items() if not it.subset.is_reg}
+    assert len(train) == 8 and not held & train
+    assert all(it.repeats == 1 for it in one.validation_items())
+    assert all(not it.subset.is_reg for it in one.validation_items())  # reg folders are never split
+    assert one.plan(1, 10, None).validation_images == 2
+
+
+def test_validation_loss_is_fixed_noise_logged_and_plotted(tiny_files, tmp_path):
+    from loratrain.training.demo import make_concept_images
+
+    make_concept_images(tmp_path / "d" / "2_dot", "dot", 6, 64, 0)
+
+    def train(**kw) -> tuple[RecordingReporter, object]:
+        rec = RecordingReporter()
+        cfg = quick_config(tiny_files["sd1_file"], tmp_path / "d", tmp_path / "o", validation_split=0.34, max_train_steps=4,
+                           validate_every_n_steps=2, **kw)
+        return rec, run_train(cfg, rec)
+
+    rec, res = train()
+    vals = [(m["step"], m["val_loss"]) for m in rec.metrics if "val_loss" in m]
+    # every 2 steps, and at the end of each epoch (4 images x 2 repeats / batch 2 = 4 steps: one epoch)
+    assert [s for s, _ in vals] == [2.0, 4.0, 4.0]
+    assert vals[1][1] == vals[2][1]  # the same network, the same fixed noise: the same number
+    assert vals[0][1] != vals[1][1]  # it moves as the network trains
+    rec2, _ = train()
+    assert [v for _, v in vals] == [m["val_loss"] for m in rec2.metrics if "val_loss" in m]  # repeatable
+    rec3, _ = train(validation_seed=7)
+    assert [m["val_loss"] for m in rec3.metrics if "val_loss" in m][0] != vals[0][1]  # other held-out images and noise
+    meta = read_safetensors_metadata(res.lora_path)
+    assert meta["ss_validation_split"] == "0.34" and meta["ss_num_validation_images"] == "2"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "o" / "logs" / "t"))
+    events.Reload()
+    assert {"loss/validation/step_average", "loss/validation/epoch_average"} <= set(events.Tags()["scalars"])
+    from loratrain.ui.events import Snapshot
+    from loratrain.ui.panel import _frame
+
+    snap = Snapshot()
+    snap.metrics = rec.metrics
+    assert "val_loss" in set(_frame(snap.metrics, lambda k: not k.startswith("lr"))["series"])
+
+
+# -- masked loss ----------------------------------------------------------------------------------------------------
+def _rgba_images(folder: Path, n: int, alpha) -> None:
+    from loratrain.training.demo import make_concept_images
+
+    make_concept_images(folder, "dot", n, 64, 0)
+    for p in sorted(folder.glob("*.png")):
+        im = Image.open(p).convert("RGBA")
+        im.putalpha(alpha(im.size))
+        im.save(p)
+
+
+def test_a_transparent_image_teaches_nothing_with_alpha_mask(tiny_files, tmp_path):
+    _rgba_images(tmp_path / "d" / "1_dot", 2, lambda size: Image.new("L", size, 0))
+    cfg = quick_config(tiny_files["sd1_file"], tmp_path / "d", tmp_path / "o", alpha_mask=True, max_train_steps=2)
+    res = run_train(cfg, RecordingReporter())
+    assert res.losses == [0.0, 0.0]
+    from safetensors.torch import load_file
+
+    ups = [v for k, v in load_file(res.lora_path).items() if "lora_up" in k]
+    assert ups and all(not v.any() for v in ups)  # zero gradients: the up weights keep their zero init
+    plain = run_train(quick_config(tiny_files["sd1_file"], tmp_path / "d", tmp_path / "p", max_train_steps=2), RecordingReporter())
+    assert all(loss > 0 for loss in plain.losses)  # the same images without the mask do teach
+
+
+def test_mask_images_weight_the_loss_and_a_missing_one_is_named_first(tiny_files, tmp_path):
+    from loratrain.training.demo import make_concept_images
+
+    data = tmp_path / "d"
+    make_concept_images(data / "1_dot", "dot", 2, 64, 0)
+    masks = tmp_path / "masks"
+    (masks / "1_dot").mkdir(parents=True)
+    for p in sorted((data / "1_dot").glob("*.png")):
+        Image.new("RGB", (64, 64), (255, 0, 0)).save(masks / "1_dot" / p.name)  # red = 1 everywhere
+    kw = dict(max_train_steps=2, masked_loss=True, conditioning_data_dir=str(masks))
+    masked = run_train(quick_config(tiny_files["sd1_file"], data, tmp_path / "o", **kw), RecordingReporter())
+    plain = run_train(quick_config(tiny_files["sd1_file"], data, tmp_path / "p", max_train_steps=2), RecordingReporter())
+    assert masked.losses == plain.losses  # an all-white mask changes nothing
+    half = Image.new("RGB", (64, 64), (0, 0, 0))
+    half.paste((255, 255, 255), (0, 0, 32, 64))
+    for p in sorted((masks / "1_dot").glob("*.png")):
+        half.save(p)
+    halved = run_train(quick_config(tiny_files["sd1_file"], data, tmp_path / "h", **kw), RecordingReporter())
+    assert 0.2 < halved.losses[0] / plain.losses[0] < 0.8  # half the pixels weigh nothing
+    next(iter(sorted((masks / "1_dot").glob("*.png")))).unlink()
+    rec = RecordingReporter()
+    with pytest.raises(Exception, match="no mask image"):
+        run_train(quick_config(tiny_files["sd1_file"], data, tmp_path / "m", **kw), rec)
+    assert not any(line.startswith("model:") for line in rec.lines)  # named before the model loads
+    with pytest.raises(Exception, match="no mask source"):
+        run_train(quick_config(tiny_files["sd1_file"], data, tmp_path / "n", masked_loss=True), RecordingReporter())
+
+
+def test_the_loss_mask_is_averaged_to_latent_size_and_flips_with_the_view():
+    mask = torch.zeros(64, 64)
+    mask[:, :32] = 1.0
+    plain, flipped = TrainData._mask_views(mask, (8, 8), 2)
+    assert plain.shape == (1, 8, 8) and plain[0, :, :4].eq(1).all() and plain[0, :, 4:].eq(0).all()
+    assert torch.equal(flipped, plain.flip(-1))
