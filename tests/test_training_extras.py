@@ -2,6 +2,7 @@
 fp8 base weights, the kohya_ss GUI's JSON. Each test checks what the option does, not only that it parses."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,102 @@ def test_the_loss_mask_is_averaged_to_latent_size_and_flips_with_the_view():
     plain, flipped = TrainData._mask_views(mask, (8, 8), 2)
     assert plain.shape == (1, 8, 8) and plain[0, :, :4].eq(1).all() and plain[0, :, 4:].eq(0).all()
     assert torch.equal(flipped, plain.flip(-1))
+
+
+# -- fp8 base weights -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("unet_only", [False, True])
+def test_fp8_base_stores_the_frozen_weights_in_float8_and_still_trains(tiny_files, dataset, tmp_path, unet_only):
+    flag = "fp8_base_unet" if unet_only else "fp8_base"
+    cfg = quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", max_train_steps=3, mixed_precision="bf16", **{flag: True})
+    trainer = LoRATrainer(cfg, RecordingReporter(), StopFlag())
+    trainer.setup()
+    unet_linear = trainer.model.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert unet_linear.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert unet_linear.lora_A["loratrain"].weight.dtype == torch.float32  # the adapters train in full precision
+    te_q = next(m for name, m in trainer.model.text_encoders[0].named_modules() if name.endswith("q_proj"))
+    te_q = getattr(te_q, "base_layer", te_q)
+    assert te_q.weight.dtype == (torch.bfloat16 if unet_only else torch.float8_e4m3fn)
+    res = trainer.run()
+    plain = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "p", max_train_steps=3, mixed_precision="bf16"),
+                      RecordingReporter())
+    assert res.losses[0] == pytest.approx(plain.losses[0], rel=0.1)  # the same model, rounded to fp8
+    assert res.losses != plain.losses
+    assert read_safetensors_metadata(res.lora_path)[f"ss_{flag}"] == "True"
+
+
+def test_fp8_base_is_refused_where_the_base_weights_are_trained_or_read(tiny_files, dataset, tmp_path):
+    from loratrain.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fp8_base"):
+        quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", fp8_base=True, network_module="dora").check()
+
+
+# -- the kohya_ss GUI's saved JSON ----------------------------------------------------------------------------------
+def gui_json(model: Path, data: Path, out: Path, **changes) -> dict:
+    """A config as the kohya_ss GUI's "Save config" writes it (its presets/lora/*.json layout): GUI field names,
+    numbers as strings, "" for unset."""
+    cfg = {
+        "LoRA_type": "Standard", "adaptive_noise_scale": 0, "additional_parameters": "", "block_alphas": "", "block_dims": "",
+        "block_lr_zero_threshold": "", "bucket_no_upscale": False, "bucket_reso_steps": 64, "cache_latents": True,
+        "cache_latents_to_disk": False, "caption_dropout_every_n_epochs": 0.0, "caption_dropout_rate": 0, "caption_extension": ".txt",
+        "clip_skip": "1", "color_aug": False, "conv_alpha": 1, "conv_block_alphas": "", "conv_block_dims": "", "conv_dim": 1,
+        "decompose_both": False, "dim_from_weights": False, "down_lr_weight": "", "enable_bucket": True, "epoch": 2, "factor": -1,
+        "flip_aug": False, "full_bf16": False, "full_fp16": False, "gradient_accumulation_steps": "1",
+        "gradient_checkpointing": False, "keep_tokens": "0", "learning_rate": 0.001, "lora_network_weights": "",
+        "lr_scheduler": "cosine", "lr_scheduler_args": "", "lr_scheduler_num_cycles": "", "lr_scheduler_power": "", "lr_warmup": 10,
+        "max_bucket_reso": 128, "max_data_loader_n_workers": "0", "max_resolution": "64,64", "max_timestep": 1000,
+        "max_token_length": "75", "max_train_epochs": "", "max_train_steps": "", "mem_eff_attn": False, "mid_lr_weight": "",
+        "min_bucket_reso": 64, "min_snr_gamma": 5, "min_timestep": 0, "mixed_precision": "no", "model_list": "custom",
+        "module_dropout": 0, "multires_noise_discount": 0.3, "multires_noise_iterations": 6, "network_alpha": 2, "network_dim": 4,
+        "network_dropout": 0, "no_token_padding": False, "noise_offset": 0.05, "noise_offset_type": "Original",
+        "num_cpu_threads_per_process": 2, "optimizer": "AdamW", "optimizer_args": "", "output_dir": str(out), "output_name": "gui",
+        "persistent_data_loader_workers": False, "pretrained_model_name_or_path": str(model), "prior_loss_weight": 1.0,
+        "random_crop": False, "rank_dropout": 0, "reg_data_dir": "", "sample_every_n_epochs": 0, "sample_every_n_steps": 0,
+        "sample_prompts": "", "sample_sampler": "euler_a", "save_every_n_epochs": 0, "save_every_n_steps": 0, "save_last_n_steps": 0,
+        "save_last_n_steps_state": 0, "save_model_as": "safetensors", "save_precision": "fp16", "save_state": False,
+        "scale_v_pred_loss_like_noise_pred": False, "scale_weight_norms": 0, "sdxl": False, "sdxl_cache_text_encoder_outputs": False,
+        "sdxl_no_half_vae": True, "seed": "", "shuffle_caption": False, "stop_text_encoder_training_pct": 0, "text_encoder_lr": 0.0005,
+        "train_batch_size": 2, "train_data_dir": str(data), "train_on_input": True, "training_comment": "from the GUI",
+        "unet_lr": 0.001, "unit": 1, "up_lr_weight": "", "use_cp": False, "use_wandb": False, "v2": False,
+        "v_parameterization": False, "v_pred_like_loss": 0, "vae_batch_size": 0, "weighted_captions": False, "xformers": "sdpa",
+    }
+    cfg.update(changes)
+    return cfg
+
+
+def test_a_gui_json_means_what_the_guis_start_button_runs(tiny_files, dataset, tmp_path):
+    from loratrain.training.config import TrainConfig
+
+    cfg = TrainConfig.build(gui_json(tiny_files["sd1_file"], dataset, tmp_path / "o"), check=False)
+    assert (cfg.network_module, cfg.resolution, cfg.optimizer_type, cfg.clip_skip) == ("lora", "64,64", "AdamW", 1)
+    assert cfg.lr_warmup_steps == 0.1  # lr_warmup is a percentage in the GUI
+    assert cfg.max_train_epochs == 2 and cfg.lr_scheduler_num_cycles == 2  # from "epoch", as the GUI fills them
+    assert cfg.noise_offset == 0.05 and cfg.multires_noise_iterations == 0  # noise_offset_type Original: multires off
+    assert cfg.text_encoder_lr == [0.0005] and cfg.unet_lr == 0.001 and cfg.seed == 42
+    unet_only = TrainConfig.build(gui_json(tiny_files["sd1_file"], dataset, tmp_path / "o", text_encoder_lr=0), check=False)
+    assert unet_only.network_train_unet_only  # the GUI's rule: a text encoder lr of 0 trains the UNet only
+    loha = TrainConfig.build(gui_json(tiny_files["sd1_file"], dataset, tmp_path / "o", LoRA_type="LyCORIS/LoHa", conv_dim=2,
+                                      conv_alpha=1, noise_offset_type="Multires"), check=False)
+    assert (loha.network_module, loha.conv_dim, loha.noise_offset, loha.multires_noise_iterations) == ("loha", 2, 0.0, 6)
+    from loratrain.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="LoRA_type.*Diag-OFT"):
+        TrainConfig.build(gui_json(tiny_files["sd1_file"], dataset, tmp_path / "o", LoRA_type="LyCORIS/Diag-OFT"), check=False)
+    with pytest.raises(ConfigError, match="rank_dropout"):
+        TrainConfig.build(gui_json(tiny_files["sd1_file"], dataset, tmp_path / "o", rank_dropout=0.1), check=False)
+
+
+def test_a_gui_json_trains_through_the_cli(tiny_files, dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    from .test_kohya_compat import cli
+
+    preset = tmp_path / "SD15 - my preset.json"
+    preset.write_text(json.dumps(gui_json(tiny_files["sd1_file"], dataset, tmp_path / "o", LoRA_type="LyCORIS/LoHa",
+                                          text_encoder_lr=0), indent=4))
+    res = cli("--config_file", str(preset), "--max_train_steps", "2")
+    assert res.returncode == 0, res.stderr
+    assert "LoRA_type 'LyCORIS/LoHa' -> network_module loha" in res.stdout
+    sd = load_file(tmp_path / "o" / "gui.safetensors")
+    assert any(k.endswith("hada_w1_a") for k in sd) and not any(k.startswith("lora_te") for k in sd)
+    assert read_safetensors_metadata(tmp_path / "o" / "gui.safetensors")["ss_training_comment"] == "from the GUI"

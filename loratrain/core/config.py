@@ -281,8 +281,13 @@ class JobConfig(BaseModel):
         return data
 
     @classmethod
+    def read_config_file(cls, path: str | Path) -> dict[str, Any]:
+        """What `--config_file` holds, as a mapping (a job config may read more formats than TOML)."""
+        return read_toml(path)
+
+    @classmethod
     def from_toml(cls: type[C], path: str | Path, check: bool = True) -> C:
-        return cls.build(read_toml(path), source=str(path), check=check)
+        return cls.build(cls.read_config_file(path), source=str(path), check=check)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser, fixed: set[str] = frozenset()) -> None:
@@ -319,7 +324,7 @@ class JobConfig(BaseModel):
         data: dict[str, Any] = {}
         source = "command line"
         if getattr(args, "config_file", None):
-            data = _flatten(read_toml(args.config_file), set(cls.model_fields))
+            data = _flatten(cls.read_config_file(args.config_file), set(cls.model_fields))
             source = f"{args.config_file} + command line"
         given = vars(args)
         data.update({name: given[name] for name in cls.model_fields if name in given})

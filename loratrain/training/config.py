@@ -134,6 +134,11 @@ class TrainConfig(JobConfig):
     full_bf16: bool = opt(False, "train the adapters themselves in bf16 (weights, gradients, optimizer state): less memory, "
                                  "less precision; needs mixed_precision bf16", group=OPTIM, advanced=True)
     gradient_checkpointing: bool = opt(False, "trade compute for memory", group=OPTIM, advanced=True)
+    fp8_base: bool = opt(False, "store the frozen base weights (UNet and text encoders) in float8 and cast each layer up only "
+                                "for its forward: about half the memory of bf16 weights, slightly less exact", group=OPTIM,
+                         advanced=True)
+    fp8_base_unet: bool = opt(False, "fp8_base for the UNet only (the text encoders keep the training dtype)", group=OPTIM,
+                              advanced=True)
     xformers: bool = opt(False, "use xformers attention (if installed)", group=OPTIM, advanced=True)
     max_token_length: int | None = opt(None, "caption tokens: 75 (unset), 150 or 225 (2 or 3 windows of 75, as sd-scripts)",
                                        group=DATA, advanced=True)
@@ -209,7 +214,27 @@ class TrainConfig(JobConfig):
 
     @classmethod
     def compat(cls, flat: dict) -> tuple[dict, list[str], list[Problem]]:
-        return translate(flat, set(cls.model_fields))
+        from .kohya import is_off
+        from .kohya_gui import from_gui_json, is_gui_json
+
+        notes: list[str] = []
+        problems: list[Problem] = []
+        if is_gui_json(flat):  # the kohya_ss GUI's saved JSON: its form fields first become sd-scripts options
+            flat, notes, problems = from_gui_json(flat)
+            known = set(cls.model_fields) | set(SD_SCRIPTS_FLAGS) | set(GUI_KEYS)
+            unused = sorted(k for k, v in flat.items() if k not in known and is_off(k, v))
+            flat = {k: v for k, v in flat.items() if k not in unused}
+            if unused:
+                notes.append(f"ignored GUI field(s) left off: {', '.join(unused)}")
+        flat, more_notes, more_problems = translate(flat, set(cls.model_fields))
+        return flat, notes + more_notes, problems + more_problems
+
+    @classmethod
+    def read_config_file(cls, path: str | Path) -> dict[str, Any]:
+        """A TOML, or the kohya_ss GUI's saved .json (recognised by content: compat translates it)."""
+        from .kohya_gui import read_json_config
+
+        return read_json_config(path) if Path(path).suffix.lower() == ".json" else super().read_config_file(path)
 
     @classmethod
     def compat_value(cls, values: list[str]) -> object:
@@ -295,6 +320,8 @@ class TrainConfig(JobConfig):
         if sched == "adafactor" and self.optimizer_type.lower() != "adafactor":
             out.append(("lr_scheduler", "the adafactor schedule is Adafactor's own: use optimizer_type Adafactor "
                                         "with optimizer_args relative_step=True"))
+        if (self.fp8_base or self.fp8_base_unet) and self.network_kind in ("full", "dora", "ia3"):
+            out.append(("fp8_base", f"not with {self.network_kind}: it needs the base weights themselves in full precision"))
         if self.full_bf16 and self.mixed_precision != "bf16":
             out.append(("full_bf16", "needs mixed_precision bf16 (as in sd-scripts)"))
         if len(self.text_encoder_lr) > 2:

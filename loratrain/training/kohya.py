@@ -106,8 +106,6 @@ IGNORED = {
 # off-values are accepted; any other value fails with this reason
 REFUSED = {
     "full_fp16": "not implemented yet: the adapters train in fp32 with fp16/bf16 autocast (mixed_precision)",
-    "fp8_base": "not implemented yet (fp8 base weights)",
-    "fp8_base_unet": "not implemented yet (fp8 base weights)",
     "torch_compile": "not implemented yet",
     "dynamo_backend": "torch.compile backends are not implemented yet",
     "cache_text_encoder_outputs_to_disk": "not implemented yet",

@@ -58,6 +58,8 @@ def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_a
         "ss_network_args": json.dumps(network_args) if network_args else None,
         "ss_mixed_precision": cfg.mixed_precision,
         "ss_full_fp16": False,
+        "ss_fp8_base": cfg.fp8_base,
+        "ss_fp8_base_unet": cfg.fp8_base_unet,
         "ss_v2": fam.name == "sd2",
         "ss_base_model_version": version,
         "ss_clip_skip": cfg.clip_skip,

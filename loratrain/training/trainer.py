@@ -160,6 +160,13 @@ class LoRATrainer:
             move(m, self.device, weight_dtype)
         if cfg.xformers:
             self.model.unet.enable_xformers_memory_efficient_attention()
+        if cfg.fp8_base or cfg.fp8_base_unet:  # before the adapters exist, so only the frozen base layers are stored in fp8
+            from diffusers.hooks import apply_layerwise_casting
+
+            for m in [self.model.unet] + ([] if cfg.fp8_base_unet else list(self.model.text_encoders)):
+                apply_layerwise_casting(m, torch.float8_e4m3fn, weight_dtype)
+            log("fp8 base weights: " + ("UNet" if cfg.fp8_base_unet else "UNet and text encoders")
+                + f" stored in float8_e4m3fn, computed in {weight_dtype}")
         spec = NetworkSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout,
                            train_unet=not cfg.network_train_text_encoder_only, train_text_encoder=not cfg.network_train_unet_only,
                            **cfg.network_options())
