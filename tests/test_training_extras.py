@@ -266,3 +266,20 @@ def test_a_gui_json_trains_through_the_cli(tiny_files, dataset, tmp_path):
     sd = load_file(tmp_path / "o" / "gui.safetensors")
     assert any(k.endswith("hada_w1_a") for k in sd) and not any(k.startswith("lora_te") for k in sd)
     assert read_safetensors_metadata(tmp_path / "o" / "gui.safetensors")["ss_training_comment"] == "from the GUI"
+
+
+# -- torch.compile ----------------------------------------------------------------------------------------------------
+def test_torch_compile_runs_the_same_training(tiny_files, dataset, tmp_path):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    kw = dict(max_train_steps=2)
+    rec = RecordingReporter()
+    compiled = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "c", torch_compile=True,
+                                      dynamo_backend="aot_eager", **kw), rec)
+    assert any("torch.compile" in line for line in rec.lines)
+    assert counters["stats"]["unique_graphs"] > 0  # the UNet really went through dynamo
+    plain = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "p", **kw), RecordingReporter())
+    assert compiled.losses == pytest.approx(plain.losses, rel=1e-4)
+    torch._dynamo.reset()

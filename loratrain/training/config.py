@@ -140,6 +140,11 @@ class TrainConfig(JobConfig):
     fp8_base_unet: bool = opt(False, "fp8_base for the UNet only (the text encoders keep the training dtype)", group=OPTIM,
                               advanced=True)
     xformers: bool = opt(False, "use xformers attention (if installed)", group=OPTIM, advanced=True)
+    torch_compile: bool = opt(False, "compile the UNet with torch.compile (slow first steps, faster after; needs a C++ "
+                                     "compiler for inductor on CPU)", group=OPTIM, advanced=True)
+    dynamo_backend: str = opt("inductor", "torch.compile backend (sd-scripts' names; 'no' = torch_compile off)",
+                              choices=["no", "eager", "aot_eager", "inductor", "cudagraphs", "onnxrt", "tvm", "ipex"],
+                              group=OPTIM, advanced=True)
     max_token_length: int | None = opt(None, "caption tokens: 75 (unset), 150 or 225 (2 or 3 windows of 75, as sd-scripts)",
                                        group=DATA, advanced=True)
     clip_skip: int = opt(1, "use the n-th text encoder layer from the end (SD1/SD2)", ge=1, group=OPTIM)
@@ -255,6 +260,11 @@ class TrainConfig(JobConfig):
             raise ValueError(f"{value} must be 75, 150 or 225 (windows of 75 tokens)")
         return None if value == 75 else value
 
+    @field_validator("dynamo_backend", mode="before")
+    @classmethod
+    def _backend_name(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value  # accelerate's config and the GUI write "NO"
+
     @field_validator("bucket_reso_steps")
     @classmethod
     def _bucket_step(cls, value: int) -> int:
@@ -320,6 +330,8 @@ class TrainConfig(JobConfig):
         if sched == "adafactor" and self.optimizer_type.lower() != "adafactor":
             out.append(("lr_scheduler", "the adafactor schedule is Adafactor's own: use optimizer_type Adafactor "
                                         "with optimizer_args relative_step=True"))
+        if self.torch_compile and self.dynamo_backend == "no":
+            out.append(("dynamo_backend", "'no' turns torch.compile off, but torch_compile is on; choose a backend (inductor)"))
         if (self.fp8_base or self.fp8_base_unet) and self.network_kind in ("full", "dora", "ia3"):
             out.append(("fp8_base", f"not with {self.network_kind}: it needs the base weights themselves in full precision"))
         if self.full_bf16 and self.mixed_precision != "bf16":

@@ -106,8 +106,6 @@ IGNORED = {
 # off-values are accepted; any other value fails with this reason
 REFUSED = {
     "full_fp16": "not implemented yet: the adapters train in fp32 with fp16/bf16 autocast (mixed_precision)",
-    "torch_compile": "not implemented yet",
-    "dynamo_backend": "torch.compile backends are not implemented yet",
     "cache_text_encoder_outputs_to_disk": "not implemented yet",
     "color_aug": "not implemented yet (it would also stop latent caching in sd-scripts)",
     "random_crop": "not implemented yet (it would also stop latent caching in sd-scripts)",
@@ -166,7 +164,6 @@ REFUSED = {
 # values that mean "off" for a refused option (besides false, 0, "", [] and None)
 OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "log_with": ("tensorboard",),
-    "dynamo_backend": ("no", "NO"),
     "resize_interpolation": ("lanczos", "area"),
     "huggingface_repo_visibility": ("private", "public"),
     "base_weights_multiplier": (1.0,),

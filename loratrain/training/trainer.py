@@ -184,6 +184,9 @@ class LoRATrainer:
         log(f"network: {self.network.kind}, {n_unet} UNet modules, {len(self.network.targets) - n_unet} text encoder modules; "
             f"dim {cfg.network_dim}, alpha {cfg.network_alpha} -> scale alpha/dim = {cfg.network_alpha / cfg.network_dim:.4g}"
             + (f"; conv dim {self.network.spec.conv_dim}, alpha {self.network.spec.conv_alpha}" if self.network.spec.conv_dim else ""))
+        if cfg.torch_compile:  # in place (nn.Module.compile): the model, the network and sampling keep the same object
+            self.model.unet.compile(backend=cfg.dynamo_backend)
+            log(f"torch.compile: UNet with the {cfg.dynamo_backend} backend (the first steps compile)")
         if cfg.gradient_checkpointing:
             self.model.unet.enable_gradient_checkpointing()
             for te in self.model.text_encoders:
