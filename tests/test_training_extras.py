@@ -248,8 +248,11 @@ def test_a_gui_json_means_what_the_guis_start_button_runs(tiny_files, dataset, t
 
     with pytest.raises(ConfigError, match="LoRA_type.*Diag-OFT"):
         TrainConfig.build(gui_json(tiny_files["sd1_file"], dataset, tmp_path / "o", LoRA_type="LyCORIS/Diag-OFT"), check=False)
-    with pytest.raises(ConfigError, match="rank_dropout"):
-        TrainConfig.build(gui_json(tiny_files["sd1_file"], dataset, tmp_path / "o", rank_dropout=0.1), check=False)
+    args = TrainConfig.build(gui_json(tiny_files["sd1_file"], dataset, tmp_path / "o", rank_dropout=0.1, loraplus_lr_ratio=16,
+                                      down_lr_weight="sine"), check=False)  # networks.lora's arguments, as the GUI passes them
+    assert (args.rank_dropout, args.loraplus_lr_ratio, args.down_lr_weight, args.block_dims) == (0.1, 16, "sine", "")
+    with pytest.raises(ConfigError, match="networks.lora argument"):
+        TrainConfig.build(gui_json(tiny_files["sd1_file"], dataset, tmp_path / "o", LoRA_type="LyCORIS/LoHa", rank_dropout=0.1))
 
 
 def test_a_gui_json_trains_through_the_cli(tiny_files, dataset, tmp_path):

@@ -96,6 +96,28 @@ class TrainConfig(JobConfig):
                            ge=1, group=NET, advanced=True)
     conv_dim: int | None = opt(None, "rank for 3x3 convolutions (LoCon); unset = no conv adapters", ge=1, group=NET)
     conv_alpha: float | None = opt(None, "alpha for 3x3 convolutions", gt=0, group=NET)
+    block_dims: str = opt("", "rank per UNet block, comma-separated: 25 values IN00..IN11,MID,OUT00..OUT11 (SDXL: 23, "
+                              "sd-scripts' order); 0 = no module", group=NET, advanced=True)
+    block_alphas: str = opt("", "alpha per UNet block (as block_dims)", group=NET, advanced=True)
+    conv_block_dims: str = opt("", "3x3 conv rank per UNet block (as block_dims; LoCon)", group=NET, advanced=True)
+    conv_block_alphas: str = opt("", "3x3 conv alpha per UNet block", group=NET, advanced=True)
+    down_lr_weight: str = opt("", "learning-rate weight of the 12 (SDXL: 9) input blocks: numbers, or cosine, sine, linear, "
+                                  "reverse_linear, zeros (+offset)", group=NET, advanced=True)
+    mid_lr_weight: str = opt("", "learning-rate weight of the middle block (SDXL: 3 values)", group=NET, advanced=True)
+    up_lr_weight: str = opt("", "learning-rate weight of the 12 (SDXL: 9) output blocks (as down_lr_weight)", group=NET,
+                            advanced=True)
+    block_lr_zero_threshold: float = opt(0.0, "blocks whose lr weight is at most this are not trained (no module)", ge=0,
+                                         group=NET, advanced=True)
+    rank_dropout: float = opt(0.0, "drop each rank of a module's down output with this probability (per sample)", ge=0, lt=1,
+                              group=NET, advanced=True)
+    module_dropout: float = opt(0.0, "skip a module's whole adapter with this probability (per forward)", ge=0, lt=1, group=NET,
+                                advanced=True)
+    loraplus_lr_ratio: float | None = opt(None, "LoRA+: the up matrices learn this many times faster (16 in the paper)", gt=0,
+                                          group=NET, advanced=True)
+    loraplus_unet_lr_ratio: float | None = opt(None, "LoRA+ ratio for the UNet only (overrides loraplus_lr_ratio)", gt=0,
+                                               group=NET, advanced=True)
+    loraplus_text_encoder_lr_ratio: float | None = opt(None, "LoRA+ ratio for the text encoders only", gt=0, group=NET,
+                                                       advanced=True)
     network_train_unet_only: bool = opt(False, "train only the UNet adapters", group=NET)
     network_train_text_encoder_only: bool = opt(False, "train only the text encoder adapters", group=NET, advanced=True)
     network_weights: str = opt("", "start from an existing LoRA: any kohya-layout .safetensors (sd-scripts', ours, ...) "
@@ -290,9 +312,18 @@ class TrainConfig(JobConfig):
         kind = self.network_module.lower().rsplit(".", 1)[-1]
         return {"kohya": "lora", "finetune": "full"}.get(kind, kind)
 
+    def block_spec(self) -> Any:
+        from .networks.blocks import BlockSpec
+
+        return BlockSpec(self.block_dims, self.block_alphas, self.conv_block_dims, self.conv_block_alphas, self.down_lr_weight,
+                         self.mid_lr_weight, self.up_lr_weight, self.block_lr_zero_threshold)
+
     def network_options(self) -> dict[str, Any]:
         """What the network needs beyond the LoRA options (NetworkSpec's other fields)."""
-        return {"unit": self.dylora_unit}
+        return {"unit": self.dylora_unit, "blocks": self.block_spec(), "rank_dropout": self.rank_dropout,
+                "module_dropout": self.module_dropout,
+                "loraplus_unet": self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio,
+                "loraplus_text_encoder": self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio}
 
     def problems(self) -> list[Problem]:
         out: list[Problem] = []
@@ -330,6 +361,14 @@ class TrainConfig(JobConfig):
         if sched == "adafactor" and self.optimizer_type.lower() != "adafactor":
             out.append(("lr_scheduler", "the adafactor schedule is Adafactor's own: use optimizer_type Adafactor "
                                         "with optimizer_args relative_step=True"))
+        from .networks.blocks import check_text
+
+        out += check_text(self.block_spec())
+        lora_only = [n for n in ("block_dims", "conv_block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "rank_dropout",
+                                 "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+                     if getattr(self, n)]
+        if lora_only and self.network_kind not in ("lora", "locon", "dora", "dylora"):
+            out.append((lora_only[0], f"a networks.lora argument; not for network_module {self.network_kind}"))
         if self.torch_compile and self.dynamo_backend == "no":
             out.append(("dynamo_backend", "'no' turns torch.compile off, but torch_compile is on; choose a backend (inductor)"))
         if (self.fp8_base or self.fp8_base_unet) and self.network_kind in ("full", "dora", "ia3"):

@@ -171,7 +171,10 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "zero_stage": (2,),
 }
 
-NETWORK_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "unit": "dylora_unit"}
+NETWORK_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "unit": "dylora_unit",
+                **{k: k for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                                  "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "rank_dropout", "module_dropout",
+                                  "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")}}
 #: LyCORIS' `algo=` values and the network kind each one is here
 LYCORIS_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr", "dylora": "dylora", "ia3": "ia3"}
 #: network_module spellings that leave the kind to network_args (algo=, dora_wd=)
@@ -180,16 +183,11 @@ NETWORK_ARGS_REFUSED = {
     "factor": "LoKr's factor is chosen as LyCORIS' default (-1, most balanced) here; not settable yet",
     "use_tucker": "not implemented yet", "use_cp": "not implemented yet", "wd_on_output": "DoRA here is per output channel",
     "train_on_input": "(IA)^3 here always trains the input side (the output side would scale the bias too)",
-    "rank_dropout": "not implemented yet", "module_dropout": "not implemented yet",
-    "block_dims": "not implemented yet", "block_alphas": "not implemented yet",
-    "conv_block_dims": "not implemented yet", "conv_block_alphas": "not implemented yet",
-    "down_lr_weight": "not implemented yet", "mid_lr_weight": "not implemented yet", "up_lr_weight": "not implemented yet",
-    "block_lr_zero_threshold": "not implemented yet", "loraplus_lr_ratio": "not implemented yet",
-    "loraplus_unet_lr_ratio": "not implemented yet", "loraplus_text_encoder_lr_ratio": "not implemented yet",
 }
 
 TRANSLATED = {"network_args": "conv_dim/conv_alpha -> LoCon, algo=loha/lokr/locon/ia3/dylora -> that kind, dora_wd=True -> dora, "
-                              "unit -> DyLoRA; others refused by name",
+                              "unit -> DyLoRA, block dims/alphas/lr weights, rank/module dropout, LoRA+ ratios -> the options "
+                              "of the same names; others refused by name",
               "save_model_as": "safetensors only; ckpt/pt refused (pickles), diffusers -> save_peft_format"}
 SAVE_MODEL_AS = {"ckpt": "a pickle (unsafe to load); loratrain writes .safetensors only",
                  "pt": "a pickle (unsafe to load); loratrain writes .safetensors only",

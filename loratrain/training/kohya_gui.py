@@ -32,9 +32,11 @@ LORA_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "LyCORIS/DyLoRA": ("dylora", ("unit",)),
 }
 #: GUI fields that become network_args for some LoRA types; refused here when set (kohya.NETWORK_ARGS_REFUSED says why)
-NETWORK_FIELDS = ("rank_dropout", "module_dropout", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
-                  "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
-                  "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "use_tucker", "use_cp")
+NETWORK_FIELDS = ("use_tucker", "use_cp")
+#: networks.lora's arguments the GUI passes for Standard / Kohya LoCon / Kohya DyLoRA (options of the same name here)
+LORA_ARG_FIELDS = ("rank_dropout", "module_dropout", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
+                   "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
+                   "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 #: GUI form state with no sd-scripts meaning (or one this translation already used): dropped, named in the log
 GUI_ONLY = {"model_list", "num_cpu_threads_per_process", "LyCORIS_preset", "train_norm", "bypass_mode", "use_scalar",
             "rank_dropout_scale", "constrain", "rescaled", "decompose_both", "factor", "train_on_input", "unit", "dora_wd",
@@ -108,6 +110,9 @@ def from_gui_json(data: dict[str, Any]) -> tuple[dict[str, Any], list[str], list
     for field in NETWORK_FIELDS:
         if not is_off(field, gui.get(field)):
             problems.append((field, f"{gui[field]!r}: sd-scripts network argument not implemented yet"))
+    for field in LORA_ARG_FIELDS:  # "" and 0 are the GUI's "not set"
+        if not is_off(field, gui.get(field)):
+            out[field] = str(gui[field]) if field.endswith(("dims", "alphas", "weight")) else gui[field]
     # steps, warmup, schedule: as the GUI computes them when it starts a run
     if not gui.get("max_train_steps") and not gui.get("max_train_epochs") and gui.get("epoch"):
         out["max_train_epochs"] = gui["epoch"]  # the GUI turns epochs into max_train_steps from the folder counts
@@ -136,7 +141,7 @@ def from_gui_json(data: dict[str, Any]) -> tuple[dict[str, Any], list[str], list
         problems.append(("additional_parameters", f"{gui['additional_parameters']!r}: give these flags on the command line"))
     # 0 means "unset" for these in the GUI (it passes None to sd-scripts)
     unset_when_zero = {"seed", "max_timestep", "max_train_steps", "max_train_epochs"}
-    handled = {MARKER, "xformers", "additional_parameters", *NETWORK_FIELDS}
+    handled = {MARKER, "xformers", "additional_parameters", *NETWORK_FIELDS, *LORA_ARG_FIELDS}
     ignored = []
     for key, value in gui.items():
         if key in out or key in dropped or key in handled or (key in unset_when_zero and value == 0):

@@ -193,11 +193,7 @@ class LoRATrainer:
                 te.gradient_checkpointing_enable()
         unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
         te_lrs = dict(zip((s.component for s in self.model.family.text_encoders), cfg.text_encoder_lrs(len(self.model.text_encoders))))
-        groups = []
-        for part in self.network.parts():
-            params = self.network.trainable_parameters(part)
-            if params:
-                groups.append({"params": params, "lr": unet_lr if part == "unet" else te_lrs[part], "name": part})
+        groups = self.network.param_groups({part: unet_lr if part == "unet" else te_lrs[part] for part in self.network.parts()})
         self.optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args)
         n_proc = self.accelerator.num_processes
         self.plan = self.data.plan(cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.max_train_epochs, processes=n_proc)

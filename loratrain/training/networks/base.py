@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,6 +12,8 @@ from loratrain.core.lora.keys import te_lora_name, unet_lora_name
 from loratrain.core.models.ldm_keys import unet_diffusers_to_ldm_module
 from loratrain.core.models.loading import SDModel
 from loratrain.core.registry import Registry
+
+from .blocks import BlockSpec, block_index, block_ranks
 
 UNET_ATTN_CONTAINERS = {"Transformer2DModel"}
 UNET_CONV_CONTAINERS = {"ResnetBlock2D", "Downsample2D", "Upsample2D"}
@@ -31,6 +33,11 @@ class NetworkSpec:
     ema_decay: float = 0.0  # full fine-tune: EMA of the weights (0 = off)
     ema_on_cpu: bool = False
     stop_text_encoder_after: int = 0  # full fine-tune: steps the text encoders train (0 = all)
+    blocks: BlockSpec = field(default_factory=BlockSpec)  # sd-scripts' per-block ranks and learning rates
+    rank_dropout: float = 0.0  # per sample, each rank of a module's down output dropped with this probability
+    module_dropout: float = 0.0  # per forward, a module's whole adapter skipped with this probability
+    loraplus_unet: float | None = None  # LoRA+: the up (B) matrices learn this many times faster
+    loraplus_text_encoder: float | None = None
 
 
 @dataclass
@@ -46,23 +53,34 @@ def find_targets(model: SDModel, spec: NetworkSpec) -> list[Target]:
     """sd-scripts' rule: Linear/Conv2d children of the container classes, 3x3 convs only with conv_dim."""
     targets: list[Target] = []
     if spec.train_unet:
-        containers = UNET_ATTN_CONTAINERS | (UNET_CONV_CONTAINERS if spec.conv_dim else set())
-        for path in _children(model.unet, containers, spec):
+        sdxl = model.family.is_sdxl
+        per_block = block_ranks(spec.blocks, sdxl, spec.network_dim, spec.network_alpha, spec.conv_dim,
+                                spec.conv_alpha) if spec.blocks else None
+        with_conv = spec.conv_dim or (per_block and per_block[2])
+        containers = UNET_ATTN_CONTAINERS | (UNET_CONV_CONTAINERS if with_conv else set())
+        for path in _children(model.unet, containers, with_conv):
             module = model.unet.get_submodule(path)
             is_3x3 = isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
             rank, alpha = ((spec.conv_dim, spec.conv_alpha if spec.conv_alpha is not None else 1.0) if is_3x3
                            else (spec.network_dim, spec.network_alpha))
-            ldm_path = unet_diffusers_to_ldm_module(path, model.unet.config) if model.family.is_sdxl else path
-            targets.append(Target("unet", path, unet_lora_name(ldm_path), rank, alpha))
+            ldm_path = unet_diffusers_to_ldm_module(path, model.unet.config) if sdxl else path
+            name = unet_lora_name(ldm_path)
+            if per_block:  # sd-scripts' block_dims / lr weights: rank and alpha of the module's block (0: no module)
+                dims, alphas, conv_dims, conv_alphas = per_block
+                i = block_index(name, sdxl)
+                rank, alpha = (conv_dims[i], conv_alphas[i]) if is_3x3 else (dims[i], alphas[i])
+                if not rank:
+                    continue
+            targets.append(Target("unet", path, name, rank, alpha))
     if spec.train_text_encoder:
         for te_spec, te in zip(model.family.text_encoders, model.text_encoders):
-            for path in _children(te, TE_CONTAINERS, spec):
+            for path in _children(te, TE_CONTAINERS, spec.conv_dim):
                 name = te_lora_name(te_spec.kohya_prefix, path)
                 targets.append(Target(te_spec.component, path, name, spec.network_dim, spec.network_alpha))
     return targets
 
 
-def _children(root: nn.Module, containers: set[str], spec: NetworkSpec) -> list[str]:
+def _children(root: nn.Module, containers: set[str], with_conv: object) -> list[str]:
     out = []
     for name, module in root.named_modules():
         if type(module).__name__ not in containers:
@@ -70,7 +88,7 @@ def _children(root: nn.Module, containers: set[str], spec: NetworkSpec) -> list[
         for child_name, child in module.named_modules():
             if not child_name:
                 continue
-            if isinstance(child, nn.Linear) or (isinstance(child, nn.Conv2d) and (child.kernel_size == (1, 1) or spec.conv_dim)):
+            if isinstance(child, nn.Linear) or (isinstance(child, nn.Conv2d) and (child.kernel_size == (1, 1) or with_conv)):
                 out.append(f"{name}.{child_name}")
     return list(dict.fromkeys(out))
 
@@ -95,6 +113,12 @@ class Network:
         """The parameters of `part` that train (requires_grad), in module order."""
         module = self.parts().get(part)
         return [p for p in module.parameters() if p.requires_grad] if module is not None else []
+
+    def param_groups(self, lrs: dict[str, float]) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one per model part at its learning rate (networks with block
+        learning rates or LoRA+ split them further)."""
+        return [{"params": params, "lr": lrs[part], "name": part}
+                for part in self.parts() if (params := self.trainable_parameters(part))]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable adapter tensors keyed `<part>.<peft key>` (for resume)."""
@@ -131,9 +155,20 @@ class Network:
         """Called after each optimiser step (the full fine-tune updates its EMA here)."""
 
     def args(self) -> dict[str, Any]:
+        """network_args as sd-scripts records them in ss_network_args (strings)."""
+        spec = self.spec
         out: dict[str, Any] = {}
-        if self.spec.conv_dim:
-            out.update(conv_dim=str(self.spec.conv_dim), conv_alpha=str(self.spec.conv_alpha if self.spec.conv_alpha is not None else 1.0))
+        if spec.conv_dim:
+            out.update(conv_dim=str(spec.conv_dim), conv_alpha=str(spec.conv_alpha if spec.conv_alpha is not None else 1.0))
+        names = {"dims": "block_dims", "alphas": "block_alphas", "conv_dims": "conv_block_dims",
+                 "conv_alphas": "conv_block_alphas", "lr_zero_threshold": "block_lr_zero_threshold"}
+        for key, value in spec.blocks.__dict__.items():
+            if value:
+                out[names.get(key, key)] = str(value)
+        for key, value in (("rank_dropout", spec.rank_dropout), ("module_dropout", spec.module_dropout),
+                           ("loraplus_unet_lr_ratio", spec.loraplus_unet), ("loraplus_text_encoder_lr_ratio", spec.loraplus_text_encoder)):
+            if value:
+                out[key] = str(value)
         return out
 
 

@@ -11,6 +11,7 @@ from peft.tuners.lora import LoraLayer
 from loratrain.core.models.loading import SDModel
 
 from .base import NETWORKS, Network, NetworkSpec, Target, find_targets
+from .blocks import block_index, lr_weights
 
 ADAPTER = "loratrain"
 
@@ -67,6 +68,54 @@ class PeftLoRANetwork(PeftNetwork):
         return LoraConfig(r=spec.network_dim, lora_alpha=spec.network_alpha, lora_dropout=spec.network_dropout,
                           init_lora_weights=True, use_dora=self.use_dora, target_modules=[t.module_path for t in targets],
                           **rank_alpha_patterns(targets, spec))
+
+    def __init__(self, model: SDModel, spec: NetworkSpec) -> None:
+        super().__init__(model, spec)
+        if spec.rank_dropout or spec.module_dropout:
+            self._install_dropouts(spec.rank_dropout, spec.module_dropout)
+
+    def _install_dropouts(self, p_rank: float, p_module: float) -> None:
+        """sd-scripts' rank_dropout (each rank of the down output, per sample, kept ones scaled 1/(1-p)) and
+        module_dropout (the whole adapter skipped for a forward), in training mode only. They draw from torch's
+        global generator, which the trainer seeds per micro-batch, so a resumed run drops the same."""
+        def rank_hook(mod: torch.nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
+            if not mod.training:
+                return out
+            rank = out.shape[1] if out.dim() == 4 else out.shape[-1]
+            keep = (torch.rand((out.shape[0], rank), device=out.device) > p_rank).to(out.dtype) / (1.0 - p_rank)
+            shape = (out.shape[0], rank, 1, 1) if out.dim() == 4 else (out.shape[0],) + (1,) * (out.dim() - 2) + (rank,)
+            return out * keep.view(shape)
+
+        def module_hook(mod: torch.nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
+            return out * 0 if mod.training and float(torch.rand(())) < p_module else out
+
+        for _, layer in self._pairs():
+            if p_rank:
+                layer.lora_A[ADAPTER].register_forward_hook(rank_hook)
+            if p_module:
+                layer.lora_B[ADAPTER].register_forward_hook(module_hook)
+
+    def param_groups(self, lrs: dict[str, float]) -> list[dict[str, Any]]:
+        """sd-scripts' groups: with down/mid/up_lr_weight one UNet group per block at lr x its weight
+        ("unet_block7"), with LoRA+ the up (B) matrices apart at lr x ratio ("..._plus")."""
+        spec, sdxl = self.spec, self.model.family.is_sdxl
+        weights = lr_weights(spec.blocks, sdxl)
+        if weights is None and not (spec.loraplus_unet or spec.loraplus_text_encoder):
+            return super().param_groups(lrs)
+        groups: dict[str, dict[str, Any]] = {}
+        for target, layer in self._pairs():
+            name, lr = target.part, lrs[target.part]
+            if target.part == "unet" and weights is not None:
+                index = block_index(target.kohya_name, sdxl)
+                name, lr = f"unet_block{index}", lr * weights[index]
+            ratio = spec.loraplus_unet if target.part == "unet" else spec.loraplus_text_encoder
+            for pname, p in layer.named_parameters():
+                if not p.requires_grad:
+                    continue
+                plus = bool(ratio) and ".lora_B." in f".{pname}"
+                key = name + ("_plus" if plus else "")
+                groups.setdefault(key, {"params": [], "lr": lr * (ratio if plus else 1.0), "name": key})["params"].append(p)
+        return list(groups.values())
 
     def _pairs(self):
         for part, module in self.parts().items():
