@@ -286,3 +286,52 @@ def test_torch_compile_runs_the_same_training(tiny_files, dataset, tmp_path):
     plain = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "p", **kw), RecordingReporter())
     assert compiled.losses == pytest.approx(plain.losses, rel=1e-4)
     torch._dynamo.reset()
+
+
+# -- color_aug and random_crop --------------------------------------------------------------------------------------
+def test_random_crop_windows_and_colour_jitter_are_drawn_per_step():
+    import random
+
+    import numpy as np
+
+    from loratrain.training.data.augment import augmented_pixels, color_aug
+    from loratrain.training.data.buckets import fit_to_bucket
+
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb)
+    crops = set()
+    for seed in range(20):
+        pixels, (top, left) = augmented_pixels(image, (64, 64), None, True, False, random.Random(seed))
+        assert top == 0 and 0 <= left <= 32 and np.array_equal(pixels, rgb[:, left:left + 64])  # a window of the image
+        crops.add(left)
+    assert len(crops) > 5
+    centre, where = augmented_pixels(image, (64, 64), None, False, False, random.Random(0))
+    assert np.array_equal(centre, fit_to_bucket(image, (64, 64))) and where == (-1, -1)
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 200
+    outs = [color_aug(red, random.Random(s)) for s in range(300)]
+    changed = [o for o in outs if not np.array_equal(o, red)]
+    assert 0.2 < len(changed) / len(outs) < 0.45  # a third of the time, as sd-scripts
+    hues = [int(np.array(Image.fromarray(o).convert("HSV"))[0, 0, 0]) for o in changed]
+    assert all(min(h, 256 - h) <= 13 for h in hues)  # at most 16 degrees (11.4 of PIL's 256 hue units, + rounding)
+
+
+def test_color_aug_and_random_crop_train_repeatably_with_live_latents(tiny_files, tmp_path):
+    from loratrain.training.demo import make_concept_images
+
+    data = tmp_path / "d" / "2_wide"
+    make_concept_images(data, "wide", 3, 64, 0)
+    for p in data.glob("*.png"):
+        Image.open(p).resize((96, 64)).save(p)  # wider than the 64 px bucket: room to crop
+
+    def train(out: str, **kw):  # noqa: ANN202
+        rec = RecordingReporter()
+        return rec, run_train(quick_config(tiny_files["sd1_file"], tmp_path / "d", tmp_path / out, max_train_steps=3, **kw), rec)
+
+    rec, aug = train("a", random_crop=True, color_aug=True)
+    assert any("VAE-encoded every step" in line for line in rec.lines)
+    _, again = train("b", random_crop=True, color_aug=True)
+    _, plain = train("c")
+    assert aug.losses == again.losses and aug.losses != plain.losses
+    meta = read_safetensors_metadata(aug.lora_path)
+    assert meta["ss_random_crop"] == "True" and meta["ss_color_aug"] == "True"

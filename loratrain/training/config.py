@@ -64,6 +64,10 @@ class TrainConfig(JobConfig):
     caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each tag", ge=0, le=1, group=DATA, advanced=True)
     flip_aug: bool = opt(False, "random horizontal flips", group=DATA)
     prior_loss_weight: float = opt(1.0, "loss weight of regularization images", ge=0, group=DATA)
+    color_aug: bool = opt(False, "sd-scripts' colour jitter (hue shift or gamma, a third of the steps); those images are "
+                                 "VAE-encoded every step instead of cached", group=DATA, advanced=True)
+    random_crop: bool = opt(False, "a random crop of each image every step instead of the centre one (encoded every step)",
+                            group=DATA, advanced=True)
     alpha_mask: bool = opt(False, "each image's alpha channel weights its loss (transparent parts are not learned)", group=DATA,
                            advanced=True)
     conditioning_data_dir: str = opt("", "masked_loss: folder of mask images named like the training images (white = learned, "
@@ -369,6 +373,8 @@ class TrainConfig(JobConfig):
                      if getattr(self, n)]
         if lora_only and self.network_kind not in ("lora", "locon", "dora", "dylora"):
             out.append((lora_only[0], f"a networks.lora argument; not for network_module {self.network_kind}"))
+        if (self.color_aug or self.random_crop) and (self.masked_loss or self.alpha_mask):
+            out.append(("random_crop" if self.random_crop else "color_aug", "not implemented together with masked_loss / alpha_mask"))
         if self.torch_compile and self.dynamo_backend == "no":
             out.append(("dynamo_backend", "'no' turns torch.compile off, but torch_compile is on; choose a backend (inductor)"))
         if (self.fp8_base or self.fp8_base_unet) and self.network_kind in ("full", "dora", "ia3"):

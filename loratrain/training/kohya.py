@@ -107,8 +107,6 @@ IGNORED = {
 REFUSED = {
     "full_fp16": "not implemented yet: the adapters train in fp32 with fp16/bf16 autocast (mixed_precision)",
     "cache_text_encoder_outputs_to_disk": "not implemented yet",
-    "color_aug": "not implemented yet (it would also stop latent caching in sd-scripts)",
-    "random_crop": "not implemented yet (it would also stop latent caching in sd-scripts)",
     "face_crop_aug_range": "not implemented yet",
     "weighted_captions": "not implemented yet",
     "secondary_separator": "not implemented yet",
@@ -331,7 +329,7 @@ def flag_document() -> str:
 
 # dataset TOML keys sd-scripts accepts that are not implemented here (off values accepted)
 DATASET_REFUSED = {
-    **{k: REFUSED[k] for k in ("color_aug", "face_crop_aug_range", "random_crop", "secondary_separator", "enable_wildcard",
+    **{k: REFUSED[k] for k in ("face_crop_aug_range", "secondary_separator", "enable_wildcard",
                                "token_warmup_min", "token_warmup_step", "resize_interpolation", "cache_info")},
     "custom_attributes": "not implemented yet",
     "metadata_file": "fine-tuning metadata JSON is not supported; use image folders with caption files",

@@ -82,13 +82,17 @@ def build_specs(cfg: TrainConfig, log=lambda text: None) -> list[DatasetSpec]:
                 "keep_tokens_separator": cfg.keep_tokens_separator, "caption_separator": cfg.caption_separator,
                 "caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs,
                 "validation_split": cfg.validation_split, "validation_seed": cfg.validation_seed}
-    defaults |= {"alpha_mask": cfg.alpha_mask, "conditioning_data_dir": cfg.conditioning_data_dir}
+    defaults |= {"alpha_mask": cfg.alpha_mask, "conditioning_data_dir": cfg.conditioning_data_dir, "color_aug": cfg.color_aug,
+                 "random_crop": cfg.random_crop}
     if cfg.dataset_config:
         specs = specs_from_toml(cfg.dataset_config, defaults)
     else:
         subsets = subsets_from_folders(cfg.train_data_dir, cfg.reg_data_dir or None, defaults, log)
         specs = [DatasetSpec(subsets=subsets, **{k: v for k, v in defaults.items() if k in DatasetSpec.__dataclass_fields__})]
     subsets = [s for spec in specs for s in spec.subsets]
+    for s in subsets:
+        if s.live and (s.alpha_mask or (cfg.masked_loss and s.conditioning_data_dir)):
+            raise ConfigError(f"{s.image_dir}: color_aug / random_crop are not implemented together with a loss mask")
     if cfg.masked_loss and not any(s.alpha_mask or s.conditioning_data_dir for s in subsets):
         raise ConfigError("masked_loss: no mask source; set conditioning_data_dir (mask images named like the training "
                           "images) or alpha_mask (the images' alpha channel)")
@@ -277,7 +281,11 @@ class LoRATrainer:
         self.data.cache_latents(encode, _vae_id(self.model), self.cfg.cache_latents_to_disk, self.cfg.on_bad_image,
                                 progress=lambda n: self.reporter.advance(n))
         self.reporter.done("")
-        if self.cfg.network_kind == "full":
+        self.live_items = sum(not it.latents for it in self.data.items())
+        if self.live_items:
+            self.reporter.log(f"{self.live_items} image(s) with color_aug / random_crop are VAE-encoded every step "
+                              "(their pixels change); the others' latents are cached")
+        elif self.cfg.network_kind == "full":
             self.model.vae.to("cpu")  # a full fine-tune saves the whole model, VAE included
         elif not self.cfg.sample_prompts:
             self.model.vae = None  # not needed again: its memory goes back before training starts
@@ -323,7 +331,14 @@ class LoRATrainer:
         cfg, model = self.cfg, self.model
         seed = cfg.seed if seed is None else seed
         sched = self.noise_scheduler
-        latents = torch.stack([it.latents[1 if flip else 0] for it, flip in batch]).to(self.device)
+        crops, views = [it.crop_top_left for it, _ in batch], []
+        for i, (it, flip) in enumerate(batch):
+            if it.latents:
+                views.append(it.latents[1 if flip else 0])
+            else:  # color_aug / random_crop: this step's pixels, encoded now (seeded per sample and step)
+                latent, crops[i] = self._live_latent(it, flip, (seed, epoch, micro, first + i))
+                views.append(latent)
+        latents = torch.stack([v.to(self.device) for v in views])
         gens = [torch.Generator(device="cpu").manual_seed(_seed_for(seed, epoch, micro, 2, first + i)) for i in range(len(batch))]
         captions = [process_caption(it.caption, it.subset, random.Random(_seed_for(seed, epoch, micro, 1, first + i)), epoch)
                     for i, (it, _) in enumerate(batch)]
@@ -348,7 +363,7 @@ class LoRATrainer:
                     else encode_prompts(model, captions, cfg.clip_skip, cfg.max_token_length))
             time_ids = None
             if model.family.is_sdxl:
-                time_ids = sdxl_time_ids([it.original_size for it, _ in batch], [it.crop_top_left for it, _ in batch],
+                time_ids = sdxl_time_ids([it.original_size for it, _ in batch], crops,
                                          [it.bucket for it, _ in batch], self.device, cond.hidden.dtype)
             pred = model.unet(noisy.to(cond.hidden.dtype), t, **cond.unet_kwargs(time_ids)).sample
         v_pred = model.prediction_type == "v_prediction"
@@ -366,6 +381,16 @@ class LoRATrainer:
         if cfg.debiased_estimation_loss:
             loss = loss * debiased_weight(sched, t, v_pred)
         return loss.sum() / global_size
+
+    @torch.no_grad()
+    def _live_latent(self, it: Item, flip: bool, where: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One augmented view of a live item through the VAE: its crop and colour, and the posterior sample, drawn
+        from seeds of (seed, epoch, batch, position), like the rest of the step's randomness."""
+        pixels, crop = TrainData.live_pixels(it, flip, random.Random(_seed_for(*where, 6)))
+        vae = self.model.vae
+        dist = vae.encode(pixels[None].to(self.device, torch.float32)).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(_seed_for(*where, 7))).to(self.device)
+        return ((dist.mean + dist.std * noise) * vae.config.scaling_factor)[0].cpu(), crop
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:

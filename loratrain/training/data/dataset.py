@@ -31,6 +31,7 @@ class Item:
     bucket: tuple[int, int] = (0, 0)
     crop_top_left: tuple[int, int] = (0, 0)
     latents: list[torch.Tensor] = field(default_factory=list)  # [plain, flipped?]
+    resize_to: tuple[int, int] | None = None  # bucket_no_upscale's own size for the image (None: cover the bucket)
     mask: list[torch.Tensor] = field(default_factory=list)  # loss weights at latent size, [plain, flipped?]; empty: all 1
 
 
@@ -159,13 +160,14 @@ class TrainData:
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], vae_id: str, to_disk: bool,
                       on_bad_image: str = "skip", progress: Callable[[int], None] | None = None) -> None:
         """Decode, bucket and encode every image once (held-out ones too); corrupt images are named and skipped (or fatal)."""
+        held_out = {id(items) for _, items in self.validation}
         for spec, items in self.groups + self.validation:
             buckets = (bucket_resolutions(spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps)
                        if spec.enable_bucket else [spec.resolution])
             kept = []
             for it in items:
-                try:
-                    self._cache_item(it, buckets, encode, vae_id, to_disk, spec)
+                try:  # validation always sees the plain centre crop, so its number does not move with the augmentation
+                    self._cache_item(it, buckets, encode, vae_id, to_disk, spec, live=it.subset.live and id(items) not in held_out)
                     kept.append(it)
                 except BadImageError as e:
                     if on_bad_image == "error":
@@ -178,7 +180,9 @@ class TrainData:
             raise DatasetError("every training image was unreadable")
 
     def _cache_item(self, it: Item, buckets: list[tuple[int, int]], encode: Callable[[torch.Tensor], torch.Tensor],
-                    vae_id: str, to_disk: bool, spec: DatasetSpec | None = None) -> None:
+                    vae_id: str, to_disk: bool, spec: DatasetSpec | None = None, live: bool = False) -> None:
+        """Bucket the item and encode its latents; a `live` item (color_aug / random_crop) is only bucketed: the
+        trainer encodes it every step (`live_pixels`)."""
         try:
             raw = it.image.read_bytes()
             with Image.open(it.image) as im:
@@ -200,6 +204,9 @@ class TrainData:
             scale = max(it.bucket[0] / image.size[0], it.bucket[1] / image.size[1])
             it.crop_top_left = ((round(image.size[1] * scale) - it.bucket[1]) // 2, (round(image.size[0] * scale) - it.bucket[0]) // 2)
         n_views = 2 if it.subset.flip_aug else 1
+        it.resize_to = resize_to
+        if live:
+            return
         mask = self._loss_mask(it, im_alpha, resize_to) if it.subset.alpha_mask or it.subset.conditioning_data_dir else None
         digest = hashlib.sha256(raw).hexdigest()
         cache = it.image.parent / CACHE_DIR / f"{it.image.name}.{it.bucket[0]}x{it.bucket[1]}.safetensors"
@@ -220,6 +227,18 @@ class TrainData:
         if to_disk:
             save_safetensors({f"view{i}": t for i, t in enumerate(it.latents)}, cache,
                              {"image_sha256": digest, "vae": vae_id, "views": str(n_views)})
+
+    @staticmethod
+    def live_pixels(it: Item, flip: bool, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int]]:
+        """A live item's pixels for one step (CHW in [-1, 1]) with this step's crop and colour, and the crop's
+        (top, left) for SDXL's conditioning."""
+        from .augment import augmented_pixels
+
+        with Image.open(it.image) as im:
+            image = im.convert("RGB")
+        pixels, top_left = augmented_pixels(image, it.bucket, it.resize_to, it.subset.random_crop, it.subset.color_aug, rng)
+        out = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
+        return (out.flip(-1) if flip else out), (top_left if top_left[0] >= 0 else it.crop_top_left)
 
     @staticmethod
     def _mask_views(mask: torch.Tensor | None, size: tuple[int, int], n_views: int) -> list[torch.Tensor]:

@@ -32,6 +32,8 @@ class Subset:
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
     flip_aug: bool = False
+    color_aug: bool = False  # sd-scripts' hue/gamma jitter, drawn every step (the latents are encoded live)
+    random_crop: bool = False  # a random bucket-sized window instead of the centre one, every step
     alpha_mask: bool = False  # the image's alpha channel weights its loss (transparent: not learned)
     conditioning_data_dir: str = ""  # masked_loss: mask images named like the training images (red channel)
 
@@ -45,6 +47,11 @@ class Subset:
                     if candidate.is_file():
                         return candidate
         return None
+
+    @property
+    def live(self) -> bool:
+        """Its pixels change every step, so its latents are encoded every step instead of cached."""
+        return self.color_aug or self.random_crop
 
     def images(self) -> list[Path]:
         root = Path(self.image_dir)
