@@ -242,8 +242,12 @@ def test_dataset_toml_keys_sd_scripts_knows(tiny_files, dataset, tmp_path):
     toml.write_text(f'[general]\ncolor_aug = false\nrandom_crop = false\n[[datasets]]\nresolution = 64\n'
                     f'[[datasets.subsets]]\nimage_dir = "{dataset / "3_circle"}"\nalpha_mask = false\n')
     assert specs_from_toml(toml, {})[0].subsets[0].image_dir.endswith("3_circle")
-    toml.write_text(toml.read_text().replace("color_aug = false", "color_aug = true"))
-    with pytest.raises(DatasetError, match="color_aug = True: not implemented"):
+    toml.write_text(toml.read_text().replace("color_aug = false", "color_aug = true").replace("resolution = 64",
+                                                                                               "resolution = 64\nvalidation_split = 0.25"))
+    spec = specs_from_toml(toml, {})[0]
+    assert spec.subsets[0].color_aug and spec.validation_split == 0.25  # implemented now: kept, not dropped
+    toml.write_text(toml.read_text().replace("random_crop = false", "token_warmup_step = 5"))
+    with pytest.raises(DatasetError, match="token_warmup_step = 5: not implemented"):
         specs_from_toml(toml, {})
 
 
