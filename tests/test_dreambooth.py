@@ -97,3 +97,20 @@ def test_finetune_stopped_and_resumed_equals_an_unbroken_run(tiny_files, dataset
         base = load_model(tiny_files["sd1_file"])
         dist = lambda m: sum(float((x - y).norm()) for x, y in zip(m.unet.parameters(), base.unet.parameters()))  # noqa: E731
         assert 0 < dist(a) < dist(raw)
+
+
+def test_finetune_also_writes_a_diffusers_folder_from_pretrained_reads(tiny_files, dataset, tmp_path):
+    out = tmp_path / "out"
+    assert main(["finetune", "--pretrained_model_name_or_path", str(tiny_files["sd1_file"]), "--train_data_dir", str(dataset),
+                 "--output_dir", str(out), "--output_name", "ft", "--resolution", "64", "--max_train_steps", "2",
+                 "--learning_rate", "1e-3", "--save_model_as", "diffusers", "--save_precision", "fp16"]) == 0
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "ft"), local_files_only=True, safety_checker=None)
+    tuned = load_model(out / "ft.safetensors")
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(out / "ft" / "unet" / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
+    for (n, a), (_, b) in zip(pipe.unet.named_parameters(), tuned.unet.named_parameters()):
+        assert torch.equal(a, b.to(a.dtype)), n
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary folder left behind

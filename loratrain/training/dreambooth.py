@@ -15,7 +15,7 @@ from loratrain.core.images import list_images
 from loratrain.core.jobs import job
 from loratrain.core.progress import Reporter, StopFlag
 
-from .config import DATA, NET, OPTIM, TrainConfig
+from .config import DATA, NET, OPTIM, SAVE, TrainConfig
 
 
 class FinetuneConfig(TrainConfig):
@@ -27,10 +27,19 @@ class FinetuneConfig(TrainConfig):
     ema_decay: float = opt(0.9999, "EMA decay (diffusers' EMAModel, with its warm-up)", gt=0, lt=1, group=OPTIM, advanced=True)
     ema_on_cpu: bool = opt(False, "keep the EMA weights in CPU memory (frees GPU memory, costs a copy per step)",
                            group=OPTIM, advanced=True)
+    save_diffusers: bool = opt(False, "also write each save as a diffusers folder <output_name>/ beside the .safetensors "
+                                      "(sd-scripts' save_model_as diffusers)", group=SAVE)
 
     def network_options(self) -> dict[str, Any]:
         return {**super().network_options(), "ema_decay": self.ema_decay if self.use_ema else 0.0, "ema_on_cpu": self.ema_on_cpu,
-                "stop_text_encoder_after": self.stop_text_encoder_training}
+                "stop_text_encoder_after": self.stop_text_encoder_training, "save_diffusers": self.save_diffusers}
+
+    @classmethod
+    def compat(cls, flat: dict) -> tuple[dict, list[str], list[Problem]]:
+        """sd-scripts' train_db.py / fine_tune.py: save_model_as diffusers(_safetensors) writes a pipeline folder."""
+        if str(flat.get("save_model_as", "")).lower() in ("diffusers", "diffusers_safetensors"):
+            flat = {**{k: v for k, v in flat.items() if k != "save_model_as"}, "save_diffusers": True}
+        return super().compat(flat)
 
     def problems(self) -> list[Problem]:
         out = super().problems()

@@ -67,18 +67,9 @@ def write_single_file(model: SDModel, path: str | Path, dtype: torch.dtype = tor
 
 def write_diffusers_folder(model: SDModel, path: str | Path) -> Path:
     """A standard diffusers pipeline folder (loadable by diffusers' own pipelines)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from .diffusers_folder import save_diffusers_folder
 
-    sched = DDPMScheduler.from_config(model.noise_scheduler.config)
-    if model.family.is_sdxl:
-        pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
-                                         tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=sched)
-    else:
-        pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
-                                       unet=model.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipe.save_pretrained(str(path))
-    return Path(path)
+    return save_diffusers_folder(model, path)
 
 
 def checkpoint_layout(family: str, cfgs: dict[str, dict[str, Any]] | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

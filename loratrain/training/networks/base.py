@@ -33,6 +33,7 @@ class NetworkSpec:
     ema_decay: float = 0.0  # full fine-tune: EMA of the weights (0 = off)
     ema_on_cpu: bool = False
     stop_text_encoder_after: int = 0  # full fine-tune: steps the text encoders train (0 = all)
+    save_diffusers: bool = False  # full fine-tune: every save also as a diffusers folder
     blocks: BlockSpec = field(default_factory=BlockSpec)  # sd-scripts' per-block ranks and learning rates
     rank_dropout: float = 0.0  # per sample, each rank of a module's down output dropped with this probability
     module_dropout: float = 0.0  # per forward, a module's whole adapter skipped with this probability

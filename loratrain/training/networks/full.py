@@ -88,7 +88,8 @@ class FullNetwork(Network):
 
     def save(self, path: Path, precision: str, metadata: dict[str, str], peft_copy: bool = False) -> Path:
         """The whole model as one LDM / A1111 single-file checkpoint (what A1111, ComfyUI and diffusers'
-        from_single_file read), written atomically."""
+        from_single_file read), written atomically; with save_diffusers also as a diffusers folder beside it
+        (`<name>/`, what from_pretrained reads)."""
         from loratrain.core.models.single_file import configs_metadata, join_checkpoint
         from loratrain.core.models.tiny import components_state
         from loratrain.core.precision import dtype_of
@@ -102,6 +103,10 @@ class FullNetwork(Network):
             flat = join_checkpoint(components_state(self.model), self.model.family, self.model.configs)
             flat = {k: (v.detach().to("cpu", dtype, copy=True) if v.is_floating_point() else v.detach().to("cpu", copy=True))
                     .contiguous() for k, v in flat.items()}
+            if self.spec.save_diffusers:  # sd-scripts' save_model_as diffusers: the same weights as a pipeline folder
+                from loratrain.core.models.diffusers_folder import save_diffusers_folder
+
+                save_diffusers_folder(self.model, path.with_suffix(""), dtype)
         finally:
             if self.ema is not None:
                 self.ema.restore(self.ema_params)
