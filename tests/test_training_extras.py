@@ -335,3 +335,27 @@ def test_color_aug_and_random_crop_train_repeatably_with_live_latents(tiny_files
     assert aug.losses == again.losses and aug.losses != plain.losses
     meta = read_safetensors_metadata(aug.lora_path)
     assert meta["ss_random_crop"] == "True" and meta["ss_color_aug"] == "True"
+
+
+# -- text encoder outputs on disk -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("fam", ["sd1", "sdxl"])
+def test_text_encoder_outputs_cached_on_disk_train_the_same_and_are_reused(tiny_files, dataset, tmp_path, fam):
+    from safetensors.torch import load_file
+
+    kw = dict(max_train_steps=3, network_train_unet_only=True)
+    run_train(quick_config(tiny_files[f"{fam}_file"], dataset, tmp_path / "mem", cache_text_encoder_outputs=True, **kw))
+
+    def disk_run(out: str) -> RecordingReporter:
+        rec = RecordingReporter()
+        run_train(quick_config(tiny_files[f"{fam}_file"], dataset, tmp_path / out, cache_text_encoder_outputs_to_disk=True, **kw), rec)
+        return rec
+
+    first = disk_run("disk")
+    captions = {p.read_text().strip() for p in dataset.rglob("*.txt")}
+    assert len(list(dataset.rglob(".loratrain_cache/*.te.safetensors"))) == len(captions)  # one per caption, beside an image
+    a, b = load_file(tmp_path / "mem" / "t.safetensors"), load_file(tmp_path / "disk" / "t.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert ("caching text encoder outputs", len(captions)) in first.phases  # each caption encoded ...
+    assert ("caching text encoder outputs", 0) in disk_run("again").phases  # ... read back by the next run
+    next(iter(sorted(dataset.rglob("*.txt")))).write_text("a new caption")
+    assert ("caching text encoder outputs", 1) in disk_run("changed").phases  # only what changed is encoded

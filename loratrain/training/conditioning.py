@@ -1,7 +1,11 @@
 """Prompt -> UNet conditioning for SD1/SD2 (clip_skip) and SDXL (two encoders, pooled, time ids)."""
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -96,10 +100,69 @@ class ConditioningCache:
     def __init__(self, model: SDModel, clip_skip: int, max_token_length: int | None = None) -> None:
         self.model, self.clip_skip, self.max_token_length = model, clip_skip, max_token_length
         self._cache: dict[str, Conditioning] = {}
+        self._files: dict[str, Path] = {}  # cache_text_encoder_outputs_to_disk: caption -> its file, read per batch
         self.frozen = False  # every caption is cached and the encoders are gone: a miss is a bug, not a slow step
+
+    def _encoder_id(self) -> str:
+        """What a disk cache was made with: the encoders (their token embeddings), clip_skip and token length."""
+        h = hashlib.sha256(f"{self.model.family.name}|{self.clip_skip}|{self.max_token_length}".encode())
+        for te in self.model.text_encoders:
+            h.update(te.get_input_embeddings().weight.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:24]
+
+    @torch.no_grad()
+    def fill(self, files: dict[str, Path], reporter: Any, autocast: Callable[[], Any], to_disk: bool = False) -> None:
+        """Encode every caption once (`files`: caption -> an image it belongs to). With `to_disk` each one is a
+        file beside its image (`.loratrain_cache/<image>.te.safetensors`, checked against the caption and the
+        encoders), kept out of memory and read back per batch; a later run encodes only what changed."""
+        from safetensors import safe_open
+
+        from loratrain.core.safe_io import save_safetensors
+
+        from .data.dataset import CACHE_DIR
+
+        encoder = self._encoder_id() if to_disk else ""
+        todo = []
+        for caption, image in files.items():
+            if to_disk:
+                path = image.parent / CACHE_DIR / f"{image.name}.te.safetensors"
+                self._files[caption] = path
+                if path.is_file():
+                    with safe_open(str(path), framework="pt") as f:
+                        meta = f.metadata() or {}
+                    if meta.get("encoder") == encoder and meta.get("caption_sha256") == _sha(caption):
+                        continue
+            todo.append(caption)
+        reporter.start(len(todo), "caching text encoder outputs", unit="caption")
+        for i in range(0, len(todo), 16):
+            batch = todo[i:i + 16]
+            with autocast():
+                cond = encode_prompts(self.model, batch, self.clip_skip, self.max_token_length)
+            for j, caption in enumerate(batch):
+                one = Conditioning(cond.hidden[j:j + 1], None if cond.pooled is None else cond.pooled[j:j + 1])
+                if to_disk:
+                    tensors = {"hidden": one.hidden[0].cpu().contiguous()}
+                    if one.pooled is not None:
+                        tensors["pooled"] = one.pooled[0].cpu().contiguous()
+                    save_safetensors(tensors, self._files[caption], {"encoder": encoder, "caption_sha256": _sha(caption)})
+                else:
+                    self._cache[caption] = one
+            reporter.advance(len(batch))
+        reporter.done("")
+
+    def _from_disk(self, caption: str) -> Conditioning:
+        from safetensors.torch import load_file
+
+        device = next(self.model.unet.parameters()).device
+        sd = load_file(str(self._files[caption]), device=str(device))
+        return Conditioning(sd["hidden"][None], sd["pooled"][None] if "pooled" in sd else None)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> Conditioning:
+        if self._files and all(p in self._files for p in prompts):
+            parts = [self._from_disk(p) for p in prompts]
+            pooled = None if parts[0].pooled is None else torch.cat([c.pooled for c in parts])
+            return Conditioning(torch.cat([c.hidden for c in parts]), pooled)
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if todo and self.frozen:
             raise RuntimeError(f"caption {todo[0]!r} was not in the text encoder output cache")
@@ -110,3 +173,7 @@ class ConditioningCache:
         parts = [self._cache[p] for p in prompts]
         pooled = None if parts[0].pooled is None else torch.cat([c.pooled for c in parts])
         return Conditioning(torch.cat([c.hidden for c in parts]), pooled)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

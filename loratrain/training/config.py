@@ -85,6 +85,8 @@ class TrainConfig(JobConfig):
                                            group=DATA, advanced=True)
     cache_text_encoder_outputs: bool = opt(False, "encode every caption once before training and move the text encoders off the "
                                                   "GPU (needs network_train_unet_only and fixed captions)", group=DATA, advanced=True)
+    cache_text_encoder_outputs_to_disk: bool = opt(False, "cache_text_encoder_outputs, kept in files beside the images instead "
+                                                          "of memory; later runs read them back", group=DATA, advanced=True)
     cache_latents_to_disk: bool = opt(False, "keep encoded latents beside the images (invalidated when an image changes)",
                                       group=DATA, advanced=True)
     on_bad_image: str = opt("skip", "corrupt image: skip it (named in the log) or error", choices=["skip", "error"], group=DATA,
@@ -348,7 +350,7 @@ class TrainConfig(JobConfig):
                     out.append((name, f"{getattr(self, name)} must be a multiple of bucket_reso_steps {self.bucket_reso_steps}"))
             if self.min_bucket_reso > self.max_bucket_reso:
                 out.append(("min_bucket_reso", "min_bucket_reso is above max_bucket_reso"))
-        if self.cache_text_encoder_outputs:
+        if self.cache_text_encoder_outputs or self.cache_text_encoder_outputs_to_disk:
             if not self.network_train_unet_only:
                 out.append(("cache_text_encoder_outputs", "needs network_train_unet_only: a text encoder being trained "
                                                           "changes its outputs every step"))

@@ -106,7 +106,6 @@ IGNORED = {
 # off-values are accepted; any other value fails with this reason
 REFUSED = {
     "full_fp16": "not implemented yet: the adapters train in fp32 with fp16/bf16 autocast (mixed_precision)",
-    "cache_text_encoder_outputs_to_disk": "not implemented yet",
     "face_crop_aug_range": "not implemented yet",
     "weighted_captions": "not implemented yet",
     "secondary_separator": "not implemented yet",

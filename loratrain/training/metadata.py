@@ -4,12 +4,41 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from loratrain.core.models.loading import SDModel
 
 from .config import TrainConfig
+
+
+def dataset_metadata(data: Any) -> dict:
+    """Folder counts, tag frequencies and buckets for the ss_* metadata: fixed for the run, so computed once.
+
+    Keyed by folder name (`10_sks dog`) as sd-scripts: never the path of this machine.
+    """
+    items = data.items()
+    dirs: dict[str, dict] = {}
+    reg_dirs: dict[str, dict] = {}
+    for spec in data.specs:
+        for sub in spec.subsets:
+            target = reg_dirs if sub.is_reg else dirs
+            target[Path(sub.image_dir).name] = {"n_repeats": sub.num_repeats, "img_count": sum(it.subset is sub for it in items)}
+    freq: dict[str, Counter] = {}
+    for it in items:
+        sep = it.subset.caption_separator
+        freq.setdefault(Path(it.subset.image_dir).name, Counter()).update(t.strip() for t in it.caption.split(sep) if t.strip())
+    buckets: dict[tuple[int, int], int] = {}
+    errors = []
+    for it in items:
+        buckets[it.bucket] = buckets.get(it.bucket, 0) + it.repeats
+        if it.original_size[1]:
+            errors.append(abs(it.bucket[0] / it.bucket[1] - it.original_size[0] / it.original_size[1]))
+    info = {"buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(buckets.items()))},
+            "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
+    return {"dirs": dirs, "reg_dirs": reg_dirs, "tag_frequency": {k: dict(v) for k, v in freq.items()}, "bucket_info": info}
+
 
 # keys sd-scripts only writes when they have a value; every other unset key is written as "None", as it does
 WRITTEN_ONLY_WHEN_SET = {"ss_vae_name", "ss_network_args", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_reg_dataset_dirs", "modelspec.author",

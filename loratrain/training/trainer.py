@@ -12,7 +12,6 @@ import math
 import random
 import secrets
 import time
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from .data.captions import process_caption
 from .data.dataset import Item, TrainData
 from .data.subsets import DatasetSpec, specs_from_toml, subsets_from_folders
 from .data_parallel import local_share, sum_across_processes
-from .metadata import lora_metadata
+from .metadata import dataset_metadata, lora_metadata
 from .networks import Network, NetworkSpec, build_network
 from .noise import debiased_weight, elementwise_loss, huber_c, min_snr_weight, offset_noise, pyramid_noise
 from .optim import create_optimizer, create_scheduler
@@ -203,7 +202,7 @@ class LoRATrainer:
         self.plan = self.data.plan(cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.max_train_epochs, processes=n_proc)
         log(self.plan.describe([s.batch_size * n_proc for s in self.data.specs])
             + (f" (batch {cfg.train_batch_size} per process x {n_proc} processes)" if n_proc > 1 else ""))
-        self.dataset_meta = self._dataset_metadata()
+        self.dataset_meta = dataset_metadata(self.data)
         try:
             self.scheduler = create_scheduler(cfg.lr_scheduler, self.optimizer, self.plan.max_train_steps, cfg.lr_warmup_steps,
                                               cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power, cfg.lr_decay_steps,
@@ -214,7 +213,7 @@ class LoRATrainer:
         random_captions = any(s.shuffle_caption or s.caption_dropout_rate or s.caption_tag_dropout_rate or s.caption_dropout_every_n_epochs
                               for spec in self.data.specs for s in spec.subsets)
         self.cond_cache = ConditioningCache(self.model, cfg.clip_skip, cfg.max_token_length) if not (self.train_te or random_captions) else None
-        if cfg.cache_text_encoder_outputs:
+        if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
             self._cache_text_encoder_outputs()
         self.optimizer = self.accelerator.prepare(self.optimizer)  # gradients are summed across processes in the loop
         self.global_step, self.epoch, self.micro = 0, 0, 0
@@ -229,19 +228,15 @@ class LoRATrainer:
 
             self.writer = SummaryWriter(str(log_dir / cfg.output_name))
 
-    @torch.no_grad()
     def _cache_text_encoder_outputs(self) -> None:
-        """sd-scripts' --cache_text_encoder_outputs: every caption encoded up front, then the encoders leave the GPU."""
+        """sd-scripts' --cache_text_encoder_outputs(_to_disk): every caption (held-out ones too) encoded up front,
+        then the encoders leave the GPU; on disk, beside each image, the next run reads them back."""
         if self.cond_cache is None:
             raise ConfigError("cache_text_encoder_outputs: a dataset subset changes its captions from step to step "
                               "(shuffle, dropout) or a text encoder is trained; turn those off or the cache")
-        captions = sorted({process_caption(it.caption, it.subset, random.Random(0), 0) for it in self.data.items()})
-        self.reporter.start(len(captions), "caching text encoder outputs", unit="caption")
-        for i in range(0, len(captions), 16):
-            with self.accelerator.autocast():
-                self.cond_cache(captions[i:i + 16])
-            self.reporter.advance(len(captions[i:i + 16]))
-        self.reporter.done("")
+        files = {process_caption(it.caption, it.subset, random.Random(0), 0): it.image
+                 for it in self.data.items() + self.data.validation_items()}
+        self.cond_cache.fill(files, self.reporter, self.accelerator.autocast, self.cfg.cache_text_encoder_outputs_to_disk)
         if not self.cfg.sample_prompts:  # samples still need them
             for te in self.model.text_encoders:
                 move(te, "cpu")
@@ -530,32 +525,6 @@ class LoRATrainer:
             if recent:
                 self.writer.add_scalar(f"loss/validation/{when}_divergence", mean - sum(recent) / len(recent), self.global_step)
         return mean
-
-    def _dataset_metadata(self) -> dict:
-        """Folder counts, tag frequencies and buckets for the ss_* metadata: fixed for the run, so computed once.
-
-        Keyed by folder name (`10_sks dog`) as sd-scripts: never the path of this machine.
-        """
-        items = self.data.items()
-        dirs: dict[str, dict] = {}
-        reg_dirs: dict[str, dict] = {}
-        for spec in self.data.specs:
-            for sub in spec.subsets:
-                target = reg_dirs if sub.is_reg else dirs
-                target[Path(sub.image_dir).name] = {"n_repeats": sub.num_repeats, "img_count": sum(it.subset is sub for it in items)}
-        freq: dict[str, Counter] = {}
-        for it in items:
-            sep = it.subset.caption_separator
-            freq.setdefault(Path(it.subset.image_dir).name, Counter()).update(t.strip() for t in it.caption.split(sep) if t.strip())
-        buckets: dict[tuple[int, int], int] = {}
-        errors = []
-        for it in items:
-            buckets[it.bucket] = buckets.get(it.bucket, 0) + it.repeats
-            if it.original_size[1]:
-                errors.append(abs(it.bucket[0] / it.bucket[1] - it.original_size[0] / it.original_size[1]))
-        info = {"buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(buckets.items()))},
-                "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
-        return {"dirs": dirs, "reg_dirs": reg_dirs, "tag_frequency": {k: dict(v) for k, v in freq.items()}, "bucket_info": info}
 
     def _metadata(self) -> dict[str, str]:
         if "model_hashes" not in self.session:
