@@ -359,3 +359,49 @@ def test_text_encoder_outputs_cached_on_disk_train_the_same_and_are_reused(tiny_
     assert ("caching text encoder outputs", 0) in disk_run("again").phases  # ... read back by the next run
     next(iter(sorted(dataset.rglob("*.txt")))).write_text("a new caption")
     assert ("caching text encoder outputs", 1) in disk_run("changed").phases  # only what changed is encoded
+
+
+# -- weighted captions ----------------------------------------------------------------------------------------------
+def test_the_attention_syntax_parses_as_a1111():
+    from loratrain.training.prompt_weights import parse_weights
+
+    assert parse_weights("normal text") == [("normal text", 1.0)]
+    assert parse_weights("an (important) word") == [("an ", 1.0), ("important", pytest.approx(1.1)), (" word", 1.0)]
+    assert parse_weights(r"\(literal\]") == [("(literal]", 1.0)]
+    got = parse_weights("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")
+    expected = [("a ", 1.0), ("house", 1.573), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55), (", sun, ", 1.1),
+                ("sky", 1.4641), (".", 1.1)]
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert [w for _, w in got] == pytest.approx([w for _, w in expected])
+    assert parse_weights("(unbalanced") == [("unbalanced", pytest.approx(1.1))]
+
+
+@pytest.mark.parametrize("fam,tokens", [("sd1", None), ("sdxl", None), ("sd1", 150)])
+def test_weighted_captions_scale_the_weighted_tokens_outputs(tiny_files, fam, tokens):
+    from loratrain.core.models.loading import load_model
+    from loratrain.training.conditioning import encode_prompts
+
+    model = load_model(tiny_files[f"{fam}_file"])
+    with torch.no_grad():
+        plain = encode_prompts(model, ["a red dog"], 1, tokens)
+        weighted = encode_prompts(model, ["a (red:1.5) dog"], 1, tokens, weighted=True)
+    ids = model.tokenizers[0]("a red dog").input_ids
+    red = ids.index(model.tokenizers[0]("red").input_ids[1])
+    ratio = weighted.hidden[0] / plain.hidden[0]
+    assert torch.allclose(ratio[red], torch.full_like(ratio[red], 1.5), atol=1e-4)
+    others = [i for i in range(plain.hidden.shape[1]) if i != red]
+    assert torch.allclose(weighted.hidden[0, others], plain.hidden[0, others], atol=1e-5)
+    if plain.pooled is not None:
+        assert torch.allclose(weighted.pooled, plain.pooled)
+
+
+def test_weighted_captions_train(tiny_files, tmp_path):
+    from loratrain.training.demo import make_concept_images
+
+    make_concept_images(tmp_path / "d" / "1_dot", "dot", 2, 64, 0)
+    for p in (tmp_path / "d" / "1_dot").glob("*.txt"):
+        p.write_text("a (dot:1.4), [plain] background")
+    res = run_train(quick_config(tiny_files["sd1_file"], tmp_path / "d", tmp_path / "o", weighted_captions=True, max_train_steps=2),
+                    RecordingReporter())
+    plain = run_train(quick_config(tiny_files["sd1_file"], tmp_path / "d", tmp_path / "p", max_train_steps=2), RecordingReporter())
+    assert res.losses != plain.losses

@@ -59,31 +59,42 @@ def _joined(hidden: torch.Tensor, b: int, n: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def encode_prompts(model: SDModel, prompts: list[str], clip_skip: int = 1, max_token_length: int | None = None) -> Conditioning:
-    """UNet conditioning for a batch of captions; max_token_length 150/225 encodes 2/3 windows of 75 tokens."""
+def encode_prompts(model: SDModel, prompts: list[str], clip_skip: int = 1, max_token_length: int | None = None,
+                   weighted: bool = False) -> Conditioning:
+    """UNet conditioning for a batch of captions; max_token_length 150/225 encodes 2/3 windows of 75 tokens;
+    `weighted` reads the (word:1.2) attention syntax (prompt_weights) and scales each token's output."""
+    from .prompt_weights import weighted_ids
+
     device = next(model.text_encoders[0].parameters()).device
     n = (max_token_length or WINDOW) // WINDOW
     b = len(prompts)
 
-    def run(te: nn.Module, tok) -> object:
+    def run(te: nn.Module, tok) -> tuple[object, torch.Tensor | None]:
         length = WINDOW * n + 2 if n > 1 else tok.model_max_length
-        ids = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        weights = None
+        if weighted:
+            ids, weights = weighted_ids(tok, prompts, length)
+        else:
+            ids = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
         if n > 1:
             ids = _windows(ids, n, tok.eos_token_id, tok.pad_token_id)
-        return te(ids.to(device), output_hidden_states=True)
+        return te(ids.to(device), output_hidden_states=True), weights
+
+    def scaled(hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        return hidden if weights is None else hidden * weights.to(hidden.device, hidden.dtype)[..., None]
 
     if not model.family.is_sdxl:
         te, tok = model.text_encoders[0], model.tokenizers[0]
-        out = run(te, tok)
+        out, weights = run(te, tok)
         hidden = _final_norm(te)(out.hidden_states[-clip_skip]) if clip_skip > 1 else out.last_hidden_state
-        return Conditioning(_joined(hidden, b, n) if n > 1 else hidden)
+        return Conditioning(scaled(_joined(hidden, b, n) if n > 1 else hidden, weights))
     hidden, pooled = [], None
     for te, tok in zip(model.text_encoders, model.tokenizers):
-        out = run(te, tok)
+        out, weights = run(te, tok)
         h = out.hidden_states[-2]
-        hidden.append(_joined(h, b, n) if n > 1 else h)
+        hidden.append(scaled(_joined(h, b, n) if n > 1 else h, weights))
         if hasattr(out, "text_embeds"):
-            pooled = out.text_embeds[::n]  # the first window's, as sd-scripts
+            pooled = out.text_embeds[::n]  # the first window's, as sd-scripts (weights leave it as it is)
     return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
 
@@ -97,15 +108,15 @@ def sdxl_time_ids(original: list[tuple[int, int]], crops: list[tuple[int, int]],
 class ConditioningCache:
     """Text encoder outputs per caption, when the encoders are frozen and captions never change."""
 
-    def __init__(self, model: SDModel, clip_skip: int, max_token_length: int | None = None) -> None:
-        self.model, self.clip_skip, self.max_token_length = model, clip_skip, max_token_length
+    def __init__(self, model: SDModel, clip_skip: int, max_token_length: int | None = None, weighted: bool = False) -> None:
+        self.model, self.clip_skip, self.max_token_length, self.weighted = model, clip_skip, max_token_length, weighted
         self._cache: dict[str, Conditioning] = {}
         self._files: dict[str, Path] = {}  # cache_text_encoder_outputs_to_disk: caption -> its file, read per batch
         self.frozen = False  # every caption is cached and the encoders are gone: a miss is a bug, not a slow step
 
     def _encoder_id(self) -> str:
         """What a disk cache was made with: the encoders (their token embeddings), clip_skip and token length."""
-        h = hashlib.sha256(f"{self.model.family.name}|{self.clip_skip}|{self.max_token_length}".encode())
+        h = hashlib.sha256(f"{self.model.family.name}|{self.clip_skip}|{self.max_token_length}|{self.weighted}".encode())
         for te in self.model.text_encoders:
             h.update(te.get_input_embeddings().weight.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:24]
@@ -137,7 +148,7 @@ class ConditioningCache:
         for i in range(0, len(todo), 16):
             batch = todo[i:i + 16]
             with autocast():
-                cond = encode_prompts(self.model, batch, self.clip_skip, self.max_token_length)
+                cond = encode_prompts(self.model, batch, self.clip_skip, self.max_token_length, self.weighted)
             for j, caption in enumerate(batch):
                 one = Conditioning(cond.hidden[j:j + 1], None if cond.pooled is None else cond.pooled[j:j + 1])
                 if to_disk:
@@ -167,7 +178,7 @@ class ConditioningCache:
         if todo and self.frozen:
             raise RuntimeError(f"caption {todo[0]!r} was not in the text encoder output cache")
         if todo:
-            cond = encode_prompts(self.model, todo, self.clip_skip, self.max_token_length)
+            cond = encode_prompts(self.model, todo, self.clip_skip, self.max_token_length, self.weighted)
             for i, p in enumerate(todo):
                 self._cache[p] = Conditioning(cond.hidden[i:i + 1], None if cond.pooled is None else cond.pooled[i:i + 1])
         parts = [self._cache[p] for p in prompts]

@@ -173,6 +173,9 @@ class TrainConfig(JobConfig):
     dynamo_backend: str = opt("inductor", "torch.compile backend (sd-scripts' names; 'no' = torch_compile off)",
                               choices=["no", "eager", "aot_eager", "inductor", "cudagraphs", "onnxrt", "tvm", "ipex"],
                               group=OPTIM, advanced=True)
+    weighted_captions: bool = opt(False, "read (word:1.3), (word) and [word] in captions as A1111 does and weight those tokens' "
+                                         "text encoder outputs (no commas inside brackets when tags are shuffled)", group=DATA,
+                                  advanced=True)
     max_token_length: int | None = opt(None, "caption tokens: 75 (unset), 150 or 225 (2 or 3 windows of 75, as sd-scripts)",
                                        group=DATA, advanced=True)
     clip_skip: int = opt(1, "use the n-th text encoder layer from the end (SD1/SD2)", ge=1, group=OPTIM)

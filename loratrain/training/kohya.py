@@ -107,7 +107,6 @@ IGNORED = {
 REFUSED = {
     "full_fp16": "not implemented yet: the adapters train in fp32 with fp16/bf16 autocast (mixed_precision)",
     "face_crop_aug_range": "not implemented yet",
-    "weighted_captions": "not implemented yet",
     "secondary_separator": "not implemented yet",
     "enable_wildcard": "not implemented yet",
     "token_warmup_min": "not implemented yet",

@@ -212,7 +212,8 @@ class LoRATrainer:
             raise ConfigError(str(e)) from None
         random_captions = any(s.shuffle_caption or s.caption_dropout_rate or s.caption_tag_dropout_rate or s.caption_dropout_every_n_epochs
                               for spec in self.data.specs for s in spec.subsets)
-        self.cond_cache = ConditioningCache(self.model, cfg.clip_skip, cfg.max_token_length) if not (self.train_te or random_captions) else None
+        self.cond_cache = (ConditioningCache(self.model, cfg.clip_skip, cfg.max_token_length, cfg.weighted_captions)
+                           if not (self.train_te or random_captions) else None)
         if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
             self._cache_text_encoder_outputs()
         self.optimizer = self.accelerator.prepare(self.optimizer)  # gradients are summed across processes in the loop
@@ -355,7 +356,7 @@ class LoRATrainer:
         noisy = sched.add_noise(latents, noise if perturb is None else noise + perturb, t)  # the target keeps the plain noise
         with self.accelerator.autocast():
             cond = (self.cond_cache(captions) if self.cond_cache
-                    else encode_prompts(model, captions, cfg.clip_skip, cfg.max_token_length))
+                    else encode_prompts(model, captions, cfg.clip_skip, cfg.max_token_length, cfg.weighted_captions))
             time_ids = None
             if model.family.is_sdxl:
                 time_ids = sdxl_time_ids([it.original_size for it, _ in batch], crops,
