@@ -246,8 +246,8 @@ def test_dataset_toml_keys_sd_scripts_knows(tiny_files, dataset, tmp_path):
                                                                                                "resolution = 64\nvalidation_split = 0.25"))
     spec = specs_from_toml(toml, {})[0]
     assert spec.subsets[0].color_aug and spec.validation_split == 0.25  # implemented now: kept, not dropped
-    toml.write_text(toml.read_text().replace("random_crop = false", "token_warmup_step = 5"))
-    with pytest.raises(DatasetError, match="token_warmup_step = 5: not implemented"):
+    toml.write_text(toml.read_text().replace("random_crop = false", "face_crop_aug_range = '2.0,4.0'"))
+    with pytest.raises(DatasetError, match="face_crop_aug_range = '2.0,4.0': not implemented"):
         specs_from_toml(toml, {})
 
 

@@ -56,6 +56,13 @@ class TrainConfig(JobConfig):
     keep_tokens: int = opt(0, "leading tags kept in place when shuffling", ge=0, group=DATA)
     keep_tokens_separator: str = opt("", "tags before this separator stay fixed (instead of keep_tokens)", group=DATA, advanced=True)
     caption_separator: str = opt(",", "separator between tags", group=DATA, advanced=True)
+    secondary_separator: str = opt("", "a separator inside a tag group (e.g. ';;;'): the group shuffles and drops as one tag, "
+                                       "then becomes ordinary tags", group=DATA, advanced=True)
+    enable_wildcard: bool = opt(False, "captions with {a|b|c} take one choice per step, multi-line captions one random line",
+                                group=DATA, advanced=True)
+    token_warmup_min: int = opt(1, "token warm-up: tags seen at the first step", ge=1, group=DATA, advanced=True)
+    token_warmup_step: float = opt(0.0, "token warm-up: step by which every tag is seen (< 1: a share of the total; 0 = off)",
+                                   ge=0, group=DATA, advanced=True)
     caption_prefix: str = opt("", "text put before every caption", group=DATA, advanced=True)
     caption_suffix: str = opt("", "text put after every caption", group=DATA, advanced=True)
     caption_dropout_every_n_epochs: int = opt(0, "train every N-th epoch with empty captions (0 = off)", ge=0, group=DATA,
@@ -358,7 +365,8 @@ class TrainConfig(JobConfig):
                 out.append(("cache_text_encoder_outputs", "needs network_train_unet_only: a text encoder being trained "
                                                           "changes its outputs every step"))
             random_captions = [n for n in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
-                                           "caption_dropout_every_n_epochs") if getattr(self, n)]
+                                           "caption_dropout_every_n_epochs", "enable_wildcard", "token_warmup_step")
+                               if getattr(self, n)]
             if random_captions:
                 out.append(("cache_text_encoder_outputs", f"captions change from step to step with {', '.join(random_captions)}; "
                                                           "turn those off or the cache"))

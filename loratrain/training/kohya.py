@@ -107,10 +107,6 @@ IGNORED = {
 REFUSED = {
     "full_fp16": "not implemented yet: the adapters train in fp32 with fp16/bf16 autocast (mixed_precision)",
     "face_crop_aug_range": "not implemented yet",
-    "secondary_separator": "not implemented yet",
-    "enable_wildcard": "not implemented yet",
-    "token_warmup_min": "not implemented yet",
-    "token_warmup_step": "not implemented yet",
     "resize_interpolation": "not implemented yet (LANCZOS down, BICUBIC up)",
     "cache_info": "not implemented yet",
     "in_json": "fine-tuning metadata JSON is not supported; use folders or a dataset TOML",
@@ -163,7 +159,6 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "resize_interpolation": ("lanczos", "area"),
     "huggingface_repo_visibility": ("private", "public"),
     "base_weights_multiplier": (1.0,),
-    "token_warmup_step": (0.0,),
     "zero_stage": (2,),
 }
 
@@ -327,8 +322,7 @@ def flag_document() -> str:
 
 # dataset TOML keys sd-scripts accepts that are not implemented here (off values accepted)
 DATASET_REFUSED = {
-    **{k: REFUSED[k] for k in ("face_crop_aug_range", "secondary_separator", "enable_wildcard",
-                               "token_warmup_min", "token_warmup_step", "resize_interpolation", "cache_info")},
+    **{k: REFUSED[k] for k in ("face_crop_aug_range", "resize_interpolation", "cache_info")},
     "custom_attributes": "not implemented yet",
     "metadata_file": "fine-tuning metadata JSON is not supported; use image folders with caption files",
     "network_multiplier": "not implemented yet",

@@ -31,7 +31,7 @@ from loratrain.core.sampling import SamplePrompt, generate, load_prompts, sample
 
 from .conditioning import ConditioningCache, encode_prompts, sdxl_time_ids
 from .config import TrainConfig
-from .data.captions import process_caption
+from .data.captions import changes_per_step, process_caption
 from .data.dataset import Item, TrainData
 from .data.subsets import DatasetSpec, specs_from_toml, subsets_from_folders
 from .data_parallel import local_share, sum_across_processes
@@ -80,6 +80,8 @@ def build_specs(cfg: TrainConfig, log=lambda text: None) -> list[DatasetSpec]:
                 "caption_prefix": cfg.caption_prefix, "caption_suffix": cfg.caption_suffix,
                 "keep_tokens_separator": cfg.keep_tokens_separator, "caption_separator": cfg.caption_separator,
                 "caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs,
+                "secondary_separator": cfg.secondary_separator, "enable_wildcard": cfg.enable_wildcard,
+                "token_warmup_min": cfg.token_warmup_min, "token_warmup_step": cfg.token_warmup_step,
                 "validation_split": cfg.validation_split, "validation_seed": cfg.validation_seed}
     defaults |= {"alpha_mask": cfg.alpha_mask, "conditioning_data_dir": cfg.conditioning_data_dir, "color_aug": cfg.color_aug,
                  "random_crop": cfg.random_crop}
@@ -210,8 +212,7 @@ class LoRATrainer:
                                               cfg.lr_scheduler_args)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        random_captions = any(s.shuffle_caption or s.caption_dropout_rate or s.caption_tag_dropout_rate or s.caption_dropout_every_n_epochs
-                              for spec in self.data.specs for s in spec.subsets)
+        random_captions = any(changes_per_step(s) for spec in self.data.specs for s in spec.subsets)
         self.cond_cache = (ConditioningCache(self.model, cfg.clip_skip, cfg.max_token_length, cfg.weighted_captions)
                            if not (self.train_te or random_captions) else None)
         if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
@@ -336,8 +337,8 @@ class LoRATrainer:
                 views.append(latent)
         latents = torch.stack([v.to(self.device) for v in views])
         gens = [torch.Generator(device="cpu").manual_seed(_seed_for(seed, epoch, micro, 2, first + i)) for i in range(len(batch))]
-        captions = [process_caption(it.caption, it.subset, random.Random(_seed_for(seed, epoch, micro, 1, first + i)), epoch)
-                    for i, (it, _) in enumerate(batch)]
+        captions = [process_caption(it.caption, it.subset, random.Random(_seed_for(seed, epoch, micro, 1, first + i)), epoch,
+                                    self.global_step, self.plan.max_train_steps) for i, (it, _) in enumerate(batch)]
         shape = latents.shape[1:]
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(self.device)
         t = torch.cat([torch.randint(cfg.min_timestep, cfg.max_timestep, (1,), generator=g) for g in gens]).to(self.device)

@@ -31,6 +31,10 @@ class Subset:
     caption_dropout_rate: float = 0.0
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
+    secondary_separator: str = ""  # joins tags that shuffle and drop as one; replaced by caption_separator after
+    enable_wildcard: bool = False  # {a|b|c} choices and a random line of a multi-line caption, every step
+    token_warmup_min: int = 1  # token warm-up: the free tags seen at step 0 ...
+    token_warmup_step: float = 0.0  # ... growing to all of them by this step (a share of the total when < 1; 0 = off)
     flip_aug: bool = False
     color_aug: bool = False  # sd-scripts' hue/gamma jitter, drawn every step (the latents are encoded live)
     random_crop: bool = False  # a random bucket-sized window instead of the centre one, every step
