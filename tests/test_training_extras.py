@@ -430,3 +430,44 @@ def test_wildcards_warmup_secondary_separator_and_fixed_suffix_as_sd_scripts():
     for s in range(10):
         out = process_caption("sks ||| a, b, c ||| masterpiece, best", suffix, random.Random(s)).split(", ")
         assert out[0] == "sks" and out[-2:] == ["masterpiece", "best"] and sorted(out[1:4]) == ["a", "b", "c"]
+
+
+# -- small sd-scripts options ---------------------------------------------------------------------------------------
+def test_modelspec_metadata_thumbnail_epoch_ratio_and_v_pred_loss_weights(tiny_files, dataset, tmp_path):
+    import base64
+
+    thumb = tmp_path / "thumb.png"
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(thumb)
+    cfg = quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", max_train_epochs=4, train_batch_size=8,
+                       save_n_epoch_ratio=2, metadata_usage_hint="use sks", metadata_trigger_phrase="sks shape",
+                       metadata_thumbnail=str(thumb), v_pred_like_loss=0.5)
+    res = run_train(cfg, RecordingReporter())
+    saves = sorted(p.name for p in (tmp_path / "o").glob("t*.safetensors"))
+    assert saves == ["t-000002.safetensors", "t.safetensors"]  # 4 epochs / ratio 2: every 2nd epoch, and the last
+    meta = read_safetensors_metadata(res.lora_path)
+    assert meta["modelspec.usage_hint"] == "use sks" and meta["modelspec.trigger_phrase"] == "sks shape"
+    head, _, data = meta["modelspec.thumbnail"].partition(",")
+    assert head == "data:image/png;base64" and base64.b64decode(data) == thumb.read_bytes()
+    assert "modelspec.merged_from" not in meta  # unset ones are left out, as sd-scripts
+    plain = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "p", max_train_epochs=1,
+                                   train_batch_size=8), RecordingReporter())
+    assert res.losses[0] > plain.losses[0]  # + 0.5 x loss x (SNR+1)/SNR: always more
+
+
+def test_snr_scale_is_snr_over_snr_plus_one():
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from loratrain.training.noise import snr_scale
+
+    sched = DDPMScheduler()
+    t = torch.tensor([0, 10, 500, 999])
+    s = compute_snr(sched, t).clamp(max=1000)
+    assert torch.allclose(snr_scale(sched, t), s / (s + 1))
+
+
+def test_scale_v_pred_loss_like_noise_pred_weighs_the_loss_down(tiny_files, dataset, tmp_path):
+    kw = dict(max_train_steps=2, v_parameterization=True)
+    scaled = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "s", scale_v_pred_loss_like_noise_pred=True, **kw))
+    plain = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "p", **kw))
+    assert scaled.losses[0] < plain.losses[0]  # x SNR/(SNR+1) < 1 at every timestep

@@ -204,6 +204,10 @@ class TrainConfig(JobConfig):
                                      "(0 = off, 0.1 typical)", ge=0, group=NOISE, advanced=True)
     ip_noise_gamma_random_strength: bool = opt(False, "draw the input perturbation from U(0, ip_noise_gamma)", group=NOISE,
                                                advanced=True)
+    scale_v_pred_loss_like_noise_pred: bool = opt(False, "v-prediction: weight the loss by SNR/(SNR+1), so it weighs the "
+                                                         "timesteps as an epsilon loss does", group=NOISE, advanced=True)
+    v_pred_like_loss: float = opt(0.0, "epsilon models: add this share of a v-prediction-like loss (loss x (SNR+1)/SNR)", ge=0,
+                                  group=NOISE, advanced=True)
     debiased_estimation_loss: bool = opt(False, "weight the loss by 1/sqrt(SNR) (eps) or 1/(SNR+1) (v)", group=NOISE, advanced=True)
     masked_loss: bool = opt(False, "weight the loss by a mask: conditioning_data_dir's images (red channel) or the alpha channel "
                                    "(alpha_mask)", group=NOISE, advanced=True)
@@ -217,6 +221,8 @@ class TrainConfig(JobConfig):
     save_precision: str = opt("fp16", "dtype of saved LoRA files: fp16, bf16, fp32 (sd-scripts: float)",
                               choices=PRECISION_NAMES[:4], group=SAVE)
     save_every_n_epochs: int = opt(0, "save a LoRA every N epochs", ge=0, group=SAVE)
+    save_n_epoch_ratio: int = opt(0, "save about N files over the run: every max(1, epochs // N) epochs (overrides "
+                                     "save_every_n_epochs)", ge=0, group=SAVE, advanced=True)
     save_every_n_steps: int = opt(0, "save a LoRA every N steps", ge=0, group=SAVE)
     save_last_n_epochs: int = opt(0, "keep only the last N epoch saves (0 = all)", ge=0, group=SAVE, advanced=True)
     save_last_n_steps: int = opt(0, "keep only the last N step saves (0 = all)", ge=0, group=SAVE, advanced=True)
@@ -228,6 +234,13 @@ class TrainConfig(JobConfig):
     metadata_description: str = opt("", "modelspec description", group=SAVE, advanced=True)
     metadata_license: str = opt("", "modelspec license", group=SAVE, advanced=True)
     metadata_tags: str = opt("", "modelspec tags, comma-separated", group=SAVE, advanced=True)
+    metadata_usage_hint: str = opt("", "modelspec usage hint (e.g. \"use the word 'sks'\")", group=SAVE, advanced=True)
+    metadata_trigger_phrase: str = opt("", "modelspec trigger phrase", group=SAVE, advanced=True)
+    metadata_merged_from: str = opt("", "modelspec merged_from (what this model was made from)", group=SAVE, advanced=True)
+    metadata_preprocessor: str = opt("", "modelspec preprocessor", group=SAVE, advanced=True)
+    metadata_is_negative_embedding: str = opt("", "modelspec is_negative_embedding", group=SAVE, advanced=True)
+    metadata_thumbnail: str = opt("", "modelspec thumbnail: an image file, stored in the metadata as a data URL", group=SAVE,
+                                  advanced=True, path="file")
     # sampling and logs
     sample_prompts: str = opt("", "prompt file (.txt with --n --w --h --s --l --d --ss options)", group=SAMPLE, path="file")
     sample_every_n_steps: int = opt(0, "sample every N steps", ge=0, group=SAMPLE)
@@ -392,6 +405,8 @@ class TrainConfig(JobConfig):
             out.append(("dynamo_backend", "'no' turns torch.compile off, but torch_compile is on; choose a backend (inductor)"))
         if (self.fp8_base or self.fp8_base_unet) and self.network_kind in ("full", "dora", "ia3"):
             out.append(("fp8_base", f"not with {self.network_kind}: it needs the base weights themselves in full precision"))
+        if self.metadata_thumbnail and Path(self.metadata_thumbnail).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+            out.append(("metadata_thumbnail", f"{self.metadata_thumbnail}: a .png, .jpg or .webp image"))
         if self.full_bf16 and self.mixed_precision != "bf16":
             out.append(("full_bf16", "needs mixed_precision bf16 (as in sd-scripts)"))
         if len(self.text_encoder_lr) > 2:

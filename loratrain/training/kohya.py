@@ -101,6 +101,7 @@ IGNORED = {
     "save_last_n_epochs_state": "one resumable state is kept (the newest), written atomically",
     "save_last_n_steps_state": "one resumable state is kept (the newest), written atomically",
     "config_file": "already read",
+    "cache_info": "image sizes are read while the latents are cached (and kept with them on disk)",
 }
 
 # off-values are accepted; any other value fails with this reason
@@ -108,12 +109,9 @@ REFUSED = {
     "full_fp16": "not implemented yet: the adapters train in fp32 with fp16/bf16 autocast (mixed_precision)",
     "face_crop_aug_range": "not implemented yet",
     "resize_interpolation": "not implemented yet (LANCZOS down, BICUBIC up)",
-    "cache_info": "not implemented yet",
     "in_json": "fine-tuning metadata JSON is not supported; use folders or a dataset TOML",
     "dataset_class": "custom dataset classes are not supported",
     "dataset_repeats": "only for in_json datasets, which are not supported",
-    "scale_v_pred_loss_like_noise_pred": "not implemented yet",
-    "v_pred_like_loss": "not implemented yet",
     "log_with": "only TensorBoard is supported (always on; see logging_dir)",
     "lr_scheduler_type": "custom scheduler classes are not supported; choose lr_scheduler",
     "fused_backward_pass": "not implemented yet",
@@ -132,7 +130,6 @@ REFUSED = {
     "save_state_to_huggingface": "uploading is not supported: loratrain works offline",
     "resume_from_huggingface": "downloading is not supported: loratrain works offline",
     "async_upload": "uploading is not supported: loratrain works offline",
-    "save_n_epoch_ratio": "not implemented yet; use save_every_n_epochs",
     "skip_until_initial_step": "use resume (it continues exactly where a run stopped)",
     "initial_epoch": "use resume (it continues exactly where a run stopped)",
     "initial_step": "use resume (it continues exactly where a run stopped)",
@@ -145,12 +142,6 @@ REFUSED = {
     "zero3_init_flag": "DeepSpeed is not supported",
     "zero3_save_16bit_model": "DeepSpeed is not supported",
     "fp16_master_weights_and_gradients": "DeepSpeed is not supported",
-    "metadata_usage_hint": "not implemented yet",
-    "metadata_thumbnail": "not implemented yet",
-    "metadata_merged_from": "not implemented yet",
-    "metadata_trigger_phrase": "not implemented yet",
-    "metadata_preprocessor": "not implemented yet",
-    "metadata_is_negative_embedding": "not implemented yet",
 }
 
 # values that mean "off" for a refused option (besides false, 0, "", [] and None)
@@ -322,7 +313,7 @@ def flag_document() -> str:
 
 # dataset TOML keys sd-scripts accepts that are not implemented here (off values accepted)
 DATASET_REFUSED = {
-    **{k: REFUSED[k] for k in ("face_crop_aug_range", "resize_interpolation", "cache_info")},
+    **{k: REFUSED[k] for k in ("face_crop_aug_range", "resize_interpolation")},
     "custom_attributes": "not implemented yet",
     "metadata_file": "fine-tuning metadata JSON is not supported; use image folders with caption files",
     "network_multiplier": "not implemented yet",

@@ -42,7 +42,9 @@ def dataset_metadata(data: Any) -> dict:
 
 # keys sd-scripts only writes when they have a value; every other unset key is written as "None", as it does
 WRITTEN_ONLY_WHEN_SET = {"ss_vae_name", "ss_network_args", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_reg_dataset_dirs", "modelspec.author",
-                         "modelspec.description", "modelspec.license", "modelspec.tags"}
+                         "modelspec.description", "modelspec.license", "modelspec.tags", "modelspec.usage_hint",
+                         "modelspec.trigger_phrase", "modelspec.merged_from", "modelspec.preprocessor",
+                         "modelspec.is_negative_embedding", "modelspec.thumbnail"}
 
 
 def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_args: dict[str, Any], plan: Any,
@@ -150,6 +152,12 @@ def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_a
         "modelspec.description": cfg.metadata_description or None,
         "modelspec.license": cfg.metadata_license or None,
         "modelspec.tags": cfg.metadata_tags or None,
+        "modelspec.usage_hint": cfg.metadata_usage_hint or None,
+        "modelspec.trigger_phrase": cfg.metadata_trigger_phrase or None,
+        "modelspec.merged_from": cfg.metadata_merged_from or None,
+        "modelspec.preprocessor": cfg.metadata_preprocessor or None,
+        "modelspec.is_negative_embedding": cfg.metadata_is_negative_embedding or None,
+        "modelspec.thumbnail": session.get("thumbnail"),
         "modelspec.resolution": f"{res[0]}x{res[1]}",
         "modelspec.date": dt.datetime.fromtimestamp(session["started"]).isoformat(timespec="seconds"),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",

@@ -86,3 +86,13 @@ def debiased_weight(noise_scheduler: Any, timesteps: torch.Tensor, v_prediction:
 
     s = compute_snr(noise_scheduler, timesteps).clamp(min=1e-3, max=1000.0)
     return 1.0 / (s + 1) if v_prediction else 1.0 / s.sqrt()
+
+
+def snr_scale(noise_scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR / (SNR + 1), SNR clamped at 1000 (sd-scripts' get_snr_scale): what scale_v_pred_loss_like_noise_pred
+    multiplies by and v_pred_like_loss divides by. Clamped at 1e-5 from below too, under the SD schedule's
+    smallest SNR (4e-5, so those match sd-scripts) and above zero_terminal_snr's 0 (where sd-scripts divides by 0)."""
+    from diffusers.training_utils import compute_snr
+
+    s = compute_snr(noise_scheduler, timesteps).clamp(min=1e-5, max=1000.0)
+    return s / (s + 1)

@@ -37,7 +37,7 @@ from .data.subsets import DatasetSpec, specs_from_toml, subsets_from_folders
 from .data_parallel import local_share, sum_across_processes
 from .metadata import dataset_metadata, lora_metadata
 from .networks import Network, NetworkSpec, build_network
-from .noise import debiased_weight, elementwise_loss, huber_c, min_snr_weight, offset_noise, pyramid_noise
+from .noise import debiased_weight, elementwise_loss, huber_c, min_snr_weight, offset_noise, pyramid_noise, snr_scale
 from .optim import create_optimizer, create_scheduler
 from .saving import STATE_SUFFIX, find_state, load_state, prune_saves, save_state
 
@@ -122,6 +122,13 @@ class LoRATrainer:
         self.state_dir = self.out_dir / f"{cfg.output_name}{STATE_SUFFIX}"
         self.session = {"id": secrets.randbelow(2**31 - 1), "started": time.time(),
                         "model_name": Path(cfg.pretrained_model_name_or_path).name}
+        if cfg.metadata_thumbnail:  # sd-scripts stores the image itself, as a data URL
+            import base64
+            import mimetypes
+
+            data = Path(cfg.metadata_thumbnail).read_bytes()
+            mime = mimetypes.guess_type(cfg.metadata_thumbnail)[0] or "image/png"
+            self.session["thumbnail"] = f"data:{mime};base64,{base64.b64encode(data).decode()}"
         self.losses: list[float] = []
         self.samples: list[Path] = []
         self.last_save: Path | None = None
@@ -377,6 +384,12 @@ class LoRATrainer:
             loss = loss * min_snr_weight(sched, t, cfg.min_snr_gamma, v_pred)
         if cfg.debiased_estimation_loss:
             loss = loss * debiased_weight(sched, t, v_pred)
+        if cfg.scale_v_pred_loss_like_noise_pred or cfg.v_pred_like_loss:
+            scale = snr_scale(sched, t)
+            if cfg.scale_v_pred_loss_like_noise_pred:
+                loss = loss * scale
+            if cfg.v_pred_like_loss:
+                loss = loss + loss / scale * cfg.v_pred_like_loss
         return loss.sum() / global_size
 
     @torch.no_grad()
@@ -473,7 +486,8 @@ class LoRATrainer:
     def _after_epoch(self) -> None:
         cfg = self.cfg
         done = self.global_step >= self.plan.max_train_steps or self.epoch >= self.plan.epochs
-        if cfg.save_every_n_epochs and self.epoch % cfg.save_every_n_epochs == 0 and not done:
+        every = max(1, self.plan.epochs // cfg.save_n_epoch_ratio) if cfg.save_n_epoch_ratio else cfg.save_every_n_epochs
+        if every and self.epoch % every == 0 and not done:
             self._save(self.out_dir / f"{cfg.output_name}-{self.epoch:06d}.safetensors")
             prune_saves(self.out_dir, cfg.output_name, "epoch", cfg.save_last_n_epochs)
         if cfg.sample_every_n_epochs and self.epoch % cfg.sample_every_n_epochs == 0:
