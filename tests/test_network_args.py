@@ -120,3 +120,30 @@ def test_lora_only_arguments_are_refused_for_other_kinds(tiny_files, dataset, tm
         quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", block_dims=",".join(["4"] * 24)).check()
     with pytest.raises(ConfigError, match="down_lr_weight"):
         quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", down_lr_weight="wavy").check()
+
+
+def test_dim_from_weights_takes_each_modules_rank_and_alpha_from_the_file(tiny_files, dataset, tmp_path):
+    dims = ",".join(str((i % 3) + 1) for i in range(25))
+    first = run_train(kohya_config(tiny_files["sd1_file"], dataset, tmp_path / "a", max_train_steps=1, network_module="locon",
+                                   conv_dim=2, conv_alpha=1, network_args=[f"block_dims={dims}"]), RecordingReporter())
+    src = load_file(first.lora_path)
+    rec = RecordingReporter()
+    second = run_train(kohya_config(tiny_files["sd1_file"], dataset, tmp_path / "b", max_train_steps=1, network_dim=8,
+                                    network_weights=str(first.lora_path), dim_from_weights=True), rec)
+    out = load_file(second.lora_path)
+    assert set(out) == set(src) and all(out[k].shape == src[k].shape for k in src)  # same modules, same ranks
+    assert all(float(out[k]) == float(src[k]) for k in src if k.endswith(".alpha"))
+    assert any("dim_from_weights" in line for line in rec.lines)
+
+
+def test_base_weights_are_merged_into_the_model_before_training(tiny_files, dataset, tmp_path):
+    lora = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "a", max_train_steps=2), RecordingReporter()).lora_path
+    plain = setup(tiny_files, dataset, tmp_path / "p")
+    merged = setup(tiny_files, dataset, tmp_path / "m", base_weights=[str(lora)], base_weights_multiplier=[0.5])
+    sd = load_file(lora)
+    name = next(k[: -len(".lora_down.weight")] for k in sd if k.endswith("attn1_to_q.lora_down.weight"))
+    down, up, alpha = sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"], float(sd[f"{name}.alpha"])
+    path = next(t.module_path for t in plain.network.targets if t.kohya_name == name)
+    w0 = plain.model.unet.get_submodule(path).base_layer.weight
+    w1 = merged.model.unet.get_submodule(path).base_layer.weight
+    assert torch.allclose(w1 - w0, 0.5 * (up @ down) * alpha / down.shape[0], atol=1e-6)

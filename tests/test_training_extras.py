@@ -471,3 +471,30 @@ def test_scale_v_pred_loss_like_noise_pred_weighs_the_loss_down(tiny_files, data
     scaled = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "s", scale_v_pred_loss_like_noise_pred=True, **kw))
     plain = run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "p", **kw))
     assert scaled.losses[0] < plain.losses[0]  # x SNR/(SNR+1) < 1 at every timestep
+
+
+def test_resize_interpolation_chooses_the_filter_and_keys_the_latent_cache(tiny_files, tmp_path):
+    import numpy as np
+
+    from loratrain.training.data.buckets import fit_to_bucket
+
+    rgb = np.random.default_rng(1).integers(0, 255, (100, 150, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb)
+    nearest = fit_to_bucket(image, (64, 64), interpolation="nearest")
+    expected = np.array(image.resize((96, 64), Image.Resampling.NEAREST).crop((16, 0, 80, 64)))
+    assert np.array_equal(nearest, expected) and not np.array_equal(nearest, fit_to_bucket(image, (64, 64)))
+    from loratrain.training.demo import make_concept_images
+
+    data = tmp_path / "d" / "1_x"
+    make_concept_images(data, "x", 2, 96, 0)
+
+    def run(out: str, **kw) -> RecordingReporter:
+        rec = RecordingReporter()
+        run_train(quick_config(tiny_files["sd1_file"], tmp_path / "d", tmp_path / out, max_train_steps=1,
+                               cache_latents_to_disk=True, **kw), rec)
+        return rec
+
+    first, lanczos = run("a"), run("b")
+    assert lanczos.metrics[0]["loss"] == first.metrics[0]["loss"]  # the cache from run a, same filter
+    near = run("c", resize_interpolation="nearest")
+    assert near.metrics[0]["loss"] != first.metrics[0]["loss"]  # another filter: the cache was not reused

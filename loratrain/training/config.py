@@ -63,6 +63,9 @@ class TrainConfig(JobConfig):
     token_warmup_min: int = opt(1, "token warm-up: tags seen at the first step", ge=1, group=DATA, advanced=True)
     token_warmup_step: float = opt(0.0, "token warm-up: step by which every tag is seen (< 1: a share of the total; 0 = off)",
                                    ge=0, group=DATA, advanced=True)
+    resize_interpolation: str = opt("", "how images are resized into their bucket (default: lanczos down, bicubic up)",
+                                    choices=["", "lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box"],
+                                    group=DATA, advanced=True)
     caption_prefix: str = opt("", "text put before every caption", group=DATA, advanced=True)
     caption_suffix: str = opt("", "text put after every caption", group=DATA, advanced=True)
     caption_dropout_every_n_epochs: int = opt(0, "train every N-th epoch with empty captions (0 = off)", ge=0, group=DATA,
@@ -133,6 +136,11 @@ class TrainConfig(JobConfig):
                                                        advanced=True)
     network_train_unet_only: bool = opt(False, "train only the UNet adapters", group=NET)
     network_train_text_encoder_only: bool = opt(False, "train only the text encoder adapters", group=NET, advanced=True)
+    dim_from_weights: bool = opt(False, "each module's rank and alpha from the network_weights file (modules the file lacks are "
+                                        "not trained)", group=NET, advanced=True)
+    base_weights: list[str] = opt([], "LoRA / LyCORIS files merged into the base model before training (sd-scripts' "
+                                      "base_weights)", group=MODEL, advanced=True)
+    base_weights_multiplier: list[float] = opt([], "the weight of each base_weights file (default 1)", group=MODEL, advanced=True)
     network_weights: str = opt("", "start from an existing LoRA: any kohya-layout .safetensors (sd-scripts', ours, ...) "
                                    "or a training state folder", group=NET,
                                advanced=True, path="any")
@@ -407,6 +415,13 @@ class TrainConfig(JobConfig):
             out.append(("fp8_base", f"not with {self.network_kind}: it needs the base weights themselves in full precision"))
         if self.metadata_thumbnail and Path(self.metadata_thumbnail).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
             out.append(("metadata_thumbnail", f"{self.metadata_thumbnail}: a .png, .jpg or .webp image"))
+        if self.base_weights_multiplier and len(self.base_weights_multiplier) != len(self.base_weights):
+            out.append(("base_weights_multiplier", f"{len(self.base_weights_multiplier)} values for {len(self.base_weights)} "
+                                                   "base_weights files"))
+        if self.dim_from_weights and not self.network_weights:
+            out.append(("dim_from_weights", "needs network_weights (the file the ranks are read from)"))
+        elif self.dim_from_weights and self.network_kind not in ("lora", "locon"):
+            out.append(("dim_from_weights", f"reads LoRA files; not for network_module {self.network_kind}"))
         if self.full_bf16 and self.mixed_precision != "bf16":
             out.append(("full_bf16", "needs mixed_precision bf16 (as in sd-scripts)"))
         if len(self.text_encoder_lr) > 2:
@@ -420,6 +435,8 @@ class TrainConfig(JobConfig):
 
     def requirements(self) -> list[Problem]:
         """What must exist before a model is loaded: inputs, the prompt file and each sampler it names."""
+        from .config_checks import lora_file_problems, prompt_problems, schedule_problems, vae_problems
+
         out: list[Problem] = []
         if not self.pretrained_model_name_or_path:
             out.append(("pretrained_model_name_or_path", "is required"))
@@ -432,13 +449,16 @@ class TrainConfig(JobConfig):
             if value and not Path(value).is_dir():
                 out.append((name, f"folder not found: {value}"))
         if self.vae:
-            out += self._vae_problems(Path(self.vae))
+            out += vae_problems(Path(self.vae))
         if self.dataset_config and not Path(self.dataset_config).is_file():
             out.append(("dataset_config", f"file not found: {self.dataset_config}"))
         if self.network_weights and not Path(self.network_weights).exists():
             out.append(("network_weights", f"not found: {self.network_weights}"))
         elif self.network_weights and Path(self.network_weights).suffix.lower() == ".safetensors":
-            out += self._lora_file_problems(Path(self.network_weights))
+            out += lora_file_problems(self, Path(self.network_weights))
+        for path in self.base_weights:
+            if not Path(path).is_file():
+                out.append(("base_weights", f"file not found: {path}"))
         if self.resume and self.resume != "latest" and not Path(self.resume).is_dir():
             out.append(("resume", f"state folder not found: {self.resume}"))
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
@@ -451,80 +471,11 @@ class TrainConfig(JobConfig):
                 out.append(("resume", f"nothing to resume: no complete training state {state} (or .tmp/.old beside it); "
                                       "run without --resume"))
         if self.sample_prompts:
-            out += self._prompt_problems()
+            out += prompt_problems(self)
         if self.lr_scheduler_args:
-            out += self._schedule_problems()
+            out += schedule_problems(self)
         from .optim import OPTIMIZERS
 
         if self.optimizer_type in OPTIMIZERS and (hint := OPTIMIZERS.get(self.optimizer_type).missing()):
             out.append(("optimizer_type", hint))
         return out
-
-    @staticmethod
-    def _vae_problems(path: Path) -> list[Problem]:
-        """A VAE file that is missing or is not a VAE is named before the model loads (its header only is read)."""
-        if not path.is_file():
-            return [("vae", f"file not found: {path}")]
-        if path.suffix.lower() != ".safetensors":
-            return [("vae", f"{path}: give a .safetensors VAE (pickled .pt/.ckpt files are not loaded)")]
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                keys = set(f.keys())
-        except Exception as e:  # safetensors raises its own error types for a damaged header
-            return [("vae", f"{path}: unreadable safetensors file ({e})")]
-        from loratrain.core.models.families import VAE_DIFFUSERS_KEY, VAE_LDM_KEY, VAE_PREFIX
-
-        if not any(k in keys or VAE_PREFIX + k in keys for k in (VAE_LDM_KEY, VAE_DIFFUSERS_KEY)):
-            return [("vae", f"{path}: not a VAE file (no encoder.down.* / encoder.down_blocks.* weights)")]
-        return []
-
-    def _lora_file_problems(self, path: Path) -> list[Problem]:
-        """A network_weights file must hold modules of this run's network kind (its header is enough to tell)."""
-        from loratrain.core.tensor_io import LazySafetensors
-
-        kind = self.network_kind
-        if kind == "full":
-            return [("network_weights", f"{path}: a full fine-tune starts from a checkpoint "
-                                        "(pretrained_model_name_or_path), not from a network file")]
-        markers = WEIGHT_MARKERS.get(kind, (".lora_down.weight",))
-        try:
-            with LazySafetensors(path, "network_weights") as f:
-                keys = f.keys()
-        except (OSError, ValueError) as e:
-            return [("network_weights", str(e))]
-        if not any(k.endswith(markers) for k in keys):
-            what = f"{kind} modules" if kind in WEIGHT_MARKERS else "kohya LoRA modules"
-            return [("network_weights", f"{path}: holds no {what} (no *{markers[0]} keys); is it a model checkpoint, or "
-                                        "a file of another network kind?")]
-        return []
-
-    def _schedule_problems(self) -> list[Problem]:
-        """Build the schedule on a stand-in optimizer, so bad lr_scheduler_args fail before any model loads."""
-        import torch
-
-        from .optim import create_scheduler
-
-        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=self.learning_rate)
-        try:
-            create_scheduler(self.lr_scheduler, opt, self.max_train_steps, self.lr_warmup_steps, self.lr_scheduler_num_cycles,
-                             self.lr_scheduler_power, self.lr_decay_steps, self.lr_scheduler_timescale,
-                             self.lr_scheduler_min_lr_ratio, self.learning_rate, self.lr_scheduler_args)
-        except (ValueError, TypeError, KeyError) as e:
-            return [("lr_scheduler_args", f"{self.lr_scheduler_args}: {e}")]
-        return []
-
-    def _prompt_problems(self) -> list[Problem]:
-        from loratrain.core.samplers import SAMPLERS
-        from loratrain.core.sampling import SamplePrompt, load_prompts
-
-        try:
-            prompts = load_prompts(self.sample_prompts, SamplePrompt(""))
-        except (OSError, ValueError) as e:
-            return [("sample_prompts", str(e))]
-        bad = sorted({p.sampler for p in prompts if p.sampler and p.sampler not in SAMPLERS})
-        if bad:
-            return [("sample_prompts", f"{self.sample_prompts}: unknown sampler(s) {', '.join(bad)} (--ss); "
-                                       f"choose one of: {', '.join(SAMPLERS.names())}")]
-        return []

@@ -108,7 +108,6 @@ IGNORED = {
 REFUSED = {
     "full_fp16": "not implemented yet: the adapters train in fp32 with fp16/bf16 autocast (mixed_precision)",
     "face_crop_aug_range": "not implemented yet",
-    "resize_interpolation": "not implemented yet (LANCZOS down, BICUBIC up)",
     "in_json": "fine-tuning metadata JSON is not supported; use folders or a dataset TOML",
     "dataset_class": "custom dataset classes are not supported",
     "dataset_repeats": "only for in_json datasets, which are not supported",
@@ -119,9 +118,6 @@ REFUSED = {
     "use_8bit_adam": "use optimizer_type AdamW8bit",
     "use_lion_optimizer": "use optimizer_type Lion",
     "no_metadata": "the metadata is always written (it carries no paths)",
-    "dim_from_weights": "not implemented yet",
-    "base_weights": "not implemented yet (merge it first with `loratrain merge`)",
-    "base_weights_multiplier": "not implemented yet",
     "huggingface_repo_id": "uploading is not supported: loratrain works offline",
     "huggingface_repo_type": "uploading is not supported: loratrain works offline",
     "huggingface_path_in_repo": "uploading is not supported: loratrain works offline",
@@ -147,9 +143,7 @@ REFUSED = {
 # values that mean "off" for a refused option (besides false, 0, "", [] and None)
 OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "log_with": ("tensorboard",),
-    "resize_interpolation": ("lanczos", "area"),
     "huggingface_repo_visibility": ("private", "public"),
-    "base_weights_multiplier": (1.0,),
     "zero_stage": (2,),
 }
 
@@ -313,7 +307,7 @@ def flag_document() -> str:
 
 # dataset TOML keys sd-scripts accepts that are not implemented here (off values accepted)
 DATASET_REFUSED = {
-    **{k: REFUSED[k] for k in ("face_crop_aug_range", "resize_interpolation")},
+    "face_crop_aug_range": REFUSED["face_crop_aug_range"],
     "custom_attributes": "not implemented yet",
     "metadata_file": "fine-tuning metadata JSON is not supported; use image folders with caption files",
     "network_multiplier": "not implemented yet",

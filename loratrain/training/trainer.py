@@ -80,7 +80,7 @@ def build_specs(cfg: TrainConfig, log=lambda text: None) -> list[DatasetSpec]:
                 "caption_prefix": cfg.caption_prefix, "caption_suffix": cfg.caption_suffix,
                 "keep_tokens_separator": cfg.keep_tokens_separator, "caption_separator": cfg.caption_separator,
                 "caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs,
-                "secondary_separator": cfg.secondary_separator, "enable_wildcard": cfg.enable_wildcard,
+                "resize_interpolation": cfg.resize_interpolation, "secondary_separator": cfg.secondary_separator, "enable_wildcard": cfg.enable_wildcard,
                 "token_warmup_min": cfg.token_warmup_min, "token_warmup_step": cfg.token_warmup_step,
                 "validation_split": cfg.validation_split, "validation_seed": cfg.validation_seed}
     defaults |= {"alpha_mask": cfg.alpha_mask, "conditioning_data_dir": cfg.conditioning_data_dir, "color_aug": cfg.color_aug,
@@ -163,6 +163,8 @@ class LoRATrainer:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
             log(f"VAE: {Path(cfg.vae).name} (instead of the model's own)")
+        if cfg.base_weights:
+            self._merge_base_weights()
         if cfg.cache_latents_to_disk:
             with self.accelerator.main_process_first():  # encoded once, by the first process; the others read its files
                 self._cache_latents()
@@ -181,7 +183,7 @@ class LoRATrainer:
                 + f" stored in float8_e4m3fn, computed in {weight_dtype}")
         spec = NetworkSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout,
                            train_unet=not cfg.network_train_text_encoder_only, train_text_encoder=not cfg.network_train_unet_only,
-                           **cfg.network_options())
+                           module_dims=self._dims_from_weights() if cfg.dim_from_weights else None, **cfg.network_options())
         with seeded(cfg.seed, self.device):  # adapter init: same seed, same run
             self.network: Network = build_network(cfg.network_module, self.model, spec)
         # PEFT creates adapters in the base layer's dtype: under fp16/bf16 mixed precision they would train in half
@@ -250,6 +252,33 @@ class LoRATrainer:
             for te in self.model.text_encoders:
                 move(te, "cpu")
             self.cond_cache.frozen = True
+
+    def _merge_base_weights(self) -> None:
+        """sd-scripts' base_weights: LoRA / LyCORIS files merged into the base model's weights before training
+        (the same in-memory patch generate and grid use), each at its base_weights_multiplier."""
+        from loratrain.core.session import LoraUse, WeightPatcher
+
+        cfg = self.cfg
+        weights = cfg.base_weights_multiplier or [1.0] * len(cfg.base_weights)
+        patcher = WeightPatcher()
+        patcher.apply(self.model, [LoraUse(path, w) for path, w in zip(cfg.base_weights, weights)])
+        patcher.originals.clear()  # merged for good: no copy of the original weights is kept
+        self.reporter.log("merged into the base: " + ", ".join(f"{Path(p).name} x{w:g}" for p, w in zip(cfg.base_weights, weights)))
+
+    def _dims_from_weights(self) -> dict[str, tuple[int, float]]:
+        """dim_from_weights: every module of the network_weights file with its rank and alpha."""
+        from loratrain.core.tensor_io import LazySafetensors
+
+        dims: dict[str, tuple[int, float]] = {}
+        with LazySafetensors(Path(self.cfg.network_weights), "network_weights") as f:
+            keys = set(f.keys())
+            for key in sorted(k for k in keys if k.endswith(".lora_down.weight")):
+                name = key[: -len(".lora_down.weight")]
+                rank = f.tensors[key].shape[0]
+                alpha = float(f.read(f"{name}.alpha")) if f"{name}.alpha" in keys else float(rank)
+                dims[name] = (rank, alpha)
+        self.reporter.log(f"dim_from_weights: {len(dims)} modules, ranks {sorted({d for d, _ in dims.values()})}")
+        return dims
 
     def _load_network_weights(self, path: Path) -> None:
         """Start from a training state folder, or from any kohya-layout LoRA file."""

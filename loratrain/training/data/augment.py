@@ -43,10 +43,10 @@ def color_aug(pixels: np.ndarray, rng: random.Random) -> np.ndarray:
 
 
 def augmented_pixels(image: Image.Image, bucket: tuple[int, int], resize_to: tuple[int, int] | None, crop: bool,
-                     colour: bool, rng: random.Random) -> tuple[np.ndarray, tuple[int, int]]:
+                     colour: bool, rng: random.Random, interpolation: str = "") -> tuple[np.ndarray, tuple[int, int]]:
     """The item's bucket-sized HWC uint8 pixels with this step's crop and colour, and the crop's (top, left)."""
     left_top = random_crop_offset(image.size, bucket, resize_to, rng) if crop else None
-    pixels = fit_to_bucket(image, bucket, resize_to, left_top)
+    pixels = fit_to_bucket(image, bucket, resize_to, left_top, interpolation)
     if colour:
         pixels = color_aug(pixels, rng)
     if left_top is None:

@@ -55,13 +55,21 @@ def no_upscale_bucket(size: tuple[int, int], max_area: int, step: int) -> tuple[
     return resized, (resized[0] - resized[0] % step, resized[1] - resized[1] % step)
 
 
+#: sd-scripts' resize_interpolation names (OpenCV's) as PIL filters; "area" averages like a box filter
+RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+            "linear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC,
+            "area": Image.Resampling.BOX, "box": Image.Resampling.BOX}
+
+
 def fit_to_bucket(image: Image.Image, bucket: tuple[int, int], resize_to: tuple[int, int] | None = None,
-                  left_top: tuple[int, int] | None = None) -> np.ndarray:
-    """Scale so the image covers the bucket (or to `resize_to`), crop (centred, or at `left_top`), return HWC uint8."""
+                  left_top: tuple[int, int] | None = None, interpolation: str = "") -> np.ndarray:
+    """Scale so the image covers the bucket (or to `resize_to`), crop (centred, or at `left_top`), return HWC uint8.
+    `interpolation`: one of RESAMPLE's names, or "" for lanczos when shrinking and bicubic when enlarging."""
     w, h = image.size
     bw, bh = bucket
     scale = max(bw / w, bh / h)
     nw, nh = resize_to or (max(bw, round(w * scale)), max(bh, round(h * scale)))
-    resized = image if (nw, nh) == (w, h) else image.resize((nw, nh), Image.Resampling.LANCZOS if nw < w else Image.Resampling.BICUBIC)
+    resample = RESAMPLE[interpolation] if interpolation else (Image.Resampling.LANCZOS if nw < w else Image.Resampling.BICUBIC)
+    resized = image if (nw, nh) == (w, h) else image.resize((nw, nh), resample)
     left, top = left_top if left_top is not None else ((nw - bw) // 2, (nh - bh) // 2)
     return np.array(resized.crop((left, top, left + bw, top + bh)).convert("RGB"))  # writable: torch.from_numpy takes it as is

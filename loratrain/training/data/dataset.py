@@ -213,11 +213,13 @@ class TrainData:
         if to_disk and cache.is_file():
             with safe_open(str(cache), framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("image_sha256") == digest and meta.get("vae") == vae_id and int(meta.get("views", 0)) >= n_views:
+                if (meta.get("image_sha256") == digest and meta.get("vae") == vae_id and int(meta.get("views", 0)) >= n_views
+                        and meta.get("resize", "") == it.subset.resize_interpolation):
                     it.latents = [f.get_tensor(f"view{i}") for i in range(n_views)]
                     it.mask = self._mask_views(mask, it.latents[0].shape[-2:], n_views)
                     return
-        pixels = torch.from_numpy(fit_to_bucket(image, it.bucket, resize_to)).permute(2, 0, 1).float() / 127.5 - 1.0
+        pixels = torch.from_numpy(fit_to_bucket(image, it.bucket, resize_to, None, it.subset.resize_interpolation)
+                                  ).permute(2, 0, 1).float() / 127.5 - 1.0
         views = [pixels] + ([pixels.flip(-1)] if n_views == 2 else [])
         latents = encode(torch.stack(views))
         if not torch.isfinite(latents).all():
@@ -226,7 +228,7 @@ class TrainData:
         it.mask = self._mask_views(mask, it.latents[0].shape[-2:], n_views)
         if to_disk:
             save_safetensors({f"view{i}": t for i, t in enumerate(it.latents)}, cache,
-                             {"image_sha256": digest, "vae": vae_id, "views": str(n_views)})
+                             {"image_sha256": digest, "vae": vae_id, "views": str(n_views), "resize": it.subset.resize_interpolation})
 
     @staticmethod
     def live_pixels(it: Item, flip: bool, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -236,7 +238,8 @@ class TrainData:
 
         with Image.open(it.image) as im:
             image = im.convert("RGB")
-        pixels, top_left = augmented_pixels(image, it.bucket, it.resize_to, it.subset.random_crop, it.subset.color_aug, rng)
+        pixels, top_left = augmented_pixels(image, it.bucket, it.resize_to, it.subset.random_crop, it.subset.color_aug, rng,
+                                            it.subset.resize_interpolation)
         out = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
         return (out.flip(-1) if flip else out), (top_left if top_left[0] >= 0 else it.crop_top_left)
 
@@ -264,7 +267,8 @@ class TrainData:
                 raise DatasetError(f"{path}: unreadable mask image ({e.__class__.__name__}: {e})") from None
             if alpha.size != it.original_size:
                 alpha = alpha.resize(it.original_size, Image.Resampling.BILINEAR)
-        return torch.from_numpy(fit_to_bucket(alpha, it.bucket, resize_to)[:, :, 0]).float() / 255.0
+        return torch.from_numpy(fit_to_bucket(alpha, it.bucket, resize_to, None, it.subset.resize_interpolation)[:, :, 0]
+                                ).float() / 255.0
 
     # -- epochs --------------------------------------------------------------------------------
     def batches_for_epoch(self, epoch: int, seed: int, processes: int = 1) -> list[list[tuple[Item, bool]]]:

@@ -36,6 +36,7 @@ class Subset:
     token_warmup_min: int = 1  # token warm-up: the free tags seen at step 0 ...
     token_warmup_step: float = 0.0  # ... growing to all of them by this step (a share of the total when < 1; 0 = off)
     flip_aug: bool = False
+    resize_interpolation: str = ""  # "" = lanczos down, bicubic up
     color_aug: bool = False  # sd-scripts' hue/gamma jitter, drawn every step (the latents are encoded live)
     random_crop: bool = False  # a random bucket-sized window instead of the centre one, every step
     alpha_mask: bool = False  # the image's alpha channel weights its loss (transparent: not learned)

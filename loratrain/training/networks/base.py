@@ -34,6 +34,7 @@ class NetworkSpec:
     ema_on_cpu: bool = False
     stop_text_encoder_after: int = 0  # full fine-tune: steps the text encoders train (0 = all)
     save_diffusers: bool = False  # full fine-tune: every save also as a diffusers folder
+    module_dims: dict[str, tuple[int, float]] | None = None  # dim_from_weights: kohya name -> (rank, alpha) of a file
     blocks: BlockSpec = field(default_factory=BlockSpec)  # sd-scripts' per-block ranks and learning rates
     rank_dropout: float = 0.0  # per sample, each rank of a module's down output dropped with this probability
     module_dropout: float = 0.0  # per forward, a module's whole adapter skipped with this probability
@@ -57,7 +58,7 @@ def find_targets(model: SDModel, spec: NetworkSpec) -> list[Target]:
         sdxl = model.family.is_sdxl
         per_block = block_ranks(spec.blocks, sdxl, spec.network_dim, spec.network_alpha, spec.conv_dim,
                                 spec.conv_alpha) if spec.blocks else None
-        with_conv = spec.conv_dim or (per_block and per_block[2])
+        with_conv = spec.conv_dim or (per_block and per_block[2]) or spec.module_dims
         containers = UNET_ATTN_CONTAINERS | (UNET_CONV_CONTAINERS if with_conv else set())
         for path in _children(model.unet, containers, with_conv):
             module = model.unet.get_submodule(path)
@@ -66,7 +67,11 @@ def find_targets(model: SDModel, spec: NetworkSpec) -> list[Target]:
                            else (spec.network_dim, spec.network_alpha))
             ldm_path = unet_diffusers_to_ldm_module(path, model.unet.config) if sdxl else path
             name = unet_lora_name(ldm_path)
-            if per_block:  # sd-scripts' block_dims / lr weights: rank and alpha of the module's block (0: no module)
+            if spec.module_dims is not None:  # dim_from_weights: the file's modules, with the file's ranks
+                if name not in spec.module_dims:
+                    continue
+                rank, alpha = spec.module_dims[name]
+            elif per_block:  # sd-scripts' block_dims / lr weights: rank and alpha of the module's block (0: no module)
                 dims, alphas, conv_dims, conv_alphas = per_block
                 i = block_index(name, sdxl)
                 rank, alpha = (conv_dims[i], conv_alphas[i]) if is_3x3 else (dims[i], alphas[i])
@@ -77,7 +82,12 @@ def find_targets(model: SDModel, spec: NetworkSpec) -> list[Target]:
         for te_spec, te in zip(model.family.text_encoders, model.text_encoders):
             for path in _children(te, TE_CONTAINERS, spec.conv_dim):
                 name = te_lora_name(te_spec.kohya_prefix, path)
-                targets.append(Target(te_spec.component, path, name, spec.network_dim, spec.network_alpha))
+                rank, alpha = spec.network_dim, spec.network_alpha
+                if spec.module_dims is not None:
+                    if name not in spec.module_dims:
+                        continue
+                    rank, alpha = spec.module_dims[name]
+                targets.append(Target(te_spec.component, path, name, rank, alpha))
     return targets
 
 

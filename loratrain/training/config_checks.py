@@ -1,0 +1,83 @@
+"""Checks of TrainConfig's input files made before any model loads: each reads a header or builds a stand-in,
+so a wrong VAE, network file, scheduler argument or prompt file is named first."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loratrain.core.config import Problem
+
+
+def vae_problems(path: Path) -> list[Problem]:
+    """A VAE file that is missing or is not a VAE is named before the model loads (its header only is read)."""
+    if not path.is_file():
+        return [("vae", f"file not found: {path}")]
+    if path.suffix.lower() != ".safetensors":
+        return [("vae", f"{path}: give a .safetensors VAE (pickled .pt/.ckpt files are not loaded)")]
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        return [("vae", f"{path}: unreadable safetensors file ({e})")]
+    from loratrain.core.models.families import VAE_DIFFUSERS_KEY, VAE_LDM_KEY, VAE_PREFIX
+
+    if not any(k in keys or VAE_PREFIX + k in keys for k in (VAE_LDM_KEY, VAE_DIFFUSERS_KEY)):
+        return [("vae", f"{path}: not a VAE file (no encoder.down.* / encoder.down_blocks.* weights)")]
+    return []
+
+def _markers() -> dict[str, tuple[str, ...]]:
+    from .config import WEIGHT_MARKERS
+
+    return WEIGHT_MARKERS
+
+
+def lora_file_problems(cfg: Any, path: Path) -> list[Problem]:
+    """A network_weights file must hold modules of this run's network kind (its header is enough to tell)."""
+    from loratrain.core.tensor_io import LazySafetensors
+
+    kind = cfg.network_kind
+    if kind == "full":
+        return [("network_weights", f"{path}: a full fine-tune starts from a checkpoint "
+                                    "(pretrained_model_name_or_path), not from a network file")]
+    markers = _markers().get(kind, (".lora_down.weight",))
+    try:
+        with LazySafetensors(path, "network_weights") as f:
+            keys = f.keys()
+    except (OSError, ValueError) as e:
+        return [("network_weights", str(e))]
+    if not any(k.endswith(markers) for k in keys):
+        what = f"{kind} modules" if kind in _markers() else "kohya LoRA modules"
+        return [("network_weights", f"{path}: holds no {what} (no *{markers[0]} keys); is it a model checkpoint, or "
+                                    "a file of another network kind?")]
+    return []
+
+def schedule_problems(cfg: Any) -> list[Problem]:
+    """Build the schedule on a stand-in optimizer, so bad lr_scheduler_args fail before any model loads."""
+    import torch
+
+    from .optim import create_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    try:
+        create_scheduler(cfg.lr_scheduler, opt, cfg.max_train_steps, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles,
+                         cfg.lr_scheduler_power, cfg.lr_decay_steps, cfg.lr_scheduler_timescale,
+                         cfg.lr_scheduler_min_lr_ratio, cfg.learning_rate, cfg.lr_scheduler_args)
+    except (ValueError, TypeError, KeyError) as e:
+        return [("lr_scheduler_args", f"{cfg.lr_scheduler_args}: {e}")]
+    return []
+
+def prompt_problems(cfg: Any) -> list[Problem]:
+    from loratrain.core.samplers import SAMPLERS
+    from loratrain.core.sampling import SamplePrompt, load_prompts
+
+    try:
+        prompts = load_prompts(cfg.sample_prompts, SamplePrompt(""))
+    except (OSError, ValueError) as e:
+        return [("sample_prompts", str(e))]
+    bad = sorted({p.sampler for p in prompts if p.sampler and p.sampler not in SAMPLERS})
+    if bad:
+        return [("sample_prompts", f"{cfg.sample_prompts}: unknown sampler(s) {', '.join(bad)} (--ss); "
+                                   f"choose one of: {', '.join(SAMPLERS.names())}")]
+    return []
