@@ -407,3 +407,11 @@ def test_a_separate_vae_file_replaces_the_models_own(tiny_files, dataset, tmp_pa
     save_file({"x": torch.zeros(2)}, str(not_vae))
     with pytest.raises(ConfigError, match="not_vae.safetensors: not a VAE file"):
         quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o2", vae=str(not_vae)).check()
+
+
+def test_the_old_optimizer_switches_choose_the_optimizer():
+    assert TrainConfig.build({"use_8bit_adam": True}, check=False).optimizer_type == "AdamW8bit"
+    assert TrainConfig.build({"use_lion_optimizer": True}, check=False).optimizer_type == "Lion"
+    assert TrainConfig.build({"use_lion_optimizer": False}, check=False).optimizer_type == "AdamW"
+    with pytest.raises(ConfigError, match="optimizer_type is Prodigy"):
+        TrainConfig.build({"use_8bit_adam": True, "optimizer_type": "Prodigy"}, check=False)

@@ -115,8 +115,6 @@ REFUSED = {
     "lr_scheduler_type": "custom scheduler classes are not supported; choose lr_scheduler",
     "fused_backward_pass": "not implemented yet",
     "cpu_offload_checkpointing": "not implemented yet",
-    "use_8bit_adam": "use optimizer_type AdamW8bit",
-    "use_lion_optimizer": "use optimizer_type Lion",
     "no_metadata": "the metadata is always written (it carries no paths)",
     "huggingface_repo_id": "uploading is not supported: loratrain works offline",
     "huggingface_repo_type": "uploading is not supported: loratrain works offline",
@@ -164,7 +162,9 @@ NETWORK_ARGS_REFUSED = {
 TRANSLATED = {"network_args": "conv_dim/conv_alpha -> LoCon, algo=loha/lokr/locon/ia3/dylora -> that kind, dora_wd=True -> dora, "
                               "unit -> DyLoRA, block dims/alphas/lr weights, rank/module dropout, LoRA+ ratios -> the options "
                               "of the same names; others refused by name",
-              "save_model_as": "safetensors only; ckpt/pt refused (pickles), diffusers -> save_peft_format"}
+              "save_model_as": "safetensors only; ckpt/pt refused (pickles), diffusers -> save_peft_format",
+              "use_8bit_adam": "optimizer_type AdamW8bit", "use_lion_optimizer": "optimizer_type Lion"}
+OPTIMIZER_SWITCHES = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}
 SAVE_MODEL_AS = {"ckpt": "a pickle (unsafe to load); loratrain writes .safetensors only",
                  "pt": "a pickle (unsafe to load); loratrain writes .safetensors only",
                  "diffusers": "use save_peft_format = true for a diffusers/PEFT copy beside the .safetensors",
@@ -192,6 +192,12 @@ def translate(flat: dict[str, Any], fields: set[str]) -> tuple[dict[str, Any], l
         value = data[key]
         if key == "network_args":
             problems += _network_args(value, data)
+        elif key in OPTIMIZER_SWITCHES:  # sd-scripts' old switches: optimizer_type must then be unset
+            if not is_off(key, value):
+                chosen = str(data.get("optimizer_type") or "")
+                if chosen and chosen.lower() != OPTIMIZER_SWITCHES[key].lower():
+                    problems.append((key, f"sets optimizer_type {OPTIMIZER_SWITCHES[key]}, but optimizer_type is {chosen}"))
+                data["optimizer_type"] = OPTIMIZER_SWITCHES[key]
         elif key == "save_model_as":
             if str(value).lower() not in ("safetensors", ""):
                 problems.append(("save_model_as", f"{value!r}: {SAVE_MODEL_AS.get(str(value).lower(), 'unknown format')}"))
