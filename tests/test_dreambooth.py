@@ -8,7 +8,7 @@ import torch
 from loratrain.cli import main
 from loratrain.core.models.loading import load_model
 from loratrain.core.progress import RecordingReporter, StopFlag
-from loratrain.training.dreambooth import DreamBoothConfig, class_folder, make_class_images
+from loratrain.training.dreambooth import DreamBoothConfig, FinetuneConfig, class_folder, make_class_images
 
 
 def _args(tiny_files, dataset, out, *extra):
@@ -64,15 +64,15 @@ def test_class_images_resume_and_the_text_encoder_stop(tiny_files, dataset, tmp_
         DreamBoothConfig(num_class_images=3, reg_data_dir="r").check(ready=False)
 
 
-@pytest.mark.parametrize("ema", [False, True])
-def test_finetune_stopped_and_resumed_equals_an_unbroken_run(tiny_files, dataset, tmp_path, ema):
+@pytest.mark.parametrize("ema,fused", [(False, False), (True, False), (False, True)])
+def test_finetune_stopped_and_resumed_equals_an_unbroken_run(tiny_files, dataset, tmp_path, ema, fused):
     from loratrain.training.dreambooth import FinetuneConfig, run_finetune
 
     def cfg(out, **kw):
         return FinetuneConfig(pretrained_model_name_or_path=str(tiny_files["sd1_file"]), train_data_dir=str(dataset),
                               output_dir=str(out), output_name="ft", resolution="64", learning_rate=1e-4, max_train_steps=4,
                               train_batch_size=2, save_precision="float", seed=3, network_module="full", use_ema=ema,
-                              ema_decay=0.5, **kw)
+                              ema_decay=0.5, fused_backward_pass=fused, **kw)
 
     whole = run_finetune(cfg(tmp_path / "whole"), RecordingReporter())
     stop = StopFlag()
@@ -114,3 +114,32 @@ def test_finetune_also_writes_a_diffusers_folder_from_pretrained_reads(tiny_file
     for (n, a), (_, b) in zip(pipe.unet.named_parameters(), tuned.unet.named_parameters()):
         assert torch.equal(a, b.to(a.dtype)), n
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary folder left behind
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW", "Adafactor"])
+def test_fused_backward_pass_updates_as_one_optimizer_would(tiny_files, dataset, tmp_path, optimizer):
+    from safetensors.torch import load_file
+
+    def run(out: str, *extra: str) -> dict:
+        assert main(["finetune", "--pretrained_model_name_or_path", str(tiny_files["sd1_file"]), "--train_data_dir", str(dataset),
+                     "--output_dir", str(tmp_path / out), "--output_name", "ft", "--resolution", "64", "--max_train_steps", "3",
+                     "--learning_rate", "1e-4", "--optimizer_type", optimizer, "--max_grad_norm", "0", "--save_precision",
+                     "float", *extra]) == 0
+        return load_file(tmp_path / out / "ft.safetensors")
+
+    fused, plain = run("f", "--fused_backward_pass"), run("p")
+    base = load_file(tiny_files["sd1_file"])
+    moved = [k for k in plain if k.startswith("model.diffusion_model") and not torch.equal(plain[k], base[k])]
+    assert len(moved) > 10
+    assert all(torch.allclose(fused[k], plain[k], atol=1e-6) for k in plain)  # per-parameter steps: the same maths
+
+
+def test_fused_backward_pass_refuses_what_it_cannot_do(tiny_files, dataset, tmp_path):
+    from loratrain.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="Prodigy"):
+        FinetuneConfig(pretrained_model_name_or_path=str(tiny_files["sd1_file"]), train_data_dir=str(dataset),
+                       fused_backward_pass=True, optimizer_type="Prodigy").check()
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        FinetuneConfig(pretrained_model_name_or_path=str(tiny_files["sd1_file"]), train_data_dir=str(dataset),
+                       fused_backward_pass=True, gradient_accumulation_steps=2).check()

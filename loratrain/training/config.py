@@ -20,6 +20,9 @@ from .kohya import GUI_KEYS, SD_SCRIPTS_FLAGS, cli_value, translate
 MODEL, DATA, NET, OPTIM, NOISE, SAVE, SAMPLE, LOGS = ("Model", "Dataset", "Network", "Optimizer and schedule", "Noise and loss",
                                                     "Saving and resume", "Sampling", "Logs")
 MIXED_PRECISIONS = ("no", "fp32", "fp16", "bf16")
+#: optimizers whose state is per parameter, so fused_backward_pass (one optimizer per parameter) is the same maths
+PER_PARAMETER_OPTIMIZERS = {"adamw", "adam", "adamw8bit", "pagedadamw8bit", "adafactor", "lion", "lion8bit", "sgd", "sgdnesterov",
+                            "sgdnesterov8bit", "torch.optim.adamw"}
 
 
 #: the tensor suffixes that mark a module of a network kind in a file (network_weights is checked against them;
@@ -177,6 +180,9 @@ class TrainConfig(JobConfig):
     full_bf16: bool = opt(False, "train the adapters themselves in bf16 (weights, gradients, optimizer state): less memory, "
                                  "less precision; needs mixed_precision bf16", group=OPTIM, advanced=True)
     gradient_checkpointing: bool = opt(False, "trade compute for memory", group=OPTIM, advanced=True)
+    fused_backward_pass: bool = opt(False, "update each weight as soon as its gradient is ready and free the gradient (memory "
+                                           "for full fine-tunes; per-parameter optimizers only, no accumulation, one process)",
+                                    group=OPTIM, advanced=True)
     fp8_base: bool = opt(False, "store the frozen base weights (UNet and text encoders) in float8 and cast each layer up only "
                                 "for its forward: about half the memory of bf16 weights, slightly less exact", group=OPTIM,
                          advanced=True)
@@ -422,6 +428,14 @@ class TrainConfig(JobConfig):
             out.append(("dim_from_weights", "needs network_weights (the file the ranks are read from)"))
         elif self.dim_from_weights and self.network_kind not in ("lora", "locon"):
             out.append(("dim_from_weights", f"reads LoRA files; not for network_module {self.network_kind}"))
+        if self.fused_backward_pass:
+            if self.optimizer_type.lower() not in PER_PARAMETER_OPTIMIZERS:
+                out.append(("fused_backward_pass", f"not with {self.optimizer_type}: its state spans parameters; use AdamW, "
+                                                   "AdamW8bit, Adafactor, Lion or SGD"))
+            if self.gradient_accumulation_steps > 1:
+                out.append(("fused_backward_pass", "updates inside backward: gradient_accumulation_steps must be 1"))
+            if self.mixed_precision == "fp16":
+                out.append(("fused_backward_pass", "not with fp16 loss scaling; use bf16 or no mixed precision"))
         if self.full_bf16 and self.mixed_precision != "bf16":
             out.append(("full_bf16", "needs mixed_precision bf16 (as in sd-scripts)"))
         if len(self.text_encoder_lr) > 2:

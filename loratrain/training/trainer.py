@@ -208,7 +208,15 @@ class LoRATrainer:
         unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
         te_lrs = dict(zip((s.component for s in self.model.family.text_encoders), cfg.text_encoder_lrs(len(self.model.text_encoders))))
         groups = self.network.param_groups({part: unet_lr if part == "unet" else te_lrs[part] for part in self.network.parts()})
-        self.optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args)
+        if cfg.fused_backward_pass:  # each parameter updated from its backward hook, its gradient freed at once
+            from .fused import FusedBackward
+
+            if self.accelerator.num_processes > 1:
+                raise ConfigError("fused_backward_pass: one process only (gradients would have to be summed first)")
+            self.optimizer = FusedBackward(lambda one: create_optimizer(cfg.optimizer_type, one, cfg.learning_rate, cfg.optimizer_args),
+                                           groups, cfg.max_grad_norm)
+        else:
+            self.optimizer = create_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args)
         n_proc = self.accelerator.num_processes
         self.plan = self.data.plan(cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.max_train_epochs, processes=n_proc)
         log(self.plan.describe([s.batch_size * n_proc for s in self.data.specs])
@@ -464,7 +472,7 @@ class LoRATrainer:
                     stop_asked = stops > 0  # the same answer in every process, so all stop after the same step
                 if not math.isfinite(step_loss):
                     self._nan(step_loss)
-                if cfg.max_grad_norm > 0:
+                if cfg.max_grad_norm > 0 and not cfg.fused_backward_pass:  # fused: clipped per tensor in its hook
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.network.end_step()
