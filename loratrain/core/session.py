@@ -119,11 +119,15 @@ def block_scaled_lora(path: str, blocks: str, model: SDModel) -> dict[str, torch
 
 
 def is_lycoris_file(path: str) -> bool:
-    """Whether a LoRA file holds LyCORIS kinds (LoHa, LoKr, (IA)^3, full, DoRA), which diffusers' loader does not read."""
+    """Whether a LoRA file holds LyCORIS kinds (LoHa, LoKr, (IA)^3, full, OFT, DoRA), which diffusers' loader does not
+    read: a marker suffix of any registered module kind."""
     from safetensors import safe_open
 
+    from .lora.kinds import MODULE_KINDS
+
+    suffixes = tuple(f".{m}" for k in MODULE_KINDS.names() for m in MODULE_KINDS.get(k).markers) + (".dora_scale",)
     with safe_open(path, framework="pt") as f:
-        return any(k.endswith((".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".on_input", ".diff", ".dora_scale")) for k in f.keys())
+        return any(k.endswith(suffixes) for k in f.keys())
 
 
 class WeightPatcher:

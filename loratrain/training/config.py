@@ -27,7 +27,7 @@ PER_PARAMETER_OPTIMIZERS = {"adamw", "adam", "adamw8bit", "pagedadamw8bit", "ada
 
 #: the tensor suffixes that mark a module of a network kind in a file (network_weights is checked against them;
 #: every other kind is stored as LoRA pairs)
-WEIGHT_MARKERS = {"loha": (".hada_w1_a",), "lokr": (".lokr_w1", ".lokr_w1_a"), "ia3": (".on_input",)}
+WEIGHT_MARKERS = {"loha": (".hada_w1_a",), "lokr": (".lokr_w1", ".lokr_w1_a"), "ia3": (".on_input",), "oft": (".oft_blocks",)}
 
 
 class TrainConfig(JobConfig):
@@ -105,7 +105,7 @@ class TrainConfig(JobConfig):
     on_bad_image: str = opt("skip", "corrupt image: skip it (named in the log) or error", choices=["skip", "error"], group=DATA,
                             advanced=True)
     # network
-    network_module: str = opt("lora", "network kind: lora, locon, loha, lokr, ia3, dora, dylora (sd-scripts' networks.lora and "
+    network_module: str = opt("lora", "network kind: lora, locon, loha, lokr, ia3, dora, dylora, oft (sd-scripts' networks.lora and "
                               "lycoris.kohya with --network_args algo=... work too)",
                               registry="loratrain.training.networks:NETWORKS", group=NET)
     network_dim: int = opt(4, "LoRA rank", ge=1, group=NET)
@@ -137,6 +137,9 @@ class TrainConfig(JobConfig):
                                                group=NET, advanced=True)
     loraplus_text_encoder_lr_ratio: float | None = opt(None, "LoRA+ ratio for the text encoders only", gt=0, group=NET,
                                                        advanced=True)
+    enable_all_linear: bool = opt(False, "OFT: every linear layer of the transformer blocks, not only attention (network_args)",
+                                  group=NET, advanced=True)
+    enable_conv: bool = opt(False, "OFT: the ResNet convolutions too (network_args)", group=NET, advanced=True)
     network_train_unet_only: bool = opt(False, "train only the UNet adapters", group=NET)
     network_train_text_encoder_only: bool = opt(False, "train only the text encoder adapters", group=NET, advanced=True)
     dim_from_weights: bool = opt(False, "each module's rank and alpha from the network_weights file (modules the file lacks are "
@@ -364,6 +367,7 @@ class TrainConfig(JobConfig):
     def network_options(self) -> dict[str, Any]:
         """What the network needs beyond the LoRA options (NetworkSpec's other fields)."""
         return {"unit": self.dylora_unit, "blocks": self.block_spec(), "rank_dropout": self.rank_dropout,
+                "oft_all_linear": self.enable_all_linear, "oft_conv": self.enable_conv,
                 "module_dropout": self.module_dropout,
                 "loraplus_unet": self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio,
                 "loraplus_text_encoder": self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio}
@@ -415,6 +419,15 @@ class TrainConfig(JobConfig):
             out.append((lora_only[0], f"a networks.lora argument; not for network_module {self.network_kind}"))
         if (self.color_aug or self.random_crop) and (self.masked_loss or self.alpha_mask):
             out.append(("random_crop" if self.random_crop else "color_aug", "not implemented together with masked_loss / alpha_mask"))
+        if (self.enable_all_linear or self.enable_conv) and self.network_kind != "oft":
+            out.append(("enable_all_linear" if self.enable_all_linear else "enable_conv", "an OFT argument (network_module oft)"))
+        if self.network_kind == "oft":
+            if self.scale_weight_norms:
+                out.append(("scale_weight_norms", "not for OFT: its constraint (network_alpha) bounds the rotation"))
+            if self.save_peft_format:
+                out.append(("save_peft_format", "OFT has no PEFT copy (PEFT's OFT rotates the input side)"))
+            if self.network_train_text_encoder_only:
+                out.append(("network_train_text_encoder_only", "OFT trains the UNet only, as sd-scripts' networks.oft"))
         if self.torch_compile and self.dynamo_backend == "no":
             out.append(("dynamo_backend", "'no' turns torch.compile off, but torch_compile is on; choose a backend (inductor)"))
         if (self.fp8_base or self.fp8_base_unet) and self.network_kind in ("full", "dora", "ia3"):

@@ -145,6 +145,7 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 NETWORK_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "unit": "dylora_unit",
+                "enable_all_linear": "enable_all_linear", "enable_conv": "enable_conv",
                 **{k: k for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
                                   "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "rank_dropout", "module_dropout",
                                   "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")}}
@@ -159,8 +160,8 @@ NETWORK_ARGS_REFUSED = {
 }
 
 TRANSLATED = {"network_args": "conv_dim/conv_alpha -> LoCon, algo=loha/lokr/locon/ia3/dylora -> that kind, dora_wd=True -> dora, "
-                              "unit -> DyLoRA, block dims/alphas/lr weights, rank/module dropout, LoRA+ ratios -> the options "
-                              "of the same names; others refused by name",
+                              "unit -> DyLoRA, block dims/alphas/lr weights, rank/module dropout, LoRA+ ratios, OFT's "
+                              "enable_all_linear/enable_conv -> the options of the same names; others refused by name",
               "save_model_as": "safetensors only; ckpt/pt refused (pickles), diffusers -> save_peft_format",
               "use_8bit_adam": "optimizer_type AdamW8bit", "use_lion_optimizer": "optimizer_type Lion"}
 OPTIMIZER_SWITCHES = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}
@@ -229,7 +230,8 @@ def _network_args(value: Any, data: dict[str, Any]) -> list[tuple[str, str]]:
         elif key == "algo":
             if val.lower() not in LYCORIS_ALGOS:
                 problems.append(("network_args", f"algo={val}: LyCORIS algorithms here are {', '.join(LYCORIS_ALGOS)} "
-                                                 "(full, glora, oft are not implemented yet)"))
+                                                 "(full, glora, diag-oft, boft are not implemented yet; sd-scripts' "
+                                                 "networks.oft is network_module oft)"))
             elif str(data.get("network_module", "")) in GENERIC_MODULES:
                 data["network_module"] = LYCORIS_ALGOS[val.lower()]
             else:

@@ -81,7 +81,7 @@ def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_a
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "ss_lr_warmup_steps": cfg.lr_warmup_steps,
         "ss_lr_scheduler": cfg.lr_scheduler,
-        "ss_network_module": {"lora": "networks.lora", "locon": "networks.lora", "dylora": "networks.dylora"}.get(
+        "ss_network_module": {"lora": "networks.lora", "locon": "networks.lora", "dylora": "networks.dylora", "oft": "networks.oft"}.get(
             network_kind, "lycoris.kohya"),
         "ss_network_dim": cfg.network_dim,
         "ss_network_alpha": cfg.network_alpha,

@@ -193,6 +193,9 @@ class LoRATrainer:
         for part in self.network.parts():
             for p in self.network.trainable_parameters(part):
                 p.data = p.data.to(adapter_dtype)
+        if self.network.kind == "oft" and cfg.network_alpha >= 1:
+            log(f"note: OFT's network_alpha is its constraint per output channel; {cfg.network_alpha:g} hardly constrains "
+                "(sd-scripts advises about 1e-3)")
         self.train_te = any(t.part != "unet" for t in self.network.targets)
         n_unet = sum(t.part == "unet" for t in self.network.targets)
         log(f"network: {self.network.kind}, {n_unet} UNet modules, {len(self.network.targets) - n_unet} text encoder modules; "

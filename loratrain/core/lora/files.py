@@ -46,13 +46,16 @@ class LoraModule:
 
 def read_lora(path: str | Path) -> tuple[dict[str, LoraModule], dict[str, str]]:
     """Modules of a kohya-layout LoRA / LoCon file (`<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`) or a
-    LyCORIS one (LoHa, LoKr, (IA)^3, full, any of them with DoRA's `dora_scale`); see `kinds.py`."""
+    LyCORIS one (LoHa, LoKr, (IA)^3, full, any of them with DoRA's `dora_scale`) or an sd-scripts OFT one
+    (`oft_unet_*.oft_blocks`, read under LoRA's names); see `kinds.py`."""
     from .kinds import DoraModule, lycoris_module
 
     sd, meta = load_state_dict(path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
         name, _, part = key.partition(".")
+        if name.startswith("oft_unet_"):  # sd-scripts' OFT names its UNet modules like LoRA's, with its own prefix
+            name = "lora_unet_" + name[len("oft_unet_"):]
         groups.setdefault(name, {})[part] = value
     if any(".lora_A." in k or ".lora_B." in k for k in sd):
         raise ValueError(f"{path}: PEFT-layout LoRA; use the kohya-layout file our trainer writes next to it")

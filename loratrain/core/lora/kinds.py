@@ -121,6 +121,41 @@ class FullModule(TensorModule):
         return _fit(self.name, self.tensors["diff"].float(), shape)
 
 
+def oft_rotation(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """OFT's block rotations (sd-scripts networks.oft, LyCORIS diag-oft): Q = B - B^T (skew-symmetric), its norm
+    capped at `constraint`, then the Cayley transform R = (I + Q)(I - Q)^-1, one orthogonal matrix per block."""
+    b = blocks.float()
+    q = b - b.transpose(1, 2)
+    norm = q.flatten().norm()
+    q = q * ((norm.clamp(max=constraint) + 1e-8) / (norm + 1e-8))
+    eye = torch.eye(b.shape[-1], device=b.device).expand_as(q)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+def oft_rotate_rows(w: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """W' = R^T W block by block along the output channels: what OFT's module applies to the weight."""
+    k, n, _ = rotation.shape
+    rows = w.float().reshape(k, n, -1)
+    return torch.einsum("knm,knp->kmp", rotation, rows).reshape(w.shape)
+
+
+@MODULE_KINDS.register("oft")
+class OftModule(TensorModule):
+    """OFT (sd-scripts' networks.oft `oft_blocks` [blocks, n, n] with `alpha` the constraint per output channel):
+    W' = R^T W with R from oft_rotation, so dW = W' - W; at weight w, (w (R - I) + I)^T W - W = w * dW."""
+
+    kind, markers, needs_base = "oft", ("oft_blocks",), True
+
+    def delta(self, shape: tuple[int, ...], base: torch.Tensor | None = None) -> torch.Tensor:
+        if base is None:
+            raise ValueError(f"{self.name}: an OFT module rotates the model's own weight; bake it into a checkpoint")
+        w = base.float().reshape(shape)
+        blocks = self.tensors["oft_blocks"]
+        if shape[0] != blocks.shape[0] * blocks.shape[1]:
+            raise ValueError(f"{self.name}: OFT blocks {list(blocks.shape)} do not fit the weight {list(shape)}")
+        return oft_rotate_rows(w, oft_rotation(blocks, self.alpha * shape[0])) - w
+
+
 @dataclass
 class DoraModule:
     """Weight-decomposed: W' = m * (W + dW) / ||W + dW||, the norm per output channel (`wd_on_out`, the
@@ -163,5 +198,7 @@ def lycoris_module(name: str, parts: dict[str, torch.Tensor]) -> object | None:
     rank = float(tensors[rank_key].shape[0]) if rank_key else 1.0
     alpha_t = parts.get("alpha")
     alpha = float(alpha_t) if alpha_t is not None and float(alpha_t) != 0 else rank  # 0 or absent: scale 1
+    if cls.kind == "oft":  # OFT's alpha is its constraint, kept as it is
+        alpha = float(alpha_t) if alpha_t is not None else 1e-3
     module = cls(name, tensors, alpha)
     return DoraModule(module, parts["dora_scale"]) if "dora_scale" in parts else module

@@ -35,6 +35,8 @@ class NetworkSpec:
     stop_text_encoder_after: int = 0  # full fine-tune: steps the text encoders train (0 = all)
     save_diffusers: bool = False  # full fine-tune: every save also as a diffusers folder
     module_dims: dict[str, tuple[int, float]] | None = None  # dim_from_weights: kohya name -> (rank, alpha) of a file
+    oft_all_linear: bool = False  # OFT: every linear layer of the transformer blocks, not only attention
+    oft_conv: bool = False  # OFT: the ResNet convolutions too
     blocks: BlockSpec = field(default_factory=BlockSpec)  # sd-scripts' per-block ranks and learning rates
     rank_dropout: float = 0.0  # per sample, each rank of a module's down output dropped with this probability
     module_dropout: float = 0.0  # per forward, a module's whole adapter skipped with this probability

@@ -1,0 +1,145 @@
+"""OFT, sd-scripts' `networks.oft`: each target's output channels are rotated block by block, W' = R^T W with
+R orthogonal (the Cayley transform of a skew-symmetric matrix whose norm is capped), so the angles between the
+weight's rows, which carry what the model knows, are kept.
+
+network_dim is the number of blocks per module, network_alpha the constraint per output channel (sd-scripts
+advises about 1e-3, not 1). Targets are the UNet's attention projections (`enable_all_linear`: every linear
+layer of the transformer blocks; `enable_conv`: the ResNet convolutions too), named `oft_unet_*` with
+`oft_blocks` and `alpha` in the file, as sd-scripts writes them; A1111 and ComfyUI read that layout, and so do
+our bake, merge, generate and grid (core/lora/kinds.py). PEFT's OFT rotates the input side instead, so its
+weights cannot be written in this layout: the rotation is applied here by a forward hook on the target, on its
+output without the bias, which is the same as rotating W's rows.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from loratrain.core.lora.keys import unet_lora_name
+from loratrain.core.lora.kinds import oft_rotation
+from loratrain.core.models.ldm_keys import unet_diffusers_to_ldm_module
+from loratrain.core.models.loading import SDModel
+
+from .base import NETWORKS, UNET_ATTN_CONTAINERS, UNET_CONV_CONTAINERS, Network, NetworkSpec, Target
+
+ATTENTION = {"Attention"}
+
+
+class OFTNetwork(Network):
+    kind = "oft"
+
+    def __init__(self, model: SDModel, spec: NetworkSpec) -> None:
+        if spec.train_text_encoder and not spec.train_unet:
+            raise ValueError("OFT trains the UNet only (sd-scripts' networks.oft); do not set network_train_text_encoder_only")
+        containers = (UNET_ATTN_CONTAINERS if spec.oft_all_linear else ATTENTION) | (UNET_CONV_CONTAINERS if spec.oft_conv else set())
+        targets, modules = [], []
+        for path, module in _children(model.unet, containers, spec.oft_conv):
+            out_dim = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+            if out_dim % spec.network_dim:
+                raise ValueError(f"OFT: {path} has {out_dim} output channels, not a multiple of network_dim "
+                                 f"{spec.network_dim} (the number of blocks)")
+            ldm_path = unet_diffusers_to_ldm_module(path, model.unet.config) if model.family.is_sdxl else path
+            name = "oft_unet_" + unet_lora_name(ldm_path).removeprefix("lora_unet_")
+            targets.append(Target("unet", path, name, spec.network_dim, spec.network_alpha))
+            modules.append(module)
+        super().__init__(model, spec, targets)
+        if not targets:
+            raise ValueError("OFT: no target modules in this UNet")
+        n = [m.out_features if isinstance(m, nn.Linear) else m.out_channels for m in modules]
+        self.blocks = nn.ParameterList([nn.Parameter(torch.zeros(spec.network_dim, d // spec.network_dim, d // spec.network_dim,
+                                                                 device=m.weight.device)) for m, d in zip(modules, n)])
+        self.constraints = [spec.network_alpha * d for d in n]
+        self.multiplier = 1.0
+        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+
+    def _hook(self, index: int):  # noqa: ANN202
+        def rotate(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
+            if self.multiplier == 0:
+                return out
+            r = oft_rotation(self.blocks[index], self.constraints[index])
+            r = self.multiplier * (r - torch.eye(r.shape[-1], device=r.device)) + torch.eye(r.shape[-1], device=r.device)
+            bias = module.bias
+            channel_dim = -1 if isinstance(module, nn.Linear) else 1
+            shape = [1] * out.dim()
+            shape[channel_dim] = -1
+            y = (out - bias.view(shape)) if bias is not None else out
+            k, n = r.shape[0], r.shape[1]
+            if channel_dim == -1:
+                y = torch.einsum("...kn,knm->...km", y.unflatten(-1, (k, n)).float(), r).flatten(-2)
+            else:
+                y = torch.einsum("bkn...,knm->bkm...", y.unflatten(1, (k, n)).float(), r).flatten(1, 2)
+            y = y.to(out.dtype)
+            return y + bias.view(shape) if bias is not None else y
+        return rotate
+
+    def trainable_parameters(self, part: str) -> list[nn.Parameter]:
+        return list(self.blocks) if part == "unet" else []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"unet.{t.kohya_name}.oft_blocks": b.detach().clone() for t, b in zip(self.targets, self.blocks)}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for t, b in zip(self.targets, self.blocks):
+                saved = sd.get(f"unet.{t.kohya_name}.oft_blocks")
+                if saved is None or saved.shape != b.shape:
+                    raise ValueError(f"saved network does not fit this model ({t.kohya_name})")
+                b.copy_(saved)
+
+    def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for t, b in zip(self.targets, self.blocks):
+            out[f"{t.kohya_name}.oft_blocks"] = b.detach().to("cpu", dtype)
+            out[f"{t.kohya_name}.alpha"] = torch.tensor(float(t.alpha), dtype=dtype)
+        return out
+
+    def load_kohya(self, sd: dict[str, torch.Tensor], source: str) -> int:
+        loaded = 0
+        with torch.no_grad():
+            for t, b in zip(self.targets, self.blocks):
+                saved = sd.get(f"{t.kohya_name}.oft_blocks")
+                if saved is None:
+                    continue
+                if saved.shape != b.shape:
+                    raise ValueError(f"{source}: {t.kohya_name} has {saved.shape[0]} blocks, this run {b.shape[0]} "
+                                     f"(set network_dim to {saved.shape[0]})")
+                b.copy_(saved.to(b.dtype))
+                loaded += 1
+        return loaded
+
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        raise ValueError("scale_weight_norms applies to LoRA networks; OFT's constraint (network_alpha) bounds it already")
+
+    def peft_state_dict(self, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+        raise ValueError("OFT in sd-scripts' layout has no PEFT copy (PEFT's OFT rotates the input side)")
+
+    def set_multiplier(self, value: float) -> None:
+        self.multiplier = value
+
+    def args(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.spec.oft_all_linear:
+            out["enable_all_linear"] = "True"
+        if self.spec.oft_conv:
+            out["enable_conv"] = "True"
+        return out
+
+
+def _children(unet: nn.Module, containers: set[str], conv: bool) -> list[tuple[str, nn.Module]]:
+    """sd-scripts' OFT rule: Linear and 1x1 Conv children of the containers, 3x3 convs only with enable_conv."""
+    out: dict[str, nn.Module] = {}
+    for name, module in unet.named_modules():
+        if type(module).__name__ not in containers:
+            continue
+        for child_name, child in module.named_modules():
+            if child_name and (isinstance(child, nn.Linear) or (isinstance(child, nn.Conv2d)
+                                                                 and (child.kernel_size == (1, 1) or conv))):
+                out.setdefault(f"{name}.{child_name}", child)
+    return list(out.items())
+
+
+@NETWORKS.register("oft", "networks.oft")
+def _oft(model: SDModel, spec: NetworkSpec) -> Network:
+    return OFTNetwork(model, spec)
