@@ -168,7 +168,7 @@ def test_a_gui_command_line_runs(tiny_files, dataset, tmp_path):
 
 
 @pytest.mark.parametrize("args,named", [
-    (["--full_fp16"], "full_fp16"),
+    (["--full_fp16"], "needs mixed_precision fp16"),
     (["--full_bf16"], "needs mixed_precision bf16"),
     (["--network_args", "algo=glora"], "algo"),
     (["--save_model_as", "ckpt"], "pickle"),
@@ -358,17 +358,19 @@ def test_training_with_225_tokens(tiny_files, dataset, tmp_path):
     assert read_safetensors_metadata(result.lora_path)["ss_max_token_length"] == "225"
 
 
-@pytest.mark.parametrize("full", [False, True])
-def test_full_bf16_trains_the_adapters_in_bf16(tiny_files, dataset, tmp_path, full):
+@pytest.mark.parametrize("precision,full", [("bf16", False), ("bf16", True), ("fp16", True)])
+def test_full_bf16_trains_the_adapters_in_bf16(tiny_files, dataset, tmp_path, precision, full):
     from loratrain.core.progress import StopFlag
     from loratrain.training.trainer import LoRATrainer
 
-    cfg = quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", max_train_steps=2, mixed_precision="bf16", full_bf16=full)
+    fp16_eps = {"optimizer_args": ["eps=1e-4"]} if precision == "fp16" else {}  # AdamW's 1e-8 is 0 in fp16
+    cfg = quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", max_train_steps=2, mixed_precision=precision,
+                       **{f"full_{precision}": full}, **fp16_eps)
     trainer = LoRATrainer(cfg.check(), RecordingReporter(), StopFlag())
     trainer.setup()
     result = trainer.run()
     dtypes = {p.dtype for g in trainer.optimizer.param_groups for p in g["params"]}
-    assert dtypes == ({torch.bfloat16} if full else {torch.float32})
+    assert dtypes == ({torch.bfloat16 if precision == "bf16" else torch.float16} if full else {torch.float32})
     assert result.global_step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert any(v.abs().max() > 0 for k, v in load_file(result.lora_path).items() if k.endswith("lora_up.weight"))
 

@@ -180,6 +180,9 @@ class TrainConfig(JobConfig):
                                          "after every step (0 = off; sd-scripts suggests 1)", ge=0, group=OPTIM, advanced=True)
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", ge=0, group=OPTIM, advanced=True)
     mixed_precision: str = opt("no", "no, fp16, bf16", choices=MIXED_PRECISIONS, group=OPTIM)
+    full_fp16: bool = opt(False, "train the adapters themselves in fp16 (weights, gradients, optimizer state), with the loss "
+                                 "scaler allowed to unscale fp16 gradients as sd-scripts does; needs mixed_precision fp16",
+                          group=OPTIM, advanced=True)
     full_bf16: bool = opt(False, "train the adapters themselves in bf16 (weights, gradients, optimizer state): less memory, "
                                  "less precision; needs mixed_precision bf16", group=OPTIM, advanced=True)
     gradient_checkpointing: bool = opt(False, "trade compute for memory", group=OPTIM, advanced=True)
@@ -451,6 +454,14 @@ class TrainConfig(JobConfig):
                 out.append(("fused_backward_pass", "not with fp16 loss scaling; use bf16 or no mixed precision"))
         if self.full_bf16 and self.mixed_precision != "bf16":
             out.append(("full_bf16", "needs mixed_precision bf16 (as in sd-scripts)"))
+        if self.full_fp16 and self.mixed_precision != "fp16":
+            out.append(("full_fp16", "needs mixed_precision fp16 (as in sd-scripts)"))
+        if self.full_fp16 and self.optimizer_type.lower() in ("adamw", "adam", "torch.optim.adamw") and not any(
+                a.replace(" ", "").startswith("eps=") for a in self.optimizer_args):
+            out.append(("full_fp16", f"{self.optimizer_type}'s eps (1e-8) is 0 in fp16, so the first zero gradient makes NaN; use "
+                                     "AdamW8bit (sd-scripts' advice for full_fp16) or optimizer_args eps=1e-4"))
+        if self.full_fp16 and self.full_bf16:
+            out.append(("full_fp16", "full_fp16 and full_bf16 exclude each other"))
         if len(self.text_encoder_lr) > 2:
             out.append(("text_encoder_lr", f"{self.text_encoder_lr}: one value, or one per text encoder (at most two)"))
         if any(v <= 0 for v in self.text_encoder_lr):

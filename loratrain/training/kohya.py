@@ -106,7 +106,6 @@ IGNORED = {
 
 # off-values are accepted; any other value fails with this reason
 REFUSED = {
-    "full_fp16": "not implemented yet: the adapters train in fp32 with fp16/bf16 autocast (mixed_precision)",
     "face_crop_aug_range": "not implemented yet",
     "in_json": "fine-tuning metadata JSON is not supported; use folders or a dataset TOML",
     "dataset_class": "custom dataset classes are not supported",

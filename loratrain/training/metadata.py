@@ -88,7 +88,7 @@ def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_a
         "ss_network_dropout": cfg.network_dropout,
         "ss_network_args": json.dumps(network_args) if network_args else None,
         "ss_mixed_precision": cfg.mixed_precision,
-        "ss_full_fp16": False,
+        "ss_full_fp16": cfg.full_fp16,
         "ss_fp8_base": cfg.fp8_base,
         "ss_fp8_base_unet": cfg.fp8_base_unet,
         "ss_v2": fam.name == "sd2",

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -189,7 +190,9 @@ class LoRATrainer:
         # PEFT creates adapters in the base layer's dtype: under fp16/bf16 mixed precision they would train in half
         # precision (and fp16 gradients cannot be unscaled). They train in fp32, as sd-scripts' networks do, unless
         # --full_bf16 asks for bf16 weights, gradients and optimizer state.
-        adapter_dtype = torch.bfloat16 if cfg.full_bf16 else torch.float32
+        adapter_dtype = torch.bfloat16 if cfg.full_bf16 else torch.float16 if cfg.full_fp16 else torch.float32
+        if cfg.full_fp16:
+            self._allow_fp16_unscale()
         for part in self.network.parts():
             for p in self.network.trainable_parameters(part):
                 p.data = p.data.to(adapter_dtype)
@@ -431,6 +434,20 @@ class LoRATrainer:
             if cfg.v_pred_like_loss:
                 loss = loss + loss / scale * cfg.v_pred_like_loss
         return loss.sum() / global_size
+
+    def _allow_fp16_unscale(self) -> None:
+        """sd-scripts' --full_fp16: torch's GradScaler refuses to unscale fp16 gradients; sd-scripts calls its
+        unscale with allow_fp16 (train_util.patch_accelerator_for_fp16_training), and so does this. Without a
+        scaler (CPU) there is nothing to patch."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None:
+            return
+        original = scaler._unscale_grads_
+
+        def unscale(optimizer: Any, inv_scale: Any, found_inf: Any, allow_fp16: bool) -> Any:
+            return original(optimizer, inv_scale, found_inf, True)
+
+        scaler._unscale_grads_ = unscale
 
     @torch.no_grad()
     def _live_latent(self, it: Item, flip: bool, where: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]]:
