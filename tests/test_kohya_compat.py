@@ -417,3 +417,14 @@ def test_the_old_optimizer_switches_choose_the_optimizer():
     assert TrainConfig.build({"use_lion_optimizer": False}, check=False).optimizer_type == "AdamW"
     with pytest.raises(ConfigError, match="optimizer_type is Prodigy"):
         TrainConfig.build({"use_8bit_adam": True, "optimizer_type": "Prodigy"}, check=False)
+
+
+def test_lr_scheduler_type_builds_a_torch_scheduler_class_and_nothing_else(tiny_files, dataset, tmp_path):
+    rec = RecordingReporter()
+    run_train(quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", max_train_steps=3, learning_rate=1e-3,
+                           lr_scheduler_type="StepLR", lr_scheduler_args=["step_size=1", "gamma=0.5"]), rec)
+    lrs = [m["lr_unet"] for m in rec.metrics if "lr_unet" in m]
+    assert lrs == pytest.approx([5e-4, 2.5e-4, 1.25e-4])  # halved after every step, as StepLR(step_size=1, gamma=0.5)
+    for bad in ("os.system", "torch.optim.lr_scheduler._LRScheduler.__init__", "mypackage.MyScheduler"):
+        with pytest.raises(ConfigError, match="not a class of torch.optim.lr_scheduler"):
+            quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", lr_scheduler_type=bad).check()

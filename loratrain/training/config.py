@@ -162,6 +162,9 @@ class TrainConfig(JobConfig):
     lr_scheduler: str = opt("constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, "
                                         "cosine_with_min_lr, inverse_sqrt, warmup_stable_decay, piecewise_constant, adafactor",
                             registry="loratrain.training.optim:SCHEDULERS", group=OPTIM)
+    lr_scheduler_type: str = opt("", "a torch.optim.lr_scheduler class (e.g. CosineAnnealingLR) built with lr_scheduler_args, "
+                                     "instead of lr_scheduler (sd-scripts' option; other modules are not imported)",
+                                 group=OPTIM, advanced=True)
     lr_warmup_steps: float = opt(0.0, "warmup steps, or a ratio of the total when < 1", ge=0, group=OPTIM)
     lr_scheduler_num_cycles: int = opt(1, "restarts for cosine_with_restarts", ge=1, group=OPTIM, advanced=True)
     lr_scheduler_power: float = opt(1.0, "power for polynomial", gt=0, group=OPTIM, advanced=True)
@@ -510,7 +513,7 @@ class TrainConfig(JobConfig):
                                       "run without --resume"))
         if self.sample_prompts:
             out += prompt_problems(self)
-        if self.lr_scheduler_args:
+        if self.lr_scheduler_args or self.lr_scheduler_type:
             out += schedule_problems(self)
         from .optim import OPTIMIZERS
 

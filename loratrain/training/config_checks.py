@@ -57,15 +57,18 @@ def schedule_problems(cfg: Any) -> list[Problem]:
     """Build the schedule on a stand-in optimizer, so bad lr_scheduler_args fail before any model loads."""
     import torch
 
-    from .optim import create_scheduler
+    from .optim import create_scheduler, torch_scheduler_class
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
     try:
-        create_scheduler(cfg.lr_scheduler, opt, cfg.max_train_steps, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles,
+        if cfg.lr_scheduler_type and torch_scheduler_class(cfg.lr_scheduler_type) is None:
+            return [("lr_scheduler_type", f"{cfg.lr_scheduler_type}: not a class of torch.optim.lr_scheduler (e.g. "
+                                          "CosineAnnealingLR); other modules are not imported")]
+        create_scheduler(cfg.lr_scheduler_type or cfg.lr_scheduler, opt, cfg.max_train_steps, cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles,
                          cfg.lr_scheduler_power, cfg.lr_decay_steps, cfg.lr_scheduler_timescale,
                          cfg.lr_scheduler_min_lr_ratio, cfg.learning_rate, cfg.lr_scheduler_args)
     except (ValueError, TypeError, KeyError) as e:
-        return [("lr_scheduler_args", f"{cfg.lr_scheduler_args}: {e}")]
+        return [("lr_scheduler_type" if cfg.lr_scheduler_type else "lr_scheduler_args", f"{cfg.lr_scheduler_args}: {e}")]
     return []
 
 def prompt_problems(cfg: Any) -> list[Problem]:

@@ -244,6 +244,18 @@ def create_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: i
     inputs = ScheduleInputs(total_steps, warmup_steps(warmup, total_steps), num_cycles, power, warmup_steps(decay, total_steps),
                             timescale, min_lr_ratio, initial_lr, parse_optimizer_args(args or []) or None)
     try:
+        if torch_scheduler_class(name) is not None:
+            return torch_scheduler_class(name)(optimizer, **(inputs.args or {}))
         return SCHEDULERS.get(name)(optimizer, inputs)
     except TypeError as e:
         raise ValueError(f"{name} does not take these arguments ({e})") from None
+
+
+def torch_scheduler_class(name: str) -> Any:
+    """sd-scripts' --lr_scheduler_type: a class of torch.optim.lr_scheduler by name (with or without that module
+    path; None otherwise). Only those: a dotted path to any module would import and run arbitrary code."""
+    import torch.optim.lr_scheduler as schedulers
+
+    short = name.removeprefix("torch.optim.lr_scheduler.")
+    cls = getattr(schedulers, short, None) if short.isidentifier() and not short.startswith("_") else None
+    return cls if isinstance(cls, type) and issubclass(cls, schedulers.LRScheduler) else None

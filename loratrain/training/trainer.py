@@ -229,7 +229,7 @@ class LoRATrainer:
             + (f" (batch {cfg.train_batch_size} per process x {n_proc} processes)" if n_proc > 1 else ""))
         self.dataset_meta = dataset_metadata(self.data)
         try:
-            self.scheduler = create_scheduler(cfg.lr_scheduler, self.optimizer, self.plan.max_train_steps, cfg.lr_warmup_steps,
+            self.scheduler = create_scheduler(cfg.lr_scheduler_type or cfg.lr_scheduler, self.optimizer, self.plan.max_train_steps, cfg.lr_warmup_steps,
                                               cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power, cfg.lr_decay_steps,
                                               cfg.lr_scheduler_timescale, cfg.lr_scheduler_min_lr_ratio, cfg.learning_rate,
                                               cfg.lr_scheduler_args)
