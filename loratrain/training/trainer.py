@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -37,10 +36,12 @@ from .data.dataset import Item, TrainData
 from .data.subsets import DatasetSpec, specs_from_toml, subsets_from_folders
 from .data_parallel import local_share, sum_across_processes
 from .metadata import dataset_metadata, lora_metadata
+from .model_prep import allow_fp16_unscale, dims_from_weights, merge_base_weights, store_in_fp8, training_schedule
 from .networks import Network, NetworkSpec, build_network
 from .noise import debiased_weight, elementwise_loss, huber_c, min_snr_weight, offset_noise, pyramid_noise, snr_scale
 from .optim import create_optimizer, create_scheduler
 from .saving import STATE_SUFFIX, find_state, load_state, prune_saves, save_state
+from .validation import validate
 
 
 class TrainingError(RuntimeError):
@@ -148,14 +149,7 @@ class LoRATrainer:
         self.model = load_model(cfg.pretrained_model_name_or_path, allow_pickle=cfg.allow_pickle,
                                 v_parameterization=cfg.v_parameterization, dtype=weight_dtype)  # no fp32 copy for bf16/fp16 runs
         log(f"model: {self.model.family.name} ({self.model.prediction_type}) from {self.model.source}")
-        self.noise_scheduler = self.model.noise_scheduler  # the training schedule; samples keep the model's own
-        if cfg.zero_terminal_snr:
-            from diffusers import DDPMScheduler
-
-            self.noise_scheduler = DDPMScheduler.from_config(self.model.noise_scheduler.config, rescale_betas_zero_snr=True)
-            if self.model.prediction_type != "v_prediction":
-                log("note: zero_terminal_snr with an epsilon-prediction model; the paper pairs it with v-prediction "
-                    "(--v_parameterization)")
+        self.noise_scheduler = training_schedule(self.model, cfg.zero_terminal_snr, log)
         if cfg.vae:
             from loratrain.core.models.loading import replace_vae
 
@@ -165,7 +159,7 @@ class LoRATrainer:
                 raise ConfigError(str(e)) from None
             log(f"VAE: {Path(cfg.vae).name} (instead of the model's own)")
         if cfg.base_weights:
-            self._merge_base_weights()
+            merge_base_weights(self.model, cfg.base_weights, cfg.base_weights_multiplier, log)
         if cfg.cache_latents_to_disk:
             with self.accelerator.main_process_first():  # encoded once, by the first process; the others read its files
                 self._cache_latents()
@@ -176,15 +170,10 @@ class LoRATrainer:
         if cfg.xformers:
             self.model.unet.enable_xformers_memory_efficient_attention()
         if cfg.fp8_base or cfg.fp8_base_unet:  # before the adapters exist, so only the frozen base layers are stored in fp8
-            from diffusers.hooks import apply_layerwise_casting
-
-            for m in [self.model.unet] + ([] if cfg.fp8_base_unet else list(self.model.text_encoders)):
-                apply_layerwise_casting(m, torch.float8_e4m3fn, weight_dtype)
-            log("fp8 base weights: " + ("UNet" if cfg.fp8_base_unet else "UNet and text encoders")
-                + f" stored in float8_e4m3fn, computed in {weight_dtype}")
+            store_in_fp8(self.model, cfg.fp8_base_unet, weight_dtype, log)
         spec = NetworkSpec(cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha, cfg.network_dropout,
                            train_unet=not cfg.network_train_text_encoder_only, train_text_encoder=not cfg.network_train_unet_only,
-                           module_dims=self._dims_from_weights() if cfg.dim_from_weights else None, **cfg.network_options())
+                           module_dims=dims_from_weights(cfg.network_weights, log) if cfg.dim_from_weights else None, **cfg.network_options())
         with seeded(cfg.seed, self.device):  # adapter init: same seed, same run
             self.network: Network = build_network(cfg.network_module, self.model, spec)
         # PEFT creates adapters in the base layer's dtype: under fp16/bf16 mixed precision they would train in half
@@ -192,7 +181,7 @@ class LoRATrainer:
         # --full_bf16 asks for bf16 weights, gradients and optimizer state.
         adapter_dtype = torch.bfloat16 if cfg.full_bf16 else torch.float16 if cfg.full_fp16 else torch.float32
         if cfg.full_fp16:
-            self._allow_fp16_unscale()
+            allow_fp16_unscale(self.accelerator)
         for part in self.network.parts():
             for p in self.network.trainable_parameters(part):
                 p.data = p.data.to(adapter_dtype)
@@ -266,33 +255,6 @@ class LoRATrainer:
             for te in self.model.text_encoders:
                 move(te, "cpu")
             self.cond_cache.frozen = True
-
-    def _merge_base_weights(self) -> None:
-        """sd-scripts' base_weights: LoRA / LyCORIS files merged into the base model's weights before training
-        (the same in-memory patch generate and grid use), each at its base_weights_multiplier."""
-        from loratrain.core.session import LoraUse, WeightPatcher
-
-        cfg = self.cfg
-        weights = cfg.base_weights_multiplier or [1.0] * len(cfg.base_weights)
-        patcher = WeightPatcher()
-        patcher.apply(self.model, [LoraUse(path, w) for path, w in zip(cfg.base_weights, weights)])
-        patcher.originals.clear()  # merged for good: no copy of the original weights is kept
-        self.reporter.log("merged into the base: " + ", ".join(f"{Path(p).name} x{w:g}" for p, w in zip(cfg.base_weights, weights)))
-
-    def _dims_from_weights(self) -> dict[str, tuple[int, float]]:
-        """dim_from_weights: every module of the network_weights file with its rank and alpha."""
-        from loratrain.core.tensor_io import LazySafetensors
-
-        dims: dict[str, tuple[int, float]] = {}
-        with LazySafetensors(Path(self.cfg.network_weights), "network_weights") as f:
-            keys = set(f.keys())
-            for key in sorted(k for k in keys if k.endswith(".lora_down.weight")):
-                name = key[: -len(".lora_down.weight")]
-                rank = f.tensors[key].shape[0]
-                alpha = float(f.read(f"{name}.alpha")) if f"{name}.alpha" in keys else float(rank)
-                dims[name] = (rank, alpha)
-        self.reporter.log(f"dim_from_weights: {len(dims)} modules, ranks {sorted({d for d, _ in dims.values()})}")
-        return dims
 
     def _load_network_weights(self, path: Path) -> None:
         """Start from a training state folder, or from any kohya-layout LoRA file."""
@@ -435,20 +397,6 @@ class LoRATrainer:
                 loss = loss + loss / scale * cfg.v_pred_like_loss
         return loss.sum() / global_size
 
-    def _allow_fp16_unscale(self) -> None:
-        """sd-scripts' --full_fp16: torch's GradScaler refuses to unscale fp16 gradients; sd-scripts calls its
-        unscale with allow_fp16 (train_util.patch_accelerator_for_fp16_training), and so does this. Without a
-        scaler (CPU) there is nothing to patch."""
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is None:
-            return
-        original = scaler._unscale_grads_
-
-        def unscale(optimizer: Any, inv_scale: Any, found_inf: Any, allow_fp16: bool) -> Any:
-            return original(optimizer, inv_scale, found_inf, True)
-
-        scaler._unscale_grads_ = unscale
-
     @torch.no_grad()
     def _live_latent(self, it: Item, flip: bool, where: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]]:
         """One augmented view of a live item through the VAE: its crop and colour, and the posterior sample, drawn
@@ -550,7 +498,7 @@ class LoRATrainer:
         if cfg.sample_every_n_epochs and self.epoch % cfg.sample_every_n_epochs == 0:
             self._sample(epoch=self.epoch)
         if self.epoch % (cfg.validate_every_n_epochs or 1) == 0:
-            self._validate("epoch")
+            validate(self, "epoch")
 
     def _after_step(self) -> None:
         cfg = self.cfg
@@ -561,43 +509,7 @@ class LoRATrainer:
         if cfg.sample_every_n_steps and self.global_step % cfg.sample_every_n_steps == 0:
             self._sample(epoch=None)
         if cfg.validate_every_n_steps and self.global_step % cfg.validate_every_n_steps == 0:
-            self._validate("step")
-
-    @torch.no_grad()
-    def _validate(self, when: str) -> float | None:
-        """The held-out images' loss at sd-scripts' 4 fixed timesteps (evenly inside [min_timestep, max_timestep]),
-        with the same noise every time (validation_seed), adapters in eval mode: a number that moves only
-        because the network did. Logged as loss/validation/{step,epoch}_average and shown on the UI's loss plot."""
-        cfg = self.cfg
-        batches = self.data.validation_batches(cfg.max_validation_steps)
-        if not batches or not self.accelerator.is_main_process:
-            return None
-        seed = cfg.seed if cfg.validation_seed is None else cfg.validation_seed
-        span = cfg.max_timestep - cfg.min_timestep
-        timesteps = [cfg.min_timestep + span * k // 5 for k in range(1, 5)]  # np.linspace(lo, hi, 6)[1:-1] as ints
-        parts = list(self.network.parts().values())
-        self._optimizer_mode("eval")
-        for m in parts:
-            m.eval()
-        self.reporter.start(len(batches) * len(timesteps), "validation", unit="batch")
-        total = 0.0
-        for b, batch in enumerate(batches):
-            for t in timesteps:
-                total += self._loss(batch, -1, b, 0, len(batch), seed=seed, timestep=t).item()
-                self.reporter.advance(1)
-        for m in parts:
-            m.train()
-        self._optimizer_mode("train")
-        mean = total / (len(batches) * len(timesteps))
-        recent = self.losses[-50:]
-        self.reporter.start(self.plan.max_train_steps, "training", initial=self.global_step)
-        self.reporter.advance(0, val_loss=mean)
-        self.reporter.log(f"validation loss {mean:.5f} at step {self.global_step} ({len(batches)} held-out batches x 4 timesteps)")
-        if self.writer:
-            self.writer.add_scalar(f"loss/validation/{when}_average", mean, self.global_step)
-            if recent:
-                self.writer.add_scalar(f"loss/validation/{when}_divergence", mean - sum(recent) / len(recent), self.global_step)
-        return mean
+            validate(self, "step")
 
     def _metadata(self) -> dict[str, str]:
         if "model_hashes" not in self.session:
