@@ -191,6 +191,24 @@ def test_lycoris_spellings_of_sd_scripts_users(tiny_files, tmp_path):
     assert TrainConfig.build({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]}).network_module == "ia3"
 
 
+def test_the_lycoris_network_args_the_kohya_gui_writes_are_accepted():
+    """The GUI writes every LyCORIS switch, algo last (lora_gui.py); the values that are what we do pass, others are named."""
+    from loratrain.core.config import ConfigError
+    from loratrain.training.config import TrainConfig
+
+    gui = ("preset=full conv_dim=4 conv_alpha=1 use_tucker=False rank_dropout=0 bypass_mode=False dora_wd=True "
+           "module_dropout=0 use_tucker=False use_scalar=False rank_dropout_scale=False algo=locon train_norm=False").split()
+    cfg = TrainConfig.build({"network_module": "lycoris.kohya", "network_args": gui})
+    assert (cfg.network_module, cfg.conv_dim) == ("dora", 4)  # dora_wd before algo still makes a DoRA LoCon
+    assert any("preset=full" in note for note in cfg.notes)  # accepted, and what differs is named
+    lokr = ["factor=-1", "decompose_both=False", "use_cp=False", "algo=lokr"]
+    assert TrainConfig.build({"network_module": "lycoris.kohya", "network_args": lokr}).network_module == "lokr"
+    with pytest.raises(ConfigError, match="factor=8"):
+        TrainConfig.build({"network_module": "lycoris.kohya", "network_args": ["factor=8", "algo=lokr"]})
+    with pytest.raises(ConfigError, match="train_on_input=False"):
+        TrainConfig.build({"network_module": "lycoris.kohya", "network_args": ["train_on_input=False", "algo=ia3"]})
+
+
 def test_generate_and_grid_apply_lycoris_files(tiny_files, trained, tmp_path):
     """diffusers' loader reads no LoHa: generation patches the weights itself; weight 0 is the plain model's image."""
     import numpy as np

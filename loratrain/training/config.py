@@ -298,7 +298,8 @@ class TrainConfig(JobConfig):
 
         notes: list[str] = []
         problems: list[Problem] = []
-        if is_gui_json(flat):  # the kohya_ss GUI's saved JSON: its form fields first become sd-scripts options
+        lora_type = flat.get("LoRA_type") if is_gui_json(flat) else None
+        if lora_type is not None:  # the kohya_ss GUI's saved JSON: its form fields first become sd-scripts options
             flat, notes, problems = from_gui_json(flat)
             known = set(cls.model_fields) | set(SD_SCRIPTS_FLAGS) | set(GUI_KEYS)
             unused = sorted(k for k, v in flat.items() if k not in known and is_off(k, v))
@@ -306,6 +307,8 @@ class TrainConfig(JobConfig):
             if unused:
                 notes.append(f"ignored GUI field(s) left off: {', '.join(unused)}")
         flat, more_notes, more_problems = translate(flat, set(cls.model_fields))
+        if lora_type is not None:
+            notes.insert(0, f"kohya_ss GUI config: LoRA_type {lora_type!r} -> network_module {flat.get('network_module')}")
         return flat, notes + more_notes, problems + more_problems
 
     @classmethod

@@ -142,7 +142,7 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "zero_stage": (2,),
 }
 
-NETWORK_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "unit": "dylora_unit",
+NETWORK_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "unit": "dylora_unit", "block_size": "dylora_unit",
                 "enable_all_linear": "enable_all_linear", "enable_conv": "enable_conv",
                 **{k: k for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
                                   "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "rank_dropout", "module_dropout",
@@ -151,11 +151,24 @@ NETWORK_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "unit": "dyl
 LYCORIS_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr", "dylora": "dylora", "ia3": "ia3"}
 #: network_module spellings that leave the kind to network_args (algo=, dora_wd=)
 GENERIC_MODULES = {"", "lora", "networks.lora", "lycoris.kohya"}
-NETWORK_ARGS_REFUSED = {
-    "factor": "LoKr's factor is chosen as LyCORIS' default (-1, most balanced) here; not settable yet",
-    "use_tucker": "not implemented yet", "use_cp": "not implemented yet", "wd_on_output": "DoRA here is per output channel",
-    "train_on_input": "(IA)^3 here always trains the input side (the output side would scale the bias too)",
+#: LyCORIS arguments (the kohya_ss GUI writes most of them for every LyCORIS run): accepted at the values that
+#: are what loratrain does anyway, refused with the reason at any other value
+NETWORK_ARGS_AS_HERE: dict[str, tuple[tuple[str, ...], str]] = {
+    "factor": (("-1",), "LoKr's factor is LyCORIS' default (-1, most balanced) here; not settable yet"),
+    "train_on_input": (("true", "1"), "(IA)^3 here always trains the input side (the output side would scale the bias too)"),
+    "wd_on_output": (("true", "1"), "DoRA here is per output channel"),
+    "use_tucker": (("false", "0"), "not implemented yet"),
+    "use_cp": (("false", "0"), "not implemented yet"),
+    "decompose_both": (("false", "0"), "not implemented yet"),
+    "bypass_mode": (("false", "0"), "not implemented yet"),
+    "use_scalar": (("false", "0"), "not implemented yet"),
+    "rank_dropout_scale": (("false", "0"), "not implemented yet"),
+    "train_norm": (("false", "0"), "not implemented yet"),
+    "preset": (("full", "attn-mlp"), "LyCORIS presets other than full / attn-mlp are not implemented"),
 }
+#: accepted values that still differ from LyCORIS in what they train: named in the log
+NETWORK_ARGS_NOTES = {"preset": "loratrain targets sd-scripts' modules (transformer blocks; ResNet convolutions with "
+                                "conv_dim), not LyCORIS' preset lists"}
 
 TRANSLATED = {"network_args": "conv_dim/conv_alpha -> LoCon, algo=loha/lokr/locon/ia3/dylora -> that kind, dora_wd=True -> dora, "
                               "unit -> DyLoRA, block dims/alphas/lr weights, rank/module dropout, LoRA+ ratios, OFT's "
@@ -189,7 +202,10 @@ def translate(flat: dict[str, Any], fields: set[str]) -> tuple[dict[str, Any], l
     for key in sorted(set(data) - fields):
         value = data[key]
         if key == "network_args":
-            problems += _network_args(value, data)
+            more, arg_notes = _network_args(value, data)
+            problems += more
+            for text in arg_notes:
+                note(text, "network_args", "accepted")
         elif key in OPTIMIZER_SWITCHES:  # sd-scripts' old switches: optimizer_type must then be unset
             if not is_off(key, value):
                 chosen = str(data.get("optimizer_type") or "")
@@ -217,11 +233,15 @@ def translate(flat: dict[str, Any], fields: set[str]) -> tuple[dict[str, Any], l
     return data, logs, problems
 
 
-def _network_args(value: Any, data: dict[str, Any]) -> list[tuple[str, str]]:
-    items = value if isinstance(value, list) else str(value).split()
+def _network_args(value: Any, data: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
+    """network_args -> our options: (problems, log notes). `algo=` is read first, so `dora_wd` and the rest apply to
+    the kind it names whatever their order (the GUI writes algo last)."""
+    items = [str(i) for i in (value if isinstance(value, list) else str(value).split())]
+    items.sort(key=lambda item: item.partition("=")[0].strip() != "algo")
     problems: list[tuple[str, str]] = []
+    notes: list[str] = []
     for item in items:
-        key, sep, val = str(item).partition("=")
+        key, sep, val = item.partition("=")
         key, val = key.strip(), val.strip()
         if not sep:
             problems.append(("network_args", f"{item!r} is not key=value"))
@@ -246,11 +266,15 @@ def _network_args(value: Any, data: dict[str, Any]) -> list[tuple[str, str]]:
                 problems.append(("network_args", f"{key}={val} disagrees with {field} = {data[field]}"))
             else:
                 data[field] = val
-        elif key in NETWORK_ARGS_REFUSED:
-            problems.append(("network_args", f"{key}: {NETWORK_ARGS_REFUSED[key]}"))
+        elif key in NETWORK_ARGS_AS_HERE:
+            accepted, reason = NETWORK_ARGS_AS_HERE[key]
+            if val.lower() not in accepted:
+                problems.append(("network_args", f"{key}={val}: {reason}"))
+            elif key in NETWORK_ARGS_NOTES:
+                notes.append(f"{key}={val}: {NETWORK_ARGS_NOTES[key]}")
         else:
             problems.append(("network_args", f"{key}: not a network argument of sd-scripts' networks.lora or LyCORIS"))
-    return problems
+    return problems, notes
 
 
 def cli_value(values: list[str]) -> Any:

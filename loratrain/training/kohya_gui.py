@@ -19,24 +19,23 @@ MARKER = "LoRA_type"
 RENAMED = {"max_resolution": "resolution", "optimizer": "optimizer_type", "lora_network_weights": "network_weights",
            "sdxl_cache_text_encoder_outputs": "cache_text_encoder_outputs"}
 
-#: GUI LoRA_type -> (network kind here, the GUI fields it turns into network_args)
+#: GUI LoRA_type -> (network_module, the GUI fields it passes as network_args), as lora_gui.py builds them;
+#: kohya.translate then reads network_args like any sd-scripts config (algo=, dora_wd, conv_dim, unit, ...)
 LORA_TYPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "Standard": ("lora", ()),
     "Kohya LoCon": ("locon", ("conv_dim", "conv_alpha")),
-    "LoCon": ("locon", ("conv_dim", "conv_alpha")),
-    "LyCORIS/LoCon": ("locon", ("conv_dim", "conv_alpha")),
-    "LyCORIS/LoHa": ("loha", ("conv_dim", "conv_alpha")),
-    "LyCORIS/LoKr": ("lokr", ("conv_dim", "conv_alpha")),
-    "LyCORIS/iA3": ("ia3", ()),
+    "LoCon": ("lycoris.kohya", ("algo=locon", "conv_dim", "conv_alpha")),
+    "LyCORIS/LoCon": ("lycoris.kohya", ("algo=locon", "conv_dim", "conv_alpha")),
+    "LyCORIS/LoHa": ("lycoris.kohya", ("algo=loha", "conv_dim", "conv_alpha")),
+    "LyCORIS/LoKr": ("lycoris.kohya", ("algo=lokr", "conv_dim", "conv_alpha", "factor", "decompose_both")),
+    "LyCORIS/iA3": ("lycoris.kohya", ("algo=ia3", "train_on_input")),
     "Kohya DyLoRA": ("dylora", ("unit",)),
-    "LyCORIS/DyLoRA": ("dylora", ("unit",)),
+    "LyCORIS/DyLoRA": ("lycoris.kohya", ("algo=dylora", "unit")),
 }
-#: GUI fields that become network_args for some LoRA types; refused here when set (kohya.NETWORK_ARGS_REFUSED says why)
-NETWORK_FIELDS = ("use_tucker", "use_cp")
-#: networks.lora's arguments the GUI passes for Standard / Kohya LoCon / Kohya DyLoRA (options of the same name here)
-LORA_ARG_FIELDS = ("rank_dropout", "module_dropout", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
-                   "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
-                   "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+#: network_args the GUI passes for every type when set: LyCORIS' switches and networks.lora's arguments
+COMMON_ARG_FIELDS = ("dora_wd", "use_tucker", "use_cp", "rank_dropout", "module_dropout", "block_dims", "block_alphas",
+                     "conv_block_dims", "conv_block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
+                     "block_lr_zero_threshold", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 #: GUI form state with no sd-scripts meaning (or one this translation already used): dropped, named in the log
 GUI_ONLY = {"model_list", "num_cpu_threads_per_process", "LyCORIS_preset", "train_norm", "bypass_mode", "use_scalar",
             "rank_dropout_scale", "constrain", "rescaled", "decompose_both", "factor", "train_on_input", "unit", "dora_wd",
@@ -44,7 +43,7 @@ GUI_ONLY = {"model_list", "num_cpu_threads_per_process", "LyCORIS_preset", "trai
             "stop_text_encoder_training", "sdxl", "sdxl_no_half_vae", "use_wandb", "wandb_api_key", "wandb_run_name",
             "log_tracker_name", "log_tracker_config", "log_config", "extra_accelerate_launch_args", "gpu_ids",
             "multi_gpu", "num_processes", "num_machines", "main_process_port", "mixed_precision_accelerate",
-            "dynamo_mode", "dynamo_use_fullgraph", "dynamo_use_dynamic", "v_pred_like_loss", "highvram", "lowvram",
+            "dynamo_mode", "dynamo_use_fullgraph", "dynamo_use_dynamic", "highvram", "lowvram",
             "sample_prompts_file", "save_as_bool", "save_every_n_steps_state"}
 
 
@@ -90,29 +89,12 @@ def from_gui_json(data: dict[str, Any]) -> tuple[dict[str, Any], list[str], list
     lora_type = str(gui.get(MARKER) or "Standard")
     if lora_type not in LORA_TYPES:
         problems.append((MARKER, f"{lora_type!r}: not implemented here (LoRA types here: {', '.join(LORA_TYPES)})"))
-        kind, arg_fields = "lora", ()
-    else:
-        kind, arg_fields = LORA_TYPES[lora_type]
-    if gui.get("dora_wd") is True:
-        if kind in ("lora", "locon"):
-            kind = "dora"
-        else:
-            problems.append(("dora_wd", f"with {lora_type}: DoRA is implemented on LoRA/LoCon only"))
-    out["network_module"] = kind
-    for field in arg_fields:
-        value = gui.get(field)
-        if value is not None:
-            out["dylora_unit" if field == "unit" else field] = value
-    if kind == "lokr" and gui.get("factor") not in (None, -1):
-        problems.append(("factor", f"{gui['factor']}: LoKr's factor is LyCORIS' default (-1) here"))
-    if kind == "ia3" and gui.get("train_on_input") is False:
-        problems.append(("train_on_input", "false: (IA)^3 here trains the input side only"))
-    for field in NETWORK_FIELDS:
-        if not is_off(field, gui.get(field)):
-            problems.append((field, f"{gui[field]!r}: sd-scripts network argument not implemented yet"))
-    for field in LORA_ARG_FIELDS:  # "" and 0 are the GUI's "not set"
-        if not is_off(field, gui.get(field)):
-            out[field] = str(gui[field]) if field.endswith(("dims", "alphas", "weight")) else gui[field]
+    module, arg_fields = LORA_TYPES.get(lora_type, LORA_TYPES["Standard"])
+    args = [f if "=" in f else f"{f}={gui[f]}" for f in arg_fields if "=" in f or gui.get(f) is not None]
+    args += [f"{f}={gui[f]}" for f in COMMON_ARG_FIELDS if not is_off(f, gui.get(f))]  # "" and 0: the GUI's "not set"
+    out["network_module"] = module
+    if args:
+        out["network_args"] = args
     # steps, warmup, schedule: as the GUI computes them when it starts a run
     if not gui.get("max_train_steps") and not gui.get("max_train_epochs") and gui.get("epoch"):
         out["max_train_epochs"] = gui["epoch"]  # the GUI turns epochs into max_train_steps from the folder counts
@@ -141,7 +123,7 @@ def from_gui_json(data: dict[str, Any]) -> tuple[dict[str, Any], list[str], list
         problems.append(("additional_parameters", f"{gui['additional_parameters']!r}: give these flags on the command line"))
     # 0 means "unset" for these in the GUI (it passes None to sd-scripts)
     unset_when_zero = {"seed", "max_timestep", "max_train_steps", "max_train_epochs"}
-    handled = {MARKER, "xformers", "additional_parameters", *NETWORK_FIELDS, *LORA_ARG_FIELDS}
+    handled = {MARKER, "xformers", "additional_parameters", *COMMON_ARG_FIELDS}
     ignored = []
     for key, value in gui.items():
         if key in out or key in dropped or key in handled or (key in unset_when_zero and value == 0):
@@ -154,7 +136,7 @@ def from_gui_json(data: dict[str, Any]) -> tuple[dict[str, Any], list[str], list
             continue  # "": the GUI's unset
         else:
             out[RENAMED.get(key, key)] = value
-    logs = [f"kohya_ss GUI config: LoRA_type {lora_type!r} -> network_module {kind}"]
+    logs = [f"kohya_ss GUI config: network_args {' '.join(args)}"] if args else []
     if ignored:
         logs.append(f"ignored GUI field(s) {', '.join(sorted(ignored))}: GUI form state, or already used above")
     return out, logs, problems
