@@ -498,3 +498,18 @@ def test_resize_interpolation_chooses_the_filter_and_keys_the_latent_cache(tiny_
     assert lanczos.metrics[0]["loss"] == first.metrics[0]["loss"]  # the cache from run a, same filter
     near = run("c", resize_interpolation="nearest")
     assert near.metrics[0]["loss"] != first.metrics[0]["loss"]  # another filter: the cache was not reused
+
+
+def test_wrong_paths_of_the_new_options_are_named_before_loading(tiny_files, dataset, tmp_path):
+    from loratrain.core.config import ConfigError
+
+    def problem(**kw) -> str:
+        with pytest.raises(ConfigError) as e:
+            quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", **kw).check()
+        return str(e.value)
+
+    assert "metadata_thumbnail: not found" in problem(metadata_thumbnail=str(tmp_path / "nope.png"))
+    assert "conditioning_data_dir: not found" in problem(masked_loss=True, conditioning_data_dir=str(tmp_path / "nowhere"))
+    assert "is it a model checkpoint" in problem(base_weights=[str(tiny_files["sd1_file"])])
+    assert "LoRA not found" in problem(base_weights=[str(tmp_path / "nope.safetensors")])
+    assert not (tmp_path / "o").exists()

@@ -149,8 +149,7 @@ class ConditioningCache:
             batch = todo[i:i + 16]
             with autocast():
                 cond = encode_prompts(self.model, batch, self.clip_skip, self.max_token_length, self.weighted)
-            for j, caption in enumerate(batch):
-                one = Conditioning(cond.hidden[j:j + 1], None if cond.pooled is None else cond.pooled[j:j + 1])
+            for caption, one in zip(batch, _split(cond)):
                 if to_disk:
                     tensors = {"hidden": one.hidden[0].cpu().contiguous()}
                     if one.pooled is not None:
@@ -171,20 +170,26 @@ class ConditioningCache:
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> Conditioning:
         if self._files and all(p in self._files for p in prompts):
-            parts = [self._from_disk(p) for p in prompts]
-            pooled = None if parts[0].pooled is None else torch.cat([c.pooled for c in parts])
-            return Conditioning(torch.cat([c.hidden for c in parts]), pooled)
+            return _join([self._from_disk(p) for p in prompts])
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if todo and self.frozen:
             raise RuntimeError(f"caption {todo[0]!r} was not in the text encoder output cache")
         if todo:
-            cond = encode_prompts(self.model, todo, self.clip_skip, self.max_token_length, self.weighted)
-            for i, p in enumerate(todo):
-                self._cache[p] = Conditioning(cond.hidden[i:i + 1], None if cond.pooled is None else cond.pooled[i:i + 1])
-        parts = [self._cache[p] for p in prompts]
-        pooled = None if parts[0].pooled is None else torch.cat([c.pooled for c in parts])
-        return Conditioning(torch.cat([c.hidden for c in parts]), pooled)
+            self._cache.update(zip(todo, _split(encode_prompts(self.model, todo, self.clip_skip, self.max_token_length,
+                                                               self.weighted))))
+        return _join([self._cache[p] for p in prompts])
 
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _split(cond: Conditioning) -> list[Conditioning]:
+    """A batch's conditioning as one per caption (batch size 1 each)."""
+    return [Conditioning(cond.hidden[i:i + 1], None if cond.pooled is None else cond.pooled[i:i + 1])
+            for i in range(cond.hidden.shape[0])]
+
+
+def _join(parts: list[Conditioning]) -> Conditioning:
+    pooled = None if parts[0].pooled is None else torch.cat([c.pooled for c in parts])
+    return Conditioning(torch.cat([c.hidden for c in parts]), pooled)

@@ -20,14 +20,13 @@ from .kohya import GUI_KEYS, SD_SCRIPTS_FLAGS, cli_value, translate
 MODEL, DATA, NET, OPTIM, NOISE, SAVE, SAMPLE, LOGS = ("Model", "Dataset", "Network", "Optimizer and schedule", "Noise and loss",
                                                     "Saving and resume", "Sampling", "Logs")
 MIXED_PRECISIONS = ("no", "fp32", "fp16", "bf16")
-#: optimizers whose state is per parameter, so fused_backward_pass (one optimizer per parameter) is the same maths
-PER_PARAMETER_OPTIMIZERS = {"adamw", "adam", "adamw8bit", "pagedadamw8bit", "adafactor", "lion", "lion8bit", "sgd", "sgdnesterov",
-                            "sgdnesterov8bit", "torch.optim.adamw"}
 
 
 #: the tensor suffixes that mark a module of a network kind in a file (network_weights is checked against them;
 #: every other kind is stored as LoRA pairs)
 WEIGHT_MARKERS = {"loha": (".hada_w1_a",), "lokr": (".lokr_w1", ".lokr_w1_a"), "ia3": (".on_input",), "oft": (".oft_blocks",)}
+#: the kinds built on PEFT's LoRA layer, which take networks.lora's arguments (block dims, LoRA+, rank/module dropout)
+LORA_LAYER_KINDS = ("lora", "locon", "dora", "dylora")
 
 
 class TrainConfig(JobConfig):
@@ -424,7 +423,7 @@ class TrainConfig(JobConfig):
         lora_only = [n for n in ("block_dims", "conv_block_dims", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "rank_dropout",
                                  "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
                      if getattr(self, n)]
-        if lora_only and self.network_kind not in ("lora", "locon", "dora", "dylora"):
+        if lora_only and self.network_kind not in LORA_LAYER_KINDS:
             out.append((lora_only[0], f"a networks.lora argument; not for network_module {self.network_kind}"))
         if (self.color_aug or self.random_crop) and (self.masked_loss or self.alpha_mask):
             out.append(("random_crop" if self.random_crop else "color_aug", "not implemented together with masked_loss / alpha_mask"))
@@ -451,9 +450,6 @@ class TrainConfig(JobConfig):
         elif self.dim_from_weights and self.network_kind not in ("lora", "locon"):
             out.append(("dim_from_weights", f"reads LoRA files; not for network_module {self.network_kind}"))
         if self.fused_backward_pass:
-            if self.optimizer_type.lower() not in PER_PARAMETER_OPTIMIZERS:
-                out.append(("fused_backward_pass", f"not with {self.optimizer_type}: its state spans parameters; use AdamW, "
-                                                   "AdamW8bit, Adafactor, Lion or SGD"))
             if self.gradient_accumulation_steps > 1:
                 out.append(("fused_backward_pass", "updates inside backward: gradient_accumulation_steps must be 1"))
             if self.mixed_precision == "fp16":
@@ -479,7 +475,7 @@ class TrainConfig(JobConfig):
 
     def requirements(self) -> list[Problem]:
         """What must exist before a model is loaded: inputs, the prompt file and each sampler it names."""
-        from .config_checks import lora_file_problems, prompt_problems, schedule_problems, vae_problems
+        from .config_checks import base_weights_problems, lora_file_problems, prompt_problems, schedule_problems, vae_problems
 
         out: list[Problem] = []
         if not self.pretrained_model_name_or_path:
@@ -500,9 +496,11 @@ class TrainConfig(JobConfig):
             out.append(("network_weights", f"not found: {self.network_weights}"))
         elif self.network_weights and Path(self.network_weights).suffix.lower() == ".safetensors":
             out += lora_file_problems(self, Path(self.network_weights))
-        for path in self.base_weights:
-            if not Path(path).is_file():
-                out.append(("base_weights", f"file not found: {path}"))
+        out += base_weights_problems(self)
+        for name in ("metadata_thumbnail", "conditioning_data_dir"):
+            value = getattr(self, name)
+            if value and not Path(value).exists():
+                out.append((name, f"not found: {value}"))
         if self.resume and self.resume != "latest" and not Path(self.resume).is_dir():
             out.append(("resume", f"state folder not found: {self.resume}"))
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
@@ -522,4 +520,7 @@ class TrainConfig(JobConfig):
 
         if self.optimizer_type in OPTIMIZERS and (hint := OPTIMIZERS.get(self.optimizer_type).missing()):
             out.append(("optimizer_type", hint))
+        if self.fused_backward_pass and self.optimizer_type in OPTIMIZERS and not OPTIMIZERS.get(self.optimizer_type).per_parameter:
+            out.append(("fused_backward_pass", f"not with {self.optimizer_type}: its state spans parameters; use AdamW, "
+                                               "AdamW8bit, Adafactor, Lion or SGD"))
         return out

@@ -7,6 +7,8 @@ from typing import Any
 
 from loratrain.core.config import Problem
 
+from .config import WEIGHT_MARKERS  # imported lazily by config.requirements, after config itself
+
 
 def vae_problems(path: Path) -> list[Problem]:
     """A VAE file that is missing or is not a VAE is named before the model loads (its header only is read)."""
@@ -27,31 +29,54 @@ def vae_problems(path: Path) -> list[Problem]:
         return [("vae", f"{path}: not a VAE file (no encoder.down.* / encoder.down_blocks.* weights)")]
     return []
 
-def _markers() -> dict[str, tuple[str, ...]]:
-    from .config import WEIGHT_MARKERS
-
-    return WEIGHT_MARKERS
-
-
 def lora_file_problems(cfg: Any, path: Path) -> list[Problem]:
     """A network_weights file must hold modules of this run's network kind (its header is enough to tell)."""
-    from loratrain.core.tensor_io import LazySafetensors
-
     kind = cfg.network_kind
     if kind == "full":
         return [("network_weights", f"{path}: a full fine-tune starts from a checkpoint "
                                     "(pretrained_model_name_or_path), not from a network file")]
-    markers = _markers().get(kind, (".lora_down.weight",))
-    try:
-        with LazySafetensors(path, "network_weights") as f:
-            keys = f.keys()
-    except (OSError, ValueError) as e:
-        return [("network_weights", str(e))]
+    markers = WEIGHT_MARKERS.get(kind, (".lora_down.weight",))
+    keys = _header_keys(path, "network_weights")
+    if isinstance(keys, tuple):
+        return [keys]
     if not any(k.endswith(markers) for k in keys):
-        what = f"{kind} modules" if kind in _markers() else "kohya LoRA modules"
+        what = f"{kind} modules" if kind in WEIGHT_MARKERS else "kohya LoRA modules"
         return [("network_weights", f"{path}: holds no {what} (no *{markers[0]} keys); is it a model checkpoint, or "
                                     "a file of another network kind?")]
     return []
+
+def _header_keys(path: Path, field: str) -> list[str] | Problem:
+    """The tensor names of a .safetensors file from its header, or the problem reading it."""
+    from loratrain.core.tensor_io import LazySafetensors
+
+    try:
+        with LazySafetensors(path, field) as f:
+            return list(f.keys())
+    except (OSError, ValueError) as e:
+        return (field, str(e))
+
+
+def base_weights_problems(cfg: Any) -> list[Problem]:
+    """Each base_weights file exists, is a LoRA / LyCORIS file (its header) and is for the base model's family."""
+    from loratrain.core.config import ConfigError
+    from loratrain.core.lora.kinds import MODULE_KINDS
+    from loratrain.core.session import lora_use
+
+    markers = (".lora_down.weight", ".dora_scale") + tuple(f".{m}" for k in MODULE_KINDS.names() for m in MODULE_KINDS.get(k).markers)
+    out: list[Problem] = []
+    for path in cfg.base_weights:
+        try:
+            lora_use(path, cfg.pretrained_model_name_or_path)  # exists, and the family both headers name agrees
+        except ConfigError as e:
+            out.append(("base_weights", str(e)))
+            continue
+        keys = _header_keys(Path(path), "base_weights")
+        if isinstance(keys, tuple):
+            out.append(keys)
+        elif not any(k.endswith(markers) for k in keys):
+            out.append(("base_weights", f"{path}: holds no LoRA or LyCORIS modules; is it a model checkpoint?"))
+    return out
+
 
 def schedule_problems(cfg: Any) -> list[Problem]:
     """Build the schedule on a stand-in optimizer, so bad lr_scheduler_args fail before any model loads."""

@@ -5,7 +5,7 @@ that is ~5 GB in bf16).
 Done with torch's post-accumulate-grad hooks and one optimizer per parameter (PyTorch's "optimizer step in
 backward" recipe). The per-parameter updates are the same maths as one optimizer over all of them for
 optimizers whose state is per parameter (AdamW, Adafactor, Lion, SGD ...); not for ones that share state
-across parameters (Prodigy, D-Adaptation), which are refused (config.PER_PARAMETER_OPTIMIZERS). Gradient clipping is per tensor, as
+across parameters (Prodigy, D-Adaptation), which are refused (optim's `per_parameter` flag). Gradient clipping is per tensor, as
 sd-scripts does it here. One process and no gradient accumulation: the update happens inside backward.
 """
 from __future__ import annotations

@@ -36,6 +36,7 @@ class OptimizerSpec:
     make: Callable[[list[dict[str, Any]], float, dict[str, Any]], torch.optim.Optimizer]
     package: str = ""  # the module it needs, checked before any model loads
     install: str = ""  # what to pip install for it
+    per_parameter: bool = False  # its state is per parameter: fused_backward_pass (one optimizer per weight) is the same maths
 
     def missing(self) -> str | None:
         """An install hint when the optimizer's package is not importable, else None."""
@@ -44,24 +45,24 @@ class OptimizerSpec:
         return None
 
 
-def optimizer(*names: str, package: str = "", install: str = "") -> Callable:
+def optimizer(*names: str, package: str = "", install: str = "", per_parameter: bool = False) -> Callable:
     def deco(fn: Callable) -> Callable:
-        OPTIMIZERS.register(*names)(OptimizerSpec(fn, package, install))
+        OPTIMIZERS.register(*names)(OptimizerSpec(fn, package, install, per_parameter))
         return fn
     return deco
 
 
-@optimizer("AdamW", "torch.optim.AdamW")
+@optimizer("AdamW", "torch.optim.AdamW", per_parameter=True)
 def _adamw(groups, lr, kw):
     return torch.optim.AdamW(groups, lr=lr, **{"weight_decay": 0.01, **kw})
 
 
-@optimizer("SGD")
+@optimizer("SGD", per_parameter=True)
 def _sgd(groups, lr, kw):
     return torch.optim.SGD(groups, lr=lr, **kw)
 
 
-@optimizer("SGDNesterov")
+@optimizer("SGDNesterov", per_parameter=True)
 def _sgd_nesterov(groups, lr, kw):
     """sd-scripts: SGD with Nesterov momentum, momentum 0.9 unless given."""
     return torch.optim.SGD(groups, lr=lr, **{"momentum": 0.9, **kw, "nesterov": True})
@@ -80,7 +81,8 @@ for _names, _cls, _fixed in ((("PagedAdamW",), "PagedAdamW", {}), (("PagedAdamW8
                              (("PagedLion8bit",), "PagedLion8bit", {}), (("AdEMAMix8bit",), "AdEMAMix8bit", {}),
                              (("PagedAdEMAMix8bit",), "PagedAdEMAMix8bit", {}),
                              (("SGDNesterov8bit",), "SGD8bit", {"nesterov": True})):
-    OPTIMIZERS.register(*_names)(OptimizerSpec(_bnb(_cls, **_fixed), "bitsandbytes", "bitsandbytes (GPU only)"))
+    OPTIMIZERS.register(*_names)(OptimizerSpec(_bnb(_cls, **_fixed), "bitsandbytes", "bitsandbytes (GPU only)",
+                                                per_parameter=_cls in ("PagedAdamW8bit", "Lion8bit", "SGD8bit")))
 
 
 def _schedule_free(cls_name: str) -> Callable:
@@ -102,14 +104,14 @@ def _came(groups, lr, kw):
     return CAME(groups, lr=lr, **kw)
 
 
-@optimizer("AdamW8bit", package="bitsandbytes", install="bitsandbytes (GPU only)")
+@optimizer("AdamW8bit", package="bitsandbytes", install="bitsandbytes (GPU only)", per_parameter=True)
 def _adamw8bit(groups, lr, kw):
     import bitsandbytes as bnb
 
     return bnb.optim.AdamW8bit(groups, lr=lr, **kw)
 
 
-@optimizer("Lion", package="lion_pytorch", install="lion-pytorch")
+@optimizer("Lion", package="lion_pytorch", install="lion-pytorch", per_parameter=True)
 def _lion(groups, lr, kw):
     from lion_pytorch import Lion
 
@@ -151,7 +153,7 @@ for _cls in ("DAdaptAdaGrad", "DAdaptAdan", "DAdaptLion", "DAdaptSGD"):
 OPTIMIZERS.register("DAdaptAdanIP")(OptimizerSpec(_dadaptation("DAdaptAdanIP", "dadaptation.experimental"), "dadaptation"))
 
 
-@optimizer("Adafactor")
+@optimizer("Adafactor", per_parameter=True)
 def _adafactor(groups, lr, kw):
     from transformers.optimization import Adafactor
 

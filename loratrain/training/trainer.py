@@ -114,6 +114,16 @@ def _vae_id(model: SDModel) -> str:
     return hashlib.sha256(w).hexdigest()[:16] + f"-{model.vae.config.scaling_factor}"
 
 
+@torch.no_grad()
+def sample_latents(vae: torch.nn.Module, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A sample of the VAE's posterior for a batch of [-1, 1] pixels, scaled for the UNet; the noise comes from
+    `generator` (on the CPU, so a run draws the same on any device)."""
+    device = next(vae.parameters()).device
+    dist = vae.encode(pixels.to(device, torch.float32)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator).to(device)
+    return (dist.mean + dist.std * noise) * vae.config.scaling_factor
+
+
 class LoRATrainer:
     def __init__(self, cfg: TrainConfig, reporter: Reporter, stop: StopFlag) -> None:
         self.cfg, self.reporter, self.stop = cfg, reporter, stop
@@ -277,22 +287,18 @@ class LoRATrainer:
     def _cache_latents(self) -> None:
         vae = move(self.model.vae, self.device, torch.float32)
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
-        scale = vae.config.scaling_factor
 
-        @torch.no_grad()
         def encode(pixels: torch.Tensor) -> torch.Tensor:
-            dist = vae.encode(pixels.to(self.device, torch.float32)).latent_dist
-            noise = torch.randn(dist.mean.shape, generator=gen).to(self.device)
-            return (dist.mean + dist.std * noise) * scale
+            return sample_latents(vae, pixels, gen)
 
         total = len(self.data.items()) + len(self.data.validation_items())
         self.reporter.start(total, "caching latents", unit="img")
         self.data.cache_latents(encode, _vae_id(self.model), self.cfg.cache_latents_to_disk, self.cfg.on_bad_image,
                                 progress=lambda n: self.reporter.advance(n))
         self.reporter.done("")
-        self.live_items = sum(not it.latents for it in self.data.items())
-        if self.live_items:
-            self.reporter.log(f"{self.live_items} image(s) with color_aug / random_crop are VAE-encoded every step "
+        live = sum(not it.latents for it in self.data.items())
+        if live:
+            self.reporter.log(f"{live} image(s) with color_aug / random_crop are VAE-encoded every step "
                               "(their pixels change); the others' latents are cached")
         elif self.cfg.network_kind == "full":
             self.model.vae.to("cpu")  # a full fine-tune saves the whole model, VAE included
@@ -402,10 +408,7 @@ class LoRATrainer:
         """One augmented view of a live item through the VAE: its crop and colour, and the posterior sample, drawn
         from seeds of (seed, epoch, batch, position), like the rest of the step's randomness."""
         pixels, crop = TrainData.live_pixels(it, flip, random.Random(_seed_for(*where, 6)))
-        vae = self.model.vae
-        dist = vae.encode(pixels[None].to(self.device, torch.float32)).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(_seed_for(*where, 7))).to(self.device)
-        return ((dist.mean + dist.std * noise) * vae.config.scaling_factor)[0].cpu(), crop
+        return sample_latents(self.model.vae, pixels[None], torch.Generator().manual_seed(_seed_for(*where, 7)))[0].cpu(), crop
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> TrainResult:

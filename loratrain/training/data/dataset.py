@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -33,6 +34,7 @@ class Item:
     latents: list[torch.Tensor] = field(default_factory=list)  # [plain, flipped?]
     resize_to: tuple[int, int] | None = None  # bucket_no_upscale's own size for the image (None: cover the bucket)
     mask: list[torch.Tensor] = field(default_factory=list)  # loss weights at latent size, [plain, flipped?]; empty: all 1
+    mask_path: Path | None = None  # masked_loss: its mask image in conditioning_data_dir (found once, when the data is read)
 
 
 @dataclass
@@ -59,6 +61,11 @@ class StepPlan:
 
 class BadImageError(DatasetError):
     pass
+
+
+def model_pixels(pixels: np.ndarray) -> torch.Tensor:
+    """HWC uint8 -> CHW float in [-1, 1], what the VAE encodes."""
+    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def split_validation(images: list[Path], share: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -100,7 +107,12 @@ class TrainData:
                         caption = subset.class_tokens or ""
                     target.append(Item(image, caption, subset, subset.num_repeats if target is items else 1))
             self._balance_reg(items)
-            no_mask = [it.image for it in items + held_out if it.subset.conditioning_data_dir and not it.subset.mask_file(it.image)]
+            no_mask = []
+            for it in items + held_out:
+                if it.subset.conditioning_data_dir:
+                    it.mask_path = it.subset.mask_file(it.image)
+                    if it.mask_path is None:
+                        no_mask.append(it.image)
             if no_mask:
                 raise DatasetError(f"masked_loss: {len(no_mask)} image(s) have no mask image of the same name in "
                                    f"{no_mask[0].parent.name}'s conditioning_data_dir, e.g. {no_mask[0].name}")
@@ -160,14 +172,13 @@ class TrainData:
     def cache_latents(self, encode: Callable[[torch.Tensor], torch.Tensor], vae_id: str, to_disk: bool,
                       on_bad_image: str = "skip", progress: Callable[[int], None] | None = None) -> None:
         """Decode, bucket and encode every image once (held-out ones too); corrupt images are named and skipped (or fatal)."""
-        held_out = {id(items) for _, items in self.validation}
-        for spec, items in self.groups + self.validation:
+        for held_out, (spec, items) in [(False, g) for g in self.groups] + [(True, g) for g in self.validation]:
             buckets = (bucket_resolutions(spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps)
                        if spec.enable_bucket else [spec.resolution])
             kept = []
             for it in items:
                 try:  # validation always sees the plain centre crop, so its number does not move with the augmentation
-                    self._cache_item(it, buckets, encode, vae_id, to_disk, spec, live=it.subset.live and id(items) not in held_out)
+                    self._cache_item(it, buckets, encode, vae_id, to_disk, spec, live=it.subset.live and not held_out)
                     kept.append(it)
                 except BadImageError as e:
                     if on_bad_image == "error":
@@ -218,8 +229,7 @@ class TrainData:
                     it.latents = [f.get_tensor(f"view{i}") for i in range(n_views)]
                     it.mask = self._mask_views(mask, it.latents[0].shape[-2:], n_views)
                     return
-        pixels = torch.from_numpy(fit_to_bucket(image, it.bucket, resize_to, None, it.subset.resize_interpolation)
-                                  ).permute(2, 0, 1).float() / 127.5 - 1.0
+        pixels = model_pixels(fit_to_bucket(image, it.bucket, resize_to, None, it.subset.resize_interpolation))
         views = [pixels] + ([pixels.flip(-1)] if n_views == 2 else [])
         latents = encode(torch.stack(views))
         if not torch.isfinite(latents).all():
@@ -240,7 +250,7 @@ class TrainData:
             image = im.convert("RGB")
         pixels, top_left = augmented_pixels(image, it.bucket, it.resize_to, it.subset.random_crop, it.subset.color_aug, rng,
                                             it.subset.resize_interpolation)
-        out = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
+        out = model_pixels(pixels)
         return (out.flip(-1) if flip else out), (top_left if top_left[0] >= 0 else it.crop_top_left)
 
     @staticmethod
@@ -256,10 +266,7 @@ class TrainData:
         """sd-scripts' masked loss: the alpha channel (alpha_mask) or the red channel of the item's mask image in
         conditioning_data_dir, resized and cropped as the image; (H, W) weights in [0, 1]."""
         if alpha is None:
-            path = it.subset.mask_file(it.image)
-            if path is None:
-                raise DatasetError(f"{it.image}: no mask image named {it.image.stem}.* in conditioning_data_dir "
-                                   f"{it.subset.conditioning_data_dir} (masked_loss needs one per training image)")
+            path = it.mask_path  # found (or refused) when the data was read
             try:
                 with Image.open(path) as m:
                     alpha = m.convert("RGB").getchannel("R")

@@ -59,7 +59,9 @@ class OFTNetwork(Network):
             if self.multiplier == 0:
                 return out
             r = oft_rotation(self.blocks[index], self.constraints[index])
-            r = self.multiplier * (r - torch.eye(r.shape[-1], device=r.device)) + torch.eye(r.shape[-1], device=r.device)
+            if self.multiplier != 1:  # w (R - I) + I, as sd-scripts weights an OFT module
+                eye = torch.eye(r.shape[-1], device=r.device)
+                r = self.multiplier * (r - eye) + eye
             bias = module.bias
             channel_dim = -1 if isinstance(module, nn.Linear) else 1
             shape = [1] * out.dim()
