@@ -41,13 +41,15 @@ class PrepareConfig(JobConfig):
     enable_bucket: bool = opt(True, "aspect-ratio bucketing in the TOML")
     shuffle_caption: bool = opt(False, "shuffle_caption in the TOML")
     keep_tokens: int = opt(0, "keep_tokens in the TOML (e.g. 1 keeps the trigger word first)")
-    toml_name: str = opt("dataset.toml", "file name of the dataset config inside output_dir")
+    toml_name: str = opt("dataset.toml", "file name of the dataset config inside output_dir (one name, no folder)", path="name")
     overwrite: bool = opt(False, "add to an output_dir that already has img/ or reg/ (the TOML is rewritten; existing files are never replaced)")
 
     def problems(self) -> list[Problem]:
         out: list[Problem] = []
         if self.reg_dir and not self.reg_class:
             out.append(("reg_class", "--reg_dir needs --reg_class (the class tokens of the regularization images)"))
+        if "/" in self.reg_class or os.sep in self.reg_class or "\x00" in self.reg_class:
+            out.append(("reg_class", f"{self.reg_class!r}: class tokens become a folder name and may not contain / or NUL"))
         for spec in self.concepts:
             try:
                 parse_concept(spec)

@@ -21,7 +21,10 @@ class ExportConfig(JobConfig):
     overwrite: bool = opt(False, "replace the output if it exists")
 
     def requirements(self) -> list[Problem]:
-        return [(name, "is required") for name in ("model", "output") if not getattr(self, name)]
+        from loratrain.core.safe_io import output_problems
+
+        out = [(name, "is required") for name in ("model", "output") if not getattr(self, name)]
+        return out + output_problems("output", self.output, [self.model], "onnx", self.overwrite)
 
 
 class ImportDflConfig(JobConfig):

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from loratrain.core.paths import confine
 from loratrain.core.safe_io import atomic_path, atomic_write_bytes
 
 META_KEY = "loratrain.face"
@@ -117,7 +118,7 @@ def read_meta(path: str | Path) -> FaceMeta:
 
 def load_face(path: str | Path) -> tuple[np.ndarray, FaceMeta]:
     """(BGR uint8 image, metadata)."""
-    meta = read_meta(path)
+    meta = read_meta(confine(path, "face"))
     img = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise FacesetError(f"{path}: cannot decode image")
@@ -125,10 +126,11 @@ def load_face(path: str | Path) -> tuple[np.ndarray, FaceMeta]:
 
 
 def list_faces(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
+    folder = confine(folder, "faceset folder")
     if not folder.is_dir():
         raise FileNotFoundError(f"faceset folder not found: {folder}")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in FACE_EXTENSIONS and not p.name.startswith("."))
+    # a face linking out of the app's workspace is refused, not read
+    return sorted(confine(p, "face") for p in folder.iterdir() if p.suffix.lower() in FACE_EXTENSIONS and not p.name.startswith("."))
 
 
 def move_to_other(folder: str | Path, names: list[str]) -> list[Path]:

@@ -83,7 +83,7 @@ class MergeConfig(JobConfig):
 
         if self.method in MERGE_METHODS and MERGE_METHODS.get(self.method).needs_c and not self.model_c:
             out.append(("model_c", f"{self.method} needs --model_c"))
-        return out
+        return out + _output_problems(self, "output", [self.model_a, self.model_b, self.model_c, self.vae, self.preset_file])
 
 
 class BakeConfig(JobConfig):
@@ -96,6 +96,7 @@ class BakeConfig(JobConfig):
 
     def requirements(self) -> list[Problem]:
         out = [(name, "is required") for name in ("model", "loras", "output") if not getattr(self, name)]
+        out += _output_problems(self, "output", [self.model, *(parse_lora_spec(t).path for t in self.loras)])
         return out + lora_spec_problems(self.loras, "loras")
 
 
@@ -115,7 +116,8 @@ class LoraMergeConfig(JobConfig):
         out = [(name, "is required") for name in ("loras", "output") if not getattr(self, name)]
         out += [("loras", f"{t}: block weights apply when baking into a model (lora bake), not here")
                 for t in self.loras if parse_lora_spec(t).blocks]
-        return out + lora_spec_problems(self.loras, "loras")
+        out += _output_problems(self, "output", [self.model, *(parse_lora_spec(t).path for t in self.loras)])
+        return out + lora_spec_problems(self.loras, "loras") + _family_problems(self.loras)
 
 
 RESIZE_METHODS = ("", "sv_ratio", "sv_fro", "sv_cumulative")
@@ -146,7 +148,55 @@ class LoraResizeConfig(JobConfig):
         return []
 
     def requirements(self) -> list[Problem]:
-        return [(name, "is required") for name in ("model", "output") if not getattr(self, name)]
+        out = [(name, "is required") for name in ("model", "output") if not getattr(self, name)]
+        header = _lora_header(self.model) if self.dylora_rank else None
+        if header is not None and not _is_dylora(header[1]):
+            module = header[1].get("ss_network_module") or "not recorded"
+            out.append(("dylora_rank", f"{self.model} is not a DyLoRA (its ss_network_module: {module}): only a DyLoRA "
+                                       "learned each rank, so only it can be cut; use --new_rank (an SVD resize) instead"))
+        return out + _output_problems(self, "output", [self.model])
+
+
+def _lora_header(path: str) -> tuple[set[str], dict[str, str]] | None:
+    """A LoRA file's module names and metadata from its header (None when it cannot be read: the job says why)."""
+    from loratrain.core.tensor_io import LazySafetensors
+
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        with LazySafetensors(path, "LoRA") as f:
+            return {k.split(".")[0] for k in f.keys()}, dict(f.metadata)
+    except (OSError, ValueError):
+        return None
+
+
+def _is_dylora(meta: dict[str, str]) -> bool:
+    """sd-scripts' networks.dylora, or LyCORIS with algo=dylora, as the file's metadata records them."""
+    import json
+
+    try:
+        args = json.loads(meta.get("ss_network_args") or "{}")
+    except ValueError:
+        args = {}
+    algo = str(args.get("algo", "")) if isinstance(args, dict) else ""
+    return "dylora" in meta.get("ss_network_module", "").lower() or algo.lower() == "dylora"
+
+
+def _family_problems(loras: list[str]) -> list[Problem]:
+    """LoRAs of SD1/SD2 and of SDXL (told from module names or metadata) never merge into one file."""
+    from loratrain.core.lora.files import lora_is_sdxl
+
+    made_for: dict[bool, str] = {}
+    for text in loras:
+        path = parse_lora_spec(text).path
+        header = _lora_header(path)
+        sdxl = lora_is_sdxl(header[0], header[1]) if header else None  # type: ignore[arg-type]
+        if sdxl is not None:
+            made_for.setdefault(sdxl, path)
+    if len(made_for) < 2:
+        return []
+    return [("loras", f"{made_for[False]} is an SD1/SD2 LoRA and {made_for[True]} an SDXL LoRA: only LoRAs of one model "
+                      "family merge")]
 
 
 class LoraExtractConfig(JobConfig):
@@ -161,7 +211,8 @@ class LoraExtractConfig(JobConfig):
     overwrite: bool = opt(False, "replace the output if it exists")
 
     def requirements(self) -> list[Problem]:
-        return [(name, "is required") for name in ("model_org", "model_tuned", "output") if not getattr(self, name)]
+        out = [(name, "is required") for name in ("model_org", "model_tuned", "output") if not getattr(self, name)]
+        return out + _output_problems(self, "output", [self.model_org, self.model_tuned])
 
 
 class ConvertConfig(JobConfig):
@@ -173,8 +224,15 @@ class ConvertConfig(JobConfig):
 
     def requirements(self) -> list[Problem]:
         out = [(name, "is required") for name in ("source", "target") if not getattr(self, name)]
-        if self.source and self.target and Path(self.target).resolve() == Path(self.source).resolve():
-            out.append(("target", "SOURCE and TARGET are the same path"))
         if Path(self.target).suffix.lower() in (".ckpt", ".pt", ".bin"):
             out.append(("target", "we only write .safetensors or diffusers folders"))
-        return out
+        kind = "safetensors" if Path(self.target).suffix.lower() == ".safetensors" else "diffusers"
+        return out + _output_problems(self, "target", [self.source], kind)
+
+
+def _output_problems(cfg: JobConfig, field: str, inputs: list[str], kind: str = "safetensors") -> list[Problem]:
+    """The output of every job here: not one of its inputs (nor inside or around one), not replaced without
+    --overwrite, and with it only when it is an output of the same kind (safe_io.output_problems)."""
+    from loratrain.core.safe_io import output_problems
+
+    return output_problems(field, getattr(cfg, field), inputs, kind, cfg.overwrite)

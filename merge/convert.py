@@ -7,7 +7,7 @@ from pathlib import Path
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.precision import dtype_of
 from loratrain.core.progress import Reporter, StopFlag
-from loratrain.core.safe_io import atomic_dir, new_output
+from loratrain.core.safe_io import new_output
 
 from .config import ConvertConfig
 
@@ -41,8 +41,7 @@ def run_convert(cfg: ConvertConfig, reporter: Reporter, stop: StopFlag) -> Conve
         write_single_file(model, target, dtype)
     else:
         model.to("cpu", dtype)
-        with atomic_dir(target, replace=cfg.overwrite) as tmp:
-            write_diffusers_folder(model, tmp)
+        write_diffusers_folder(model, target, replace=cfg.overwrite)  # atomic; replaces only a diffusers folder
     reporter.advance(1)
     reporter.done("")
     return ConvertResult(output=target, family=model.family.name)

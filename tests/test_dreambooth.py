@@ -68,11 +68,13 @@ def test_class_images_resume_and_the_text_encoder_stop(tiny_files, dataset, tmp_
 def test_finetune_stopped_and_resumed_equals_an_unbroken_run(tiny_files, dataset, tmp_path, ema, fused):
     from loratrain.training.dreambooth import FinetuneConfig, run_finetune
 
+    no_ema = FinetuneConfig.model_fields["ema_decay"].default  # an EMA option without use_ema is refused
+
     def cfg(out, **kw):
         return FinetuneConfig(pretrained_model_name_or_path=str(tiny_files["sd1_file"]), train_data_dir=str(dataset),
                               output_dir=str(out), output_name="ft", resolution="64", learning_rate=1e-4, max_train_steps=4,
                               train_batch_size=2, save_precision="float", seed=3, network_module="full", use_ema=ema,
-                              ema_decay=0.5, fused_backward_pass=fused, **kw)
+                              ema_decay=0.5 if ema else no_ema, fused_backward_pass=fused, **kw)
 
     whole = run_finetune(cfg(tmp_path / "whole"), RecordingReporter())
     stop = StopFlag()
@@ -92,7 +94,7 @@ def test_finetune_stopped_and_resumed_equals_an_unbroken_run(tiny_files, dataset
         assert torch.equal(x, y), n
     assert any(not torch.equal(x, y) for x, y in zip(a.unet.parameters(), load_model(tiny_files["sd1_file"]).unet.parameters()))
     if ema:  # the saved weights are the average: between the base and the raw weights of the same run
-        raw = load_model(run_finetune(FinetuneConfig(**{**cfg(tmp_path / "raw").model_dump(), "use_ema": False}),
+        raw = load_model(run_finetune(FinetuneConfig(**{**cfg(tmp_path / "raw").model_dump(), "use_ema": False, "ema_decay": no_ema}),
                                       RecordingReporter()).lora_path)
         base = load_model(tiny_files["sd1_file"])
         dist = lambda m: sum(float((x - y).norm()) for x, y in zip(m.unet.parameters(), base.unet.parameters()))  # noqa: E731

@@ -182,7 +182,8 @@ def test_sd2_v_prediction_single_file_trains(tmp_path, dataset):
 def test_disk_latent_cache_is_reused_and_invalidated(tiny_files, dataset, tmp_path):
     from PIL import Image
 
-    cfg = quick_config(tiny_files["sd1_file"], dataset, tmp_path / "out", max_train_steps=1, cache_latents_to_disk=True)
+    cfg = quick_config(tiny_files["sd1_file"], dataset, tmp_path / "out", max_train_steps=1, cache_latents_to_disk=True,
+                       overwrite=True)  # the same run three times
     run_train(cfg, RecordingReporter())
     cache = dataset / "3_circle" / ".loratrain_cache" / "circle_000.png.64x64.safetensors"
     first = _tensors(cache)[0]["view0"]

@@ -81,7 +81,7 @@ def test_validation_loss_is_fixed_noise_logged_and_plotted(tiny_files, tmp_path)
     def train(**kw) -> tuple[RecordingReporter, object]:
         rec = RecordingReporter()
         cfg = quick_config(tiny_files["sd1_file"], tmp_path / "d", tmp_path / "o", validation_split=0.34, max_train_steps=4,
-                           validate_every_n_steps=2, **kw)
+                           validate_every_n_steps=2, overwrite=True, **kw)
         return rec, run_train(cfg, rec)
 
     rec, res = train()

@@ -271,7 +271,9 @@ def test_gpu_jobs_queue_and_a_killed_job_never_takes_the_app_down(tmp_path):
     cfg = demo_train_config(ws / "demo", 200)
     runner = _runner(ws, gpu_slots=1)
     first = runner.submit("train", cfg, title="first")
-    second = runner.submit("train", cfg, title="second")
+    with pytest.raises(ConfigError, match=f"job {first.id}"):  # never two jobs writing the same files
+        runner.submit("train", cfg, title="same outputs")
+    second = runner.submit("train", cfg.model_copy(update={"output_name": "second"}), title="second")
     assert runner.store.get(first.id).state == "running"
     assert runner.store.get(second.id).state == "queued" and runner.queue_position(second.id) == 1
     assert "position 1" in view(runner.store.get(second.id), Snapshot(), runner.queue_position(second.id)).status

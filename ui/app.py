@@ -22,7 +22,7 @@ def build_app(ctx: AppContext) -> Any:
 
     from .pages.jobs import JobsPage
     from .pages.train import TrainPage
-    from .widgets import refresh_all
+    from .widgets import refresh_all, refusal
 
     pages = {"Train": TrainPage(ctx), "Jobs": JobsPage(ctx)}
     for name, module in (("Dataset", "dataset"), ("Merge", "merge"), ("XY grid", "grid"), ("Face", "face")):
@@ -46,14 +46,18 @@ def build_app(ctx: AppContext) -> Any:
             try:
                 return job_status(ctx, job_id)
             except ConfigError as e:
-                raise gr.Error(str(e)) from None
+                raise refusal("job_status", str(e)) from None
 
         def start_job_api(job: str, config: dict) -> str:
             """Queue any job with a config dict (paths checked like the forms'); returns the job id."""
             try:
+                if not isinstance(config, dict):
+                    raise ConfigError(f"config must be a JSON object of options, not {type(config).__name__}")
                 return submit_checked(ctx, job, config).id
             except ConfigError as e:
-                raise gr.Error("; ".join(f"{f}: {t}" if f else t for f, t in e.problems)) from None
+                raise refusal("start_job", "; ".join(f"{f}: {t}" if f else t for f, t in e.problems)) from None
+            except (OSError, ValueError, TypeError) as e:  # a value no check foresaw: still one line, never a traceback
+                raise refusal("start_job", f"{type(e).__name__}: {e}"[:2000]) from None
 
         gr.api(job_status_api, api_name="job_status", queue=False)  # a cheap read: never waits behind queued events
         gr.api(start_job_api, api_name="start_job")
@@ -77,6 +81,13 @@ def submit_checked(ctx: AppContext, job: str, config: dict[str, Any], title: str
 
     spec = JOBS.get(job)
     cls = spec.config_class()
+    config = dict(config)
+    if config.get("config_file"):  # as on the command line: the file's options, the request's over them
+        from loratrain.core import paths
+
+        path = ctx.workspace.resolve(str(config.pop("config_file")), "config_file")  # type: ignore[attr-defined]
+        with paths.confined(ctx.workspace.roots, ctx.workspace.denied):  # type: ignore[attr-defined]
+            config = {**cls.read_config_file(path), **config}
     config = {**config, **spec.fixed}
     resolved, refused = ctx.workspace.check_config(cls, cls.build(config, source="the request", check=False).model_dump())  # type: ignore[attr-defined]
     if refused:
@@ -118,7 +129,8 @@ def make_context(cfg: UiConfig) -> AppContext:
     workspace = Workspace(cfg.root)
     jobs_dir = Path(cfg.jobs_dir) if cfg.jobs_dir else workspace.home / ".loratrain" / "ui" / "jobs"
     workspace.resolve(str(jobs_dir), "jobs_dir")
-    runner = JobRunner(JobStore(jobs_dir), gpu_slots=cfg.gpu_slots, cwd=workspace.home)
+    workspace = Workspace(cfg.root, denied=[jobs_dir])  # no job may read or write the app's own records
+    runner = JobRunner(JobStore(jobs_dir, roots=workspace.roots), gpu_slots=cfg.gpu_slots, cwd=workspace.home)
     demo = None
     if cfg.demo:
         from loratrain.training.demo import demo_train_config

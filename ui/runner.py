@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loratrain.core import paths
 from loratrain.core.config import ConfigError, JobConfig
+from loratrain.core.paths import JOB_ID
 from loratrain.core.safe_io import atomic_write_json
 from loratrain.jobs import JOBS
 
@@ -44,6 +46,7 @@ class JobRecord:
     exit_code: int | None = None
     message: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    pid_start: int | None = None  # the process's start time (clock ticks since boot): a reused pid is never signalled
 
     @property
     def finished(self) -> bool:
@@ -53,11 +56,15 @@ class JobRecord:
 class JobStore:
     """The jobs folder: one subfolder per job, newest first."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, roots: list[str | Path] = ()) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.roots = [str(r) for r in roots]  # the workspace: every job is confined to it in its own process
 
     def folder(self, job_id: str) -> Path:
+        """A job's folder; `job_id` must be one the app made (anything else, `../x` included, is no job)."""
+        if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+            raise ConfigError(f"no job {str(job_id)[:80]!r} (job ids look like 20261206-104433-a1b2c3)")
         return self.root / job_id
 
     def create(self, job: str, config: dict[str, Any], title: str) -> JobRecord:
@@ -65,7 +72,7 @@ class JobStore:
         record = JobRecord(id=job_id, job=job, title=title, created=time.time(), config=config)
         folder = self.folder(job_id)
         folder.mkdir(parents=True)
-        atomic_write_json(folder / "job.json", {"job": job, "config": config})
+        atomic_write_json(folder / "job.json", {"job": job, "config": config, "roots": self.roots, "jobs_dir": str(self.root)})
         self.save(record)
         return record
 
@@ -75,19 +82,41 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord:
         try:
             data = json.loads((self.folder(job_id) / "state.json").read_text())
-        except (OSError, ValueError):
+            return JobRecord(**data)
+        except (OSError, ValueError, TypeError):
             raise ConfigError(f"no job {job_id!r}") from None
-        return JobRecord(**data)
 
     def all(self) -> list[JobRecord]:
         out = []
         for folder in sorted(self.root.iterdir(), reverse=True):
-            if (folder / "state.json").is_file():
+            if JOB_ID.match(folder.name) and not folder.is_symlink() and (folder / "state.json").is_file():
                 try:
                     out.append(self.get(folder.name))
                 except ConfigError:
                     continue
         return out
+
+
+def start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def ours(record: JobRecord) -> bool:
+    """Whether `record.pid` is still the process this app started for it (same start time, leading its own group).
+    A record without a start time (written before it was kept, or by someone else) is never ours to signal."""
+    if not record.pid or record.pid <= 1 or record.pid_start is None:
+        return False
+    if start_ticks(record.pid) != record.pid_start:
+        return False
+    try:
+        return os.getpgid(record.pid) == record.pid
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:
@@ -121,11 +150,58 @@ class JobRunner:
     def submit(self, job: str, cfg: JobConfig, title: str = "") -> JobRecord:
         """Queue a job whose config is complete and checked (every problem raised here, before it is queued)."""
         spec = JOBS.get(job)
-        cfg.check()
         with self._lock:
+            clash = self.collision(spec.name, cfg)  # first: "job X is stopped and waiting for Resume" says the most
+        if clash:
+            raise ConfigError(problems=[clash])
+        with paths.confined(self.store.roots, [self.store.root], base=self.cwd):  # the rules its worker will apply
+            cfg.check()
+            refused = paths.config_problems(cfg)
+        if refused:
+            raise ConfigError(problems=refused)
+        with self._lock:
+            clash = self.collision(spec.name, cfg)  # again: a job may have been queued while this one was checked
+            if clash:
+                raise ConfigError(problems=[clash])
             record = self.store.create(spec.name, cfg.model_dump(), title or spec.name)
         self.tick()
         return self.store.get(record.id)
+
+    def claims(self, job: str, values: dict[str, Any]) -> list[tuple[str, Path]]:
+        """(option, real path) of what a job writes: its output options, and for a training job the files named
+        output_name in output_dir (two runs may share a folder, not a name)."""
+        cls = JOBS.get(job).config_class()
+        base = self.cwd or Path.cwd()
+        out = []
+        for name in cls.model_fields:
+            value = values.get(name)
+            if cls.extra(name).get("path") == "output" and isinstance(value, str) and value and name != "logging_dir":
+                if name == "output_dir" and values.get("output_name"):
+                    out.append(("output_name", paths.real(Path(value) / str(values["output_name"]), base)))
+                else:
+                    out.append((name, paths.real(value, base)))
+        return out
+
+    def collision(self, job: str, cfg: JobConfig) -> tuple[str, str] | None:
+        """The first queued, running or stopped (resumable) job that writes where `cfg` would, as a problem."""
+        values = cfg.model_dump()
+        mine = self.claims(job, values)
+        for record in self.store.all():
+            if record.state not in ("queued", "running", "stopped"):
+                continue
+            if record.state == "stopped" and (values.get("resume") or values.get("overwrite")):
+                continue  # resuming (or knowingly replacing) the stopped run is what was asked
+            try:
+                theirs = self.claims(record.job, record.config)
+            except (KeyError, ValueError, AttributeError):
+                continue
+            for option, path in mine:
+                for _, other in theirs:
+                    if path == other or paths.within(path, other) or paths.within(other, path):
+                        waiting = " and waiting for Resume" if record.state == "stopped" else ""
+                        return (option, f"{path} is written by job {record.id} ({record.title}, {record.state}{waiting}); "
+                                        "choose another name or folder" + (", or pass overwrite" if record.state == "stopped" else ""))
+        return None
 
     def stop(self, job_id: str) -> JobRecord:
         """Ask a running job to stop after its current unit (it saves first); a queued one is cancelled."""
@@ -142,7 +218,7 @@ class JobRunner:
         """End a running job at once (its process group); nothing it writes is ever half-written at a final path."""
         with self._lock:
             record = self.store.get(job_id)
-            if record.state == "running" and record.pid:
+            if record.state == "running" and ours(record):
                 try:
                     os.killpg(record.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
@@ -210,12 +286,17 @@ class JobRunner:
     def _launch(self, record: JobRecord) -> None:
         folder = self.store.folder(record.id)
         log = open(folder / "worker.log", "ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        scratch = folder / "tmp"  # the job's temp files stay in its own folder (the worker may write nowhere else outside the roots)
+        scratch.mkdir(exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(scratch)}
+        if self.store.roots:  # our own caches (the merge's hash cache) stay in the workspace the job is confined to
+            env["LORATRAIN_CACHE"] = str(Path(self.store.roots[0]) / ".loratrain" / "cache")
         proc = subprocess.Popen([sys.executable, "-P", "-m", "loratrain.ui.worker", str(folder)], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env, cwd=self.cwd)
         log.close()
         self._procs[record.id] = proc
         record.state, record.pid, record.started = "running", proc.pid, time.time()
+        record.pid_start = start_ticks(proc.pid)
         self.store.save(record)
         # the end of a job is recorded the moment its process exits (and the next queued job starts), not at the next poll
         threading.Thread(target=self._on_exit, args=(proc,), name=f"wait-{record.id}", daemon=True).start()
@@ -234,7 +315,7 @@ class JobRunner:
             if code is None:
                 return
             del self._procs[record.id]
-        elif record.pid and _alive(record.pid):
+        elif ours(record) and _alive(record.pid):
             return  # a job started by an earlier run of the app: still running, followed through its events
         else:
             code = None
@@ -256,5 +337,5 @@ class JobRunner:
     def _recover(self) -> None:
         """After an app restart: jobs whose process is gone are marked; live ones are followed again."""
         for record in self.store.all():
-            if record.state == "running" and not (record.pid and _alive(record.pid)):
+            if record.state == "running" and not (ours(record) and _alive(record.pid)):
                 self._reap(record)

@@ -5,6 +5,7 @@ its kind, so a reloaded page (or a second tab) reattaches to a job that kept run
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,13 @@ from .config import AppContext
 from .events import Snapshot
 from .panel import view
 from .runner import JobRunner
+
+
+def refusal(api: str, message: str) -> Exception:
+    """A request the app refuses: one line on the app's console (not Gradio's traceback), the message to the caller."""
+    line = " ".join(message.split())
+    print(f"loratrain ui: refused /{api}: {line[:500]}", file=sys.stderr, flush=True)
+    return gr.Error(message, print_exception=False)
 
 
 class JobPanel:
@@ -83,14 +91,20 @@ class JobPanel:
     def stop(self, job_id: str | None) -> str:
         if not job_id:
             return "no job to stop"
-        record = self.runner.stop(job_id)
+        try:
+            record = self.runner.stop(job_id)
+        except ConfigError as e:
+            raise refusal(f"{self.prefix}_stop", str(e)) from None
         return f"**{record.title}**: stopping after the current step (a resumable state is saved)" \
             if record.state == "running" else f"**{record.title}**: {record.state}"
 
     def kill(self, job_id: str | None) -> str:
         if not job_id:
             return "no job to kill"
-        record = self.runner.kill(job_id)
+        try:
+            record = self.runner.kill(job_id)
+        except ConfigError as e:
+            raise refusal(f"{self.prefix}_kill", str(e)) from None
         return f"**{record.title}**: {record.state} · {record.message}"
 
 

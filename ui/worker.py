@@ -37,18 +37,25 @@ def watch_stop(job_dir: Path, stop: StopFlag) -> None:
 def main(job_dir: str) -> int:
     from loratrain.cli import describe_error
     from loratrain.console import quiet_irrelevant_library_messages
+    from loratrain.core import paths
     from loratrain.core.config import ConfigError
     from loratrain.jobs import JOBS
 
     folder = Path(job_dir)
     quiet_irrelevant_library_messages()
     spec_data = json.loads((folder / "job.json").read_text())
+    if spec_data.get("roots"):  # the app's workspace travels with the job: every file the job opens is checked here
+        paths.confine_to(spec_data["roots"], denied=[spec_data.get("jobs_dir") or folder.parent], scratch=[folder])
+        paths.install_guard()
     stop = StopFlag()
     watch_stop(folder, stop)
     reporter = JsonlReporter(folder / EVENTS)
     try:
         spec = JOBS.get(spec_data["job"])
         cfg = spec.config_class().build(spec_data["config"], source="the form", check=False)
+        refused = paths.config_problems(cfg)
+        if refused:
+            raise ConfigError(problems=refused)
         result = spec.run_function()(cfg, reporter, stop)
         return result.exit_code
     except (ConfigError, ValueError, OSError, ImportError, RuntimeError, FloatingPointError) as e:

@@ -7,49 +7,51 @@ path elsewhere, a symlink pointing out and `file://` URLs all get a message inst
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from loratrain.core import paths
 from loratrain.core.config import ConfigError, JobConfig, Problem
-
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+from loratrain.core.paths import split_spec  # noqa: F401  (pages import it from here)
 
 
 class Workspace:
-    def __init__(self, roots: list[str | Path]) -> None:
+    def __init__(self, roots: list[str | Path], denied: list[str | Path] = ()) -> None:
         if not roots:
             raise ConfigError("the app needs at least one workspace root")
         self.roots = [Path(r).expanduser().resolve() for r in roots]
         for root in self.roots:
             if not root.is_dir():
                 raise ConfigError(f"workspace root {root} is not a folder")
+        self.denied = [Path(os.path.realpath(d)) for d in denied]  # the app's own folders: inside a root, never a job's
 
     @property
     def home(self) -> Path:
         return self.roots[0]
 
     def resolve(self, value: str, what: str = "path") -> Path:
-        """The absolute path `value` names, or a ConfigError when it lies outside every root."""
+        """The absolute path `value` names, or a ConfigError when it lies outside every root (the rule jobs apply
+        where they open files, core/paths.py, applied here too so a form shows the refusal next to its field)."""
         text = str(value).strip()
-        if not text:
-            raise ConfigError(f"{what}: empty")
-        if "://" in text or text.startswith("file:"):
-            raise ConfigError(f"{what}: {text!r} is a URL; give a path inside the workspace ({self.describe()})")
+        problem = paths.text_problem(text)
+        if problem:
+            raise ConfigError(f"{what}: {problem}" + ("" if "URL" not in problem else f" inside the workspace ({self.describe()})"))
         path = Path(os.path.expanduser(text))
         if not path.is_absolute():
             path = self.home / path
         real = Path(os.path.realpath(path))  # follows every symlink, also in missing trailing parts
-        if not any(real == root or root in real.parents for root in self.roots):
+        if not any(paths.within(real, root) for root in self.roots):
             raise ConfigError(f"{what}: {text!r} is outside the workspace ({self.describe()}); "
                               "the app reads and writes only there (start it with --root to add folders)")
+        if any(paths.within(real, d) for d in self.denied):
+            raise ConfigError(f"{what}: {text!r} is inside the app's own jobs folder; jobs may not open it")
         return real
 
     def is_model_name(self, value: str) -> bool:
         """`org/name` or `name` that is no file or folder of the workspace: a model name (e.g. a tagger's repo id),
         which loaders look up in the local Hugging Face cache, never a path (jobs run with the first root as
         their working folder, so a relative path always means one inside it)."""
-        return bool(REPO_ID.match(value)) and not (self.home / value).exists()
+        return paths.is_model_name(value, self.home)
 
     def contains(self, value: str) -> bool:
         try:
@@ -82,32 +84,18 @@ class Workspace:
         for name in cfg_cls.model_fields:
             kind = cfg_cls.extra(name).get("path")
             value = values.get(name)
-            if not kind or value in (None, "", []) or (kind == "state" and value == "latest"):
-                continue
+            if not kind or kind == "name" or value in (None, "", []) or (kind == "state" and value == "latest"):
+                continue  # a name is checked as one path component by the config itself
             items = value if isinstance(value, list) else [value]
             resolved = []
             for item in items:
                 if kind == "any" and self.is_model_name(str(item)):
                     resolved.append(str(item))  # a Hugging Face repo id or short name: looked up in the local cache only
                     continue
-                head, sep, tail = split_spec(str(item), kind)
                 try:
+                    head, sep, tail = split_spec(str(item), kind)
                     resolved.append(str(self.resolve(head, name)) + sep + tail)
                 except ConfigError as e:
                     problems.append((name, str(e).split(": ", 1)[1]))
             out[name] = resolved if isinstance(value, list) else (resolved[0] if resolved else value)
         return out, problems
-
-
-def split_spec(text: str, kind: str) -> tuple[str, str, str]:
-    """(path, separator, rest) of a value that carries more than a path: `lora` PATH:WEIGHT[:BLOCKS],
-    `concept` FOLDER=TOKENS; other kinds are the path whole."""
-    if kind == "lora" and not Path(text).exists():
-        from loratrain.core.lora.spec import parse_lora_spec
-
-        path = parse_lora_spec(text).path
-        return path, text[len(path):len(path) + 1], text[len(path) + 1:]
-    if kind == "concept" and "=" in text:
-        head, _, tail = text.rpartition("=")
-        return head, "=", tail
-    return text, "", ""

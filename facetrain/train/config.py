@@ -22,7 +22,7 @@ class FaceTrainConfig(JobConfig):
     model_dir: str = opt("", "folder of the model (created; an existing model there is resumed)", positional=True, path="output")
     src_faceset: str = opt("", "aligned faces of the person to put in (src)", path="dir")
     dst_faceset: str = opt("", "aligned faces of the video to put them onto (dst)", path="dir")
-    model_name: str = opt("face", "file name stem of the saved model")
+    model_name: str = opt("face", "file name stem of the saved model (one name, no folder)", path="name")
     archi: str = opt("liae-ud", "df or liae, with modifiers -u -d -t -c (e.g. df-ud, liae-udt); first run only")
     resolution: int = opt(128, "face resolution (multiple of 16, or 32 with -d / -t); first run only")
     face_type: str = opt("wf", "h, mf, f, wf or head; faces of another type are re-cropped", choices=list(FACE_TYPES))

@@ -42,7 +42,9 @@ class ConfigError(ValueError):
 
 def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """Parse a TOML file, turning a missing file or a syntax error into a ConfigError naming it."""
-    path = Path(path)
+    from .paths import confine
+
+    path = confine(path, what)
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -94,8 +96,9 @@ def opt(default: Any, help: str, *, choices: list[str] | tuple[str, ...] | None 
     choices   the allowed values (static); registry: "module:NAME" of a Registry whose names are allowed,
               resolved lazily so declaring it imports nothing heavy
     ge/gt/le/lt  numeric range; group/advanced: where the UI shows it; positional: a CLI positional;
-    flag      the CLI flag when it differs from the field name; path: "file", "dir", "output" or "any"
-              (the UI checks these lie inside its workspace roots)
+    flag      the CLI flag when it differs from the field name; path: "file", "dir", "output", "any", "state",
+              "lora" (PATH:WEIGHT), "concept" (FOLDER=TOKENS): confined to the app's roots (core/paths.py);
+              "name": one path component joined to a folder (no separator, no `..`), refused anywhere else
     """
     extra: dict[str, Any] = {"group": group or "options", "advanced": advanced}
     for key, value in (("choices", list(choices) if choices else None), ("registry", registry), ("positional", positional),
@@ -182,6 +185,13 @@ class JobConfig(BaseModel):
         if value is None or not isinstance(extra, dict):
             return value
         values = value if isinstance(value, list) else [value]
+        if extra.get("path") == "name":
+            from .paths import name_problem
+
+            for v in values:
+                problem = name_problem(v)
+                if problem:
+                    raise ValueError(problem)
         if extra.get("choices"):
             bad = [v for v in values if v not in extra["choices"]]
             if bad:

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .paths import confine
+
 #: What sd-scripts (and our trainer) read as training images.
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 #: Folder our tools keep their own state in (journal, backups); never part of the dataset.
@@ -20,7 +22,7 @@ class ImageReadError(ValueError):
 
 def list_images(root: str | Path, recursive: bool = False, extensions: set[str] = IMAGE_EXTENSIONS) -> list[Path]:
     """Images under `root` sorted by path, skipping hidden folders and our own state folder."""
-    root = Path(root)
+    root = confine(root, "dataset folder")
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
     pattern = root.rglob("*") if recursive else root.iterdir()
@@ -30,13 +32,13 @@ def list_images(root: str | Path, recursive: bool = False, extensions: set[str] 
         if any(part.startswith(".") for part in rel[:-1]) or rel[-1].startswith("."):
             continue
         if p.is_file() and p.suffix.lower() in extensions:
-            out.append(p)
+            out.append(confine(p, "image"))  # a link out of the app's workspace is refused, not followed
     return sorted(out)
 
 
 def open_image(path: str | Path) -> Image.Image:
     """Fully decoded image, so truncated files fail here and not later in a worker."""
-    path = Path(path)
+    path = confine(path, "image")
     try:
         img = Image.open(path)
         img.load()

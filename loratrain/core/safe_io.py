@@ -12,10 +12,12 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .paths import confine
 
 if TYPE_CHECKING:
     import torch
@@ -81,7 +83,7 @@ def clean_stale_temps(directory: str | Path, force: bool = False) -> list[Path]:
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync and rename it over `path`; on any error remove it."""
-    path = Path(path)
+    path = confine(path, "output", write=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path.parent)
     tmp_path = temp_name(path)
@@ -107,13 +109,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 @contextmanager
 def atomic_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
     """A temp folder beside `path`, renamed to `path` when the block succeeds (an existing one replaced if asked)."""
-    path = Path(path)
+    path = confine(path, "output", write=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path.parent)
     tmp = temp_name(path)
     tmp.mkdir()
     try:
         yield tmp
+        _new_modes(tmp)
         if path.exists():
             if not replace:
                 raise FileExistsError(f"{path} exists")
@@ -134,9 +137,37 @@ def _mode_for(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o7777
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system tells (setting it, even briefly, would
+    give another thread's new file mode 0666)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _new_modes(folder: Path) -> None:
+    """Everything in a freshly written folder gets the umask's modes: 0666 & ~umask for files, 0777 & ~umask for
+    folders. Libraries that write through a private temp file (safetensors' save_file, transformers' save_pretrained)
+    leave 0600 files, which other users and services of a shared model folder could not read."""
+    umask = _umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -167,6 +198,97 @@ def new_output(path: str | Path, overwrite: bool, what: str = "output") -> Path:
     return path
 
 
+#: the kinds of output `--overwrite` may replace, each only by an output of the same kind
+OUTPUT_KINDS = {"safetensors": "a .safetensors file", "diffusers": "a diffusers folder (with model_index.json)",
+                "onnx": "an .onnx / .dfm file"}
+
+
+def _real(path: str | Path) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(str(path))))
+
+
+def output_conflicts(output: str | Path, inputs: Iterable[str | Path]) -> list[str]:
+    """Why `output` cannot be written by a job reading `inputs`: it is one of them, lies inside one (a diffusers
+    folder) or contains one. Real paths are compared (symlinks followed; a hard link is the same file too)."""
+    if not output:
+        return []
+    out_real, out = _real(output), []
+    for inp in inputs:
+        if not inp:
+            continue
+        in_real = _real(inp)
+        same = out_real == in_real
+        if not same and out_real.exists() and in_real.exists():
+            try:
+                same = os.path.samefile(out_real, in_real)
+            except OSError:
+                pass
+        spelled = {os.path.abspath(os.path.expanduser(str(p))) for p in (output, inp)}
+        via = f" (both are {in_real})" if len(spelled) > 1 else ""  # a symlink or another spelling of the same path
+        if same and out_real != in_real:
+            via = f" ({out_real} and {in_real} are hard links to one file)"
+        if same:
+            out.append(f"{output} is the input {inp}{via}; writing it would destroy the input: choose another output")
+        elif in_real in out_real.parents:
+            out.append(f"{output} lies inside the input {inp}; writing it would change the input: choose an output outside it")
+        elif out_real in in_real.parents:
+            out.append(f"{output} contains the input {inp}; replacing it would delete the input: choose another output")
+    return out
+
+
+def _looks_safetensors(path: Path) -> bool:
+    """A safetensors header: 8 bytes of little-endian length, then a JSON object of that length within the file."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
+
+
+def replaceable(output: str | Path, kind: str) -> str | None:
+    """None when `output` does not exist, or is an output of `kind` that --overwrite may replace; else why not (an
+    unrelated file or folder is never replaced)."""
+    path = Path(os.path.expanduser(str(output)))
+    if not path.exists() and not path.is_symlink():
+        return None
+    if kind == "diffusers":
+        if path.is_dir() and (path / "model_index.json").is_file():
+            return None
+        found = "a folder without model_index.json" if path.is_dir() else "a file"
+    elif kind == "safetensors":
+        if path.is_file() and _looks_safetensors(path):
+            return None
+        found = "a folder" if path.is_dir() else "a file that is not safetensors"
+    elif kind == "onnx":
+        if path.is_file() and path.suffix.lower() in (".onnx", ".dfm"):
+            return None
+        found = "a folder" if path.is_dir() else "a file that is not .onnx / .dfm"
+    else:
+        raise ValueError(f"unknown output kind {kind!r}; one of {', '.join(OUTPUT_KINDS)}")
+    return (f"{output} exists and is {found}; --overwrite replaces only {OUTPUT_KINDS[kind]}: "
+            "move it away or choose another output")
+
+
+def output_problems(field: str, output: str | Path, inputs: Iterable[str | Path], kind: str,
+                    overwrite: bool) -> list[tuple[str, str]]:
+    """The (field, message) problems of writing `output` (of `kind`) from `inputs`, found before any work: an output
+    that is, lies inside or contains an input; an existing one without --overwrite; one --overwrite may not replace."""
+    if not output:
+        return []
+    out = [(field, m) for m in output_conflicts(output, inputs)]
+    if out:
+        return out
+    path = Path(os.path.expanduser(str(output)))
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            out.append((field, f"{output} exists; pass --overwrite to replace it"))
+        elif (why := replaceable(path, kind)) is not None:
+            out.append((field, why))
+    return out
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -190,7 +312,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(confine(path, "model file")), framework="pt") as f:
         return dict(f.metadata() or {})
 
 
@@ -205,7 +327,7 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False, device: str = 
     """
     import torch
 
-    path = Path(path)
+    path = confine(path, "model file")
     if path.is_dir():
         raise ValueError(f"{path} is a folder; expected a .safetensors file")
     if not path.is_file():

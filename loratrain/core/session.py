@@ -12,6 +12,7 @@ from .devices import pick_device
 from .lora.files import parse_lora_spec
 from .models.ldm_keys import unet_module_pairs
 from .models.loading import SDModel
+from .paths import confine, locate
 from .sampling import build_pipeline
 
 
@@ -26,8 +27,11 @@ def lora_use(text: str, model: str = "") -> LoraUse:
     """`PATH[:WEIGHT[:BLOCKS]]`, checked to exist and, given the base `model` file, to be made for its family
     (both headers only: a LoRA of another family is named before the model loads)."""
     spec = parse_lora_spec(text)
-    if not Path(spec.path).is_file():
-        raise ConfigError(f"LoRA not found: {spec.path}")
+    confine(spec.path, "LoRA")
+    if not locate(spec.path).is_file():
+        from .lora.spec import missing_lora
+
+        raise ConfigError(missing_lora(text, spec))
     if model and Path(model).is_file() and Path(model).suffix.lower() == ".safetensors":
         _check_family(spec.path, model)
     return LoraUse(spec.path, spec.ratio, spec.blocks)
@@ -111,7 +115,7 @@ def block_scaled_lora(path: str, blocks: str, model: SDModel) -> dict[str, torch
 
     ratios = lbw_weights(blocks, model.family)
     ldm_of = dict(unet_module_pairs(dict(model.unet.config)))
-    sd = load_file(path)
+    sd = load_file(str(confine(path, "LoRA")))
     for key in list(sd):
         if key.endswith(".lora_up.weight"):
             sd[key] = sd[key] * ratios[lora_name_block(key.split(".")[0], model.family, ldm_of)]
@@ -126,7 +130,7 @@ def is_lycoris_file(path: str) -> bool:
     from .lora.kinds import MODULE_KINDS
 
     suffixes = tuple(f".{m}" for k in MODULE_KINDS.names() for m in MODULE_KINDS.get(k).markers) + (".dora_scale",)
-    with safe_open(path, framework="pt") as f:
+    with safe_open(str(confine(path, "LoRA")), framework="pt") as f:
         return any(k.endswith(suffixes) for k in f.keys())
 
 

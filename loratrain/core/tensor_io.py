@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .paths import confine
 from .precision import dtype_of
 from .safe_io import PICKLE_SUFFIXES, UnsafeFileError, atomic_path
 
@@ -137,7 +138,7 @@ class LazySafetensors:
     """The header of a .safetensors file, and reads of whole tensors or element ranges on demand."""
 
     def __init__(self, path: str | Path, what: str = "model") -> None:
-        self.path = Path(path)
+        self.path = confine(path, f"{what} file")
         if not self.path.is_file():
             raise FileNotFoundError(f"{what} file not found: {self.path}")
         suffix = self.path.suffix.lower()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .paths import confine
+
 
 @dataclass
 class VideoFrames:
@@ -22,7 +24,7 @@ class VideoFrames:
 
 def read_video(path: str | Path, fps: float = 0.0, start: float = 0.0, duration: float = 0.0) -> VideoFrames:
     """Frames at `fps` (0: every frame), from `start` seconds, for `duration` seconds (0: to the end)."""
-    path = Path(path)
+    path = confine(path, "video")  # ffmpeg opens it itself: checked here, where it is handed over
     if not path.is_file():
         raise FileNotFoundError(f"video not found: {path}")
     try:

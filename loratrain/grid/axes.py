@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loratrain.core.config import ConfigError
+from loratrain.core.paths import confine, locate
 from loratrain.core.registry import Registry
 from loratrain.core.samplers import SAMPLERS
 from loratrain.core.session import LoraUse
@@ -61,7 +62,8 @@ def _register(axis: Axis, *aliases: str) -> None:
 
 def _file_exists(what: str) -> Callable[[Any], None]:
     def check(v: Any) -> None:
-        if not Path(v).exists():
+        confine(v, what)  # an axis value is a path like any option's: inside the app's workspace or refused
+        if not locate(v).exists():
             raise ConfigError(f"{what} not found: {v}")
     return check
 

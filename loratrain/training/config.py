@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import field_validator
+from pydantic import ConfigDict, PrivateAttr, field_validator
 
 from loratrain.core.captions import CaptionExtension
 from loratrain.core.config import ConfigError, JobConfig, Problem, opt, parse_resolution
@@ -29,10 +29,19 @@ WEIGHT_MARKERS = {"loha": (".hada_w1_a",), "lokr": (".lokr_w1", ".lokr_w1_a"), "
 LORA_LAYER_KINDS = ("lora", "locon", "dora", "dylora")
 
 
+def _plateau(scheduler_type: str) -> bool:
+    """torch's ReduceLROnPlateau: stepped with a metric (a validation loss), which the training loop has not got."""
+    return scheduler_type.removeprefix("torch.optim.lr_scheduler.").lower() == "reducelronplateau"
+
+
 class TrainConfig(JobConfig):
     """`loratrain train`: sd-scripts' option names; its other options (kohya.py) are accepted or refused by name."""
 
     COMPAT_FLAGS = tuple(SD_SCRIPTS_FLAGS) + tuple(GUI_KEYS)
+    #: inf and nan are no learning rate, weight, ratio or strength: every float option must be finite
+    model_config = ConfigDict(allow_inf_nan=False)
+    #: a kohya_ss GUI JSON's keys for our options and the file, so its problems are named as that file spells them
+    _gui: Any = PrivateAttr(default=None)
 
     # model
     pretrained_model_name_or_path: str = opt("", "diffusers folder, HF cache folder or single-file .safetensors checkpoint",
@@ -144,7 +153,7 @@ class TrainConfig(JobConfig):
     dim_from_weights: bool = opt(False, "each module's rank and alpha from the network_weights file (modules the file lacks are "
                                         "not trained)", group=NET, advanced=True)
     base_weights: list[str] = opt([], "LoRA / LyCORIS files merged into the base model before training (sd-scripts' "
-                                      "base_weights)", group=MODEL, advanced=True)
+                                      "base_weights)", group=MODEL, advanced=True, path="file")
     base_weights_multiplier: list[float] = opt([], "the weight of each base_weights file (default 1)", group=MODEL, advanced=True)
     network_weights: str = opt("", "start from an existing LoRA: any kohya-layout .safetensors (sd-scripts', ours, ...) "
                                    "or a training state folder", group=NET,
@@ -239,7 +248,7 @@ class TrainConfig(JobConfig):
     max_timestep: int = opt(1000, "highest timestep sampled (exclusive)", ge=1, le=1000, group=NOISE, advanced=True)
     # output
     output_dir: str = opt("output", "where LoRA files, state and samples go", group=SAVE, path="output")
-    output_name: str = opt("last", "base file name", group=SAVE)
+    output_name: str = opt("last", "base file name (one name, no folder)", group=SAVE, path="name")
     save_precision: str = opt("fp16", "dtype of saved LoRA files: fp16, bf16, fp32 (sd-scripts: float)",
                               choices=PRECISION_NAMES[:4], group=SAVE)
     save_every_n_epochs: int = opt(0, "save a LoRA every N epochs", ge=0, group=SAVE)
@@ -250,6 +259,7 @@ class TrainConfig(JobConfig):
     save_last_n_steps: int = opt(0, "keep only the last N step saves (0 = all)", ge=0, group=SAVE, advanced=True)
     save_peft_format: bool = opt(False, "also write diffusers/PEFT pytorch_lora_weights.safetensors", group=SAVE, advanced=True)
     resume: str = opt("", "training state folder to continue from, or 'latest'", group=SAVE, path="state")
+    overwrite: bool = opt(False, "replace an earlier run's LoRA files and resumable state with the same output_name", group=SAVE)
     training_comment: str = opt("", "free text stored in the LoRA metadata", group=SAVE, advanced=True)
     metadata_title: str = opt("", "modelspec title (default: output_name)", group=SAVE, advanced=True)
     metadata_author: str = opt("", "modelspec author", group=SAVE, advanced=True)
@@ -289,6 +299,25 @@ class TrainConfig(JobConfig):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return [value]
         return value
+
+    @classmethod
+    def build(cls, data: dict[str, Any], source: str = "config", check: bool = True) -> Any:
+        """JobConfig.build; a kohya_ss GUI JSON's problems (now and at check) name its own keys and the file."""
+        from .kohya_gui import GuiNames
+
+        gui = GuiNames.of(data, source)
+        try:
+            cfg = super().build(data, source, check=False)
+        except ConfigError as e:
+            raise (gui.renamed(e) if gui else e) from None
+        cfg._gui = gui
+        return cfg.check(ready=False) if check else cfg
+
+    def check(self, ready: bool = True) -> Any:
+        try:
+            return super().check(ready)
+        except ConfigError as e:
+            raise (self._gui.renamed(e) if self._gui else e) from None
 
     @classmethod
     def compat(cls, flat: dict) -> tuple[dict, list[str], list[Problem]]:
@@ -414,6 +443,10 @@ class TrainConfig(JobConfig):
             out.append(("lr_scheduler_args", "piecewise_constant needs step_rules=..., e.g. step_rules=1:100,0.5:200,0.1"))
         if sched == "warmup_stable_decay" and not self.lr_decay_steps:
             out.append(("lr_decay_steps", "warmup_stable_decay needs lr_decay_steps (steps, or a ratio of the total)"))
+        if _plateau(self.lr_scheduler_type):
+            out.append(("lr_scheduler_type", "ReduceLROnPlateau lowers the lr when a metric stops improving and needs that "
+                                             "metric at every step; training gives it none. Choose a schedule by steps "
+                                             "(e.g. CosineAnnealingLR, StepLR) or an lr_scheduler"))
         if sched == "adafactor" and self.optimizer_type.lower() != "adafactor":
             out.append(("lr_scheduler", "the adafactor schedule is Adafactor's own: use optimizer_type Adafactor "
                                         "with optimizer_args relative_step=True"))
@@ -475,6 +508,7 @@ class TrainConfig(JobConfig):
 
     def requirements(self) -> list[Problem]:
         """What must exist before a model is loaded: inputs, the prompt file and each sampler it names."""
+        from . import config_checks as checks
         from .config_checks import base_weights_problems, lora_file_problems, prompt_problems, schedule_problems, vae_problems
 
         out: list[Problem] = []
@@ -503,6 +537,9 @@ class TrainConfig(JobConfig):
                 out.append((name, f"not found: {value}"))
         if self.resume and self.resume != "latest" and not Path(self.resume).is_dir():
             out.append(("resume", f"state folder not found: {self.resume}"))
+        elif self.resume and self.resume != "latest":
+            out += checks.resume_problems(Path(self.resume))
+        out += checks.block_count_problems(self)
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             out.append(("output_dir", f"{self.output_dir} is a file, not a folder"))
         if self.resume == "latest":
@@ -512,10 +549,14 @@ class TrainConfig(JobConfig):
             if find_state(state) is None:
                 out.append(("resume", f"nothing to resume: no complete training state {state} (or .tmp/.old beside it); "
                                       "run without --resume"))
+        from .config_checks import earlier_run_problems
+
+        out += earlier_run_problems(self)
         if self.sample_prompts:
             out += prompt_problems(self)
-        if self.lr_scheduler_args or self.lr_scheduler_type:
+        if (self.lr_scheduler_args or self.lr_scheduler_type) and not _plateau(self.lr_scheduler_type):
             out += schedule_problems(self)
+        out += checks.optimizer_problems(self)
         from .optim import OPTIMIZERS
 
         if self.optimizer_type in OPTIMIZERS and (hint := OPTIMIZERS.get(self.optimizer_type).missing()):

@@ -94,5 +94,6 @@ def run_lora_demo(cfg: LoraDemoConfig, reporter: Reporter, stop: StopFlag) -> Lo
 
     root = Path(cfg.output_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    result = run_train(demo_train_config(root, cfg.steps), reporter, stop)
+    # the demo folder is the demo's own (model, data and output rebuilt each time): a second demo replaces the first
+    result = run_train(demo_train_config(root, cfg.steps).model_copy(update={"overwrite": True}), reporter, stop)
     return LoraDemoResult(root=root, train=result, stopped=result.stopped)

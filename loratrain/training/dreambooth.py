@@ -32,7 +32,8 @@ class FinetuneConfig(TrainConfig):
 
     def network_options(self) -> dict[str, Any]:
         return {**super().network_options(), "ema_decay": self.ema_decay if self.use_ema else 0.0, "ema_on_cpu": self.ema_on_cpu,
-                "stop_text_encoder_after": self.stop_text_encoder_training, "save_diffusers": self.save_diffusers}
+                "stop_text_encoder_after": self.stop_text_encoder_training, "save_diffusers": self.save_diffusers,
+                "replace_diffusers": self.overwrite or bool(self.resume)}
 
     @classmethod
     def compat(cls, flat: dict) -> tuple[dict, list[str], list[Problem]]:
@@ -45,6 +46,10 @@ class FinetuneConfig(TrainConfig):
         out = super().problems()
         if self.network_kind != "full":
             out.append(("network_module", "a fine-tune trains the whole model (network_module full)"))
+        ema = [n for n in ("ema_decay", "ema_on_cpu") if getattr(self, n) != type(self).model_fields[n].default]
+        if ema and not self.use_ema:
+            out.append((ema[0], f"{' and '.join(ema)} {'set the' if len(ema) > 1 else 'sets the'} EMA, which is off: add "
+                                "--use_ema, or leave them out"))
         return out
 
 
@@ -76,11 +81,31 @@ def class_folder(cfg: DreamBoothConfig) -> Path:
     return Path(cfg.reg_data_dir) / f"1_{name}"
 
 
+def count_class_images(reg: Path) -> int:
+    """The class images training will use: images that open (their header), directly in the reg folder's
+    `<repeats>_<class>` subfolders as training reads them; junk files with an image's name, files elsewhere in
+    the folder and folders of another name do not count."""
+    from PIL import Image
+
+    if not reg.is_dir():
+        return 0
+    count = 0
+    for child in sorted(p for p in reg.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        head = child.name.partition("_")[0]
+        if not (head.isdigit() and int(head) >= 1):
+            continue
+        for path in list_images(child):
+            try:
+                with Image.open(path):
+                    count += 1
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                continue
+    return count
+
+
 def make_class_images(cfg: DreamBoothConfig, reporter: Reporter, stop: StopFlag) -> tuple[int, bool]:
     """(images made, stopped): fill the class folder until the reg folder holds `num_class_images` images."""
-    reg = Path(cfg.reg_data_dir)
-    have = len(list_images(reg, recursive=True)) if reg.is_dir() else 0
-    need = cfg.num_class_images - have
+    need = cfg.num_class_images - count_class_images(Path(cfg.reg_data_dir))
     if need <= 0:
         return 0, False
     import torch

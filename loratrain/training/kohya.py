@@ -166,6 +166,10 @@ NETWORK_ARGS_AS_HERE: dict[str, tuple[tuple[str, ...], str]] = {
     "train_norm": (("false", "0"), "not implemented yet"),
     "preset": (("full", "attn-mlp"), "LyCORIS presets other than full / attn-mlp are not implemented"),
 }
+#: network_args that are switches, and the words they take (any case); any other value is refused, not read as false
+SWITCH_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+SWITCH_NETWORK_ARGS = {"dora_wd", "enable_all_linear", "enable_conv"} | {
+    k for k, (values, _) in NETWORK_ARGS_AS_HERE.items() if values[0] in ("true", "false")}
 #: accepted values that still differ from LyCORIS in what they train: named in the log
 NETWORK_ARGS_NOTES = {"preset": "loratrain targets sd-scripts' modules (transformer blocks; ResNet convolutions with "
                                 "conv_dim), not LyCORIS' preset lists"}
@@ -243,8 +247,13 @@ def _network_args(value: Any, data: dict[str, Any]) -> tuple[list[tuple[str, str
     for item in items:
         key, sep, val = item.partition("=")
         key, val = key.strip(), val.strip()
+        given = val  # as the user wrote it, for messages
+        if key in SWITCH_NETWORK_ARGS and val.lower() in SWITCH_WORDS:
+            val = str(SWITCH_WORDS[val.lower()]).lower()  # "true" / "false" from here on
         if not sep:
             problems.append(("network_args", f"{item!r} is not key=value"))
+        elif key in SWITCH_NETWORK_ARGS and val not in ("true", "false"):
+            problems.append(("network_args", f"{key}={val}: a switch; give true or false (1/0, yes/no)"))
         elif key == "algo":
             if val.lower() not in LYCORIS_ALGOS:
                 problems.append(("network_args", f"algo={val}: LyCORIS algorithms here are {', '.join(LYCORIS_ALGOS)} "
@@ -269,7 +278,7 @@ def _network_args(value: Any, data: dict[str, Any]) -> tuple[list[tuple[str, str
         elif key in NETWORK_ARGS_AS_HERE:
             accepted, reason = NETWORK_ARGS_AS_HERE[key]
             if val.lower() not in accepted:
-                problems.append(("network_args", f"{key}={val}: {reason}"))
+                problems.append(("network_args", f"{key}={given}: {reason}"))
             elif key in NETWORK_ARGS_NOTES:
                 notes.append(f"{key}={val}: {NETWORK_ARGS_NOTES[key]}")
         else:

@@ -9,8 +9,12 @@ config. A JSON is recognised by content (a `LoRA_type` key), whatever its file n
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from loratrain.core.config import ConfigError
 
 from .kohya import is_off
 
@@ -50,8 +54,6 @@ GUI_ONLY = {"model_list", "num_cpu_threads_per_process", "LyCORIS_preset", "trai
 def read_json_config(path: str | Path) -> dict[str, Any]:
     import json
 
-    from loratrain.core.config import ConfigError
-
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
@@ -81,6 +83,46 @@ def _number(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class GuiNames:
+    """How a GUI JSON spells our options, so each problem names the key of the user's file (LoRA_type, optimizer,
+    max_resolution, lr_warmup; not network_module, optimizer_type, ...) and the file itself."""
+
+    names: dict[str, str]  # our option -> the GUI key its value came from; every key of the file -> itself
+    lora_type: str
+    source: str
+
+    @classmethod
+    def of(cls, data: dict[str, Any], source: str) -> GuiNames | None:
+        if not is_gui_json(data):
+            return None
+        gui = {k: _number(v) for k, v in data.items()}
+        names = {key: key for key in data}
+        names.update({ours: key for key, ours in RENAMED.items() if key in data and ours not in data})
+        names["network_module"] = MARKER
+        if not gui.get("lr_warmup_steps") and gui.get("lr_warmup"):
+            names["lr_warmup_steps"] = "lr_warmup"
+        if not gui.get("max_train_steps") and not gui.get("max_train_epochs") and gui.get("epoch"):
+            names["max_train_epochs"] = "epoch"
+        if "unit" in data:
+            names["dylora_unit"] = "unit"
+        return cls(names, str(gui.get(MARKER) or "Standard"), source.removesuffix(" + command line"))
+
+    def renamed(self, error: ConfigError) -> ConfigError:
+        out = []
+        for field, text in error.problems:
+            key = re.split(r"[=: ]", text, maxsplit=1)[0]
+            if field == "network_args" and key in self.names:  # a GUI field the translation passed as network_args
+                field = key
+            field = self.names.get(field, field)
+            text = re.sub(r"(?<![\w.])network_module (= )?[\w.]+", f"{MARKER} {self.lora_type!r}", text)
+            for ours, theirs in self.names.items():
+                if ours != theirs and "_" in ours:
+                    text = re.sub(rf"(?<![\w.]){re.escape(ours)}(?!\w)", theirs, text)
+            out.append((field, f"{text} (in {self.source})" if field in self.names else text))
+        return ConfigError(problems=out)
+
+
 def from_gui_json(data: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[tuple[str, str]]]:
     """GUI fields -> sd-scripts keys: (data, log lines, problems)."""
     gui = {k: _number(v) for k, v in data.items()}
@@ -101,7 +143,12 @@ def from_gui_json(data: dict[str, Any]) -> tuple[dict[str, Any], list[str], list
     if gui.get("lr_warmup_steps"):
         out["lr_warmup_steps"] = gui["lr_warmup_steps"]
     elif gui.get("lr_warmup"):
-        out["lr_warmup_steps"] = gui["lr_warmup"] / 100  # percent of the total: a ratio < 1 here
+        warmup = gui["lr_warmup"]
+        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < 100:
+            problems.append(("lr_warmup", f"{data['lr_warmup']!r}: the GUI's warmup is a number, a percent of the steps "
+                                          "(0 to 99)"))
+        else:
+            out["lr_warmup_steps"] = warmup / 100  # percent of the total: a ratio < 1 here
     if gui.get("lr_scheduler_num_cycles") is None and gui.get("epoch"):
         out["lr_scheduler_num_cycles"] = gui["epoch"]
     attention = gui.get("xformers")

@@ -157,7 +157,10 @@ OPTIMIZERS.register("DAdaptAdanIP")(OptimizerSpec(_dadaptation("DAdaptAdanIP", "
 def _adafactor(groups, lr, kw):
     from transformers.optimization import Adafactor
 
-    return Adafactor(groups, lr=lr, **{"scale_parameter": False, "relative_step": False, "warmup_init": False, **kw})
+    kw = {"scale_parameter": False, "relative_step": False, "warmup_init": False, **kw}
+    if kw["relative_step"]:  # the lr is Adafactor's own (sd-scripts drops the given one, as Adafactor requires)
+        lr, groups = None, [{**g, "lr": None} for g in groups]
+    return Adafactor(groups, lr=lr, **kw)
 
 
 def create_optimizer(name: str, groups: list[dict[str, Any]], lr: float, args: list[str]) -> torch.optim.Optimizer:

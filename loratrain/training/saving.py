@@ -58,12 +58,16 @@ def peft_adapter_config(network: Network) -> dict[str, object]:
     return out
 
 
-def prune_saves(output_dir: Path, output_name: str, kind: str, keep: int) -> None:
-    """Delete all but the newest `keep` numbered saves of one kind ('epoch' or 'step')."""
+def prune_saves(output_dir: Path, output_name: str, kind: str, keep: int, upto: int | None = None) -> None:
+    """Delete all but the newest `keep` numbered saves of one kind ('epoch' or 'step').
+
+    upto: the epoch or step just saved; a save numbered above it is an earlier, longer run's (kept after --overwrite),
+    and counting it would delete this run's newest saves."""
     if keep <= 0:
         return
     pattern = re.compile(re.escape(output_name) + (r"-step(\d{8})" if kind == "step" else r"-(\d{6})") + r"\.safetensors$")
-    found = sorted((int(m.group(1)), p) for p in output_dir.iterdir() if (m := pattern.match(p.name)))
+    found = sorted((int(m.group(1)), p) for p in output_dir.iterdir()
+                   if (m := pattern.match(p.name)) and (upto is None or int(m.group(1)) <= upto))
     for _, p in found[:-keep]:
         p.unlink()
         peft = p.with_name(p.stem + ".peft.safetensors")
@@ -115,13 +119,22 @@ def save_state(state_dir: Path, network: Network, optimizer: Any, scheduler: Any
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_safetensors(network.state_dict(), tmp / "network.safetensors")
-    with open(tmp / "optimizer.pt", "wb") as fh:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    sizes = {name: (tmp / name).stat().st_size for name in STATE_FILES}
-    atomic_write_json(tmp / INFO_FILE, {**info, "files": sizes})  # last: marks the folder complete
+    writing = tmp / "network.safetensors"
+    try:
+        save_safetensors(network.state_dict(), writing)
+        writing = tmp / "optimizer.pt"
+        with open(writing, "wb") as fh:
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        sizes = {name: (tmp / name).stat().st_size for name in STATE_FILES}
+        writing = tmp / INFO_FILE
+        atomic_write_json(writing, {**info, "files": sizes})  # last: marks the folder complete
+    except BaseException as e:  # a full disk, a kill signal: no half-written NAME-state.tmp is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, str(writing)):
+            raise type(e)(e.errno, e.strerror, str(state_dir / writing.name)) from e  # the file's name in the state
+        raise
     if old.exists():
         shutil.rmtree(old)
     if state_dir.exists():

@@ -497,7 +497,7 @@ class LoRATrainer:
         every = max(1, self.plan.epochs // cfg.save_n_epoch_ratio) if cfg.save_n_epoch_ratio else cfg.save_every_n_epochs
         if every and self.epoch % every == 0 and not done:
             self._save(self.out_dir / f"{cfg.output_name}-{self.epoch:06d}.safetensors")
-            prune_saves(self.out_dir, cfg.output_name, "epoch", cfg.save_last_n_epochs)
+            prune_saves(self.out_dir, cfg.output_name, "epoch", cfg.save_last_n_epochs, upto=self.epoch)
         if cfg.sample_every_n_epochs and self.epoch % cfg.sample_every_n_epochs == 0:
             self._sample(epoch=self.epoch)
         if self.epoch % (cfg.validate_every_n_epochs or 1) == 0:
@@ -508,7 +508,7 @@ class LoRATrainer:
         done = self.global_step >= self.plan.max_train_steps
         if cfg.save_every_n_steps and self.global_step % cfg.save_every_n_steps == 0 and not done:
             self._save(self.out_dir / f"{cfg.output_name}-step{self.global_step:08d}.safetensors")
-            prune_saves(self.out_dir, cfg.output_name, "step", cfg.save_last_n_steps)
+            prune_saves(self.out_dir, cfg.output_name, "step", cfg.save_last_n_steps, upto=self.global_step)
         if cfg.sample_every_n_steps and self.global_step % cfg.sample_every_n_steps == 0:
             self._sample(epoch=None)
         if cfg.validate_every_n_steps and self.global_step % cfg.validate_every_n_steps == 0:

@@ -99,8 +99,8 @@ def check_family(names: object, meta: dict[str, str], family: object, lora: str 
 
     made_for_sdxl = lora_is_sdxl(names, meta)  # type: ignore[arg-type]
     if made_for_sdxl is not None and made_for_sdxl != family.is_sdxl:  # type: ignore[attr-defined]
-        raise ConfigError(f"{lora}: this LoRA is for {'SDXL' if made_for_sdxl else 'SD1/SD2'} but {model_name} is a "
-                          f"{family.name} model; it belongs to another model family")  # type: ignore[attr-defined]
+        raise ConfigError(f"{lora} is an {'SDXL' if made_for_sdxl else 'SD1/SD2'} LoRA; the model {model_name} is "
+                          f"{family.name.upper()} (another model family)")  # type: ignore[attr-defined]
 
 
 def factorize(delta: torch.Tensor, rank: int, clamp_quantile: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,13 +48,24 @@ def parse_lora_spec(text: str) -> LoraSpec:
     return LoraSpec(text)
 
 
+def missing_lora(text: str, spec: LoraSpec) -> str:
+    """Why `text` names no LoRA file: an existing file followed by a weight that is not a number says so, rather
+    than "not found"."""
+    parts = text.split(":")
+    for n_tail in (1, 2):
+        head = ":".join(parts[:-n_tail])
+        if len(parts) > n_tail and head and Path(head).is_file():
+            return f"{text}: the weight {parts[-n_tail]!r} after {head} is not a number (PATH:WEIGHT, e.g. {head}:0.8)"
+    return f"LoRA not found: {spec.path}"
+
+
 def lora_spec_problems(specs: list[str], field: str) -> list[tuple[str, str]]:
     """Each `PATH[:RATIO[:BLOCKS]]` names an existing file and, if given, a known block preset or value list."""
     out = []
     for text in specs:
         spec = parse_lora_spec(text)
         if not Path(spec.path).is_file():
-            out.append((field, f"LoRA not found: {spec.path}"))
+            out.append((field, missing_lora(text, spec)))
         if spec.blocks:
             try:
                 lbw_values(spec.blocks)

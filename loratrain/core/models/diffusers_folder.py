@@ -9,7 +9,6 @@ never a half-written one.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,16 +16,21 @@ import torch
 from .loading import SDModel
 
 
-def save_diffusers_folder(model: SDModel, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+def save_diffusers_folder(model: SDModel, path: str | Path, dtype: torch.dtype | None = None, replace: bool = False) -> Path:
+    """Write `path` (safe_io.atomic_dir: files get the umask's modes). Something already at `path` is replaced only
+    with `replace`, and then only when it is a diffusers folder (model_index.json): a user's folder or file is never
+    deleted. Refused before anything is written."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import load_file, save_file
 
+    from ..config import ConfigError
+    from ..safe_io import atomic_dir, replaceable
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    old = path.with_name(f".{path.name}.old")
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
+    if path.exists() or path.is_symlink():
+        why = replaceable(path, "diffusers") if replace else f"{path} exists; pass --overwrite to replace it"
+        if why is not None:
+            raise ConfigError(why)
     sched = DDPMScheduler.from_config(model.noise_scheduler.config)
     if model.family.is_sdxl:
         pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
@@ -36,16 +40,12 @@ def save_diffusers_folder(model: SDModel, path: str | Path, dtype: torch.dtype |
         pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
                                        unet=model.unet, scheduler=sched, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    for weights in tmp.rglob("*.safetensors"):
-        if dtype is not None:
-            sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(weights)).items()}
-            save_file(sd, str(weights), metadata={"format": "pt"})
-        with open(weights, "rb") as f:
-            os.fsync(f.fileno())
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_dir(path, replace=replace) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        for weights in tmp.rglob("*.safetensors"):
+            if dtype is not None:
+                sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(weights)).items()}
+                save_file(sd, str(weights), metadata={"format": "pt"})
+            with open(weights, "rb") as f:
+                os.fsync(f.fileno())
     return path

@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..hf_cache import resolve_hf_cache
+from ..paths import confine
 from ..safe_io import load_state_dict
 from ..tokenizer import clip_tokenizer
 from . import text_encoder_keys
@@ -77,7 +78,7 @@ def load_model(path: str | Path, *, allow_pickle: bool = False, v_parameterizati
     dtype: the UNet and text encoders are loaded straight into it (the VAE stays float32), one
     tensor at a time: training in bf16 never holds an fp32 copy of the model. None: float32.
     """
-    path = Path(path).expanduser()
+    path = confine(Path(path).expanduser(), "model")
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path}")
     model = _load_folder(resolve_hf_cache(path), dtype) if path.is_dir() else _load_single_file(path, allow_pickle, dtype)

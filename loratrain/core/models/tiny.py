@@ -65,11 +65,11 @@ def write_single_file(model: SDModel, path: str | Path, dtype: torch.dtype = tor
     return Path(path)
 
 
-def write_diffusers_folder(model: SDModel, path: str | Path) -> Path:
-    """A standard diffusers pipeline folder (loadable by diffusers' own pipelines)."""
+def write_diffusers_folder(model: SDModel, path: str | Path, replace: bool = False) -> Path:
+    """A standard diffusers pipeline folder (loadable by diffusers' own pipelines); see save_diffusers_folder for `replace`."""
     from .diffusers_folder import save_diffusers_folder
 
-    return save_diffusers_folder(model, path)
+    return save_diffusers_folder(model, path, replace=replace)
 
 
 def checkpoint_layout(family: str, cfgs: dict[str, dict[str, Any]] | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

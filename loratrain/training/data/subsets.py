@@ -9,10 +9,22 @@ from typing import Any
 
 from loratrain.core.config import ConfigError, parse_resolution, read_toml
 from loratrain.core.images import IMAGE_EXTENSIONS
+from loratrain.core.paths import confine
 
 
 class DatasetError(ConfigError):
     """The dataset folders or TOML are wrong; the message names the file."""
+
+
+def confined(path: str | Path, what: str) -> Path:
+    """`path` when this job may read it (a symlinked concept folder or image pointing out of the app's workspace may
+    not), as a DatasetError naming it otherwise."""
+    try:
+        return confine(path, what)
+    except DatasetError:
+        raise
+    except ConfigError as e:
+        raise DatasetError(str(e)) from None
 
 
 @dataclass
@@ -45,12 +57,12 @@ class Subset:
     def mask_file(self, image: Path) -> Path | None:
         """The mask image of `image` in conditioning_data_dir (same stem, any image type), directly or in a folder
         named like the image's own folder (`10_sks dog/`), as sd-scripts' folder layout has it."""
-        root = Path(self.conditioning_data_dir)
+        root = confined(self.conditioning_data_dir, "conditioning_data_dir")
         for folder in (root / image.parent.name, root):
             for ext in IMAGE_EXTENSIONS:
                 for candidate in (folder / (image.stem + ext), folder / (image.stem + ext.upper())):
                     if candidate.is_file():
-                        return candidate
+                        return confined(candidate, f"mask of {image.name}")
         return None
 
     @property
@@ -59,10 +71,10 @@ class Subset:
         return self.color_aug or self.random_crop
 
     def images(self) -> list[Path]:
-        root = Path(self.image_dir)
+        root = confined(self.image_dir, "image_dir")
         if not root.is_dir():
             raise DatasetError(f"image_dir not found: {root}")
-        return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return sorted(confined(p, "image") for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 @dataclass
@@ -90,10 +102,10 @@ def subsets_from_folders(train_data_dir: str, reg_data_dir: str | None, defaults
     for root, is_reg in ((train_data_dir, False), (reg_data_dir, True)):
         if not root:
             continue
-        root_path = Path(root)
+        root_path = confined(root, f"{'reg' if is_reg else 'train'}_data_dir")
         if not root_path.is_dir():
             raise DatasetError(f"{'reg' if is_reg else 'train'}_data_dir not found: {root_path}")
-        for child in sorted(p for p in root_path.iterdir() if p.is_dir()):
+        for child in sorted(confined(p, "concept folder") for p in root_path.iterdir() if p.is_dir()):
             head, _, tokens = child.name.partition("_")
             try:
                 repeats = int(head)
@@ -148,6 +160,10 @@ def specs_from_toml(path: str | Path, defaults: dict[str, Any]) -> list[DatasetS
             image_dir = Path(values["image_dir"])
             if not image_dir.is_absolute():
                 values["image_dir"] = str((path.parent / image_dir).resolve()) if not image_dir.exists() else str(image_dir)
+            where = f"{path}: datasets[{d_index}].subsets[{s_index}]"
+            confined(values["image_dir"], f"{where}.image_dir")  # a path read from a file is input like any other
+            if values.get("conditioning_data_dir"):
+                confined(values["conditioning_data_dir"], f"{where}.conditioning_data_dir")
             subsets.append(Subset(**values))
         if not subsets:
             raise DatasetError(f"{path}: datasets[{d_index}] has no subsets")

@@ -34,6 +34,7 @@ class NetworkSpec:
     ema_on_cpu: bool = False
     stop_text_encoder_after: int = 0  # full fine-tune: steps the text encoders train (0 = all)
     save_diffusers: bool = False  # full fine-tune: every save also as a diffusers folder
+    replace_diffusers: bool = False  # --overwrite / --resume: an earlier run's diffusers folder (model_index.json) may be replaced
     module_dims: dict[str, tuple[int, float]] | None = None  # dim_from_weights: kohya name -> (rank, alpha) of a file
     oft_all_linear: bool = False  # OFT: every linear layer of the transformer blocks, not only attention
     oft_conv: bool = False  # OFT: the ResNet convolutions too

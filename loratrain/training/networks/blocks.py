@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 SD_BLOCKS, SDXL_BLOCKS = 25, 23
 LR_PRESETS = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+#: values of each lr weight option: (SD1/SD2, SDXL) - sd-scripts' NUM_OF_BLOCKS / NUM_OF_MID_BLOCKS and their SDXL
+#: counterparts (sd-scripts pads a short list with 1 and cuts a long one; a wrong count here is refused instead)
+LR_WEIGHT_COUNTS = {"down_lr_weight": (12, 9), "mid_lr_weight": (1, 3), "up_lr_weight": (12, 9)}
 _SD1 = re.compile(r"lora_unet_(down|up)_blocks_(\d+)_(resnets|attentions|downsamplers|upsamplers)_(\d+)_")
 
 
@@ -79,9 +82,36 @@ def check_text(spec: BlockSpec) -> list[tuple[str, str]]:
                 out.append((field, f"{text!r}: a list of numbers or one of {', '.join(LR_PRESETS)} (with +offset)"))
         elif text:
             try:
-                _numbers(text, field, None)
+                values = _numbers(text, field, None)
             except ValueError as e:
                 out.append((field, str(e)))
+                continue
+            counts = LR_WEIGHT_COUNTS[field]
+            if len(values) not in counts:
+                out.append((field, f"{len(values)} values; give {counts[0]} (SDXL: {counts[1]}), one per block"
+                                   + ("" if field == "mid_lr_weight" else f", or a preset ({', '.join(LR_PRESETS)})")))
+    return out
+
+
+def count_problems(spec: BlockSpec, is_sdxl: bool) -> list[tuple[str, str]]:
+    """With the family known (before the model loads, from its header): exactly one value per block of that family."""
+    family, i = ("SDXL", 1) if is_sdxl else ("SD1/SD2", 0)
+    out = []
+    for field in ("down_lr_weight", "mid_lr_weight", "up_lr_weight"):
+        text = getattr(spec, field)
+        n = LR_WEIGHT_COUNTS[field][i]
+        if text and ("," in text or field == "mid_lr_weight"):
+            try:
+                count = len(_numbers(text, field, None))
+            except ValueError:
+                continue  # check_text names it
+            if count != n:
+                out.append((field, f"{count} values; the model is {family}: give {n}, one per block"))
+    for field, name in (("dims", "block_dims"), ("alphas", "block_alphas"), ("conv_dims", "conv_block_dims"),
+                        ("conv_alphas", "conv_block_alphas")):
+        text, n = getattr(spec, field), SDXL_BLOCKS if is_sdxl else SD_BLOCKS
+        if text and len(text.split(",")) in (SD_BLOCKS, SDXL_BLOCKS) and len(text.split(",")) != n:
+            out.append((name, f"{len(text.split(','))} values; the model is {family}: give {n}, one per block"))
     return out
 
 
@@ -95,17 +125,20 @@ def _preset(text: str, n: int) -> list[float]:
 
 
 def lr_weights(spec: BlockSpec, is_sdxl: bool) -> list[float] | None:
-    """The learning-rate weight of every block (None: no block learning rates), sd-scripts' rules: a list
-    shorter than the blocks is filled with 1, a longer one cut; weights at or below the threshold become 0."""
+    """The learning-rate weight of every block (None: no block learning rates): one value per block (a wrong count
+    is refused, where sd-scripts fills a short list with 1 and cuts a long one); weights at or below the threshold
+    become 0."""
     if not (spec.down_lr_weight or spec.mid_lr_weight or spec.up_lr_weight):
         return None
+    problems = count_problems(spec, is_sdxl)
+    if problems:
+        raise ValueError(f"{problems[0][0]}: {problems[0][1]}")
     n, n_mid = (9, 3) if is_sdxl else (12, 1)
 
     def side(text: str, length: int) -> list[float]:
         if not text:
             return [1.0] * length
         values = _preset(text, length) if "," not in text and text.split("+")[0] in LR_PRESETS else _numbers(text, "lr weight", None)
-        values = (values + [1.0] * length)[:length]
         return [w if w > spec.lr_zero_threshold else 0.0 for w in values]
 
     weights = side(spec.down_lr_weight, n) + side(spec.mid_lr_weight, n_mid) + side(spec.up_lr_weight, n)

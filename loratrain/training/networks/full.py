@@ -28,6 +28,7 @@ class FullNetwork(Network):
             raise ValueError("nothing to train: enable the UNet and/or the text encoder")
         self.stop_text_encoder_after = spec.stop_text_encoder_after  # steps; 0 = train them to the end
         self.steps = 0
+        self.diffusers_written: set[Path] = set()  # save_diffusers folders this run wrote (each may be saved again)
         for module in self.parts().values():
             module.requires_grad_(True)
         self.ema = None
@@ -106,7 +107,9 @@ class FullNetwork(Network):
             if self.spec.save_diffusers:  # sd-scripts' save_model_as diffusers: the same weights as a pipeline folder
                 from loratrain.core.models.diffusers_folder import save_diffusers_folder
 
-                save_diffusers_folder(self.model, path.with_suffix(""), dtype)
+                folder = path.with_suffix("")  # replaced when this run wrote it, or an earlier run's with --overwrite/--resume
+                save_diffusers_folder(self.model, folder, dtype, replace=folder in self.diffusers_written or self.spec.replace_diffusers)
+                self.diffusers_written.add(folder)
         finally:
             if self.ema is not None:
                 self.ema.restore(self.ema_params)
