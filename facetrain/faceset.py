@@ -141,15 +141,15 @@ def move_to_other(folder: str | Path, names: list[str]) -> list[Path]:
     unknown = [n for n in names if n not in faces]
     if unknown:
         raise FacesetError(f"{folder}: no face named {', '.join(unknown[:5])}")
-    other = folder / "_other"
+    other = confine(folder / "_other", "faceset's _other folder", write=True)  # a link out is refused, not followed
     other.mkdir(exist_ok=True)
     moved = []
     for name in dict.fromkeys(names):
         target, n = other / name, 1
-        while target.exists():
+        while target.exists() or target.is_symlink():
             target = other / f"{Path(name).stem}_{n}{Path(name).suffix}"
             n += 1
-        os.replace(faces[name], target)
+        os.replace(faces[name], confine(target, "face", write=True))
         moved.append(target)
     return moved
 

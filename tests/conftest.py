@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # run to run on some processors (two identical 2-thread runs differed by 1e-6 here); its conditional numerical
 # reproducibility mode keeps results the same, and must be set before torch loads MKL.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# The app's signing key (ui/signing.py) lives in a private state folder: the tests' own, never the user's.
+os.environ.setdefault("LORATRAIN_STATE_DIR", tempfile.mkdtemp(prefix="loratrain-test-state-"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
@@ -61,5 +64,8 @@ def running_app(root: Path):
     try:
         yield ctx, url
     finally:
+        from loratrain.core import paths
+
         ctx.runner.close()
         app.close()
+        paths.unconfine()

@@ -2,6 +2,7 @@
 mode, the labels in every output kind, smoothing, resume after a kill, and bad input."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -237,7 +238,13 @@ def test_a_killed_swap_resumes_to_the_same_video(kit, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     parts = tmp_path / ".resumed.mp4.swap-parts"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("seg_*.mp4"))) < 2:
+    def saved_frames() -> int:  # what the resumable state records (a segment file is renamed just before it)
+        try:
+            return int(json.loads((parts / "state.json").read_text())["next_frame"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    while time.time() < deadline and saved_frames() < 8:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -183,19 +183,39 @@ def test_job_ids_never_leave_the_jobs_folder(env):
     assert not (env["outside"] / "fake" / "events.jsonl").exists()
 
 
-def test_a_forged_job_record_never_gets_a_process_killed(env):
-    """A record in the jobs folder (written by anyone) naming a pid the app never started: Kill leaves it alone."""
+def _victim_start(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[19])
+
+
+def test_a_planted_job_record_is_no_job(env):
+    """Records in the jobs folder that the app did not write (a downloaded archive unpacked at the root, say) are never
+    listed, launched or signalled, even when they name the victim's real pid and start time or ask for no roots."""
     store = env["ctx"].runner.store
-    forged = store.root / "20200101-000000-abcdef"
-    forged.mkdir()
-    (forged / "state.json").write_text(json.dumps({"id": forged.name, "job": "train", "title": "forged", "created": 0,
-                                                   "state": "running", "pid": env["victim"].pid}))
-    for pid_start in (None, 12345):
-        data = json.loads((forged / "state.json").read_text())
-        (forged / "state.json").write_text(json.dumps({**data, "pid_start": pid_start, "state": "running"}))
-        env["client"].predict(forged.name, api_name="/jobs_kill")
-        time.sleep(0.2)
-        assert env["victim"].poll() is None
+    victim = env["victim"]
+    kill_me = store.root / "20200101-000000-abcdef"
+    kill_me.mkdir()
+    (kill_me / "state.json").write_text(json.dumps({
+        "id": kill_me.name, "job": "train", "title": "forged", "created": 0, "state": "running", "pid": victim.pid,
+        "pid_start": _victim_start(victim.pid), "sig": "0" * 64}))
+    run_me = store.root / "20200101-000001-abcdef"
+    run_me.mkdir()
+    (run_me / "state.json").write_text(json.dumps({"id": run_me.name, "job": "dataset frames", "title": "forged", "created": 0,
+                                                   "state": "queued"}))
+    (run_me / "job.json").write_text(json.dumps({"job": "dataset frames", "roots": [], "config": {
+        "video": str(env["root"] / "nothing.mp4"), "output_dir": str(env["outside"] / "pwned")}}))
+    for api in ("/jobs_kill", "/train_kill", "/jobs_stop"):
+        with pytest.raises(AppError, match="no job"):
+            env["client"].predict(kill_me.name, api_name=api)
+    env["ctx"].runner.tick()
+    time.sleep(1.5)
+    assert victim.poll() is None
+    listed = [r.id for r in store.all()]
+    assert kill_me.name not in listed and run_me.name not in listed
+    assert not (run_me / "events.jsonl").exists() and not (env["outside"] / "pwned").exists()
+    # a worker handed a job.json the app did not sign refuses it
+    res = subprocess.run([sys.executable, "-m", "loratrain.ui.worker", str(run_me)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "not written by this app" in (run_me / "events.jsonl").read_text()
 
 
 # ---- an untrusted journal ----------------------------------------------------------------------------------------
@@ -229,6 +249,9 @@ def test_a_second_job_may_not_take_a_stopped_runs_outputs(env):
         time.sleep(0.3)
     with pytest.raises(AppError, match=f"job {first}"):  # running
         start(env, "train", cfg)
+    with pytest.raises(AppError, match=f"job {first}"):  # another kind of job writing one of that run's files
+        start(env, "lora resize", {"model": str(env["root"] / "twice" / "mine.safetensors"), "new_rank": 2,
+                                   "output": str(env["root"] / "twice" / "mine-step00000002.safetensors")})
     env["client"].predict(first, api_name="/train_stop")
     s = wait(env, first)
     assert s["state"] == "stopped", s
@@ -239,6 +262,68 @@ def test_a_second_job_may_not_take_a_stopped_runs_outputs(env):
     with pytest.raises(AppError, match="output_name"):  # another job name, same files
         start(env, "train", {**cfg, "output_dir": str(env["root"] / "twice" / "." )})
     assert tree_digest(state) == before
+
+
+# ---- what the app's own pages open -------------------------------------------------------------------------------
+def call(env, endpoint, **values):
+    """A page event by its api_name, with the form's defaults and the given fields (by label)."""
+    api = env.setdefault("api", env["client"].view_api(return_format="dict", print_info=False))
+    params = api["named_endpoints"][endpoint]["parameters"]
+    args = [values.get(p["label"], p["parameter_default"] if p["parameter_has_default"] else None) for p in params]
+    return env["client"].predict(*args, api_name=endpoint)
+
+
+def test_page_handlers_never_follow_a_link_out(env):
+    faces = env["root"] / "faces1"
+    faces.mkdir()
+    make_concept_images(faces, "circle", 1, 64, 7)
+    face = sorted(faces.glob("*.png"))[0]
+    os.symlink(env["outside"], faces / "_other")
+    labels = [p["label"] for p in env["client"].view_api(return_format="dict", print_info=False)["named_endpoints"]
+              ["/faceset_move"]["parameters"]]
+    out = env["client"].predict(str(faces), face.name, api_name="/faceset_move")
+    assert face.is_file() and "outside the workspace" in str(out), (labels, out)
+
+    ds = env["root"] / "ds_link"
+    make_concept_images(ds, "square", 1, 64, 8)
+    image = sorted(ds.glob("*.png"))[0]
+    image.with_suffix(".txt").unlink(missing_ok=True)
+    os.symlink(env["outside"] / "secret.txt", image.with_suffix(".txt"))
+    out = call(env, "/dataset_open", **{"dataset folder": str(ds)})
+    assert "the user's own file" not in json.dumps(out, default=str) and "outside the workspace" in json.dumps(out, default=str)
+
+
+def test_a_text_file_named_like_a_video_is_never_handed_to_ffmpeg(env):
+    (env["root"] / "vid").mkdir()
+    os.symlink(env["outside"] / "secret.txt", env["root"] / "vid" / "lnk.mp4")
+    (env["root"] / "vid" / "evil.mp4").write_text("ffconcat version 1.0\nfile lnk.mp4\n")
+    refused_or_failed(env, "dataset frames", {"video": "vid/evil.mp4", "output_dir": "frames_out"}, "text file")
+    assert not any((env["root"] / "frames_out").glob("*")) if (env["root"] / "frames_out").exists() else True
+
+
+def test_a_forged_training_state_is_no_oracle(env):
+    state = env["root"] / "st" / "x-state"
+    state.mkdir(parents=True)
+    (state / "train_state.json").write_text(json.dumps({"files": {str(env["outside"] / "secret.txt"): 1, "/etc/passwd": 1}}))
+    with pytest.raises(AppError) as e:
+        start(env, "train", {**TRAIN, "pretrained_model_name_or_path": env["model"], "train_data_dir": env["data"],
+                             "output_dir": "st", "output_name": "x", "resume": str(state)})
+    assert "no part of a training state" in str(e.value) and "bytes" not in str(e.value)
+
+
+def test_the_jobs_folder_is_never_served(env):
+    import urllib.error
+    import urllib.request
+
+    record = env["ctx"].runner.store.all()[0]
+    for name in ("job.json", "state.json", "events.jsonl"):
+        try:
+            with urllib.request.urlopen(f"{env['url']}gradio_api/file={env['ctx'].runner.store.real / record.id / name}",
+                                        timeout=10) as r:
+                code = r.status
+        except urllib.error.HTTPError as err:
+            code = err.code
+        assert code in (403, 404), name
 
 
 # ---- the console ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from loratrain.core import paths
 from loratrain.core.config import ConfigError
 
 from .config import AppContext, UiConfig
@@ -131,6 +132,9 @@ def make_context(cfg: UiConfig) -> AppContext:
     workspace.resolve(str(jobs_dir), "jobs_dir")
     workspace = Workspace(cfg.root, denied=[jobs_dir])  # no job may read or write the app's own records
     runner = JobRunner(JobStore(jobs_dir, roots=workspace.roots), gpu_slots=cfg.gpu_slots, cwd=workspace.home)
+    # the app's own handlers (gallery, captions, facesets, previews) open files under the same rules as its jobs;
+    # its own records are the one place outside them it writes
+    paths.confine_to(workspace.roots, denied=[jobs_dir], scratch=[jobs_dir], base=workspace.home)
     demo = None
     if cfg.demo:
         from loratrain.training.demo import demo_train_config
@@ -150,7 +154,7 @@ def serve(cfg: UiConfig, block: bool = True) -> tuple[Any, AppContext, str]:
     ctx.runner.start()  # type: ignore[attr-defined]
     try:
         _, url, _ = app.launch(server_name=cfg.listen, server_port=cfg.port, auth=cfg.credentials(), share=False,
-                               allowed_paths=roots, prevent_thread_lock=True, ssr_mode=False, quiet=True,
+                               allowed_paths=roots, blocked_paths=[str(ctx.runner.store.real)], prevent_thread_lock=True, ssr_mode=False, quiet=True,
                                footer_links=[], mcp_server=False)
     except OSError as e:
         raise ConfigError(f"cannot serve on {cfg.listen}:{cfg.port} ({e.strerror or e}); choose another --port") from None
@@ -163,4 +167,5 @@ def serve(cfg: UiConfig, block: bool = True) -> tuple[Any, AppContext, str]:
         finally:
             ctx.runner.close()  # type: ignore[attr-defined]
             app.close()
+            paths.unconfine()
     return app, ctx, url

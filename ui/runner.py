@@ -26,8 +26,9 @@ from loratrain.core.paths import JOB_ID
 from loratrain.core.safe_io import atomic_write_json
 from loratrain.jobs import JOBS
 
+from . import signing
 from .events import EVENTS, EventFollower, Snapshot, append_event
-from .worker import STOP_FILE
+from .worker import JOBS_DIR_ENV, ROOTS_ENV, STOP_FILE
 
 FINISHED = ("done", "stopped", "failed", "crashed", "cancelled")
 QUIET_AFTER = 600.0  # seconds without an event before a running job is shown as possibly hung
@@ -59,29 +60,38 @@ class JobStore:
     def __init__(self, root: str | Path, roots: list[str | Path] = ()) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.real = Path(os.path.realpath(self.root))  # where it is now: a link swapped in later is refused, not followed
         self.roots = [str(r) for r in roots]  # the workspace: every job is confined to it in its own process
+        self.key = signing.app_key()
 
     def folder(self, job_id: str) -> Path:
         """A job's folder; `job_id` must be one the app made (anything else, `../x` included, is no job)."""
-        if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+        if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
             raise ConfigError(f"no job {str(job_id)[:80]!r} (job ids look like 20261206-104433-a1b2c3)")
-        return self.root / job_id
+        if Path(os.path.realpath(self.root)) != self.real:
+            raise ConfigError(f"the jobs folder {self.root} was replaced (now a link to {os.path.realpath(self.root)}); "
+                              "the app does not follow it: restart the app")
+        return self.real / job_id
 
     def create(self, job: str, config: dict[str, Any], title: str) -> JobRecord:
         job_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
         record = JobRecord(id=job_id, job=job, title=title, created=time.time(), config=config)
         folder = self.folder(job_id)
         folder.mkdir(parents=True)
-        atomic_write_json(folder / "job.json", {"job": job, "config": config, "roots": self.roots, "jobs_dir": str(self.root)})
+        atomic_write_json(folder / "job.json", signing.signed({"job": job, "config": config}, self.key))
         self.save(record)
         return record
 
     def save(self, record: JobRecord) -> None:
-        atomic_write_json(self.folder(record.id) / "state.json", asdict(record))
+        atomic_write_json(self.folder(record.id) / "state.json", signing.signed(asdict(record), self.key))
 
     def get(self, job_id: str) -> JobRecord:
+        """The record the app wrote; anything else in the jobs folder (a forged or planted record) is no job."""
         try:
             data = json.loads((self.folder(job_id) / "state.json").read_text())
+            if not signing.verified(data, self.key) or data.get("id") != job_id:
+                raise ValueError("not signed by this app")
+            data.pop(signing.SIG)
             return JobRecord(**data)
         except (OSError, ValueError, TypeError):
             raise ConfigError(f"no job {job_id!r}") from None
@@ -89,7 +99,7 @@ class JobStore:
     def all(self) -> list[JobRecord]:
         out = []
         for folder in sorted(self.root.iterdir(), reverse=True):
-            if JOB_ID.match(folder.name) and not folder.is_symlink() and (folder / "state.json").is_file():
+            if JOB_ID.fullmatch(folder.name) and not folder.is_symlink() and (folder / "state.json").is_file():
                 try:
                     out.append(self.get(folder.name))
                 except ConfigError:
@@ -167,9 +177,10 @@ class JobRunner:
         self.tick()
         return self.store.get(record.id)
 
-    def claims(self, job: str, values: dict[str, Any]) -> list[tuple[str, Path]]:
-        """(option, real path) of what a job writes: its output options, and for a training job the files named
-        output_name in output_dir (two runs may share a folder, not a name)."""
+    def claims(self, job: str, values: dict[str, Any]) -> list[tuple[str, Path, bool]]:
+        """(option, real path, is a name stem) of what a job writes: its output options, and for a training job every
+        file named after output_name in output_dir (NAME.safetensors, NAME-step*.safetensors, NAME-state/ ...): two
+        runs may share a folder, not a name."""
         cls = JOBS.get(job).config_class()
         base = self.cwd or Path.cwd()
         out = []
@@ -177,10 +188,22 @@ class JobRunner:
             value = values.get(name)
             if cls.extra(name).get("path") == "output" and isinstance(value, str) and value and name != "logging_dir":
                 if name == "output_dir" and values.get("output_name"):
-                    out.append(("output_name", paths.real(Path(value) / str(values["output_name"]), base)))
+                    out.append(("output_name", paths.real(Path(value) / str(values["output_name"]), base), True))
                 else:
-                    out.append((name, paths.real(value, base)))
+                    out.append((name, paths.real(value, base), False))
         return out
+
+    @staticmethod
+    def _overlap(a: tuple[str, Path, bool], b: tuple[str, Path, bool]) -> bool:
+        (_, pa, stem_a), (_, pb, stem_b) = a, b
+        if pa == pb or paths.within(pa, pb) or paths.within(pb, pa):
+            return True
+        for (p, stem), (q, _) in (((pa, stem_a), (pb, stem_b)), ((pb, stem_b), (pa, stem_a))):
+            if stem:  # q is one of the files named after the stem p, or lies inside one (NAME-state/...)
+                for part in (q, *q.parents):
+                    if part.parent == p.parent and part.name.startswith((p.name + ".", p.name + "-")):
+                        return True
+        return False
 
     def collision(self, job: str, cfg: JobConfig) -> tuple[str, str] | None:
         """The first queued, running or stopped (resumable) job that writes where `cfg` would, as a problem."""
@@ -195,12 +218,11 @@ class JobRunner:
                 theirs = self.claims(record.job, record.config)
             except (KeyError, ValueError, AttributeError):
                 continue
-            for option, path in mine:
-                for _, other in theirs:
-                    if path == other or paths.within(path, other) or paths.within(other, path):
-                        waiting = " and waiting for Resume" if record.state == "stopped" else ""
-                        return (option, f"{path} is written by job {record.id} ({record.title}, {record.state}{waiting}); "
-                                        "choose another name or folder" + (", or pass overwrite" if record.state == "stopped" else ""))
+            for claim in mine:
+                if any(self._overlap(claim, other) for other in theirs):
+                    waiting = " and waiting for Resume" if record.state == "stopped" else ""
+                    return (claim[0], f"{claim[1]} is written by job {record.id} ({record.title}, {record.state}{waiting}); "
+                                      "choose another name or folder" + (", or pass overwrite" if record.state == "stopped" else ""))
         return None
 
     def stop(self, job_id: str) -> JobRecord:
@@ -288,7 +310,9 @@ class JobRunner:
         log = open(folder / "worker.log", "ab")
         scratch = folder / "tmp"  # the job's temp files stay in its own folder (the worker may write nowhere else outside the roots)
         scratch.mkdir(exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(scratch)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(scratch),
+               # the roots travel from the app to its worker, never through a file in the workspace
+               ROOTS_ENV: json.dumps(self.store.roots), JOBS_DIR_ENV: str(self.store.real)}
         if self.store.roots:  # our own caches (the merge's hash cache) stay in the workspace the job is confined to
             env["LORATRAIN_CACHE"] = str(Path(self.store.roots[0]) / ".loratrain" / "cache")
         proc = subprocess.Popen([sys.executable, "-P", "-m", "loratrain.ui.worker", str(folder)], stdout=log, stderr=subprocess.STDOUT,

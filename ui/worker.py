@@ -8,6 +8,7 @@ message the CLI would print (the traceback of an unexpected failure goes to JOB_
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -20,6 +21,8 @@ from loratrain.core.progress import StopFlag
 from .events import EVENTS, JsonlReporter, append_event
 
 STOP_FILE = "stop"
+ROOTS_ENV = "LORATRAIN_WORKER_ROOTS"  # JSON list of the app's workspace roots ("[]": not confined, a bare runner)
+JOBS_DIR_ENV = "LORATRAIN_WORKER_JOBS_DIR"
 
 
 def watch_stop(job_dir: Path, stop: StopFlag) -> None:
@@ -43,10 +46,17 @@ def main(job_dir: str) -> int:
 
     folder = Path(job_dir)
     quiet_irrelevant_library_messages()
-    spec_data = json.loads((folder / "job.json").read_text())
-    if spec_data.get("roots"):  # the app's workspace travels with the job: every file the job opens is checked here
-        paths.confine_to(spec_data["roots"], denied=[spec_data.get("jobs_dir") or folder.parent], scratch=[folder])
+    from . import signing
+
+    key = signing.app_key()  # read before the guard: it lives outside the workspace
+    roots = json.loads(os.environ.get(ROOTS_ENV) or "[]")
+    if roots:  # the app's workspace, from the app itself: every file the job opens is checked in this process
+        paths.confine_to(roots, denied=[os.environ.get(JOBS_DIR_ENV) or folder.parent], scratch=[folder])
         paths.install_guard()
+    spec_data = json.loads((folder / "job.json").read_text())
+    if not signing.verified(spec_data, key):
+        append_event(folder, {"type": "error", "message": f"{folder / 'job.json'} was not written by this app; not run"})
+        return 2
     stop = StopFlag()
     watch_stop(folder, stop)
     reporter = JsonlReporter(folder / EVENTS)

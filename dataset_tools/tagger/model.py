@@ -15,6 +15,7 @@ import numpy as np
 
 from loratrain.core.config import ConfigError
 from loratrain.core.hf_cache import hub_cache_dir, resolve_hf_cache
+from loratrain.core.paths import confine
 
 from .labels import TagLabels, read_labels
 
@@ -59,15 +60,21 @@ def _snapshot_of_cache_folder(folder: Path) -> Path | None:
     return snap if _is_model_dir(snap) else None
 
 
+def _confined(folder: Path) -> Path:
+    for name in (MODEL_FILE, TAGS_FILE):
+        confine(folder / name, f"tagger {name}")
+    return folder
+
+
 def resolve_model_dir(spec: str, download: bool = False) -> Path:
     """A folder holding model.onnx and selected_tags.csv, found without touching the network unless asked."""
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if path.is_dir():  # a folder given as a path: its files are the job's to open like any other (a link out is refused)
         if _is_model_dir(path):
-            return path
+            return _confined(path)
         snap = _snapshot_of_cache_folder(path)
         if snap is not None:
-            return snap
+            return _confined(snap)
         raise ConfigError(f"{path}: no {MODEL_FILE} + {TAGS_FILE} here (nor a Hugging Face cache snapshot with them)")
     if path.exists() or spec.count("/") != 1 and spec.lower() not in MODELS:
         raise ConfigError(f"tagger model not found: {spec} (give a folder with {MODEL_FILE} and {TAGS_FILE}, "

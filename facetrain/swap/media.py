@@ -23,7 +23,7 @@ import numpy as np
 from loratrain.core.config import ConfigError
 from loratrain.core.images import IMAGE_EXTENSIONS, ImageReadError, list_images, open_image, to_rgb_on_white
 from loratrain.core.safe_io import atomic_path, atomic_write_json, temp_name
-from loratrain.core.video import read_video
+from loratrain.core.video import SAFE_INPUT, read_video, video_input
 
 from ..extract.config import VIDEO_EXTENSIONS
 from .label import save_labelled_image, video_metadata_args
@@ -191,7 +191,8 @@ class VideoSink:
                "-f", "concat", "-safe", "0", "-i", str(listing)]
         audio = source.kind == "video" and source.audio
         if audio:
-            cmd += ["-ss", f"{first / source.fps:.6f}", "-t", f"{frames / source.fps:.6f}", "-i", str(source.path)]
+            cmd += [*SAFE_INPUT, "-ss", f"{first / source.fps:.6f}", "-t", f"{frames / source.fps:.6f}", "-i",
+                    str(video_input(source.path))]
         cmd += ["-map", "0:v:0"] + (["-map", "1:a:0", "-c:a", "aac", "-b:a", "192k"] if audio else [])
         cmd += ["-c:v", "copy", *video_metadata_args(model), "-f", MUXERS.get(self.final.suffix.lower(), "mp4")]
         if MUXERS.get(self.final.suffix.lower(), "mp4") in ("mp4", "mov"):

@@ -14,6 +14,7 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 from .config import ConfigError
+from .paths import confine
 
 
 class CaptionError(ConfigError):
@@ -68,7 +69,7 @@ def split_first_line(text: str) -> CaptionText:
 
 def read_caption_file(path: str | Path) -> CaptionText | None:
     """The caption at `path` (None when there is none); a folder or non-UTF-8 file is a CaptionError."""
-    path = Path(path)
+    path = confine(path, "caption")  # a caption linking out of the app's workspace is refused, not read
     if path.is_dir():
         raise CaptionError(f"{path} is a folder, not a caption file; rename or remove it")
     try:

@@ -46,10 +46,11 @@ def _make(roots: Any, denied: Any = (), scratch: Any = (), base: Any = None) -> 
                   tuple(Path(os.path.realpath(s)) for s in scratch), Path(base) if base else None)
 
 
-def confine_to(roots: list[str | Path], denied: list[str | Path] = (), scratch: list[str | Path] = ()) -> None:
-    """Confine this whole process to `roots` (the app's worker calls this before it builds the job)."""
+def confine_to(roots: list[str | Path], denied: list[str | Path] = (), scratch: list[str | Path] = (),
+               base: str | Path | None = None) -> None:
+    """Confine this whole process to `roots` (the app's worker before it builds the job; the app itself)."""
     global _process
-    _process = _make(roots, denied, scratch)
+    _process = _make(roots, denied, scratch, base)
 
 
 def unconfine() -> None:
@@ -268,6 +269,15 @@ def _cache_dirs() -> tuple[Path, ...]:
     return tuple(Path(os.path.realpath(d)) for d in dirs if d)
 
 
+def _secrets() -> tuple[Path, ...]:
+    """Credentials inside the cache folders a job may otherwise use (a Hugging Face token): never opened by a job."""
+    hf = Path(os.environ.get("HF_HOME") or Path(os.path.expanduser("~")) / ".cache" / "huggingface")
+    names = [hf / "token", hf / "stored_tokens", Path(os.path.expanduser("~")) / ".huggingface" / "token"]
+    if os.environ.get("HF_TOKEN_PATH"):
+        names.append(Path(os.environ["HF_TOKEN_PATH"]))
+    return tuple(Path(os.path.realpath(n)) for n in names)
+
+
 def install_guard() -> None:
     """Refuse, inside this process, every Python-level write outside the roots and scratch folders, and every read
     outside the roots and the system's own folders: the last line behind `confine`. Native code that opens files
@@ -279,7 +289,7 @@ def install_guard() -> None:
     _guarded = True
     writable = _policy.roots + _policy.scratch + _cache_dirs()
     readable = writable + _system_dirs()
-    denied = _policy.denied
+    denied = _policy.denied + _secrets()
 
     def allowed(path: Any, places: tuple[Path, ...]) -> bool:
         if isinstance(path, int) or path is None:

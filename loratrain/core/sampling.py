@@ -53,7 +53,9 @@ def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt:
 
 
 def load_prompts(path: str | Path, defaults: SamplePrompt) -> list[SamplePrompt]:
-    path = Path(path)
+    from .paths import confine
+
+    path = confine(path, "sample_prompts")  # checked each time it is read: a link swapped in mid-run is refused
     if not path.is_file():
         raise FileNotFoundError(f"sample prompt file not found: {path}")
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]

@@ -22,16 +22,37 @@ class VideoFrames:
     audio_codec: str = ""  # "" when the file has no audio stream
 
 
-def read_video(path: str | Path, fps: float = 0.0, start: float = 0.0, duration: float = 0.0) -> VideoFrames:
-    """Frames at `fps` (0: every frame), from `start` seconds, for `duration` seconds (0: to the end)."""
-    path = confine(path, "video")  # ffmpeg opens it itself: checked here, where it is handed over
+#: given before `-i`: ffmpeg reads plain files only (no URLs, no nested protocols)
+SAFE_INPUT = ["-protocol_whitelist", "file"]
+
+
+def video_input(path: str | Path) -> Path:
+    """`path` when ffmpeg may be handed it: checked like any file the job opens, and never a text file. ffmpeg's playlist
+    demuxers (ffconcat, m3u8/HLS, DASH manifests) open the files a text file names, out of our sight."""
+    path = confine(path, "video")
     if not path.is_file():
         raise FileNotFoundError(f"video not found: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    try:
+        head.decode("utf-8")
+        text = b"\x00" not in head and bool(head.strip())  # video containers are binary from their first bytes
+    except UnicodeDecodeError as e:  # text, unless the bad byte is no character cut at the end of the sample
+        text = e.start >= len(head) - 3 and b"\x00" not in head
+    if text:
+        raise ValueError(f"{path}: is a text file, not a video (a playlist such as ffconcat or m3u8 would make ffmpeg open "
+                         "the files it names)")
+    return path
+
+
+def read_video(path: str | Path, fps: float = 0.0, start: float = 0.0, duration: float = 0.0) -> VideoFrames:
+    """Frames at `fps` (0: every frame), from `start` seconds, for `duration` seconds (0: to the end)."""
+    path = video_input(path)  # ffmpeg opens it itself: checked here, where it is handed over
     try:
         import imageio_ffmpeg
     except ImportError:
         raise ImportError("reading video needs imageio-ffmpeg: pip install imageio-ffmpeg") from None
-    input_params = ["-ss", str(start)] if start else []
+    input_params = SAFE_INPUT + (["-ss", str(start)] if start else [])
     output_params = (["-vf", f"fps={fps}"] if fps else []) + (["-t", str(duration)] if duration else [])
     try:
         reader = imageio_ffmpeg.read_frames(str(path), input_params=input_params, output_params=output_params)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from loratrain.core.models.loading import SDModel
+from loratrain.core.paths import confine
 
 
 @dataclass
@@ -136,7 +137,7 @@ class ConditioningCache:
         todo = []
         for caption, image in files.items():
             if to_disk:
-                path = image.parent / CACHE_DIR / f"{image.name}.te.safetensors"
+                path = confine(image.parent / CACHE_DIR / f"{image.name}.te.safetensors", "text encoder cache")
                 self._files[caption] = path
                 if path.is_file():
                     with safe_open(str(path), framework="pt") as f:
@@ -164,7 +165,7 @@ class ConditioningCache:
         from safetensors.torch import load_file
 
         device = next(self.model.unet.parameters()).device
-        sd = load_file(str(self._files[caption]), device=str(device))
+        sd = load_file(str(confine(self._files[caption], "text encoder cache")), device=str(device))
         return Conditioning(sd["hidden"][None], sd["pooled"][None] if "pooled" in sd else None)
 
     @torch.no_grad()

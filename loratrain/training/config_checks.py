@@ -106,6 +106,10 @@ def resume_problems(folder: Path) -> list[Problem]:
     except (OSError, ValueError) as e:
         return [("resume", f"{info_path}: corrupt or unreadable ({e}); this state cannot be resumed")]
     sizes = info.get("files") if isinstance(info.get("files"), dict) else {name: None for name in STATE_FILES}
+    strange = sorted(str(n) for n in sizes if n not in STATE_FILES)
+    if strange:  # a state names only its own files: anything else (a path) is never looked at
+        return [("resume", f"{info_path}: names files that are no part of a training state ({', '.join(map(repr, strange[:3]))}); "
+                           "this state cannot be resumed")]
     out: list[Problem] = []
     for name, size in sizes.items():
         path = folder / name

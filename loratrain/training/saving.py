@@ -88,6 +88,8 @@ def state_info(folder: Path) -> dict[str, Any] | None:
     sizes = info.get("files")
     if not isinstance(sizes, dict):  # written before sizes were recorded: trust the three files being there
         return info if all((folder / f).is_file() for f in STATE_FILES) else None
+    if any(name not in STATE_FILES for name in sizes):  # names only its own files; a path in it is never looked at
+        return None
     for name, size in sizes.items():
         try:
             if (folder / name).stat().st_size != size:

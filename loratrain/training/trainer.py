@@ -25,6 +25,7 @@ from loratrain.core.devices import fresh_accelerator
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.lora.hashes import model_file_hashes
 from loratrain.core.models.loading import SDModel, load_model, move
+from loratrain.core.paths import confine
 from loratrain.core.precision import canonical, dtype_of
 from loratrain.core.progress import Reporter, StopFlag
 from loratrain.core.sampling import SamplePrompt, generate, load_prompts, sample_file_name
@@ -138,7 +139,7 @@ class LoRATrainer:
             import base64
             import mimetypes
 
-            data = Path(cfg.metadata_thumbnail).read_bytes()
+            data = confine(cfg.metadata_thumbnail, "metadata_thumbnail").read_bytes()
             mime = mimetypes.guess_type(cfg.metadata_thumbnail)[0] or "image/png"
             self.session["thumbnail"] = f"data:{mime};base64,{base64.b64encode(data).decode()}"
         self.losses: list[float] = []

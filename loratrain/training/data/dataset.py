@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from loratrain.core.captions import read_caption
+from loratrain.core.paths import confine
 from loratrain.core.safe_io import save_safetensors
 
 from .buckets import bucket_resolutions, fit_to_bucket, no_upscale_bucket, select_bucket
@@ -221,7 +222,7 @@ class TrainData:
         mask = self._loss_mask(it, im_alpha, resize_to) if it.subset.alpha_mask or it.subset.conditioning_data_dir else None
         digest = hashlib.sha256(raw).hexdigest()
         cache = it.image.parent / CACHE_DIR / f"{it.image.name}.{it.bucket[0]}x{it.bucket[1]}.safetensors"
-        if to_disk and cache.is_file():
+        if to_disk and confine(cache, "latent cache").is_file():  # a cache linking out is refused, not read
             with safe_open(str(cache), framework="pt") as f:
                 meta = f.metadata() or {}
                 if (meta.get("image_sha256") == digest and meta.get("vae") == vae_id and int(meta.get("views", 0)) >= n_views
