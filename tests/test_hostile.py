@@ -158,6 +158,20 @@ def test_a_grid_axis_value_outside_is_never_loaded(env):
                                     "y_type": "seed", "y_values": "1", "prompt": "a circle", "steps": 1, "width": 64, "height": 64, "output_dir": "grid_out"}, "outside the workspace")
 
 
+def test_a_model_folder_whose_weights_link_out_is_refused(env):
+    from loratrain.core.models.tiny import make_tiny_model, write_diffusers_folder
+
+    folder = write_diffusers_folder(make_tiny_model("sd1", seed=0), env["root"] / "linked_model")
+    weights = next((folder / "unet").glob("*.safetensors"))
+    moved = env["outside"] / "unet_weights.safetensors"
+    os.replace(weights, moved)
+    os.symlink(moved, weights)
+    env["before"] = tree_digest(env["outside"])  # the planted file is part of what must not change from here on
+    refused_or_failed(env, "train", {**TRAIN, "pretrained_model_name_or_path": str(folder), "train_data_dir": env["data"],
+                                     "output_dir": "out_linked_model"}, "outside the workspace")
+    assert not (env["root"] / "out_linked_model" / "last.safetensors").exists()
+
+
 def test_base_weights_and_config_file_outside_are_refused(env):
     with pytest.raises(AppError, match="base_weights"):
         start(env, "train", {**TRAIN, "pretrained_model_name_or_path": env["model"], "train_data_dir": env["data"],
@@ -299,6 +313,42 @@ def test_a_text_file_named_like_a_video_is_never_handed_to_ffmpeg(env):
     (env["root"] / "vid" / "evil.mp4").write_text("ffconcat version 1.0\nfile lnk.mp4\n")
     refused_or_failed(env, "dataset frames", {"video": "vid/evil.mp4", "output_dir": "frames_out"}, "text file")
     assert not any((env["root"] / "frames_out").glob("*")) if (env["root"] / "frames_out").exists() else True
+
+
+def test_a_playlist_with_a_nul_byte_is_no_video(env):
+    (env["root"] / "vid2").mkdir()
+    shutil.copy(env["outside"] / "secret.txt", env["root"] / "vid2" / "dummy.txt")
+    (env["root"] / "vid2" / "nul.m3u8").write_bytes(
+        b"#EXTM3U\n#\x00junk\n#EXTINF:1,\n" + str(env["outside"] / "secret.txt").encode() + b"\n#EXT-X-ENDLIST\n")
+    (env["root"] / "vid2" / "cc.mp4").write_bytes(b"ffconcat version 1.0\n#\x00\nfile ../link_out/secret.txt\n")
+    for video in ("vid2/nul.m3u8", "vid2/cc.mp4"):
+        refused_or_failed(env, "dataset frames", {"video": video, "output_dir": "frames_nul"}, "cannot read it as a video",
+                          "text file")
+    assert not any((env["root"] / "frames_nul").glob("*.png")) if (env["root"] / "frames_nul").exists() else True
+
+
+def test_a_swap_resume_state_names_only_its_own_segments(env, tmp_path):
+    from loratrain.core.config import ConfigError
+    from loratrain.facetrain.swap.media import ResumeState
+
+    parts = env["root"] / ".sw.mp4.swap-parts"
+    parts.mkdir()
+    for segments in ([str(env["outside"] / "secret.txt")], ["../../outside/secret.txt"], ["seg_00000.mp4' \nfile 'x"]):
+        (parts / "state.json").write_text(json.dumps({"key": "k", "next_frame": 100, "segments": segments}))
+        with pytest.raises(ConfigError, match="not a swap's resume state"):
+            ResumeState(parts, "k").load(False, "output")
+
+
+def test_the_simple_mode_name_is_a_name(env):
+    jobs = env["ctx"].runner.store.real
+    before = tree_digest(jobs)
+    for name in ("../.loratrain/ui/jobs/x/stop/x", "../demo/overwritten", "../../outside/x"):
+        out = call(env, "/train_simple", **{"base model": "demo/tiny_model.safetensors", "image folder": "demo/dataset/4_circle",
+                                            "trigger word": "sks", "what is trained": "style", "output name": name})
+        assert "output name" in json.dumps(out, default=str)
+    assert not (env["root"] / "demo" / "overwritten_dataset.toml").exists()
+    after = tree_digest(jobs)
+    assert {k: v for k, v in after.items() if k in before} == before and not any(k.endswith("_dataset.toml") for k in after)
 
 
 def test_a_forged_training_state_is_no_oracle(env):

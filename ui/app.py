@@ -134,7 +134,7 @@ def make_context(cfg: UiConfig) -> AppContext:
     runner = JobRunner(JobStore(jobs_dir, roots=workspace.roots), gpu_slots=cfg.gpu_slots, cwd=workspace.home)
     # the app's own handlers (gallery, captions, facesets, previews) open files under the same rules as its jobs;
     # its own records are the one place outside them it writes
-    paths.confine_to(workspace.roots, denied=[jobs_dir], scratch=[jobs_dir], base=workspace.home)
+    paths.confine_to(workspace.roots, denied=[jobs_dir], base=workspace.home)
     demo = None
     if cfg.demo:
         from loratrain.training.demo import demo_train_config

@@ -78,12 +78,14 @@ class JobStore:
         record = JobRecord(id=job_id, job=job, title=title, created=time.time(), config=config)
         folder = self.folder(job_id)
         folder.mkdir(parents=True)
-        atomic_write_json(folder / "job.json", signing.signed({"job": job, "config": config}, self.key))
+        with paths.trusted():  # the app's own records, in its own folder (no handler may write there)
+            atomic_write_json(folder / "job.json", signing.signed({"id": job_id, "job": job, "config": config}, self.key))
         self.save(record)
         return record
 
     def save(self, record: JobRecord) -> None:
-        atomic_write_json(self.folder(record.id) / "state.json", signing.signed(asdict(record), self.key))
+        with paths.trusted():
+            atomic_write_json(self.folder(record.id) / "state.json", signing.signed(asdict(record), self.key))
 
     def get(self, job_id: str) -> JobRecord:
         """The record the app wrote; anything else in the jobs folder (a forged or planted record) is no job."""

@@ -54,7 +54,7 @@ def main(job_dir: str) -> int:
         paths.confine_to(roots, denied=[os.environ.get(JOBS_DIR_ENV) or folder.parent], scratch=[folder])
         paths.install_guard()
     spec_data = json.loads((folder / "job.json").read_text())
-    if not signing.verified(spec_data, key):
+    if not signing.verified(spec_data, key) or spec_data.get("id") != folder.name:
         append_event(folder, {"type": "error", "message": f"{folder / 'job.json'} was not written by this app; not run"})
         return 2
     stop = StopFlag()

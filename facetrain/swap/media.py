@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from loratrain.core import paths
 from loratrain.core.config import ConfigError
 from loratrain.core.images import IMAGE_EXTENSIONS, ImageReadError, list_images, open_image, to_rgb_on_white
 from loratrain.core.safe_io import atomic_path, atomic_write_json, temp_name
-from loratrain.core.video import SAFE_INPUT, read_video, video_input
+from loratrain.core.video import SAFE_INPUT, VIDEO_INPUT, read_video, video_input
 
 from ..extract.config import VIDEO_EXTENSIONS
 from .label import save_labelled_image, video_metadata_args
@@ -107,6 +109,9 @@ def fingerprint(cfg: object, fields: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+SEGMENT = re.compile(r"seg_\d{5}\.mp4")  # the names VideoSink gives its segments
+
+
 class ResumeState:
     """`state.json` of a parts folder: which frames are done and the tracker state after them."""
 
@@ -130,7 +135,14 @@ class ResumeState:
                 raise ConfigError(f"{what} holds a stopped swap with other options, model or input; pass --overwrite "
                                   "to discard it and start again")
             return False
-        self.next_frame, self.smoother, self.segments = data["next_frame"], data.get("smoother", {}), data.get("segments", [])
+        segments = data.get("segments", [])
+        bad = [s for s in segments if not isinstance(s, str) or not SEGMENT.fullmatch(s) or
+               not paths.within(Path(os.path.realpath(self.folder / s)), Path(os.path.realpath(self.folder)))]
+        if not isinstance(segments, list) or bad or not isinstance(data.get("next_frame"), int):
+            # the state is input like any other file: it may name only the segments a swap writes, in its own folder
+            raise ConfigError(f"{self.path}: not a swap's resume state (it names {str(bad[:1] or segments)[:80]}); delete "
+                              f"{self.folder} to start again")
+        self.next_frame, self.smoother, self.segments = data["next_frame"], data.get("smoother", {}), segments
         return True
 
     def save(self, next_frame: int, smoother: dict) -> None:
@@ -186,12 +198,14 @@ class VideoSink:
         import imageio_ffmpeg
 
         listing = self.parts / "segments.txt"
-        listing.write_text("".join(f"file '{s}'\n" for s in segments))
+        if not all(SEGMENT.fullmatch(s) for s in segments):
+            raise ValueError(f"{self.parts}: unexpected segment names {segments[:3]}")
+        listing.write_text("".join(f"file '{s}'\n" for s in segments))  # names beside the list: concat's safe mode takes them
         cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
-               "-f", "concat", "-safe", "0", "-i", str(listing)]
+               *SAFE_INPUT, "-f", "concat", "-safe", "1", "-i", str(listing)]
         audio = source.kind == "video" and source.audio
         if audio:
-            cmd += [*SAFE_INPUT, "-ss", f"{first / source.fps:.6f}", "-t", f"{frames / source.fps:.6f}", "-i",
+            cmd += [*VIDEO_INPUT, "-ss", f"{first / source.fps:.6f}", "-t", f"{frames / source.fps:.6f}", "-i",
                     str(video_input(source.path))]
         cmd += ["-map", "0:v:0"] + (["-map", "1:a:0", "-c:a", "aac", "-b:a", "192k"] if audio else [])
         cmd += ["-c:v", "copy", *video_metadata_args(model), "-f", MUXERS.get(self.final.suffix.lower(), "mp4")]

@@ -71,6 +71,16 @@ def confined(roots: Any, denied: Any = (), base: Any = None) -> Iterator[None]:
         _here.reset(token)
 
 
+@contextmanager
+def trusted() -> Iterator[None]:
+    """The app's own bookkeeping (its job records): written by the app itself, never at a path a user gave."""
+    token = _here.set(Policy())
+    try:
+        yield
+    finally:
+        _here.reset(token)
+
+
 def _current() -> Policy:
     return _here.get() or _process
 

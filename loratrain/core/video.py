@@ -24,6 +24,9 @@ class VideoFrames:
 
 #: given before `-i`: ffmpeg reads plain files only (no URLs, no nested protocols)
 SAFE_INPUT = ["-protocol_whitelist", "file"]
+#: the container demuxers a user's video may use (mp4/mov/m4v, mkv/webm, avi, ts, mpg, flv, wmv, ogg, gif, raw h264/hevc);
+#: never a playlist (hls, concat, dash, image2...) that makes ffmpeg open the files it names, whatever the file is called
+VIDEO_INPUT = [*SAFE_INPUT, "-format_whitelist", "mov,matroska,avi,mpegts,mpeg,flv,asf,ogg,gif,h264,hevc"]
 
 
 def video_input(path: str | Path) -> Path:
@@ -52,7 +55,7 @@ def read_video(path: str | Path, fps: float = 0.0, start: float = 0.0, duration:
         import imageio_ffmpeg
     except ImportError:
         raise ImportError("reading video needs imageio-ffmpeg: pip install imageio-ffmpeg") from None
-    input_params = SAFE_INPUT + (["-ss", str(start)] if start else [])
+    input_params = VIDEO_INPUT + (["-ss", str(start)] if start else [])
     output_params = (["-vf", f"fps={fps}"] if fps else []) + (["-t", str(duration)] if duration else [])
     try:
         reader = imageio_ffmpeg.read_frames(str(path), input_params=input_params, output_params=output_params)

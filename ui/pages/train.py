@@ -9,6 +9,7 @@ import gradio as gr
 import tomli_w
 
 from loratrain.core.config import ConfigError, Problem
+from loratrain.core.paths import check_name
 from loratrain.core.safe_io import atomic_write_text
 from loratrain.training.config import DATA, MODEL, NET, OPTIM, TrainConfig
 
@@ -37,6 +38,7 @@ def simple_settings(kind: str, model: str, images: str, trigger: str, name: str,
         raise ConfigError(f"what is trained: choose one of {', '.join(KINDS)}")
     if not (model and images and trigger and name):
         raise ConfigError("fill in the base model, the image folder, the trigger word and the output name")
+    check_name(name, "output name")  # it names files in out_root/output: one name, never a path
     values = {**SIMPLE_COMMON, **SIMPLE_PRESETS[kind], "pretrained_model_name_or_path": model, "output_name": name,
               "output_dir": str(out_root / "output")}
     steps = values["max_train_steps"]
@@ -46,6 +48,8 @@ def simple_settings(kind: str, model: str, images: str, trigger: str, name: str,
         values.update(train_data_dir=str(folder), dataset_config="")  # already kohya <repeats>_<tokens> folders
         return values
     toml = out_root / "output" / f"{name}_dataset.toml"
+    if toml.exists() and not toml.read_text(encoding="utf-8", errors="replace").startswith("# Written by the app's simple mode."):
+        raise ConfigError(f"{toml} exists and was not written by the simple mode; choose another output name")
     subset = {"image_dir": str(folder), "class_tokens": trigger, "num_repeats": 1, "keep_tokens": 1, "caption_extension": ".txt"}
     atomic_write_text(toml, "# Written by the app's simple mode.\n" + tomli_w.dumps(
         {"general": {"shuffle_caption": True, "caption_extension": ".txt"}, "datasets": [{"subsets": [subset]}]}))

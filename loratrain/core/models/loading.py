@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..hf_cache import resolve_hf_cache
-from ..paths import confine
+from ..paths import confine, roots
 from ..safe_io import load_state_dict
 from ..tokenizer import clip_tokenizer
 from . import text_encoder_keys
@@ -94,6 +94,9 @@ def load_model(path: str | Path, *, allow_pickle: bool = False, v_parameterizati
 
 
 def _load_folder(root: Path, dtype: torch.dtype | None = None) -> SDModel:
+    if roots():  # diffusers and transformers open the folder's files themselves: a weight file linking out is refused here
+        for file in sorted(root.rglob("*")):
+            confine(file, "model file")
     if not (root / "unet" / "config.json").is_file():
         raise ModelTypeError(f"{root}: not a diffusers model folder (no unet/config.json)")
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", local_files_only=True, torch_dtype=dtype or torch.float32)
