@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 from benchutil import PeakRss
 
+from loratrain.core.captions import caption_path
 from loratrain.core.progress import RecordingReporter
 from loratrain.core.safe_io import atomic_write_bytes
-from loratrain.dataset_tools.captions import caption_bytes, caption_path
+from loratrain.dataset_tools.captions import caption_bytes
 from loratrain.dataset_tools.synthetic import scene_image
 from loratrain.dataset_tools.tagger.config import TagConfig
 from loratrain.dataset_tools.tagger.model import TaggerModel, resolve_model_dir

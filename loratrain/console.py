@@ -4,20 +4,35 @@ This is the app layer's side of the job contract; the library never prints or ha
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import time
 from typing import Any
 
 from loratrain.core.progress import StopFlag
 
 
-class ConsoleReporter:
-    """tqdm bars on a terminal; on a pipe (CI, a log file), one plain line per phase instead of bar redraws."""
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
 
-    def __init__(self, quiet: bool = False, stream: Any = None) -> None:
+
+class ConsoleReporter:
+    """tqdm bars on a terminal; on a pipe (CI, a log file), one plain line per phase instead of bar redraws, then a
+    progress line every `every` seconds (step, rate, the latest metrics, ETA): a wrapper or a person tailing a log
+    sees a long run move, not `0/N` until the first save."""
+
+    EVERY = 30.0
+
+    def __init__(self, quiet: bool = False, stream: Any = None, every: float | None = None) -> None:
         self.quiet = quiet
         self.stream = stream or sys.stderr
+        self.every = every if every is not None else float(os.environ.get("LORATRAIN_PROGRESS_EVERY") or self.EVERY)
+        self.clock = time.monotonic
         self._bar: Any = None
+        self._phase: dict[str, Any] = {}
 
     def _interactive(self) -> bool:
         return bool(getattr(self.stream, "isatty", lambda: False)())
@@ -28,6 +43,9 @@ class ConsoleReporter:
         self.close()
         if not self.quiet and not self._interactive():
             self.log(f"{desc}: {initial}/{total} {unit}")
+            now = self.clock()
+            self._phase = {"desc": desc, "total": total, "unit": unit, "step": initial, "first": initial, "t0": now,
+                           "last": now, "metrics": {}}
         self._bar = tqdm(total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True, file=self.stream,
                          disable=self.quiet or not self._interactive())
 
@@ -36,6 +54,24 @@ class ConsoleReporter:
             if metrics:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
             self._bar.update(n)
+        p = self._phase
+        if p:
+            p["step"] += n
+            p["metrics"].update(metrics)
+            now = self.clock()
+            if now - p["last"] >= self.every:
+                p["last"] = now
+                self.log(self._progress_line(now))
+
+    def _progress_line(self, now: float) -> str:
+        p = self._phase
+        done, elapsed = p["step"] - p["first"], max(now - p["t0"], 1e-9)
+        rate = done / elapsed
+        parts = [f"{p['desc']}: {p['step']}/{p['total']} {p['unit']}", f"{rate:.3g} {p['unit']}/s"]
+        parts += [f"{k} {v:.4g}" for k, v in p["metrics"].items()]
+        if rate > 0 and p["total"]:
+            parts.append(f"ETA {_duration((p['total'] - p['step']) / rate)}")
+        return " · ".join(parts)
 
     def log(self, text: str) -> None:
         if self._bar is not None and not self._bar.disable:
@@ -59,6 +95,7 @@ class ConsoleReporter:
             print(line, flush=True)
 
     def close(self) -> None:
+        self._phase = {}
         if self._bar is not None:
             self._bar.close()
             self._bar = None
