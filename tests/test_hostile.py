@@ -456,3 +456,33 @@ def test_generated_hostile_strings_never_reach_outside(env):
     print(f"hostile strings: {tried} tried on {len(fields)} options, {refused} escaping ones refused naming the option, "
           f"{len(accepted)} look-alikes accepted (all inside the workspace)")
     assert tried > 300 and refused > 200, (tried, refused)
+
+
+def test_a_caption_extension_is_no_path(env, tmp_path):
+    ds = tmp_path / "ds"
+    make_concept_images(ds, "dot", 1, 64, 9)
+    for ext in (".txt/../../x", "/x", "..", "txt\\..\\x"):
+        res = subprocess.run([sys.executable, "-m", "loratrain", "tags", "add", str(ds), "--tags", "t", "--caption_extension", ext],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and "caption_extension" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_ffmpeg_writes_into_the_folder_that_was_checked_not_a_link_swapped_in(env):
+    """ffmpeg is another program (out of the audit hook's sight): it gets the checked folder by fd, so swapping the
+    folder for a link out while it runs sends nothing outside."""
+    import numpy as np
+
+    from loratrain.facetrain.swap.media import VideoSink
+
+    tmp_path = env["root"] / "race"
+    tmp_path.mkdir()
+    parts, final = tmp_path / ".out.mp4.swap-parts", tmp_path / "out.mp4"
+    sink = VideoSink(final, parts, fps=5.0, size=(64, 64), crf=20)
+    sink.open("seg_00000.mp4")
+    os.rename(parts, tmp_path / "moved")
+    os.symlink(env["outside"], parts)  # the swap the attacker makes after the check
+    for _ in range(3):
+        sink.write(np.zeros((64, 64, 3), np.uint8))
+    assert sink.close() == "seg_00000.mp4"
+    assert (tmp_path / "moved" / "seg_00000.mp4").stat().st_size > 0
+    sink.abort()

@@ -156,16 +156,18 @@ class VideoSink:
     def __init__(self, final: Path, parts: Path, fps: float, size: tuple[int, int], crf: int) -> None:
         self.final, self.parts, self.fps, self.size, self.crf = final, parts, fps, size, crf
         self.writer = None
-        self.tmp: Path | None = None
+        self.tmp: str | None = None  # the open segment's temp name in the parts folder
         self.segment = ""
+        self.held: paths.HeldDir | None = None  # the parts folder, opened once: ffmpeg writes into it by fd
 
     def open(self, name: str) -> None:
         import imageio_ffmpeg
 
-        self.parts.mkdir(parents=True, exist_ok=True)
-        self.segment, self.tmp = name, temp_name(self.parts / name)
+        if self.held is None:
+            self.held = paths.HeldDir(self.parts, "swap segments folder")
+        self.segment, self.tmp = name, temp_name(self.parts / name).name
         self.writer = imageio_ffmpeg.write_frames(
-            str(self.tmp), self.size, fps=self.fps, codec="libx264", quality=None, macro_block_size=2,
+            self.held.path(self.tmp), self.size, fps=self.fps, codec="libx264", quality=None, macro_block_size=2,
             pix_fmt_in="bgr24", ffmpeg_log_level="error", output_params=["-crf", str(self.crf), "-f", "mp4"])
         self.writer.send(None)
 
@@ -176,9 +178,8 @@ class VideoSink:
         """Finish the open segment: fsync and rename it into place; returns its name."""
         self.writer.close()  # type: ignore[union-attr]
         self.writer = None
-        with open(self.tmp, "rb") as fh:  # type: ignore[arg-type]
-            os.fsync(fh.fileno())
-        self.tmp.replace(self.parts / self.segment)  # type: ignore[union-attr]
+        self.held.fsync(self.tmp)  # type: ignore[union-attr, arg-type]
+        self.held.replace(self.tmp, self.segment)  # type: ignore[union-attr, arg-type]
         self.tmp = None
         return self.segment
 
@@ -189,20 +190,23 @@ class VideoSink:
             except Exception:  # noqa: BLE001 - ffmpeg may already be gone
                 pass
             self.writer = None
-        if self.tmp is not None and self.tmp.exists():
-            self.tmp.unlink()
+        if self.tmp is not None and self.held is not None:
+            self.held.unlink(self.tmp)
         self.tmp = None
+        if self.held is not None:
+            self.held.close()
+            self.held = None
 
     def join(self, segments: list[str], source: Source, first: int, frames: int, model: str, signer: object = None) -> None:
         """Stream-copy the segments, add the source's audio for the swapped range, tag the container."""
         import imageio_ffmpeg
 
-        listing = self.parts / "segments.txt"
         if not all(SEGMENT.fullmatch(s) for s in segments):
             raise ValueError(f"{self.parts}: unexpected segment names {segments[:3]}")
-        listing.write_text("".join(f"file '{s}'\n" for s in segments))  # names beside the list: concat's safe mode takes them
+        parts = self.held or paths.HeldDir(self.parts, "swap segments folder")  # ffmpeg reads and writes by fd, never by a path
+        parts.write_text("segments.txt", "".join(f"file '{s}'\n" for s in segments))  # names beside the list (safe mode)
         cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
-               *SAFE_INPUT, "-f", "concat", "-safe", "1", "-i", str(listing)]
+               *SAFE_INPUT, "-f", "concat", "-safe", "1", "-i", parts.path("segments.txt")]
         audio = source.kind == "video" and source.audio
         if audio:
             cmd += [*VIDEO_INPUT, "-ss", f"{first / source.fps:.6f}", "-t", f"{frames / source.fps:.6f}", "-i",
@@ -211,11 +215,17 @@ class VideoSink:
         cmd += ["-c:v", "copy", *video_metadata_args(model), "-f", MUXERS.get(self.final.suffix.lower(), "mp4")]
         if MUXERS.get(self.final.suffix.lower(), "mp4") in ("mp4", "mov"):
             cmd += ["-movflags", "+faststart+use_metadata_tags"]
-        with atomic_path(self.final) as tmp:
-            done = subprocess.run([*cmd, str(tmp)], capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"ffmpeg could not join the segments into {self.final}: {done.stderr.strip()[-400:]}")
-            _sign_in_place(tmp, self.final, signer)
+        out = paths.HeldDir(self.final.parent, "output folder")
+        try:
+            with atomic_path(self.final) as tmp:
+                done = subprocess.run([*cmd, out.path(tmp.name)], capture_output=True, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"ffmpeg could not join the segments into {self.final}: {done.stderr.strip()[-400:]}")
+                _sign_in_place(tmp, self.final, signer)
+        finally:
+            out.close()
+            parts.close()
+            self.held = None
         shutil.rmtree(self.parts, ignore_errors=True)
 
 

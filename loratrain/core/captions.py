@@ -26,6 +26,8 @@ def normalize_extension(extension: str) -> str:
     extension = extension.strip()
     if not extension:
         raise ConfigError("caption_extension may not be empty")
+    if any(c in extension for c in "/\\\x00") or extension.strip(".") == "":
+        raise ConfigError(f"caption_extension {extension!r} must be a file extension such as .txt (no folder, no NUL)")
     return extension if extension.startswith(".") else "." + extension
 
 

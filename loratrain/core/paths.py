@@ -246,6 +246,59 @@ def config_problems(cfg: Any) -> list[Problem]:
     return problems
 
 
+# ---- folders other programs write into ----------------------------------------------------------------------
+class HeldDir:
+    """A folder opened once, without following a link, for files another program (ffmpeg) writes there.
+
+    The program is handed `/proc/PID/fd/N/NAME`, which names the folder this process opened and checked, not
+    whatever the folder's path points to later: swapping the folder for a link out after the check changes
+    nothing (another program's opens are out of the audit hook's sight, so the path alone is not enough)."""
+
+    def __init__(self, folder: str | Path, what: str) -> None:
+        self.folder = confine(folder, what, write=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        self.proc = os.path.isdir(f"/proc/{os.getpid()}/fd")
+        try:
+            if self.proc:
+                confine(os.readlink(f"/proc/self/fd/{self.fd}"), what, write=True)  # what was really opened
+        except ConfigError:
+            os.close(self.fd)
+            raise
+
+    def path(self, name: str) -> str:
+        """What to give the other program for the file `name` in this folder."""
+        check_name(name, "file name")
+        return f"/proc/{os.getpid()}/fd/{self.fd}/{name}" if self.proc else str(self.folder / name)
+
+    def write_text(self, name: str, text: str) -> None:
+        fd = os.open(check_name(name, "file name"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666,
+                     dir_fd=self.fd)
+        with open(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    def fsync(self, name: str) -> None:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+
+    def unlink(self, name: str) -> None:
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 # ---- the worker's backstop ---------------------------------------------------------------------------------
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _WRITE_EVENTS = {"os.remove": 0, "os.rmdir": 0, "os.mkdir": 0, "shutil.rmtree": 0, "os.truncate": 0, "os.chmod": 0,

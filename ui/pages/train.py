@@ -205,6 +205,8 @@ class TrainPage:
             return problems_markdown(problems)
         try:
             target = self.ctx.workspace.resolve(path, "config TOML")
+            if target.suffix.lower() != ".toml":  # never a model, an image or any other file a user has there
+                raise ConfigError(f"config TOML: {path!r} must end in .toml")
             atomic_write_text(target, cfg.to_toml())
         except (ConfigError, OSError) as e:
             return problems_markdown([("", str(e))])
