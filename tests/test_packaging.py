@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -17,9 +18,14 @@ MAPPED = ("merge", "dataset_tools", "facetrain", "ui", "configs")
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """A real (non-editable) install of the project into its own folder, shared by the tests below."""
-    target = tmp_path_factory.mktemp("install") / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(target), str(ROOT)],
-                   check=True, capture_output=True, timeout=600)
+    base = tmp_path_factory.mktemp("install")
+    target, source = base / "site", base / "src"
+    # built from a copy (the build writes build/ and *.egg-info beside its source, never into the repository) and
+    # without build isolation (setuptools is already here; isolation would fetch it from the network)
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", "venv", ".git", "build", "dist", "*.egg-info",
+                                                                "__pycache__", ".pytest_cache", ".ruff_cache", "demo_output", "demo_face"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(source)], check=True, capture_output=True, timeout=600)
     return target
 
 
