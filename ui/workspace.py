@@ -33,19 +33,9 @@ class Workspace:
         """The absolute path `value` names, or a ConfigError when it lies outside every root (the rule jobs apply
         where they open files, core/paths.py, applied here too so a form shows the refusal next to its field)."""
         text = str(value).strip()
-        problem = paths.text_problem(text)
-        if problem:
-            raise ConfigError(f"{what}: {problem}" + ("" if "URL" not in problem else f" inside the workspace ({self.describe()})"))
-        path = Path(os.path.expanduser(text))
-        if not path.is_absolute():
-            path = self.home / path
-        real = Path(os.path.realpath(path))  # follows every symlink, also in missing trailing parts
-        if not any(paths.within(real, root) for root in self.roots):
-            raise ConfigError(f"{what}: {text!r} is outside the workspace ({self.describe()}); "
-                              "the app reads and writes only there (start it with --root to add folders)")
-        if any(paths.within(real, d) for d in self.denied):
-            raise ConfigError(f"{what}: {text!r} is inside the app's own jobs folder; jobs may not open it")
-        return real
+        with paths.confined(self.roots, self.denied, base=self.home):
+            paths.confine(text, what)  # the one rule (core/paths.py), with this workspace's roots
+        return paths.real(text, self.home)
 
     def is_model_name(self, value: str) -> bool:
         """`org/name` or `name` that is no file or folder of the workspace: a model name (e.g. a tagger's repo id),

@@ -2,7 +2,7 @@
 
 The CLI runs with no roots: a path means what it says, but a *name* (output_name, model_name, toml_name,
 a job id) is still one path component. The app runs every job in a worker process confined to the
-workspace roots it was given (`confine_to`, from the job's own job.json): then every path the job opens
+workspace roots the app hands it (`confine_to`, from the worker's environment, never from a file): then every path the job opens
 (an option, a name joined to a folder, a path read from a TOML, JSON, journal or state file, a dataset
 subfolder and what it links to, a cache file, a grid axis value, a LoRA spec) is resolved the way the OS
 will open it (relative to the working folder, `~` expanded, every symlink followed) and refused unless it
