@@ -12,7 +12,7 @@ from typing import Any
 
 from loratrain.core import paths
 from loratrain.core.config import ConfigError, JobConfig, Problem
-from loratrain.core.paths import split_spec  # noqa: F401  (pages import it from here)
+from loratrain.core.paths import split_spec
 
 
 class Workspace:
