@@ -12,7 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from loratrain.core.config import ConfigError, JobConfig, Problem, opt
+from loratrain.core.config import JobConfig, opt
+from loratrain.core.errors import ConfigError, Problem
 from loratrain.core.images import grayscale_array, laplacian_variance
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.progress import Reporter, StopFlag

@@ -16,7 +16,8 @@ from pathlib import Path
 import tomli_w
 
 from loratrain.core.captions import CaptionExtension, caption_path
-from loratrain.core.config import ConfigError, JobConfig, Problem, opt
+from loratrain.core.config import JobConfig, opt
+from loratrain.core.errors import ConfigError, Problem
 from loratrain.core.images import list_images
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.progress import Reporter, StopFlag

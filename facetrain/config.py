@@ -2,7 +2,8 @@
 command's flags exist even on an install without the face extras."""
 from __future__ import annotations
 
-from loratrain.core.config import JobConfig, Problem, opt
+from loratrain.core.config import JobConfig, opt
+from loratrain.core.errors import Problem
 
 
 class GrowConfig(JobConfig):

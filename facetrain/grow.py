@@ -12,7 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.progress import Reporter, StopFlag
 from loratrain.core.safe_io import save_safetensors

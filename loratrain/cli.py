@@ -8,12 +8,12 @@ line naming the path and what to do, exit 2; `LORATRAIN_DEBUG=1` shows the trace
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 from typing import Any
 
-from .core.config import ConfigError
+from .core.errors import ConfigError
+from .core.jobs import describe_error
 from .jobs import GROUPS, JOBS, JobSpec, missing_extras
 
 
@@ -88,26 +88,6 @@ def run_ui(args: argparse.Namespace) -> int:
 
     serve(UiConfig.from_args(args))
     return 0
-
-
-def describe_error(e: BaseException) -> str:
-    """One line (or one per config problem) that names the path and says what to do."""
-    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError,)) and e.errno is not None:
-        where = e.filename or "the output"
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return (f"cannot write {where}: {e.strerror}. Free some space (or choose another output folder) and run "
-                    "again; nothing half-written was left behind")
-        if isinstance(e, NotADirectoryError) or e.errno == errno.ENOTDIR:
-            return f"{where}: a part of this path is a file, not a folder; choose another path"
-        if isinstance(e, FileExistsError):
-            return f"{where}: already exists and is not a folder; choose another path"
-        if isinstance(e, IsADirectoryError):
-            return f"{where}: is a folder, where a file was expected"
-        if isinstance(e, PermissionError):
-            return f"{where}: permission denied; choose a path you can write to"
-        return f"{where}: {e.strerror}"
-    text = str(e).strip()
-    return text or e.__class__.__name__
 
 
 def main(argv: list[str] | None = None) -> int:

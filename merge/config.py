@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from loratrain.core.config import JobConfig, Problem, opt
+from loratrain.core.config import JobConfig, opt
+from loratrain.core.errors import Problem
 from loratrain.core.lora.spec import lora_spec_problems, parse_lora_spec
 from loratrain.core.precision import CANONICAL
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.jobs import JobResult, Stopped, job
 from loratrain.core.lora.files import LoraModule, check_family, lbw_weights, parse_lora_spec, read_lora
 from loratrain.core.lora.keys import LoraSite, lora_sites

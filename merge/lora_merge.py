@@ -97,7 +97,7 @@ class _Base:
     """The base checkpoint, read lazily: module shapes for LyCORIS kinds and weights for (IA)^3 / DoRA."""
 
     def __init__(self, cfg: LoraMergeConfig, inputs: list, kinds: list[str]) -> None:
-        from loratrain.core.config import ConfigError
+        from loratrain.core.errors import ConfigError
 
         if not cfg.model:
             raise ConfigError(f"the inputs hold {', '.join(kinds)} modules: give --model (the base checkpoint) so their "

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from loratrain.cli import main
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.progress import RecordingReporter
 from loratrain.core.safe_io import atomic_write_bytes
 from loratrain.training import saving

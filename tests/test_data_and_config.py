@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.training.config import TrainConfig
 from loratrain.training.data.buckets import bucket_resolutions, select_bucket
 from loratrain.training.data.captions import process_caption

@@ -137,7 +137,7 @@ def test_fused_backward_pass_updates_as_one_optimizer_would(tiny_files, dataset,
 
 
 def test_fused_backward_pass_refuses_what_it_cannot_do(tiny_files, dataset, tmp_path):
-    from loratrain.core.config import ConfigError
+    from loratrain.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="Prodigy"):
         FinetuneConfig(pretrained_model_name_or_path=str(tiny_files["sd1_file"]), train_data_dir=str(dataset),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.lora.keys import lora_sites
 from loratrain.core.models.families import FAMILIES
 from loratrain.core.models.loading import load_model

@@ -328,7 +328,7 @@ def test_a_playlist_with_a_nul_byte_is_no_video(env):
 
 
 def test_a_swap_resume_state_names_only_its_own_segments(env, tmp_path):
-    from loratrain.core.config import ConfigError
+    from loratrain.core.errors import ConfigError
     from loratrain.facetrain.swap.media import ResumeState
 
     parts = env["root"] / ".sw.mp4.swap-parts"

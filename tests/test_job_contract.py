@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from loratrain.core.config import ConfigError, JobConfig
+from loratrain.core.config import JobConfig
+from loratrain.core.errors import ConfigError
 from loratrain.core.jobs import JobResult
 from loratrain.core.progress import RecordingReporter, StopFlag
 from loratrain.jobs import JOBS

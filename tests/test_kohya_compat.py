@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.progress import RecordingReporter, StopFlag
-from loratrain.core.safe_io import read_safetensors_metadata
+from loratrain.core.weights import read_safetensors_metadata
 from loratrain.training.config import TrainConfig
 from loratrain.training.data.buckets import no_upscale_bucket
 from loratrain.training.kohya import GUI_KEYS, IGNORED, REFUSED, SAME, SD_SCRIPTS_FLAGS, TRANSLATED, flag_table

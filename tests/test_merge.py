@@ -12,11 +12,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from loratrain.core.errors import UnsafeFileError
 from loratrain.core.lora.blocks import block_of
 from loratrain.core.models.families import FAMILIES, ModelTypeError
 from loratrain.core.models.ldm_keys import map_module, unet_module_table
 from loratrain.core.models.tiny import checkpoint_layout, make_tiny_model, tiny_configs, write_single_file
-from loratrain.core.safe_io import UnsafeFileError, save_safetensors
+from loratrain.core.safe_io import save_safetensors
 from loratrain.merge.checkpoint import run_merge
 from loratrain.merge.config import MergeConfig
 from loratrain.merge.presets import merge_preset

@@ -8,11 +8,11 @@ import torch
 from accelerate import init_empty_weights
 from safetensors.torch import save_file
 
+from loratrain.core.errors import UnsafeFileError
 from loratrain.core.models.families import FAMILIES, ModelTypeError, detect_family
 from loratrain.core.models.loading import SDModel, build_component, load_model
 from loratrain.core.models.single_file import join_checkpoint, split_checkpoint
 from loratrain.core.models.text_encoder_keys import canonical_state_dict
-from loratrain.core.safe_io import UnsafeFileError
 from loratrain.training.networks.base import NetworkSpec, find_targets
 
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from loratrain.core.progress import RecordingReporter, StopFlag
-from loratrain.core.safe_io import read_safetensors_metadata
+from loratrain.core.weights import read_safetensors_metadata
 from loratrain.training.networks.blocks import BlockSpec, block_index, lr_weights
 from loratrain.training.trainer import LoRATrainer, run_train
 
@@ -115,7 +115,7 @@ def test_rank_and_module_dropout_act_in_training_only(tiny_files, dataset, tmp_p
 
 
 def test_lora_only_arguments_are_refused_for_other_kinds(tiny_files, dataset, tmp_path):
-    from loratrain.core.config import ConfigError
+    from loratrain.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="networks.lora argument"):
         quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", network_module="loha", rank_dropout=0.1).check()

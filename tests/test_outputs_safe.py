@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from loratrain.cli import main
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.safe_io import atomic_dir, output_conflicts, replaceable, save_safetensors
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 import loratrain.dataset_tools.journal as journal_mod
 from loratrain.cli import main
 from loratrain.core.captions import read_caption
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.dataset_tools.editor.caption_set import CaptionSet
 from loratrain.dataset_tools.editor.config import TagsConfig
 from loratrain.dataset_tools.editor.ops import apply_edit, token_count

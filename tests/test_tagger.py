@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from loratrain.cli import main
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.dataset_tools.tagger.config import TagConfig
 from loratrain.dataset_tools.tagger.labels import TagLabels
 from loratrain.dataset_tools.tagger.model import TaggerModel, onnxruntime_install_problem, resolve_model_dir

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from loratrain.core.progress import RecordingReporter, StopFlag
-from loratrain.core.safe_io import read_safetensors_metadata
+from loratrain.core.weights import read_safetensors_metadata
 from loratrain.training.data.dataset import TrainData
 from loratrain.training.data.subsets import DatasetSpec, subsets_from_folders
 from loratrain.training.noise import debiased_weight, min_snr_weight
@@ -191,7 +191,7 @@ def test_fp8_base_stores_the_frozen_weights_in_float8_and_still_trains(tiny_file
 
 
 def test_fp8_base_is_refused_where_the_base_weights_are_trained_or_read(tiny_files, dataset, tmp_path):
-    from loratrain.core.config import ConfigError
+    from loratrain.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="fp8_base"):
         quick_config(tiny_files["sd1_file"], dataset, tmp_path / "o", fp8_base=True, network_module="dora").check()
@@ -244,7 +244,7 @@ def test_a_gui_json_means_what_the_guis_start_button_runs(tiny_files, dataset, t
     loha = TrainConfig.build(gui_json(tiny_files["sd1_file"], dataset, tmp_path / "o", LoRA_type="LyCORIS/LoHa", conv_dim=2,
                                       conv_alpha=1, noise_offset_type="Multires"), check=False)
     assert (loha.network_module, loha.conv_dim, loha.noise_offset, loha.multires_noise_iterations) == ("loha", 2, 0.0, 6)
-    from loratrain.core.config import ConfigError
+    from loratrain.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="LoRA_type.*Diag-OFT"):
         TrainConfig.build(gui_json(tiny_files["sd1_file"], dataset, tmp_path / "o", LoRA_type="LyCORIS/Diag-OFT"), check=False)
@@ -501,7 +501,7 @@ def test_resize_interpolation_chooses_the_filter_and_keys_the_latent_cache(tiny_
 
 
 def test_wrong_paths_of_the_new_options_are_named_before_loading(tiny_files, dataset, tmp_path):
-    from loratrain.core.config import ConfigError
+    from loratrain.core.errors import ConfigError
 
     def problem(**kw) -> str:
         with pytest.raises(ConfigError) as e:

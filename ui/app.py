@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from loratrain.core import paths
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 
 from .config import AppContext, UiConfig
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from loratrain.core.config import ConfigError, JobConfig, Problem, opt
+from loratrain.core.config import JobConfig, opt
+from loratrain.core.errors import ConfigError, Problem
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

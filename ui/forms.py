@@ -10,7 +10,8 @@ from typing import Any
 
 import gradio as gr
 
-from loratrain.core.config import ConfigError, JobConfig, Problem, base_type, resolve_registry
+from loratrain.core.config import JobConfig, base_type, resolve_registry
+from loratrain.core.errors import ConfigError, Problem
 
 TRISTATE: dict[str, bool | None] = {"default": None, "true": True, "false": False}
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from loratrain.core import paths
-from loratrain.core.config import ConfigError, JobConfig
+from loratrain.core.config import JobConfig
+from loratrain.core.errors import ConfigError
 from loratrain.core.paths import JOB_ID
 from loratrain.core.safe_io import atomic_write_json
 from loratrain.jobs import JOBS

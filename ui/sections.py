@@ -11,7 +11,8 @@ from typing import Any
 
 import gradio as gr
 
-from loratrain.core.config import ConfigError, JobConfig, Problem
+from loratrain.core.config import JobConfig
+from loratrain.core.errors import ConfigError, Problem
 from loratrain.jobs import JOBS, missing_extras
 
 from .config import AppContext

@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 
 from .config import AppContext
 from .events import Snapshot

@@ -38,10 +38,10 @@ def watch_stop(job_dir: Path, stop: StopFlag) -> None:
 
 
 def main(job_dir: str) -> int:
-    from loratrain.cli import describe_error
     from loratrain.console import quiet_irrelevant_library_messages
     from loratrain.core import paths
-    from loratrain.core.config import ConfigError
+    from loratrain.core.errors import ConfigError
+    from loratrain.core.jobs import describe_error
     from loratrain.jobs import JOBS
 
     folder = Path(job_dir)

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from loratrain.core import paths
-from loratrain.core.config import ConfigError, JobConfig, Problem
+from loratrain.core.config import JobConfig
+from loratrain.core.errors import ConfigError, Problem
 from loratrain.core.paths import split_spec
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loratrain.core.captions import CaptionError, CaptionText, caption_path, normalize_extension, read_caption_file
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.images import list_images
 
 from ..captions import DEFAULT_SEPARATOR, caption_bytes, join_tags, split_tags

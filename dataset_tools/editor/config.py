@@ -6,7 +6,8 @@ import re
 from pydantic import field_validator
 
 from loratrain.core.captions import CaptionExtension
-from loratrain.core.config import JobConfig, Problem, opt
+from loratrain.core.config import JobConfig, opt
+from loratrain.core.errors import Problem
 
 QUERIES = ("list", "set", "undo", "history")
 

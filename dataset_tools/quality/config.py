@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from loratrain.core.captions import CaptionExtension
-from loratrain.core.config import JobConfig, Problem, opt
+from loratrain.core.config import JobConfig, opt
+from loratrain.core.errors import Problem
 
 DEFAULT_QUARANTINE = ["corrupt", "unsupported", "exact_duplicate", "near_duplicate", "blurry", "too_small", "extreme_aspect"]
 CHECKS = "loratrain.dataset_tools.quality.checks:CHECKS"

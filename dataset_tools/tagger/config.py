@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from loratrain.core.captions import CaptionExtension
-from loratrain.core.config import JobConfig, Problem, opt
+from loratrain.core.config import JobConfig, opt
 from loratrain.core.devices import DEVICES
+from loratrain.core.errors import Problem
 
 
 class TagConfig(JobConfig):

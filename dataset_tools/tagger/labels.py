@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 
 RATING, GENERAL, CHARACTER = 9, 0, 4
 

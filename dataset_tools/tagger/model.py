@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.hf_cache import hub_cache_dir, resolve_hf_cache
 from loratrain.core.paths import confine
 

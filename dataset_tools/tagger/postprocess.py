@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 
 from ..captions import dedupe
 from .config import TagConfig

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loratrain.core.config import JobConfig, Problem, opt
+from loratrain.core.config import JobConfig, opt
+from loratrain.core.errors import Problem
 
 from ..face_types import FACE_TYPES
 

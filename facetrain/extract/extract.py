@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.images import ImageReadError, list_images, open_image, to_rgb_on_white
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.progress import Reporter, StopFlag

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.registry import Registry
 
 

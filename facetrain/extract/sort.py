@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.images import laplacian_variance
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.progress import Reporter, StopFlag

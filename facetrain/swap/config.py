@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loratrain.core.config import JobConfig, Problem, opt
+from loratrain.core.config import JobConfig, opt
 from loratrain.core.devices import DEVICES
+from loratrain.core.errors import Problem
 
 from ..extract.config import PLUGINS, VIDEO_EXTENSIONS
 from ..face_types import FACE_TYPES

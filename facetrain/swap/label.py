@@ -108,7 +108,7 @@ class C2paSigner:
             ".mov": "video/quicktime"}
 
     def __init__(self, cert: str, key: str, alg: str, model: str) -> None:
-        from loratrain.core.config import ConfigError
+        from loratrain.core.errors import ConfigError
 
         try:
             import c2pa

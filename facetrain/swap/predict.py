@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.registry import Registry
 
 

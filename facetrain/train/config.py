@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loratrain.core.config import JobConfig, Problem, opt
+from loratrain.core.config import JobConfig, opt
 from loratrain.core.devices import DEVICES
+from loratrain.core.errors import Problem
 from loratrain.core.precision import CANONICAL
 
 from ..face_types import FACE_TYPES

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loratrain.core.config import ConfigError
 from loratrain.core.devices import pick_device
+from loratrain.core.errors import ConfigError
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.precision import dtype_of
 from loratrain.core.progress import Reporter, StopFlag

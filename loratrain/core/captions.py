@@ -13,7 +13,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator
 
-from .config import ConfigError
+from .errors import ConfigError
 from .paths import confine
 
 

@@ -21,23 +21,9 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from .errors import ConfigError, Problem
+
 C = TypeVar("C", bound="JobConfig")
-Problem = tuple[str, str]  # (field name or "", what is wrong)
-
-
-class ConfigError(ValueError):
-    """A config value (or an input it names) is wrong; the message says which and what to do.
-
-    `problems` keeps each (field, message) pair, so a form can show every error next to its field.
-    """
-
-    def __init__(self, message: str | None = None, problems: list[Problem] | None = None) -> None:
-        self.problems: list[Problem] = list(problems or [])
-        if message is None:
-            message = "\n".join(f"{field}: {text}" if field else text for field, text in self.problems)
-        elif not self.problems:
-            self.problems = [("", message)]
-        super().__init__(message)
 
 
 def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
@@ -356,7 +342,3 @@ class JobConfig(BaseModel):
 
     def replace(self: C, **changes: Any) -> C:
         return type(self).build({**self.model_dump(), **changes}, source="replace")
-
-    def all_problems(self) -> list[Problem]:
-        """Everything a form should show next to its fields before a run: problems and unmet requirements."""
-        return self.problems() + self.requirements() + self._output_problems()

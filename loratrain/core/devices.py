@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .config import ConfigError
+from .errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
 

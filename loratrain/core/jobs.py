@@ -9,6 +9,7 @@ The result says what was made, whether the job was stopped, and the lines a user
 """
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 from collections.abc import Callable
@@ -60,3 +61,24 @@ def job(fn: Callable[[C, Reporter, StopFlag], R]) -> Callable[..., R]:
     params[2] = params[2].replace(default=None, annotation="StopFlag | None")
     run.__signature__ = sig.replace(parameters=params)  # what callers (and the UI) see
     return run
+
+
+def describe_error(e: BaseException) -> str:
+    """One line (or one per config problem) that names the path and says what to do: how the CLI prints a failed
+    job and how the app's worker records one, so both tell a user the same thing."""
+    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError,)) and e.errno is not None:
+        where = e.filename or "the output"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return (f"cannot write {where}: {e.strerror}. Free some space (or choose another output folder) and run "
+                    "again; nothing half-written was left behind")
+        if isinstance(e, NotADirectoryError) or e.errno == errno.ENOTDIR:
+            return f"{where}: a part of this path is a file, not a folder; choose another path"
+        if isinstance(e, FileExistsError):
+            return f"{where}: already exists and is not a folder; choose another path"
+        if isinstance(e, IsADirectoryError):
+            return f"{where}: is a folder, where a file was expected"
+        if isinstance(e, PermissionError):
+            return f"{where}: permission denied; choose a path you can write to"
+        return f"{where}: {e.strerror}"
+    text = str(e).strip()
+    return text or e.__class__.__name__

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, Problem
+from .errors import ConfigError, Problem
 
 #: what the app's job ids look like (ui/runner.py makes them): nothing else names a job folder
 JOB_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")

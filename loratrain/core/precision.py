@@ -27,8 +27,3 @@ def dtype_of(name: str) -> Any:
     import torch
 
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[canonical(name)]
-
-
-def is_mixed(name: str) -> bool:
-    """Whether a mixed-precision setting asks for autocast (fp16 / bf16) at all."""
-    return canonical(name) != "fp32"

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from .config import ConfigError
+from .errors import ConfigError
 
 T = TypeVar("T")
 

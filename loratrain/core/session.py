@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
 from .devices import pick_device
+from .errors import ConfigError
 from .lora.files import parse_lora_spec
 from .models.ldm_keys import unet_module_pairs
 from .models.loading import SDModel

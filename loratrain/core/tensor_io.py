@@ -25,9 +25,11 @@ from typing import Any
 
 import torch
 
+from .errors import UnsafeFileError
 from .paths import confine
 from .precision import dtype_of
-from .safe_io import PICKLE_SUFFIXES, UnsafeFileError, atomic_path
+from .safe_io import atomic_path
+from .weights import PICKLE_SUFFIXES
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -414,10 +416,6 @@ class StreamingWriter:
             raise ValueError("metadata rewrite changed the header size")
         self._sink.patch(header, 0)
         self._header = header
-
-    @property
-    def uses_direct_io(self) -> bool:
-        return isinstance(self._sink, _DirectSink)
 
     def __enter__(self) -> "StreamingWriter":
         self._ctx = atomic_path(self.path)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.paths import confine, locate
 from loratrain.core.registry import Registry
 from loratrain.core.samplers import SAMPLERS

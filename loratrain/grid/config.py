@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loratrain.core.config import ConfigError, JobConfig, Problem, opt
+from loratrain.core.config import JobConfig, opt
+from loratrain.core.errors import ConfigError, Problem
 
 SAMPLERS = "loratrain.core.samplers:SAMPLERS"
 
@@ -65,7 +66,7 @@ class GridConfig(SamplingOptions):
 
     def requirements(self) -> list[Problem]:
         """Every axis value and every cell's settings, checked before the first image."""
-        from .runner import plan_grid
+        from .plan import plan_grid
 
         try:
             plan_grid(self, seed=0)

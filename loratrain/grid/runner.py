@@ -6,40 +6,27 @@ the loaded model: a weight change is an adapter scale, a LoRA file is loaded onc
 """
 from __future__ import annotations
 
-import itertools
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from loratrain.core.config import ConfigError
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.models.loading import SDModel, load_model
 from loratrain.core.progress import Reporter, StopFlag
 from loratrain.core.safe_io import atomic_path
 from loratrain.core.sampling import SamplePrompt, generate
-from loratrain.core.session import ModelSession, lora_use
+from loratrain.core.session import ModelSession
 
-from .axes import Axis, CellParams, label, parse_axis_values
+from .axes import CellParams
 from .config import GridConfig
 from .draw import draw_grid, side_by_side
-
-
-@dataclass
-class AxisValues:
-    key: str  # "x" | "y" | "z"
-    axis: Axis | None
-    values: list[Any]
-    raw: str = ""
-
-    @property
-    def labels(self) -> list[str]:
-        return [label(self.axis, v) if self.axis else "" for v in self.values]
+from .plan import AxisValues, loop_order, plan_grid
 
 
 @dataclass
@@ -53,81 +40,6 @@ class GridResult(JobResult):
     def summary(self) -> list[str]:
         state = "grid" if self.complete else "partial grid (stopped)"
         return [f"{state}: {self.grids[-1]} ({len(self.cells)}/{len(self.params)} cells, {self.model_loads} model load(s))"]
-
-
-def parse_axes(cfg: GridConfig) -> tuple[AxisValues, AxisValues, AxisValues]:
-    if not cfg.x_type or not cfg.y_type:
-        raise ConfigError("a grid needs --x_type/--x_values and --y_type/--y_values")
-    out = []
-    for key in ("x", "y", "z"):
-        kind, raw = getattr(cfg, f"{key}_type"), getattr(cfg, f"{key}_values")
-        if not kind:
-            out.append(AxisValues(key, None, [None]))
-            continue
-        axis, values = parse_axis_values(kind, raw)
-        out.append(AxisValues(key, axis, values, raw))
-    names = [a.axis.name for a in out if a.axis]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"an axis type is used twice ({', '.join(names)})")
-    return out[0], out[1], out[2]
-
-
-def cell_params(cfg: GridConfig, axes: tuple[AxisValues, ...], seed: int) -> dict[tuple[int, int, int], CellParams]:
-    """Parameters of every cell, computed (and so checked) before anything is generated."""
-    base = CellParams(cfg.model, cfg.prompt, cfg.negative_prompt, [lora_use(t, cfg.model) for t in cfg.loras], seed, cfg.steps,
-                      cfg.cfg_scale, cfg.sampler, cfg.clip_skip, cfg.width, cfg.height)
-    cells = {}
-    for iz, iy, ix in itertools.product(*(range(len(a.values)) for a in (axes[2], axes[1], axes[0]))):
-        p = base
-        for av, i in ((axes[2], iz), (axes[1], iy), (axes[0], ix)):
-            if av.axis is None:
-                continue
-            v = av.values[i]
-            if av.axis.name == "prompt_sr":
-                p = replace(p, prompt=p.prompt.replace(av.values[0], v), negative_prompt=p.negative_prompt.replace(av.values[0], v))
-            elif av.axis.name == "seed" and v == -1:
-                p = replace(p, seed=seed)
-            else:
-                p = av.axis.apply(p, v)
-        cells[(ix, iy, iz)] = p
-    return cells
-
-
-def _check(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tuple[int, int, int], CellParams]) -> None:
-    for av in axes:
-        if av.axis is not None and av.axis.name == "prompt_sr":
-            first = av.values[0]
-            if first not in cfg.prompt and first not in cfg.negative_prompt:
-                raise ConfigError(f"axis prompt_sr: the first value {first!r} must appear in the prompt or the negative prompt")
-    for p in cells.values():
-        if not p.checkpoint:
-            raise ConfigError("no checkpoint: pass --model or use the checkpoint axis")
-        if not p.prompt:
-            raise ConfigError("--prompt is required")
-        if p.steps < 1 or p.width < 8 or p.height < 8:
-            raise ConfigError(f"bad cell settings: steps {p.steps}, size {p.width}x{p.height}")
-    pixels = sum(p.width * p.height for p in cells.values())
-    if pixels > cfg.max_megapixels * 1e6:
-        raise ConfigError(f"the grid would have {pixels / 1e6:.0f} MP, above --max_megapixels {cfg.max_megapixels}")
-
-
-def loop_order(axes: tuple[AxisValues, ...]) -> list[tuple[int, int, int]]:
-    """Cells in run order: costliest axis outermost; ties: Z, then Y, then X outer."""
-    x, y, z = axes
-    ranked = sorted([(z, 0), (y, 1), (x, 2)], key=lambda t: (-(t[0].axis.cost if t[0].axis else -1), t[1]))
-    order = []
-    for idx in itertools.product(*(range(len(a.values)) for a, _ in ranked)):
-        pos = {a.key: i for (a, _), i in zip(ranked, idx)}
-        order.append((pos["x"], pos["y"], pos["z"]))
-    return order
-
-
-def plan_grid(cfg: GridConfig, seed: int) -> tuple[tuple[AxisValues, AxisValues, AxisValues], dict[tuple[int, int, int], CellParams]]:
-    """Axes and every cell's parameters, parsed and checked: all of it happens before the first image."""
-    axes = parse_axes(cfg)
-    cells = cell_params(cfg, axes, seed)
-    _check(cfg, axes, cells)
-    return axes, cells
 
 
 @job

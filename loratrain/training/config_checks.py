@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loratrain.core.config import ConfigError, Problem
+from loratrain.core.errors import ConfigError, Problem
 from loratrain.core.paths import confine
 
 from .config import WEIGHT_MARKERS  # imported lazily by config.requirements, after config itself
@@ -161,7 +161,7 @@ def _header_keys(path: Path, field: str) -> list[str] | Problem:
 
 def base_weights_problems(cfg: Any) -> list[Problem]:
     """Each base_weights file exists, is a LoRA / LyCORIS file (its header) and is for the base model's family."""
-    from loratrain.core.config import ConfigError
+    from loratrain.core.errors import ConfigError
     from loratrain.core.lora.kinds import MODULE_KINDS
     from loratrain.core.session import lora_use
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loratrain.core.config import Problem, opt
+from loratrain.core.config import opt
+from loratrain.core.errors import Problem
 from loratrain.core.images import list_images
 from loratrain.core.jobs import job
 from loratrain.core.progress import Reporter, StopFlag

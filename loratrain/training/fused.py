@@ -59,8 +59,3 @@ class FusedBackward(torch.optim.Optimizer):
             one.load_state_dict(sd)
         for g, lr in zip(self.param_groups, state_dict["lrs"]):
             g["lr"] = lr
-
-    def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 
 from .kohya import is_off
 

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.lora.hashes import addnet_hashes
 from loratrain.core.precision import dtype_of
 from loratrain.core.safe_io import atomic_write_json, save_safetensors

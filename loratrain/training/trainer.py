@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from loratrain.core.config import ConfigError
 from loratrain.core.devices import fresh_accelerator
+from loratrain.core.errors import ConfigError
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.lora.hashes import model_file_hashes
 from loratrain.core.models.loading import SDModel, load_model, move
@@ -274,7 +274,7 @@ class LoRATrainer:
             self.network.load_state_dict(net_sd)
             self.reporter.log(f"network weights from the state {path}")
             return
-        from loratrain.core.safe_io import load_state_dict
+        from loratrain.core.weights import load_state_dict
 
         sd, _ = load_state_dict(path, allow_pickle=self.cfg.allow_pickle)
         try:

@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.progress import NullReporter, StopFlag
 from loratrain.dataset_tools.editor.caption_set import CaptionSet
 from loratrain.dataset_tools.editor.config import TagsConfig

@@ -8,7 +8,8 @@ from typing import Any
 
 import gradio as gr
 
-from loratrain.core.config import ConfigError, JobConfig, Problem
+from loratrain.core.config import JobConfig
+from loratrain.core.errors import ConfigError, Problem
 from loratrain.grid.axes import AXES
 
 from ..config import AppContext

@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 import tomli_w
 
-from loratrain.core.config import ConfigError, Problem
+from loratrain.core.errors import ConfigError, Problem
 from loratrain.core.paths import check_name
 from loratrain.core.safe_io import atomic_write_text
 from loratrain.training.config import DATA, MODEL, NET, OPTIM, TrainConfig

@@ -23,7 +23,7 @@ def save_diffusers_folder(model: SDModel, path: str | Path, dtype: torch.dtype |
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import load_file, save_file
 
-    from ..config import ConfigError
+    from ..errors import ConfigError
     from ..safe_io import atomic_dir, replaceable
 
     path = Path(path)

@@ -17,10 +17,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from ..hf_cache import resolve_hf_cache
 from ..paths import confine, roots
-from ..safe_io import load_state_dict
 from ..tokenizer import clip_tokenizer
+from ..weights import load_state_dict
 from . import text_encoder_keys
-from .families import FAMILIES, VAE_DIFFUSERS_KEY, VAE_LDM_KEY, VAE_PREFIX, Family, ModelTypeError, detect_family, family_from_unet_config
+from .families import VAE_DIFFUSERS_KEY, VAE_LDM_KEY, VAE_PREFIX, Family, ModelTypeError, detect_family, family_from_unet_config
 from .single_file import CONFIG_METADATA_KEY, split_checkpoint
 
 
@@ -190,13 +190,6 @@ def _fix_buffers(model: torch.nn.Module) -> None:
                     module._buffers[name] = torch.arange(buf.shape[-1]).expand(buf.shape).clone()
                 else:
                     raise RuntimeError(f"buffer {name} was not loaded")
-
-
-def family_by_name(name: str) -> Family:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown model family {name!r}; one of {', '.join(FAMILIES)}") from None
 
 
 def read_vae_file(path: str | Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:

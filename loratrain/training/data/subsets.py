@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loratrain.core.config import ConfigError, parse_resolution, read_toml
+from loratrain.core.config import parse_resolution, read_toml
+from loratrain.core.errors import ConfigError
 from loratrain.core.images import IMAGE_EXTENSIONS
 from loratrain.core.paths import confine
 

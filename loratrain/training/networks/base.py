@@ -38,6 +38,7 @@ class NetworkSpec:
     module_dims: dict[str, tuple[int, float]] | None = None  # dim_from_weights: kohya name -> (rank, alpha) of a file
     oft_all_linear: bool = False  # OFT: every linear layer of the transformer blocks, not only attention
     oft_conv: bool = False  # OFT: the ResNet convolutions too
+    oft_layout: str = "comfyui"  # OFT file layout: "comfyui" (lora_unet_*, alpha the absolute cap) or "sd-scripts"
     blocks: BlockSpec = field(default_factory=BlockSpec)  # sd-scripts' per-block ranks and learning rates
     rank_dropout: float = 0.0  # per sample, each rank of a module's down output dropped with this probability
     module_dropout: float = 0.0  # per forward, a module's whole adapter skipped with this probability
