@@ -8,6 +8,7 @@ own), alternating A/B/A/B, and the ratio of medians is printed.
     python bench/train_throughput.py                 # tiny SD1-shaped model on CPU
     python bench/train_throughput.py --size sd15 --resolution 512 --batch 4 --precision bf16   # on a GPU
     python bench/train_throughput.py --kinds lora,loha,lokr,dora   # each network kind of ours, side by side
+    python bench/train_throughput.py --size sdxl --resolution 1024 --batch 1 --precision bf16   # ours only
 """
 from __future__ import annotations
 
@@ -31,15 +32,17 @@ def build_inputs(root: Path, size: str, resolution: int) -> tuple[Path, Path]:
     from loratrain.core.models.tiny import make_tiny_model, write_single_file
     from loratrain.training.demo import make_concept_images
 
-    model = make_tiny_model("sd1", seed=0)
-    if size == "sd15":  # real SD1.5 shapes, random weights
+    family = "sdxl" if size == "sdxl" else "sd1"
+    model = make_tiny_model(family, seed=0)
+    if size in ("sd15", "sdxl"):  # real SD1.5 / SDXL shapes, random (properly initialised) weights
         from loratrain.core.models.loading import build_component
 
-        cfgs = FAMILIES["sd1"].shipped_configs()
+        cfgs = FAMILIES[family].shipped_configs()
         model.unet, model.vae = build_component("unet", cfgs["unet"]), build_component("vae", cfgs["vae"])
-        model.text_encoders = [build_component("text_encoder", cfgs["text_encoder"])]
+        model.text_encoders = [build_component(spec.component, cfgs[spec.component], spec.with_projection)
+                               for spec in FAMILIES[family].text_encoders]
         model.configs = cfgs
-    path = write_single_file(model, root / "model.safetensors", dtype=__import__("torch").float16 if size == "sd15" else __import__("torch").float32)
+    path = write_single_file(model, root / "model.safetensors", dtype=__import__("torch").float16 if size != "tiny" else __import__("torch").float32)
     make_concept_images(root / "data" / "1_shape", "circle", 16, resolution, 0)
     return path, root / "data"
 
@@ -130,7 +133,8 @@ def _sync() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", choices=["tiny", "sd15"], default="tiny")
+    ap.add_argument("--size", choices=["tiny", "sd15", "sdxl"], default="tiny",
+                    help="sdxl: real SDXL shapes, our loop only (the plain loop is SD1's), as with --kinds lora")
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rank", type=int, default=8)
@@ -149,6 +153,8 @@ def main() -> None:
         rate = fn(Path(args.model), Path(args.data), args)
         print(json.dumps({"steps_per_s": rate, "peak_mb": peak_memory_mib()}))
         return
+    if args.size == "sdxl" and not args.kinds:
+        args.kinds = "lora"
     root = Path(tempfile.mkdtemp(prefix="bench_train_"))
     model, data = build_inputs(root, args.size, args.resolution)
     passthrough = sys.argv[1:]

@@ -1,6 +1,6 @@
 """Sample augmentation as in SAEHD: grid random warp (input only), random affine + flip (shared), HSV.
 
-Reference §4. The warp and the affine of one sample come from one parameter set, so the warped input,
+Definitions: docs/face-model.md#augmentation. The warp and the affine of one sample come from one parameter set, so the warped input,
 the target and the masks stay registered; only the grid warp is reserved for the network input.
 
 One deliberate difference from DFL's grid warp: DFL's control grid runs 0..w over w/cell + 1 points and

@@ -1,7 +1,7 @@
 """Colour transfer modes (ct_mode): recolour an image toward a reference, one function per mode.
 
 All take and return float32 BGR images in [0, 1] (HxWx3). The same registry serves training
-(src samples toward random dst samples) and, later, the swap path. Definitions: reference §5.
+(src samples toward random dst samples) and, later, the swap path. Definitions: docs/face-model.md#colour-transfer.
 """
 from __future__ import annotations
 

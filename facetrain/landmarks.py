@@ -2,7 +2,7 @@
 
 The crop is DFL's: Umeyama (with scale) from landmarks 17-48 and 54 to a unit-square mean face, the
 square's diagonals mapped back into the image and scaled by the face type's padding, then a 3-point
-affine to the output square. Reference: shared/reference/face_swap.md §6.
+affine to the output square. Details: docs/face-swap.md#alignment.
 """
 from __future__ import annotations
 

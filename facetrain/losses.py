@@ -1,4 +1,4 @@
-"""SAEHD losses (reference §3): multi-window DSSIM + MSE, mask loss, eyes/mouth priority, style terms."""
+"""SAEHD losses (docs/face-model.md#losses): multi-window DSSIM + MSE, mask loss, eyes/mouth priority, style terms."""
 from __future__ import annotations
 
 from functools import lru_cache

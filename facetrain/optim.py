@@ -1,4 +1,4 @@
-"""Optimizers (registry) and lr_dropout, as SAEHD uses them (reference §3.4)."""
+"""Optimizers (registry) and lr_dropout, as SAEHD uses them (docs/face-model.md#optimizers)."""
 from __future__ import annotations
 
 import math

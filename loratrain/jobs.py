@@ -47,7 +47,7 @@ JOBS: Registry[JobSpec] = Registry("command")
 GROUPS = {"face": "DeepFaceLab-style face tools: extract, sort, train (DF / LIAE), grow, export, swap. "
                   "Use only faces of people who have given their consent.",
           "lora": "bake LoRAs (and LyCORIS files) into a checkpoint, merge LoRAs, resize a LoRA's rank, extract a LoRA "
-                  "from two checkpoints",
+                  "from two checkpoints, convert an (IA)^3 file to a LoRA",
           "dataset": "prepare repeat folders, check quality, extract video frames",
           "tags": "edit the captions of a dataset in bulk, with undo (filters --all_of / --any_of / --none_of choose the images; "
                   "every edit is journalled and the originals are backed up in DIR/.loratrain/)"}
@@ -106,6 +106,9 @@ add(
             stop_when="(nothing is written)"),
     JobSpec(("lora", "extract"), f"{M}.config:LoraExtractConfig", f"{M}.lora_extract:run_lora_extract",
             "extract a LoRA from two checkpoints by SVD (kohya layout)", stop_when="(nothing is written)"),
+    JobSpec(("lora", "convert-ia3"), f"{M}.config:LoraConvertIa3Config", f"{M}.lora_convert:run_lora_convert_ia3",
+            "convert an (IA)^3 file to a LoRA by SVD of W * w on its base model (ComfyUI and diffusers read no (IA)^3)",
+            stop_when="(nothing is written)"),
     JobSpec(("tag",), f"{D}.tagger.config:TagConfig", f"{D}.tagger.runner:run_tag", "caption a folder of images with a WD14 tagger (ONNX)",
             "Writes <image>.txt captions with a SmilingWolf WD tagger. Every written caption is journalled: "
             "`loratrain tags undo DIR` restores the previous files.", extras=("onnxruntime",), stop_when="after this batch"),

@@ -1,4 +1,4 @@
-"""Configs of `loratrain merge`, `convert` and `lora bake|merge|extract`: light to import (the CLI and the UI
+"""Configs of `loratrain merge`, `convert` and `lora bake|merge|extract|convert-ia3`: light to import (the CLI and the UI
 build their flags and forms from them); each job module holds the work."""
 from __future__ import annotations
 
@@ -214,6 +214,47 @@ class LoraExtractConfig(JobConfig):
     def requirements(self) -> list[Problem]:
         out = [(name, "is required") for name in ("model_org", "model_tuned", "output") if not getattr(self, name)]
         return out + _output_problems(self, "output", [self.model_org, self.model_tuned])
+
+
+class LoraConvertIa3Config(JobConfig):
+    lora: str = opt("", "the (IA)^3 file to convert (LyCORIS' `weight` + `on_input` per module)", path="file")
+    model: str = opt("", "the base checkpoint it was trained on: (IA)^3 scales that model's weights (dW = W * w)", path="file")
+    output: str = opt("", "output LoRA .safetensors (kohya layout: every reader loads it)", path="output")
+    rank: int = opt(16, "rank of linear / 1x1 modules; W * w is as full-rank as W, so only the full rank is exact", ge=1)
+    conv_rank: int | None = opt(None, "rank of 3x3 conv modules (default: rank)", ge=1)
+    clamp_quantile: float = opt(1.0, "clamp factors to this quantile of their magnitudes (1 = off: the plain truncated SVD)",
+                                gt=0, le=1)
+    save_precision: str = opt("fp16", "output dtype", choices=[*CANONICAL, "float"])
+    overwrite: bool = opt(False, "replace the output if it exists")
+
+    def requirements(self) -> list[Problem]:
+        out = [(name, "is required") for name in ("lora", "model", "output") if not getattr(self, name)]
+        out += _ia3_problems(self.lora)
+        return out + _output_problems(self, "output", [self.model, self.lora])
+
+
+def _ia3_problems(path: str) -> list[Problem]:
+    """The input of `lora convert-ia3` holds (IA)^3 modules only (told from the header: LyCORIS marks each with
+    `on_input`); any other kind is named with the command that does convert it."""
+    from loratrain.core.tensor_io import LazySafetensors
+
+    if not path or not Path(path).is_file():
+        return []  # required / missing: said by the path checks and the job
+    try:
+        with LazySafetensors(path, "LoRA") as f:
+            keys = list(f.keys())
+    except (OSError, ValueError):
+        return []  # unreadable: the job says why
+    modules = {k.split(".")[0] for k in keys}
+    ia3 = {k.split(".")[0] for k in keys if k.endswith(".on_input")}
+    if not ia3:
+        return [("lora", f"{path} is not an (IA)^3 file (no module has `on_input`): for LoHa / LoKr / DoRA / OFT use "
+                         "`lora merge --mode svd --model BASE`, for a LoRA `lora resize`")]
+    if modules - ia3:
+        other = sorted(modules - ia3)[0]
+        return [("lora", f"{path} holds other modules besides (IA)^3 ones (e.g. {other}): use `lora merge --mode svd "
+                         "--model BASE`, which re-factorises every kind")]
+    return []
 
 
 class ConvertConfig(JobConfig):

@@ -25,12 +25,12 @@ def _images(folder, n, size=(8, 8)):
 
 
 def test_reference_worked_example_gives_1500_steps(tmp_path):
-    """reference §3: 15 images x 20 repeats, 200 reg images, batch 2, grad-accum 2, 10 epochs -> 1500 steps."""
+    """docs/lora-training.md#total-steps: 15 images x 20 repeats, 200 reg images, batch 2, grad-accum 2, 10 epochs -> 1500 steps."""
     _images(tmp_path / "img" / "20_sks dog", 15)
     _images(tmp_path / "reg" / "1_dog", 200)
     subsets = subsets_from_folders(str(tmp_path / "img"), str(tmp_path / "reg"), {})
     assert subsets[0].class_tokens == "sks dog" and subsets[0].num_repeats == 20
-    data = TrainData([DatasetSpec(subsets=subsets, batch_size=2)], log=lambda s: None)
+    data = TrainData([DatasetSpec(subsets=subsets, resolution=(512, 512), batch_size=2)], log=lambda s: None)
     plan = data.plan(grad_accum=2, max_train_steps=None, max_train_epochs=10)
     assert (plan.train_samples, plan.reg_samples, plan.batches_per_epoch, plan.steps_per_epoch, plan.max_train_steps) == (300, 300, 300, 150, 1500)
     reg_repeats = sorted(it.repeats for it in data.items() if it.subset.is_reg)
@@ -42,7 +42,7 @@ def test_missing_captions_are_listed_and_fall_back_to_class_tokens(tmp_path):
     _images(tmp_path / "img" / "2_my_char", 3)
     (tmp_path / "img" / "2_my_char" / "0000.txt").write_text("1girl, smile", encoding="utf-8")
     logs = []
-    data = TrainData([DatasetSpec(subsets=subsets_from_folders(str(tmp_path / "img"), None, {}))], log=logs.append)
+    data = TrainData([DatasetSpec(subsets=subsets_from_folders(str(tmp_path / "img"), None, {}), resolution=(512, 512), batch_size=1)], log=logs.append)
     assert sorted(it.caption for it in data.items()) == ["1girl, smile", "my_char", "my_char"]
     assert "2 image(s) have no caption file" in logs[0] and "0001.png" in logs[0] and "0002.png" in logs[0]
 

@@ -1,6 +1,7 @@
 """Face extraction, alignment, faceset metadata, DFL import and sorting, on scikit-image's real photo."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import struct
@@ -122,10 +123,60 @@ def test_sort_by_yaw_and_identity(faceset, tmp_path):
     assert len(files) == len(names) and all(p.name[:6].rstrip("_").isdigit() for p in files)
     yaws = [estimate_yaw_pitch(read_meta(p).landmarks_array())[0] for p in files]
     assert yaws == sorted(yaws)
-    assert main(["face", "sort", str(work), "--by", "blur"]) == 0  # re-sorting replaces the rank prefix
-    assert sorted(p.name[6:] for p in list_faces(work)) == names
+    assert main(["face", "sort", str(work), "--by", "blur"]) == 0  # re-sorting replaces the rank prefix (the order:
+    assert sorted(p.name[6:] for p in list_faces(work)) == names  # test_sort_by_blur_pitch_and_hist)
     assert main(["face", "sort", str(work), "--by", "identity"]) == 0  # one person: nobody moves
     assert not (work / "_other").exists() and len(list_faces(work)) == len(names)
+
+
+def _sorted_names(folder: Path) -> list[str]:
+    """The faces' names without their rank prefix, in rank order."""
+    files = list_faces(folder)
+    assert all(p.name[:6].rstrip("_").isdigit() for p in files)
+    return [p.name[6:] for p in files]
+
+
+def test_sort_by_blur_pitch_and_hist(faceset, tmp_path):
+    """Each sort key through the real CLI on faces built with a known answer: blurred copies, copies whose nose is
+    moved (pitch), and two colour families (hist)."""
+    img, meta = load_face(list_faces(faceset)[0])
+    # blur: the sharpest first, the most blurred last (DFL's order); --descending reverses it
+    blur = tmp_path / "blur"
+    blur.mkdir()
+    sigmas = {"c.png": 0.0, "a.png": 1.0, "d.png": 2.0, "b.png": 3.5}  # name -> Gaussian sigma of its copy
+    for name, sigma in sigmas.items():
+        save_face(blur / name, cv2.GaussianBlur(img, (0, 0), sigma) if sigma else img, meta)
+    assert main(["face", "sort", str(blur), "--by", "blur"]) == 0
+    assert _sorted_names(blur) == sorted(sigmas, key=sigmas.get) == ["c.png", "a.png", "d.png", "b.png"]
+    assert main(["face", "sort", str(blur), "--by", "blur", "--descending"]) == 0
+    assert _sorted_names(blur) == sorted(sigmas, key=sigmas.get, reverse=True)
+    # pitch: the nose tip's height between the eye line and the mouth (the landmarks say it, not the pixels)
+    pitch = tmp_path / "pitch"
+    pitch.mkdir()
+    lm = meta.landmarks_array()
+    span = float(np.linalg.norm(lm[48:68].mean(0) - (lm[36:42].mean(0) + lm[42:48].mean(0)) / 2))
+    shifts = {"p1.png": 0.1, "p2.png": -0.15, "p3.png": 0.0, "p4.png": -0.05, "p5.png": 0.2}  # of the eye-mouth span
+    for name, shift in shifts.items():
+        moved = lm.copy()
+        moved[30, 1] += shift * span
+        save_face(pitch / name, img, dataclasses.replace(meta, landmarks=moved.tolist()))
+    assert main(["face", "sort", str(pitch), "--by", "pitch"]) == 0
+    order = _sorted_names(pitch)
+    assert order == sorted(shifts, key=shifts.get)  # nose lower (head tipped down) sorts later
+    pitches = [estimate_yaw_pitch(read_meta(p).landmarks_array())[1] for p in list_faces(pitch)]
+    assert pitches == sorted(pitches) and pitches[-1] - pitches[0] > 0.3
+    # hist: a chain of nearest colour histograms, so look-alikes sit together: two colour families, interleaved
+    # by name, come out as two runs
+    hist = tmp_path / "hist"
+    hist.mkdir()
+    for i in range(3):
+        for family, gains in (("warm", (0.6, 0.8, 1.2)), ("cool", (1.25, 0.9, 0.55))):  # BGR gains
+            tinted = np.clip(img.astype(np.float32) * np.array(gains) + 4 * i, 0, 255).astype(np.uint8)
+            save_face(hist / f"{i}_{family}.png", tinted, meta)
+    assert main(["face", "sort", str(hist), "--by", "hist"]) == 0
+    families = [Path(n).stem.split("_")[1] for n in _sorted_names(hist)]
+    assert sorted(families) == ["cool"] * 3 + ["warm"] * 3
+    assert sum(a != b for a, b in zip(families, families[1:])) == 1, families  # one switch: two runs
 
 
 def test_video_extraction(tmp_path, capsys):

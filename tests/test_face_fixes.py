@@ -1,5 +1,6 @@
-"""The five measured fixes to the face tools, each checked against DeepFaceLab's formula as the reference spec
-states it (shared/reference/face_swap.md §4.1, §5, §6.2, §6.3), written out here independently of our code."""
+"""The five measured fixes to the face tools, each checked against DeepFaceLab's formula as our docs state it
+(docs/face-model.md#random-warp, docs/face-model.md#colour-transfer, docs/face-model.md#training-masks,
+docs/face-swap.md#alignment, docs/face-swap.md#dfljpg-metadata), written out here independently of our code."""
 from __future__ import annotations
 
 import math
@@ -38,7 +39,7 @@ def _turned(lm: np.ndarray, amount: float) -> np.ndarray:
 
 
 def _dfl_head_centre(lm: np.ndarray) -> np.ndarray:
-    """§6.2 step 5, head: centre moved sideways by the damped yaw (unit-square landmarks), then up by 50%."""
+    """docs/face-swap.md#alignment step 4, head: centre moved sideways by the damped yaw (unit-square landmarks), then up by 50%."""
     to_unit = umeyama(lm[TEMPLATE_INDICES], TEMPLATE)[:2]
     g = transform_points(np.array([[0, 0], [1, 0], [1, 1], [0, 1], [0.5, 0.5]], float), to_unit, invert=True)
     u = transform_points(lm, to_unit)
@@ -84,7 +85,7 @@ def test_sot_regularises_with_dfls_bilateral_sigmas():
 
 
 def _dfl_warp_displacement(w: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """§4.1 written out: truncated-normal noise, y map a transposed view of the x map (so the adds mix)."""
+    """docs/face-model.md#random-warp written out: truncated-normal noise, y map a transposed view of the x map (so the adds mix)."""
     cell = w // int(rng.choice([2, 4, 8]))
     count = w // cell + 1
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from loratrain.cli import main
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.progress import RecordingReporter, StopFlag
 from loratrain.facetrain.demo_data import make_clip, make_photos
 from loratrain.facetrain.export import export_onnx
@@ -141,17 +141,86 @@ def test_each_blend_mode_does_what_it_says(face):
     raw_square = (outs["raw-rgb"][0] - frame).any(-1)                              # raw-rgb: the whole square
     assert raw_square.sum() > (outs["overlay"][0] - frame).any(-1).sum()
     assert outs["raw-predict"][0].shape == (r, r, 3) and np.allclose(outs["raw-predict"][0], green)
-    # post-processing touches the face: sharpen, motion blur, colour degrade; denoise and degrade the frame
-    for kw in ({"sharpen_mode": "box", "blursharpen_amount": 60}, {"sharpen_mode": "gaussian", "blursharpen_amount": 60},
-               {"blursharpen_amount": -40}, {"motion_blur_power": 100}, {"color_degrade_power": 100},
-               {"image_denoise_power": 150}, {"bicubic_degrade_power": 60}, {"output_face_scale": 20}):
-        crop.motion = (8.0, 30.0)
-        got = merge_face(frame, crop, pred, MergeOptions(color_transfer_mode="none", blur_mask_modifier=20, **kw), rng)
-        assert not np.allclose(got[0], outs["overlay"][0]), kw
     # a mask too small to paste is skipped, as DFL does
     dot = np.zeros((r, r, 1), np.float32)
     dot[30:31, 30:31] = 1
     assert merge_face(frame, crop, (green, dot, dot), MergeOptions(), rng) is None
+
+
+def _gray(img: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(np.ascontiguousarray(img, np.float32), cv2.COLOR_BGR2GRAY)
+
+
+def _high_freq(img: np.ndarray, where: np.ndarray) -> float:
+    """Mean squared Laplacian of the grey image over `where`: the energy of fine detail (and of noise)."""
+    return float((cv2.Laplacian(_gray(img), cv2.CV_32F) ** 2)[where].mean())
+
+
+def _grad_energy(img: np.ndarray, where: np.ndarray, axis: int) -> float:
+    """Mean squared difference between neighbours along `axis` (1: horizontal, 0: vertical) over `where`."""
+    d = np.diff(_gray(img), axis=axis) ** 2
+    return float(d[where[:-1] if axis == 0 else where[:, :-1]].mean())
+
+
+def test_each_post_option_has_its_effect(face):
+    """Every post-processing option against the same merge with the option off: the effect it is named for, where
+    it should be, and nothing where it should not (docs/face-swap.md#post-processing)."""
+    frame, lm = face
+    r = 64
+    crop = prepare(frame, lm, r, "wf")
+    square = np.zeros((r, r, 1), np.float32)
+    square[12:52, 12:52] = 1
+    textured = (crop.dst, square, square)  # the face itself as the prediction: real detail for the filters to act on
+    base = {"color_transfer_mode": "none", "blur_mask_modifier": 20}
+
+    def merge(motion=(0.0, 0.0), on=frame, **kw):  # noqa: ANN001, ANN202
+        crop.motion = motion
+        return merge_face(on, crop, textured, MergeOptions(**base, **kw), np.random.default_rng(0))
+
+    off, mask = merge()
+    inside, outside = mask[..., 0] > 0.99, mask[..., 0] == 0
+    assert inside.sum() > 2000 and outside.sum() > 20000
+    # sharpening raises the fine detail inside the face, a negative amount (median blur) lowers it; outside the
+    # mask nothing changes
+    detail = _high_freq(off, inside)
+    for mode in ("box", "gaussian"):
+        sharp = merge(sharpen_mode=mode, blursharpen_amount=60)[0]
+        assert _high_freq(sharp, inside) > 1.3 * detail, mode
+        np.testing.assert_array_equal(sharp[outside], frame[outside])
+    assert _high_freq(merge(sharpen_mode="box", blursharpen_amount=100)[0], inside) > _high_freq(
+        merge(sharpen_mode="box", blursharpen_amount=30)[0], inside) > detail  # more amount, more sharpening
+    assert _high_freq(merge(blursharpen_amount=-40)[0], inside) < 0.5 * detail
+    # motion blur smears along the face's motion (8 px per frame): neighbour differences along it drop far more
+    # than across it, whichever way it moves; a face that does not move is not blurred
+    for degrees, along, across in ((0.0, 1, 0), (90.0, 0, 1)):
+        blurred = merge(motion=(8.0, degrees), motion_blur_power=100)[0]
+        ratio = {axis: _grad_energy(blurred, inside, axis) / _grad_energy(off, inside, axis) for axis in (0, 1)}
+        assert ratio[along] < 0.5 * ratio[across] and ratio[along] < 0.3, (degrees, ratio)
+        np.testing.assert_array_equal(blurred[outside], frame[outside])
+    still = merge(motion=(0.5, 0.0), motion_blur_power=100)[0]
+    assert _grad_energy(still, inside, 1) > 0.9 * _grad_energy(off, inside, 1)
+    # colour degrade quantises the face to an adaptive 256-colour palette
+    def colours(img: np.ndarray) -> int:
+        return len(np.unique((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)[inside], axis=0))
+
+    assert colours(merge(color_degrade_power=100)[0]) <= 256 < colours(off) // 4
+    assert 256 < colours(merge(color_degrade_power=50)[0])  # half power: blended back toward the face
+    # denoise cleans the frame around the face: on a noisy frame, the output is closer to the clean one
+    noisy = np.clip(frame + np.random.default_rng(1).normal(0, 0.05, frame.shape).astype(np.float32), 0, 1)
+    noisy_off, denoised = merge(on=noisy)[0], merge(on=noisy, image_denoise_power=150)[0]
+    error_off, error_denoised = (float(np.abs(x - frame)[outside].mean()) for x in (noisy_off, denoised))
+    assert error_denoised < 0.9 * error_off, (error_off, error_denoised)
+    assert _high_freq(denoised, outside) < 0.5 * _high_freq(noisy_off, outside)
+    # bicubic degrade (a down/up scale) removes fine detail of the frame
+    assert _high_freq(merge(bicubic_degrade_power=60)[0], outside) < 0.5 * _high_freq(off, outside)
+    # output_face_scale: DFL's formula (scale = 1 + 0.01 * value zooms the crop in), so a negative value pastes the
+    # face over more of the frame and a positive one over less; the mask follows
+    changed = {}
+    for value in (-20, 0, 20):
+        got, got_mask = merge(output_face_scale=value) if value else (off, mask)
+        changed[value] = int((got != frame).any(-1).sum())
+        assert int((got_mask > 0).sum()) == changed[value]
+    assert changed[-20] > 1.3 * changed[0] and changed[20] < 0.8 * changed[0], changed
 
 
 def test_smoothing_cuts_jitter_on_a_still_clip(tmp_path):
@@ -227,6 +296,51 @@ def test_onnx_model_and_dst_faceset_give_the_same_swap(kit, tmp_path):
     # only faces close to a reference person are swapped
     other = swap(kit, tmp_path / "d", end=2, reference=[str(next((kit["root"] / "dst").glob("*.jpg")))], identity_threshold=0.01)
     assert other.faces == 0 and other.frames == 2 and other.other_people == 2
+
+
+def test_preview_shows_what_the_swap_writes(kit, tmp_path, monkeypatch):
+    """The UI's one-frame preview and the swap job give the same pixels for a frame, in every blend mode and with the
+    post-processing and random colour transfers on: both go through `frame.compose_frame` (the run is read back from
+    its lossless PNG frames; batch 1 so the model sees the same batch, no smoothing as the preview has no history)."""
+    from loratrain.facetrain.swap import frame as frame_mod
+    from loratrain.facetrain.swap.preview import preview_frame
+
+    composed: list[int] = []
+    real = frame_mod.compose_frame
+
+    def spy(index, *args, **kw):  # noqa: ANN001, ANN202
+        composed.append(index)
+        return real(index, *args, **kw)
+
+    monkeypatch.setattr(frame_mod, "compose_frame", spy)
+    monkeypatch.setattr("loratrain.facetrain.swap.run.compose_frame", spy)
+    cases = [{"mode": m} for m in BLEND_MODES] + [
+        {"mode": "seamless", "color_transfer_mode": "sot-m", "sharpen_mode": "gaussian", "blursharpen_amount": 40,
+         "image_denoise_power": 60, "bicubic_degrade_power": 20, "color_degrade_power": 30, "output_face_scale": -10},
+        {"mode": "overlay", "color_transfer_mode": "idt", "mask_mode": "dst", "erode_mask_modifier": 10, "blur_mask_modifier": 30,
+         "blursharpen_amount": -20, "visible_mark": False}]
+    for n, kw in enumerate(cases):
+        out = tmp_path / f"run{n}"
+        composed.clear()
+        res = swap(kit, out, start=2, end=4, batch_size=1, smooth=False, **kw)
+        assert res.faces == 2 and composed == [2, 3], kw  # the run composed its frames with the shared function
+        cfg = SwapConfig(input=str(kit["clip"]), model=str(kit["model"]), output=str(tmp_path / "preview.png"), **kw)
+        for index in (2, 3):
+            written = cv2.imread(str(out / f"frame_{index:06d}.png"))
+            composed.clear()
+            original, shown, faces = preview_frame(cfg, index)
+            assert composed == [index] and faces == 1
+            np.testing.assert_array_equal(shown[..., ::-1], written, err_msg=f"{kw} frame {index}")
+            side = 32 if kw["mode"] == "raw-predict" else 256  # raw-predict: the model's aligned prediction
+            assert written.shape == (side, side, 3), kw
+            if kw["mode"] == "original":
+                x0, y0, x1, y1 = mark_box(written.shape)
+                unmarked = np.ones(written.shape[:2], bool)
+                unmarked[y0:y1, x0:x1] = False
+                np.testing.assert_array_equal(shown[unmarked], original[unmarked])  # the frame itself, labelled
+    # raw-predict into a video: every frame is the prediction, so the video has the model's size
+    swap(kit, tmp_path / "raw.mp4", mode="raw-predict", end=3)
+    assert [f.shape for f in decode(tmp_path / "raw.mp4")] == [(32, 32, 3)] * 3
 
 
 def test_a_killed_swap_resumes_to_the_same_video(kit, tmp_path):
@@ -341,6 +455,10 @@ def test_ui_preview_applies_the_form_options_to_one_frame(kit):
     raw = form.to_values({"input": str(kit["clip"]), "model": str(kit["model"]), "mode": "raw-rgb"})
     image2, _ = page.preview(5, *raw)
     assert np.abs(image2[:, 256:].astype(int) - image[:, 256:]).mean() > 1  # the options change the preview
+    raw = form.to_values({"input": str(kit["clip"]), "model": str(kit["model"]), "mode": "raw-predict"})
+    image4, note4 = page.preview(5, *raw)  # the 32-px prediction, enlarged 8x beside the frame
+    assert note4 == "frame 5: 1 face(s) swapped" and image4.shape == (256, 512, 3)
+    np.testing.assert_array_equal(image4[:, 256:][::8, ::8].repeat(8, 0).repeat(8, 1), image4[:, 256:])
     outside = form.to_values({"input": "/etc/passwd", "model": str(kit["model"])})
     image3, note3 = page.preview(0, *outside)
     assert image3 is None and "outside" in note3.lower()

@@ -12,13 +12,13 @@ from safetensors.torch import load_file, save_file
 from loratrain.cli import main
 from loratrain.core.lora.keys import module_kohya_names
 from loratrain.core.models.loading import load_model
-from loratrain.core.safe_io import read_safetensors_metadata
 from loratrain.core.session import LoraUse, WeightPatcher
+from loratrain.core.weights import read_safetensors_metadata
 from loratrain.training.networks import NetworkSpec, build_network
 
 
 def formula_delta(sd: dict[str, torch.Tensor], name: str, weight: torch.Tensor) -> torch.Tensor:
-    """dW of module `name`, from the formulas of the reference (lora_trainer.md §2.4), written out here."""
+    """dW of module `name`, from the formulas in docs/lora-formats.md#module-kinds, written out here."""
     t = {k[len(name) + 1:]: v.float() for k, v in sd.items() if k.startswith(name + ".")}
     shape, w = weight.shape, weight.float()
     if "on_input" in t:  # (IA)^3: W' = W * (1 + w), w along the input (or output) channels
@@ -184,7 +184,7 @@ def test_lycoris_spellings_of_sd_scripts_users(tiny_files, tmp_path):
     cfg = TrainConfig.build({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "conv_dim=2", "conv_alpha=1"]})
     assert cfg.network_module == "lokr" and cfg.conv_dim == 2
     assert TrainConfig.build({"network_module": "networks.lora", "network_args": ["dora_wd=True"]}).network_module == "dora"
-    from loratrain.core.config import ConfigError
+    from loratrain.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="algo=glora"):
         TrainConfig.build({"network_module": "lycoris.kohya", "network_args": ["algo=glora"]})
@@ -193,7 +193,7 @@ def test_lycoris_spellings_of_sd_scripts_users(tiny_files, tmp_path):
 
 def test_the_lycoris_network_args_the_kohya_gui_writes_are_accepted():
     """The GUI writes every LyCORIS switch, algo last (lora_gui.py); the values that are what we do pass, others are named."""
-    from loratrain.core.config import ConfigError
+    from loratrain.core.errors import ConfigError
     from loratrain.training.config import TrainConfig
 
     gui = ("preset=full conv_dim=4 conv_alpha=1 use_tucker=False rank_dropout=0 bypass_mode=False dora_wd=True "
@@ -324,3 +324,38 @@ def test_lora_merge_takes_lycoris_files_with_the_base_model(tiny_files, trained,
         assert torch.allclose(m.delta(tuple(w.shape)), want, atol=1e-4), name
         checked += 1
     assert checked > 20
+
+
+def test_convert_ia3_to_a_lora_is_its_formula_to_the_svd_truncation(tiny_files, trained, tmp_path, capsys):
+    """`lora convert-ia3`: at full rank the LoRA's dW is the (IA)^3 file's W * w (and bakes the same); at rank r the
+    error is what the truncated SVD drops; a file of another kind is refused by name, nothing written."""
+    from loratrain.core.lora.files import LoraModule, read_lora
+
+    ia3, base_file = trained["ia3"], tiny_files["sd1_file"]
+    sd = load_file(str(ia3))
+    names = module_kohya_names(load_model(base_file))
+    full, low = tmp_path / "full.safetensors", tmp_path / "low.safetensors"
+    common = ["lora", "convert-ia3", "--model", str(base_file), "--lora", str(ia3), "--save_precision", "float"]
+    assert main([*common, "--rank", "4096", "--output", str(full)]) == 0
+    assert main([*common, "--rank", "2", "--output", str(low)]) == 0
+    converted, low_rank = read_lora(full)[0], read_lora(low)[0]
+    assert set(converted) == {k.split(".")[0] for k in sd} and all(isinstance(m, LoraModule) for m in converted.values())
+    for name, m in converted.items():
+        w = names[name].weight.detach()
+        want = formula_delta(sd, name, w)
+        assert torch.allclose(m.delta(tuple(w.shape)), want, atol=1e-5), name
+        s = torch.linalg.svdvals(want.reshape(want.shape[0], -1).double())
+        dropped = float(s[2:].square().sum().sqrt())
+        got = float((low_rank[name].delta(tuple(w.shape)) - want).double().norm())
+        assert got == pytest.approx(dropped, rel=1e-3, abs=1e-6), name
+    baked = {}
+    for name, path in (("ia3", ia3), ("lora", full)):
+        baked[name] = tmp_path / f"baked_{name}.safetensors"
+        assert main(["lora", "bake", str(base_file), "--output", str(baked[name]), "--loras", str(path),
+                     "--save_precision", "float"]) == 0
+    a, b = load_file(str(baked["ia3"])), load_file(str(baked["lora"]))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    capsys.readouterr()
+    refused = tmp_path / "refused.safetensors"
+    assert main(["lora", "convert-ia3", "--model", str(base_file), "--lora", str(trained["loha"]), "--output", str(refused)]) != 0
+    assert "is not an (IA)^3 file" in capsys.readouterr().err and not refused.exists()

@@ -1,4 +1,5 @@
-"""Noise offset, pyramid noise and min-SNR weights against their definitions (reference §4)."""
+"""Noise offset, pyramid noise and min-SNR weights against their definitions (docs/lora-training.md#noise-offset,
+docs/lora-training.md#pyramid-noise, docs/lora-training.md#min-snr-weighting)."""
 from __future__ import annotations
 
 from types import SimpleNamespace

@@ -60,7 +60,7 @@ def test_validation_split_holds_images_out_of_training(tmp_path):
 
     def data(seed: int) -> TrainData:
         subsets = subsets_from_folders(str(tmp_path / "img"), str(tmp_path / "reg"), {})
-        return TrainData([DatasetSpec(subsets=subsets, validation_split=0.2, validation_seed=seed)], log=lambda s: None)
+        return TrainData([DatasetSpec(subsets=subsets, resolution=(512, 512), batch_size=1, validation_split=0.2, validation_seed=seed)], log=lambda s: None)
 
     one, again, other = data(1), data(1), data(2)
     held = {it.image for it in one.validation_items()}
@@ -414,19 +414,19 @@ def test_wildcards_warmup_secondary_separator_and_fixed_suffix_as_sd_scripts():
     from loratrain.training.data.captions import process_caption
     from loratrain.training.data.subsets import Subset
 
-    wild = Subset("x", enable_wildcard=True)
+    wild = Subset(image_dir="x", enable_wildcard=True)
     seen = {process_caption("a {red|blue|green} {{dog}}\nsecond line", wild, random.Random(s)) for s in range(60)}
     assert seen == {"a red {dog}", "a blue {dog}", "a green {dog}", "second line"}
-    assert process_caption("first\nsecond", Subset("x"), random.Random(0)) == "first"  # without wildcards: the first line
-    warm = Subset("x", keep_tokens=1, token_warmup_min=1, token_warmup_step=0.5)
+    assert process_caption("first\nsecond", Subset(image_dir="x"), random.Random(0)) == "first"  # without wildcards: the first line
+    warm = Subset(image_dir="x", keep_tokens=1, token_warmup_min=1, token_warmup_step=0.5)
     tags = "sks, a, b, c, d"
     lengths = [len(process_caption(tags, warm, random.Random(0), 0, step, 8).split(", ")) for step in range(6)]
     assert lengths == [2, 2, 3, 4, 5, 5]  # 1 fixed + floor(step * (4 - 1) / 4) + 1 free; all 4 from step 4 (0.5 of 8)
-    group = Subset("x", shuffle_caption=True, secondary_separator=";;;")
+    group = Subset(image_dir="x", shuffle_caption=True, secondary_separator=";;;")
     for s in range(20):
         out = process_caption("1girl, red hair;;;blue eyes, smile", group, random.Random(s)).split(", ")
         assert "red hair,blue eyes" in out and len(out) == 3  # the group moved as one tag (joined by "," as sd-scripts)
-    suffix = Subset("x", shuffle_caption=True, keep_tokens_separator="|||")
+    suffix = Subset(image_dir="x", shuffle_caption=True, keep_tokens_separator="|||")
     for s in range(10):
         out = process_caption("sks ||| a, b, c ||| masterpiece, best", suffix, random.Random(s)).split(", ")
         assert out[0] == "sks" and out[-2:] == ["masterpiece", "best"] and sorted(out[1:4]) == ["a", "b", "c"]

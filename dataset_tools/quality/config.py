@@ -1,4 +1,4 @@
-"""Options of `loratrain dataset check`; defaults from the reference spec's recommendations."""
+"""Options of `loratrain dataset check`; where the defaults come from: docs/dataset-tools.md#quality-check-defaults."""
 from __future__ import annotations
 
 from loratrain.core.captions import CaptionExtension

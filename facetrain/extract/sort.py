@@ -42,12 +42,16 @@ def _pitch(faces, cfg):  # noqa: ANN001, ANN202
 
 @SORT_KEYS.register("blur")
 def _blur(faces, cfg):  # noqa: ANN001, ANN202
-    """Sharpness inside the face hull (higher is sharper)."""
+    """Blurriness: minus the sharpness (variance of the Laplacian inside the face hull), so the sharpest face comes
+    first and the blurriest last, as DFL sorts them (blurry faces are deleted from the end). The Laplacian is taken
+    on the whole image and read inside the hull: on a hull-masked image the mask's own edge outweighs the face's
+    detail, and a blurred face scored as sharp as a sharp one."""
     out = []
     for _, img, m in faces:
         gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.float32)
-        mask = hull_mask(gray.shape, m.landmarks_array())
-        out.append(laplacian_variance(gray * mask))
+        inside = hull_mask(gray.shape, m.landmarks_array()) > 0.5
+        lap = cv2.Laplacian(gray, cv2.CV_32F)
+        out.append(-float(lap[inside].var()) if inside.sum() > 1 else -laplacian_variance(gray))
     return out
 
 

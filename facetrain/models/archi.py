@@ -1,4 +1,4 @@
-"""Encoder / Inter / Decoder and the DF and LIAE wiring (reference §2.2-2.4).
+"""Encoder / Inter / Decoder and the DF and LIAE wiring (docs/face-model.md#architecture).
 
 `archi` strings are DFL's: `df` or `liae`, optionally `-` and any of u (pixel-normed code), d (half-res
 decoder with a depth-to-space output), t (deeper encoder / decoder), c (x*cos(x) activations).

@@ -1,4 +1,4 @@
-"""DeepFakeArchi building blocks (reference §2.1), in PyTorch, NCHW."""
+"""DeepFakeArchi building blocks (docs/face-model.md#building-blocks), in PyTorch, NCHW."""
 from __future__ import annotations
 
 import torch

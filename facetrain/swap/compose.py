@@ -1,4 +1,4 @@
-"""One face onto one frame: DFL's MergeMasked as a sequence of small steps (reference §7.1), with one change:
+"""One face onto one frame: DFL's MergeMasked as a sequence of small steps (docs/face-swap.md#merger), with one change:
 everything after the prediction runs inside the face's bounding box in the frame (as FaceFusion's paste-back
 does) instead of on the whole frame, so a 1080p frame costs about what a 256-px one does.
 

@@ -1,4 +1,4 @@
-"""Options of `loratrain face swap`, with DeepFaceLab's merger names where it has one (reference §7.1).
+"""Options of `loratrain face swap`, with DeepFaceLab's merger names where it has one (docs/face-swap.md#merger).
 
 Light to import (no OpenCV, no torch): the CLI builds its flags and the UI its form from this class.
 """
@@ -85,7 +85,7 @@ class SwapConfig(JobConfig):
     image_denoise_power: int = opt(0, "median-denoise the frame (0-500)", ge=0, le=500, group="merge")
     bicubic_degrade_power: int = opt(0, "degrade the frame by a bicubic down/up scale (0-100)", ge=0, le=100, group="merge")
     color_degrade_power: int = opt(0, "reduce the output to 256 colours, this much (0-100)", ge=0, le=100, group="merge")
-    # ---- labelling (reference §7.4): the metadata label cannot be turned off
+    # ---- labelling (docs/face-swap.md#labelling): the metadata label cannot be turned off
     visible_mark: bool = opt(True, "draw the visible 'AI-generated' mark on every output (--no-visible_mark keeps "
                              "the metadata label)", group="labelling")
     c2pa_cert: str = opt("", "also sign C2PA Content Credentials: your certificate chain (PEM), offline; needs c2pa-python",

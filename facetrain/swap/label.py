@@ -1,4 +1,4 @@
-"""Every swap output says it is synthetic (reference §7.4): a visible corner mark and machine-readable metadata.
+"""Every swap output says it is synthetic (docs/face-swap.md#labelling): a visible corner mark and machine-readable metadata.
 
 Images: PNG text chunks (`AI-generated`, `Software`, `loratrain.model`) plus an XMP packet; JPEG: the same XMP
 packet in APP1 and a comment. The XMP uses IPTC's DigitalSourceType "compositeWithTrainedAlgorithmicMedia",

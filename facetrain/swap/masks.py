@@ -1,4 +1,4 @@
-"""Merge masks (DFL's mask modes) and their processing at 4x sub-resolution (reference §7.1 steps 6-8).
+"""Merge masks (DFL's mask modes) and their processing at 4x sub-resolution (docs/face-swap.md#mask-modes, docs/face-swap.md#mask-processing).
 
 A mask mode picks the face-space mask from the landmark hull and the model's two learned masks. Erosion and
 blur then run on a zero-padded 4R copy, so a blur of N sub-pixels fades out inside the crop instead of being

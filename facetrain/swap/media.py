@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from loratrain.core import paths
-from loratrain.core.config import ConfigError
-from loratrain.core.images import IMAGE_EXTENSIONS, ImageReadError, list_images, open_image, to_rgb_on_white
+from loratrain.core.errors import ConfigError
+from loratrain.core.images import ImageReadError, list_images, open_image, to_rgb_on_white
 from loratrain.core.safe_io import atomic_path, atomic_write_json, temp_name
 from loratrain.core.video import SAFE_INPUT, VIDEO_INPUT, read_video, video_input
 
@@ -254,7 +254,3 @@ def write_image(path: Path, bgr: np.ndarray, model: str, signer: object = None) 
     with atomic_path(path) as tmp:
         save_labelled_image(tmp, bgr, model, "PNG" if path.suffix.lower() == ".png" else "JPEG")
         _sign_in_place(tmp, path, signer)
-
-
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS

@@ -1,4 +1,4 @@
-"""Image operations of the merger (reference §7.1 steps 9-11): colour transfer of the prediction with DFL's
+"""Image operations of the merger (docs/face-swap.md#merger, steps 7-9): colour transfer of the prediction with DFL's
 masked variants, histogram matching, blur/sharpen, motion blur, frame denoise and degrades.
 
 All work on float32 BGR images in 0..1.

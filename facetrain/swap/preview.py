@@ -1,5 +1,5 @@
-"""One frame through the whole swap, for the UI's interactive preview (DFL's interactive merger): the same
-options, the same functions, no smoothing (a single frame has no history)."""
+"""One frame through the whole swap, for the UI's interactive preview (DFL's interactive merger): the very
+function the swap job uses per frame (`frame.py`), with no smoothing (a single frame has no history)."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .compose import MergeOptions, merge_face, prepare
+from .compose import MergeOptions
 from .config import SwapConfig
-from .label import draw_mark
+from .frame import FaceFinder, check_model, swap_frame
 from .media import open_source
 from .predict import Predictor, load_predictor
 
@@ -20,26 +20,16 @@ def _predictor(path: str, stamp: int, device: str, morph: float) -> Predictor:
 
 
 def preview_frame(cfg: SwapConfig, index: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(the frame, the swapped and labelled frame, faces swapped) as RGB uint8, for frame `index` of the input."""
-    from .run import FaceFinder, _model_checks
-
+    """(the frame, the swap's output for it, faces swapped) as RGB uint8, for frame `index` of the input. The
+    output is what `face swap` writes for that frame: the swapped, labelled frame, or in raw-predict mode the
+    model's aligned prediction (R x R)."""
     source = open_source(cfg.input, cfg.fps)
     index = int(np.clip(index, 0, max(source.count - 1, 0)))
     got = next(iter(source.frames(index, index + 1)), None)
     if got is None:  # a video's frame count is an estimate: its last frames may not exist
         got = next(iter(source.frames(0, 1)))
-    _, rgb = got
+    index, rgb = got
     predictor = _predictor(str(cfg.model), Path(cfg.model).stat().st_mtime_ns, cfg.device, cfg.morph_value)
-    face_type = _model_checks(cfg, predictor)
-    frame = rgb[..., ::-1].astype(np.float32) / 255
-    opts, rng, done = MergeOptions.of(cfg), np.random.default_rng(0), 0
-    for lm in FaceFinder(cfg, source)(index, rgb):
-        crop = prepare(frame, lm, predictor.resolution, face_type)
-        pred = [a[0] for a in predictor.predict(crop.dst[None])]
-        merged = merge_face(frame, crop, (pred[0], pred[1], pred[2]), opts, rng)
-        if merged is not None and cfg.mode != "raw-predict":
-            frame, done = merged[0], done + 1
-    bgr = (np.clip(frame, 0, 1) * 255 + 0.5).astype(np.uint8)
-    if cfg.visible_mark:
-        draw_mark(bgr)
-    return rgb, np.ascontiguousarray(bgr[..., ::-1]), done
+    face_type = check_model(cfg, predictor)
+    out = swap_frame(index, rgb, FaceFinder(cfg, source), predictor, face_type, MergeOptions.of(cfg), cfg.visible_mark)
+    return rgb, np.ascontiguousarray(out.bgr[..., ::-1]), out.faces

@@ -3,7 +3,7 @@
 Three threads and the caller: a reader decodes frames; a finder detects (or looks up in a dst faceset),
 filters by identity, smooths and aligns the faces; the calling thread predicts them in batches; a writer
 merges, labels and encodes them in frame order. OpenCV, onnxruntime, torch and ffmpeg release the GIL, so
-the stages overlap. Everything that can be wrong with the input, the model or the output is checked before
+the stages overlap. What happens to one frame lives in `frame.py`, which the UI's preview calls as well. Everything that can be wrong with the input, the model or the output is checked before
 the model loads.
 """
 from __future__ import annotations
@@ -17,21 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.progress import Reporter, StopFlag
 
-from ..extract.plugins import DETECTORS, LANDMARKERS, find_faces, identity_encoder
-from ..extract.sort import reference_embedding
-from ..faceset import list_faces, read_meta
-from .compose import FaceCrop, MergeOptions, merge_face, prepare
+from .compose import FaceCrop, MergeOptions
 from .config import SwapConfig
-from .label import draw_mark
+from .frame import FaceFinder, Prediction, check_model, compose_frame, find_crops, output_size, predict_crops, to_work
 from .media import ResumeState, Source, VideoSink, fingerprint, open_source, write_frame_image, write_image
-from .predict import Predictor, load_predictor
+from .predict import load_predictor
 from .smooth import Smoother
 
 #: options that do not change a pixel of the output (everything else is part of the resume key)
@@ -68,40 +64,8 @@ class Item:
     index: int
     frame: np.ndarray                     # float32 BGR 0..1
     crops: list[FaceCrop] = field(default_factory=list)
-    predicted: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    predicted: list[Prediction] = field(default_factory=list)
     smoother: dict | None = None          # tracker state before this frame (segment starts only)
-
-
-class FaceFinder:
-    """Landmarks of the faces to swap in one frame: from a dst faceset, or detected; identity-filtered."""
-
-    def __init__(self, cfg: SwapConfig, source: Source) -> None:
-        self.cfg, self.source = cfg, source
-        self.table: dict[str, list[np.ndarray]] | None = None
-        if cfg.dst_faceset:
-            self.table = {}
-            for p in list_faces(cfg.dst_faceset):
-                meta = read_meta(p)
-                file, sep, frame = meta.source_filename.partition("#")  # `clip.mp4#000012` for a video's frame
-                self.table.setdefault(Path(file).name + sep + frame, []).append(np.asarray(meta.source_landmarks, np.float64))
-        else:
-            self.detect = DETECTORS.get(cfg.detector)(upsample=cfg.upsample, model_path=cfg.detector_model)
-            self.landmark = LANDMARKERS.get(cfg.landmarker)(model_path=cfg.landmarker_model)
-        self.reference = reference_embedding(cfg.reference) if cfg.reference else None
-        self.encoder = identity_encoder() if cfg.reference else None
-        self.other_people = 0
-
-    def __call__(self, index: int, rgb: np.ndarray) -> list[np.ndarray]:
-        cfg = self.cfg
-        if self.table is not None:  # largest first, as detection gives them
-            faces = sorted(self.table.get(self.source.source_name(index), []), key=lambda lm: -np.ptp(lm[:, 0]) * np.ptp(lm[:, 1]))
-        else:
-            faces = [lm for _, lm in find_faces(rgb, self.detect, self.landmark, cfg.min_face, cfg.min_score)]
-        if self.reference is not None:
-            kept = [lm for lm in faces if np.linalg.norm(self.encoder(rgb, lm) - self.reference) <= cfg.identity_threshold]
-            self.other_people += len(faces) - len(kept)
-            faces = kept
-        return faces[:cfg.max_faces] if cfg.max_faces else faces
 
 
 def _check_outputs(cfg: SwapConfig, source: Source) -> None:
@@ -119,23 +83,6 @@ def _check_outputs(cfg: SwapConfig, source: Source) -> None:
             raise ConfigError(f"output {folder} is a file, not a folder")
         if folder.is_dir() and any(folder.iterdir()) and not (folder / ".swap-state.json").exists() and not cfg.overwrite:
             raise ConfigError(f"{folder} is not empty; pass --overwrite or choose another folder")
-
-
-def _model_checks(cfg: SwapConfig, predictor: Predictor) -> str:
-    face_type = cfg.face_type or predictor.face_type or "wf"
-    if cfg.dst_faceset:
-        faces = list_faces(cfg.dst_faceset)
-        if not faces:
-            raise ConfigError(f"dst_faceset {cfg.dst_faceset}: no aligned faces")
-        meta = read_meta(faces[0])
-        if predictor.face_type and meta.face_type != predictor.face_type and not cfg.face_type:
-            raise ConfigError(f"dst_faceset {cfg.dst_faceset} holds face type {meta.face_type!r}, the model {predictor.name} was "
-                              f"trained on {predictor.face_type!r}: pass --face_type to crop anyway, or use the faceset it was trained with")
-        side = cv2.imread(str(faces[0])).shape[0]
-        if side < predictor.resolution:
-            raise ConfigError(f"dst_faceset {cfg.dst_faceset}: faces are {side} px, the model {predictor.name} works at "
-                              f"{predictor.resolution} px; extract at --image_size {predictor.resolution} or more")
-    return face_type
 
 
 def _spawn(fn: Callable[[], None], errors: list[BaseException]) -> threading.Thread:
@@ -195,7 +142,7 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
 
         signer = C2paSigner(cfg.c2pa_cert, cfg.c2pa_key, cfg.c2pa_alg, cfg.model)
     predictor = load_predictor(cfg.model, cfg.device, cfg.morph_value)
-    face_type = _model_checks(cfg, predictor)
+    face_type = check_model(cfg, predictor)
     finder = FaceFinder(cfg, source)
     smoother = Smoother(source.fps, cfg.smooth, cfg.smooth_min_cutoff, cfg.smooth_beta)
     start_at = state.next_frame if resumed and state.next_frame is not None else first
@@ -224,42 +171,31 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
         while (got := frames_q.get()) is not None:
             index, rgb = got
             boundary = (index - first) % seg == 0
-            item = Item(index, rgb[..., ::-1].astype(np.float32) / 255, smoother=smoother.state() if boundary else None)
-            for lm, motion in smoother(index, finder(index, rgb)):
-                crop = prepare(item.frame, lm, r, face_type)
-                crop.motion = motion
-                item.crops.append(crop)
+            item = Item(index, to_work(rgb), smoother=smoother.state() if boundary else None)
+            item.crops = find_crops(item.frame, rgb, index, finder, r, face_type, smoother)
             yield item
 
     found_q = _threaded(find, 8, errors)
     to_write: queue.Queue = queue.Queue(16)
-    sink = VideoSink(out, parts, source.fps, source.size, cfg.crf) if kind == "video" else None
+    sink = VideoSink(out, parts, source.fps, output_size(cfg.mode, source.size, r), cfg.crf) if kind == "video" else None
     frames_dir = out if kind == "frames" else Path(cfg.output_frames) if cfg.output_frames else None
     if frames_dir is not None:
         frames_dir.mkdir(parents=True, exist_ok=True)
     image: list[np.ndarray] = []  # an image output is written once the run is known to have found a face
     total = (end or source.count) - start_at
     reporter.start(max(total, 0), "swapping faces", unit="frame")
-    rng = np.random.default_rng(0)
 
     def write() -> None:
         while (item := to_write.get()) is not None:
             if stop.is_set():  # drain what is queued without writing it: the open segment is dropped
                 stopped_early.append(True)
                 continue
-            frame = item.frame
-            for crop, pred in zip(item.crops, item.predicted):
-                merged = merge_face(frame, crop, pred, opts, rng)
-                if merged is None:
-                    result.faces_skipped += 1
-                    continue
-                frame = merged[0]
-                result.faces += 1
+            done = compose_frame(item.index, item.frame, item.crops, item.predicted, opts, cfg.visible_mark, r)
+            result.faces += done.faces
+            result.faces_skipped += done.skipped
             if not item.crops:
                 result.frames_without_face += 1
-            bgr = (np.clip(frame, 0, 1) * 255 + 0.5).astype(np.uint8)
-            if cfg.visible_mark:
-                draw_mark(bgr)
+            bgr = done.bgr
             if item.smoother is not None and item.index > start_at:  # a segment ends here
                 if sink is not None:
                     state.segments.append(sink.close())
@@ -298,13 +234,10 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
             item = found_q.get()
             finished = item is None
             if batch and (finished or window(item.index) != window(batch[0].index)):
-                faces = [c.dst for b in batch for c in b.crops]
-                if faces:
-                    pred = predictor.predict(np.stack(faces))
-                    k = 0
-                    for b in batch:
-                        b.predicted = [(pred[0][k + j], pred[1][k + j], pred[2][k + j]) for j in range(len(b.crops))]
-                        k += len(b.crops)
+                pred = predict_crops(predictor, [c for b in batch for c in b.crops])
+                k = 0
+                for b in batch:
+                    b.predicted, k = pred[k:k + len(b.crops)], k + len(b.crops)
                 for b in batch:
                     hand_over(b)
                 batch = []

@@ -1,4 +1,4 @@
-"""Options of `loratrain face train`, with DeepFaceLab's SAEHD names and meanings (reference §1)."""
+"""Options of `loratrain face train`, with DeepFaceLab's SAEHD names and meanings (docs/face-model.md#options)."""
 from __future__ import annotations
 
 from pathlib import Path

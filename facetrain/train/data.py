@@ -1,7 +1,7 @@
 """Training samples: re-crop to the model's face type, colour transfer, HSV, warp + affine, masks.
 
 Each sample gives the warped network input, the unwarped target, the face hull mask and the
-eyes+mouth mask, all sharing one affine/flip (reference §4). Faces are decoded lazily in DataLoader
+eyes+mouth mask, all sharing one affine/flip (docs/face-model.md#augmentation). Faces are decoded lazily in DataLoader
 workers; yaw for uniform sampling comes from the metadata alone.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One generator loss evaluation: the SAEHD terms assembled from the model outputs (reference §3)."""
+"""One generator loss evaluation: the SAEHD terms assembled from the model outputs (docs/face-model.md#losses)."""
 from __future__ import annotations
 
 import torch

@@ -8,8 +8,6 @@ from typing import Any
 from loratrain.core.errors import ConfigError, Problem
 from loratrain.core.paths import confine
 
-from .config import WEIGHT_MARKERS  # imported lazily by config.requirements, after config itself
-
 
 def vae_problems(path: Path) -> list[Problem]:
     """A VAE file that is missing or is not a VAE is named before the model loads (its header only is read)."""
@@ -34,16 +32,18 @@ def vae_problems(path: Path) -> list[Problem]:
 
 def lora_file_problems(cfg: Any, path: Path) -> list[Problem]:
     """A network_weights file must hold modules of this run's network kind (its header is enough to tell)."""
-    kind = cfg.network_kind
-    if kind == "full":
-        return [("network_weights", f"{path}: a full fine-tune starts from a checkpoint "
-                                    "(pretrained_model_name_or_path), not from a network file")]
-    markers = WEIGHT_MARKERS.get(kind, (".lora_down.weight",))
+    from .networks import NETWORKS
+
+    kind = NETWORKS.get(cfg.network_kind)
+    markers = kind.file_markers
+    if not markers:
+        return [("network_weights", f"{path}: network_module {kind.name} starts from a checkpoint "
+                                    "(pretrained_model_name_or_path) or its own training state, not from a network file")]
     keys = _header_keys(path, "network_weights")
     if isinstance(keys, tuple):
         return [keys]
     if not any(k.endswith(markers) for k in keys):
-        what = f"{kind} modules" if kind in WEIGHT_MARKERS else "kohya LoRA modules"
+        what = "kohya LoRA modules" if markers == (".lora_down.weight",) else f"{kind.name} modules"
         return [("network_weights", f"{path}: holds no {what} (no *{markers[0]} keys); is it a model checkpoint, or "
                                     "a file of another network kind?")]
     return family_problems("network_weights", path, model_family(cfg.pretrained_model_name_or_path))

@@ -147,8 +147,15 @@ NETWORK_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "unit": "dyl
                 **{k: k for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
                                   "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "rank_dropout", "module_dropout",
                                   "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")}}
-#: LyCORIS' `algo=` values and the network kind each one is here
-LYCORIS_ALGOS = {"lora": "lora", "locon": "locon", "loha": "loha", "lokr": "lokr", "dylora": "dylora", "ia3": "ia3"}
+
+
+def lycoris_algos() -> dict[str, str]:
+    """LyCORIS' `algo=` values and the network kind each one is here (each kind declares its own)."""
+    from .networks import NETWORKS
+
+    return {k.lycoris_algo: k.name for k in map(NETWORKS.get, NETWORKS.names()) if k.lycoris_algo}
+
+
 #: network_module spellings that leave the kind to network_args (algo=, dora_wd=)
 GENERIC_MODULES = {"", "lora", "networks.lora", "lycoris.kohya"}
 #: LyCORIS arguments (the kohya_ss GUI writes most of them for every LyCORIS run): accepted at the values that
@@ -255,12 +262,13 @@ def _network_args(value: Any, data: dict[str, Any]) -> tuple[list[tuple[str, str
         elif key in SWITCH_NETWORK_ARGS and val not in ("true", "false"):
             problems.append(("network_args", f"{key}={val}: a switch; give true or false (1/0, yes/no)"))
         elif key == "algo":
-            if val.lower() not in LYCORIS_ALGOS:
-                problems.append(("network_args", f"algo={val}: LyCORIS algorithms here are {', '.join(LYCORIS_ALGOS)} "
+            algos = lycoris_algos()
+            if val.lower() not in algos:
+                problems.append(("network_args", f"algo={val}: LyCORIS algorithms here are {', '.join(algos)} "
                                                  "(full, glora, diag-oft, boft are not implemented yet; sd-scripts' "
                                                  "networks.oft is network_module oft)"))
             elif str(data.get("network_module", "")) in GENERIC_MODULES:
-                data["network_module"] = LYCORIS_ALGOS[val.lower()]
+                data["network_module"] = algos[val.lower()]
             else:
                 problems.append(("network_args", f"algo={val} disagrees with network_module = {data['network_module']}"))
         elif key == "dora_wd":

@@ -47,6 +47,13 @@ WRITTEN_ONLY_WHEN_SET = {"ss_vae_name", "ss_network_args", "ss_sd_model_hash", "
                          "modelspec.is_negative_embedding", "modelspec.thumbnail"}
 
 
+def _metadata_module(network_kind: str) -> str:
+    """ss_network_module as sd-scripts writes it for this kind (networks.lora, networks.oft, lycoris.kohya, ...)."""
+    from .networks import NETWORKS
+
+    return NETWORKS.get(network_kind).metadata_module
+
+
 def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_args: dict[str, Any], plan: Any,
                   session: dict[str, Any], epoch: int, step: int, dataset: dict[str, Any], num_processes: int = 1) -> dict[str, str]:
     """Every key sd-scripts' train_network.py writes (legacy folder layout); folders by name only.
@@ -81,8 +88,7 @@ def lora_metadata(cfg: TrainConfig, model: SDModel, network_kind: str, network_a
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "ss_lr_warmup_steps": cfg.lr_warmup_steps,
         "ss_lr_scheduler": cfg.lr_scheduler,
-        "ss_network_module": {"lora": "networks.lora", "locon": "networks.lora", "dylora": "networks.dylora", "oft": "networks.oft"}.get(
-            network_kind, "lycoris.kohya"),
+        "ss_network_module": _metadata_module(network_kind),
         "ss_network_dim": cfg.network_dim,
         "ss_network_alpha": cfg.network_alpha,
         "ss_network_dropout": cfg.network_dropout,

@@ -1,4 +1,4 @@
-"""Noise, targets and per-sample loss weights as sd-scripts defines them (reference section 4)."""
+"""Noise, targets and per-sample loss weights as sd-scripts defines them (docs/lora-training.md)."""
 from __future__ import annotations
 
 import math

@@ -41,6 +41,7 @@ from .model_prep import allow_fp16_unscale, dims_from_weights, merge_base_weight
 from .networks import Network, NetworkSpec, build_network
 from .noise import debiased_weight, elementwise_loss, huber_c, min_snr_weight, offset_noise, pyramid_noise, snr_scale
 from .optim import create_optimizer, create_scheduler
+from .options.data import dataset_defaults
 from .saving import STATE_SUFFIX, find_state, load_state, prune_saves, save_state
 from .validation import validate
 
@@ -75,24 +76,12 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def build_specs(cfg: TrainConfig, log=lambda text: None) -> list[DatasetSpec]:
-    defaults = {"caption_extension": cfg.caption_extension, "shuffle_caption": cfg.shuffle_caption, "keep_tokens": cfg.keep_tokens,
-                "caption_dropout_rate": cfg.caption_dropout_rate, "caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,
-                "flip_aug": cfg.flip_aug, "resolution": cfg.resolution_wh(), "batch_size": cfg.train_batch_size,
-                "enable_bucket": cfg.enable_bucket, "min_bucket_reso": cfg.min_bucket_reso, "max_bucket_reso": cfg.max_bucket_reso,
-                "bucket_reso_steps": cfg.bucket_reso_steps, "bucket_no_upscale": cfg.bucket_no_upscale,
-                "caption_prefix": cfg.caption_prefix, "caption_suffix": cfg.caption_suffix,
-                "keep_tokens_separator": cfg.keep_tokens_separator, "caption_separator": cfg.caption_separator,
-                "caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs,
-                "resize_interpolation": cfg.resize_interpolation, "secondary_separator": cfg.secondary_separator, "enable_wildcard": cfg.enable_wildcard,
-                "token_warmup_min": cfg.token_warmup_min, "token_warmup_step": cfg.token_warmup_step,
-                "validation_split": cfg.validation_split, "validation_seed": cfg.validation_seed}
-    defaults |= {"alpha_mask": cfg.alpha_mask, "conditioning_data_dir": cfg.conditioning_data_dir, "color_aug": cfg.color_aug,
-                 "random_crop": cfg.random_crop}
+    defaults = dataset_defaults(cfg)
     if cfg.dataset_config:
         specs = specs_from_toml(cfg.dataset_config, defaults)
     else:
         subsets = subsets_from_folders(cfg.train_data_dir, cfg.reg_data_dir or None, defaults, log)
-        specs = [DatasetSpec(subsets=subsets, **{k: v for k, v in defaults.items() if k in DatasetSpec.__dataclass_fields__})]
+        specs = [DatasetSpec(subsets=subsets, **{k: v for k, v in defaults.items() if k in DatasetSpec.model_fields})]
     subsets = [s for spec in specs for s in spec.subsets]
     for s in subsets:
         if s.live and (s.alpha_mask or (cfg.masked_loss and s.conditioning_data_dir)):

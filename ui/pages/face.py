@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from loratrain.core.config import ConfigError
+from loratrain.core.errors import ConfigError
 
 from ..config import AppContext
 from ..forms import problems_markdown
@@ -31,6 +31,17 @@ def faceset_gallery(folder: Path) -> tuple[list[tuple[str, str]], str]:
     n_other = len(list_faces(other)) if other.is_dir() else 0
     shown = f" (first {MAX_FACES} shown)" if len(faces) > MAX_FACES else ""
     return [(str(p), p.name) for p in faces[:MAX_FACES]], f"{len(faces)} face(s){shown}; {n_other} in _other/"
+
+
+def side_by_side(original: np.ndarray, swapped: np.ndarray) -> np.ndarray:
+    """The frame and the swap's output in one image. raw-predict's output is the model's small aligned
+    prediction: it is enlarged by a whole factor (pixels kept sharp); the shorter image is padded."""
+    h = original.shape[0]
+    k = max(1, h // max(swapped.shape[0], 1))
+    if k > 1:
+        swapped = np.repeat(np.repeat(swapped, k, 0), k, 1)
+    top = max(h, swapped.shape[0])
+    return np.hstack([np.pad(a, [(0, top - a.shape[0]), (0, 0), (0, 0)]) for a in (original, swapped)])
 
 
 class Page:
@@ -105,7 +116,7 @@ class Page:
             original, swapped, n = preview_frame(cfg, int(frame_no))  # type: ignore[arg-type]
         except (ConfigError, ValueError, OSError) as e:
             return [None, f"**{e}**"]
-        return [np.hstack([original, swapped]), f"frame {int(frame_no)}: {n} face(s) swapped"]
+        return [side_by_side(original, swapped), f"frame {int(frame_no)}: {n} face(s) swapped"]
 
     def open(self, folder: str) -> list[Any]:
         try:

@@ -54,6 +54,7 @@ class Page:
             "LoRA bake": JobSection(ctx, "lora bake", "bake", title=lambda c: f"bake into {c.model}"),
             "LoRA merge": JobSection(ctx, "lora merge", "loramerge", title=lambda c: f"merge {len(c.loras)} LoRAs"),
             "LoRA extract": JobSection(ctx, "lora extract", "extract", title=lambda c: "extract a LoRA"),
+            "(IA)^3 to LoRA": JobSection(ctx, "lora convert-ia3", "ia3lora", title=lambda c: f"convert {c.lora} to a LoRA"),
             "Convert": JobSection(ctx, "convert", "convert", title=lambda c: f"convert {c.source}"),
         }
         self.panels = [s.panel for s in self.lora_sections.values()]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from loratrain.core.safe_io import load_state_dict
+from loratrain.core.weights import load_state_dict
 
 from .spec import LBW_LAYOUTS, LoraSpec, lbw_values, lbw_weights, lora_spec_problems, parse_lora_spec  # noqa: F401  (public here too)
 
@@ -47,7 +47,8 @@ class LoraModule:
 def read_lora(path: str | Path) -> tuple[dict[str, LoraModule], dict[str, str]]:
     """Modules of a kohya-layout LoRA / LoCon file (`<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`) or a
     LyCORIS one (LoHa, LoKr, (IA)^3, full, any of them with DoRA's `dora_scale`) or an sd-scripts OFT one
-    (`oft_unet_*.oft_blocks`, read under LoRA's names); see `kinds.py`."""
+    (`oft_unet_*.oft_blocks`, read under LoRA's names) or a LyCORIS / ComfyUI-layout OFT one (`lora_unet_*.oft_blocks`);
+    see `kinds.py`."""
     from .kinds import DoraModule, lycoris_module
 
     sd, meta = load_state_dict(path)
@@ -95,7 +96,7 @@ def lora_is_sdxl(modules: dict[str, LoraModule], meta: dict[str, str]) -> bool |
 
 def check_family(names: object, meta: dict[str, str], family: object, lora: str | Path, model_name: str) -> None:
     """A LoRA made for the other family (SD1/SD2 vs SDXL), told from its module names or metadata, is refused by name."""
-    from loratrain.core.config import ConfigError
+    from loratrain.core.errors import ConfigError
 
     made_for_sdxl = lora_is_sdxl(names, meta)  # type: ignore[arg-type]
     if made_for_sdxl is not None and made_for_sdxl != family.is_sdxl:  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""The weight change each LyCORIS module kind stores, from the published formulas (reference lora_trainer.md §2.4).
+"""The weight change each LyCORIS module kind stores, from the published formulas (docs/lora-formats.md#module-kinds).
 
 A registry keyed by kind: each entry recognises its tensor suffixes and turns them into a module whose
 `delta(shape, base)` is the dense change of the target weight. LoRA/LoCon live in `files.py`; this file holds
@@ -121,13 +121,20 @@ class FullModule(TensorModule):
         return _fit(self.name, self.tensors["diff"].float(), shape)
 
 
+def oft_constrained(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """The blocks scaled so that the norm of Q = B - B^T (over all blocks of the module) is at most `constraint`:
+    Q is linear in B, so scaling B scales Q. A file holding these already-constrained blocks has the same effect in
+    every reader whose constraint is at least that norm, whatever its `alpha` means (see docs/compatibility.md)."""
+    b = blocks.float()
+    norm = (b - b.transpose(1, 2)).flatten().norm()
+    return b * ((norm.clamp(max=constraint) + 1e-8) / (norm + 1e-8))
+
+
 def oft_rotation(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     """OFT's block rotations (sd-scripts networks.oft, LyCORIS diag-oft): Q = B - B^T (skew-symmetric), its norm
     capped at `constraint`, then the Cayley transform R = (I + Q)(I - Q)^-1, one orthogonal matrix per block."""
-    b = blocks.float()
+    b = oft_constrained(blocks, constraint)
     q = b - b.transpose(1, 2)
-    norm = q.flatten().norm()
-    q = q * ((norm.clamp(max=constraint) + 1e-8) / (norm + 1e-8))
     eye = torch.eye(b.shape[-1], device=b.device).expand_as(q)
     return (eye + q) @ torch.linalg.inv(eye - q)
 
@@ -141,7 +148,10 @@ def oft_rotate_rows(w: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 @MODULE_KINDS.register("oft")
 class OftModule(TensorModule):
-    """OFT (sd-scripts' networks.oft `oft_blocks` [blocks, n, n] with `alpha` the constraint per output channel):
+    """OFT: `oft_blocks` [blocks, n, n] and `alpha`, under sd-scripts' names (`oft_unet_*`) or LyCORIS' (`lora_unet_*`,
+    diag-oft). Both trainers mean `alpha` as the constraint per output channel (the norm cap is alpha * out_dim), and so
+    does A1111; ComfyUI reads it as the absolute cap. Files our trainer writes in the `lora_unet_*` layout hold blocks
+    already inside the cap with alpha = the absolute cap, so both readings agree on them.
     W' = R^T W with R from oft_rotation, so dW = W' - W; at weight w, (w (R - I) + I)^T W - W = w * dW."""
 
     kind, markers, needs_base = "oft", ("oft_blocks",), True

@@ -1,16 +1,18 @@
 """Where training images come from: `<repeats>_<class tokens>` folders or a sd-scripts dataset TOML."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import ConfigDict, ValidationError
 
 from loratrain.core.config import parse_resolution, read_toml
 from loratrain.core.errors import ConfigError
 from loratrain.core.images import IMAGE_EXTENSIONS
 from loratrain.core.paths import confine
+
+from ..options.data import DatasetOptions, SubsetOptions, dataset_defaults
 
 
 class DatasetError(ConfigError):
@@ -28,32 +30,16 @@ def confined(path: str | Path, what: str) -> Path:
         raise DatasetError(str(e)) from None
 
 
-@dataclass
-class Subset:
+class Subset(SubsetOptions):
+    """One folder of images: where it is, how often it repeats, its class tokens, and its caption and augmentation
+    options (declared once, in options/data.SubsetOptions, with TrainConfig's defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     image_dir: str
     num_repeats: int = 1
     class_tokens: str | None = None
     is_reg: bool = False
-    caption_extension: str = ".txt"
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    caption_separator: str = ","
-    shuffle_caption: bool = False
-    caption_prefix: str = ""
-    caption_suffix: str = ""
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
-    secondary_separator: str = ""  # joins tags that shuffle and drop as one; replaced by caption_separator after
-    enable_wildcard: bool = False  # {a|b|c} choices and a random line of a multi-line caption, every step
-    token_warmup_min: int = 1  # token warm-up: the free tags seen at step 0 ...
-    token_warmup_step: float = 0.0  # ... growing to all of them by this step (a share of the total when < 1; 0 = off)
-    flip_aug: bool = False
-    resize_interpolation: str = ""  # "" = lanczos down, bicubic up
-    color_aug: bool = False  # sd-scripts' hue/gamma jitter, drawn every step (the latents are encoded live)
-    random_crop: bool = False  # a random bucket-sized window instead of the centre one, every step
-    alpha_mask: bool = False  # the image's alpha channel weights its loss (transparent: not learned)
-    conditioning_data_dir: str = ""  # masked_loss: mask images named like the training images (red channel)
 
     def mask_file(self, image: Path) -> Path | None:
         """The mask image of `image` in conditioning_data_dir (same stem, any image type), directly or in a folder
@@ -78,28 +64,26 @@ class Subset:
         return sorted(confined(p, "image") for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-@dataclass
-class DatasetSpec:
+class DatasetSpec(DatasetOptions):
+    """One dataset: its folders, resolution and batch size, and its bucket and validation options (declared once, in
+    options/data.DatasetOptions)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     subsets: list[Subset]
-    resolution: tuple[int, int] = (512, 512)
-    batch_size: int = 1
-    enable_bucket: bool = False
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    bucket_no_upscale: bool = False
-    validation_split: float = 0.0  # share of each training subset's images held out for the validation loss
-    validation_seed: int | None = None  # which images: None draws with the training seed
+    resolution: tuple[int, int]
+    batch_size: int
 
 
-SUBSET_KEYS = {f.name for f in dataclasses.fields(Subset)}
-DATASET_KEYS = {f.name for f in dataclasses.fields(DatasetSpec)} - {"subsets"}
+SUBSET_KEYS = set(Subset.model_fields)
+DATASET_KEYS = set(DatasetSpec.model_fields) - {"subsets"}
 
 
 def subsets_from_folders(train_data_dir: str, reg_data_dir: str | None, defaults: dict[str, Any],
                          log: Callable[[str], None] = lambda text: None) -> list[Subset]:
     """kohya command-line mode: each `<N>_<tokens>` child folder is a subset with N repeats."""
     out: list[Subset] = []
+    defaults = {**dataset_defaults(), **defaults}
     for root, is_reg in ((train_data_dir, False), (reg_data_dir, True)):
         if not root:
             continue
@@ -123,6 +107,19 @@ def subsets_from_folders(train_data_dir: str, reg_data_dir: str | None, defaults
     return out
 
 
+def _built(cls: type, values: dict[str, Any], where: str) -> Any:
+    """A Subset or DatasetSpec from a TOML table, its values checked as the command line's are (same declarations);
+    a wrong one is a DatasetError naming the table and the key."""
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "missing":
+            raise DatasetError(f"{where}: needs {key}") from None
+        raise DatasetError(f"{where}: {key} = {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
 def _drop_unimplemented(table: dict[str, Any], where: str) -> dict[str, Any]:
     """sd-scripts keys we do not implement: dropped when off (false, 0), refused with the reason when on."""
     from ..kohya import DATASET_REFUSED, dataset_key_problem
@@ -136,6 +133,7 @@ def _drop_unimplemented(table: dict[str, Any], where: str) -> dict[str, Any]:
 def specs_from_toml(path: str | Path, defaults: dict[str, Any]) -> list[DatasetSpec]:
     """sd-scripts dataset config: [general] > [[datasets]] > [[datasets.subsets]], lower levels win."""
     path = Path(path)
+    defaults = {**dataset_defaults(), **defaults}
     data = read_toml(path, "dataset config")
     general = data.get("general", {})
     unknown = set(data) - {"general", "datasets"}
@@ -165,7 +163,7 @@ def specs_from_toml(path: str | Path, defaults: dict[str, Any]) -> list[DatasetS
             confined(values["image_dir"], f"{where}.image_dir")  # a path read from a file is input like any other
             if values.get("conditioning_data_dir"):
                 confined(values["conditioning_data_dir"], f"{where}.conditioning_data_dir")
-            subsets.append(Subset(**values))
+            subsets.append(_built(Subset, values, where))
         if not subsets:
             raise DatasetError(f"{path}: datasets[{d_index}] has no subsets")
         ds_values = {k: v for k, v in merged_ds.items() if k in DATASET_KEYS}
@@ -174,7 +172,7 @@ def specs_from_toml(path: str | Path, defaults: dict[str, Any]) -> list[DatasetS
                 ds_values["resolution"] = parse_resolution(ds_values["resolution"], f"{path}: resolution")
             except ConfigError as e:
                 raise DatasetError(str(e)) from None
-        specs.append(DatasetSpec(subsets=subsets, **ds_values))
+        specs.append(_built(DatasetSpec, {"subsets": subsets, **ds_values}, f"{path}: datasets[{d_index}]"))
     if not specs:
         raise DatasetError(f"{path}: no [[datasets]] defined")
     return specs

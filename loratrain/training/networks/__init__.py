@@ -1,8 +1,12 @@
-"""Adapter networks (LoRA, LoCon, LoHa, LoKr, DoRA, DyLoRA, OFT) and the full fine-tune, by registry, and their kohya / PEFT file layouts."""
-from . import full as _full  # noqa: F401  (registers full: DreamBooth / fine-tune)
-from . import lora as _lora  # noqa: F401  (registers lora, locon)
-from . import lycoris as _lycoris  # noqa: F401  (registers loha, lokr, dora)
-from . import oft as _oft  # noqa: F401  (registers oft)
-from .base import NETWORKS, Network, NetworkSpec, build_network
+"""Adapter networks (LoRA, LoCon, LoHa, LoKr, DoRA, DyLoRA, (IA)^3, OFT) and the full fine-tune, by registry, and their
+kohya / PEFT file layouts. Every module of this package is imported, so a kind registers itself (base.NetworkKind)
+from its own file and nothing else has to list it."""
+import importlib
+import pkgutil
 
-__all__ = ["NETWORKS", "Network", "NetworkSpec", "build_network"]
+from .base import NETWORKS, Network, NetworkKind, NetworkSpec, build_network
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["NETWORKS", "Network", "NetworkKind", "NetworkSpec", "build_network"]

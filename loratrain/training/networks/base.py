@@ -187,8 +187,46 @@ class Network:
         return out
 
 
-NETWORKS: Registry[Callable[[SDModel, NetworkSpec], Network]] = Registry("network kind")
+@dataclass(frozen=True)
+class NetworkKind:
+    """What the rest of the program needs to know about one network kind, declared once beside its code: the config
+    checks, the sd-scripts / LyCORIS spellings and the saved metadata all read it from here, so a new kind is one
+    file in this package (the package imports every module in it)."""
+
+    name: str
+    build: Callable[[SDModel, NetworkSpec], Network]
+    #: ss_network_module in the saved file (what sd-scripts and A1111 read)
+    metadata_module: str = "lycoris.kohya"
+    #: LyCORIS' algo= value that selects this kind (network_module lycoris.kohya + network_args algo=...)
+    lycoris_algo: str = ""
+    #: a network_weights file of this kind holds keys ending so
+    file_markers: tuple[str, ...] = (".lora_down.weight",)
+    #: takes networks.lora's arguments (block dims and lr weights, LoRA+, rank and module dropout)
+    lora_args: bool = False
+    #: dim_from_weights can read its ranks from a file
+    reads_dims: bool = False
+    #: options only this kind reads: set with any other kind they are refused
+    own_options: tuple[str, ...] = ()
+    #: options this kind refuses when they are set, each with the reason
+    refuses: dict[str, str] = field(default_factory=dict)
+    #: further checks of the options for this kind: cfg -> [(option, problem)]
+    checks: Callable[[Any], list[tuple[str, str]]] | None = None
+
+
+NETWORKS: Registry[NetworkKind] = Registry("network kind")
+
+
+def reader_markers(kind: str) -> tuple[str, ...]:
+    """The key suffixes that mark a LyCORIS kind in a file: the file reader's (core/lora/kinds.py), not a second list."""
+    from loratrain.core.lora.kinds import MODULE_KINDS
+
+    return tuple("." + m for m in MODULE_KINDS.get(kind).markers)
+
+
+def register(kind: NetworkKind, *aliases: str) -> NetworkKind:
+    """Add a kind under its name and its other network_module spellings (sd-scripts', LyCORIS')."""
+    return NETWORKS.register(kind.name, *aliases)(kind)
 
 
 def build_network(kind: str, model: SDModel, spec: NetworkSpec) -> Network:
-    return NETWORKS.get(kind)(model, spec)
+    return NETWORKS.get(kind).build(model, spec)

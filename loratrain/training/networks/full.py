@@ -13,7 +13,7 @@ import torch
 
 from loratrain.core.models.loading import SDModel
 
-from .base import NETWORKS, Network, NetworkSpec, Target
+from .base import Network, NetworkKind, NetworkSpec, Target, register
 
 
 class FullNetwork(Network):
@@ -137,6 +137,6 @@ class FullNetwork(Network):
         return {}
 
 
-@NETWORKS.register("full", "finetune")
-def _full(model: SDModel, spec: NetworkSpec) -> Network:
-    return FullNetwork(model, spec)
+_FP8 = "it needs the base weights themselves in full precision"
+# no file_markers: a full fine-tune starts from a checkpoint (or its own training state), never from a network file
+register(NetworkKind("full", FullNetwork, file_markers=(), refuses={"fp8_base": _FP8, "fp8_base_unet": _FP8}), "finetune")

@@ -10,7 +10,7 @@ from peft.tuners.lora import LoraLayer
 
 from loratrain.core.models.loading import SDModel
 
-from .base import NETWORKS, Network, NetworkSpec, Target, find_targets
+from .base import Network, NetworkKind, NetworkSpec, Target, find_targets, register
 from .blocks import block_index, lr_weights
 
 ADAPTER = "loratrain"
@@ -194,12 +194,10 @@ class PeftLoRANetwork(PeftNetwork):
             layer.scaling[ADAPTER] = value * target.alpha / target.rank
 
 
-@NETWORKS.register("lora", "networks.lora", "lycoris.kohya")
-def _lora(model: SDModel, spec: NetworkSpec) -> Network:
-    return PeftLoRANetwork(model, spec)
+register(NetworkKind("lora", PeftLoRANetwork, metadata_module="networks.lora", lycoris_algo="lora", lora_args=True,
+                     reads_dims=True), "networks.lora", "lycoris.kohya")
 
 
-@NETWORKS.register("locon", "lycoris.locon")
 def _locon(model: SDModel, spec: NetworkSpec) -> Network:
     """LoRA on the convolutions too; conv_dim defaults to network_dim as LyCORIS' LoCon does."""
     if not spec.conv_dim:
@@ -208,6 +206,10 @@ def _locon(model: SDModel, spec: NetworkSpec) -> Network:
     net = PeftLoRANetwork(model, spec)
     net.kind = "locon"
     return net
+
+
+register(NetworkKind("locon", _locon, metadata_module="networks.lora", lycoris_algo="locon", lora_args=True, reads_dims=True),
+         "lycoris.locon")
 
 
 class DyLoRANetwork(PeftLoRANetwork):
@@ -274,6 +276,11 @@ class DyLoRANetwork(PeftLoRANetwork):
         return {**super().args(), "unit": str(self.unit)}
 
 
-@NETWORKS.register("dylora", "networks.dylora", "lycoris.dylora")
-def _dylora(model: SDModel, spec: NetworkSpec) -> Network:
-    return DyLoRANetwork(model, spec)
+def _dylora_checks(cfg: Any) -> list[tuple[str, str]]:
+    """Each rank DyLoRA trains is a multiple of its unit, so the full ranks must be multiples too."""
+    return [(name, f"{value} must be a multiple of the DyLoRA unit {cfg.dylora_unit}")
+            for name in ("network_dim", "conv_dim") if (value := getattr(cfg, name)) and value % cfg.dylora_unit]
+
+
+register(NetworkKind("dylora", DyLoRANetwork, metadata_module="networks.dylora", lycoris_algo="dylora", lora_args=True,
+                     own_options=("dylora_unit",), checks=_dylora_checks), "networks.dylora", "lycoris.dylora")

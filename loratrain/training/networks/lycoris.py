@@ -16,7 +16,7 @@ from peft import IA3Config, LoHaConfig, LoKrConfig
 
 from loratrain.core.models.loading import SDModel
 
-from .base import NETWORKS, Network, NetworkSpec, Target
+from .base import Network, NetworkKind, NetworkSpec, Target, reader_markers, register
 from .lora import ADAPTER, PeftLoRANetwork, PeftNetwork, rank_alpha_patterns
 
 
@@ -189,27 +189,21 @@ class PeftIa3Network(PeftLycorisNetwork):
         return {"algo": "ia3", "train_on_input": "True"}
 
 
-@NETWORKS.register("ia3", "lycoris.ia3")
-def _ia3(model: SDModel, spec: NetworkSpec) -> Network:
-    """(IA)^3: learned per-channel scales of the weights (LyCORIS' algo=ia3, train_on_input)."""
-    return PeftIa3Network(model, spec)
-
-
-@NETWORKS.register("loha", "lycoris.loha")
-def _loha(model: SDModel, spec: NetworkSpec) -> Network:
-    """LoHa: the Hadamard product of two low-rank pairs (LyCORIS); conv_dim adds the 3x3 convolutions."""
-    return PeftLohaNetwork(model, spec)
-
-
-@NETWORKS.register("lokr", "lycoris.lokr")
-def _lokr(model: SDModel, spec: NetworkSpec) -> Network:
-    """LoKr: a Kronecker product of two factors (LyCORIS), the larger one low-rank when network_dim is small."""
-    return PeftLokrNetwork(model, spec)
-
-
-@NETWORKS.register("dora")
 def _dora(model: SDModel, spec: NetworkSpec) -> Network:
     """DoRA: LoRA plus a learned magnitude per output channel (weight-decomposed), LyCORIS' `dora_wd=True`."""
     net = PeftDoraNetwork(model, spec)
     net.kind = "dora"
     return net
+
+
+#: the base weights themselves take part in these kinds' change, so they cannot be stored in fp8
+_FP8 = "it needs the base weights themselves in full precision"
+# (IA)^3: learned per-channel scales of the weights (LyCORIS' algo=ia3, train_on_input)
+register(NetworkKind("ia3", PeftIa3Network, lycoris_algo="ia3", file_markers=reader_markers("ia3"),
+                     refuses={"fp8_base": _FP8, "fp8_base_unet": _FP8}), "lycoris.ia3")
+# LoHa: the Hadamard product of two low-rank pairs (LyCORIS); conv_dim adds the 3x3 convolutions
+register(NetworkKind("loha", PeftLohaNetwork, lycoris_algo="loha", file_markers=reader_markers("loha")), "lycoris.loha")
+# LoKr: a Kronecker product of two factors (LyCORIS), the larger one low-rank when network_dim is small
+register(NetworkKind("lokr", PeftLokrNetwork, lycoris_algo="lokr", file_markers=reader_markers("lokr")), "lycoris.lokr")
+# DoRA: selected by LyCORIS' dora_wd=True on a LoRA, not by an algo= of its own
+register(NetworkKind("dora", _dora, lora_args=True, refuses={"fp8_base": _FP8, "fp8_base_unet": _FP8}))

@@ -4,11 +4,18 @@ weight's rows, which carry what the model knows, are kept.
 
 network_dim is the number of blocks per module, network_alpha the constraint per output channel (sd-scripts
 advises about 1e-3, not 1). Targets are the UNet's attention projections (`enable_all_linear`: every linear
-layer of the transformer blocks; `enable_conv`: the ResNet convolutions too), named `oft_unet_*` with
-`oft_blocks` and `alpha` in the file, as sd-scripts writes them; A1111 and ComfyUI read that layout, and so do
-our bake, merge, generate and grid (core/lora/kinds.py). PEFT's OFT rotates the input side instead, so its
-weights cannot be written in this layout: the rotation is applied here by a forward hook on the target, on its
-output without the bias, which is the same as rotating W's rows.
+layer of the transformer blocks; `enable_conv`: the ResNet convolutions too).
+
+Two file layouts (`oft_layout`), both `oft_blocks` + `alpha` per module:
+- "comfyui" (default): LyCORIS' `lora_unet_*` names, which ComfyUI maps (it maps no `oft_unet_*`) and A1111 maps for
+  every family. ComfyUI reads `alpha` as the absolute cap on the norm of Q, A1111 and LyCORIS as the cap per output
+  channel; the file therefore holds the blocks already scaled inside the cap (what the trained network applies) and
+  alpha = network_alpha * out_dim, which no reader's cap cuts further: the same weights in all of them.
+- "sd-scripts": `oft_unet_*` names, raw blocks, alpha = network_alpha, exactly as sd-scripts writes them (for
+  continuing in sd-scripts; A1111 maps these names for SDXL only, ComfyUI not at all).
+Our bake, merge, generate, grid and --network_weights read both (core/lora/kinds.py). PEFT's OFT rotates the input
+side instead, so there is no PEFT copy: the rotation is applied here by a forward hook on the target, on its output
+without the bias, which is the same as rotating W's rows.
 """
 from __future__ import annotations
 
@@ -18,13 +25,15 @@ import torch
 from torch import nn
 
 from loratrain.core.lora.keys import unet_lora_name
-from loratrain.core.lora.kinds import oft_rotation
+from loratrain.core.lora.kinds import oft_constrained, oft_rotation
 from loratrain.core.models.ldm_keys import unet_diffusers_to_ldm_module
 from loratrain.core.models.loading import SDModel
 
-from .base import NETWORKS, UNET_ATTN_CONTAINERS, UNET_CONV_CONTAINERS, Network, NetworkSpec, Target
+from .base import UNET_ATTN_CONTAINERS, UNET_CONV_CONTAINERS, Network, NetworkKind, NetworkSpec, Target, reader_markers, register
 
 ATTENTION = {"Attention"}
+#: file layout -> the prefix its UNet module names take
+LAYOUT_PREFIX = {"comfyui": "lora_unet_", "sd-scripts": "oft_unet_"}
 
 
 class OFTNetwork(Network):
@@ -41,7 +50,7 @@ class OFTNetwork(Network):
                 raise ValueError(f"OFT: {path} has {out_dim} output channels, not a multiple of network_dim "
                                  f"{spec.network_dim} (the number of blocks)")
             ldm_path = unet_diffusers_to_ldm_module(path, model.unet.config) if model.family.is_sdxl else path
-            name = "oft_unet_" + unet_lora_name(ldm_path).removeprefix("lora_unet_")
+            name = LAYOUT_PREFIX[spec.oft_layout] + unet_lora_name(ldm_path).removeprefix("lora_unet_")
             targets.append(Target("unet", path, name, spec.network_dim, spec.network_alpha))
             modules.append(module)
         super().__init__(model, spec, targets)
@@ -85,23 +94,29 @@ class OFTNetwork(Network):
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for t, b in zip(self.targets, self.blocks):
-                saved = sd.get(f"unet.{t.kohya_name}.oft_blocks")
+                saved = next((sd[k] for k in (f"unet.{n}.oft_blocks" for n in _spellings(t.kohya_name)) if k in sd), None)
                 if saved is None or saved.shape != b.shape:
                     raise ValueError(f"saved network does not fit this model ({t.kohya_name})")
                 b.copy_(saved)
 
     def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for t, b in zip(self.targets, self.blocks):
-            out[f"{t.kohya_name}.oft_blocks"] = b.detach().to("cpu", dtype)
-            out[f"{t.kohya_name}.alpha"] = torch.tensor(float(t.alpha), dtype=dtype)
+        comfy = self.spec.oft_layout == "comfyui"
+        for t, b, cap in zip(self.targets, self.blocks, self.constraints):
+            if not comfy:  # sd-scripts: raw blocks, alpha per output channel
+                out[f"{t.kohya_name}.oft_blocks"] = b.detach().to("cpu", dtype)
+                out[f"{t.kohya_name}.alpha"] = torch.tensor(float(t.alpha), dtype=dtype)
+                continue
+            stored = oft_constrained(b.detach(), cap).to("cpu", dtype)
+            out[f"{t.kohya_name}.oft_blocks"] = stored
+            out[f"{t.kohya_name}.alpha"] = _absolute_cap(stored, cap)
         return out
 
     def load_kohya(self, sd: dict[str, torch.Tensor], source: str) -> int:
         loaded = 0
         with torch.no_grad():
             for t, b in zip(self.targets, self.blocks):
-                saved = sd.get(f"{t.kohya_name}.oft_blocks")
+                saved = next((sd[k] for k in (f"{n}.oft_blocks" for n in _spellings(t.kohya_name)) if k in sd), None)
                 if saved is None:
                     continue
                 if saved.shape != b.shape:
@@ -129,6 +144,23 @@ class OFTNetwork(Network):
         return out
 
 
+def _spellings(name: str) -> tuple[str, ...]:
+    """A module's name in this run's layout first, then in the other one: a file (or a training state) of either
+    layout loads into either."""
+    rest = name.removeprefix("oft_unet_").removeprefix("lora_unet_")
+    return (name, *(p + rest for p in LAYOUT_PREFIX.values() if p + rest != name))
+
+
+def _absolute_cap(stored: torch.Tensor, cap: float) -> torch.Tensor:
+    """`alpha` of the ComfyUI layout: the absolute cap, never below the norm of the stored (already capped, then
+    rounded to the save dtype) blocks' Q, so that no reader scales them again. float32, rounded up: ComfyUI, A1111 and
+    LyCORIS read it as a number whatever the blocks' dtype."""
+    b = stored.double()
+    need = max(float(cap), float((b - b.transpose(1, 2)).flatten().norm()))
+    alpha = torch.tensor(need, dtype=torch.float32)
+    return alpha if float(alpha) >= need else torch.nextafter(alpha, torch.tensor(float("inf")))
+
+
 def _children(unet: nn.Module, containers: set[str], conv: bool) -> list[tuple[str, nn.Module]]:
     """sd-scripts' OFT rule: Linear and 1x1 Conv children of the containers, 3x3 convs only with enable_conv."""
     out: dict[str, nn.Module] = {}
@@ -142,6 +174,9 @@ def _children(unet: nn.Module, containers: set[str], conv: bool) -> list[tuple[s
     return list(out.items())
 
 
-@NETWORKS.register("oft", "networks.oft")
-def _oft(model: SDModel, spec: NetworkSpec) -> Network:
-    return OFTNetwork(model, spec)
+register(NetworkKind("oft", OFTNetwork, metadata_module="networks.oft", file_markers=reader_markers("oft"),
+                     own_options=("enable_all_linear", "enable_conv", "oft_layout"),
+                     refuses={"scale_weight_norms": "its constraint (network_alpha) bounds the rotation already",
+                              "save_peft_format": "PEFT's OFT rotates the input side, so there is no PEFT copy",
+                              "network_train_text_encoder_only": "OFT trains the UNet only, as sd-scripts' networks.oft"}),
+         "networks.oft")
