@@ -16,12 +16,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 # The app's signing key (ui/signing.py) lives in a private state folder: the tests' own, never the user's.
 os.environ.setdefault("LORATRAIN_STATE_DIR", tempfile.mkdtemp(prefix="loratrain-test-state-"))
+# Model hashes remembered by merges (merge/provenance.py): the tests' own cache, never the user's ~/.cache/loratrain.
+os.environ.setdefault("LORATRAIN_CACHE", tempfile.mkdtemp(prefix="loratrain-test-cache-"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from loratrain.core.models.tiny import make_tiny_model, write_diffusers_folder, write_single_file  # noqa: E402
 from loratrain.training.config import TrainConfig  # noqa: E402
 from loratrain.training.demo import make_concept_images  # noqa: E402
+
+
+def _user_files() -> dict[str, int]:
+    """What the tests could wrongly write into the user's home: loratrain's cache and state folders."""
+    home = Path.home()
+    roots = [home / ".cache" / "loratrain", home / ".local" / "state" / "loratrain"]
+    return {str(p): p.stat().st_mtime_ns for root in roots if root.is_dir() for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_to_the_users_home():
+    """Tests write only into their temporary folders: the user's loratrain cache and state are the same after them."""
+    before = _user_files()
+    yield
+    assert _user_files() == before, "a test wrote into the user's ~/.cache/loratrain or ~/.local/state/loratrain"
 
 
 @pytest.fixture(scope="session")

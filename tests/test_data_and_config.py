@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import re
 import subprocess
 import sys
 
@@ -67,6 +68,60 @@ def test_dataset_toml_levels_and_unknown_keys(tmp_path):
     toml.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nbogus = 1\n', encoding="utf-8")
     with pytest.raises(DatasetError, match="bogus"):
         specs_from_toml(toml, {})
+
+
+def test_data_options_are_declared_once_and_a_dataset_toml_is_checked_by_the_same_declarations(tmp_path):
+    """A folder's options come from one declaration: the command line's value reaches every folder, a dataset TOML
+    overrides it per folder, and a TOML value is checked as strictly as the flag (type and range, named)."""
+    from loratrain.training.options.data import DatasetOptions, SubsetOptions
+    from loratrain.training.trainer import build_specs
+
+    for name, field in {**SubsetOptions.model_fields, **DatasetOptions.model_fields}.items():
+        assert TrainConfig.model_fields[name].default == field.default  # the same field, not a copy
+    _images(tmp_path / "img" / "2_dot", 2)
+    cfg = TrainConfig(pretrained_model_name_or_path="m", train_data_dir=str(tmp_path / "img"), flip_aug=True, keep_tokens=2,
+                      min_bucket_reso=128, enable_bucket=True)
+    (spec,) = build_specs(cfg)
+    assert spec.subsets[0].flip_aug and spec.subsets[0].keep_tokens == 2 and spec.min_bucket_reso == 128
+    toml = tmp_path / "ds.toml"
+    toml.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "img/2_dot"\nflip_aug = false\n', encoding="utf-8")
+    (spec,) = build_specs(cfg.replace(train_data_dir="", dataset_config=str(toml)))
+    assert not spec.subsets[0].flip_aug and spec.subsets[0].keep_tokens == 2  # the table wins; the rest from the flags
+    for bad, named in (('keep_tokens = -1', "keep_tokens = -1"), ('flip_aug = "sometimes"', "flip_aug = 'sometimes'"),
+                       ('caption_extension = "../x.txt"', "caption_extension")):
+        toml.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "img/2_dot"\n{bad}\n', encoding="utf-8")
+        with pytest.raises(DatasetError, match=f"ds.toml: datasets\\[0\\].subsets\\[0\\]: {re.escape(named)}"):
+            specs_from_toml(toml, {})
+    toml.write_text('[[datasets]]\nbucket_reso_steps = 12\n[[datasets.subsets]]\nimage_dir = "img/2_dot"\n', encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"datasets\[0\]: bucket_reso_steps = 12: 12 must be a multiple of 8"):
+        specs_from_toml(toml, {})
+
+
+def test_a_network_kind_is_declared_in_one_place(tmp_path):
+    """A kind registered from one file is a network_module choice, a LyCORIS algo= spelling, its file's ss_network_module,
+    and the options it refuses or alone reads are checked: nothing else lists it."""
+    from loratrain.training.kohya import lycoris_algos
+    from loratrain.training.metadata import _metadata_module
+    from loratrain.training.networks import NETWORKS
+    from loratrain.training.networks.base import NetworkKind, register
+
+    saved = dict(NETWORKS._items), dict(NETWORKS._display)
+    try:
+        register(NetworkKind("probe", NETWORKS.get("lora").build, metadata_module="networks.probe", lycoris_algo="probe",
+                             own_options=("max_token_length",), refuses={"flip_aug": "a probe cannot flip"}), "networks.probe")
+        cfg = TrainConfig.build({"pretrained_model_name_or_path": "m", "train_data_dir": "d", "network_module": "lycoris.kohya",
+                                 "network_args": ["algo=probe"]}, check=False)
+        assert cfg.network_module == "probe" and cfg.network_kind == "probe" and lycoris_algos()["probe"] == "probe"
+        assert _metadata_module(cfg.network_kind) == "networks.probe"
+        with pytest.raises(ConfigError, match="flip_aug: not with network_module probe: a probe cannot flip"):
+            cfg.replace(flip_aug=True)
+        assert cfg.replace(max_token_length=150).max_token_length == 150
+        with pytest.raises(ConfigError, match="max_token_length: an option of network_module probe only, not of lora"):
+            cfg.replace(network_module="lora", max_token_length=150)
+        assert TrainConfig.build({"network_module": "networks.probe", "pretrained_model_name_or_path": "m"}, check=False).network_kind == "probe"
+    finally:
+        NETWORKS._items, NETWORKS._display = saved
+    assert "probe" not in NETWORKS
 
 
 def test_buckets_follow_sd_scripts():
