@@ -150,20 +150,22 @@ def test_train_page_command_line_is_the_same_run(tmp_path):
 
 
 def test_simple_mode_fills_the_full_form_with_the_guides_values(tmp_path):
-    from loratrain.ui.pages.train import SIMPLE_PRESETS, simple_settings
+    from loratrain.training.simple import PRESETS
+    from loratrain.ui.pages.train import simple_settings
 
     images = tmp_path / "pics"
     make_concept_images(images, "circle", 3, 64, 0)
     model = tmp_path / "m.safetensors"
     for kind, least in (("character", 1000), ("style", 2500), ("concept", 3000)):
-        values = simple_settings(kind, str(model), str(images), "sks", "mine", tmp_path)
+        values, reasons = simple_settings(kind, str(model), str(images), "sks", "mine", tmp_path)
         cfg = TrainConfig.build(values, check=False)
-        assert cfg.max_train_steps >= least and cfg.unet_lr == 1e-4
+        assert cfg.max_train_steps >= least and cfg.unet_lr == 1e-4 and cfg.trigger_word == "sks" and cfg.keep_tokens == 1
         assert cfg.lr_scheduler == "cosine_with_restarts" and 0.05 <= cfg.lr_warmup_steps <= 0.10
-        assert cfg.network_dim == SIMPLE_PRESETS[kind]["network_dim"]
+        assert cfg.network_dim == PRESETS[kind]["network_dim"] // 2  # 3 images: a small set
+        assert len(reasons) == 5 and cfg.train_batch_size == 1  # no GPU here
         toml = Path(cfg.dataset_config).read_text()
-        assert 'class_tokens = "sks"' in toml and str(images) in toml
-    assert 32 <= SIMPLE_PRESETS["character"]["network_dim"] <= 64 < SIMPLE_PRESETS["style"]["network_dim"]
+        assert 'class_tokens = "sks"' in toml and str(images) in toml and "num_repeats = 10" in toml
+    assert 32 <= PRESETS["character"]["network_dim"] <= 64 < PRESETS["style"]["network_dim"]
     with pytest.raises(ConfigError):
         simple_settings("portrait", str(model), str(images), "sks", "x", tmp_path)
 

@@ -36,6 +36,7 @@ from .data.captions import changes_per_step, process_caption
 from .data.dataset import Item, TrainData
 from .data.subsets import DatasetSpec, specs_from_toml, subsets_from_folders
 from .data_parallel import local_share, sum_across_processes
+from .health import health_line
 from .metadata import dataset_metadata, lora_metadata
 from .model_prep import allow_fp16_unscale, dims_from_weights, merge_base_weights, store_in_fp8, training_schedule
 from .networks import Network, NetworkSpec, build_network
@@ -57,13 +58,19 @@ class TrainResult(JobResult):
     global_step: int
     epoch: int
     losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
     saved: str = "LoRA"  # what lora_path holds: a LoRA (any network kind) or a checkpoint (a full fine-tune)
 
     def summary(self) -> list[str]:
         if self.stopped:
             return [f"stopped at step {self.global_step}; resume with --resume {self.state_dir}"]
-        return [f"done: {self.global_step} steps, {self.saved} at {self.lora_path}"]
+        return [self.health, f"done: {self.global_step} steps, {self.saved} at {self.lora_path}"]
+
+    @property
+    def health(self) -> str:
+        """The rule-of-thumb verdict on the loss curve (training/health.py), shown by the CLI and the app."""
+        return health_line(self.losses, self.val_losses)
 
 
 @contextmanager
@@ -132,6 +139,7 @@ class LoRATrainer:
             mime = mimetypes.guess_type(cfg.metadata_thumbnail)[0] or "image/png"
             self.session["thumbnail"] = f"data:{mime};base64,{base64.b64encode(data).decode()}"
         self.losses: list[float] = []
+        self.val_losses: list[tuple[int, float]] = []  # (step, validation loss), for the health line
         self.samples: list[Path] = []
         self.last_save: Path | None = None
 
@@ -320,6 +328,7 @@ class LoRATrainer:
             self.reporter.log(f"WARNING: the saved run planned {info.get('max_train_steps')} steps, this one {self.plan.max_train_steps}")
         self.global_step, self.epoch, self.micro = info["global_step"], info["epoch"], info["micro"]
         self.losses = list(info.get("losses", []))
+        self.val_losses = [(int(s), float(v)) for s, v in info.get("val_losses", [])]
         self.reporter.log(f"resumed from {path} at step {self.global_step} (epoch {self.epoch + 1}, batch {self.micro})")
 
     # -- one micro-batch -----------------------------------------------------------------------
@@ -459,7 +468,7 @@ class LoRATrainer:
             self.writer.close()
         self.reporter.done("")
         return TrainResult(lora_path=final, state_dir=self.state_dir, global_step=self.global_step, epoch=self.epoch,
-                           losses=self.losses, samples=self.samples, stopped=stopped,
+                           losses=self.losses, val_losses=self.val_losses, samples=self.samples, stopped=stopped,
                            saved="checkpoint" if self.network.kind == "full" else "LoRA")
 
     def _nan(self, loss: float) -> None:
@@ -513,7 +522,7 @@ class LoRATrainer:
 
     def _state_info(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch, "micro": self.micro, "max_train_steps": self.plan.max_train_steps,
-                "losses": self.losses, "network_module": self.network.kind, "seed": self.cfg.seed,
+                "losses": self.losses, "val_losses": self.val_losses, "network_module": self.network.kind, "seed": self.cfg.seed,
                 "schema_version": self.cfg.SCHEMA_VERSION, "config": self.cfg.model_dump()}
 
     def _optimizer_mode(self, mode: str) -> None:

@@ -32,6 +32,7 @@ def validate(trainer: Any, when: str) -> float | None:
         m.train()
     trainer._optimizer_mode("train")
     mean = total / (len(batches) * len(timesteps))
+    trainer.val_losses.append((trainer.global_step, mean))
     recent = trainer.losses[-50:]
     trainer.reporter.start(trainer.plan.max_train_steps, "training", initial=trainer.global_step)
     trainer.reporter.advance(0, val_loss=mean)

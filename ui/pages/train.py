@@ -12,49 +12,55 @@ from loratrain.core.errors import ConfigError, Problem
 from loratrain.core.paths import check_name
 from loratrain.core.safe_io import atomic_write_text
 from loratrain.training.config import DATA, MODEL, NET, OPTIM, TrainConfig
+from loratrain.training.simple import KINDS, simple_plan
 
 from ..config import AppContext
 from ..forms import Form, problems_markdown
 from ..sections import validate
 from ..widgets import JobPanel
 
-KINDS = ("character", "style", "concept")
-# What the guides our users follow recommend (at UNet lr 1e-4): steps a subject needs, rank for its detail.
-SIMPLE_PRESETS: dict[str, dict[str, Any]] = {
-    "character": {"max_train_steps": 1000, "network_dim": 32, "network_alpha": 16.0},
-    "style": {"max_train_steps": 2500, "network_dim": 96, "network_alpha": 48.0},
-    "concept": {"max_train_steps": 3000, "network_dim": 48, "network_alpha": 24.0},
-}
-SIMPLE_COMMON: dict[str, Any] = {
-    "network_module": "lora", "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": [5e-5], "optimizer_type": "AdamW",
-    "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 3, "lr_warmup_steps": 0.05, "train_batch_size": 1,
-    "shuffle_caption": True, "keep_tokens": 1, "caption_extension": ".txt", "save_precision": "fp16", "mixed_precision": "no",
-}
+
+def free_gpu_bytes() -> int | None:
+    """Free memory of the first GPU, None without one (the simple mode's batch suggestion)."""
+    try:
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
+    except Exception:  # a broken driver is no reason to refuse the form
+        return None
 
 
-def simple_settings(kind: str, model: str, images: str, trigger: str, name: str, out_root: Path) -> dict[str, Any]:
-    """The full form's values for the simple page, writing a dataset TOML when the folder holds plain images."""
-    if kind not in SIMPLE_PRESETS:
+def simple_settings(kind: str, model: str, images: str, trigger: str, name: str, out_root: Path,
+                    free_bytes: int | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The full form's values for the simple page and the reason for each choice (training/simple.py), writing a
+    dataset TOML when the folder holds plain images."""
+    from loratrain.core.images import list_images
+
+    if kind not in KINDS:
         raise ConfigError(f"what is trained: choose one of {', '.join(KINDS)}")
     if not (model and images and trigger and name):
         raise ConfigError("fill in the base model, the image folder, the trigger word and the output name")
     check_name(name, "output name")  # it names files in out_root/output: one name, never a path
-    values = {**SIMPLE_COMMON, **SIMPLE_PRESETS[kind], "pretrained_model_name_or_path": model, "output_name": name,
-              "output_dir": str(out_root / "output")}
+    folder = Path(images)
+    kohya = [p for p in folder.iterdir() if p.is_dir() and p.name.split("_", 1)[0].isdigit()]
+    n_images = len(list_images(folder, recursive=bool(kohya)))
+    plan = simple_plan(kind, n_images, trigger, free_bytes)
+    values = {**plan.values, "pretrained_model_name_or_path": model, "output_name": name, "output_dir": str(out_root / "output")}
     steps = values["max_train_steps"]
     values.update(save_every_n_steps=max(1, steps // 4), save_last_n_steps=2)
-    folder = Path(images)
-    if any(p.is_dir() and p.name.split("_", 1)[0].isdigit() for p in folder.iterdir()):
-        values.update(train_data_dir=str(folder), dataset_config="")  # already kohya <repeats>_<tokens> folders
-        return values
+    if kohya:  # already kohya <repeats>_<tokens> folders: their repeats stand
+        values.update(train_data_dir=str(folder), dataset_config="")
+        reasons = [r if not r.startswith("repeats") else "repeats from the folder names (<repeats>_<tokens>)" for r in plan.reasons]
+        return values, reasons
     toml = out_root / "output" / f"{name}_dataset.toml"
     if toml.exists() and not toml.read_text(encoding="utf-8", errors="replace").startswith("# Written by the app's simple mode."):
         raise ConfigError(f"{toml} exists and was not written by the simple mode; choose another output name")
-    subset = {"image_dir": str(folder), "class_tokens": trigger, "num_repeats": 1, "keep_tokens": 1, "caption_extension": ".txt"}
+    subset = {"image_dir": str(folder), "class_tokens": trigger, "trigger_word": trigger, "num_repeats": plan.repeats,
+              "keep_tokens": 1, "caption_extension": ".txt"}
     atomic_write_text(toml, "# Written by the app's simple mode.\n" + tomli_w.dumps(
         {"general": {"shuffle_caption": True, "caption_extension": ".txt"}, "datasets": [{"subsets": [subset]}]}))
     values.update(dataset_config=str(toml), train_data_dir="")
-    return values
+    return values, plan.reasons
 
 
 def command_line(cfg: TrainConfig) -> str:
@@ -82,6 +88,9 @@ def step_plan(cfg: TrainConfig) -> str:
     data = TrainData(build_specs(cfg, logs.append), log=logs.append)
     plan = data.plan(cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.max_train_epochs)
     text = plan.describe([s.batch_size for s in data.specs])
+    triggers = sorted({(s.trigger_word, s.keep_tokens) for spec in data.specs for s in spec.subsets if s.trigger_word})
+    text += "".join(f" Trigger word '{w}' first in every caption" + (f" (keep_tokens {k} keeps it there)." if k else
+                    " (keep_tokens 0: shuffled captions may move it; set keep_tokens 1).") for w, k in triggers)
     return "**Step plan:** " + text + "".join(f"\n\n{line.splitlines()[0]}" for line in logs)
 
 
@@ -190,13 +199,13 @@ class TrainPage:
             model_p, images_p = ws.resolve(model, "base model"), ws.resolve(images, "image folder")
             if not images_p.is_dir():
                 raise ConfigError(f"image folder not found: {images}")
-            settings = simple_settings(kind, str(model_p), str(images_p), trigger.strip(), name.strip(), ws.home)
+            settings, reasons = simple_settings(kind, str(model_p), str(images_p), trigger.strip(), name.strip(), ws.home,
+                                                free_gpu_bytes())
         except (ConfigError, OSError) as e:
             return [*[gr.skip()] * len(values), problems_markdown([("", str(e))]), gr.skip(), gr.skip(), gr.skip()]
         data = {**self.form.to_dict(list(values)), **settings}
-        shown = ", ".join(f"{k} = {settings[k]}" for k in ("max_train_steps", "network_dim", "network_alpha", "lr_scheduler",
-                                                          "lr_warmup_steps"))
-        return [*self.form.to_values(data), f"Filled in for a {kind}: {shown}. These are the values that will run.",
+        why = "".join(f"\n- {r}" for r in reasons)
+        return [*self.form.to_values(data), f"Filled in for a {kind}; these are the values that will run, and why:{why}",
                 "Full", gr.update(visible=False), gr.update(visible=True)]
 
     def save(self, path: str, *values: Any) -> str:

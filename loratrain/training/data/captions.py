@@ -17,6 +17,17 @@ def changes_per_step(subset: Subset) -> bool:
                 or subset.caption_dropout_every_n_epochs or subset.enable_wildcard or subset.token_warmup_step)
 
 
+def with_trigger(caption: str, trigger: str, sep: str = ",") -> str:
+    """`caption` with `trigger` as its first tag, on every line (a multi-line caption is a choice of lines): moved to
+    the front where a line has it, added where it has not, so a LoRA's trigger word reaches every step and keep_tokens
+    1 keeps it in front when the other tags shuffle."""
+    out = []
+    for line in caption.split("\n"):
+        tags = [t.strip() for t in line.split(sep) if t.strip() and t.strip() != trigger]
+        out.append((sep + " ").join([trigger, *tags]))
+    return "\n".join(out)
+
+
 def _wildcards(caption: str, rng: random.Random) -> str:
     """enable_wildcard: one random line of a multi-line caption, each {a|b|c} replaced by one choice; {{ and }}
     stand for literal braces."""

@@ -18,6 +18,7 @@ from loratrain.core.paths import confine
 from loratrain.core.safe_io import save_safetensors
 
 from .buckets import bucket_resolutions, fit_to_bucket, no_upscale_bucket, select_bucket
+from .captions import with_trigger
 from .subsets import DatasetError, DatasetSpec, Subset
 
 CACHE_DIR = ".loratrain_cache"
@@ -106,6 +107,8 @@ class TrainData:
                     if caption is None:
                         missing.append(image)
                         caption = subset.class_tokens or ""
+                    if subset.trigger_word:
+                        caption = with_trigger(caption, subset.trigger_word, subset.caption_separator)
                     target.append(Item(image, caption, subset, subset.num_repeats if target is items else 1))
             self._balance_reg(items)
             no_mask = []

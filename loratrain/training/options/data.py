@@ -23,12 +23,8 @@ RANDOM_CAPTIONS = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropo
 class SubsetOptions(BaseModel):
     """How the images of one folder are captioned and augmented."""
 
-    def problems(self) -> list[Problem]:
-        return []
-
-    def requirements(self) -> list[Problem]:
-        return []
-
+    trigger_word: str = opt("", "put this word first in every caption the trainer reads (moved to the front where a caption "
+                                "has it, added where not); keep_tokens 1 keeps it there when tags shuffle", group=DATA)
     caption_extension: CaptionExtension = opt(".txt", "caption file extension", group=DATA)
     shuffle_caption: bool = opt(False, "shuffle comma-separated tags", group=DATA)
     keep_tokens: int = opt(0, "leading tags kept in place when shuffling", ge=0, group=DATA)
@@ -60,6 +56,12 @@ class SubsetOptions(BaseModel):
     conditioning_data_dir: str = opt("", "masked_loss: folder of mask images named like the training images (white = learned, "
                                          "black = ignored; directly or in folders named like the image folders)", group=DATA,
                                      path="dir", advanced=True)
+
+    def problems(self) -> list[Problem]:
+        return []
+
+    def requirements(self) -> list[Problem]:
+        return []
 
 
 class DatasetOptions(BaseModel):
