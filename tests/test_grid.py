@@ -195,3 +195,40 @@ def test_sdxl_grid_over_our_trained_lora_in_both_layouts(tiny_files, dataset, tm
     assert np.array_equal(pixels(res.cells[(0, 1, 0)]), pixels(res.cells[(1, 1, 0)]))  # same LoRA, two layouts
     assert np.array_equal(pixels(res.cells[(0, 0, 0)]), pixels(res.cells[(1, 0, 0)]))  # weight 0: the base model
     assert np.abs(pixels(res.cells[(0, 0, 0)]) - pixels(res.cells[(0, 1, 0)])).mean() > 0.5
+
+
+def test_color_drift_measures_the_cast_against_weight_zero(tmp_path):
+    from loratrain.core.session import LoraUse
+    from loratrain.grid.axes import CellParams
+    from loratrain.grid.drift import lab, measure_drift, missing_references
+
+    np.testing.assert_allclose(lab(np.array([[255, 255, 255]], np.uint8))[0], [100, 0, 0], atol=0.05)
+    np.testing.assert_allclose(lab(np.array([[255, 0, 0]], np.uint8))[0], [53.24, 80.09, 67.20], atol=0.05)  # CIE values
+    rng = np.random.default_rng(0)
+    scene = rng.integers(60, 190, (64, 64, 3)).astype(np.float64)
+    cells, done = {}, {}
+    for i, (weight, tint) in enumerate(((0.0, (0, 0, 0)), (0.5, (4, 2, -3)), (1.0, (45, 15, -40)))):
+        img = np.clip(scene + np.array(tint), 0, 255).astype(np.uint8)
+        done[(i, 0, 0)] = tmp_path / f"{i}.png"
+        Image.fromarray(img).save(done[(i, 0, 0)])
+        cells[(i, 0, 0)] = CellParams("m.safetensors", "a cat", loras=[LoraUse("l.safetensors", weight)], seed=7)
+    drift = {d.weight: d for d in measure_drift(cells, done, {}, 10.0, 0.3)}
+    assert set(drift) == {0.5, 1.0} and all(d.reference == (0, 0, 0) for d in drift.values())  # weight 0 is the reference
+    assert 0 < drift[0.5].delta_e < 10 and not drift[0.5].flagged
+    assert drift[1.0].delta_e > 10 and drift[1.0].chroma_change > 0 and drift[1.0].flagged
+    assert not missing_references(cells)
+    other_seed = {(3, 0, 0): CellParams("m.safetensors", "a cat", loras=[LoraUse("l.safetensors", 1.0)], seed=8)}
+    assert [p.seed for p in missing_references({**cells, **other_seed})] == [8]  # a reference is the same cell, seed included
+
+
+def test_grid_writes_a_color_drift_report(grid_models, tmp_path):
+    res = run_grid(base_cfg(grid_models, tmp_path / "g", loras=[f"{grid_models['lora']}:1"], x_type="lora_weight",
+                            x_values="0.5,1", y_type="seed", y_values="1", color_drift="on", drift_delta_e=1e-9),
+                   RecordingReporter())
+    report = json.loads((tmp_path / "g" / "color_drift.json").read_text())
+    assert [c["weight"] for c in report["cells"]] == [0.5, 1.0] and all(c["reference"] == [-1, -1, 0] for c in report["cells"])
+    assert (tmp_path / "g" / "cells" / "reference_00.png").is_file() and all(c["flagged"] for c in report["cells"])
+    assert res.summary()[0].startswith("colour drift (rule of thumb") and "2 of 2 LoRA cells drift" in res.summary()[0]
+    auto = run_grid(base_cfg(grid_models, tmp_path / "a", loras=[f"{grid_models['lora']}:1"], x_type="lora_weight",
+                             x_values="0.5,1", y_type="seed", y_values="1"), RecordingReporter())
+    assert "no LoRA cell has a weight-0 twin" in auto.summary()[0] and not (tmp_path / "a" / "color_drift.json").exists()

@@ -63,6 +63,14 @@ class GridConfig(SamplingOptions):
     margin: int = opt(0, "gap between cells in pixels", ge=0, group="Output", advanced=True)
     draw_legend: bool = opt(True, "draw row/column labels", group="Output")
     max_megapixels: float = opt(200.0, "refuse grids larger than this", gt=0, group="Output", advanced=True)
+    color_drift: str = opt("auto", "compare each LoRA cell's colours with the same cell at LoRA weight 0 (a colour cast that "
+                                   "grows with the weight is the guides' sign of overtraining): auto = when the grid has "
+                                   "weight-0 cells, on = also make the weight-0 cells it lacks, off", choices=["auto", "on", "off"],
+                           group="Output")
+    drift_delta_e: float = opt(10.0, "colour drift: flag a cell whose mean colour moved more than this CIE76 delta E from weight 0",
+                               gt=0, group="Output", advanced=True)
+    drift_chroma: float = opt(0.3, "colour drift: flag a cell whose mean saturation changed by more than this share", gt=0,
+                              group="Output", advanced=True)
 
     def requirements(self) -> list[Problem]:
         """Every axis value and every cell's settings, checked before the first image."""

@@ -19,13 +19,14 @@ from PIL.PngImagePlugin import PngInfo
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.models.loading import SDModel, load_model
 from loratrain.core.progress import Reporter, StopFlag
-from loratrain.core.safe_io import atomic_path
+from loratrain.core.safe_io import atomic_path, atomic_write_json
 from loratrain.core.sampling import SamplePrompt, generate
 from loratrain.core.session import ModelSession
 
 from .axes import CellParams
 from .config import GridConfig
 from .draw import draw_grid, side_by_side
+from .drift import Drift, as_json, drift_summary, measure_drift, missing_references, reference_of
 from .plan import AxisValues, loop_order, plan_grid
 
 
@@ -36,10 +37,13 @@ class GridResult(JobResult):
     complete: bool
     model_loads: int
     params: dict[tuple[int, int, int], CellParams] = field(default_factory=dict)
+    drift: list[Drift] = field(default_factory=list)
+    drift_line: str = ""
 
     def summary(self) -> list[str]:
         state = "grid" if self.complete else "partial grid (stopped)"
-        return [f"{state}: {self.grids[-1]} ({len(self.cells)}/{len(self.params)} cells, {self.model_loads} model load(s))"]
+        line = f"{state}: {self.grids[-1]} ({len(self.cells)}/{len(self.params)} cells, {self.model_loads} model load(s))"
+        return [self.drift_line, line] if self.drift_line else [line]
 
 
 @job
@@ -79,8 +83,34 @@ def run_grid(cfg: GridConfig, reporter: Reporter, stop: StopFlag, loader: Callab
         reporter.sample([str(path)], [" | ".join(a.labels[i] for a, i in zip(axes, idx) if a.axis)])
     complete = len(done) == len(cells)
     grids = _write_grids(cfg, axes, cells, done, infotexts, seed, out_dir, complete)
+    drift, drift_line = _color_drift(cfg, cells, done, state, out_dir, stop) if complete and cfg.color_drift != "off" else ([], "")
     reporter.done("")
-    return GridResult(grids=grids, cells=done, complete=complete, model_loads=state.loads, params=cells, stopped=not complete)
+    return GridResult(grids=grids, cells=done, complete=complete, model_loads=state.loads, params=cells, stopped=not complete,
+                      drift=drift, drift_line=drift_line)
+
+
+def _color_drift(cfg: GridConfig, cells: dict[tuple[int, int, int], CellParams], done: dict[tuple[int, int, int], Path],
+                 state: ModelSession, out_dir: Path, stop: StopFlag) -> tuple[list[Drift], str]:
+    """Each LoRA cell against its weight-0 twin (made now with --color_drift on when the grid lacks it); the numbers go
+    to color_drift.json beside the grid."""
+    if not any(reference_of(p) for p in cells.values()):  # no LoRA at a weight other than 0: nothing to compare
+        return [], ""
+    extra: dict[tuple[int, int, int], tuple[CellParams, Path]] = {}
+    if cfg.color_drift == "on":
+        for k, p in enumerate(missing_references(cells)):
+            if stop.is_set():
+                return [], ""
+            model = state.ensure(p.checkpoint)
+            state.activate(p.loras, p.sampler)
+            path = out_dir / "cells" / f"reference_{k:02d}.png"
+            generate(model, SamplePrompt(p.prompt, p.negative_prompt, p.width, p.height, p.steps, p.cfg_scale, p.seed, p.sampler),
+                     path, p.sampler, p.clip_skip)
+            extra[(-1, -1, k)] = (p, path)
+    drift = measure_drift(cells, done, extra, cfg.drift_delta_e, cfg.drift_chroma)
+    if drift:
+        atomic_write_json(out_dir / "color_drift.json", {"max_delta_e": cfg.drift_delta_e, "max_chroma_change": cfg.drift_chroma,
+                                                         "cells": as_json(drift)})
+    return drift, drift_summary(drift, cfg.drift_delta_e, cfg.drift_chroma)
 
 
 def _write_grids(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tuple[int, int, int], CellParams],
