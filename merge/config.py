@@ -102,10 +102,12 @@ class BakeConfig(JobConfig):
 
 
 class LoraMergeConfig(JobConfig):
-    loras: list[str] = opt([], "LoRA files as PATH[:RATIO]", path="lora")
+    loras: list[str] = opt([], "LoRA files as PATH[:RATIO[:BLOCKS]] (BLOCKS: a LoRA block-weight preset or 12/17/20/26 "
+                           "values, as lora bake takes)", path="lora")
     output: str = opt("", "output .safetensors", path="output")
     model: str = opt("", "the base checkpoint: needed (with --mode svd) to merge LoHa / LoKr / (IA)^3 / DoRA files, for "
-                     "their weights' shapes and, for (IA)^3 and DoRA, the weights themselves", path="file")
+                     "their weights' shapes and, for (IA)^3 and DoRA, the weights themselves; with block weights, which "
+                     "U-Net block each module is in (else the LoRAs' family's standard layout)", path="file")
     mode: str = opt("concat", "concat: exact sum, rank = sum of ranks; svd: re-factorise to --new_rank", choices=["concat", "svd"])
     new_rank: int = opt(16, "svd: rank of linear / 1x1 modules", ge=1)
     new_conv_rank: int | None = opt(None, "svd: rank of 3x3 conv modules (default: new_rank)", ge=1)
@@ -115,8 +117,6 @@ class LoraMergeConfig(JobConfig):
 
     def requirements(self) -> list[Problem]:
         out = [(name, "is required") for name in ("loras", "output") if not getattr(self, name)]
-        out += [("loras", f"{t}: block weights apply when baking into a model (lora bake), not here")
-                for t in self.loras if parse_lora_spec(t).blocks]
         out += _output_problems(self, "output", [self.model, *(parse_lora_spec(t).path for t in self.loras)])
         return out + lora_spec_problems(self.loras, "loras") + _family_problems(self.loras)
 

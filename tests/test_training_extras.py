@@ -363,7 +363,7 @@ def test_text_encoder_outputs_cached_on_disk_train_the_same_and_are_reused(tiny_
 
 # -- weighted captions ----------------------------------------------------------------------------------------------
 def test_the_attention_syntax_parses_as_a1111():
-    from loratrain.training.prompt_weights import parse_weights
+    from loratrain.core.prompt_weights import parse_weights
 
     assert parse_weights("normal text") == [("normal text", 1.0)]
     assert parse_weights("an (important) word") == [("an ", 1.0), ("important", pytest.approx(1.1)), (" word", 1.0)]

@@ -1,4 +1,5 @@
-"""Sample images: the sd-scripts prompt-file syntax, and one generate() used by training, generate and the grid."""
+"""Sample images: the sd-scripts prompt-file syntax (prompts in A1111's attention syntax), and one generate() used by
+training, generate and the grid."""
 from __future__ import annotations
 
 import secrets
@@ -9,6 +10,7 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from .models.loading import SDModel
+from .prompt_encoding import pipeline_embeds
 from .safe_io import atomic_path
 from .samplers import SAMPLERS
 
@@ -98,6 +100,8 @@ def generate(model: SDModel, prompt: SamplePrompt, out_path: str | Path, sampler
              extra_info: dict[str, str] | None = None, extra_params: dict[str, str] | None = None) -> Generated:
     """One image, saved atomically as PNG with A1111-style `parameters` text.
 
+    Prompts are read as A1111 reads them (`(word:0.7)`, `(word)`, `[word]`, `BREAK`, 75-token chunks with
+    no 77-token cut; see prompt_encoding), here so training samples, `generate` and the grid all agree.
     The seed comes from the prompt (or the system's randomness): torch's global generator is never touched.
     """
     seed = prompt.seed if prompt.seed is not None else secrets.randbelow(2**31 - 1)
@@ -105,9 +109,10 @@ def generate(model: SDModel, prompt: SamplePrompt, out_path: str | Path, sampler
     pipe = build_pipeline(model, used)
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    image = pipe(prompt.prompt, negative_prompt=prompt.negative_prompt or None, width=prompt.width, height=prompt.height,
-                 num_inference_steps=prompt.steps, guidance_scale=prompt.cfg_scale, generator=gen,
-                 clip_skip=(clip_skip - 1) if clip_skip > 1 else None, output_type="pil").images[0]
+    embeds = pipeline_embeds(model, prompt.prompt, prompt.negative_prompt, clip_skip,
+                             zero_empty_negative=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)))
+    image = pipe(**embeds, width=prompt.width, height=prompt.height, num_inference_steps=prompt.steps,
+                 guidance_scale=prompt.cfg_scale, generator=gen, output_type="pil").images[0]
     params = infotext(prompt, used, seed, clip_skip, extra_params)
     info = PngInfo()
     info.add_text("parameters", params)

@@ -63,8 +63,8 @@ def _joined(hidden: torch.Tensor, b: int, n: int) -> torch.Tensor:
 def encode_prompts(model: SDModel, prompts: list[str], clip_skip: int = 1, max_token_length: int | None = None,
                    weighted: bool = False) -> Conditioning:
     """UNet conditioning for a batch of captions; max_token_length 150/225 encodes 2/3 windows of 75 tokens;
-    `weighted` reads the (word:1.2) attention syntax (prompt_weights) and scales each token's output."""
-    from .prompt_weights import weighted_ids
+    `weighted` reads the (word:1.2) attention syntax (core.prompt_weights) and scales each token's output."""
+    from loratrain.core.prompt_weights import weighted_ids
 
     device = next(model.text_encoders[0].parameters()).device
     n = (max_token_length or WINDOW) // WINDOW
