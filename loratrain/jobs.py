@@ -121,6 +121,10 @@ add(
             "report corrupt, small, blurred, duplicate images and caption problems",
             "Prints a table (and --json_output); --quarantine DIR moves flagged files, never deletes them. "
             "Exit code 1 when an error-level finding remains.", stop_when="after this image"),
+    JobSpec(("dataset", "fix-marks"), f"{D}.quality.fix_marks:FixMarksConfig", f"{D}.quality.fix_marks:run_fix_marks",
+            "crop away or inpaint the text and marks `dataset check` found (undo: `loratrain tags undo DIR`)",
+            "Boxes come from --report (a check's --json_output) or are found again. Every changed image is journalled; "
+            "`loratrain tags undo DIR` restores the original bytes.", stop_when="after this image"),
     JobSpec(("dataset", "frames"), f"{D}.frames:FramesConfig", f"{D}.frames:run_frames",
             "extract frames from a video, dropping near-duplicates and blurred ones", stop_when="after this frame"),
     JobSpec(("face", "extract"), f"{F}.extract.config:ExtractConfig", f"{F}.extract.extract:run_face_extract",

@@ -5,8 +5,10 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loratrain.core.captions import CaptionError, caption_path, read_caption_file
+from loratrain.core.progress import NullReporter, Reporter, StopFlag
 from loratrain.core.registry import Registry
 
 from ..captions import split_tags
@@ -24,6 +26,8 @@ class Finding:
     message: str
     score: float | None = None
     group: list[str] = field(default_factory=list)
+    kind: str = ""  # what sort of problem within the check (text_marks: band / corner / tiled / static / model)
+    boxes: list[list[int]] = field(default_factory=list)  # [x, y, w, h] regions in the image's pixels
 
 
 @dataclass
@@ -35,6 +39,14 @@ class Dataset:
     unsupported: list[Path]
     cfg: CheckConfig
     _captions: dict[Path, tuple[Path, str | None, str | None]] = field(default_factory=dict)
+    #: what a check adds to the report beyond findings (the shot mix per concept, ...), by check name: into the JSON;
+    #: a section's "summary" lines are printed under the table
+    sections: dict[str, Any] = field(default_factory=dict)
+    #: measurements a check module makes once for several of its checks (faces: people and shot_balance)
+    cache: dict[str, Any] = field(default_factory=dict)
+    #: for checks with a slow pass of their own (face detection): progress, and Ctrl-C ends the pass
+    reporter: Reporter = field(default_factory=NullReporter)
+    stop: StopFlag = field(default_factory=StopFlag)
 
     def readable(self) -> list[ImageInfo]:
         return [i for i in self.infos if i.error is None]
@@ -226,3 +238,7 @@ def tag_imbalance(ds: Dataset) -> list[Finding]:
         out.append(Finding("tag_imbalance", str(ds.root), "warning",
                            f"tag '{tag}' is on {n}/{captioned} captioned images ({share:.0%})", round(share, 3)))
     return out
+
+
+# Checks kept in modules of their own register themselves when imported.
+from . import extensions, people  # noqa: E402, F401, I001

@@ -29,6 +29,7 @@ class ImageInfo:
     pixel_hash: str = ""
     phash: int = 0
     blur: float = 0.0
+    format: str = ""  # what Pillow found in the file (PNG, JPEG, MPO, WEBP, BMP), whatever its extension says
 
 
 @lru_cache(maxsize=4)
@@ -58,6 +59,7 @@ def measure(path: Path) -> ImageInfo:
         return info
     with img:
         info.width, info.height = img.size
+        info.format = img.format or ""
         rgb = to_rgb_on_white(img)
         h = hashlib.sha1(f"{rgb.size}".encode())
         h.update(rgb.tobytes())

@@ -27,6 +27,7 @@ class Report(JobResult):
     images: int
     findings: list[Finding] = field(default_factory=list)
     moved: list[dict] = field(default_factory=list)
+    sections: dict = field(default_factory=dict)  # per-check extras (shot mix per concept, ...): Dataset.sections
 
     def summary(self) -> list[str]:
         return [format_table(self)]
@@ -44,7 +45,7 @@ class Report(JobResult):
 
     def to_json(self) -> dict:
         return {"root": self.root, "images": self.images, "counts": dict(self.counts()),
-                "findings": [asdict(f) for f in self.findings], "quarantined": self.moved}
+                "findings": [asdict(f) for f in self.findings], "quarantined": self.moved, "sections": self.sections}
 
 
 @job
@@ -68,8 +69,8 @@ def run_check(cfg: CheckConfig, reporter: Reporter, stop: StopFlag) -> Report:
             reporter.done("")
             return Report(root=str(root), images=len(infos), stopped=True)
     reporter.done("")
-    ds = Dataset(root=root, infos=infos, unsupported=unsupported, cfg=cfg)
-    report = Report(root=str(root), images=len(paths))
+    ds = Dataset(root=root, infos=infos, unsupported=unsupported, cfg=cfg, reporter=reporter, stop=stop)
+    report = Report(root=str(root), images=len(paths), sections=ds.sections)
     for name in cfg.checks or CHECKS.names():
         report.findings += CHECKS.get(name)(ds)
     if cfg.quarantine:
@@ -129,6 +130,8 @@ def format_table(report: Report) -> str:
     counts = report.counts()
     errors = sum(1 for f in report.findings if f.severity == "error")
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no findings"
+    for section in report.sections.values():
+        lines += section.get("summary", []) if isinstance(section, dict) else []
     lines.append(f"{report.images} image(s) checked: {summary} ({errors} error(s))")
     if report.moved:
         lines.append(f"moved {len(report.moved)} file(s) to quarantine (see quarantine.json there)")

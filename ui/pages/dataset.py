@@ -25,6 +25,7 @@ from ..config import AppContext
 from ..events import Snapshot
 from ..forms import problems_markdown
 from ..sections import JobSection, validate
+from .dataset_marks import MarksPanel
 
 MAX_SHOWN = 400  # images in the gallery at once (the filters narrow it down)
 FREQ_COLUMNS = ["tag", "images", "share"]
@@ -71,6 +72,19 @@ def findings_images(snap: Snapshot) -> list[tuple[str, str]]:
     return out
 
 
+def shot_images(snap: Snapshot, limit: int = 100) -> list[tuple[str, str]]:
+    """Thumbnails of the images a face was found in, captioned with their shot class and view (the quality check's
+    shot_balance section); the shot mix per concept is in the job's log, under the findings."""
+    section = (snap.data.get("sections") or {}).get("shot_balance") or {}
+    out = []
+    for path, v in (section.get("images") or {}).items():
+        if v.get("shot") not in (None, "no face") and Path(path).is_file():
+            out.append((path, f"{v['shot']} · {v.get('view') or 'view unknown'} · face {v.get('face_height', 0):.0%} of the height"))
+            if len(out) >= limit:
+                break
+    return out
+
+
 class Page:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
@@ -78,8 +92,9 @@ class Page:
         self.sections = {
             "Tag (WD14)": JobSection(ctx, "tag", "tagger", shared=shared, title=lambda c: f"tag {Path(c.dataset_dir).name}",
                                      start_label="Tag images"),
-            "Quality check": JobSection(ctx, "dataset check", "check", shared=shared, images=findings_images,
-                                        images_label="flagged images", title=lambda c: f"check {Path(c.dataset_dir).name}",
+            "Quality check": JobSection(ctx, "dataset check", "check", shared=shared,
+                                        images=lambda snap: findings_images(snap) + shot_images(snap),
+                                        images_label="flagged images, then shot classes", title=lambda c: f"check {Path(c.dataset_dir).name}",
                                         start_label="Check the dataset"),
             "Repeat folders": JobSection(ctx, "dataset prepare", "prepare", title=lambda c: f"prepare {Path(c.output_dir).name}",
                                          start_label="Prepare"),
@@ -87,6 +102,7 @@ class Page:
                                               start_label="Extract frames"),
         }
         self.panels = [s.panel for s in self.sections.values()]
+        self.marks = MarksPanel(ctx)
 
     def render(self) -> None:
         gr.Markdown("Open a folder of images with `.txt` captions (the first line holds the tags). Edits are journalled: "
@@ -143,6 +159,8 @@ class Page:
                 with gr.Tab(name, elem_id=f"ds-tab-{section.prefix}"):
                     gr.Markdown(section.spec.help.capitalize() + ".")
                     section.render([self.folder] if section.shared else [])
+        with gr.Accordion("Text and marks: crop or inpaint", open=False, elem_id="ds-marks"):
+            self.marks.render(self.folder)
 
         where = [self.folder, self.extension, self.recursive, self.all_of, self.any_of, self.none_of]
         shown = [self.gallery, self.freq, self.image, self.status, self.history]
