@@ -54,14 +54,17 @@ class PeakRss:
         self._thread.join()
 
 
-def build_checkpoint(family: str, path: Path, seed: int) -> None:
-    """A single-file checkpoint with the real key names and shapes of `family`, random fp16 values."""
+def build_checkpoint(family: str, path: Path, seed: int, tiny: bool = False) -> None:
+    """A single-file checkpoint with the real key names and shapes of `family`, random fp16 values.
+
+    tiny: the test models' widths and depths (same key structure), for a smoke run of a bench in seconds.
+    """
     import torch
 
-    from loratrain.core.models.tiny import checkpoint_layout
+    from loratrain.core.models.tiny import checkpoint_layout, tiny_configs
     from loratrain.core.tensor_io import OutputTensor, StreamingWriter
 
-    layout = checkpoint_layout(family)
+    layout = checkpoint_layout(family, tiny_configs(family) if tiny else None)
     plan = [OutputTensor(k, torch.float16 if d.is_floating_point else d, s) for k, (s, d) in layout.items()]
     gen = torch.Generator().manual_seed(seed)
     with StreamingWriter(path, plan, {"format": "pt"}) as w:

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import torch
 
-from loratrain.core.config import ConfigError
 from loratrain.core.devices import torch_threads
+from loratrain.core.errors import ConfigError
 from loratrain.core.jobs import JobResult, Stopped, job
 from loratrain.core.lora.blocks import BASE, block_of, block_weights, parse_values
 from loratrain.core.models.families import VAE_PREFIX, Family, ModelTypeError, detect_family
 from loratrain.core.models.single_file import CONFIG_METADATA_KEY
 from loratrain.core.progress import Reporter, StopFlag
+from loratrain.core.read_along_hash import ReadAlongHash
 from loratrain.core.safe_io import new_output
-from loratrain.core.tensor_io import BackgroundHash, LazySafetensors, OutputTensor, StreamingWriter, chunks, out_dtype
+from loratrain.core.tensor_io import LazySafetensors, OutputTensor, StreamingWriter, chunks, out_dtype
 
 from .config import MergeConfig
 from .methods import MERGE_METHODS, MergeMethod
@@ -210,11 +211,9 @@ class CheckpointMerge:
     def run(self, reporter: Reporter, stop: StopFlag) -> MergeResult:
         cfg = self.cfg
         t0 = time.perf_counter()
-        inputs = {"primary": "A", "secondary": "B", "tertiary": "C"}
-        hashed = [self.files[r] for r in inputs.values() if r in self.files]
+        hashed = [self.files[r] for r in ("A", "B", "C") if r in self.files]
         known = {f.path: cached_sha256(f.path) for f in hashed} if cfg.hash_models else {}
-        todo = list(dict.fromkeys(path for path, sha in known.items() if sha is None))
-        hasher = BackgroundHash(todo) if todo else None
+        hashers = self._start_hashes(known)
         # same-length stand-ins, so the header can be rewritten in place once the hashes are known
         placeholder = {f.path: (f"{i:064x}" if cfg.hash_models else None) for i, f in enumerate(hashed)}
         reporter.start(len(self.plan), "merge", unit="tensor")
@@ -225,24 +224,44 @@ class CheckpointMerge:
                         raise Stopped
                     self._write_one(item, writer)
                     reporter.advance(1)
-                if hasher is not None:
+                if hashers:
                     writer.flush_async()  # the data goes to disk while the hashes finish
-                    known.update({path: remember_sha256(path, sha) for path, sha in hasher.result().items()})
+                    known.update({path: remember_sha256(path, h.result()) for path, h in hashers.items()})
                 if cfg.hash_models:
                     writer.rewrite_metadata(self._metadata(known))
         except Stopped:
-            if hasher is not None:
-                hasher.cancel()
+            for h in hashers.values():
+                h.cancel()
             reporter.done("")
             return MergeResult(output=None, family=self.family.name, stopped=True)
         except BaseException:
-            if hasher is not None:
-                hasher.cancel()
+            for h in hashers.values():
+                h.cancel()
             raise
         reporter.done("")
         merged = sum(p.action == "merge" for p in self.plan)
         return MergeResult(output=self.output, family=self.family.name, merged=merged, copied=len(self.plan) - merged,
                            bytes_written=writer.total_bytes, seconds=time.perf_counter() - t0, weights=self.weights)
+
+    def _start_hashes(self, known: dict[Path, str | None]) -> dict[Path, ReadAlongHash]:
+        """Whole-file hashes of the inputs not in the hash cache, computed from the merge's own reads.
+
+        A file the plan never reads (a weight of 0 or 1 everywhere) is hashed by its own reads from the start.
+        """
+        read = {p.source for p in self.plan if p.action == "copy"}
+        if any(p.action == "merge" for p in self.plan):
+            read |= {"A", "B", "C"}
+        hashers: dict[Path, ReadAlongHash] = {}
+        try:
+            for role in ("A", "B", "C"):
+                f = self.files.get(role)
+                if f is not None and f.path in known and known[f.path] is None and f.path not in hashers:
+                    hashers[f.path] = ReadAlongHash(f, follow=role in read)
+        except BaseException:
+            for h in hashers.values():
+                h.cancel()
+            raise
+        return hashers
 
     def _write_one(self, item: KeyPlan, writer: StreamingWriter) -> None:
         key, dtype = item.out.name, item.out.dtype

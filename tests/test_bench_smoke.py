@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-TINY = {  # a few seconds each; merge, load_memory and ui_overhead need real-size models or minutes: --help only
+TINY = {  # a few seconds each; load_memory and ui_overhead need real-size models or minutes: --help only
+    "merge.py": ["--size", "tiny", "--rounds", "1", "--kinds", "raw", "first", "cached", "--cache", "cache", "--clean"],
     "tagger.py": ["--preset", "small", "--images", "2", "--size", "64x64", "--rounds", "1"],
     "train_throughput.py": ["--size", "tiny", "--resolution", "64", "--steps", "2", "--warmup", "1", "--repeats", "1"],
     "face_train.py": ["--dims", "tiny", "--resolution", "64", "--iters", "2", "--warmup", "1", "--rounds", "1", "--batch", "2"],

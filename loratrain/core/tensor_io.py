@@ -10,14 +10,13 @@ shapes, all known before the first byte of data is computed, so the output's siz
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import mmap
 import os
 import struct
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ class MapWindow:
         self.fd, self.size = fd, size
         self._map: mmap.mmap | None = None
         self._start = self._end = 0
+        self.listener: Callable[[int, int], None] | None = None  # told of each new window, before it is read
 
     def get(self, offset: int, nbytes: int) -> tuple[mmap.mmap, int]:
         """The map holding bytes [offset, offset+nbytes) and where they start in it."""
@@ -69,6 +69,8 @@ class MapWindow:
                 except OSError:
                     pass
             self._start, self._end = start, end
+            if self.listener is not None:
+                self.listener(start, end)
         return self._map, offset - self._start
 
     def release(self) -> None:
@@ -95,45 +97,6 @@ class TensorInfo:
     @property
     def is_float(self) -> bool:
         return self.dtype.is_floating_point
-
-
-class BackgroundHash:
-    """SHA-256 of whole files on background threads (one per file, up to the cores), reading them itself.
-
-    A merge needs its inputs' hashes only for the output's metadata, written last. Hashing from the
-    merge's own reads would tie the merge to the hash's speed; separate sequential readers (the bytes
-    come from the page cache the merge fills, one reused buffer each) run beside it, and once the
-    merge's own work is done they have every core (hashlib releases the GIL).
-    """
-
-    BLOCK = 8 << 20
-
-    def __init__(self, paths: list[Path]) -> None:
-        self._stop = False
-        workers = max(1, min(len(paths), os.cpu_count() or 1))
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256")
-        self._futures = {path: self._pool.submit(self._hash, path) for path in paths}
-
-    def _hash(self, path: Path) -> str:
-        sha = hashlib.sha256()
-        buf = bytearray(self.BLOCK)
-        view = memoryview(buf)
-        with open(path, "rb", buffering=0) as fh:
-            while not self._stop:
-                n = fh.readinto(buf)
-                if not n:
-                    return sha.hexdigest()
-                sha.update(view[:n])
-        raise RuntimeError("hashing was cancelled")
-
-    def result(self) -> dict[Path, str]:
-        out = {path: fut.result() for path, fut in self._futures.items()}
-        self._pool.shutdown(wait=True)
-        return out
-
-    def cancel(self) -> None:
-        self._stop = True
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class LazySafetensors:
@@ -182,6 +145,15 @@ class LazySafetensors:
                 raise ValueError(f"{self.path}: tensor {name!r} lies past the end of the file (truncated download?)")
             out[name] = TensorInfo(name, dtype, tuple(entry["shape"]), base + begin, end - begin)
         return out, {str(k): str(v) for k, v in meta.items()}
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def on_map(self, listener: Callable[[int, int], None]) -> None:
+        """Call `listener(start, end)` when a window of bytes [start, end) is mapped, before any read from it, so
+        the reads before it are done: a whole-file hash follows the reads this way (core/read_along_hash.py).
+        The listener may block (to hold the reader back)."""
+        self._window.listener = listener
 
     def keys(self) -> list[str]:
         """Keys in file order, so reads go front to back."""
