@@ -235,6 +235,9 @@ class Operation:
             if old == data:
                 continue
             rel = self.journal.relative(target)
+            if _text_problem(rel):  # the journal's own folder (or the dataset itself): undo would refuse such a record
+                raise ConfigError(f"{target}: inside the dataset's {STATE_DIR}/ folder (its undo journal and backups) or "
+                                  "not a file of it; refusing to change it")
             if old is not None and rel not in self._backed_up:
                 backup = self.journal.backup_dir / rel
                 if self.journal.escapes(f"{STATE_DIR}/backup/{rel}"):

@@ -99,9 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\naborted", file=sys.stderr)
         return 130
-    except (ConfigError, ValueError, OSError, ImportError, RuntimeError, FloatingPointError) as e:
-        if os.environ.get("LORATRAIN_DEBUG"):
+    except Exception as e:
+        if os.environ.get("LORATRAIN_DEBUG") or not _user_error(e):
             raise
         for line in describe_error(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
+
+
+def _user_error(e: Exception) -> bool:
+    """Errors of the user's input or environment (a line, exit 2) rather than our bugs (a traceback). Pillow's
+    DecompressionBombError (an image of over ~179 megapixels in a dataset) is one, though no OSError or ValueError."""
+    if isinstance(e, (ConfigError, ValueError, OSError, ImportError, RuntimeError, FloatingPointError)):
+        return True
+    pil = sys.modules.get("PIL.Image")  # loaded by whatever opened the image; never imported here for this check
+    return pil is not None and isinstance(e, pil.DecompressionBombError)

@@ -260,3 +260,62 @@ def test_the_other_sd_scripts_schedules():
         TrainConfig(lr_scheduler="piecewise_constant").check(ready=False)
     with pytest.raises(ConfigError, match="lr_decay_steps"):
         TrainConfig(lr_scheduler="warmup_stable_decay").check(ready=False)
+
+
+@pytest.mark.parametrize("text, named", [
+    ('general = 5\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\n', "general must be a table"),
+    ('datasets = 5\n', "datasets must be an array of tables"),
+    ('datasets = [5]\n', "datasets must be an array of tables"),
+    ('[datasets]\nresolution = 64\n', "datasets must be an array of tables"),
+    ('[[datasets]]\nsubsets = "abc"\n', r"datasets\[0\].subsets must be an array of tables"),
+    ('[[datasets]]\n[datasets.subsets]\nimage_dir = "a"\n', r"datasets\[0\].subsets must be an array of tables"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = 5\n', r"subsets\[0\]: image_dir = 5: must be a path"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = ["a"]\n', r"subsets\[0\]: image_dir = \['a'\]: must be a path"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = ""\n', r"subsets\[0\]: image_dir = '': must be a path"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nconditioning_data_dir = true\n', "conditioning_data_dir = True"),
+    ('[[datasets]]\nresolution = inf\n[[datasets.subsets]]\nimage_dir = "a"\n', "resolution inf must be N or W,H"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nnum_repeats = 0\n', "num_repeats = 0: Input should be greater"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\nnum_repeats = -5\n', "num_repeats = -5"),
+    ('[[datasets]]\nbatch_size = 0\n[[datasets.subsets]]\nimage_dir = "a"\n', r"datasets\[0\]: batch_size = 0"),
+    ('[[datasets]]\nenable_bucket = true\nmin_bucket_reso = 512\nmax_bucket_reso = 256\n[[datasets.subsets]]\nimage_dir = "a"\n',
+     "min_bucket_reso = 512: min_bucket_reso is above max_bucket_reso"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\ntrigger_word = "sks, dog"\n', "trigger_word = 'sks, dog'.*caption_separator"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\ntrigger_word = "   "\n', "trigger_word = '   ': is only spaces"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\ntrigger_word = "sks\\ndog"\n', "must be one line"),
+    ('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "a"\ncaption_separator = ""\n', "caption_separator = '': must not be empty"),
+])
+def test_a_dataset_toml_of_the_wrong_shape_or_value_is_named_not_a_crash(tmp_path, text, named):
+    """Hostile or careless dataset TOMLs: a table where an array of tables belongs, a number where a path belongs, 0
+    repeats or batch 0 (a division by zero, or a 0-step LoRA, before), rules between values the command line also
+    applies: each a DatasetError naming the file and key, never a TypeError or AttributeError from deep inside."""
+    _images(tmp_path / "a", 1)
+    toml = tmp_path / "ds.toml"
+    toml.write_text(text, encoding="utf-8")
+    with pytest.raises(DatasetError, match=named):
+        specs_from_toml(toml, {})
+
+
+def test_a_dataset_toml_error_ends_the_cli_with_one_line_before_any_model_loads(tmp_path, capsys):
+    from loratrain.cli import main
+
+    _images(tmp_path / "a", 1)
+    toml = tmp_path / "ds.toml"
+    toml.write_text('[[datasets]]\nbatch_size = 0\n[[datasets.subsets]]\nimage_dir = "a"\n', encoding="utf-8")
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"not read: the dataset is checked first")
+    code = main(["train", "--pretrained_model_name_or_path", str(model), "--dataset_config", str(toml),
+                 "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "batch_size = 0" in err
+
+
+@pytest.mark.parametrize("value, why", [("sks, dog", "caption_separator"), ("  ", "only spaces"), ("sks\ndog", "one line"),
+                                        ("a|||b", "keep_tokens_separator")])
+def test_a_trigger_word_is_one_tag(value, why):
+    """The trigger goes first in every caption as one tag: one holding the separator would be split and doubled
+    (with_trigger('a, b, c', 'a, b') gave 'a, b, a, b, c'), a newline would make a caption line of its own."""
+    with pytest.raises(ConfigError, match=why):
+        TrainConfig.build({"pretrained_model_name_or_path": "m", "train_data_dir": "d", "trigger_word": value,
+                           "keep_tokens_separator": "|||"}, check=True)
+    cfg = TrainConfig.build({"pretrained_model_name_or_path": "m", "train_data_dir": "d", "trigger_word": " sks "}, check=False)
+    assert cfg.trigger_word == "sks"  # spaces around it are no part of the tag

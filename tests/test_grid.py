@@ -232,3 +232,7 @@ def test_grid_writes_a_color_drift_report(grid_models, tmp_path):
     auto = run_grid(base_cfg(grid_models, tmp_path / "a", loras=[f"{grid_models['lora']}:1"], x_type="lora_weight",
                              x_values="0.5,1", y_type="seed", y_values="1"), RecordingReporter())
     assert "no LoRA cell has a weight-0 twin" in auto.summary()[0] and not (tmp_path / "a" / "color_drift.json").exists()
+    # a later grid in the same folder without drift numbers: the earlier grid's report does not stay beside it
+    run_grid(base_cfg(grid_models, tmp_path / "g", loras=[f"{grid_models['lora']}:1"], x_type="lora_weight", x_values="0.5,1",
+                      y_type="seed", y_values="1", color_drift="off"), RecordingReporter())
+    assert not (tmp_path / "g" / "color_drift.json").exists()

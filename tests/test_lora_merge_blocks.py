@@ -92,7 +92,9 @@ def test_block_weights_follow_the_model_layout_with_model(tiny_files, tmp_path):
 
 @pytest.mark.parametrize("blocks,message", [("1,2,x", "not a preset name or a list of numbers"),
                                             ("NO_SUCH_PRESET", "unknown LoRA block-weight preset"),
-                                            ("1,1,1", "need 12, 17, 20 or 26 values")])
+                                            ("1,1,1", "need 12, 17, 20 or 26 values"),
+                                            (_vector(M00=float("nan")), "finite number"),
+                                            (_vector(IN01="1e309"), "finite number")])
 def test_bad_block_weight_text_is_refused_before_any_work(tmp_path, blocks, message):
     _lora(tmp_path / "a.safetensors")
     out = tmp_path / "m.safetensors"
@@ -114,4 +116,14 @@ def test_block_weights_the_family_lacks_or_cannot_tell_are_refused_clearly(tmp_p
         run_lora_merge(LoraMergeConfig(loras=[f"{unet_only}:1:{_vector()}"], output=str(out)))
     with pytest.raises(ConfigError, match="nothing to merge"):
         run_lora_merge(LoraMergeConfig(loras=[f"{tmp_path / 'xl.safetensors'}:1:{','.join(['0'] * 20)}"], output=str(out)))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("ratio", ["nan", "inf", "-inf"])
+def test_a_weight_that_is_no_finite_number_is_refused_not_merged_into_nan(tmp_path, ratio):
+    """`a.safetensors:nan` merged nan into every module (35840 non-finite values in a tiny merge) and said "wrote"."""
+    _lora(tmp_path / "a.safetensors")
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ConfigError, match=f"the weight {ratio} is not a finite number"):
+        run_lora_merge(LoraMergeConfig(loras=[f"{tmp_path / 'a.safetensors'}:{ratio}"], output=str(out)))
     assert not out.exists()

@@ -107,3 +107,20 @@ def test_a_cli_run_ends_with_the_health_line(tmp_path, tiny_files, dataset, caps
 def test_trigger_word_is_an_ordinary_option(value):
     cfg = TrainConfig.build({"pretrained_model_name_or_path": "m", "train_data_dir": "d", "trigger_word": value}, check=False)
     assert cfg.trigger_word == value
+
+
+def test_simple_mode_refuses_an_empty_folder_and_a_trigger_that_is_no_tag_before_writing_anything(tmp_path):
+    from loratrain.core.errors import ConfigError
+
+    empty, images = tmp_path / "empty", tmp_path / "pics"
+    empty.mkdir()
+    make_concept_images(images, "circle", 3, 64, 0)
+    model = tmp_path / "m.safetensors"
+    with pytest.raises(ConfigError, match="no images"):
+        simple_settings("character", str(model), str(empty), "sks", "a", tmp_path)
+    for trigger, why in (("sks, dog", "caption_separator"), ("sks\ndog", "one line"), ("   ", "only spaces")):
+        with pytest.raises(ConfigError, match=why):
+            simple_settings("character", str(model), str(images), trigger, "b", tmp_path)
+    assert not (tmp_path / "output").exists()  # no dataset TOML was written for any of them
+    values, _ = simple_settings("character", str(model), str(images), "sks", "c", tmp_path)
+    assert values["trigger_word"] == "sks"

@@ -60,7 +60,7 @@ def parse_resolution(value: Any, what: str = "resolution", multiple: int = 8) ->
             parts = [int(v) for v in value]
         else:
             raise ValueError(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: inf, which a TOML float may be
         raise ConfigError(f"{what} {value!r} must be N or W,H") from None
     if len(parts) not in (1, 2):
         raise ConfigError(f"{what} {value!r} must be N or W,H")

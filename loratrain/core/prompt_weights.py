@@ -16,6 +16,9 @@ from typing import Any
 import torch
 
 UP, DOWN = 1.1, 1 / 1.1
+#: the largest weight a run may end with: text encoder outputs times more than this overflow float32 (inf, then NaN:
+#: a black image), so a huge `(x:1e40)` or brackets nested a thousand deep are refused with the text they weight
+MAX_WEIGHT = 1e30
 WINDOW = 75  # CLIP's 77 positions less BOS and the closing token
 COMMA_BACKTRACK = 20  # A1111's default: a chunk that fills up moves the words after its last comma (within 20) on
 _EXPLICIT = re.compile(r":\s*([+-]?[\d.]+)\s*\)")
@@ -88,6 +91,10 @@ def parse_weights(text: str, breaks: bool = False) -> list[Run | None]:
             merged[-1] = (last[0] + run[0], last[1])
         else:
             merged.append(None if run is None else (run[0], run[1]))
+    for run in merged:
+        if run is not None and not abs(run[1]) <= MAX_WEIGHT:  # also nan
+            raise ValueError(f"the weight of {run[0].strip()[:40]!r} comes to {run[1]:g}, beyond ±{MAX_WEIGHT:g} (a "
+                             "huge (text:weight) or brackets nested too deep); the text encoder's output would overflow")
     return merged or [("", 1.0)]
 
 

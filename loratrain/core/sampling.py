@@ -51,7 +51,20 @@ def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt:
                 p.sampler = value
         except ValueError:
             raise ValueError(f"prompt option --{key} has a bad value {value!r} in line: {line!r}") from None
+    check_weights(p)
     return p
+
+
+def check_weights(prompt: SamplePrompt) -> None:
+    """The prompt and negative prompt read as A1111 weights, so a weight that cannot be encoded is refused when the
+    prompts are read (before training or a grid starts), not at the first image."""
+    from .prompt_weights import parse_weights
+
+    for text in (prompt.prompt, prompt.negative_prompt):
+        try:
+            parse_weights(text, breaks=True)
+        except ValueError as e:
+            raise ValueError(f"{e} (in: {text[:80]!r})") from None
 
 
 def load_prompts(path: str | Path, defaults: SamplePrompt) -> list[SamplePrompt]:

@@ -1,6 +1,7 @@
 """A loaded base model with any number of LoRAs (kohya or PEFT layout) applied at given weights."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,15 @@ def lora_use(text: str, model: str = "") -> LoraUse:
         from .lora.spec import missing_lora
 
         raise ConfigError(missing_lora(text, spec))
+    if not math.isfinite(spec.ratio):  # nan or inf: every image would come out black
+        raise ConfigError(f"{text}: the weight {spec.ratio} is not a finite number")
+    if spec.blocks:
+        from .lora.spec import lbw_values
+
+        try:
+            lbw_values(spec.blocks)
+        except ValueError as e:
+            raise ConfigError(f"{text}: {e}") from None
     if model and Path(model).is_file() and Path(model).suffix.lower() == ".safetensors":
         _check_family(spec.path, model)
     return LoraUse(spec.path, spec.ratio, spec.blocks)

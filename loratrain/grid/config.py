@@ -38,6 +38,12 @@ class GenerateConfig(SamplingOptions):
             out.append(("model", f"model not found: {self.model}"))
         if not self.prompt:
             out.append(("prompt", "is required"))
+        from loratrain.core.sampling import SamplePrompt, check_weights
+
+        try:  # a weight that cannot be encoded is said before the model loads
+            check_weights(SamplePrompt(self.prompt, self.negative_prompt))
+        except ValueError as e:
+            out.append(("prompt", str(e)))
         from loratrain.core.session import lora_use
 
         for text in self.network_weights:

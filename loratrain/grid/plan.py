@@ -78,6 +78,13 @@ def _check(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tuple[int,
             raise ConfigError("--prompt is required")
         if p.steps < 1 or p.width < 8 or p.height < 8:
             raise ConfigError(f"bad cell settings: steps {p.steps}, size {p.width}x{p.height}")
+    from loratrain.core.sampling import SamplePrompt, check_weights
+
+    for prompt, negative in {(p.prompt, p.negative_prompt) for p in cells.values()}:
+        try:
+            check_weights(SamplePrompt(prompt, negative))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     pixels = sum(p.width * p.height for p in cells.values())
     if pixels > cfg.max_megapixels * 1e6:
         raise ConfigError(f"the grid would have {pixels / 1e6:.0f} MP, above --max_megapixels {cfg.max_megapixels}")

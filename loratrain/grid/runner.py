@@ -29,6 +29,9 @@ from .draw import draw_grid, side_by_side
 from .drift import Drift, as_json, drift_summary, measure_drift, missing_references, reference_of
 from .plan import AxisValues, loop_order, plan_grid
 
+#: the colour-drift numbers beside the grid (only while they belong to the grid there)
+DRIFT_REPORT = "color_drift.json"
+
 
 @dataclass
 class GridResult(JobResult):
@@ -84,6 +87,9 @@ def run_grid(cfg: GridConfig, reporter: Reporter, stop: StopFlag, loader: Callab
     complete = len(done) == len(cells)
     grids = _write_grids(cfg, axes, cells, done, infotexts, seed, out_dir, complete)
     drift, drift_line = _color_drift(cfg, cells, done, state, out_dir, stop) if complete and cfg.color_drift != "off" else ([], "")
+    stale = out_dir / DRIFT_REPORT
+    if not drift and (stale.is_file() or stale.is_symlink()):  # an earlier grid's numbers must not sit beside this grid
+        stale.unlink()
     reporter.done("")
     return GridResult(grids=grids, cells=done, complete=complete, model_loads=state.loads, params=cells, stopped=not complete,
                       drift=drift, drift_line=drift_line)
@@ -108,7 +114,7 @@ def _color_drift(cfg: GridConfig, cells: dict[tuple[int, int, int], CellParams],
             extra[(-1, -1, k)] = (p, path)
     drift = measure_drift(cells, done, extra, cfg.drift_delta_e, cfg.drift_chroma)
     if drift:
-        atomic_write_json(out_dir / "color_drift.json", {"max_delta_e": cfg.drift_delta_e, "max_chroma_change": cfg.drift_chroma,
+        atomic_write_json(out_dir / DRIFT_REPORT, {"max_delta_e": cfg.drift_delta_e, "max_chroma_change": cfg.drift_chroma,
                                                          "cells": as_json(drift)})
     return drift, drift_summary(drift, cfg.drift_delta_e, cfg.drift_chroma)
 

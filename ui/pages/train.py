@@ -41,9 +41,12 @@ def simple_settings(kind: str, model: str, images: str, trigger: str, name: str,
     if not (model and images and trigger and name):
         raise ConfigError("fill in the base model, the image folder, the trigger word and the output name")
     check_name(name, "output name")  # it names files in out_root/output: one name, never a path
+    trigger = _checked_trigger(trigger)
     folder = Path(images)
     kohya = [p for p in folder.iterdir() if p.is_dir() and p.name.split("_", 1)[0].isdigit()]
     n_images = len(list_images(folder, recursive=bool(kohya)))
+    if not n_images:  # said now, before a dataset TOML is written for it
+        raise ConfigError(f"image folder {folder}: no images in it" + (" or its <repeats>_<tokens> folders" if kohya else ""))
     plan = simple_plan(kind, n_images, trigger, free_bytes)
     values = {**plan.values, "pretrained_model_name_or_path": model, "output_name": name, "output_dir": str(out_root / "output")}
     steps = values["max_train_steps"]
@@ -61,6 +64,23 @@ def simple_settings(kind: str, model: str, images: str, trigger: str, name: str,
         {"general": {"shuffle_caption": True, "caption_extension": ".txt"}, "datasets": [{"subsets": [subset]}]}))
     values.update(dataset_config=str(toml), train_data_dir="")
     return values, plan.reasons
+
+
+def _checked_trigger(trigger: str) -> str:
+    """The trigger word as the trainer will take it (the folder options' own checks, with the captions the simple mode
+    writes: shuffled, comma-separated), or a ConfigError saying what is wrong with it."""
+    from pydantic import ValidationError
+
+    from loratrain.training.options.data import SubsetOptions
+
+    try:
+        opts = SubsetOptions(trigger_word=trigger, shuffle_caption=True, keep_tokens=1)
+    except ValidationError as e:
+        raise ConfigError(f"trigger word {trigger!r}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    problems = opts.problems()
+    if problems:
+        raise ConfigError(f"trigger word: {problems[0][1]}")
+    return opts.trigger_word
 
 
 def command_line(cfg: TrainConfig) -> str:

@@ -4,6 +4,7 @@ Light to import (no torch), so configs can check these specs before any job star
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,8 @@ def lora_spec_problems(specs: list[str], field: str) -> list[tuple[str, str]]:
         spec = parse_lora_spec(text)
         if not Path(spec.path).is_file():
             out.append((field, missing_lora(text, spec)))
+        if not math.isfinite(spec.ratio):  # a nan or inf weight would write nan / inf into every module
+            out.append((field, f"{text}: the weight {spec.ratio} is not a finite number"))
         if spec.blocks:
             try:
                 lbw_values(spec.blocks)
@@ -86,6 +89,8 @@ def lbw_values(text: str) -> list[float]:
             values = [float(v) for v in text.split(",")]
         except ValueError:
             raise ValueError(f"LoRA block weights {text!r}: not a preset name or a list of numbers") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"LoRA block weights {text!r}: every value must be a finite number (no nan or inf)")
     if len(values) not in LBW_LAYOUTS:
         raise ValueError(f"LoRA block weights need 12, 17, 20 or 26 values, got {len(values)}")
     return values

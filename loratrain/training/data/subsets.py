@@ -5,7 +5,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import ConfigDict, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from loratrain.core.config import parse_resolution, read_toml
 from loratrain.core.errors import ConfigError
@@ -37,7 +37,7 @@ class Subset(SubsetOptions):
     model_config = ConfigDict(extra="forbid")
 
     image_dir: str
-    num_repeats: int = 1
+    num_repeats: int = Field(1, ge=1)
     class_tokens: str | None = None
     is_reg: bool = False
 
@@ -72,7 +72,7 @@ class DatasetSpec(DatasetOptions):
 
     subsets: list[Subset]
     resolution: tuple[int, int]
-    batch_size: int
+    batch_size: int = Field(ge=1)
 
 
 SUBSET_KEYS = set(Subset.model_fields)
@@ -108,16 +108,36 @@ def subsets_from_folders(train_data_dir: str, reg_data_dir: str | None, defaults
 
 
 def _built(cls: type, values: dict[str, Any], where: str) -> Any:
-    """A Subset or DatasetSpec from a TOML table, its values checked as the command line's are (same declarations);
-    a wrong one is a DatasetError naming the table and the key."""
+    """A Subset or DatasetSpec from a TOML table, its values checked as the command line's are (same declarations,
+    and the same rules between them: the group's problems()); a wrong one is a DatasetError naming the table and key."""
     try:
-        return cls(**values)
+        built = cls(**values)
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "missing":
             raise DatasetError(f"{where}: needs {key}") from None
         raise DatasetError(f"{where}: {key} = {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}") from None
+    problems = built.problems()
+    if problems:
+        raise DatasetError("; ".join(f"{where}: {key} = {values.get(key)!r}: {why}" for key, why in problems))
+    return built
+
+
+def _tables(value: Any, where: str) -> list[dict[str, Any]]:
+    """`value` as a TOML array of tables ([[name]]); anything else (a number, a string, one [table]) is a DatasetError
+    naming where, instead of a crash further on."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise DatasetError(f"{where} must be an array of tables ([[...]] sections), not {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _path_text(values: dict[str, Any], key: str, where: str) -> str:
+    """A path read from the TOML: text, never a number or an array (a path is input like any other)."""
+    value = values.get(key)
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise DatasetError(f"{where}: {key} = {value!r}: must be a path (text)")
+    return value
 
 
 def _drop_unimplemented(table: dict[str, Any], where: str) -> dict[str, Any]:
@@ -136,14 +156,17 @@ def specs_from_toml(path: str | Path, defaults: dict[str, Any]) -> list[DatasetS
     defaults = {**dataset_defaults(), **defaults}
     data = read_toml(path, "dataset config")
     general = data.get("general", {})
+    if not isinstance(general, dict):
+        raise DatasetError(f"{path}: general must be a table ([general]), not {type(general).__name__} {general!r:.60}")
     unknown = set(data) - {"general", "datasets"}
     if unknown:
         raise DatasetError(f"{path}: unknown top-level keys {sorted(unknown)}")
     general = _drop_unimplemented(general, f"{path} [general]")
     specs = []
-    for d_index, ds in enumerate(data.get("datasets", [])):
+    for d_index, ds in enumerate(_tables(data.get("datasets", []), f"{path}: datasets")):
         ds = _drop_unimplemented(ds, f"{path} datasets[{d_index}]")
-        ds["subsets"] = [_drop_unimplemented(sub, f"{path} datasets[{d_index}].subsets[{i}]") for i, sub in enumerate(ds.get("subsets", []))]
+        ds["subsets"] = [_drop_unimplemented(sub, f"{path} datasets[{d_index}].subsets[{i}]")
+                         for i, sub in enumerate(_tables(ds.get("subsets", []), f"{path}: datasets[{d_index}].subsets"))]
         merged_ds = {**defaults, **general, **{k: v for k, v in ds.items() if k != "subsets"}}
         for key in set(general) | set(ds) - {"subsets"}:
             if key not in SUBSET_KEYS | DATASET_KEYS:
@@ -156,13 +179,13 @@ def specs_from_toml(path: str | Path, defaults: dict[str, Any]) -> list[DatasetS
             if "image_dir" not in sub:
                 raise DatasetError(f"{path}: datasets[{d_index}].subsets[{s_index}] needs image_dir")
             values = {k: v for k, v in {**merged_ds, **sub}.items() if k in SUBSET_KEYS}
-            image_dir = Path(values["image_dir"])
+            where = f"{path}: datasets[{d_index}].subsets[{s_index}]"
+            image_dir = Path(_path_text(values, "image_dir", where))
             if not image_dir.is_absolute():
                 values["image_dir"] = str((path.parent / image_dir).resolve()) if not image_dir.exists() else str(image_dir)
-            where = f"{path}: datasets[{d_index}].subsets[{s_index}]"
             confined(values["image_dir"], f"{where}.image_dir")  # a path read from a file is input like any other
-            if values.get("conditioning_data_dir"):
-                confined(values["conditioning_data_dir"], f"{where}.conditioning_data_dir")
+            if values.get("conditioning_data_dir") is not None and values.get("conditioning_data_dir") != "":
+                confined(_path_text(values, "conditioning_data_dir", where), f"{where}.conditioning_data_dir")
             subsets.append(_built(Subset, values, where))
         if not subsets:
             raise DatasetError(f"{path}: datasets[{d_index}] has no subsets")

@@ -57,8 +57,27 @@ class SubsetOptions(BaseModel):
                                          "black = ignored; directly or in folders named like the image folders)", group=DATA,
                                      path="dir", advanced=True)
 
+    @field_validator("trigger_word")
+    @classmethod
+    def _one_tag(cls, value: str) -> str:
+        """A trigger word is one tag of one caption line: spaces around it are dropped (tags are compared without
+        them), a newline would make it a line of its own (a multi-line caption is a choice of lines)."""
+        if value and not value.strip():
+            raise ValueError("is only spaces: give a word, or leave it empty for none")
+        if any(not c.isprintable() for c in value.strip()):
+            raise ValueError("must be one line of text (no newline, tab or other control character)")
+        return value.strip()
+
     def problems(self) -> list[Problem]:
-        return []
+        out: list[Problem] = []
+        if not self.caption_separator:
+            out.append(("caption_separator", "must not be empty (the tags of a caption are split at it)"))
+        for name in ("caption_separator", "keep_tokens_separator", "secondary_separator"):
+            sep = getattr(self, name)
+            if self.trigger_word and sep and sep in self.trigger_word:
+                out.append(("trigger_word", f"{self.trigger_word!r} contains the {name} {sep!r}: the trigger must be one "
+                                            "tag, or it is split, doubled and shuffled apart"))
+        return out
 
     def requirements(self) -> list[Problem]:
         return []
