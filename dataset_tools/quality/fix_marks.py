@@ -22,6 +22,7 @@ from PIL import Image
 
 from loratrain.core.config import JobConfig, opt
 from loratrain.core.errors import ConfigError, Problem
+from loratrain.core.images import IMAGE_EXTENSIONS
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.paths import confine, real, within
 from loratrain.core.progress import Reporter, StopFlag
@@ -153,7 +154,20 @@ def inside(root: Path, value: str, what: str) -> Path:
     path = real(text, root) if not Path(text).is_absolute() else real(text)
     if not within(path, real(root)) or path == real(root):
         raise ConfigError(f"{what}: {text!r} is outside the dataset folder {root}; refusing to change it")
+    if any(part.startswith(".loratrain") for part in path.relative_to(real(root)).parts):
+        raise ConfigError(f"{what}: {text!r} is inside the dataset's own state (backups, caches); refusing to change it")
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise ConfigError(f"{what}: {text!r} is not an image ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return path
+
+
+def _from_report_root(text: str, report_root: object) -> str:
+    """A report's relative path is relative to where `dataset check` ran, and starts with the folder it was given
+    (`ds/img.png` for `dataset check ds`): that prefix is dropped so the rest is read inside the dataset folder."""
+    if not isinstance(report_root, str) or not report_root or Path(text).is_absolute():
+        return text
+    prefix, parts = Path(report_root).parts, Path(text).parts
+    return str(Path(*parts[len(prefix):])) if len(parts) > len(prefix) and parts[:len(prefix)] == prefix else text
 
 
 def boxes_from_report(root: Path, report: str) -> dict[Path, list[list[int]]]:
@@ -173,7 +187,7 @@ def boxes_from_report(root: Path, report: str) -> dict[Path, list[list[int]]]:
         if not isinstance(boxes, list) or not all(isinstance(b, list) and len(b) == 4 and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in b) for b in boxes):
             raise ConfigError(f"report: finding {n} of {report} has malformed 'boxes' (want [[x, y, w, h], ...])")
-        path = inside(root, str(f.get("path", "")), f"report finding {n}")
+        path = inside(root, _from_report_root(str(f.get("path", "")), data.get("root")), f"report finding {n}")
         out.setdefault(path, [])
         out[path] += [b for b in boxes if b not in out[path]]
     return out
@@ -212,7 +226,10 @@ def run_fix_marks(cfg: FixMarksConfig, reporter: Reporter, stop: StopFlag) -> Fi
             if not path.is_file():
                 result.skipped.append({"image": rel, "why": "not found"})
                 continue
-            data, change = fix_image(path, boxes, cfg)
+            try:
+                data, change = fix_image(path, boxes, cfg)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image after all, or too large to open
+                data, change = None, f"not fixed: {e}"
             if data is None:
                 result.skipped.append({"image": rel, "why": change})
             else:
