@@ -17,6 +17,7 @@ TINY = {  # a few seconds each; load_memory and ui_overhead need real-size model
     "face_train.py": ["--dims", "tiny", "--resolution", "64", "--iters", "2", "--warmup", "1", "--rounds", "1", "--batch", "2"],
     "face_swap.py": ["--frames", "4", "--batch_size", "2"],
     "grid.py": ["--cells", "2", "--steps", "1", "--resolution", "64", "--rounds", "1"],
+    "dataset_check.py": ["--tiny"],
 }
 
 

@@ -319,3 +319,21 @@ def test_a_trigger_word_is_one_tag(value, why):
                            "keep_tokens_separator": "|||"}, check=True)
     cfg = TrainConfig.build({"pretrained_model_name_or_path": "m", "train_data_dir": "d", "trigger_word": " sks "}, check=False)
     assert cfg.trigger_word == "sks"  # spaces around it are no part of the tag
+
+
+def test_a_repeat_count_that_would_fill_memory_is_refused_naming_the_folder(tmp_path, monkeypatch):
+    from loratrain.training.data import dataset as dataset_module
+
+    _images(tmp_path / "img" / "99999999999_x", 2)
+    with pytest.raises(DatasetError, match=r"99999999999_x: 99,999,999,999 repeats; at most 10,000"):
+        subsets_from_folders(str(tmp_path / "img"), None, {})
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{tmp_path / "img" / "99999999999_x"}"\n'
+                    'num_repeats = 9223372036854775807\n', encoding="utf-8")
+    with pytest.raises(DatasetError, match="num_repeats"):
+        specs_from_toml(toml, {})
+    _images(tmp_path / "ok" / "500_y", 3)
+    monkeypatch.setattr(dataset_module, "MAX_EPOCH_SAMPLES", 1000)
+    with pytest.raises(DatasetError, match=r"one epoch would hold 1,500 samples .* largest repeat count is 500"):
+        TrainData([DatasetSpec(subsets=subsets_from_folders(str(tmp_path / "ok"), None, {}), resolution=(512, 512),
+                               batch_size=1)], log=lambda s: None)

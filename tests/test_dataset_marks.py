@@ -58,6 +58,22 @@ def test_planted_overlays_are_found_and_clean_photos_pass(tmp_path):
     assert len(flagged) <= 1, flagged
 
 
+def test_line_grouping_does_not_depend_on_how_the_pairs_are_chunked(monkeypatch):
+    """Letter components are paired in bounded chunks (a grass photo has thousands); the lines must not change."""
+    from loratrain.dataset_tools.quality import marks
+
+    rng = np.random.default_rng(3)
+    n = 600
+    comps = np.zeros((n, 7), np.int64)
+    comps[:, 0], comps[:, 1] = rng.integers(0, 900, n), rng.integers(0, 700, n)
+    comps[:, 2], comps[:, 3] = rng.integers(3, 20, n), rng.integers(8, 24, n)
+    comps[:, 5], comps[:, 6] = np.arange(1, n + 1), 1
+    whole = marks._lines(comps)
+    monkeypatch.setattr(marks, "_PAIRS", 7)
+    chunked = marks._lines(comps)
+    assert 1 < len(whole) < n and [g[:, 5].tolist() for g in whole] == [g[:, 5].tolist() for g in chunked]
+
+
 def test_a_logo_that_stays_put_in_a_moving_clip_is_found(tmp_path):
     box = video_frames(tmp_path / "clip", 8)
     report = check(tmp_path / "clip", tmp_path / "r.json", "video_marks")
@@ -168,6 +184,69 @@ def test_malformed_report_and_bad_text_model_are_named(tmp_path, capsys):
     assert "cannot be loaded as an ONNX text detector" in capsys.readouterr().err
 
 
+def db_standin(path: Path, map_2d: bool = True) -> None:
+    """A DB-style text detector as small as it gets: input 1x3xHxW (OpenCV's mean-subtracted /255 blob), output the
+    HxW probability map OpenCV's DB post-processing reads, high where the pixel is dark (sigmoid of -20 x (grey + 0.2)).
+    OpenCV 5.1 refuses a 1x1xHxW map from the same graph ("dims <= 2"): the DB models it reads end in HxW."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = [numpy_helper.from_array(np.full((1, 3, 1, 1), 1 / 3, np.float32), "grey"),
+               numpy_helper.from_array(np.array([0.2], np.float32), "shift"),
+               numpy_helper.from_array(np.array(-20.0, np.float32), "gain"),
+               numpy_helper.from_array(np.array([0, 1], np.int64), "axes")]
+    nodes = [helper.make_node("Conv", ["x", "grey", "shift"], ["g"]), helper.make_node("Mul", ["g", "gain"], ["z"]),
+             helper.make_node("Sigmoid", ["z"], ["p" if map_2d else "y"])]
+    if map_2d:
+        nodes.append(helper.make_node("Squeeze", ["p", "axes"], ["y"]))
+    shape = ["h", "w"] if map_2d else [1, 1, "h", "w"]
+    graph = helper.make_graph(nodes, "db_standin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def test_text_model_boxes_come_from_the_onnx_detector_where_overlays_go(tmp_path):
+    """--text_model runs the user's DB detector through OpenCV: a dark bar in the bottom band is reported with its box,
+    a dark block mid-image (scene text for the positional prior) is not; a light image gives no finding."""
+    model = tmp_path / "db_standin.onnx"
+    db_standin(model)
+    root = tmp_path / "data"
+    root.mkdir()
+    img = np.full((480, 640, 3), 225, np.uint8)
+    img[420:450, 200:440] = 15  # a caption bar: [200, 420, 240, 30]
+    img[200:260, 280:360] = 15  # mid-image
+    Image.fromarray(img).save(root / "bar.png")
+    Image.fromarray(np.full((480, 640, 3), 225, np.uint8)).save(root / "plain.png")
+    report = tmp_path / "r.json"
+    rc = main(["dataset", "check", str(root), "--checks", "text_marks", "--text_model", str(model),
+               "--json_output", str(report), "--quiet"])
+    assert rc == 0
+    found = json.loads(report.read_text(encoding="utf-8"))["findings"]
+    assert [Path(f["path"]).name for f in found] == ["bar.png"], found
+    f = found[0]
+    assert f["check"] == "text_marks" and f["kind"] == "band" and "text band" in f["message"] and f["score"] > 0.5
+    assert len(f["boxes"]) == 1 and overlap(f["boxes"][0], [200, 420, 240, 30])[0] >= 0.95, f["boxes"]
+    x, y, w, h = f["boxes"][0]
+    assert x >= 150 and x + w <= 490 and y >= 380 and y + h <= 480  # the bar grown by DB's unclip, not the block
+
+
+def test_a_text_model_whose_map_opencv_refuses_is_one_clear_error(tmp_path, capsys):
+    model = tmp_path / "db_4d.onnx"
+    db_standin(model, map_2d=False)
+    root = tmp_path / "data"
+    root.mkdir()
+    img = np.full((480, 640, 3), 225, np.uint8)
+    img[420:450, 200:440] = 15
+    Image.fromarray(img).save(root / "bar.png")
+    rc = main(["dataset", "check", str(root), "--checks", "text_marks", "--text_model", str(model), "--quiet"])
+    err = capsys.readouterr().err
+    if rc != 0:  # OpenCV 5.1: "dims <= 2"; an OpenCV that reads 1x1xHxW maps would simply find the bar
+        assert f"text_model: {model} failed on an image" in err and "HxW probability map" in err and "Traceback" not in err
+
+
 def test_dataset_page_marks_panel_shows_boxes_and_fixes_through_the_journal(tmp_path):
     from loratrain.ui.config import AppContext
     from loratrain.ui.pages.dataset import Page
@@ -195,3 +274,38 @@ def test_dataset_page_marks_panel_shows_boxes_and_fixes_through_the_journal(tmp_
                                               "boxes": [[0, 0, 5, 5]]}]}), encoding="utf-8")
     assert "outside the dataset folder" in page.marks.show("data", "evil.json")[3]
     assert "outside the dataset folder" in page.marks.fix("data", "evil.json", [], "crop")[0]
+
+
+def test_a_report_naming_the_journals_own_backups_changes_nothing_and_undo_still_works(tmp_path, capsys):
+    """A hostile report may name `.loratrain/backup/<image>` (inside the dataset, so not refused as outside): fix-marks
+    then inpainted the journal's own backups and wrote a journal entry that `tags undo` refuses as "outside the
+    dataset", so undo was stuck. The journal refuses to change its own folder, and the first fix still undoes."""
+    root = tmp_path / "data"
+    _fixable_set(root)
+    before = {p.name: sha(p) for p in root.iterdir()}
+    check(root, tmp_path / "report.json", "text_marks")
+    assert main(["dataset", "fix-marks", str(root), "--mode", "inpaint", "--report", str(tmp_path / "report.json"), "--quiet"]) == 0
+    backups = {p.name: sha(p) for p in (root / ".loratrain" / "backup").iterdir()}
+    evil = tmp_path / "evil.json"
+    evil.write_text(json.dumps({"findings": [{"check": "text_marks", "kind": "band", "path": f".loratrain/backup/{name}",
+                                              "boxes": [[0, 0, 40, 40]]} for name in backups]}), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["dataset", "fix-marks", str(root), "--mode", "inpaint", "--report", str(evil), "--quiet"]) == 2
+    assert ".loratrain/ folder" in capsys.readouterr().err
+    assert {p.name: sha(p) for p in (root / ".loratrain" / "backup").iterdir()} == backups
+    assert len(list((root / ".loratrain" / "journal").glob("*.jsonl"))) == 1
+    assert main(["tags", "undo", str(root)]) == 0
+    assert {p.name: sha(p) for p in root.iterdir() if p.is_file()} == before
+
+
+def test_an_image_too_large_for_pillow_is_one_error_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """Pillow's DecompressionBombError (over ~179 megapixels) is no OSError: it reached the user as a traceback."""
+    root = tmp_path / "data"
+    _fixable_set(root)
+    report = tmp_path / "report.json"
+    check(root, report, "text_marks")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # these images stand in for a 200-megapixel one
+    capsys.readouterr()
+    assert main(["dataset", "fix-marks", str(root), "--report", str(report), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Image size") and "Traceback" not in err

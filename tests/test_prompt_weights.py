@@ -205,3 +205,17 @@ def test_a_sample_prompt_file_with_weights_samples_in_training(tiny_files, datas
               RecordingReporter())
     assert ("a (circle:1.4) BREAK [square]", "(blurry:1.2)", 154) in seen  # two chunks: BREAK was read
     assert list((tmp_path / "o" / "sample").glob("*.png"))
+
+
+def test_prompts_that_are_no_prompt_are_refused_quickly():
+    """Nesting past 100 brackets or more than 64 chunks is refused before the work they would cost (a parse that grows
+    with depth x length, one text-encoder pass per chunk)."""
+    from loratrain.core.prompt_weights import MAX_CHUNKS, parse_weights, prompt_chunks
+
+    tok = clip_tokenizer()
+    with pytest.raises(ValueError, match="nested more than 100 deep"):
+        parse_weights("(a" * 16000)
+    with pytest.raises(ValueError, match=f"at most {MAX_CHUNKS}"):
+        prompt_chunks(tok, "cat BREAK " * 10000)
+    assert len(prompt_chunks(tok, "cat BREAK " * (MAX_CHUNKS - 1) + "dog")) == MAX_CHUNKS
+    assert parse_weights("(" * 99 + "a" + ")" * 99)[0][1] == pytest.approx(1.1 ** 99)

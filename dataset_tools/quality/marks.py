@@ -26,6 +26,7 @@ import numpy as np
 WORK_SIDE = 1024  # text lines are found at most at this size (long side)
 TILE_SIDE = 640  # tiled watermarks are looked for at this size
 TILE_ANGLES = (0, 30, -30, 45, -45)
+_PAIRS = 1 << 18  # candidate component pairs tested at once when grouping lines (a few MB of numpy arrays)
 BOTTOM_BAND = 0.62  # a line whose top is below this share of the height is in the bottom band
 TOP_BAND = 0.28  # ... whose bottom is above this share is in the top band
 
@@ -72,8 +73,9 @@ def stroke_maps(rgb: np.ndarray, kernel: int) -> list[np.ndarray]:
     if rgb.ndim == 2:
         planes = [rgb]
     else:
-        rgb16 = rgb.astype(np.int16)
-        planes = [cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (rgb16.max(axis=2) - rgb16.min(axis=2)).astype(np.uint8)]
+        r, g, b = cv2.split(rgb)
+        chroma = cv2.subtract(cv2.max(cv2.max(r, g), b), cv2.min(cv2.min(r, g), b))
+        planes = [cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), chroma]
     out = []
     for plane in planes:
         out.append(cv2.morphologyEx(plane, cv2.MORPH_TOPHAT, k))
@@ -109,37 +111,53 @@ def _components(mask: np.ndarray, max_h: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _lines(comps: np.ndarray) -> list[np.ndarray]:
-    """Group letter components into lines: overlapping rows, similar heights, gaps under ~1.3 letter heights."""
+    """Group letter components into lines: overlapping rows, similar heights, gaps under ~1.3 letter heights.
+
+    The candidate pairs (a component and those starting within reach to its right) are tested all at once with
+    numpy: a photo of grass has thousands of components, and a Python loop over the pairs was most of the check."""
     if len(comps) == 0:
         return []
     order = np.argsort(comps[:, 0])
     comps = comps[order]
-    parent = list(range(len(comps)))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
+    n = len(comps)
     x0, y0, w, h = comps[:, 0], comps[:, 1], comps[:, 2], comps[:, 3]
     x1, y1 = x0 + w, y0 + h
-    max_h = int(h.max())
-    for i in range(len(comps)):
-        reach = x1[i] + 1.3 * max_h
-        j = i + 1
-        while j < len(comps) and x0[j] <= reach:
-            hi, hj = h[i], h[j]
-            gap = x0[j] - x1[i]
-            overlap = min(y1[i], y1[j]) - max(y0[i], y0[j])
-            if (gap <= 1.3 * max(hi, hj) and gap >= -0.5 * min(hi, hj) and overlap >= 0.6 * min(hi, hj)
-                    and max(hi, hj) <= 2.2 * min(hi, hj)):
-                parent[find(j)] = find(i)
-            j += 1
-    groups: dict[int, list[int]] = {}
-    for i in range(len(comps)):
-        groups.setdefault(find(i), []).append(i)
-    return [comps[idx] for idx in groups.values()]
+    end = np.searchsorted(x0, x1 + 1.3 * float(h.max()), side="right")  # x0 is sorted: j < end[i] is within reach
+    counts = np.maximum(0, end - np.arange(1, n + 1))
+    parent = np.arange(n)
+    total = np.cumsum(counts)
+    cuts = np.searchsorted(total, np.arange(_PAIRS, int(total[-1]), _PAIRS), side="right")
+    for start, stop in zip([0, *cuts.tolist()], [*cuts.tolist(), n]):  # about _PAIRS pairs in memory at a time
+        i = np.repeat(np.arange(start, stop), counts[start:stop])
+        if not len(i):
+            continue
+        firsts = np.cumsum(counts[start:stop]) - counts[start:stop]
+        j = i + 1 + np.arange(len(i)) - np.repeat(firsts, counts[start:stop])
+        lo, hi = np.minimum(h[i], h[j]), np.maximum(h[i], h[j])
+        gap = x0[j] - x1[i]
+        overlap = np.minimum(y1[i], y1[j]) - np.maximum(y0[i], y0[j])
+        ok = (gap <= 1.3 * hi) & (gap >= -0.5 * lo) & (overlap >= 0.6 * lo) & (hi <= 2.2 * lo)
+        for a, b in zip(i[ok].tolist(), j[ok].tolist()):
+            ra, rb = _root(parent, a), _root(parent, b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)  # the smaller index is the root: groups come out in the old order
+    while True:  # every component pointed straight at its group's root
+        up = parent[parent]
+        if np.array_equal(up, parent):
+            break
+        parent = up
+    _, labels = np.unique(parent, return_inverse=True)
+    members = np.argsort(labels, kind="stable")
+    bounds = np.cumsum(np.bincount(labels))[:-1]
+    groups = np.split(members, bounds)
+    return [comps[g] for g in sorted(groups, key=lambda g: g[0])]
+
+
+def _root(parent: np.ndarray, a: int) -> int:
+    while parent[a] != a:
+        parent[a] = parent[parent[a]]
+        a = int(parent[a])
+    return a
 
 
 def _density(mask: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> float:
@@ -152,18 +170,27 @@ def _density(mask: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> float:
 
 def text_lines(rgb: np.ndarray, opts: MarkOptions) -> list[tuple[tuple[int, int, int, int], int, float]]:
     """Text lines found anywhere in `rgb` (work scale): (box, letters, isolation), each standing out from its band."""
+    return _text_lines(rgb, opts)[0]
+
+
+def _text_lines(rgb: np.ndarray, opts: MarkOptions) -> tuple[list[tuple[tuple[int, int, int, int], int, float]], int]:
+    """(text_lines, letter-like components seen in all stroke maps): the second tells a tiled search to stop early."""
     H, W = rgb.shape[:2]
     kernel = int(np.clip(round(max(H, W) / 48) | 1, 9, 21))
     out = []
+    seen = 0
     for strokes in stroke_maps(rgb, kernel):
         mask = (strokes >= opts.contrast).astype(np.uint8)
         comps, labels = _components(mask, max_h=max(8, int(0.2 * H)))
+        seen += int(comps[:, 6].sum())
         for line in _lines(comps):
+            if line[:, 6].sum() < opts.min_chars:
+                continue  # too few letters whatever line_features drops: most groups are single blobs
             feats = line_features(line, labels, mask, rgb)
             if feats is None or feats["letters"] < opts.min_chars or feats["isolation"] < opts.isolation:
                 continue
             out.append((feats["box"], feats["letters"], feats["isolation"]))
-    return out
+    return out, seen
 
 
 def line_features(line: np.ndarray, labels: np.ndarray, mask: np.ndarray, rgb: np.ndarray) -> dict | None:
@@ -286,23 +313,33 @@ def tiled_score(rgb: np.ndarray, opts: MarkOptions) -> tuple[int, int]:
     """(lines of one letter height, cells of a 3x3 grid they fall in), at the best of a few angles.
 
     A tiled watermark is the same text again and again: many lines of one height spread over the whole image,
-    faint (so a lower contrast than for overlay lines), often turned (so the image is turned back first)."""
+    faint (so a lower contrast than for overlay lines), often turned (so the image is turned back first).
+
+    Most of the cost is the turned passes, so they are skipped when the unturned pass finds fewer letter-like
+    strokes in the whole image than one tiling needs (`tiled_lines` lines of 4): turning a plain sky, a studio
+    backdrop or a smooth close-up does not make letters of it."""
     small, _ = _resize(rgb, TILE_SIDE)
     H, W = small.shape[:2]
     loose = MarkOptions(contrast=opts.contrast * 0.8, min_chars=4, isolation=2.0)
     best = (0, 0)
     for angle in TILE_ANGLES:
-        lines = text_lines(_rotated(small, angle), loose)
+        lines, letters = _text_lines(_rotated(small, angle), loose)
+        if not angle and letters < opts.tiled_lines * loose.min_chars:
+            return _tiling(lines, W, H) if lines else best
         if angle:  # the corners of a turned image are reflections: count only the middle
             lines = [ln for ln in lines if abs(ln[0][0] + ln[0][2] / 2 - W / 2) < 0.35 * W
                      and abs(ln[0][1] + ln[0][3] / 2 - H / 2) < 0.35 * H]
-        if not lines:
-            continue
-        med = float(np.median([b[3] for b, _, _ in lines]))
-        similar = [b for b, _, _ in lines if abs(b[3] - med) <= 0.3 * med]
-        cells = {(min(2, int(3 * (b[0] + b[2] / 2) / W)), min(2, int(3 * (b[1] + b[3] / 2) / H))) for b in similar}
-        best = max(best, (len(similar), len(cells)), key=lambda t: (min(t[0], 2 * t[1]), t))
+        if lines:
+            best = max(best, _tiling(lines, W, H), key=lambda t: (min(t[0], 2 * t[1]), t))
     return best
+
+
+def _tiling(lines: list, W: int, H: int) -> tuple[int, int]:
+    """(lines of the median letter height, cells of a 3x3 grid they fall in) of one pass."""
+    med = float(np.median([b[3] for b, _, _ in lines]))
+    similar = [b for b, _, _ in lines if abs(b[3] - med) <= 0.3 * med]
+    cells = {(min(2, int(3 * (b[0] + b[2] / 2) / W)), min(2, int(3 * (b[1] + b[3] / 2) / H))) for b in similar}
+    return len(similar), len(cells)
 
 
 def detect(rgb: np.ndarray, opts: MarkOptions) -> list[Mark]:

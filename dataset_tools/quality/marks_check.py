@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -79,7 +80,10 @@ def model_marks(rgb: np.ndarray, path: str) -> list[Mark]:
         try:
             quads, confidences = model.detect(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         except cv2.error as e:
-            raise ConfigError(f"text_model: {path} failed on an image: {str(e).strip()[-200:]}") from None
+            want = ("EAST's score and geometry maps" if "east" in Path(path).name.lower()
+                    else "a DB detector's HxW probability map; OpenCV 5 refuses 1x1xHxW")
+            raise ConfigError(f"text_model: {path} failed on an image (the network must output {want}): "
+                              f"{str(e).strip()[-200:]}") from None
     out = []
     for quad, conf in zip(quads, list(confidences) or [1.0] * len(quads)):
         x, y, w, h = cv2.boundingRect(np.asarray(quad, np.int32))
@@ -138,22 +142,37 @@ def clips(ds: Dataset) -> list[list[Path]]:
     return [sorted(paths) for paths in groups.values() if len(paths) >= ds.cfg.video_min_frames]
 
 
-def static_marks(frames: list[np.ndarray], contrast: float = 30.0) -> list[tuple[int, int, int, int]]:
-    """Boxes (in the frames' pixels) of strokes present in every frame of a changing scene; [] if the scene is still."""
+def static_marks(frames: Iterable[np.ndarray], contrast: float = 30.0,
+                 size: tuple[int, int] | None = None) -> list[tuple[int, int, int, int]]:
+    """Boxes (in the frames' pixels) of strokes present in every frame of a changing scene; [] if the scene is still.
+
+    Frames are taken one at a time and kept only as running sums and a running AND of their strokes: a folder of
+    a thousand numbered photos of one size is one "clip", and holding its frames would take gigabytes. `size` is
+    (width, height) of the original frames when the frames given are already shrunk (to VIDEO_SIDE or less)."""
     import cv2
 
-    H, W = frames[0].shape[:2]
-    small = [_resize(f, VIDEO_SIDE)[0] for f in frames]
-    scale = small[0].shape[1] / W
-    gray = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) if f.ndim == 3 else f for f in small]).astype(np.float32)
-    sd = gray.std(axis=0)
-    if np.median(sd) < 8.0:
-        return []  # too little of the scene moves to tell a mark from the background
-    always = None
-    for g in gray.astype(np.uint8):
+    count, total, squares, always, scale = 0, None, None, None, 1.0
+    W = H = 0
+    for frame in frames:
+        small, _ = _resize(frame, VIDEO_SIDE)
+        g = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY) if small.ndim == 3 else small
+        if total is None:
+            H, W = frame.shape[:2] if size is None else (size[1], size[0])
+            scale = small.shape[1] / W
+            total, squares = np.zeros(g.shape, np.float64), np.zeros(g.shape, np.float64)
+        g64 = g.astype(np.float64)
+        total += g64
+        squares += g64 * g64
         bright, dark = stroke_maps(g, 9)
         strokes = np.maximum(bright, dark) >= contrast
         always = strokes if always is None else always & strokes
+        count += 1
+    if not count:
+        return []
+    mean = total / count
+    sd = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
+    if np.median(sd) < 8.0:
+        return []  # too little of the scene moves to tell a mark from the background
     mask = always.astype(np.uint8)  # the pixels between a logo's letters change with the scene: strokes alone count
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((7, 7), np.uint8))
     n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
@@ -169,16 +188,32 @@ def static_marks(frames: list[np.ndarray], contrast: float = 30.0) -> list[tuple
     return out
 
 
+class _UnreadableFrame(Exception):
+    pass
+
+
+def _small_frame(path: Path) -> np.ndarray:
+    return _resize(load_rgb(path), VIDEO_SIDE)[0]
+
+
+def _frames(paths: list[Path], workers: int) -> Iterator[np.ndarray]:
+    """A clip's frames shrunk to VIDEO_SIDE, decoded on worker threads ahead of use; a frame that fails raises."""
+    for _, frame in ordered_map(_small_frame, paths, workers, lookahead=2 * workers):
+        if isinstance(frame, BaseException):
+            raise _UnreadableFrame(str(frame))
+        yield frame
+
+
 @CHECKS.register("video_marks")
 def video_marks(ds: Dataset) -> list[Finding]:
     """Logos, channel bugs and timestamps burned into every frame of a clip (see the module docstring for grouping)."""
     out = []
+    sizes = {i.path: (i.width, i.height) for i in ds.readable()}
     for paths in clips(ds):
         try:
-            frames = [load_rgb(p) for p in paths]
-        except Exception:  # noqa: BLE001  a frame that no longer decodes: the corrupt check reports it
+            boxes = static_marks(_frames(paths, ds.cfg.workers), size=sizes[paths[0]])
+        except _UnreadableFrame:  # a frame that no longer decodes: the corrupt check reports it
             continue
-        boxes = static_marks(frames)
         if not boxes:
             continue
         names = [str(p) for p in paths]

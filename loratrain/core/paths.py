@@ -99,6 +99,8 @@ def text_problem(text: str) -> str | None:
         return "empty"
     if "\x00" in text:
         return "contains a NUL character"
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return f"{text!r} contains a control character (a newline, tab, ...); a file name cannot"
     if len(text) > MAX_PATH:
         return f"is longer than {MAX_PATH} characters"
     if "://" in text or text.startswith("file:"):

@@ -20,6 +20,11 @@ UP, DOWN = 1.1, 1 / 1.1
 #: a black image), so a huge `(x:1e40)` or brackets nested a thousand deep are refused with the text they weight
 MAX_WEIGHT = 1e30
 WINDOW = 75  # CLIP's 77 positions less BOS and the closing token
+#: brackets open at once: deeper nesting is no prompt (each level rescales everything inside it, so parsing cost grows
+#: with depth x length), and (1.1)^100 is already far beyond any useful weight
+MAX_DEPTH = 100
+#: 75-token chunks a prompt may have (4,800 tokens): each is one text-encoder pass and 77 positions of attention
+MAX_CHUNKS = 64
 COMMA_BACKTRACK = 20  # A1111's default: a chunk that fills up moves the words after its last comma (within 20) on
 _EXPLICIT = re.compile(r":\s*([+-]?[\d.]+)\s*\)")
 _BREAK = re.compile(r"BREAK\b")
@@ -63,11 +68,10 @@ def parse_weights(text: str, breaks: bool = False) -> list[Run | None]:
             i += len("BREAK")
             while i < len(text) and text[i].isspace():
                 i += 1
-        elif c == "(":
-            round_open.append(len(runs))
-            i += 1
-        elif c == "[":
-            square_open.append(len(runs))
+        elif c in "([":
+            if len(round_open) + len(square_open) >= MAX_DEPTH:
+                raise ValueError(f"brackets nested more than {MAX_DEPTH} deep (at character {i}); that is no prompt weight")
+            (round_open if c == "(" else square_open).append(len(runs))
             i += 1
         elif c == ")" and round_open:
             scale(round_open.pop(), UP)
@@ -169,4 +173,6 @@ def prompt_chunks(tokenizer: Any, prompt: str, weighted: bool = True) -> list[tu
             weights.append(run[1])
     if tokens or not chunks:
         chunks.append((tokens, weights))
+    if len(chunks) > MAX_CHUNKS:
+        raise ValueError(f"the prompt makes {len(chunks)} chunks of {WINDOW} tokens (BREAK starts one); at most {MAX_CHUNKS}")
     return chunks

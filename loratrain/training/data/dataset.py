@@ -22,6 +22,8 @@ from .captions import with_trigger
 from .subsets import DatasetError, DatasetSpec, Subset
 
 CACHE_DIR = ".loratrain_cache"
+#: samples (images x repeats, reg balance included) one epoch may hold
+MAX_EPOCH_SAMPLES = 10_000_000
 
 
 @dataclass
@@ -129,6 +131,11 @@ class TrainData:
         self.missing_captions = missing
         if not any(not it.subset.is_reg for _, items in self.groups for it in items):
             raise DatasetError("no training images found in " + ", ".join(s.image_dir for sp in specs for s in sp.subsets))
+        samples = sum(it.repeats for _, items in self.groups for it in items)
+        if samples > MAX_EPOCH_SAMPLES:  # each sample of an epoch is listed: a typo in a repeat count would fill memory
+            big = max((s for sp in specs for s in sp.subsets), key=lambda s: s.num_repeats)
+            raise DatasetError(f"one epoch would hold {samples:,} samples (more than {MAX_EPOCH_SAMPLES:,}); the largest "
+                               f"repeat count is {big.num_repeats:,} ({big.image_dir}): lower it")
 
     @staticmethod
     def _balance_reg(items: list[Item]) -> None:

@@ -30,6 +30,10 @@ def confined(path: str | Path, what: str) -> Path:
         raise DatasetError(str(e)) from None
 
 
+#: the most repeats a folder may ask for (each repeat is a sample listed in every epoch)
+MAX_REPEATS = 10_000
+
+
 class Subset(SubsetOptions):
     """One folder of images: where it is, how often it repeats, its class tokens, and its caption and augmentation
     options (declared once, in options/data.SubsetOptions, with TrainConfig's defaults)."""
@@ -37,7 +41,7 @@ class Subset(SubsetOptions):
     model_config = ConfigDict(extra="forbid")
 
     image_dir: str
-    num_repeats: int = Field(1, ge=1)
+    num_repeats: int = Field(1, ge=1, le=MAX_REPEATS)
     class_tokens: str | None = None
     is_reg: bool = False
 
@@ -100,6 +104,8 @@ def subsets_from_folders(train_data_dir: str, reg_data_dir: str | None, defaults
             if repeats < 1:
                 log(f"warning: ignoring folder {child} (repeats < 1)")
                 continue
+            if repeats > MAX_REPEATS:
+                raise DatasetError(f"{child}: {repeats:,} repeats; at most {MAX_REPEATS:,} (is the folder name a typo?)")
             out.append(Subset(image_dir=str(child), num_repeats=repeats, class_tokens=tokens or None, is_reg=is_reg,
                               **{k: v for k, v in defaults.items() if k in SUBSET_KEYS}))
     if not any(not s.is_reg for s in out):
