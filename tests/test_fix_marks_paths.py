@@ -44,3 +44,13 @@ def test_a_report_naming_state_or_non_images_is_refused_before_any_change(tmp_pa
         assert main(["dataset", "fix-marks", str(root), "--mode", "inpaint", "--report", str(report), "--quiet"]) == 2
         assert said in capsys.readouterr().err
         assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # nothing was changed
+
+
+def test_a_text_model_that_is_not_a_model_file_is_named(tmp_path, capsys):
+    root = tmp_path / "ds"
+    _dataset(root)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "notes.onnx").write_text("not a network", encoding="utf-8")
+    for model, said in ((tmp_path / "models", "is a folder"), (tmp_path / "notes.onnx", "cannot be loaded as an ONNX")):
+        assert main(["dataset", "check", str(root), "--checks", "text_marks", "--text_model", str(model), "--quiet"]) == 2
+        assert said in capsys.readouterr().err

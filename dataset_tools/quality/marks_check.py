@@ -54,8 +54,14 @@ def _text_model(path: str):
     """OpenCV's TextDetectionModel over the user's ONNX file: DB unless the file name says EAST."""
     import cv2
 
+    from loratrain.core.paths import confine
+
+    file = confine(path, "text_model")  # checked here, where it is opened: OpenCV's own open is out of our sight
+    if not file.is_file():
+        raise ConfigError(f"text_model: {path} {'is a folder' if file.is_dir() else 'not found'}; give an ONNX file")
+    data = np.frombuffer(file.read_bytes(), np.uint8)  # the bytes of the checked file, handed to OpenCV
     try:
-        net = cv2.dnn.readNetFromONNX(path)
+        net = cv2.dnn.readNetFromONNX(data)
         east = "east" in Path(path).name.lower()
         model = cv2.dnn.TextDetectionModel_EAST(net) if east else cv2.dnn.TextDetectionModel_DB(net)
     except cv2.error as e:

@@ -72,7 +72,9 @@ def simple_plan(kind: str, n_images: int, trigger: str, free_gpu_bytes: int | No
         f"repeats {repeats} for {n_images} images: the guides' rule of thumb, about 7 for ~20 images and 5 for ~50",
         f"rank (network_dim) {dim}, alpha {dim / 2:g}: a {kind}'s rank is {preset['network_dim']}"
         + (f", halved under {SMALL_SET} images (a small set has less detail to hold)" if n_images < SMALL_SET else ""),
-        f"{steps} steps for a {kind} at learning rate 1e-4: {math.ceil(steps / per_epoch)} epochs of {per_epoch} steps",
+        f"{steps} steps for a {kind} at learning rate 1e-4: "
+        + (f"{math.ceil(steps / per_epoch)} epochs of {per_epoch} steps" if per_epoch < steps
+           else f"part of one epoch ({per_epoch} steps per epoch)"),
         batch_why,
     ]
     return SimplePlan(values, repeats, reasons)
