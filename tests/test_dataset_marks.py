@@ -291,21 +291,24 @@ def test_a_report_naming_the_journals_own_backups_changes_nothing_and_undo_still
                                               "boxes": [[0, 0, 40, 40]]} for name in backups]}), encoding="utf-8")
     capsys.readouterr()
     assert main(["dataset", "fix-marks", str(root), "--mode", "inpaint", "--report", str(evil), "--quiet"]) == 2
-    assert ".loratrain/ folder" in capsys.readouterr().err
+    assert "inside the dataset's own state" in capsys.readouterr().err
     assert {p.name: sha(p) for p in (root / ".loratrain" / "backup").iterdir()} == backups
     assert len(list((root / ".loratrain" / "journal").glob("*.jsonl"))) == 1
     assert main(["tags", "undo", str(root)]) == 0
     assert {p.name: sha(p) for p in root.iterdir() if p.is_file()} == before
 
 
-def test_an_image_too_large_for_pillow_is_one_error_line_not_a_traceback(tmp_path, capsys, monkeypatch):
-    """Pillow's DecompressionBombError (over ~179 megapixels) is no OSError: it reached the user as a traceback."""
+def test_an_image_too_large_for_pillow_is_skipped_and_named_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """Pillow's DecompressionBombError (over ~179 megapixels) is no OSError: it reached the user as a traceback. Now
+    such an image is skipped with the reason, and the others go on."""
     root = tmp_path / "data"
     _fixable_set(root)
     report = tmp_path / "report.json"
     check(root, report, "text_marks")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # these images stand in for a 200-megapixel one
+    before = {p.name: sha(p) for p in root.iterdir() if p.is_file()}
     capsys.readouterr()
-    assert main(["dataset", "fix-marks", str(root), "--report", str(report), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: Image size") and "Traceback" not in err
+    assert main(["dataset", "fix-marks", str(root), "--report", str(report), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and out.count("not fixed: Image size") == 3  # each image skipped, named
+    assert {p.name: sha(p) for p in root.iterdir() if p.is_file()} == before
