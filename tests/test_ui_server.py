@@ -140,9 +140,11 @@ def test_simple_mode_fills_the_full_form(server):
                                            "trigger word": "sks", "what is trained": "style", "output name": "my_style"})
     labels = [p["label"] for p in server["api"]["named_endpoints"]["/train_check"]["parameters"]]
     values = dict(zip(labels, out))
-    assert values["max_train_steps"] == 2500 and values["network_dim"] == 96 and values["lr_scheduler"] == "cosine_with_restarts"
+    # a style is rank 96, halved for a set this small; the trigger goes first in every caption
+    assert values["max_train_steps"] == 2500 and values["network_dim"] == 48 and values["lr_scheduler"] == "cosine_with_restarts"
     assert values["output_name"] == "my_style" and values["dataset_config"].endswith("my_style_dataset.toml")
-    assert "Filled in for a style" in out[len(labels)]
+    assert values["trigger_word"] == "sks" and values["keep_tokens"] == 1
+    assert "Filled in for a style" in out[len(labels)] and "halved under 30 images" in out[len(labels)]
     # what the full form now holds is a config the Check button accepts, with its step plan
     checked = server["client"].predict(*out[:len(labels)], api_name="/train_check")
     assert "Step plan" in checked[-2] and "2500 optimizer steps" in checked[-2]
