@@ -241,4 +241,4 @@ def tag_imbalance(ds: Dataset) -> list[Finding]:
 
 
 # Checks kept in modules of their own register themselves when imported.
-from . import extensions, people  # noqa: E402, F401, I001
+from . import extensions, marks_check, people  # noqa: E402, F401, I001

@@ -1,6 +1,8 @@
 """Options of `loratrain dataset check`; where the defaults come from: docs/dataset-tools.md#quality-check-defaults."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from loratrain.core.captions import CaptionExtension
 from loratrain.core.config import JobConfig, opt
 from loratrain.core.errors import Problem
@@ -43,4 +45,9 @@ class CheckConfig(JobConfig):
     quiet: bool = opt(False, "no progress bar")
 
     def requirements(self) -> list[Problem]:
-        return [("dataset_dir", "is required")] if not self.dataset_dir else []
+        out: list[Problem] = [("dataset_dir", "is required")] if not self.dataset_dir else []
+        model = Path(self.text_model).expanduser()
+        if self.text_model and not model.is_file():  # said before any image is measured
+            out.append(("text_model", f"{self.text_model} {'is a folder' if model.is_dir() else 'not found'}; "
+                                      "give an ONNX file"))
+        return out

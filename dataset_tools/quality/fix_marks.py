@@ -22,7 +22,7 @@ from PIL import Image
 
 from loratrain.core.config import JobConfig, opt
 from loratrain.core.errors import ConfigError, Problem
-from loratrain.core.images import IMAGE_EXTENSIONS
+from loratrain.core.images import IMAGE_EXTENSIONS, STATE_DIR
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.paths import confine, real, within
 from loratrain.core.progress import Reporter, StopFlag
@@ -154,7 +154,7 @@ def inside(root: Path, value: str, what: str) -> Path:
     path = real(text, root) if not Path(text).is_absolute() else real(text)
     if not within(path, real(root)) or path == real(root):
         raise ConfigError(f"{what}: {text!r} is outside the dataset folder {root}; refusing to change it")
-    if any(part.startswith(".loratrain") for part in path.relative_to(real(root)).parts):
+    if any(part.startswith(STATE_DIR) for part in path.relative_to(real(root)).parts):
         raise ConfigError(f"{what}: {text!r} is inside the dataset's own state (backups, caches); refusing to change it")
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise ConfigError(f"{what}: {text!r} is not an image ({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -213,9 +213,9 @@ def run_fix_marks(cfg: FixMarksConfig, reporter: Reporter, stop: StopFlag) -> Fi
     root = Path(confine(cfg.dataset_dir, "dataset_dir"))
     if not root.is_dir():
         raise ConfigError(f"dataset_dir: {cfg.dataset_dir} is not a folder")
+    wanted = {inside(root, i, "images") for i in cfg.images}  # a wrong --images is refused before any detection
     todo = boxes_from_report(root, cfg.report) if cfg.report else detect_boxes(root, reporter)
-    if cfg.images:
-        wanted = {inside(root, i, "images") for i in cfg.images}
+    if wanted:
         todo = {p: b for p, b in todo.items() if p in wanted}
     result = FixResult(dataset_dir=str(root), mode=cfg.mode, dry_run=cfg.dry_run)
     op = None if cfg.dry_run else Journal(root).begin("fix-marks", f"{cfg.mode} marks on {len(todo)} image(s)")

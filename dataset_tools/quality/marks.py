@@ -275,14 +275,14 @@ def overlay_marks(rgb: np.ndarray, opts: MarkOptions) -> list[Mark]:
         full = _to_image(box, scale, W, H)
         if place(full, W, H):
             boxes.append((full, letters * min(isolation, 10.0)))
-    for merged, _ in _merge_boxes([(b, _letter_height(b, lines, scale)) for b, _ in boxes]):
+    for merged, _ in _merge_boxes([(b, _letter_height(b)) for b, _ in boxes]):
         kind = place(merged, W, H) or "corner"
         score = sum(s for b, s in boxes if _inside(b, merged))
         found.setdefault(kind, []).append((merged, score))
     return [Mark(kind, box, round(score, 2)) for kind, items in found.items() for box, score in items]
 
 
-def _letter_height(full: tuple[int, int, int, int], lines: list, scale: float) -> float:
+def _letter_height(full: tuple[int, int, int, int]) -> float:
     """Letter height (image pixels) of the line whose box this is: its box height, which `line_features` keeps
     within 2.8 letter heights; good enough to tell a 12 px signature from 60 px scene blobs."""
     return full[3] / 1.4

@@ -95,8 +95,9 @@ def model_marks(rgb: np.ndarray, path: str) -> list[Mark]:
         x, y, w, h = cv2.boundingRect(np.asarray(quad, np.int32))
         x0, y0, x1, y1 = max(0, x), max(0, y), min(W, x + w), min(H, y + h)
         box = (x0, y0, x1 - x0, y1 - y0)
-        if box[2] > 0 and box[3] > 0 and place(box, W, H):
-            out.append(Mark(place(box, W, H) or "model", box, round(float(conf), 3)))
+        where = place(box, W, H) if box[2] > 0 and box[3] > 0 else None
+        if where:
+            out.append(Mark(where, box, round(float(conf), 3)))
     return out
 
 

@@ -16,7 +16,13 @@ from PIL import Image, ImageDraw
 
 from loratrain.core.errors import ConfigError
 from loratrain.core.progress import NullReporter, StopFlag
-from loratrain.dataset_tools.quality.fix_marks import MARK_CHECKS, FixMarksConfig, boxes_from_report, run_fix_marks
+from loratrain.dataset_tools.quality.fix_marks import (
+    MARK_CHECKS,
+    FixMarksConfig,
+    _from_report_root,
+    boxes_from_report,
+    run_fix_marks,
+)
 
 from ..config import AppContext
 from ..forms import problems_markdown
@@ -44,7 +50,8 @@ def marks_view(root: Path, report: dict) -> tuple[list[tuple[np.ndarray, str]], 
     for f in report.get("findings", []):
         if not isinstance(f, dict) or f.get("check") not in MARK_CHECKS:
             continue
-        path = Path(str(f.get("path", "")))
+        # a relative path is where `dataset check` ran, as fix-marks reads it (an absolute one stays itself)
+        path = root / _from_report_root(str(f.get("path", "")), report.get("root"))
         try:
             rel = path.resolve().relative_to(root.resolve()).as_posix()
         except ValueError:
