@@ -44,12 +44,13 @@ def health_line(losses: list[float], val_losses: list[tuple[int, float]] | None 
                      "and if they do not change either, raise the learning rate or the steps")
     else:
         parts.append(f"{'falling' if change < 0 else 'slightly rising'}: {trend}")
-    vals = [v for _, v in val_losses or []]
+    pairs = val_losses or []
+    vals = [v for _, v in pairs]
     if len(vals) >= 2:
         best_at = min(range(len(vals)), key=vals.__getitem__)
         best, now = vals[best_at], vals[-1]
         if best and (now - best) / best > DIVERGE and change <= 0:
-            step = (val_losses or [])[best_at][0]
+            step = pairs[best_at][0]
             parts.append(f"validation diverging: {now:.4g} is {(now - best) / best:+.0%} over its best {best:.4g} (step {step}) "
                          f"while the training loss fell, more than +{DIVERGE:.0%}: overfitting; the save nearest step {step} "
                          "is likely the better one")

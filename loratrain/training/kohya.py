@@ -151,9 +151,9 @@ NETWORK_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "unit": "dyl
 
 def lycoris_algos() -> dict[str, str]:
     """LyCORIS' `algo=` values and the network kind each one is here (each kind declares its own)."""
-    from .networks import NETWORKS
+    from .networks import network_kinds
 
-    return {k.lycoris_algo: k.name for k in map(NETWORKS.get, NETWORKS.names()) if k.lycoris_algo}
+    return {k.lycoris_algo: k.name for k in network_kinds() if k.lycoris_algo}
 
 
 #: network_module spellings that leave the kind to network_args (algo=, dora_wd=)

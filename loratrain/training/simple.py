@@ -11,16 +11,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("character", "style", "concept")
 # What the guides recommend at UNet lr 1e-4: steps a subject needs, and the rank for its detail at 30 images or more.
 PRESETS: dict[str, dict[str, Any]] = {
     "character": {"max_train_steps": 1000, "network_dim": 32},
     "style": {"max_train_steps": 2500, "network_dim": 96},
     "concept": {"max_train_steps": 3000, "network_dim": 48},
 }
+KINDS = tuple(PRESETS)
 COMMON: dict[str, Any] = {
     "network_module": "lora", "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": [5e-5], "optimizer_type": "AdamW",
-    "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 3, "lr_warmup_steps": 0.05, "train_batch_size": 1,
+    "lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 3, "lr_warmup_steps": 0.05,
     "shuffle_caption": True, "keep_tokens": 1, "caption_extension": ".txt", "save_precision": "fp16", "mixed_precision": "no",
 }
 #: fewer images than this: half the kind's rank
@@ -64,13 +64,14 @@ def simple_plan(kind: str, n_images: int, trigger: str, free_gpu_bytes: int | No
     batch, batch_why = suggest_batch(free_gpu_bytes, family)
     steps = preset["max_train_steps"]
     per_epoch = max(1, n_images * repeats // batch)
-    values = {**COMMON, "max_train_steps": steps, "network_dim": dim, "network_alpha": dim / 2, "train_batch_size": batch,
+    alpha = dim / 2
+    values = {**COMMON, "max_train_steps": steps, "network_dim": dim, "network_alpha": alpha, "train_batch_size": batch,
               "trigger_word": trigger}
     reasons = [
         f"trigger word '{trigger}' first in every caption (added where a caption lacks it), kept first by keep_tokens 1 "
         "while the other tags shuffle",
         f"repeats {repeats} for {n_images} images: the guides' rule of thumb, about 7 for ~20 images and 5 for ~50",
-        f"rank (network_dim) {dim}, alpha {dim / 2:g}: a {kind}'s rank is {preset['network_dim']}"
+        f"rank (network_dim) {dim}, alpha {alpha:g}: a {kind}'s rank is {preset['network_dim']}"
         + (f", halved under {SMALL_SET} images (a small set has less detail to hold)" if n_images < SMALL_SET else ""),
         f"{steps} steps for a {kind} at learning rate 1e-4: "
         + (f"{math.ceil(steps / per_epoch)} epochs of {per_epoch} steps" if per_epoch < steps

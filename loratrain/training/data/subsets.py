@@ -190,7 +190,7 @@ def specs_from_toml(path: str | Path, defaults: dict[str, Any]) -> list[DatasetS
             if not image_dir.is_absolute():
                 values["image_dir"] = str((path.parent / image_dir).resolve()) if not image_dir.exists() else str(image_dir)
             confined(values["image_dir"], f"{where}.image_dir")  # a path read from a file is input like any other
-            if values.get("conditioning_data_dir") is not None and values.get("conditioning_data_dir") != "":
+            if values.get("conditioning_data_dir") not in (None, ""):
                 confined(_path_text(values, "conditioning_data_dir", where), f"{where}.conditioning_data_dir")
             subsets.append(_built(Subset, values, where))
         if not subsets:

@@ -4,9 +4,9 @@ from its own file and nothing else has to list it."""
 import importlib
 import pkgutil
 
-from .base import NETWORKS, Network, NetworkKind, NetworkSpec, build_network
+from .base import NETWORKS, Network, NetworkKind, NetworkSpec, build_network, network_kinds
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["NETWORKS", "Network", "NetworkKind", "NetworkSpec", "build_network"]
+__all__ = ["NETWORKS", "Network", "NetworkKind", "NetworkSpec", "build_network", "network_kinds"]

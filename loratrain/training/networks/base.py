@@ -216,6 +216,11 @@ class NetworkKind:
 NETWORKS: Registry[NetworkKind] = Registry("network kind")
 
 
+def network_kinds() -> list[NetworkKind]:
+    """Every registered kind once (NETWORKS lists each under all its spellings), in the order of their names."""
+    return list({id(k): k for k in map(NETWORKS.get, NETWORKS.names())}.values())
+
+
 def reader_markers(kind: str) -> tuple[str, ...]:
     """The key suffixes that mark a LyCORIS kind in a file: the file reader's (core/lora/kinds.py), not a second list."""
     from loratrain.core.lora.kinds import MODULE_KINDS

@@ -80,6 +80,8 @@ class SubsetOptions(BaseModel):
         return out
 
     def requirements(self) -> list[Problem]:
+        if self.conditioning_data_dir and not Path(self.conditioning_data_dir).exists():
+            return [("conditioning_data_dir", f"not found: {self.conditioning_data_dir}")]
         return []
 
 
@@ -179,8 +181,6 @@ class DataOptions(BaseModel):
                 out.append((name, f"folder not found: {value}"))
         if self.dataset_config and not Path(self.dataset_config).is_file():
             out.append(("dataset_config", f"file not found: {self.dataset_config}"))
-        if self.conditioning_data_dir and not Path(self.conditioning_data_dir).exists():
-            out.append(("conditioning_data_dir", f"not found: {self.conditioning_data_dir}"))
         return out
 
 

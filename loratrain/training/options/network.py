@@ -94,7 +94,7 @@ class NetworkOptions(BaseModel):
 
     def problems(self) -> list[Problem]:
         """The options the chosen kind refuses or does not read, then its own checks."""
-        from ..networks import NETWORKS
+        from ..networks import network_kinds
         from ..networks.blocks import check_text
 
         out: list[Problem] = []
@@ -107,7 +107,7 @@ class NetworkOptions(BaseModel):
             if getattr(self, name, None):
                 out.append((name, f"not with network_module {kind.name}: {why}"))
         defaults = type(self).model_fields
-        for other in {NETWORKS.get(n).name: NETWORKS.get(n) for n in NETWORKS.names()}.values():
+        for other in network_kinds():
             for name in other.own_options:
                 if other is not kind and getattr(self, name) != defaults[name].default:
                     out.append((name, f"an option of network_module {other.name} only, not of {kind.name}"))
