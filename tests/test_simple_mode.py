@@ -124,3 +124,14 @@ def test_simple_mode_refuses_an_empty_folder_and_a_trigger_that_is_no_tag_before
     assert not (tmp_path / "output").exists()  # no dataset TOML was written for any of them
     values, _ = simple_settings("character", str(model), str(images), "sks", "c", tmp_path)
     assert values["trigger_word"] == "sks"
+
+
+def test_the_trigger_stays_ahead_of_a_caption_prefix():
+    import random
+
+    from loratrain.training.data.captions import process_caption
+    from loratrain.training.data.subsets import Subset
+
+    sub = Subset(image_dir="x", trigger_word="sks", caption_prefix="photo,", keep_tokens=1, shuffle_caption=True)
+    for seed in range(5):
+        assert process_caption("sks, dog, grass", sub, random.Random(seed)).startswith("sks, ")

@@ -53,6 +53,8 @@ def warmup_length(subset: Subset, n_tags: int, step: int, max_steps: int) -> int
 def process_caption(caption: str, subset: Subset, rng: random.Random, epoch: int = 0, step: int = 0, max_steps: int = 0) -> str:
     if subset.caption_prefix:
         caption = subset.caption_prefix + " " + caption
+        if subset.trigger_word:  # the trigger stays first (keep_tokens keeps it), ahead of a prefix too
+            caption = with_trigger(caption, subset.trigger_word, subset.caption_separator)
     if subset.caption_suffix:
         caption = caption + " " + subset.caption_suffix
     if subset.caption_dropout_rate > 0 and rng.random() < subset.caption_dropout_rate:
