@@ -9,7 +9,7 @@ import gradio as gr
 import tomli_w
 
 from loratrain.core.errors import ConfigError, Problem
-from loratrain.core.paths import check_name
+from loratrain.core.paths import check_name, confine
 from loratrain.core.safe_io import atomic_write_text
 from loratrain.training.config import DATA, MODEL, NET, OPTIM, TrainConfig
 from loratrain.training.simple import KINDS, simple_plan
@@ -55,7 +55,7 @@ def simple_settings(kind: str, model: str, images: str, trigger: str, name: str,
         values.update(train_data_dir=str(folder), dataset_config="")
         reasons = [r if not r.startswith("repeats") else "repeats from the folder names (<repeats>_<tokens>)" for r in plan.reasons]
         return values, reasons
-    toml = out_root / "output" / f"{name}_dataset.toml"
+    toml = confine(out_root / "output" / f"{name}_dataset.toml", "dataset TOML", write=True)  # read below: never through a link out
     if toml.exists() and not toml.read_text(encoding="utf-8", errors="replace").startswith("# Written by the app's simple mode."):
         raise ConfigError(f"{toml} exists and was not written by the simple mode; choose another output name")
     subset = {"image_dir": str(folder), "class_tokens": trigger, "trigger_word": trigger, "num_repeats": plan.repeats,
