@@ -198,21 +198,28 @@ class Suite:
         return f"{100 * steps_per_s * flops / self.peak:.1f}%"
 
 
+def lora_row(s: Suite, title: str, size: str, family: str, res: int, prec: str, batch: int, steps: int, warmup: int,
+             limit: float) -> Row:
+    """One LoRA training row from train_throughput.py: it/s, peak memory and MFU (tiny: 2 steps after 1 warmup)."""
+    row = Row(f"{title} LoRA {res}px {prec.replace('no', 'fp32')} batch {batch}")
+    args = ["--size", "tiny" if s.tiny else size, "--resolution", str(res), "--precision", prec, "--batch", str(batch),
+            "--steps", str(2 if s.tiny else steps), "--warmup", str(1 if s.tiny else warmup), "--repeats", "1",
+            "--kinds", "lora"]
+    rc, text, limit = s.bench("train_throughput.py", args, limit)
+    got = parse_train(text).get("lora")
+    if rc != 0 or got is None:
+        row.result = failure(text, rc, limit)
+    else:
+        rate, peak = got
+        row.result, row.memory = f"{rate:.2f} it/s", f"{peak:,.0f} MiB"
+        row.mfu = s.mfu(rate, None if s.tiny else family_flops(family, res, batch))
+    return row
+
+
 def sd15(s: Suite) -> None:
     res, prec = (64, "no") if s.tiny else (512, "bf16")
     for batch in (1, 2) if s.tiny else SD15_BATCHES:
-        row = Row(f"SD1.5 LoRA {res}px {prec.replace('no', 'fp32')} batch {batch}")
-        args = ["--size", "tiny" if s.tiny else "sd15", "--resolution", str(res), "--precision", prec, "--batch", str(batch),
-                "--steps", "2" if s.tiny else "15", "--warmup", "1" if s.tiny else "3", "--repeats", "1", "--kinds", "lora"]
-        rc, text, limit = s.bench("train_throughput.py", args, 150)
-        got = parse_train(text).get("lora")
-        if rc != 0 or got is None:
-            row.result = failure(text, rc, limit)
-        else:
-            rate, peak = got
-            row.result, row.memory = f"{rate:.2f} it/s", f"{peak:,.0f} MiB"
-            row.mfu = s.mfu(rate, None if s.tiny else family_flops("sd1", res, batch))
-        s.rows.append(row)
+        s.rows.append(lora_row(s, "SD1.5", "sd15", "sd1", res, prec, batch, steps=15, warmup=3, limit=150))
 
 
 SD_SCRIPTS_WRAPPER = """import atexit, runpy, sys
@@ -266,16 +273,8 @@ def sd_scripts(s: Suite) -> None:
 
 def sdxl(s: Suite) -> None:
     res, prec = (64, "no") if s.tiny else (1024, "bf16")
-    row = Row(f"SDXL LoRA {res}px {prec.replace('no', 'fp32')} batch 1")
-    args = ["--size", "tiny" if s.tiny else "sdxl", "--resolution", str(res), "--precision", prec, "--batch", "1",
-            "--steps", "2" if s.tiny else "4", "--warmup", "1" if s.tiny else "2", "--repeats", "1", "--kinds", "lora"]
-    rc, text, limit = s.bench("train_throughput.py", args, 240)
-    got = parse_train(text).get("lora")
-    if rc != 0 or got is None:
-        row.result = failure(text, rc, limit)
-    else:
-        row.memory, row.result = f"{got[1]:,.0f} MiB", f"{got[0]:.2f} it/s"
-        row.mfu = s.mfu(got[0], None if s.tiny else family_flops("sdxl", res, 1))
+    row = lora_row(s, "SDXL", "sdxl", "sdxl", res, prec, 1, steps=4, warmup=2, limit=240)
+    if row.memory:
         row.note = "peak memory is the figure; it/s from a few steps"
     s.rows.append(row)
 

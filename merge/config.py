@@ -238,8 +238,11 @@ def _ia3_problems(path: str) -> list[Problem]:
     `on_input`); any other kind is named with the command that does convert it."""
     from loratrain.core.tensor_io import LazySafetensors
 
-    if not path or not Path(path).is_file():
-        return []  # required / missing: said by the path checks and the job
+    if not path:
+        return []  # required: said by requirements
+    if not Path(path).is_file():
+        return [("lora", f"{path} is a folder; expected an (IA)^3 .safetensors file" if Path(path).is_dir()
+                 else f"(IA)^3 file not found: {path}")]
     try:
         with LazySafetensors(path, "LoRA") as f:
             keys = list(f.keys())

@@ -1,7 +1,6 @@
 """A loaded base model with any number of LoRAs (kohya or PEFT layout) applied at given weights."""
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,21 +26,15 @@ class LoraUse:
 def lora_use(text: str, model: str = "") -> LoraUse:
     """`PATH[:WEIGHT[:BLOCKS]]`, checked to exist and, given the base `model` file, to be made for its family
     (both headers only: a LoRA of another family is named before the model loads)."""
+    from .lora.spec import missing_lora, spec_value_problems
+
     spec = parse_lora_spec(text)
     confine(spec.path, "LoRA")
     if not locate(spec.path).is_file():
-        from .lora.spec import missing_lora
-
         raise ConfigError(missing_lora(text, spec))
-    if not math.isfinite(spec.ratio):  # nan or inf: every image would come out black
-        raise ConfigError(f"{text}: the weight {spec.ratio} is not a finite number")
-    if spec.blocks:
-        from .lora.spec import lbw_values
-
-        try:
-            lbw_values(spec.blocks)
-        except ValueError as e:
-            raise ConfigError(f"{text}: {e}") from None
+    problems = spec_value_problems(text, spec)
+    if problems:
+        raise ConfigError(problems[0])
     if model and Path(model).is_file() and Path(model).suffix.lower() == ".safetensors":
         _check_family(spec.path, model)
     return LoraUse(spec.path, spec.ratio, spec.blocks)

@@ -7,7 +7,7 @@ while a cast moves all of it) and the change of its mean saturation (chroma). Th
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +63,7 @@ def reference_of(p: CellParams) -> CellParams | None:
 
 def missing_references(cells: dict[Index, CellParams]) -> list[CellParams]:
     """Weight-0 cells the grid lacks, one per distinct reference (`--color_drift on` makes them)."""
-    have = [p for p in cells.values()]
+    have = list(cells.values())
     out: list[CellParams] = []
     for p in cells.values():
         ref = reference_of(p)
@@ -110,4 +110,4 @@ def drift_summary(drifts: list[Drift], max_delta_e: float, max_chroma: float) ->
 
 
 def as_json(drifts: list[Drift]) -> list[dict]:
-    return [asdict(replace(d)) for d in drifts]
+    return [asdict(d) for d in drifts]

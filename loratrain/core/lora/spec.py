@@ -67,13 +67,21 @@ def lora_spec_problems(specs: list[str], field: str) -> list[tuple[str, str]]:
         spec = parse_lora_spec(text)
         if not Path(spec.path).is_file():
             out.append((field, missing_lora(text, spec)))
-        if not math.isfinite(spec.ratio):  # a nan or inf weight would write nan / inf into every module
-            out.append((field, f"{text}: the weight {spec.ratio} is not a finite number"))
-        if spec.blocks:
-            try:
-                lbw_values(spec.blocks)
-            except ValueError as e:
-                out.append((field, str(e)))
+        out += [(field, problem) for problem in spec_value_problems(text, spec)]
+    return out
+
+
+def spec_value_problems(text: str, spec: LoraSpec) -> list[str]:
+    """What is wrong with a spec's weight and block weights (a nan or inf weight would write nan / inf into every
+    module, a black image); the file is checked by the caller, which knows where to look for it."""
+    out = []
+    if not math.isfinite(spec.ratio):
+        out.append(f"{text}: the weight {spec.ratio} is not a finite number")
+    if spec.blocks:
+        try:
+            lbw_values(spec.blocks)
+        except ValueError as e:
+            out.append(f"{text}: {e}")
     return out
 
 
