@@ -12,8 +12,7 @@ import os
 import sys
 from typing import Any
 
-from .core.errors import ConfigError
-from .core.jobs import describe_error
+from .core.jobs import describe_error, is_user_error
 from .jobs import GROUPS, JOBS, JobSpec, missing_extras
 
 
@@ -100,17 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\naborted", file=sys.stderr)
         return 130
     except Exception as e:
-        if os.environ.get("LORATRAIN_DEBUG") or not _user_error(e):
+        if os.environ.get("LORATRAIN_DEBUG") or not is_user_error(e):
             raise
         for line in describe_error(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2
-
-
-def _user_error(e: Exception) -> bool:
-    """Errors of the user's input or environment (a line, exit 2) rather than our bugs (a traceback). Pillow's
-    DecompressionBombError (an image of over ~179 megapixels in a dataset) is one, though no OSError or ValueError."""
-    if isinstance(e, (ConfigError, ValueError, OSError, ImportError, RuntimeError, FloatingPointError)):
-        return True
-    pil = sys.modules.get("PIL.Image")  # loaded by whatever opened the image; never imported here for this check
-    return pil is not None and isinstance(e, pil.DecompressionBombError)

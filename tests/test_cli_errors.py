@@ -173,3 +173,17 @@ def test_face_extract_finding_no_face_is_an_error(tmp_path):
     res = cli("face", "extract", photos, "--output_dir", tmp_path / "faces")
     clean_failure(res, "no face found in any of the 2 frame(s)", "--min_score")
     assert not (tmp_path / "faces").exists()
+
+
+def test_the_cli_and_the_apps_worker_share_one_rule_for_user_errors():
+    from PIL import Image
+
+    from loratrain.core.jobs import is_user_error
+
+    assert is_user_error(Image.DecompressionBombError("200 megapixels")) and is_user_error(FileNotFoundError("x"))
+    assert not is_user_error(KeyError("a bug")) and not is_user_error(KeyboardInterrupt())
+    import inspect
+
+    from loratrain.ui import worker
+
+    assert "is_user_error(e)" in inspect.getsource(worker.main)  # the worker decides as the CLI does

@@ -41,7 +41,7 @@ def main(job_dir: str) -> int:
     from loratrain.console import quiet_irrelevant_library_messages
     from loratrain.core import paths
     from loratrain.core.errors import ConfigError
-    from loratrain.core.jobs import describe_error
+    from loratrain.core.jobs import describe_error, is_user_error
     from loratrain.jobs import JOBS
 
     folder = Path(job_dir)
@@ -68,15 +68,13 @@ def main(job_dir: str) -> int:
             raise ConfigError(problems=refused)
         result = spec.run_function()(cfg, reporter, stop)
         return result.exit_code
-    except (ConfigError, ValueError, OSError, ImportError, RuntimeError, FloatingPointError) as e:
+    except BaseException as e:  # the traceback for the log, one line for the page
         reporter.close()
-        append_event(folder, {"type": "error", "message": describe_error(e)})
         traceback.print_exc()
-        return 2
-    except BaseException as e:  # a bug: the one line for the page, the traceback for the log
-        reporter.close()
+        if is_user_error(e):
+            append_event(folder, {"type": "error", "message": describe_error(e)})
+            return 2
         append_event(folder, {"type": "error", "message": f"{type(e).__name__}: {e} (the traceback is in worker.log)"})
-        traceback.print_exc()
         return 3
     finally:
         try:

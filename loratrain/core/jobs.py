@@ -12,11 +12,13 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .config import JobConfig
+from .errors import ConfigError
 from .progress import NullReporter, Reporter, StopFlag
 
 R = TypeVar("R", bound="JobResult")
@@ -82,3 +84,12 @@ def describe_error(e: BaseException) -> str:
         return f"{where}: {e.strerror}"
     text = str(e).strip()
     return text or e.__class__.__name__
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Errors of the user's input or environment (one line: the CLI's exit 2, the app's error event) rather than
+    our bugs (a traceback), decided in one place for both. Pillow's DecompressionBombError (an image of over ~179 megapixels in a dataset) is one, though no OSError or ValueError."""
+    if isinstance(e, (ConfigError, ValueError, OSError, ImportError, RuntimeError, FloatingPointError)):
+        return True
+    pil = sys.modules.get("PIL.Image")  # loaded by whatever opened the image; never imported here for this check
+    return pil is not None and isinstance(e, pil.DecompressionBombError)
