@@ -95,6 +95,47 @@ def save_face(path: str | Path, image_bgr: np.ndarray, meta: FaceMeta, quality: 
     return path
 
 
+#: a JPEG COM segment holds at most 65533 bytes, and our metadata is one segment
+MAX_JPEG_META = 65533
+
+
+def write_meta(path: str | Path, meta: FaceMeta) -> None:
+    """Replace a face's metadata without touching its pixels, atomically. A JPEG keeps its compressed image
+    data byte for byte (only our COM segment is rewritten); a PNG is re-saved, which is lossless."""
+    path = confine(path, "face", write=True)
+    text = meta.to_json()
+    if path.suffix.lower() == ".png":
+        with Image.open(path) as img:
+            img.load()
+            info = PngImagePlugin.PngInfo()
+            info.add_itxt(META_KEY, text)
+            with atomic_path(path) as tmp:
+                img.save(tmp, format="PNG", pnginfo=info)
+        return
+    payload = (META_KEY + ":" + text).encode()
+    if len(payload) > MAX_JPEG_META:
+        raise FacesetError(f"{path}: metadata of {len(payload)} bytes does not fit a JPEG comment ({MAX_JPEG_META}); "
+                           "use fewer polygon points")
+    data = path.read_bytes()
+    segs = _jpeg_segments(data, str(path))
+    ours = [(s, e) for m, s, e in segs if m == 0xFE and data[s + 4:s + 4 + len(META_KEY) + 1] == (META_KEY + ":").encode()]
+    for s, e in reversed(ours):
+        data = data[:s] + data[e:]
+    com = b"\xff\xfe" + struct.pack(">H", len(payload) + 2) + payload
+    atomic_write_bytes(path, data[:2] + com + data[2:])
+
+
+def encode_mask(mask: np.ndarray, budget: int = 40_000) -> str:
+    """A 0..1 (or uint8) mask as base64 PNG, halved until it fits `budget` characters (DFL caps its own at 50 kB)."""
+    m = mask if mask.dtype == np.uint8 else (np.clip(mask, 0, 1) * 255 + 0.5).astype(np.uint8)
+    m = m.squeeze()
+    while True:
+        encoded = base64.b64encode(cv2.imencode(".png", m)[1].tobytes()).decode()
+        if len(encoded) <= budget or m.shape[0] <= 32:
+            return encoded
+        m = cv2.resize(m, (m.shape[1] // 2, m.shape[0] // 2), interpolation=cv2.INTER_AREA)
+
+
 def read_meta(path: str | Path) -> FaceMeta:
     path = Path(path)
     try:
@@ -236,12 +277,8 @@ def _dfl_segmentation(d: dict, source: str) -> dict:
             mask = np.clip(raw.squeeze() * (255 if raw.max() <= 1 else 1), 0, 255).astype(np.uint8)
         if mask is None:
             raise FacesetError(f"{source}: DeepFaceLab xseg_mask cannot be decoded")
-        while True:
-            encoded = base64.b64encode(cv2.imencode(".png", mask)[1].tobytes()).decode()
-            if len(encoded) <= _MASK_BUDGET or mask.shape[0] <= 32:
-                break
-            mask = cv2.resize(mask, (mask.shape[1] // 2, mask.shape[0] // 2), interpolation=cv2.INTER_AREA)
-        out["xseg_mask"] = encoded
+        out["xseg_mask"] = encode_mask(mask, _MASK_BUDGET)
+        out["xseg_source"] = "dfl"
     polys = d.get("seg_ie_polys")
     if polys is not None:
         out["seg_ie_polys"] = _plain(polys)

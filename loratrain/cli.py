@@ -26,9 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "convert checkpoints, train face models: offline.")
     root = parser.add_subparsers(dest="command", required=True)
     specs = [JOBS.get(name) for name in JOBS]
-    groups: dict[str, list[JobSpec]] = {}
-    for spec in specs:
-        groups.setdefault(spec.path[0], []).append(spec)
     ui = _parser(root, "ui", "the web app: a page per tool (pip install 'loratrain[ui]')",
                  "Serves the Gradio app on 127.0.0.1 (another address needs --auth); every path it takes must lie "
                  "inside the workspace roots (--root, default the current folder).")
@@ -36,19 +33,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     UiConfig.add_arguments(ui)
     ui.set_defaults(job=None)
-    for head, members in groups.items():
-        leaf = next((s for s in members if len(s.path) == 1), None)
-        subs = [s for s in members if len(s.path) == 2]
+    _add_level(root, specs, ())
+    return parser
+
+
+def _add_level(subparsers: Any, specs: list[JobSpec], prefix: tuple[str, ...]) -> None:
+    """One level of commands under `prefix`: `face` holds `face swap`, and `face xseg` holds `face xseg train`.
+    A word can be a job and a group at once (`demo` runs, `demo face` too)."""
+    heads: dict[str, list[JobSpec]] = {}
+    for spec in specs:
+        heads.setdefault(spec.path[len(prefix)], []).append(spec)
+    for head, members in heads.items():
+        path = (*prefix, head)
+        leaf = next((s for s in members if s.path == path), None)
+        deeper = [s for s in members if len(s.path) > len(path)]
         if leaf is not None:
-            p = _parser(root, head, leaf.help, leaf.description)
+            p = _parser(subparsers, head, leaf.help, leaf.description)
             _add_job(p, leaf)
         else:
-            p = _parser(root, head, GROUPS.get(head, " / ".join(s.path[1] for s in subs)))
-        if subs:
-            ops = p.add_subparsers(dest=f"{head}_op", required=leaf is None, metavar="{" + ",".join(s.path[1] for s in subs) + "}")
-            for spec in subs:
-                _add_job(_parser(ops, spec.path[1], spec.help, spec.description), spec)
-    return parser
+            words = sorted({s.path[len(path)] for s in deeper})
+            p = _parser(subparsers, head, GROUPS.get(" ".join(path), " / ".join(words)))
+        if deeper:
+            words = list(dict.fromkeys(s.path[len(path)] for s in deeper))
+            ops = p.add_subparsers(dest="_".join(path) + "_op", required=leaf is None, metavar="{" + ",".join(words) + "}")
+            _add_level(ops, deeper, path)
 
 
 def _add_job(parser: argparse.ArgumentParser, spec: JobSpec) -> None:

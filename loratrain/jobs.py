@@ -46,6 +46,7 @@ JOBS: Registry[JobSpec] = Registry("command")
 #: help of command groups that are not jobs themselves
 GROUPS = {"face": "DeepFaceLab-style face tools: extract, sort, train (DF / LIAE), grow, export, swap. "
                   "Use only faces of people who have given their consent.",
+          "face xseg": "masks: train a segmenter on hand-labelled faces, apply it to a faceset, remove or undo",
           "lora": "bake LoRAs (and LyCORIS files) into a checkpoint, merge LoRAs, resize a LoRA's rank, extract a LoRA "
                   "from two checkpoints, convert an (IA)^3 file to a LoRA",
           "dataset": "prepare repeat folders, check quality, extract video frames",
@@ -145,6 +146,18 @@ add(
             extras=FACE, stop_when="after this frame (finished video segments are kept: rerun to continue)", gpu=True),
     JobSpec(("face", "import-dfl"), f"{F}.config:ImportDflConfig", f"{F}.import_dfl:run_face_import",
             "convert DeepFaceLab DFLJPG faces (pickled metadata, checked by an allow list)", extras=("cv2",)),
+    JobSpec(("face", "xseg", "train"), f"{F}.xseg.config:XSegTrainConfig", f"{F}.xseg.train:run_xseg_train",
+            "train a face segmenter (XSeg) on the faces labelled with include/exclude polygons",
+            "A small U-Net learns DeepFaceLab's XSeg masks from the hand-labelled faces only, with warps, flips, colour, "
+            "blur and pasted occluders; some labelled faces are held out to measure IoU. Resumes the model file it is given.",
+            extras=("cv2",), stop_when="after this iteration and saving", gpu=True),
+    JobSpec(("face", "xseg", "apply"), f"{F}.xseg.config:XSegApplyConfig", f"{F}.xseg.apply:run_xseg_apply",
+            "write a segmenter's masks into a faceset (training and the swap use them; undo: `face xseg undo`)",
+            extras=("cv2",), stop_when="after this batch (faces done so far keep their new masks, and undo restores them)"),
+    JobSpec(("face", "xseg", "remove"), f"{F}.xseg.config:XSegRemoveConfig", f"{F}.xseg.apply:run_xseg_remove",
+            "remove the XSeg masks of a faceset (polygons stay; undo: `face xseg undo`)", extras=("cv2",)),
+    JobSpec(("face", "xseg", "undo"), f"{F}.xseg.config:XSegUndoConfig", f"{F}.xseg.apply:run_xseg_undo",
+            "undo the newest `face xseg apply` or `face xseg remove` on a faceset", extras=("cv2",)),
     JobSpec(("demo",), f"{T}.demo:LoraDemoConfig", f"{T}.demo:run_lora_demo",
             "train a LoRA+LoCon on a tiny built-in model (or `demo face`), end to end, offline", gpu=True),
     JobSpec(("demo", "lora"), f"{T}.demo:LoraDemoConfig", f"{T}.demo:run_lora_demo",
