@@ -1,4 +1,4 @@
-"""Configs of `loratrain face grow | export | import-dfl`: light to import (no torch, no OpenCV), so every
+"""Configs of `loratrain face grow | export | import-dfl | export-dfl`: light to import (no torch, no OpenCV), so every
 command's flags exist even on an install without the face extras."""
 from __future__ import annotations
 
@@ -34,3 +34,21 @@ class ImportDflConfig(JobConfig):
 
     def requirements(self) -> list[Problem]:
         return [(name, "is required") for name in ("input", "output") if not getattr(self, name)]
+
+
+class ExportDflConfig(JobConfig):
+    faceset: str = opt("", "folder of aligned faces (ours)", positional=True, path="dir")
+    output: str = opt("", "folder for the DeepFaceLab DFLJPG files (made if missing; not the faceset itself)",
+                      positional=True, path="output")
+    overwrite: bool = opt(False, "replace files of the same name already in the output folder")
+
+    def requirements(self) -> list[Problem]:
+        from loratrain.core.paths import locate, real, within
+
+        out = [(name, "is required") for name in ("faceset", "output") if not getattr(self, name)]
+        if out:
+            return out
+        if within(real(locate(self.output)), real(locate(self.faceset))):  # links followed, from the job's folder
+            out.append(("output", f"{self.output} is (or lies inside) the faceset {self.faceset}; DFLJPG files would "
+                                  "mix with the faces they come from: choose another folder"))
+        return out

@@ -46,13 +46,7 @@ class FaceMeta:
 
     def xseg_mask(self, size: int) -> np.ndarray | None:
         """The XSeg mask carried over from DeepFaceLab (float32 size x size, 0..1), or None when there is none."""
-        data = self.extra.get("xseg_mask")
-        if not data:
-            return None
-        mask = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            return None
-        return cv2.resize(mask, (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+        return decode_mask(self.extra.get("xseg_mask"), size)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -69,6 +63,20 @@ class FaceMeta:
         if lm.shape != (68, 2) or mat.shape != (2, 3):
             raise FacesetError(f"{source}: face metadata has landmarks {lm.shape} and matrix {mat.shape}; expected 68x2 and 2x3")
         return meta
+
+
+def decode_mask(data: object, size: int) -> np.ndarray | None:
+    """A stored base64 PNG mask as float32 size x size in 0..1; None when absent or not an image."""
+    if not data or not isinstance(data, str):
+        return None
+    try:
+        raw = base64.b64decode(data, validate=False)
+    except ValueError:
+        return None
+    mask = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        return None
+    return cv2.resize(mask, (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
 
 
 def _round(a: np.ndarray, digits: int = 4) -> list:
@@ -205,6 +213,7 @@ class _AllowListUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("builtins", "bytearray"),  # the buffer of `face export-dfl`'s arrays (facetrain/export_dfl.py)
     }
 
     def find_class(self, module: str, name: str):  # noqa: ANN201
@@ -251,37 +260,66 @@ def read_dfl_dict(path: str | Path) -> tuple[dict, bytes]:
 _DFL_FACE_TYPES = {"half_face": "h", "midfull_face": "mf", "full_face": "f", "whole_face": "wf", "head": "head"}
 
 
-def _plain(value: object) -> object:
-    """Numpy arrays and tuples inside DFL's polygons as JSON lists."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 #: the JSON metadata lives in one JPEG COM segment (at most 65533 bytes), so the mask PNG gets a budget
 _MASK_BUDGET = 40_000
+#: a mask larger than this (per side) is refused before it is decoded: an APP15 segment of 64 kB could otherwise
+#: hold a PNG that inflates to a gigabyte
+MAX_MASK_SIDE = 4096
+_PNG_MAGIC, _JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+
+
+def _encoded_mask_bytes(raw: object) -> bytes | None:
+    """The PNG / JPEG bytes of DFL's xseg_mask, or None when it is not an encoded image. DFL stores what
+    cv2.imencode returns, an (N, 1) uint8 ndarray of the file's bytes; bytes are taken too."""
+    if isinstance(raw, (bytes, bytearray)):
+        return bytes(raw)
+    if isinstance(raw, np.ndarray) and raw.dtype == np.uint8 and raw.size >= 8:
+        flat = raw.reshape(-1)
+        if flat[:8].tobytes().startswith((_PNG_MAGIC, _JPEG_MAGIC)):
+            return flat.tobytes()
+    return None
+
+
+def decode_dfl_mask(raw: object, source: str, what: str = "DeepFaceLab xseg_mask") -> np.ndarray:
+    """DFL's xseg_mask (or, with `what` naming it, our own stored mask's PNG bytes) as a uint8 grayscale image at
+    its own resolution; its size is checked before it is decoded."""
+    data = _encoded_mask_bytes(raw)
+    if data is not None:
+        try:
+            with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+                size = probe.size
+        except (OSError, ValueError, Image.DecompressionBombError):
+            size = None
+        if size is not None and max(size) > MAX_MASK_SIDE:
+            raise FacesetError(f"{source}: {what} is {size[0]}x{size[1]}; at most {MAX_MASK_SIDE} px a side is read")
+        mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE) if size else None
+        if mask is None:
+            raise FacesetError(f"{source}: {what} cannot be decoded (neither PNG nor JPEG)")
+        return mask
+    # very old files stored the mask image itself: H x W (or H x W x 1), 0..1 or 0..255
+    img = raw[..., 0] if isinstance(raw, np.ndarray) and raw.ndim == 3 and raw.shape[2] == 1 else raw
+    if not isinstance(img, np.ndarray) or img.ndim != 2 or img.dtype.kind not in "biuf" or min(img.shape) < 2:
+        shape = getattr(raw, "shape", type(raw).__name__)
+        raise FacesetError(f"{source}: {what} is neither an encoded PNG/JPEG nor a mask image ({shape})")
+    if max(img.shape) > MAX_MASK_SIDE:
+        raise FacesetError(f"{source}: {what} is {img.shape[1]}x{img.shape[0]}; at most {MAX_MASK_SIDE} px a side is read")
+    img = np.nan_to_num(img.astype(np.float64))
+    return np.clip(img * (255 if img.max() <= 1 else 1), 0, 255).astype(np.uint8)
 
 
 def _dfl_segmentation(d: dict, source: str) -> dict:
-    """DFL's XSeg mask (PNG or JPEG bytes) re-encoded as a base64 PNG, and its hand-drawn polygons as JSON."""
+    """DFL's XSeg mask re-encoded as a base64 PNG, and its hand-drawn polygons checked by `parse_polys` (a
+    malformed polygon refuses the file, named) and stored in DFL's dict form."""
+    from .xseg.polys import dump_polys, parse_polys  # xseg.polys imports this module
+
     out: dict = {}
     raw = d.get("xseg_mask")
     if raw is not None:
-        data = bytes(raw) if not isinstance(raw, np.ndarray) else None
-        mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE) if data else None
-        if mask is None and isinstance(raw, np.ndarray):  # very old files stored the array itself
-            mask = np.clip(raw.squeeze() * (255 if raw.max() <= 1 else 1), 0, 255).astype(np.uint8)
-        if mask is None:
-            raise FacesetError(f"{source}: DeepFaceLab xseg_mask cannot be decoded")
-        out["xseg_mask"] = encode_mask(mask, _MASK_BUDGET)
+        out["xseg_mask"] = encode_mask(decode_dfl_mask(raw, source), _MASK_BUDGET)
         out["xseg_source"] = "dfl"
-    polys = d.get("seg_ie_polys")
-    if polys is not None:
-        out["seg_ie_polys"] = _plain(polys)
+    polys = parse_polys(d.get("seg_ie_polys"), source)
+    if polys:
+        out["seg_ie_polys"] = dump_polys(polys)
     return out
 
 
@@ -297,6 +335,8 @@ def import_dfl_file(src: str | Path, dst: str | Path) -> FaceMeta:
         meta.eyebrows_expand_mod = float(d.get("eyebrows_expand_mod", 1.0) or 1.0)
         meta.extra.update(_dfl_segmentation(d, str(src)))
         meta = FaceMeta.from_json(meta.to_json(), str(src))
+    except FacesetError:
+        raise
     except (KeyError, ValueError, TypeError) as e:
         raise FacesetError(f"{src}: DeepFaceLab metadata lacks usable landmarks ({e})") from None
     payload = (META_KEY + ":" + meta.to_json()).encode()

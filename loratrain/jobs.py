@@ -146,6 +146,10 @@ add(
             extras=FACE, stop_when="after this frame (finished video segments are kept: rerun to continue)", gpu=True),
     JobSpec(("face", "import-dfl"), f"{F}.config:ImportDflConfig", f"{F}.import_dfl:run_face_import",
             "convert DeepFaceLab DFLJPG faces (pickled metadata, checked by an allow list)", extras=("cv2",)),
+    JobSpec(("face", "export-dfl"), f"{F}.config:ExportDflConfig", f"{F}.export_dfl:run_face_export_dfl",
+            "write a faceset as DeepFaceLab DFLJPG faces, XSeg polygons and masks included",
+            "JPEG faces keep their image data byte for byte (PNG faces are encoded at quality 95); DFL's metadata goes "
+            "into an APP15 segment. Never writes into the faceset itself.", extras=("cv2",), stop_when="after this face"),
     JobSpec(("face", "xseg", "train"), f"{F}.xseg.config:XSegTrainConfig", f"{F}.xseg.train:run_xseg_train",
             "train a face segmenter (XSeg) on the faces labelled with include/exclude polygons",
             "A small U-Net learns DeepFaceLab's XSeg masks from the hand-labelled faces only, with warps, flips, colour, "

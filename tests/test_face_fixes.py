@@ -15,7 +15,7 @@ from loratrain.facetrain import color
 from loratrain.facetrain.augment import warp_params
 from loratrain.facetrain.demo_data import astronaut_bgr
 from loratrain.facetrain.extract.plugins import DETECTORS, LANDMARKERS
-from loratrain.facetrain.faceset import import_dfl_file, read_meta
+from loratrain.facetrain.faceset import FacesetError, import_dfl_file, read_meta
 from loratrain.facetrain.landmarks import TEMPLATE, TEMPLATE_INDICES, face_matrix, hull_mask, transform_points, umeyama
 from loratrain.facetrain.train.data import AugmentOptions, FaceSamples
 
@@ -139,7 +139,7 @@ def test_dfl_import_keeps_the_xseg_mask_and_training_uses_it(tmp_path, landmarks
     lm = landmarks * (side / 600)
     xseg = np.zeros((256, 256), np.uint8)
     cv2.circle(xseg, (128, 140), 90, 255, -1)  # a mask no landmark hull would give
-    polys = [{"type": 1, "pts": np.array([[1.0, 2.0], [30.0, 2.0], [30.0, 40.0]])}]
+    polys = {"polys": [{"type": 1, "pts": np.array([[1.0, 2.0], [30.0, 2.0], [30.0, 40.0]])}]}  # DFL's structure
     d = {"face_type": "whole_face", "landmarks": lm, "source_filename": "a.png", "source_rect": (0, 0, 9, 9),
          "source_landmarks": lm, "image_to_face_mat": np.eye(2, 3), "xseg_mask": cv2.imencode(".png", xseg)[1].tobytes(),
          "seg_ie_polys": polys}
@@ -150,7 +150,7 @@ def test_dfl_import_keeps_the_xseg_mask_and_training_uses_it(tmp_path, landmarks
     meta = read_meta(tmp_path / "ours" / "f.jpg")
     back = meta.xseg_mask(256)
     assert back is not None and np.abs(back - xseg / 255).max() < 1e-6
-    assert meta.extra["seg_ie_polys"][0]["pts"][1] == [30.0, 2.0]
+    assert meta.extra["seg_ie_polys"]["polys"][0]["pts"][1] == [30.0, 2.0]
     samples = FaceSamples(tmp_path / "ours", 32, "wf", AugmentOptions())
     mask = samples.sample(0, np.random.default_rng(0), augment=False)["mask"][..., 0]
     expected = cv2.resize(xseg, (32, 32), interpolation=cv2.INTER_LINEAR) / 255
@@ -158,6 +158,41 @@ def test_dfl_import_keeps_the_xseg_mask_and_training_uses_it(tmp_path, landmarks
     # another face type: the mask follows the same re-crop as the image
     other = FaceSamples(tmp_path / "ours", 32, "f", AugmentOptions()).sample(0, np.random.default_rng(0), augment=False)["mask"]
     assert 0 < other.mean() < 1 and not np.allclose(other[..., 0], mask)
+
+
+def test_dfl_import_reads_the_mask_as_dfl_stores_it_an_encoded_ndarray(tmp_path, landmarks):
+    """DFL's set_xseg_mask keeps cv2.imencode's result, an (N, 1) uint8 array of PNG (or JPEG) bytes, and its
+    SegIEPolys.dump() float32 point arrays: both come through; a bad polygon or an image-shaped array is judged
+    for what it is."""
+    side = 64
+    lm = landmarks * (side / 600)
+    xseg = np.zeros((128, 128), np.uint8)
+    cv2.rectangle(xseg, (20, 30), (100, 110), 255, -1)
+    base = {"face_type": "whole_face", "landmarks": lm.astype(np.float32), "source_filename": "a.png",
+            "source_rect": (0, 0, 9, 9), "source_landmarks": lm, "image_to_face_mat": np.eye(2, 3)}
+    polys = {"polys": [{"type": 1, "pts": np.array([[1, 2], [30, 2], [30, 40]], np.float32)},
+                       {"type": 0, "pts": np.array([[5.5, 5.25], [9, 5], [9, 9]], np.float32)}]}
+    (tmp_path / "dfl").mkdir()
+    (tmp_path / "ours").mkdir()
+    # DFL's OpenCV returns (N, 1) from imencode, newer ones (N,): both are DFL files in the wild
+    cases = {"png": cv2.imencode(".png", xseg)[1].reshape(-1, 1),
+             "jpg": cv2.imencode(".jpg", xseg, [int(cv2.IMWRITE_JPEG_QUALITY), 100])[1].reshape(-1),
+             "image": xseg[..., None] // 255}  # very old files: the 0..1 mask image itself
+    for name, buf in cases.items():
+        _dfljpg(tmp_path / "dfl" / f"{name}.jpg", {**base, "xseg_mask": buf, "seg_ie_polys": polys}, side)
+        meta = import_dfl_file(tmp_path / "dfl" / f"{name}.jpg", tmp_path / "ours" / f"{name}.jpg")
+        back = read_meta(tmp_path / "ours" / f"{name}.jpg").xseg_mask(128)
+        assert back is not None and np.abs(back - xseg / 255).max() < (0.1 if name == "jpg" else 1e-6), name
+        assert meta.extra["seg_ie_polys"] == {"polys": [{"type": 1, "pts": [[1.0, 2.0], [30.0, 2.0], [30.0, 40.0]]},
+                                                         {"type": 0, "pts": [[5.5, 5.25], [9.0, 5.0], [9.0, 9.0]]}]}
+    bad_polys = {"polys": [{"type": 7, "pts": np.zeros((3, 2), np.float32)}]}
+    _dfljpg(tmp_path / "dfl" / "bad.jpg", {**base, "seg_ie_polys": bad_polys}, side)
+    with pytest.raises(FacesetError, match=r"bad\.jpg: polygon 0 has type 7"):
+        import_dfl_file(tmp_path / "dfl" / "bad.jpg", tmp_path / "ours" / "bad.jpg")
+    _dfljpg(tmp_path / "dfl" / "junk.jpg", {**base, "xseg_mask": np.arange(300, dtype=np.uint8)[:, None]}, side)
+    with pytest.raises(FacesetError, match=r"junk\.jpg: DeepFaceLab xseg_mask is neither"):
+        import_dfl_file(tmp_path / "dfl" / "junk.jpg", tmp_path / "ours" / "junk.jpg")
+    assert not (tmp_path / "ours" / "bad.jpg").exists() and not (tmp_path / "ours" / "junk.jpg").exists()
 
 
 def test_hull_mask_raises_the_brows_by_dfls_per_point_rule(landmarks):

@@ -137,14 +137,22 @@ def _raw_rgb(c: Context) -> np.ndarray:
     return c.region * (1 - square) + np.clip(_paste(c.predicted, c.out_mat, c.size), 0, 1) * square
 
 
+def crop_hull(crop: FaceCrop, resolution: int) -> np.ndarray:
+    """The landmark hull of the face in its R x R crop (the `dst` mask mode, and the area the occlusion report
+    measures against)."""
+    return hull_mask((resolution, resolution), transform_points(crop.landmarks, crop.mat))
+
+
 def merge_face(frame: np.ndarray, crop: FaceCrop, predicted: tuple[np.ndarray, np.ndarray, np.ndarray], opts: MergeOptions,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray] | None:
+               rng: np.random.Generator, xseg_prd: np.ndarray | None = None,
+               xseg_dst: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """(new frame, frame mask) with this face swapped in, or None when its mask is too small to paste (DFL skips
-    it). `frame` is float32 BGR 0..1 and is not modified. raw-predict returns the prediction itself."""
+    it). `frame` is float32 BGR 0..1 and is not modified. raw-predict returns the prediction itself.
+    `xseg_prd` / `xseg_dst` (R x R) are the segmenter's masks of the prediction and of the crop, for the XSeg modes."""
     prd_face, prd_mask, dst_mask = (np.clip(np.asarray(a, np.float32), 0, 1) for a in predicted)
     r = prd_face.shape[0]
-    hull = hull_mask((r, r), transform_points(crop.landmarks, crop.mat))
-    work = face_mask(opts.mask_mode, MaskInputs(hull, prd_mask[..., 0], dst_mask[..., 0]))
+    hull = crop_hull(crop, r)
+    work = face_mask(opts.mask_mode, MaskInputs(hull, prd_mask[..., 0], dst_mask[..., 0], xseg_prd, xseg_dst))
     if opts.mode == "raw-predict":
         return prd_face, work[..., None]
     scale = 1.0 + 0.01 * opts.output_face_scale

@@ -14,6 +14,8 @@ from ..extract.config import PLUGINS, VIDEO_EXTENSIONS
 from ..face_types import FACE_TYPES
 
 MASK_MODES = ("full", "dst", "learned-prd", "learned-dst", "learned-prd*learned-dst", "learned-prd+learned-dst")
+#: DFL's modes 6-9: they read a segmenter's masks, so they need --xseg_model (MASK_MODES need only the face model)
+XSEG_MASK_MODES = ("XSeg-prd", "XSeg-dst", "XSeg-prd*XSeg-dst", "learned-prd*learned-dst*XSeg-prd*XSeg-dst")
 BLEND_MODES = ("original", "overlay", "hist-match", "seamless", "seamless-hist-match", "raw-rgb", "raw-predict")
 SWAP_CT_MODES = ("none", "rct", "lct", "mkl", "mkl-m", "idt", "idt-m", "sot", "sot-m")
 IMAGE_OUTPUTS = {".png", ".jpg", ".jpeg"}
@@ -69,8 +71,13 @@ class SwapConfig(JobConfig):
     # ---- merge (DFL's merger options)
     mode: str = opt("overlay", "blend: original, overlay, hist-match, seamless, seamless-hist-match, raw-rgb, raw-predict",
                     choices=BLEND_MODES, group="merge")
-    mask_mode: str = opt("learned-prd*learned-dst", "full, dst (landmark hull), learned-prd, learned-dst, their product or sum",
-                         choices=MASK_MODES, group="merge")
+    mask_mode: str = opt("learned-prd*learned-dst", "full, dst (landmark hull), learned-prd, learned-dst, their product or sum; "
+                         "XSeg-prd, XSeg-dst, their product, or all four multiplied (with --xseg_model)",
+                         choices=[*MASK_MODES, *XSEG_MASK_MODES], group="merge")
+    xseg_model: str = opt("", "a segmenter from `face xseg train` (.safetensors): needed by the XSeg mask modes; with any "
+                          "mode it also reports the frames where something covers the face", path="file", group="merge")
+    occlusion_threshold: float = opt(0.15, "with --xseg_model: list the frames where XSeg calls more than this share of "
+                                     "a face's landmark area not face (covered)", ge=0, le=1, group="merge")
     erode_mask_modifier: int = opt(0, "erode (>0) or dilate (<0) the mask, in 4x sub-resolution pixels", ge=-400, le=400,
                                    group="merge")
     blur_mask_modifier: int = opt(0, "blur the mask edge, in 4x sub-resolution pixels", ge=0, le=400, group="merge")
@@ -113,6 +120,8 @@ class SwapConfig(JobConfig):
             out.append(("c2pa_key", "C2PA signing needs both --c2pa_cert and --c2pa_key"))
         if self.c2pa_cert and self.output_kind == "video" and Path(self.output).suffix.lower() not in (".mp4", ".m4v", ".mov"):
             out.append(("c2pa_cert", "C2PA signing of video needs an .mp4 or .mov output"))
+        if self.xseg_model and Path(self.xseg_model).suffix.lower() != ".safetensors":
+            out.append(("xseg_model", f"{self.xseg_model}: expected a .safetensors segmenter from `face xseg train`"))
         if self.blursharpen_amount > 0 and self.sharpen_mode == "none":
             out.append(("sharpen_mode", "set box or gaussian to sharpen (a positive --blursharpen_amount)"))
         return out
@@ -123,6 +132,11 @@ class SwapConfig(JobConfig):
             out.append(("input", f"input not found: {self.input}"))
         if self.model and not Path(self.model).is_file():
             out.append(("model", f"model file not found: {self.model}"))
+        if self.mask_mode in XSEG_MASK_MODES and not self.xseg_model:
+            out.append(("xseg_model", f"mask mode {self.mask_mode} needs a segmenter: pass --xseg_model (train one with "
+                        "`face xseg train`), or choose a mode without XSeg"))
+        if self.xseg_model and not Path(self.xseg_model).is_file():
+            out.append(("xseg_model", f"xseg model file not found: {self.xseg_model}"))
         if self.dst_faceset and not Path(self.dst_faceset).is_dir():
             out.append(("dst_faceset", f"faceset folder not found: {self.dst_faceset}"))
         for name in ("c2pa_cert", "c2pa_key"):

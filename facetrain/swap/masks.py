@@ -1,6 +1,7 @@
 """Merge masks (DFL's mask modes) and their processing at 4x sub-resolution (docs/face-swap.md#mask-modes, docs/face-swap.md#mask-processing).
 
-A mask mode picks the face-space mask from the landmark hull and the model's two learned masks. Erosion and
+A mask mode picks the face-space mask from the landmark hull, the model's two learned masks and, for DFL's
+modes 6-9, a separate segmenter's (XSeg's) masks of the predicted face and of the dst crop. Erosion and
 blur then run on a zero-padded 4R copy, so a blur of N sub-pixels fades out inside the crop instead of being
 cut at its edge, which is what lets DFL's blur values mean the same at every model resolution.
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from loratrain.core.errors import ConfigError
 from loratrain.core.registry import Registry
 
 NOISE = 1.0 / 255.0
@@ -22,6 +24,15 @@ class MaskInputs:
     hull: np.ndarray        # R x R landmark hull of the dst face
     predicted: np.ndarray   # R x R mask of the predicted (src-likeness) face
     dst: np.ndarray         # R x R learned dst mask
+    xseg_prd: np.ndarray | None = None  # R x R segmenter mask of the predicted face (modes XSeg-prd, 8, 9)
+    xseg_dst: np.ndarray | None = None  # R x R segmenter mask of the dst crop (modes XSeg-dst, 8, 9)
+
+    def xseg(self, which: str) -> np.ndarray:
+        """`xseg_prd` or `xseg_dst`; missing means the swap was set up without the segmenter this mode needs."""
+        mask = getattr(self, which)
+        if mask is None:
+            raise ConfigError(f"mask_mode: an XSeg mode needs the {which.replace('_', '-')} mask: pass --xseg_model")
+        return mask
 
 
 MASK_MODES: Registry[Callable[[MaskInputs], np.ndarray]] = Registry("mask mode")
@@ -31,6 +42,31 @@ MASK_MODES.register("learned-prd")(lambda m: m.predicted)
 MASK_MODES.register("learned-dst")(lambda m: m.dst)
 MASK_MODES.register("learned-prd*learned-dst")(lambda m: m.predicted * m.dst)
 MASK_MODES.register("learned-prd+learned-dst")(lambda m: np.clip(m.predicted + m.dst, 0, 1))
+# DFL's modes 6-9: the segmenter's masks, alone, multiplied, and multiplied with both learned masks
+MASK_MODES.register("XSeg-prd")(lambda m: m.xseg("xseg_prd"))
+MASK_MODES.register("XSeg-dst")(lambda m: m.xseg("xseg_dst"))
+MASK_MODES.register("XSeg-prd*XSeg-dst")(lambda m: m.xseg("xseg_prd") * m.xseg("xseg_dst"))
+MASK_MODES.register("learned-prd*learned-dst*XSeg-prd*XSeg-dst")(
+    lambda m: m.predicted * m.dst * m.xseg("xseg_prd") * m.xseg("xseg_dst"))
+
+#: which segmenter masks each XSeg mode reads: (of the predicted face, of the dst crop)
+XSEG_NEEDS: dict[str, tuple[bool, bool]] = {
+    "xseg-prd": (True, False), "xseg-dst": (False, True), "xseg-prd*xseg-dst": (True, True),
+    "learned-prd*learned-dst*xseg-prd*xseg-dst": (True, True)}
+
+
+def xseg_needs(mode: str) -> tuple[bool, bool]:
+    """(needs XSeg-prd, needs XSeg-dst) for a mask mode: so the swap runs the segmenter only where it is read."""
+    return XSEG_NEEDS.get(mode.lower(), (False, False))
+
+
+def occluded_share(xseg_dst: np.ndarray, hull: np.ndarray) -> float:
+    """The part of the face (its landmark hull) that the segmenter does not call face: something covers it
+    (a hand, a microphone, hair), so the swapped face is cut there and the frame is worth a look."""
+    area = float(hull.sum())
+    if area <= 0:
+        return 0.0
+    return float(np.clip(1.0 - float((xseg_dst * hull).sum()) / area, 0.0, 1.0))
 
 
 def face_mask(mode: str, inputs: MaskInputs) -> np.ndarray:

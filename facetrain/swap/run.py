@@ -5,6 +5,9 @@ filters by identity, smooths and aligns the faces; the calling thread predicts t
 merges, labels and encodes them in frame order. OpenCV, onnxruntime, torch and ffmpeg release the GIL, so
 the stages overlap. What happens to one frame lives in `frame.py`, which the UI's preview calls as well. Everything that can be wrong with the input, the model or the output is checked before
 the model loads.
+
+With an XSeg segmenter the result also lists the frames where something covers a face (the occlusion report,
+docs/face-swap.md#occlusion-report), worst first: those are the frames a user should look at first.
 """
 from __future__ import annotations
 
@@ -25,13 +28,15 @@ from loratrain.core.progress import Reporter, StopFlag
 
 from .compose import FaceCrop, MergeOptions
 from .config import SwapConfig
-from .frame import FaceFinder, Prediction, check_model, compose_frame, find_crops, output_size, predict_crops, to_work
+from .frame import FaceFinder, Prediction, check_model, compose_frame, find_crops, open_segmenter, output_size, predict_crops, to_work
 from .media import ResumeState, Source, VideoSink, fingerprint, open_source, write_frame_image, write_image
 from .predict import load_predictor
 from .smooth import Smoother
 
 #: options that do not change a pixel of the output (everything else is part of the resume key)
-NOT_IN_KEY = {"output", "overwrite", "quiet", "batch_size", "device", "output_frames"}
+NOT_IN_KEY = {"output", "overwrite", "quiet", "batch_size", "device", "output_frames", "occlusion_threshold"}
+#: frames of the occlusion report named in the summary (the result holds them all)
+SHOWN_OCCLUDED = 10
 
 
 @dataclass
@@ -44,12 +49,16 @@ class SwapResult(JobResult):
     other_people: int = 0
     resumed_at: int = -1
     seconds: float = 0.0
+    occlusion_threshold: float | None = None  # None: no --xseg_model, nothing measured
+    occluded: list[tuple[int, float]] = field(default_factory=list)  # (frame, worst face's hidden share), worst first
 
     def summary(self) -> list[str]:
         rate = self.frames / self.seconds if self.seconds else 0.0
         lines = [f"{self.faces} face(s) swapped in {self.frames} frame(s) ({rate:.1f} frames/s); {self.frames_without_face} "
                  f"frame(s) without a face; {self.faces_skipped} face(s) too small to paste; {self.other_people} face(s) of "
                  "other people left alone"]
+        if self.occlusion_threshold is not None:
+            lines.append(self._occlusion_line())
         if self.resumed_at >= 0:
             lines.append(f"resumed a stopped swap at frame {self.resumed_at}")
         if self.stopped:
@@ -57,6 +66,15 @@ class SwapResult(JobResult):
         else:
             lines.append(f"wrote {self.output} (labelled AI-generated)")
         return lines
+
+
+    def _occlusion_line(self) -> str:
+        limit = f"more than {self.occlusion_threshold:.0%} of a face covered"
+        if not self.occluded:
+            return f"XSeg: no frame with {limit}"
+        shown = ", ".join(f"{index} ({share:.0%})" for index, share in self.occluded[:SHOWN_OCCLUDED])
+        more = f" and {len(self.occluded) - SHOWN_OCCLUDED} more" if len(self.occluded) > SHOWN_OCCLUDED else ""
+        return f"XSeg: {len(self.occluded)} frame(s) with {limit}, worst first (check these): {shown}{more}"
 
 
 @dataclass
@@ -130,7 +148,13 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
     out = Path(cfg.output)
     kind = cfg.output_kind
     parts = out.with_name(f".{out.name}.swap-parts") if kind == "video" else out
-    key = fingerprint(cfg, {k: v for k, v in cfg.model_dump().items() if k not in NOT_IN_KEY})
+    key_fields = {k: v for k, v in cfg.model_dump().items() if k not in NOT_IN_KEY}
+    if cfg.xseg_model:  # a retrained segmenter at the same path changes the masks
+        st = Path(cfg.xseg_model).stat()
+        key_fields["xseg_model_id"] = [Path(cfg.xseg_model).name, st.st_size, st.st_mtime_ns]
+    else:  # no segmenter: the same key as before the option existed, so such a stopped swap still resumes
+        key_fields.pop("xseg_model")
+    key = fingerprint(cfg, key_fields)
     state = ResumeState(parts, key, "state.json" if kind == "video" else ".swap-state.json")
     resumed = kind != "image" and state.load(cfg.overwrite, str(parts))
     if not resumed and kind == "video" and parts.exists():
@@ -143,6 +167,7 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
         signer = C2paSigner(cfg.c2pa_cert, cfg.c2pa_key, cfg.c2pa_alg, cfg.model)
     predictor = load_predictor(cfg.model, cfg.device, cfg.morph_value)
     face_type = check_model(cfg, predictor)
+    segmenter = open_segmenter(cfg)
     finder = FaceFinder(cfg, source)
     smoother = Smoother(source.fps, cfg.smooth, cfg.smooth_min_cutoff, cfg.smooth_beta)
     start_at = state.next_frame if resumed and state.next_frame is not None else first
@@ -151,7 +176,8 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
     else:
         state.segments = []
     seg = cfg.segment_frames
-    result = SwapResult(output=str(out), resumed_at=start_at if resumed else -1)
+    result = SwapResult(output=str(out), resumed_at=start_at if resumed else -1,
+                        occlusion_threshold=cfg.occlusion_threshold if segmenter is not None else None)
     opts = MergeOptions.of(cfg)
     r = predictor.resolution
     errors: list[BaseException] = []
@@ -193,6 +219,8 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
             done = compose_frame(item.index, item.frame, item.crops, item.predicted, opts, cfg.visible_mark, r)
             result.faces += done.faces
             result.faces_skipped += done.skipped
+            if done.occluded and max(done.occluded) > cfg.occlusion_threshold:
+                result.occluded.append((item.index, round(max(done.occluded), 4)))
             if not item.crops:
                 result.frames_without_face += 1
             bgr = done.bgr
@@ -234,7 +262,7 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
             item = found_q.get()
             finished = item is None
             if batch and (finished or window(item.index) != window(batch[0].index)):
-                pred = predict_crops(predictor, [c for b in batch for c in b.crops])
+                pred = predict_crops(predictor, [c for b in batch for c in b.crops], segmenter)
                 k = 0
                 for b in batch:
                     b.predicted, k = pred[k:k + len(b.crops)], k + len(b.crops)
@@ -254,6 +282,7 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
             sink.abort()
         raise errors[0]
     result.seconds, result.other_people = time.perf_counter() - t0, finder.other_people
+    result.occluded.sort(key=lambda x: (-x[1], x[0]))
     if stopped_early:
         result.stopped = True
         if sink is not None:

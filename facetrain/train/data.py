@@ -103,6 +103,15 @@ class FaceSamples(Dataset):
         return {k: torch.from_numpy(np.ascontiguousarray(v.transpose(2, 0, 1))) for k, v in s.items() if k != "landmarks"}
 
 
+def xseg_coverage(samples: FaceSamples, name: str) -> str:
+    """How many faces of a faceset train on an XSeg mask: the rest fall back to the landmark hull (training_mask),
+    which a user who labelled or applied masks should hear about before hours of training, not after."""
+    total = len(samples.metas)
+    n = sum(bool(m.extra.get("xseg_mask")) for m in samples.metas)
+    rest = "" if n == total else " (the rest train on the landmark hull)" if n else " (all train on the landmark hull)"
+    return f"{name} faceset: {n} of {total} faces have XSeg masks{rest}"
+
+
 class RandomFaceSampler(Sampler):
     """Endless (index, seed) pairs; with uniform_yaw, the 128 yaw bins are drawn evenly first."""
 

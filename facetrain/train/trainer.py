@@ -23,7 +23,7 @@ from ..models.archi import FaceAutoencoder, FaceModelConfig, build_model
 from ..models.blocks import _init
 from ..optim import OPTIMIZERS, LrDropout
 from .config import FaceTrainConfig
-from .data import AugmentOptions, FaceSamples, loader
+from .data import AugmentOptions, FaceSamples, loader, xseg_coverage
 from .discriminators import CodeDiscriminator, PatchDiscriminator
 from .losses_step import discriminator_losses, generator_loss
 from .preview import Likeness, preview_grid, write_preview
@@ -271,6 +271,9 @@ def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag) -> FaceTrai
     for note in trainer.notes:
         reporter.log(f"note: {note}")
     src, dst = trainer.datasets()
+    reporter.log(xseg_coverage(src, "src"))
+    if cfg.dst_faceset and Path(cfg.dst_faceset) != Path(cfg.src_faceset):
+        reporter.log(xseg_coverage(dst, "dst"))
     rng = np.random.default_rng(cfg.seed)
     rows = [(src.sample(i % len(src), rng, augment=False), dst.sample(i % len(dst), rng, augment=False)) for i in range(4)]
     likeness = None

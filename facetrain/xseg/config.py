@@ -36,7 +36,7 @@ class XSegTrainConfig(JobConfig):
     keep_backups: int = opt(3, "rotating backups of the model kept beside it", ge=0, group="saving")
     seed: int = opt(0, "random seed", group="saving")
     device: str = opt("auto", "auto, cpu, cuda, mps", choices=list(DEVICES))
-    workers: int = opt(2, "sample-preparing threads", ge=0, le=32)
+    workers: int = opt(1, "prepare the next batch in a background thread while one trains (0: no thread)", ge=0, le=1)
 
     def requirements(self) -> list[Problem]:
         out: list[Problem] = [(name, "is required") for name in ("faceset", "model") if not getattr(self, name)]

@@ -1,6 +1,6 @@
 """The face page: extract aligned faces from images or a video, browse and sort a faceset (setting other
-people aside in `_other/`), train a DF / LIAE model with its live preview and loss curves, export it, and swap
-it onto a video with a one-frame interactive preview.
+people aside in `_other/`), label XSeg masks and train / apply a segmenter (face_masks.py), train a DF / LIAE
+model with its live preview and loss curves, export it, and swap it onto a video with a one-frame interactive preview.
 
 Face swapping is dual use: the page states the consent rule before anything else.
 """
@@ -17,6 +17,7 @@ from loratrain.core.errors import ConfigError
 from ..config import AppContext
 from ..forms import problems_markdown
 from ..sections import JobSection, validate
+from .face_masks import MasksTab
 
 CONSENT = ("**Use only faces of people who have given their consent.** Everything made with these tools from a real "
            "person's face needs that person's permission; swap outputs are labelled as synthetic.")
@@ -33,15 +34,20 @@ def faceset_gallery(folder: Path) -> tuple[list[tuple[str, str]], str]:
     return [(str(p), p.name) for p in faces[:MAX_FACES]], f"{len(faces)} face(s){shown}; {n_other} in _other/"
 
 
-def side_by_side(original: np.ndarray, swapped: np.ndarray) -> np.ndarray:
-    """The frame and the swap's output in one image. raw-predict's output is the model's small aligned
-    prediction: it is enlarged by a whole factor (pixels kept sharp); the shorter image is padded."""
+def side_by_side(original: np.ndarray, *others: np.ndarray) -> np.ndarray:
+    """The frame and the swap's output (and its mask) in one image. raw-predict's output is the model's small
+    aligned prediction: it is enlarged by a whole factor (pixels kept sharp); the shorter images are padded.
+    A grey (H x W) image is shown as RGB."""
     h = original.shape[0]
-    k = max(1, h // max(swapped.shape[0], 1))
-    if k > 1:
-        swapped = np.repeat(np.repeat(swapped, k, 0), k, 1)
-    top = max(h, swapped.shape[0])
-    return np.hstack([np.pad(a, [(0, top - a.shape[0]), (0, 0), (0, 0)]) for a in (original, swapped)])
+    images = [original]
+    for img in others:
+        img = np.repeat(img[..., None], 3, 2) if img.ndim == 2 else img
+        k = max(1, h // max(img.shape[0], 1))
+        if k > 1:
+            img = np.repeat(np.repeat(img, k, 0), k, 1)
+        images.append(img)
+    top = max(a.shape[0] for a in images)
+    return np.hstack([np.pad(a, [(0, top - a.shape[0]), (0, 0), (0, 0)]) for a in images])
 
 
 class Page:
@@ -62,6 +68,8 @@ class Page:
             "Swap": JobSection(ctx, "face swap", "face-swap", title=lambda c: f"swap onto {Path(c.input).name}",
                                start_label="Swap (resumes a stopped swap)"),
         }
+        self.masks = MasksTab(ctx)  # the XSeg editor and the four XSeg jobs
+        self.sections.update(self.masks.sections)
         self.panels = [s.panel for s in self.sections.values()]
 
     def render(self) -> None:
@@ -85,6 +93,8 @@ class Page:
                 open_btn.click(self.open, [folder], [gallery, status], api_name="faceset_open")
                 gallery.select(self.pick, [selected], [selected])
                 move.click(self.move, [folder, selected], [gallery, status, selected], api_name="faceset_move")
+            with gr.Tab("Masks", elem_id="face-tab-masks"):
+                self.masks.render()
             for name in ("Train", "Grow", "Export"):
                 with gr.Tab(name, elem_id=f"face-tab-{name.lower()}"):
                     gr.Markdown(self.sections[name].spec.help.capitalize() + ".")
@@ -96,14 +106,21 @@ class Page:
                 section.render()
                 with gr.Row():
                     frame_no = gr.Slider(0, 10000, value=0, step=1, label="preview frame", elem_id="face-swap-frame", scale=4)
+                    show_mask = gr.Checkbox(False, label="show mask", elem_id="face-swap-show-mask", scale=1,
+                                            info="the merge mask of the chosen mask mode, in grey, beside the swap")
                     show = gr.Button("Preview frame", elem_id="face-swap-preview", scale=1)
-                shown = gr.Image(label="frame | swapped", elem_id="face-swap-preview-image", interactive=False)
+                shown = gr.Image(label="frame | swapped (| mask)", elem_id="face-swap-preview-image", interactive=False)
                 note = gr.Markdown(elem_id="face-swap-preview-note")
-                show.click(self.preview, [frame_no, *section.form.inputs()], [shown, note], api_name="face_swap_preview")
+                show.click(self.show_preview, [frame_no, show_mask, *section.form.inputs()], [shown, note],
+                           api_name="face_swap_preview")
 
     # ---- handlers ------------------------------------------------------------------------------
     def preview(self, frame_no: float, *values: Any) -> list[Any]:
         """The swap options applied to one frame, side by side with the original (DFL's interactive merger)."""
+        return self.show_preview(frame_no, False, *values)
+
+    def show_preview(self, frame_no: float, show_mask: bool, *values: Any) -> list[Any]:
+        """The preview, with the merge mask of the chosen mask mode as a third, grey image when `show_mask`."""
         section = self.sections["Swap"]
         data = section.data(list(values))
         data["output"] = data.get("output") or "preview.png"
@@ -111,12 +128,16 @@ class Page:
         if cfg is None or problems:
             return [None, problems_markdown(problems)]
         try:
-            from loratrain.facetrain.swap.preview import preview_frame
+            from loratrain.facetrain.swap.preview import preview
 
-            original, swapped, n = preview_frame(cfg, int(frame_no))  # type: ignore[arg-type]
+            got = preview(cfg, int(frame_no))  # type: ignore[arg-type]
         except (ConfigError, ValueError, OSError) as e:
             return [None, f"**{e}**"]
-        return [side_by_side(original, swapped), f"frame {int(frame_no)}: {n} face(s) swapped"]
+        images = (got.original, got.output, got.mask) if show_mask else (got.original, got.output)
+        note = f"frame {int(frame_no)}: {got.faces} face(s) swapped"
+        if got.occluded:
+            note += "; XSeg: " + ", ".join(f"{share:.0%}" for share in got.occluded) + " of the face covered"
+        return [side_by_side(*images), note]
 
     def open(self, folder: str) -> list[Any]:
         try:
