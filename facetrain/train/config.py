@@ -10,6 +10,13 @@ from loratrain.core.errors import Problem
 from loratrain.core.precision import CANONICAL
 
 from ..face_types import FACE_TYPES
+from .options.amp import AmpOptions
+from .options.control import ControlOptions
+from .options.diagnosis import DiagnosisOptions
+from .options.plan import PlanOptions
+
+#: the option groups beyond SAEHD's own, each with its `group_problems`
+GROUPS = (PlanOptions, DiagnosisOptions, ControlOptions, AmpOptions)
 
 CT_MODES = ("rct", "lct", "mkl", "idt", "sot")  # facetrain.color registers exactly these (checked by a test)
 #: DeepFaceLab's pretrain rules: the options pretraining forces (said in the log when they change a value)
@@ -19,7 +26,7 @@ PRETRAIN_SETTINGS: dict[str, Any] = {
 }
 
 
-class FaceTrainConfig(JobConfig):
+class FaceTrainConfig(AmpOptions, ControlOptions, DiagnosisOptions, PlanOptions, JobConfig):
     model_dir: str = opt("", "folder of the model (created; an existing model there is resumed)", positional=True, path="output")
     src_faceset: str = opt("", "aligned faces of the person to put in (src)", path="dir")
     dst_faceset: str = opt("", "aligned faces of the video to put them onto (dst)", path="dir")
@@ -86,7 +93,7 @@ class FaceTrainConfig(JobConfig):
             out.append(("e_dims", "e_dims and d_dims must be even"))
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             out.append(("batch_size", "batch_size and gradient_accumulation_steps must be at least 1"))
-        return out
+        return out + [p for group in GROUPS for p in group.group_problems(self)]
 
     def requirements(self) -> list[Problem]:
         out: list[Problem] = []

@@ -100,7 +100,9 @@ class FaceSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, seed = key
         s = self.sample(index, np.random.default_rng(seed))
-        return {k: torch.from_numpy(np.ascontiguousarray(v.transpose(2, 0, 1))) for k, v in s.items() if k != "landmarks"}
+        out = {k: torch.from_numpy(np.ascontiguousarray(v.transpose(2, 0, 1))) for k, v in s.items() if k != "landmarks"}
+        out["index"] = torch.tensor(index)  # which face: per-face losses are booked by it
+        return out
 
 
 def xseg_coverage(samples: FaceSamples, name: str) -> str:

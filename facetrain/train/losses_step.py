@@ -25,8 +25,9 @@ def side_loss(cfg: FaceTrainConfig, res: int, batch: dict[str, torch.Tensor], pr
 
 def generator_loss(cfg: FaceTrainConfig, res: int, s: dict[str, torch.Tensor], d: dict[str, torch.Tensor],
                    out: dict[str, torch.Tensor], code_d: torch.nn.Module | None, gan_d: torch.nn.Module | None
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
-    """(loss to backpropagate: summed over the batch as DFL does, logged per-sample means)."""
+                   ) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+    """(loss to backpropagate: summed over the batch as DFL does, logged per-sample means, and the per-sample
+    src and dst reconstruction losses, detached: what per-face diagnosis and the hard-sample sampler read)."""
     src = side_loss(cfg, res, s, out["src"], out["src_mask"])
     dst = side_loss(cfg, res, d, out["dst"], out["dst_mask"])
     total = src.sum() + dst.sum()
@@ -55,7 +56,7 @@ def generator_loss(cfg: FaceTrainConfig, res: int, s: dict[str, torch.Tensor], d
             g = g + 1e-6 * total_variation(out["src"]) + 0.02 * ((out["src"] - s["target"]) ** 2 * (1 - src_mb)).mean(dim=(1, 2, 3))
         total = total + g.sum()
         logs["gan"] = float(g.detach().mean())
-    return total, logs
+    return total, logs, {"src": src.detach(), "dst": dst.detach()}
 
 
 def discriminator_losses(cfg: FaceTrainConfig, s: dict[str, torch.Tensor], out: dict[str, torch.Tensor],

@@ -28,6 +28,7 @@ from .discriminators import CodeDiscriminator, PatchDiscriminator
 from .losses_step import discriminator_losses, generator_loss
 from .preview import Likeness, preview_grid, write_preview
 from .state import load_optimizer, optimizer_tensors, read_checkpoint, save_checkpoint
+from .watchers import Watcher, watchers_for
 
 
 @dataclass
@@ -38,6 +39,7 @@ class FaceTrainResult(JobResult):
     preview_path: Path | None = None
     notes: list[str] = field(default_factory=list)
     logs_dir: Path | None = None
+    ended_by: str = ""  # the rule that ended the run before max_iters (a plan's end rule, early stopping)
 
     def summary(self) -> list[str]:
         last = self.history[-1] if self.history else {}
@@ -89,6 +91,10 @@ class FaceTrainer:
         self.notes: list[str] = list(mode_notes)
         self.iteration = 0
         self.reset_state = False  # set when pretraining ends: optimizer states no longer apply
+        self.watchers: list[Watcher] = []
+        self.watcher_states: dict[str, dict] = {}  # what the saved model's watchers counted (their `state()`)
+        self.src: FaceSamples | None = None
+        self.dst: FaceSamples | None = None
         self.model, saved = self._load_model()
         self.res = self.model.cfg.resolution
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -110,6 +116,10 @@ class FaceTrainer:
         amp = cfg.precision != "fp32" and self.device.type == "cuda"
         self.autocast_dtype = dtype_of(cfg.precision) if amp else None
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        #: extra loss terms: fn(src batch, dst batch, model outputs) -> (summed loss, logs)
+        self.loss_terms: list = []
+        self.last_faces: dict[str, torch.Tensor | None] = {}
+        self.last_per_sample: dict[str, torch.Tensor] = {}
         if cfg.precision != "fp32" and not amp:
             self.notes.append(f"precision {cfg.precision} is a GPU setting; training in fp32 on {self.device.type}")
 
@@ -130,6 +140,8 @@ class FaceTrainer:
         except RuntimeError as e:
             raise ValueError(f"{self.model_path}: weights do not fit the saved architecture ({e})") from None
         self.iteration = int(info.get("iteration", 0))
+        states = info.get("watchers")
+        self.watcher_states = {k: v for k, v in states.items() if isinstance(v, dict)} if isinstance(states, dict) else {}
         saved_type = info.get("options", {}).get("face_type")
         if saved_type and saved_type != cfg.face_type:
             self.notes.append(f"the model was trained on face type {saved_type!r}; keeping it (face_type is a first-run option)")
@@ -163,7 +175,8 @@ class FaceTrainer:
     def save(self) -> Path:
         weights = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
         info = {"model": dataclasses.asdict(self.model.cfg), "iteration": self.iteration, "pretrain": self.cfg.pretrain,
-                "options": {k: v for k, v in self.cfg.model_dump().items() if not isinstance(v, list)}}
+                "options": {k: v for k, v in self.cfg.model_dump().items() if not isinstance(v, list)},
+                "watchers": {w.name: w.state() for w in self.watchers if w.name}}
         tensors, meta = optimizer_tensors(self.opt, self.named, "opt")
         state_meta = {"opt": meta}
         for name, opt in self.d_opts.items():
@@ -175,6 +188,10 @@ class FaceTrainer:
         return self.model_path
 
     # ------------------------------------------------------------ data
+    def loader(self, samples: FaceSamples, seed: int) -> torch.utils.data.DataLoader:
+        """The endless batch source of one side (a sampler can be swapped in here: the hard-sample one)."""
+        return loader(samples, self.cfg.batch_size, self.cfg.uniform_yaw, self.cfg.workers, seed)
+
     def datasets(self) -> tuple[FaceSamples, FaceSamples]:
         cfg = self.cfg
         dst_dir = cfg.dst_faceset or cfg.src_faceset
@@ -187,7 +204,9 @@ class FaceTrainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch on the device, plus its blurred mask, which every loss term then shares."""
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
-        out = {k: v.to(self.device, non_blocking=True).contiguous(memory_format=fmt) for k, v in batch.items()}
+        out = {k: v.to(self.device, non_blocking=True).contiguous(memory_format=fmt) for k, v in batch.items() if k != "index"}
+        if "index" in batch:
+            out["index"] = batch["index"]  # stays on the CPU: bookkeeping, not maths
         out["mask_blur"] = soft_mask(out["mask"], self.res)
         return out
 
@@ -195,6 +214,13 @@ class FaceTrainer:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def lr_at(self, iteration: int) -> float:
+        """The learning rate of the update after `iteration` steps (lr_dropout's cosine cycle when on)."""
+        lr = self.cfg.lr
+        if self.lr_dropout:
+            lr *= self.lr_dropout.lr_scale(iteration)
+        return lr
 
     # ------------------------------------------------------------ one iteration
     def step(self, src_iter, dst_iter) -> dict[str, float]:  # noqa: ANN001
@@ -205,7 +231,13 @@ class FaceTrainer:
             with self._autocast():
                 out = self.model.train_forward(s["input"], d["input"])
                 out = {k: v.float() for k, v in out.items()}
-                loss, logs = generator_loss(cfg, self.res, s, d, out, self.code_d, self.gan_d)
+                loss, logs, per_sample = generator_loss(cfg, self.res, s, d, out, self.code_d, self.gan_d)
+                for term in self.loss_terms:  # extra terms a feature adds (each returns its summed loss and logs)
+                    extra, extra_logs = term(s, d, out)
+                    loss = loss + extra
+                    logs.update(extra_logs)
+            self.last_faces = {"src": s.get("index"), "dst": d.get("index")}
+            self.last_per_sample = per_sample
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at iteration {self.iteration + 1}; stopping "
                                          f"without saving (the last save in {self.dir} is intact). Lower --lr or "
@@ -216,9 +248,8 @@ class FaceTrainer:
             self.scaler.unscale_(self.opt)
         if cfg.clipgrad:
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        lr = cfg.lr
+        lr = self.lr_at(self.iteration)
         if self.lr_dropout:
-            lr = cfg.lr * self.lr_dropout.lr_scale(self.iteration)
             self.lr_dropout.before_step()
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -264,13 +295,16 @@ def run_face_train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag) -> 
         return _train(cfg, reporter, stop)
 
 
-def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag) -> FaceTrainResult:
+def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag, extra_watchers: list[Watcher] | None = None
+           ) -> FaceTrainResult:
+    """One run of the loop. `extra_watchers` (a plan's end rule) follow it beside the ones the options ask for."""
     trainer = FaceTrainer(cfg, reporter)
     cfg = trainer.cfg
     result = FaceTrainResult(iteration=trainer.iteration, notes=trainer.notes, logs_dir=trainer.dir / "logs")
     for note in trainer.notes:
         reporter.log(f"note: {note}")
     src, dst = trainer.datasets()
+    trainer.src, trainer.dst = src, dst
     reporter.log(xseg_coverage(src, "src"))
     if cfg.dst_faceset and Path(cfg.dst_faceset) != Path(cfg.src_faceset):
         reporter.log(xseg_coverage(dst, "dst"))
@@ -284,8 +318,13 @@ def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag) -> FaceTrai
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(trainer.dir / "logs"))
-    src_iter = iter(loader(src, cfg.batch_size, cfg.uniform_yaw, cfg.workers, cfg.seed))
-    dst_iter = iter(loader(dst, cfg.batch_size, cfg.uniform_yaw, cfg.workers, cfg.seed + 7))
+    watchers = watchers_for(trainer, reporter) + list(extra_watchers or [])
+    trainer.watchers = watchers
+    for w in watchers:
+        w.restore(trainer.watcher_states.get(w.name, {}) if w.name else {})
+        w.start(trainer, result, writer)
+    src_iter = iter(trainer.loader(src, cfg.seed))
+    dst_iter = iter(trainer.loader(dst, cfg.seed + 7))
     reporter.start(cfg.max_iters, f"training {trainer.model.cfg.archi} {trainer.res}px on {trainer.device.type}",
                    initial=min(trainer.iteration, cfg.max_iters))
     trainer.dir.mkdir(parents=True, exist_ok=True)
@@ -297,6 +336,7 @@ def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag) -> FaceTrai
             reporter.advance(1, src=logs["src_loss"], dst=logs["dst_loss"])
             for k, v in logs.items():
                 writer.add_scalar(f"loss/{k}", v, it)
+            reasons = [r for w in watchers if (r := w.after_step(trainer, logs))]
             if it % cfg.preview_every == 0 or it == cfg.max_iters:
                 grid, score = trainer.preview(src, dst, likeness, rows)
                 result.preview_path = write_preview(grid, trainer.dir / "preview.png")
@@ -305,12 +345,21 @@ def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag) -> FaceTrai
                 if score is not None and math.isfinite(score):
                     writer.add_scalar("likeness/swap_to_src_identity_distance", score, it)
                     result.history[-1]["likeness"] = score
+                else:
+                    score = None
+                reasons += [r for w in watchers if (r := w.after_preview(trainer, score, logs))]
+            if reasons:
+                result.ended_by = "; ".join(reasons)
+                reporter.log(f"iteration {it}: {result.ended_by}")
+                break
             if it % cfg.save_every == 0:
                 result.model_path = trainer.save()
             if stop.is_set():
                 result.stopped = True
                 break
         result.model_path = trainer.save()
+        for w in watchers:
+            w.finish(trainer, result)
     finally:
         writer.close()
         reporter.done("")
