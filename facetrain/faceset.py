@@ -73,6 +73,12 @@ def decode_mask(data: object, size: int) -> np.ndarray | None:
         raw = base64.b64decode(data, validate=False)
     except ValueError:
         return None
+    try:  # the header first: a few kB of PNG can inflate to gigabytes
+        with Image.open(io.BytesIO(raw)) as probe:
+            if max(probe.size) > MAX_MASK_SIDE:
+                return None
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
     mask = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         return None
