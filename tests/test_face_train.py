@@ -144,9 +144,9 @@ def test_nan_guard_keeps_last_save(facesets, tmp_path, monkeypatch):
     calls = {"n": 0}
 
     def poisoned(*a, **k):
-        loss, logs = real(*a, **k)
+        loss, logs, per_sample = real(*a, **k)
         calls["n"] += 1
-        return (loss * float("nan"), logs) if calls["n"] == 15 else (loss, logs)
+        return (loss * float("nan") if calls["n"] == 15 else loss), logs, per_sample
 
     monkeypatch.setattr(trainer_mod, "generator_loss", poisoned)
     with pytest.raises(FloatingPointError, match="iteration 15"):
