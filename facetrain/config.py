@@ -10,6 +10,8 @@ class GrowConfig(JobConfig):
     model: str = opt("", "the model's .safetensors file", positional=True, path="file")
     resolution: int = opt(0, "the new, larger resolution", ge=0)
     keep_backups: int = opt(3, "rotating backups kept in backups/", ge=0)
+    lock_old_iters: int = opt(0, "keep the layers the grow keeps locked for the first N iterations of training (the "
+                                 "re-initialised ones train alone meanwhile); 0 = no lock", ge=0)
 
     def requirements(self) -> list[Problem]:
         out = [("model", "is required")] if not self.model else []

@@ -1,7 +1,8 @@
 """ONNX export in DeepFaceLab's .dfm contract, so the swap path and DFM-reading tools can run the model.
 
 Input `in_face:0`: NHWC float, BGR 0..1, resolution x resolution. Outputs: `out_celeb_face` (the face in
-src's likeness), `out_celeb_face_mask` (its mask) and `out_face_mask` (the dst mask), all NHWC.
+src's likeness), `out_celeb_face_mask` (its mask) and `out_face_mask` (the dst mask), all NHWC. An AMP model
+also takes `morph_value:0`, shape [1], in 0..1, as DFL's AMP export does (docs/face-model.md#amp).
 """
 from __future__ import annotations
 
@@ -24,9 +25,17 @@ class _DfmWrapper(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, face: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.model.swap(face.permute(0, 3, 1, 2))
+    def forward(self, face: torch.Tensor, morph: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = face.permute(0, 3, 1, 2)
+        out = self.model.swap(x) if morph is None else self.model.swap(x, morph)
         return tuple(t.permute(0, 2, 3, 1) for t in out)
+
+
+def takes_morph(model: FaceAutoencoder) -> bool:
+    """AMP's swap mixes two codes by a morph value; the exported model then has DFL's `morph_value:0` input."""
+    from .models.amp import AMP
+
+    return isinstance(model, AMP)
 
 
 def load_face_model(path: str | Path) -> tuple[FaceAutoencoder, dict]:
@@ -42,10 +51,13 @@ def export_onnx(model_path: str | Path, output: str | Path, opset: int = 17) -> 
     model, info = load_face_model(model_path)
     res = model.cfg.resolution
     wrapper = _DfmWrapper(model).eval()
-    example = torch.rand(1, res, res, 3)
+    example: tuple[torch.Tensor, ...] = (torch.rand(1, res, res, 3),)
+    names = ["in_face:0"]
+    if takes_morph(model):
+        example, names = example + (torch.tensor([0.5]),), names + ["morph_value:0"]
     output = Path(output)
     with atomic_path(output) as tmp, torch.no_grad():
-        torch.onnx.export(wrapper, (example,), str(tmp), input_names=["in_face:0"],
+        torch.onnx.export(wrapper, example, str(tmp), input_names=names,
                           output_names=["out_celeb_face", "out_celeb_face_mask", "out_face_mask"],
                           dynamic_axes={"in_face:0": {0: "batch"}}, opset_version=opset, dynamo=False)
         _add_metadata(tmp, {"face_type": str(info.get("options", {}).get("face_type", "")), "resolution": str(res),
@@ -67,13 +79,18 @@ def _add_metadata(path: Path, values: dict[str, str]) -> None:
 @dataclass
 class ExportResult(JobResult):
     output: Path
+    morph: bool = False  # the model has AMP's morph_value:0 input
 
     def summary(self) -> list[str]:
-        return [f"wrote {self.output} (input in_face:0, outputs out_celeb_face, out_celeb_face_mask, out_face_mask)"]
+        inputs = "inputs in_face:0, morph_value:0 (0..1)" if self.morph else "input in_face:0"
+        return [f"wrote {self.output} ({inputs}, outputs out_celeb_face, out_celeb_face_mask, out_face_mask)"]
 
 
 @job
 def run_face_export(cfg: ExportConfig, reporter: Reporter, stop: StopFlag) -> ExportResult:
     """ONNX in DeepFaceLab's .dfm contract, written atomically (one unit)."""
     new_output(cfg.output, cfg.overwrite)
-    return ExportResult(output=export_onnx(cfg.model, cfg.output))
+    output = export_onnx(cfg.model, cfg.output)
+    import onnx
+
+    return ExportResult(output=output, morph=any(i.name == "morph_value:0" for i in onnx.load(str(output)).graph.input))

@@ -37,10 +37,13 @@ class GrowResult(JobResult):
 @job
 def run_face_grow(cfg: GrowConfig, reporter: Reporter, stop: StopFlag) -> GrowResult:
     """Continue a model at a higher resolution (one unit: the previous model is backed up first)."""
-    return grow_model(cfg.model, cfg.resolution, cfg.keep_backups)
+    return grow_model(cfg.model, cfg.resolution, cfg.keep_backups, cfg.lock_old_iters)
 
 
-def grow_model(model_path: str | Path, resolution: int, keep_backups: int = 3) -> GrowResult:
+def grow_model(model_path: str | Path, resolution: int, keep_backups: int = 3, lock_old_iters: int = 0) -> GrowResult:
+    """Grow the model file in place. The re-initialised tensors are recorded in the model info (the trainer's
+    `grow_lock` watcher, train/control.py): training refuses to freeze them before they have trained, and with
+    `lock_old_iters` holds the kept ones still for that many iterations."""
     model_path = Path(model_path)
     weights, info = read_checkpoint(model_path)
     old = FaceModelConfig(**info["model"])
@@ -64,6 +67,9 @@ def grow_model(model_path: str | Path, resolution: int, keep_backups: int = 3) -
         backup_file(state_path, keep_backups)
         state_path.unlink()
     info = {**info, "model": dataclasses.asdict(new_cfg), "grown_from": old.resolution}
+    it = int(info.get("iteration", 0))
+    watchers = info.get("watchers") if isinstance(info.get("watchers"), dict) else {}
+    info["watchers"] = {**watchers, "grow_lock": {"grown_at": it, "until": it + lock_old_iters, "fresh": sorted(fresh)}}
     info.get("options", {})["resolution"] = resolution
     save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, model_path, {CONFIG_KEY: json.dumps(info)})
     return GrowResult(kept, fresh, model_path)

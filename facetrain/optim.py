@@ -35,10 +35,31 @@ class AdaBelief(torch.optim.Optimizer):
         return loss
 
 
+#: factories fn(params, lr, weight_decay=None): None is the optimizer's default (AdamW 0.01; AdaBelief and RMSprop, as
+#: DeepFaceLab uses them, have no decay, so a non-zero value is refused by the options, not silently dropped here)
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("face optimizer")
-OPTIMIZERS.register("adabelief")(lambda params, lr: AdaBelief(params, lr=lr))
-OPTIMIZERS.register("adamw")(lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.01))
-OPTIMIZERS.register("rmsprop")(lambda params, lr: torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-6))
+
+
+def _no_decay(name: str, weight_decay: float | None) -> None:
+    if weight_decay:
+        raise ValueError(f"{name} has no weight decay (use adamw)")
+
+
+@OPTIMIZERS.register("adabelief")
+def _adabelief(params: Iterable, lr: float, weight_decay: float | None = None) -> torch.optim.Optimizer:
+    _no_decay("adabelief", weight_decay)
+    return AdaBelief(params, lr=lr)
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(params: Iterable, lr: float, weight_decay: float | None = None) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.01 if weight_decay is None else weight_decay)
+
+
+@OPTIMIZERS.register("rmsprop")
+def _rmsprop(params: Iterable, lr: float, weight_decay: float | None = None) -> torch.optim.Optimizer:
+    _no_decay("rmsprop", weight_decay)
+    return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-6)
 
 
 class LrDropout:

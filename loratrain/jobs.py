@@ -47,6 +47,7 @@ JOBS: Registry[JobSpec] = Registry("command")
 GROUPS = {"face": "DeepFaceLab-style face tools: extract, sort, train (DF / LIAE), grow, export, swap. "
                   "Use only faces of people who have given their consent.",
           "face xseg": "masks: train a segmenter on hand-labelled faces, apply it to a faceset, remove or undo",
+          "face snapshot": "pinned copies of a face model (never rotated away): save, list, restore (itself undoable)",
           "lora": "bake LoRAs (and LyCORIS files) into a checkpoint, merge LoRAs, resize a LoRA's rank, extract a LoRA "
                   "from two checkpoints, convert an (IA)^3 file to a LoRA",
           "dataset": "prepare repeat folders, check quality, extract video frames",
@@ -134,6 +135,11 @@ add(
             "sort a faceset by yaw, pitch, blur, hist or identity", extras=FACE),
     JobSpec(("face", "train"), f"{F}.train.config:FaceTrainConfig", f"{F}.train.trainer:run_face_train",
             "train a DF / LIAE face model (SAEHD options)", extras=("cv2",), stop_when="after this iteration and saving", gpu=True),
+    JobSpec(("face", "report"), f"{F}.face_report:FaceReportConfig", f"{F}.face_report:run_face_report",
+            "rank a model's faces worst first by their average loss (bad masks or crops show at the top)",
+            "Reads <model_name>.faces.json, which `face train` keeps beside the model (--face_stats): per face, the "
+            "moving average of its loss and of its mask difference, and how often it was drawn. Flags faces above "
+            "--threshold; --csv / --json write every face."),
     JobSpec(("face", "grow"), f"{F}.config:GrowConfig", f"{F}.grow:run_face_grow",
             "continue a model at a higher resolution (progressive growth)", extras=("cv2",)),
     JobSpec(("face", "export"), f"{F}.config:ExportConfig", f"{F}.export:run_face_export",
@@ -162,6 +168,11 @@ add(
             "remove the XSeg masks of a faceset (polygons stay; undo: `face xseg undo`)", extras=("cv2",)),
     JobSpec(("face", "xseg", "undo"), f"{F}.xseg.config:XSegUndoConfig", f"{F}.xseg.apply:run_xseg_undo",
             "undo the newest `face xseg apply` or `face xseg remove` on a faceset", extras=("cv2",)),
+    *(JobSpec(("face", "snapshot", op), f"{F}.snapshots:SnapshotConfig", f"{F}.snapshots:run_face_snapshot", text, text,
+              fixed={"op": op}, stop_when="(each action is one short copy)")
+      for op, text in (("save", "pin a copy of a face model (model, optimizer state, plan state) as snapshots/NAME"),
+                       ("list", "list a face model's snapshots"),
+                       ("restore", "put a snapshot back (the current files are first pinned as before-restore-<time>)"))),
     JobSpec(("demo",), f"{T}.demo:LoraDemoConfig", f"{T}.demo:run_lora_demo",
             "train a LoRA+LoCon on a tiny built-in model (or `demo face`), end to end, offline", gpu=True),
     JobSpec(("demo", "lora"), f"{T}.demo:LoraDemoConfig", f"{T}.demo:run_lora_demo",

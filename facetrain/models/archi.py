@@ -1,7 +1,8 @@
 """Encoder / Inter / Decoder and the DF and LIAE wiring (docs/face-model.md#architecture).
 
 `archi` strings are DFL's: `df` or `liae`, optionally `-` and any of u (pixel-normed code), d (half-res
-decoder with a depth-to-space output), t (deeper encoder / decoder), c (x*cos(x) activations).
+decoder with a depth-to-space output), t (deeper encoder / decoder), c (x*cos(x) activations); or `amp`
+(DFL's AMP model, in models/amp.py, whose structure is fixed).
 """
 from __future__ import annotations
 
@@ -27,7 +28,13 @@ class ArchSpec:
     def parse(cls, archi: str) -> "ArchSpec":
         kind, _, mods = archi.lower().partition("-")
         if kind not in ARCHITECTURES:
-            raise ValueError(f"unknown archi {archi!r}: use df or liae, optionally with -u, -d, -t, -c (e.g. liae-ud)")
+            raise ValueError(f"unknown archi {archi!r}: use df or liae, optionally with -u, -d, -t, -c (e.g. liae-ud), "
+                             "or amp")
+        fixed = getattr(ARCHITECTURES.get(kind), "fixed_modifiers", None)
+        if fixed is not None:  # a model with one structure (AMP): no modifiers to choose
+            if mods:
+                raise ValueError(f"archi {archi!r}: {kind} takes no modifiers (its structure is fixed)")
+            mods = fixed
         bad = set(mods) - set("udtc")
         if bad:
             raise ValueError(f"archi {archi!r}: unknown modifier(s) {''.join(sorted(bad))}; allowed: u d t c")
@@ -195,6 +202,7 @@ class LIAE(FaceAutoencoder):
 ARCHITECTURES: Registry[type[FaceAutoencoder]] = Registry("face architecture")
 ARCHITECTURES.register("df")(DF)
 ARCHITECTURES.register("liae")(LIAE)
+from . import amp  # noqa: E402,F401  (registers "amp"; it builds on the classes above)
 
 
 def build_model(cfg: FaceModelConfig) -> FaceAutoencoder:

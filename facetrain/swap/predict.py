@@ -32,7 +32,7 @@ PREDICTORS: Registry = Registry("face model kind")
 
 
 @PREDICTORS.register("torch")
-def torch_predictor(path: Path, device: str = "auto", **_: object) -> Predictor:
+def torch_predictor(path: Path, device: str = "auto", morph_value: float = 1.0, **_: object) -> Predictor:
     import torch
 
     from loratrain.core.devices import pick_device
@@ -45,6 +45,8 @@ def torch_predictor(path: Path, device: str = "auto", **_: object) -> Predictor:
         raise ConfigError(f"model: {e}") from None
     dev = pick_device(device)
     model = model.to(dev)
+    if hasattr(model, "morph_value"):  # AMP: the swap's mix of its two codes, as the .dfm's morph_value input
+        model.morph_value = morph_value
 
     def predict(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with torch.inference_mode():

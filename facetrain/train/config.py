@@ -13,10 +13,11 @@ from ..face_types import FACE_TYPES
 from .options.amp import AmpOptions
 from .options.control import ControlOptions
 from .options.diagnosis import DiagnosisOptions
+from .options.distill import DistillOptions
 from .options.plan import PlanOptions
 
 #: the option groups beyond SAEHD's own, each with its `group_problems`
-GROUPS = (PlanOptions, DiagnosisOptions, ControlOptions, AmpOptions)
+GROUPS = (PlanOptions, DiagnosisOptions, ControlOptions, AmpOptions, DistillOptions)
 
 CT_MODES = ("rct", "lct", "mkl", "idt", "sot")  # facetrain.color registers exactly these (checked by a test)
 #: DeepFaceLab's pretrain rules: the options pretraining forces (said in the log when they change a value)
@@ -26,12 +27,12 @@ PRETRAIN_SETTINGS: dict[str, Any] = {
 }
 
 
-class FaceTrainConfig(AmpOptions, ControlOptions, DiagnosisOptions, PlanOptions, JobConfig):
+class FaceTrainConfig(DistillOptions, AmpOptions, ControlOptions, DiagnosisOptions, PlanOptions, JobConfig):
     model_dir: str = opt("", "folder of the model (created; an existing model there is resumed)", positional=True, path="output")
     src_faceset: str = opt("", "aligned faces of the person to put in (src)", path="dir")
     dst_faceset: str = opt("", "aligned faces of the video to put them onto (dst)", path="dir")
     model_name: str = opt("face", "file name stem of the saved model (one name, no folder)", path="name")
-    archi: str = opt("liae-ud", "df or liae, with modifiers -u -d -t -c (e.g. df-ud, liae-udt); first run only")
+    archi: str = opt("liae-ud", "df or liae, with modifiers -u -d -t -c (e.g. df-ud, liae-udt), or amp; first run only")
     resolution: int = opt(128, "face resolution (multiple of 16, or 32 with -d / -t); first run only")
     face_type: str = opt("wf", "h, mf, f, wf or head; faces of another type are re-cropped", choices=list(FACE_TYPES))
     ae_dims: int = opt(256, "autoencoder bottleneck width")
@@ -46,8 +47,8 @@ class FaceTrainConfig(AmpOptions, ControlOptions, DiagnosisOptions, PlanOptions,
     random_hsv_power: float = opt(0.0, "random hue/saturation/value shift of the src input (e.g. 0.05)")
     random_src_flip: bool = opt(False, "random horizontal flips of src (p=0.4)")
     random_dst_flip: bool = opt(True, "random horizontal flips of dst (p=0.4)")
-    ct_mode: str = opt("none", "colour transfer of src samples toward random dst samples: none, rct, lct, mkl, idt, sot",
-                       choices=("none", *CT_MODES))
+    ct_mode: str = opt("none", "colour transfer of src samples toward random dst samples: none, rct, lct, mkl, idt, sot, "
+                               "or random (one of them per sample)", choices=("none", *CT_MODES, "random"))
     optimizer: str = opt("adabelief", "adabelief (DFL's), adamw or rmsprop", registry="loratrain.facetrain.optim:OPTIMIZERS")
     lr: float = opt(5e-5, "learning rate")
     lr_dropout: bool = opt(False, "random sparse updates (30% of weights per step) with a 500-step cosine lr")
@@ -111,7 +112,8 @@ class FaceTrainConfig(AmpOptions, ControlOptions, DiagnosisOptions, PlanOptions,
         """The options training really uses, and a note per option a mode (pretrain) changed."""
         if not self.pretrain:
             return self, []
-        changed = {k: v for k, v in PRETRAIN_SETTINGS.items() if getattr(self, k) != v}
+        forced = {k: v for k, v in PRETRAIN_SETTINGS.items() if not (k == "random_warp" and self.pretrain_random_warp)}
+        changed = {k: v for k, v in forced.items() if getattr(self, k) != v}
         notes = [f"pretrain sets {k} = {v} (was {getattr(self, k)}), as DeepFaceLab's pretraining does" for k, v in changed.items()]
         return self.model_copy(update=changed), notes
 

@@ -15,9 +15,12 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..augment import apply_warp, random_hsv, warp_params
-from ..color import color_transfer
+from ..color import COLOR_TRANSFERS, color_transfer
 from ..faceset import FaceMeta, list_faces, load_face, read_meta
 from ..landmarks import estimate_yaw_pitch, eyes_mouth_mask, face_matrix, hull_mask, transform_points
+
+#: what ct_mode `random` draws from, per sample: every registered mode
+CT_RANDOM_MODES = tuple(COLOR_TRANSFERS.names())
 
 
 @dataclass
@@ -26,6 +29,7 @@ class AugmentOptions:
     flip: bool = False
     hsv_power: float = 0.0
     ct_mode: str = "none"
+    ct_power: float = 1.0  # the recoloured sample mixed with the original (0 = no transfer, 1 = the mode's output)
 
 
 def crop_to_model(img: np.ndarray, meta: FaceMeta, resolution: int, face_type: str) -> tuple[np.ndarray, np.ndarray]:
@@ -86,9 +90,8 @@ class FaceSamples(Dataset):
         mask = mask[..., None]
         em = eyes_mouth_mask((r, r), lm)[..., None]
         o = self.options
-        if o.ct_mode != "none" and self.ct_reference is not None and augment:
-            ref, _ = self.ct_reference.face(int(rng.integers(len(self.ct_reference))))
-            img = color_transfer(o.ct_mode, img, ref, rng=rng)
+        if o.ct_mode != "none" and self.ct_reference is not None and augment and o.ct_power > 0:
+            img = self._recolour(img, rng)
         if not augment:
             return {"input": img, "target": img, "mask": mask, "em": em, "landmarks": lm}
         inp = random_hsv(img, o.hsv_power, rng)
@@ -96,6 +99,27 @@ class FaceSamples(Dataset):
         return {"input": np.clip(apply_warp(inp, p, o.random_warp), 0, 1), "target": np.clip(apply_warp(img, p, False), 0, 1),
                 "mask": np.clip(apply_warp(mask, p, False, is_mask=True), 0, 1),
                 "em": np.clip(apply_warp(em, p, False, is_mask=True), 0, 1)}
+
+    def _recolour(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Colour transfer toward a random reference face at `ct_power`; mode `random` draws one of the modes
+        uniformly per sample from the sample's own seeded generator (docs/face-model.md#finer-control)."""
+        o = self.options
+        ref, _ = self.ct_reference.face(int(rng.integers(len(self.ct_reference))))
+        mode = CT_RANDOM_MODES[int(rng.integers(len(CT_RANDOM_MODES)))] if o.ct_mode == "random" else o.ct_mode
+        moved = color_transfer(mode, img, ref, rng=rng)
+        if o.ct_power >= 1:
+            return moved
+        return (img + np.float32(o.ct_power) * (moved - img)).astype(np.float32)
+
+    def subset(self, indices: list[int]) -> "FaceSamples":
+        """The same faceset restricted to `indices` (held-out validation faces are split off this way, so no
+        sampler can draw them: a sampler only knows the indices of the samples it is given)."""
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        out.paths = [self.paths[i] for i in indices]
+        out.metas = [self.metas[i] for i in indices]
+        out.yaws = self.yaws[np.asarray(indices, dtype=np.int64)]
+        return out
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, seed = key
@@ -136,7 +160,10 @@ class RandomFaceSampler(Sampler):
             yield index, int(rng.integers(2 ** 31))
 
 
-def loader(samples: FaceSamples, batch_size: int, uniform_yaw: bool, workers: int, seed: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(samples, batch_size=batch_size, sampler=RandomFaceSampler(samples, uniform_yaw, seed),
+def loader(samples: FaceSamples, batch_size: int, uniform_yaw: bool, workers: int, seed: int,
+           sampler: Sampler | None = None) -> torch.utils.data.DataLoader:
+    """`sampler` replaces the plain one (the hard-sample sampler of train/diagnosis.py)."""
+    sampler = sampler if sampler is not None else RandomFaceSampler(samples, uniform_yaw, seed)
+    return torch.utils.data.DataLoader(samples, batch_size=batch_size, sampler=sampler,
                                        num_workers=workers, persistent_workers=workers > 0, drop_last=True,
                                        prefetch_factor=4 if workers > 0 else None)

@@ -56,7 +56,8 @@ def generator_loss(cfg: FaceTrainConfig, res: int, s: dict[str, torch.Tensor], d
             g = g + 1e-6 * total_variation(out["src"]) + 0.02 * ((out["src"] - s["target"]) ** 2 * (1 - src_mb)).mean(dim=(1, 2, 3))
         total = total + g.sum()
         logs["gan"] = float(g.detach().mean())
-    return total, logs, {"src": src.detach(), "dst": dst.detach()}
+    return total, logs, {"src": src.detach(), "dst": dst.detach(),  # + mean |learned mask - mask| per face (diagnosis)
+                         **{f"{k}_mask_diff": (out[f"{k}_mask"] - b["mask"]).detach().abs().mean(dim=(1, 2, 3)) for k, b in (("src", s), ("dst", d))}}
 
 
 def discriminator_losses(cfg: FaceTrainConfig, s: dict[str, torch.Tensor], out: dict[str, torch.Tensor],

@@ -1,6 +1,6 @@
 """Saving and resuming a face model without pickle: weights and optimizer states as safetensors, the rest JSON.
 
-Every save is atomic; the previous save is first copied to `backups/` (the newest N are kept), so a crash
+Every save is atomic; the previous save is first copied to `backups/` (the newest N by save order are kept), so a crash
 or a bad run never leaves the user without a loadable model.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from loratrain.core.safe_io import atomic_path, save_safetensors
+from loratrain.core.safe_io import atomic_path, atomic_write_json, save_safetensors
 
 CONFIG_KEY = "loratrain.face_model"
 
@@ -46,22 +46,52 @@ def load_optimizer(opt: torch.optim.Optimizer, named: list[tuple[str, torch.nn.P
     return restored
 
 
+ORDER = "order.json"  # backups/order.json: the save number of each backup, which rotation goes by
+
+
+def _backup_order(folder: Path) -> dict[str, int]:
+    """Each backup's save number (read from a file: anything unexpected counts as unnumbered)."""
+    try:
+        data = json.loads((folder / ORDER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)}
+
+
 def backup_file(path: Path, keep: int) -> None:
-    """Copy `path` into backups/ under its saved iteration, keeping the newest `keep` copies."""
+    """Copy `path` into backups/ (named by its saved iteration) and keep the newest `keep` copies *by save order*.
+
+    Names alone cannot order them: when pretraining ends the iteration count restarts at 0, so a backup named
+    by iteration would sort below every pretraining one and be pruned at once (the bug this replaces). Each
+    backup gets the next number in backups/order.json; files it does not know (made before it existed) count
+    as older than every numbered one, in modification-time order."""
     if not path.exists() or keep <= 0:
         return
     folder = path.parent / "backups"
     folder.mkdir(exist_ok=True)
     try:
         with safe_open(str(path), framework="pt") as f:
-            it = json.loads(f.metadata()[CONFIG_KEY])["iteration"]
+            it = int(json.loads(f.metadata()[CONFIG_KEY])["iteration"])
     except Exception:
         it = 0
-    with atomic_path(folder / f"{path.stem}_{it:07d}{path.suffix}") as tmp:
+    name, k = f"{path.stem}_{it:07d}{path.suffix}", 1
+    order = _backup_order(folder)
+    while (folder / name).exists():  # the same iteration saved again (after pretraining, after a restore)
+        k += 1
+        name = f"{path.stem}_{it:07d}-{k}{path.suffix}"
+    with atomic_path(folder / name) as tmp:
         shutil.copy2(path, tmp)
-    olds = sorted(folder.glob(f"{path.stem}_[0-9]*{path.suffix}"))
-    for old in olds[:-keep]:
+    order[name] = max(order.values(), default=0) + 1
+    mine = [p for p in folder.glob(f"{path.stem}_[0-9]*{path.suffix}") if p.name[len(path.stem) + 1:].split("-")[0]
+            .removesuffix(path.suffix).isdigit()]
+    mine.sort(key=lambda p: (order.get(p.name, 0), p.stat().st_mtime_ns, p.name))
+    for old in mine[:-keep]:
         old.unlink()
+        order.pop(old.name, None)
+    existing = {p.name for p in folder.iterdir()}
+    atomic_write_json(folder / ORDER, {n: v for n, v in order.items() if n in existing})
 
 
 def save_checkpoint(model_path: Path, state_path: Path, weights: dict[str, torch.Tensor], info: dict,

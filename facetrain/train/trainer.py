@@ -26,6 +26,7 @@ from .config import FaceTrainConfig
 from .data import AugmentOptions, FaceSamples, loader, xseg_coverage
 from .discriminators import CodeDiscriminator, PatchDiscriminator
 from .losses_step import discriminator_losses, generator_loss
+from .parallel import NullWriter, Processes
 from .preview import Likeness, preview_grid, write_preview
 from .state import load_optimizer, optimizer_tensors, read_checkpoint, save_checkpoint
 from .watchers import Watcher, watchers_for
@@ -49,8 +50,10 @@ class FaceTrainResult(JobResult):
 
 
 def trainable_parameters(model: FaceAutoencoder, cfg: FaceTrainConfig) -> list[tuple[str, torch.nn.Parameter]]:
-    """Everything except what the freeze flags (and LIAE's random_warp rule) hold still."""
-    frozen: set[int] = set()
+    """Everything except what the freeze flags, `freeze_parts` (control.py) and LIAE's random_warp rule hold still."""
+    from .control import frozen_part_params
+
+    frozen: set[int] = frozen_part_params(model, cfg.freeze_parts)
 
     def freeze(module: torch.nn.Module) -> None:
         frozen.update(id(p) for p in module.parameters())
@@ -89,19 +92,21 @@ class FaceTrainer:
         self.model_path = self.dir / f"{cfg.model_name}.safetensors"
         self.state_path = self.dir / f"{cfg.model_name}.state.safetensors"
         self.notes: list[str] = list(mode_notes)
+        self.dist = Processes.from_env(self.device, self.notes, cfg.batch_size)  # data-parallel (parallel.py)
         self.iteration = 0
         self.reset_state = False  # set when pretraining ends: optimizer states no longer apply
         self.watchers: list[Watcher] = []
         self.watcher_states: dict[str, dict] = {}  # what the saved model's watchers counted (their `state()`)
         self.src: FaceSamples | None = None
         self.dst: FaceSamples | None = None
+        self.held_out: dict[str, FaceSamples] = {}  # validation faces per side (validation_faces), never trained on
         self.model, saved = self._load_model()
         self.res = self.model.cfg.resolution
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(self.device, memory_format=fmt)
         self.named = trainable_parameters(self.model, cfg)  # names key the saved optimizer state
         self.params = [p for _, p in self.named]
-        self.opt = OPTIMIZERS.get(cfg.optimizer)(self.params, cfg.lr)
+        self.opt = OPTIMIZERS.get(cfg.optimizer)(self.params, cfg.lr, weight_decay=cfg.weight_decay)
         self.lr_dropout = LrDropout(self.params) if cfg.lr_dropout else None
         self.code_d = self.gan_d = None
         self.d_opts: dict[str, torch.optim.Optimizer] = {}
@@ -147,12 +152,14 @@ class FaceTrainer:
             self.notes.append(f"the model was trained on face type {saved_type!r}; keeping it (face_type is a first-run option)")
             self.cfg = cfg = cfg.model_copy(update={"face_type": saved_type})
         if info.get("pretrain") and not cfg.pretrain:
-            for name in model.inter_names:
-                _init(getattr(model, name))
+            if not cfg.keep_inter:
+                for name in model.inter_names:
+                    _init(getattr(model, name))
             self.iteration = 0
             self.reset_state = True
             self.notes.append("pretraining finished: inter layer(s) re-initialised and the iteration count reset, "
-                              "as DeepFaceLab does")
+                              "as DeepFaceLab does" if not cfg.keep_inter else
+                              "pretraining finished: inter layer(s) kept (--keep_inter) and the iteration count reset")
         return model, True
 
     def _load_state(self) -> None:
@@ -170,9 +177,12 @@ class FaceTrainer:
                     load_optimizer(opt, list(critic.named_parameters()), name, tensors, meta[name])
         except (ValueError, KeyError, RuntimeError) as e:
             self.notes.append(f"optimizer state does not match the current options ({e}); optimizers start fresh")
-            self.opt = OPTIMIZERS.get(self.cfg.optimizer)(self.params, self.cfg.lr)
+            self.opt = OPTIMIZERS.get(self.cfg.optimizer)(self.params, self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def save(self) -> Path:
+        if not self.dist.is_main:  # data-parallel: the first process writes; the others wait until it has
+            self.dist.barrier()
+            return self.model_path
         weights = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
         info = {"model": dataclasses.asdict(self.model.cfg), "iteration": self.iteration, "pretrain": self.cfg.pretrain,
                 "options": {k: v for k, v in self.cfg.model_dump().items() if not isinstance(v, list)},
@@ -185,20 +195,27 @@ class FaceTrainer:
             tensors.update({f"{name}.w.{k}": v for k, v in getattr(self, name).state_dict().items()})
             state_meta[name] = m
         save_checkpoint(self.model_path, self.state_path, weights, info, tensors, state_meta, self.cfg.keep_backups)
+        self.dist.barrier()
         return self.model_path
 
     # ------------------------------------------------------------ data
     def loader(self, samples: FaceSamples, seed: int) -> torch.utils.data.DataLoader:
         """The endless batch source of one side (a sampler can be swapped in here: the hard-sample one)."""
-        return loader(samples, self.cfg.batch_size, self.cfg.uniform_yaw, self.cfg.workers, seed)
+        from .diagnosis import hard_sampler
+
+        return loader(samples, self.cfg.batch_size, self.cfg.uniform_yaw, self.cfg.workers, seed,
+                      sampler=hard_sampler(self, samples, seed))  # None: the plain one
 
     def datasets(self) -> tuple[FaceSamples, FaceSamples]:
         cfg = self.cfg
         dst_dir = cfg.dst_faceset or cfg.src_faceset
         dst = FaceSamples(dst_dir, self.res, cfg.face_type, AugmentOptions(cfg.random_warp, cfg.random_dst_flip))
         src = FaceSamples(cfg.src_faceset, self.res, cfg.face_type,
-                          AugmentOptions(cfg.random_warp, cfg.random_src_flip, cfg.random_hsv_power, cfg.ct_mode),
+                          AugmentOptions(cfg.random_warp, cfg.random_src_flip, cfg.random_hsv_power, cfg.ct_mode, cfg.ct_power),
                           ct_reference=dst)
+        from .validation import hold_out
+
+        src, dst, self.held_out = hold_out(cfg, src, dst)  # validation faces: split off here, so no sampler draws them
         return src, dst
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -217,7 +234,9 @@ class FaceTrainer:
 
     def lr_at(self, iteration: int) -> float:
         """The learning rate of the update after `iteration` steps (lr_dropout's cosine cycle when on)."""
-        lr = self.cfg.lr
+        from .control import schedule_scale
+
+        lr = self.cfg.lr * schedule_scale(iteration, self.cfg.lr_schedule, self.cfg.lr_warmup_iters, self.cfg.max_iters)
         if self.lr_dropout:
             lr *= self.lr_dropout.lr_scale(iteration)
         return lr
@@ -244,6 +263,7 @@ class FaceTrainer:
                                          "turn off fp16")
             loss = loss / cfg.gradient_accumulation_steps
             (self.scaler.scale(loss) if self.scaler else loss).backward()
+        logs = self.dist.sum_gradients(self.params, logs)  # data-parallel: the global batch's gradient
         if self.scaler:
             self.scaler.unscale_(self.opt)
         if cfg.clipgrad:
@@ -264,6 +284,7 @@ class FaceTrainer:
         for name, dloss in discriminator_losses(cfg, s, out, self.code_d, self.gan_d).items():
             self.d_opts[name].zero_grad(set_to_none=True)
             dloss.backward()
+            self.dist.average_gradients(getattr(self, name).parameters())
             self.d_opts[name].step()
             logs[name] = float(dloss.detach())
         self.iteration += 1
@@ -292,6 +313,10 @@ def run_face_train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag) -> 
     device = pick_device(cfg.device)
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
+        if cfg.plan:  # a staged plan runs its phases through _train, one run per phase (train/plan.py)
+            from .plan import run_plan
+
+            return run_plan(cfg, reporter, stop)
         return _train(cfg, reporter, stop)
 
 
@@ -300,6 +325,8 @@ def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag, extra_watch
     """One run of the loop. `extra_watchers` (a plan's end rule) follow it beside the ones the options ask for."""
     trainer = FaceTrainer(cfg, reporter)
     cfg = trainer.cfg
+    trainer.dist.broadcast(trainer.model, trainer.code_d, trainer.gan_d)
+    stop = trainer.dist.stop_flag(stop)  # with several processes: the stop all of them agreed on
     result = FaceTrainResult(iteration=trainer.iteration, notes=trainer.notes, logs_dir=trainer.dir / "logs")
     for note in trainer.notes:
         reporter.log(f"note: {note}")
@@ -317,14 +344,14 @@ def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag, extra_watch
         reporter.log(f"note: no likeness score ({e})")
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(trainer.dir / "logs"))
+    writer = SummaryWriter(str(trainer.dir / "logs")) if trainer.dist.is_main else NullWriter()
     watchers = watchers_for(trainer, reporter) + list(extra_watchers or [])
     trainer.watchers = watchers
     for w in watchers:
         w.restore(trainer.watcher_states.get(w.name, {}) if w.name else {})
         w.start(trainer, result, writer)
-    src_iter = iter(trainer.loader(src, cfg.seed))
-    dst_iter = iter(trainer.loader(dst, cfg.seed + 7))
+    src_iter = iter(trainer.dist.shard(trainer.loader(src, cfg.seed)))  # shard: this process's share of each batch
+    dst_iter = iter(trainer.dist.shard(trainer.loader(dst, cfg.seed + 7)))
     reporter.start(cfg.max_iters, f"training {trainer.model.cfg.archi} {trainer.res}px on {trainer.device.type}",
                    initial=min(trainer.iteration, cfg.max_iters))
     trainer.dir.mkdir(parents=True, exist_ok=True)
@@ -337,7 +364,7 @@ def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag, extra_watch
             for k, v in logs.items():
                 writer.add_scalar(f"loss/{k}", v, it)
             reasons = [r for w in watchers if (r := w.after_step(trainer, logs))]
-            if it % cfg.preview_every == 0 or it == cfg.max_iters:
+            if (it % cfg.preview_every == 0 or it == cfg.max_iters) and trainer.dist.is_main:
                 grid, score = trainer.preview(src, dst, likeness, rows)
                 result.preview_path = write_preview(grid, trainer.dir / "preview.png")
                 reporter.sample([str(result.preview_path)], [f"iteration {it}: src | pred src | dst | pred dst | swap"])
@@ -348,6 +375,7 @@ def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag, extra_watch
                 else:
                     score = None
                 reasons += [r for w in watchers if (r := w.after_preview(trainer, score, logs))]
+            reasons = trainer.dist.agree(reasons, stop)  # data-parallel: all processes end after the same step
             if reasons:
                 result.ended_by = "; ".join(reasons)
                 reporter.log(f"iteration {it}: {result.ended_by}")
@@ -364,5 +392,6 @@ def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag, extra_watch
         writer.close()
         reporter.done("")
     result.iteration = trainer.iteration
-    atomic_write_json(trainer.dir / "history.json", result.history[-2000:])
+    if trainer.dist.is_main:
+        atomic_write_json(trainer.dir / "history.json", result.history[-2000:])
     return result

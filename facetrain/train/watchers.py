@@ -44,4 +44,21 @@ class Watcher:
 def watchers_for(trainer: FaceTrainer, reporter: Reporter) -> list[Watcher]:
     """The watchers the options ask for (each feature adds its own line here)."""
     out: list[Watcher] = []
+    if trainer.cfg.init_from:
+        from ..parts import InitFromWatcher
+
+        out.append(InitFromWatcher(reporter))  # first: copies parts of another model before anything reads the weights
+    from .amp_hooks import AmpWatcher
+
+    out.append(AmpWatcher())  # AMP models: the morph factor and DFL's dst background term
+    from .control import control_watchers
+
+    out += control_watchers(trainer, reporter)  # face grow's lock, likeness curve and warning, validation + early stop
+    if trainer.cfg.teacher and trainer.cfg.distill_weight > 0:
+        from .distill import DistillWatcher
+
+        out.append(DistillWatcher())  # loads the teacher, adds the distillation loss term
+    from .diagnosis import diagnosis_watchers
+
+    out += diagnosis_watchers(trainer, reporter)  # per-face losses (and the table the hard-sample sampler reads)
     return out

@@ -18,6 +18,8 @@ from ..config import AppContext
 from ..forms import problems_markdown
 from ..sections import JobSection, validate
 from .face_masks import MasksTab
+from .face_plan import PlanView
+from .face_report import WorstFacesTab
 
 CONSENT = ("**Use only faces of people who have given their consent.** Everything made with these tools from a real "
            "person's face needs that person's permission; swap outputs are labelled as synthetic.")
@@ -70,6 +72,8 @@ class Page:
         }
         self.masks = MasksTab(ctx)  # the XSeg editor and the four XSeg jobs
         self.sections.update(self.masks.sections)
+        self.worst = WorstFacesTab(ctx)  # the faces a trained model fails on (face_report.py)
+        self.plan_view = PlanView(ctx)  # the plan, its current phase and end rule, under the Train form
         self.panels = [s.panel for s in self.sections.values()]
 
     def render(self) -> None:
@@ -95,10 +99,14 @@ class Page:
                 move.click(self.move, [folder, selected], [gallery, status, selected], api_name="faceset_move")
             with gr.Tab("Masks", elem_id="face-tab-masks"):
                 self.masks.render()
+            with gr.Tab("Worst faces", elem_id="face-tab-worst"):
+                self.worst.render()
             for name in ("Train", "Grow", "Export"):
                 with gr.Tab(name, elem_id=f"face-tab-{name.lower()}"):
                     gr.Markdown(self.sections[name].spec.help.capitalize() + ".")
                     self.sections[name].render()
+                    if name == "Train":
+                        self.plan_view.render(self.sections[name].form.components)
             with gr.Tab("Swap", elem_id="face-tab-swap"):
                 gr.Markdown("Put the trained face onto a video, frames or an image. Every output is labelled "
                             "AI-generated. Preview one frame with the options below, then start the whole swap.")
