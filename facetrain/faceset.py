@@ -212,17 +212,49 @@ def move_to_other(folder: str | Path, names: list[str]) -> list[Path]:
 # ---------------------------------------------------------------- DeepFaceLab import
 
 
+#: an APP15 segment holds at most this many bytes: no buffer or array built from one can honestly be larger
+_SEGMENT_MAX = 65_535
+
+
+def _safe_bytearray(*args: object) -> bytearray:
+    """bytearray(data) only, never bytearray(n): `bytearray(10**12)` is a 60-byte pickle that allocates a terabyte."""
+    if len(args) != 1 or not isinstance(args[0], (bytes, bytearray)) or len(args[0]) > _SEGMENT_MAX:
+        raise pickle.UnpicklingError("refused bytearray: only a byte string of at most one segment is allowed")
+    return bytearray(args[0])
+
+
+class _SafeNDArray(np.ndarray):
+    """numpy.ndarray as the allow list hands it out. Called as numpy.ndarray(shape, dtype, buffer) (how
+    `face export-dfl` writes arrays), the buffer must hold the whole array: a bare shape would allocate whatever
+    size the file names. numpy's own `_reconstruct(ndarray, ...)` path takes it as the class to build and fills it
+    from the state's bytes, which bound it already."""
+
+    def __new__(cls, shape: object, dtype: object = float, buffer: object = None, *rest: object) -> np.ndarray:
+        if not isinstance(buffer, (bytes, bytearray)) or not isinstance(shape, tuple) or rest:
+            raise pickle.UnpicklingError("refused numpy.ndarray: only (shape, dtype, buffer) is allowed")
+        if len(shape) > 8 or any(not isinstance(n, int) or n < 0 for n in shape):
+            raise pickle.UnpicklingError(f"refused numpy.ndarray of shape {shape!r}")
+        dt = np.dtype(dtype)  # type: ignore[call-overload]
+        if dt.hasobject or float(np.prod(shape, dtype=np.float64)) * dt.itemsize > len(buffer):
+            raise pickle.UnpicklingError("refused numpy.ndarray: its shape does not fit its buffer")
+        return np.ndarray(shape, dt, buffer)
+
+
 class _AllowListUnpickler(pickle.Unpickler):
-    """Only what a DFLJPG dict legitimately holds: builtins data and numpy arrays / scalars."""
+    """Only what a DFLJPG dict legitimately holds: builtins data and numpy arrays / scalars. Array and buffer
+    constructors are wrapped so a file cannot name a size larger than the bytes it carries."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("builtins", "bytearray"),  # the buffer of `face export-dfl`'s arrays (facetrain/export_dfl.py)
+        ("numpy", "dtype"),
     }
+    WRAPPED = {("numpy", "ndarray"): _SafeNDArray,
+               ("builtins", "bytearray"): _safe_bytearray}  # the buffer of `face export-dfl`'s arrays
 
     def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self.WRAPPED:
+            return self.WRAPPED[(module, name)]
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused to load {module}.{name}")
@@ -256,11 +288,22 @@ def read_dfl_dict(path: str | Path) -> tuple[dict, bytes]:
     _, start, end = app15[0]
     try:
         obj = _AllowListUnpickler(io.BytesIO(data[start + 4:end])).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, MemoryError, OverflowError) as e:
         raise FacesetError(f"{path}: DeepFaceLab metadata refused: {e}") from None
     if not isinstance(obj, dict):
         raise FacesetError(f"{path}: DeepFaceLab metadata is not a dict")
-    return obj, data[:start] + data[end:]
+    return _base_arrays(obj), data[:start] + data[end:]
+
+
+def _base_arrays(value: object) -> object:
+    """The allow list's array subclass back to plain numpy arrays, through dicts, lists and tuples."""
+    if isinstance(value, np.ndarray):
+        return np.asarray(value)
+    if isinstance(value, dict):
+        return {k: _base_arrays(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_base_arrays(v) for v in value)
+    return value
 
 
 _DFL_FACE_TYPES = {"half_face": "h", "midfull_face": "mf", "full_face": "f", "whole_face": "wf", "head": "head"}

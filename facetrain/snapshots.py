@@ -84,9 +84,10 @@ def save_snapshot(model_dir: str | Path, name: str, model_name: str = "face", no
     if target.exists():
         raise ConfigError(f"snapshot {name!r} exists in {folder / FOLDER}; snapshots are never replaced: choose another name")
     files = [f for f in model_files(model_name) if (folder / f).is_file()]
-    with atomic_dir(target) as tmp:
+    sources = {f: confine(folder / f, "model file") for f in files}  # a model file linking out is refused, not read
+    with atomic_dir(confine(target, "snapshot", write=True)) as tmp:
         for f in files:
-            shutil.copy2(folder / f, tmp / f)
+            shutil.copy2(sources[f], tmp / f)
         info = {"name": name, "created": time.time(), "iteration": _iteration(model), "model_name": model_name,
                 "files": files, "note": note[:500]}
         (tmp / INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
@@ -124,8 +125,16 @@ def restore_snapshot(model_dir: str | Path, name: str, model_name: str = "face")
         raise ConfigError(f"no snapshot {name!r} in {folder / FOLDER} (snapshots: {known})")
     wanted = model_files(model_name)
     present = [f for f in wanted if (source / f).is_file()]
+    # a snapshot's files are input like any other: one linking out of the workspace is refused, not copied in,
+    # and the weights must be a face model of ours (a restore must leave a loadable model)
+    sources = {f: confine(source / f, "snapshot file") for f in present}
+    for f in present:
+        if (source / f).is_symlink():
+            raise ConfigError(f"{source / f}: a link inside a snapshot; snapshots hold plain files only")
     if f"{model_name}.safetensors" not in present:
         raise ConfigError(f"snapshot {name!r} holds no {model_name}.safetensors (another --model_name?)")
+    if _iteration(sources[f"{model_name}.safetensors"]) is None:
+        raise ConfigError(f"{source / (model_name + '.safetensors')}: not a loratrain face model; nothing was restored")
     undo = None
     if (folder / f"{model_name}.safetensors").is_file():
         undo = free_name(folder, time.strftime("before-restore-%Y%m%d-%H%M%S"))
@@ -134,7 +143,7 @@ def restore_snapshot(model_dir: str | Path, name: str, model_name: str = "face")
     try:
         for f in present:  # every copy made and synced before the first rename
             tmp = temp_name(folder / f)
-            shutil.copy2(source / f, tmp)
+            shutil.copy2(sources[f], tmp)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             staged.append((tmp, folder / f))

@@ -211,3 +211,23 @@ def test_hull_mask_raises_the_brows_by_dfls_per_point_rule(landmarks):
     old[17:22] += (old[17:22] - old[36:42].mean(0)) * 0.5
     old[22:27] += (old[22:27] - old[42:48].mean(0)) * 0.5
     assert old[17:27, 1].min() < brows[:, 1].min() - 1
+
+
+def test_dfl_pickle_cannot_name_sizes_larger_than_its_bytes(tmp_path):
+    """bytearray(N) and numpy.ndarray(shape) are constructors the allow list must let through for real files; a
+    60-byte pickle naming a terabyte is refused, named, before anything is allocated."""
+
+    class Bomb:
+        def __init__(self, fn, args):
+            self.fn, self.args = fn, args
+
+        def __reduce__(self):
+            return self.fn, self.args
+
+    (tmp_path / "dfl").mkdir()
+    for k, bomb in enumerate([Bomb(bytearray, (10**14,)), Bomb(np.ndarray, ((10**12,), np.dtype("f4"), bytearray(b"1234"))),
+                              Bomb(np.ndarray, ((10**12,),))]):
+        _dfljpg(tmp_path / "dfl" / f"b{k}.jpg", {"landmarks": bomb})
+        with pytest.raises(FacesetError, match="refused"):
+            import_dfl_file(tmp_path / "dfl" / f"b{k}.jpg", tmp_path / f"out{k}.jpg")
+        assert not (tmp_path / f"out{k}.jpg").exists()

@@ -34,9 +34,19 @@ class XSegSpec:
     depth: int = 6        # halvings: 256 px -> 4 x 4 at depth 6
     face_type: str = "wf"
 
-    def check(self) -> None:
+    def check(self, source: str = "xseg") -> None:
+        """The ranges `face xseg train` accepts; a file's header is held to them before anything is built, so a
+        planted header cannot size a network of gigabytes."""
+        from ..face_types import FACE_TYPES
+
+        for name, lo, hi in (("resolution", 32, 1024), ("base", 4, 128), ("depth", 2, 8)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ConfigError(f"{source}: {name} {value!r} is outside {lo}..{hi}")
         if self.resolution % (2 ** self.depth):
-            raise ConfigError(f"xseg resolution {self.resolution} must be divisible by 2^depth = {2 ** self.depth}")
+            raise ConfigError(f"{source}: resolution {self.resolution} must be divisible by 2^depth = {2 ** self.depth}")
+        if not isinstance(self.face_type, str) or (self.face_type and self.face_type not in FACE_TYPES):
+            raise ConfigError(f"{source}: unknown face type {self.face_type!r}")
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -81,7 +91,10 @@ def load_xseg(path: str | Path) -> tuple[XSegNet, dict]:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})[META_KEY])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if not isinstance(meta, dict) or not isinstance(meta.get("spec"), dict):
+            raise KeyError(META_KEY)
         spec = XSegSpec(**meta["spec"])
+        spec.check(str(path))
         model = XSegNet(spec)
         model.load_state_dict(tensors)
     except KeyError:
