@@ -16,8 +16,8 @@ from loratrain.core.progress import Reporter, StopFlag
 from loratrain.core.safe_io import atomic_path, new_output
 
 from .config import ExportConfig
-from .models.archi import FaceAutoencoder, FaceModelConfig, build_model
-from .train.state import read_checkpoint
+from .models.archi import FaceAutoencoder
+from .train.model_file import load_model_file
 
 
 class _DfmWrapper(torch.nn.Module):
@@ -39,11 +39,9 @@ def takes_morph(model: FaceAutoencoder) -> bool:
 
 
 def load_face_model(path: str | Path) -> tuple[FaceAutoencoder, dict]:
-    weights, info = read_checkpoint(Path(path))
-    if "model" not in info:  # face.state.safetensors carries the same key, for the optimizer
-        raise ValueError(f"{path}: a training state, not the face model; give the face.safetensors beside it")
-    model = build_model(FaceModelConfig(**info["model"]))
-    model.load_state_dict(weights)
+    """The model and its header; the header is checked against the file's tensors before anything is built
+    (train/model_file.py), so a planted or damaged file is a ConfigError naming it."""
+    model, info = load_model_file(Path(path))
     return model.eval(), info
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ STATS_VERSION = 1
 SIDES = ("src", "dst")
 SORT_KEYS = ("loss", "mask_diff", "last_loss", "draws")
 MAX_STATS_BYTES = 256 * 2 ** 20  # a faces file of a million faces is ~100 MB; more is not one of ours
+MAX_COUNT = 2 ** 62  # draws, seen_at, iteration: training's int64 counters, with room to add
+MAX_FIGURE = 1e12  # a loss or mask difference; far beyond any real one, small enough to print and sum
 
 
 def stats_path(model_dir: str | Path, model_name: str = "face") -> Path:
@@ -70,20 +71,31 @@ def dump_stats(stats: FaceStatsFile) -> str:
                       separators=(",", ":"), allow_nan=False)
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _number(value: Any, hi: float = MAX_FIGURE) -> float | None:
+    """A finite figure in 0..hi, or None. The range is checked before converting: a 400-digit integer in the file
+    would overflow float() (and the int64 tables training restores into)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= hi:
+        return None  # NaN fails the comparison too
+    return float(value)
+
+
+def _count(value: Any) -> int | None:
+    """A whole count in 0..MAX_COUNT (a float that is whole counts: JSON writers may emit 3.0), or None."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value) if abs(value) <= MAX_COUNT else None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
         return None
-    value = float(value)
-    return value if math.isfinite(value) and value >= 0 else None
+    return value
 
 
 def _entry(raw: Any) -> FaceEntry | None:
     if not isinstance(raw, dict):
         return None
-    nums = {k: _number(raw.get(k)) for k in ("loss", "last_loss", "mask_diff", "draws", "seen_at")}
-    if any(v is None for v in nums.values()):
+    nums = {k: _number(raw.get(k)) for k in ("loss", "last_loss", "mask_diff")}
+    counts = {k: _count(raw.get(k)) for k in ("draws", "seen_at")}
+    if any(v is None for v in (*nums.values(), *counts.values())):
         return None
-    return FaceEntry(nums["loss"], nums["last_loss"], nums["mask_diff"], int(nums["draws"]), int(nums["seen_at"]))
+    return FaceEntry(nums["loss"], nums["last_loss"], nums["mask_diff"], counts["draws"], counts["seen_at"])
 
 
 def parse_stats(text: str, where: str) -> FaceStatsFile:
@@ -91,11 +103,11 @@ def parse_stats(text: str, where: str) -> FaceStatsFile:
     faceset folder), figures finite and non-negative; a bad entry is skipped and counted, a bad file refused."""
     try:
         data = json.loads(text)
-    except ValueError as e:
-        raise ConfigError(f"{where}: not a per-face table ({e})") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the stack
+        raise ConfigError(f"{where}: not a per-face table ({str(e)[:200]})") from None
     if not isinstance(data, dict) or data.get("version") != STATS_VERSION or not isinstance(data.get("sides"), dict):
         raise ConfigError(f"{where}: not a per-face table of this version (expected version {STATS_VERSION})")
-    out = FaceStatsFile(iteration=int(_number(data.get("iteration")) or 0), decay=_number(data.get("decay")) or 0.0)
+    out = FaceStatsFile(iteration=_count(data.get("iteration")) or 0, decay=_number(data.get("decay"), 1.0) or 0.0)
     for side in SIDES:
         raw = data["sides"].get(side)
         if not isinstance(raw, dict):
@@ -159,7 +171,7 @@ def rank_faces(stats: FaceStatsFile, side: str = "src", threshold: float = 0.5, 
 def draw_spread(stats: FaceStatsFile, side: str) -> str:
     """How unevenly the faces of a side were drawn: what hard-sample focus changes (uniform: max/mean near 1-2)."""
     draws = [e.draws for e in stats.sides.get(side, SideStats()).faces.values()]
-    if not draws:
+    if not draws or not sum(draws):  # no entry, or entries with no draw (not written by training): no spread
         return f"{side}: no faces drawn yet"
     mean = sum(draws) / len(draws)
     return (f"{side}: {len(draws)} faces drawn, {sum(draws)} draws; per face min {min(draws)}, mean {mean:.1f}, "

@@ -18,7 +18,8 @@ from loratrain.core.progress import Reporter, StopFlag
 from loratrain.core.safe_io import save_safetensors
 
 from .config import GrowConfig
-from .models.archi import ArchSpec, FaceModelConfig, build_model
+from .models.archi import ArchSpec, build_model
+from .train.model_file import check_model_file
 from .train.state import CONFIG_KEY, backup_file, read_checkpoint
 
 
@@ -45,8 +46,8 @@ def grow_model(model_path: str | Path, resolution: int, keep_backups: int = 3, l
     `grow_lock` watcher, train/control.py): training refuses to freeze them before they have trained, and with
     `lock_old_iters` holds the kept ones still for that many iterations."""
     model_path = Path(model_path)
+    _, old = check_model_file(model_path)  # the header is untrusted: checked against the tensors (model_file.py)
     weights, info = read_checkpoint(model_path)
-    old = FaceModelConfig(**info["model"])
     mult = ArchSpec.parse(old.archi).resolution_multiple()
     if resolution <= old.resolution or resolution % mult:
         raise ConfigError(f"new resolution must be larger than {old.resolution} and a multiple of {mult}")

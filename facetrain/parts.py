@@ -31,6 +31,7 @@ from loratrain.core.errors import ConfigError
 from loratrain.core.paths import confine
 
 from .models.archi import ARCHITECTURES, ArchSpec, FaceAutoencoder
+from .train.model_file import check_model_file
 from .train.state import read_checkpoint
 from .train.watchers import Watcher
 
@@ -128,9 +129,12 @@ def load_source(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     if not path.is_file():
         raise ConfigError(f"init_from: model file not found: {path}")
     try:
-        weights, info = read_checkpoint(path)
-        archi = str(info["model"]["archi"])
+        info, cfg = check_model_file(path)  # header and tensor shapes checked before a weight is read
+        weights, _ = read_checkpoint(path)
+        archi = cfg.archi
         ArchSpec.parse(archi)
+    except ConfigError as e:
+        raise ConfigError(f"init_from: {e}") from None
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"init_from: {path} is not a loratrain face model ({e})") from None
     return weights, archi

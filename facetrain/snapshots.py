@@ -176,6 +176,8 @@ class SnapshotConfig(JobConfig):
         out = [] if self.model_dir else [("model_dir", "is required")]
         if self.op != "list" and not self.name:
             out.append(("name", f"is required for snapshot {self.op}"))
+        if self.op == "list" and self.model_dir and not Path(self.model_dir).is_dir():  # not "no snapshots": a typo
+            out.append(("model_dir", f"folder not found: {self.model_dir}"))
         return out
 
 
@@ -209,6 +211,6 @@ def run_face_snapshot(cfg: SnapshotConfig, reporter: Reporter, stop: StopFlag) -
         result.lines += [f"{s['name']}\titeration {s['iteration'] if s['iteration'] is not None else '?'}\t"
                          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['created']))}"
                          + (f"\t{s['note']}" if s["note"] else "") for s in result.snapshots] or ["no snapshots"]
-    for line in result.lines:
+    for line in result.lines if cfg.op != "list" else []:  # a listing is the summary: printed once
         reporter.log(line)
     return result

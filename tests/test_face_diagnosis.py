@@ -241,6 +241,53 @@ def test_table_file_is_read_back_checked(tmp_path):
         stats_path(tmp_path, "../x")
 
 
+def test_out_of_range_figures_are_skipped_not_crashed_on(tmp_path, capsys):
+    """Numbers too big for a float or an int64 counter (a 401-digit loss, 10**23 draws) are bad entries, skipped and
+    counted; a table of zero draws reports no spread instead of dividing by zero; a resume restores the rest."""
+    from loratrain.facetrain.face_report import draw_spread
+
+    good = {"loss": 0.4, "last_loss": 0.4, "mask_diff": 0.1, "draws": 3, "seen_at": 5}
+    faces = {"ok.jpg": good, "big.jpg": {**good, "loss": 10 ** 400}, "draws.jpg": {**good, "draws": 10 ** 23},
+             "seen.jpg": {**good, "seen_at": 2 ** 63}, "frac.jpg": {**good, "draws": 2.5}, "huge.jpg": {**good, "mask_diff": 1e300}}
+    text = json.dumps({"version": 1, "iteration": 10 ** 400, "decay": 0.8, "sides": {"src": {"faceset": "f", "faces": faces}}})
+    got = parse_stats(text, "t")
+    assert list(got.sides["src"].faces) == ["ok.jpg"] and got.skipped == 5 and got.iteration == 0
+    table = FaceTable(["ok.jpg", "draws.jpg"])
+    assert table.restore(got.sides["src"]) == 1 and table.draws.tolist() == [3, 0]
+    zero = parse_stats(json.dumps({"version": 1, "sides": {"src": {"faces": {"a.jpg": {**good, "draws": 0}}}}}), "t")
+    assert draw_spread(zero, "src") == "src: no faces drawn yet"
+    model = tmp_path / "model"
+    model.mkdir()
+    stats_path(model).write_text(text)
+    assert main(["face", "report", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "ok.jpg" in out and "5 entr(y/ies) of the table were unreadable and skipped" in out
+    stats_path(model).write_text('{"version": 1, "sides": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert main(["face", "report", str(model)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "face.faces.json" in err and "per-face table" in err and len(err.splitlines()) == 1
+
+
+def test_worst_faces_view_takes_any_count_and_bad_tables_as_a_message(tmp_path):
+    from loratrain.ui.config import AppContext
+    from loratrain.ui.pages.face_report import WorstFacesTab
+    from loratrain.ui.workspace import Workspace
+
+    (tmp_path / "faces").mkdir()
+    model = tmp_path / "model"
+    model.mkdir()
+    stats = FaceStatsFile(iteration=5, sides={"src": SideStats(str(tmp_path / "faces"), {"a.jpg": FaceEntry(0.4, 0.4, 0.1, 2, 5)})})
+    stats_path(model).write_text(dump_stats(stats))
+    tab = WorstFacesTab(AppContext(workspace=Workspace([tmp_path]), runner=None))
+    for count in ("abc", "1e300", float("nan"), None, -5, [1]):
+        gallery, text, _ = tab.show(str(model), "face", "src", float("inf"), "loss", count)
+        assert gallery == [] and "ranked at iteration 5" in text
+    stats_path(model).write_text('{"version": 1, "sides": ' + "[" * 100_000 + "}")
+    gallery, text, _ = tab.show(str(model), "face", "src", 0.5, "loss", 4)
+    assert gallery == [] and text.startswith("**") and "per-face table" in text
+    assert tab.flagged(str(model), "face", "src", 0.5, "loss", 4) is not None
+
+
 # ---------------------------------------------------------------- the Face page's worst-faces view
 
 

@@ -132,3 +132,49 @@ def test_mismatched_teachers_are_refused_before_any_work(facesets, teacher, tmp_
     run_face_train(cfg_for(facesets, tmp_path / "e", resolution=64, max_iters=1), RecordingReporter())
     with pytest.raises(ConfigError, match="32 px model and the student 64 px"):
         run_face_train(cfg_for(facesets, tmp_path / "e", resolution=32, max_iters=3, teacher=str(teacher)), RecordingReporter())
+
+
+def _plant(path, source, edit):
+    """A copy of `source` (a real face model) whose face-model header `edit` changes; the tensors stay tiny."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from loratrain.facetrain.train.state import CONFIG_KEY
+
+    with safe_open(str(source), framework="pt") as f:
+        info = json.loads(f.metadata()[CONFIG_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(info)
+    save_file(tensors, str(path), {CONFIG_KEY: json.dumps(info)})
+    return path
+
+
+def test_a_planted_header_is_refused_before_anything_is_built(facesets, teacher, tmp_path):
+    """The header sizes the model: a tiny file claiming ae_dims 8192 (gigabytes) or a malformed entry must be a
+    ConfigError naming the file, for a teacher, --init_from, export/swap and a resumed model alike."""
+    from loratrain.facetrain.parts import load_source
+    from loratrain.facetrain.train.distill import load_teacher
+
+    huge = _plant(tmp_path / "huge.safetensors", teacher, lambda i: i["model"].update(ae_dims=8192))
+    bad_opts = _plant(tmp_path / "opts.safetensors", teacher, lambda i: i.update(options=[1]))
+    bad_type = _plant(tmp_path / "type.safetensors", teacher, lambda i: i["model"].update(e_dims="8"))
+    too_big = _plant(tmp_path / "big.safetensors", teacher, lambda i: i["model"].update(d_dims=10 ** 9))
+    for path, why in ((huge, "do not match"), (bad_opts, "'options'"), (bad_type, "e_dims"), (too_big, "d_dims")):
+        with pytest.raises(ConfigError, match=why) as e:
+            cfg_for(facesets, tmp_path / "s", teacher=str(path)).check()
+        assert path.name in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(ConfigError, match=path.name):
+            load_teacher(path, 32, "wf", torch.device("cpu"))
+        with pytest.raises(ConfigError, match=path.name):
+            load_face_model(path)
+        with pytest.raises(ConfigError, match=f"init_from: .*{path.name}"):
+            load_source(path)
+    # a planted model file in the model folder: resume refuses it, naming the file, before building the model
+    model_dir = tmp_path / "resume"
+    model_dir.mkdir()
+    _plant(model_dir / "face.safetensors", teacher, lambda i: i["model"].update(ae_dims=8192))
+    with pytest.raises(ConfigError, match="face.safetensors"):
+        run_face_train(cfg_for(facesets, model_dir, archi="liae", max_iters=1), RecordingReporter())
+    assert load_face_model(teacher)[0].cfg.archi == "liae"  # the genuine file still loads

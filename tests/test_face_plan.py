@@ -87,6 +87,7 @@ def test_plan_files_are_checked_naming_file_and_phase(tmp_path):
         '[[phase]\n': "invalid TOML",
         "".join(f'[[phase]]\nname = "p{i}"\niterations = 1\n' for i in range(40)): "at most 32 phases",
         "# " + "x" * 70_000: "at most 64 KiB",
+        "a = " + "[" * 3000 + "]" * 3000 + "\n": "nested too deeply",
     }
     for text, says in cases.items():
         path = write_plan(tmp_path / "bad.toml", text)
@@ -95,6 +96,46 @@ def test_plan_files_are_checked_naming_file_and_phase(tmp_path):
         assert says in str(e.value), (text[:60], str(e.value))
     with pytest.raises(ConfigError, match="plan not found"):
         load_plan(tmp_path / "missing.toml")
+
+
+def test_a_damaged_plan_state_is_refused_naming_it(facesets, tmp_path):
+    """The plan state is untrusted: wrong types, numbers out of range, an oversized file, and a phase start after
+    the model's saved iteration (which made a 2-iteration phase run ~forever) are errors naming the file."""
+    from loratrain.facetrain.train.plan import read_state
+
+    ok = {"plan": "p.toml", "digest": "d", "phase": 0, "phase_name": "a", "start": None, "transitions": [], "done": False}
+    path = tmp_path / "face.plan_state.json"
+    bad = [{"phase": True}, {"phase": 10 ** 6}, {"start": -1}, {"start": 10 ** 30}, {"start": 1.5}, {"digest": [1]},
+           {"transitions": [{"phase": [0]}]}, {"transitions": [{"phase": 0, "iteration": "4"}]},
+           {"transitions": [{"phase": 0, "snapshot": {"x": 1}}]}, {"transitions": [{"phase": 0, "time": 1e400}]},
+           {"transitions": [1] * 300}, {"done": "yes"}]
+    for change in bad:
+        path.write_text(json.dumps({**ok, **change}).replace("Infinity", "1e400"))
+        with pytest.raises(ConfigError, match="face.plan_state.json.*--plan_restart"):
+            read_state(path)
+    path.write_text(json.dumps({**ok, "plan_name": "x" * 300_000}))
+    with pytest.raises(ConfigError, match="at most 256 KiB"):
+        read_state(path)
+    path.write_text("[" * 100_000)
+    with pytest.raises(ConfigError, match="unreadable plan state"):
+        read_state(path)
+    path.write_text(json.dumps({**ok, "transitions": [{"phase": 0, "name": "a", "iteration": 4, "reason": "r",
+                                                       "snapshot": "s", "time": 1.0}]}))
+    assert read_state(path)["transitions"][0]["iteration"] == 4
+    # a start beyond the model's saved iteration (here: no model yet, iteration 0): refused before any training
+    plan = write_plan(tmp_path / "plan.toml", '[[phase]]\nname = "a"\niterations = 2\n')
+    (tmp_path / "m").mkdir()
+    state = {**ok, "plan": str(plan), "digest": load_plan(plan).digest, "start": 1_000_000}
+    (tmp_path / "m" / "face.plan_state.json").write_text(json.dumps(state))
+    cfg = cfg_for(facesets, tmp_path / "m", plan=str(plan), max_iters=1000, save_every=100, preview_every=100)
+    with pytest.raises(ConfigError, match="face.plan_state.json: phase 1 'a' began at iteration 1000000, after the "
+                                          "model's saved iteration 0; pass --plan_restart"):
+        run_face_train(cfg, RecordingReporter())
+    assert not (tmp_path / "m" / "face.safetensors").exists()
+    state["phase"] = 5
+    (tmp_path / "m" / "face.plan_state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="phase 6 of a 1-phase plan"):
+        run_face_train(cfg, RecordingReporter())
 
 
 def test_every_shipped_plan_validates(tmp_path):
@@ -242,7 +283,7 @@ def test_pretrain_plan_keeps_inter_and_warp_when_asked(facesets, tmp_path):
 # ---------------------------------------------------------------- snapshots and backups
 
 
-def test_a_restored_snapshot_equals_the_saved_weights_and_restore_is_undoable(facesets, tmp_path):
+def test_a_restored_snapshot_equals_the_saved_weights_and_restore_is_undoable(facesets, tmp_path, capsys):
     cfg = cfg_for(facesets, tmp_path / "m", max_iters=3)
     run_face_train(cfg, RecordingReporter())
     saved = _weights(tmp_path / "m" / "face.safetensors")
@@ -268,6 +309,12 @@ def test_a_restored_snapshot_equals_the_saved_weights_and_restore_is_undoable(fa
     with pytest.raises(ConfigError, match="no snapshot 'nope'.*good"):
         restore_snapshot(tmp_path / "m", "nope")
     assert main(["face", "snapshot", "save", str(tmp_path / "m"), "../evil"]) == 2
+    capsys.readouterr()
+    assert main(["face", "snapshot", "list", str(tmp_path / "nosuchdir")]) == 2  # a typo is not "no snapshots"
+    assert "folder not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["face", "snapshot", "list", str(tmp_path / "empty")]) == 0
+    assert capsys.readouterr().out.count("no snapshots") == 1
     assert not (tmp_path / "evil").exists()
 
 

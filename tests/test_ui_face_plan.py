@@ -39,7 +39,7 @@ def test_the_view_shows_phases_the_current_one_and_its_rule(tmp_path):
     plan_file = tmp_path / "plan.toml"
     plan_file.write_text(PLAN)
     text = plan_markdown(plan_file, None, "face")
-    assert "### Plan: tiny" in text and "| 1 | warp on | (no changes) | when src_loss < 100 (moving average over 2) |" in text
+    assert "### Plan: tiny" in text and "| 1 | warp on | (no changes) | when src_loss \\< 100 (moving average over 2) |" in text
     assert "| 2 | warp off | random_warp = False | after 2 iterations |" in text
     model = tmp_path / "m"
     model.mkdir()
@@ -52,7 +52,7 @@ def test_the_view_shows_phases_the_current_one_and_its_rule(tmp_path):
     text = plan_markdown(plan_file, model, "face")
     assert "**current: phase 2/2 — warp off** · since iteration 7" in text and "ends after 2 iterations" in text
     assert "| done at iteration 7 · snapshot `phase-2-warp-off` |" in text and "▶ **running**" in text
-    assert "last switch: phase 1/2 'warp on' ended: src_loss < 100 met" in text
+    assert "last switch: phase 1/2 'warp on' ended: src_loss \\< 100 met" in text
     (model / "face.plan_state.json").write_text(json.dumps({**state, "done": True, "phase": 2}))
     assert "**plan complete**" in plan_markdown(plan_file, model, "face")
     # what the browser sends is resolved in the workspace; errors are one line, never a traceback
@@ -63,6 +63,30 @@ def test_the_view_shows_phases_the_current_one_and_its_rule(tmp_path):
     (model / "face.plan_state.json").write_text("{broken")
     assert view.show("plan.toml", "m", "face").startswith("**") and "plan_restart" in view.show("plan.toml", "m", "face")
     assert view.show("", "", "face").startswith("no plan")
+
+
+def test_the_view_refuses_a_malformed_state_and_escapes_what_it_shows(tmp_path):
+    """A state with a list where a number belongs is one line naming the file (the 2 s timer used to raise forever);
+    text from the files cannot add links or HTML; an oversized state file is refused, not read whole."""
+    plan_file = tmp_path / "plan.toml"
+    plan_file.write_text(PLAN)
+    model = tmp_path / "m"
+    model.mkdir()
+    view = PlanView(AppContext(workspace=Workspace([tmp_path]), runner=None))
+    state = {"digest": load_plan(plan_file).digest, "phase": 1, "phase_name": "warp off", "start": 7, "done": False,
+             "transitions": [{"phase": [0]}]}
+    (model / "face.plan_state.json").write_text(json.dumps(state))
+    shown = view.show("plan.toml", "m", "face")
+    assert shown.startswith("**") and "face.plan_state.json" in shown and "plan\\_restart" not in shown
+    assert "plan_restart" in shown and "\n" not in shown
+    state["transitions"] = [{"phase": 0, "iteration": 7, "reason": "[click](http://evil) <img src=x>",
+                             "snapshot": "x` [a](http://evil)"}]
+    (model / "face.plan_state.json").write_text(json.dumps(state))
+    text = plan_markdown(plan_file, model, "face")
+    assert not re.search(r"(?<!\\)(<|\]\()", text)  # no unescaped tag or link
+    assert "snapshot x\\` \\[a\\](http://evil)" in text and "last switch: \\[click\\](http://evil) \\<img src=x\\>" in text
+    (model / "face.plan_state.json").write_text(json.dumps({**state, "pad": "x" * 300_000}))
+    assert "at most 256 KiB" in view.show("plan.toml", "m", "face")
 
 
 # ---------------------------------------------------------------- in the browser

@@ -10,6 +10,7 @@ from loratrain.core.errors import Problem
 from loratrain.core.precision import CANONICAL
 
 from ..face_types import FACE_TYPES
+from .options import finite_problems
 from .options.amp import AmpOptions
 from .options.control import ControlOptions
 from .options.diagnosis import DiagnosisOptions
@@ -94,6 +95,9 @@ class FaceTrainConfig(DistillOptions, AmpOptions, ControlOptions, DiagnosisOptio
             out.append(("e_dims", "e_dims and d_dims must be even"))
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
             out.append(("batch_size", "batch_size and gradient_accumulation_steps must be at least 1"))
+        finite = [p for group in GROUPS for p in finite_problems(self, group)]  # inf passes ge=0: options/__init__.py
+        if finite:
+            return out + finite  # the groups' own checks assume finite numbers
         return out + [p for group in GROUPS for p in group.group_problems(self)]
 
     def requirements(self) -> list[Problem]:

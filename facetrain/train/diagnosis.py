@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from loratrain.core.errors import ConfigError
 from loratrain.core.safe_io import atomic_write_text
 
 from ..face_report import SIDES, FaceEntry, FaceStatsFile, SideStats, dump_stats, read_stats, stats_path
@@ -183,7 +182,7 @@ class FaceStatsWatcher(Watcher):
                 saved = read_stats(self.path)
                 found = {side: t.restore(saved.sides[side]) for side, t in self.tables.items() if side in saved.sides}
                 self.reporter.log("per-face table resumed: " + ", ".join(f"{n} {s} faces" for s, n in found.items()))
-            except (ConfigError, OSError) as e:
+            except (ValueError, OSError, OverflowError) as e:  # ValueError includes ConfigError
                 self.reporter.log(f"note: per-face table not resumed, starting afresh ({e})")
         trainer.face_tables = self.tables  # the hard-sample sampler draws by these (FaceTrainer.loader)
 

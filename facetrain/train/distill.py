@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from loratrain.core.errors import ConfigError
+from loratrain.core.paths import confine
 
 from ..losses import reconstruction_loss
-from ..models.archi import FaceAutoencoder, FaceModelConfig, build_model
+from ..models.archi import FaceAutoencoder
+from .model_file import load_model_file
 from .options.distill import teacher_info
-from .state import read_checkpoint
 from .watchers import Watcher
 
 
@@ -38,12 +39,10 @@ def load_teacher(path: str | Path, resolution: int, face_type: str, device: torc
     if ftype and ftype != face_type:
         raise ConfigError(f"teacher {path} was trained on face type {ftype!r} and the student on {face_type!r}; "
                           "they must see the same crops")
-    weights, _ = read_checkpoint(Path(path))
     try:
-        model = build_model(FaceModelConfig(**info["model"]))
-        model.load_state_dict(weights)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ConfigError(f"teacher {path}: weights do not fit its saved architecture ({e})") from None
+        model, _ = load_model_file(confine(path, "teacher"))  # header and tensor shapes checked before building
+    except ConfigError as e:
+        raise ConfigError(f"teacher {e}") from None
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

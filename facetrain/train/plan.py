@@ -259,6 +259,8 @@ def load_plan(path: str | Path) -> Plan:
         raise ConfigError(f"{path}: a plan is UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses once per nesting level: a deeply nested value exhausts the stack
+        raise ConfigError(f"{path}: values are nested too deeply") from None
     unknown = sorted(set(raw) - {"name", "description", "window", "archi_kind", "phase"})
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r} (a plan holds name, description, window and [[phase]] tables)")
@@ -300,20 +302,55 @@ def state_path(cfg: FaceTrainConfig) -> Path:
     return Path(cfg.model_dir) / f"{cfg.model_name}.plan_state.json"
 
 
+MAX_STATE_BYTES = 256 * 1024  # 200 transitions with their reasons fit many times over
+MAX_COUNT = 2 ** 62  # iterations and times beyond this are no run's: a planted or damaged file
+
+
+def _whole(v: Any, hi: int = MAX_COUNT) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= hi
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= MAX_COUNT
+
+
+def _short(v: Any, n: int) -> bool:
+    return isinstance(v, str) and len(v) <= n
+
+
+def _transition_ok(t: Any) -> bool:
+    return (isinstance(t, dict) and _whole(t.get("phase"), MAX_PHASES) and _short(t.get("name", ""), 200)
+            and _whole(t.get("iteration", 0)) and _short(t.get("reason", ""), 2000) and _short(t.get("snapshot", ""), 200)
+            and (t.get("time") is None or _real(t["time"])))
+
+
 def read_state(path: Path) -> dict | None:
-    """The plan state, or None when there is none; a damaged one is an error naming the file (never guessed)."""
+    """The plan state, or None when there is none; a damaged one is an error naming the file (never guessed).
+
+    The file is untrusted (the run and the app's plan view both read it): it is size-capped and every field's type
+    and range is checked here, once, so no reader meets a list where a number belongs or a number too big to use."""
+    again = "pass --plan_restart to start the plan again"
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_STATE_BYTES + 1)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable plan state ({e}); pass --plan_restart to start the plan again") from None
-    ok = (isinstance(raw, dict) and isinstance(raw.get("phase"), int) and not isinstance(raw.get("phase"), bool)
-          and raw["phase"] >= 0 and isinstance(raw.get("digest"), str) and isinstance(raw.get("phase_name", ""), str)
-          and (raw.get("start") is None or (isinstance(raw["start"], int) and raw["start"] >= 0))
-          and isinstance(raw.get("transitions", []), list) and isinstance(raw.get("done", False), bool))
+    except OSError as e:
+        raise ConfigError(f"{path}: unreadable plan state ({e.strerror}); {again}") from None
+    if len(data) > MAX_STATE_BYTES:
+        raise ConfigError(f"{path}: a plan state is at most {MAX_STATE_BYTES // 1024} KiB; {again}")
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{path}: unreadable plan state ({str(e)[:200]}); {again}") from None
+    ok = (isinstance(raw, dict) and _whole(raw.get("phase"), MAX_PHASES) and _short(raw.get("digest"), 128)
+          and _short(raw.get("phase_name", ""), 200) and (raw.get("start") is None or _whole(raw["start"]))
+          and isinstance(raw.get("transitions", []), list) and len(raw.get("transitions", [])) <= MAX_TRANSITIONS
+          and all(_transition_ok(t) for t in raw.get("transitions", [])) and isinstance(raw.get("done", False), bool)
+          and _short(raw.get("plan", ""), 4096) and _short(raw.get("plan_name", ""), 200)
+          and (raw.get("updated") is None or _real(raw["updated"])))
     if not ok:
-        raise ConfigError(f"{path}: not a plan state this version wrote; pass --plan_restart to start the plan again")
+        raise ConfigError(f"{path}: not a plan state this version wrote; {again}")
     raw.setdefault("transitions", [])
     return raw
 
@@ -463,6 +500,9 @@ def run_plan(cfg: FaceTrainConfig, reporter: Any, stop: Any) -> Any:
         else:
             raise ConfigError(f"{spath}: the model is in phase {k + 1} ({state.get('phase_name')!r}) of another plan; "
                               "pass --plan_restart to start this plan from its first phase")
+    if state is not None and not state.get("done") and state["phase"] > n:
+        raise ConfigError(f"{spath}: the model is in phase {state['phase'] + 1} of a {n}-phase plan; "
+                          "pass --plan_restart to start this plan from its first phase")
     result = PlanResult(model_path=model_path if model_path.exists() else None, logs_dir=Path(cfg.model_dir) / "logs")
     if state is not None and state.get("done"):
         result.iteration = int(saved_model_info(model_path).get("iteration", 0))
@@ -484,6 +524,9 @@ def run_plan(cfg: FaceTrainConfig, reporter: Any, stop: Any) -> Any:
             state.update(phase_name=phase.name, start=now)
             write_state(spath, state)
         start = state["start"]
+        if start > now:  # the phase cannot have begun after the model's last save: a damaged or planted state
+            raise ConfigError(f"{spath}: phase {i + 1} {phase.name!r} began at iteration {start}, after the model's "
+                              f"saved iteration {now}; pass --plan_restart to start the plan again")
         watched = (info.get("watchers") or {}).get("plan") if isinstance(info.get("watchers"), dict) else None
         reason = ""
         if isinstance(watched, dict) and watched.get("phase") == i and watched.get("phase_name") == phase.name \

@@ -19,13 +19,14 @@ from loratrain.core.safe_io import atomic_write_json
 
 from .. import CONSENT
 from ..losses import soft_mask
-from ..models.archi import FaceAutoencoder, FaceModelConfig, build_model
+from ..models.archi import FaceAutoencoder, build_model
 from ..models.blocks import _init
 from ..optim import OPTIMIZERS, LrDropout
 from .config import FaceTrainConfig
 from .data import AugmentOptions, FaceSamples, loader, xseg_coverage
 from .discriminators import CodeDiscriminator, PatchDiscriminator
 from .losses_step import discriminator_losses, generator_loss
+from .model_file import check_model_file
 from .parallel import NullWriter, Processes
 from .preview import Likeness, preview_grid, write_preview
 from .state import load_optimizer, optimizer_tensors, read_checkpoint, save_checkpoint
@@ -134,8 +135,8 @@ class FaceTrainer:
         wanted = cfg.arch_config()
         if not self.model_path.exists():
             return build_model(wanted), False
+        _, saved_cfg = check_model_file(self.model_path)  # a planted header must not size the model (model_file.py)
         weights, info = read_checkpoint(self.model_path)
-        saved_cfg = FaceModelConfig(**info["model"])
         if saved_cfg != wanted:
             self.notes.append(f"resuming the saved model's architecture {dataclasses.asdict(saved_cfg)} "
                               "(archi, resolution and dims are first-run options)")

@@ -8,6 +8,7 @@ again. The plan and model folder are resolved inside the workspace like any path
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,15 @@ HELP = ("A **plan** runs a recipe's stages in order, each with the options it ch
         "resumes in its phase.")
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+#: Markdown punctuation that can start a link, image, code span, HTML tag, entity or table cell; backslash-escaped
+#: (CommonMark) so text from the plan and its state files shows as written and cannot add markup
+_MARKUP = re.compile(r"([\\`\[\]<>|&!#])")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _cell(text: Any) -> str:
+    """Untrusted text as one line of literal Markdown (every file this view reads is untrusted)."""
+    return _MARKUP.sub(r"\\\1", " ".join(str(text).split()))
 
 
 def plan_markdown(plan_file: Path | None, model_dir: Path | None, model_name: str) -> str:
@@ -57,13 +65,15 @@ def plan_markdown(plan_file: Path | None, model_dir: Path | None, model_name: st
         phase = plan.phases[current]
         since = state.get("start")
         lines.append(f"**current: phase {current + 1}/{len(plan.phases)} — {_cell(phase.name)}** · since iteration "
-                     f"{since if since is not None else '?'} · saved at iteration {iteration if iteration is not None else '?'}"
+                     f"{_cell(since) if since is not None else '?'} · saved at iteration {iteration if iteration is not None else '?'}"
                      f" · ends {_cell(phase.rule_text())}")
     lines += ["", "| # | phase | options | ends | status |", "|---|---|---|---|---|"]
     for p in plan.phases:
         t = ended.get(p.index)
         if t is not None and (current is None or p.index < current):
-            status = f"done at iteration {t.get('iteration')}" + (f" · snapshot `{t['snapshot']}`" if t.get("snapshot") else "")
+            snap = str(t.get("snapshot") or "")
+            shown = f"`{snap}`" if _SAFE_NAME.match(snap) else _cell(snap)  # a code span cannot escape: names only
+            status = f"done at iteration {_cell(t.get('iteration'))}" + (f" · snapshot {shown}" if snap else "")
         elif p.index == current:
             status = "▶ **running**"
         else:
@@ -102,7 +112,7 @@ class PlanView:
             folder = self.ctx.workspace.resolve(model_dir, "model folder") if (model_dir or "").strip() else None  # type: ignore[attr-defined]
             return plan_markdown(plan_file, folder, (model_name or "face").strip())
         except (ConfigError, OSError, ValueError) as e:
-            return f"**{e}**"
+            return f"**{_cell(e)}**"
 
     def tick(self, plan: str, model_dir: str, model_name: str, shown: str) -> list[Any]:
         text = self.show(plan, model_dir, model_name)

@@ -8,6 +8,7 @@ too, and a face is found again by name among that faceset's own faces (move_to_o
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,15 @@ HELP = ("The faces the model fails on, worst first, from the per-face table trai
         "mask or crop: look at it, and move bad ones aside to `_other/` (nothing is deleted). `loratrain face report` "
         "prints the same ranking.")
 SEP = " · "  # between a face's name and its figures in a caption
+
+
+def _count(value: Any) -> int:
+    """The slider's 'faces shown' as sent by a browser (any JSON value): a whole number in 1..400, else 48."""
+    try:
+        n = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return 48
+    return max(1, min(400, int(n))) if math.isfinite(n) else 48
 
 
 class WorstFacesTab:
@@ -73,7 +83,9 @@ class WorstFacesTab:
         where = self.ctx.workspace.resolve(faceset.faceset, f"{side} faceset named in the table")  # type: ignore[attr-defined]
         try:
             limit = float(threshold) if threshold is not None else 0.5
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
+            limit = 0.5
+        if not math.isfinite(limit):
             limit = 0.5
         return stats, where, rank_faces(stats, side, limit, sort_by if isinstance(sort_by, str) else "loss")
 
@@ -83,9 +95,9 @@ class WorstFacesTab:
             from loratrain.facetrain.faceset import list_faces
 
             faces = {p.name: p for p in list_faces(folder)}
-        except (ConfigError, OSError) as e:
+        except (ValueError, OSError, OverflowError) as e:  # ValueError includes ConfigError: one line, no traceback
             return [[], f"**{e}**", gr.skip()]
-        n = max(1, int(count or 48))
+        n = _count(count)
         present = [r for r in rows if r.face in faces]
         shown = [(str(faces[r.face]), f"{r.face}{SEP}loss {r.loss:.3f}{SEP}mask {r.mask_diff:.3f}{' !!' if r.flagged else ''}")
                  for r in present[:n]]
@@ -106,7 +118,7 @@ class WorstFacesTab:
     def flagged(self, model: str, name: str, side: str, threshold: Any, sort_by: str, count: Any) -> str:
         try:
             _, _, rows = self._ranked(model, name, side, threshold, sort_by)
-        except (ConfigError, OSError):
+        except (ValueError, OSError, OverflowError):
             return gr.skip()
         return "\n".join(r.face for r in rows if r.flagged)
 
@@ -121,7 +133,7 @@ class WorstFacesTab:
             moved = move_to_other(folder, names)
         except FacesetError as e:
             return [gr.skip(), f"**{e}**", gr.skip()]
-        except (ConfigError, OSError) as e:
+        except (ValueError, OSError, OverflowError) as e:
             return [gr.skip(), f"**{e}**", gr.skip()]
         gallery, text, _ = self.show(model, name, side, threshold, sort_by, count)
         return [gallery, f"moved {len(moved)} face(s) to `_other/` (nothing deleted). {text}", ""]

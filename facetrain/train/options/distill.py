@@ -6,7 +6,6 @@ two models see the same crops and their outputs are compared pixel for pixel.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -54,26 +53,22 @@ class DistillOptions(BaseModel):
 
 
 def teacher_info(path: str | Path) -> dict:
-    """The teacher file's face-model header (architecture, options), read without loading its weights."""
-    from safetensors import safe_open
+    """The teacher file's face-model header (architecture, options), read without loading its weights.
 
+    The header is untrusted: its types and sizes, and the file's tensor names and shapes against the model it
+    describes, are checked here (train/model_file.py), so a malformed teacher is refused before anything is built."""
     from loratrain.core.paths import confine
 
-    from ..state import CONFIG_KEY
+    from ..model_file import check_model_file
 
     p = confine(path, "teacher")
     if not p.is_file():
         raise ConfigError(f"teacher model not found: {path}")
     try:
-        with safe_open(str(p), framework="pt") as f:
-            info = json.loads((f.metadata() or {})[CONFIG_KEY])
-    except KeyError:
-        raise ConfigError(f"{path}: not a loratrain face model (no face-model header); give a face.safetensors") from None
-    except Exception as e:  # a truncated or foreign file
-        raise ConfigError(f"{path}: unreadable teacher model ({e})") from None
-    if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
-        raise ConfigError(f"{path}: a training state, not the face model; give the face.safetensors beside it")
-    return info
+        info, cfg = check_model_file(p)
+    except ConfigError as e:
+        raise ConfigError(f"teacher {e}; give a face.safetensors") from None
+    return {**info, "model": {**info["model"], "resolution": cfg.resolution}}
 
 
 def _same_file(a: Path, b: Path) -> bool:
