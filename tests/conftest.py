@@ -86,3 +86,23 @@ def running_app(root: Path):
         ctx.runner.close()
         app.close()
         paths.unconfine()
+
+
+def extract_facesets(root: Path, n: int) -> tuple[Path, Path]:
+    """src and dst facesets of `n` demo photos each, extracted for real (dlib) at 96 px: the face tests' data."""
+    from loratrain.core.progress import RecordingReporter
+    from loratrain.facetrain.demo_data import make_photos
+    from loratrain.facetrain.extract.config import ExtractConfig
+    from loratrain.facetrain.extract.extract import run_face_extract
+
+    for look, seed in (("src", 0), ("dst", 1)):
+        make_photos(root / f"{look}_photos", n, seed, look)
+        run_face_extract(ExtractConfig(input=str(root / f"{look}_photos"), output_dir=str(root / look), image_size=96,
+                                       max_faces=1), RecordingReporter())
+    return root / "src", root / "dst"
+
+
+@pytest.fixture(scope="session")
+def facesets6(tmp_path_factory) -> tuple[Path, Path]:
+    """Six faces a side, extracted once per session for the tests that only read them (never write into these)."""
+    return extract_facesets(tmp_path_factory.mktemp("facesets6"), 6)

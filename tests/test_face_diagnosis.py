@@ -16,9 +16,6 @@ import pytest
 from loratrain.cli import main
 from loratrain.core.errors import ConfigError
 from loratrain.core.progress import RecordingReporter, StopFlag
-from loratrain.facetrain.demo_data import make_photos
-from loratrain.facetrain.extract.config import ExtractConfig
-from loratrain.facetrain.extract.extract import run_face_extract
 from loratrain.facetrain.face_report import (
     FaceEntry,
     FaceReportConfig,
@@ -36,15 +33,12 @@ from loratrain.facetrain.train.diagnosis import FaceTable, HardFaceSampler
 from loratrain.facetrain.train.trainer import _train
 from loratrain.facetrain.train.watchers import Watcher
 
+from .conftest import extract_facesets
+
 
 @pytest.fixture(scope="module")
 def facesets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("diag_facesets")
-    for look, seed in (("src", 0), ("dst", 1)):
-        make_photos(root / f"{look}_photos", 6, seed, look)
-        run_face_extract(ExtractConfig(input=str(root / f"{look}_photos"), output_dir=str(root / look), image_size=96, max_faces=1),
-                         RecordingReporter())
-    return root / "src", root / "dst"
+    return extract_facesets(tmp_path_factory.mktemp("diag_facesets"), 6)
 
 
 def cfg_for(facesets, model_dir, **kw) -> FaceTrainConfig:

@@ -12,22 +12,14 @@ from safetensors.torch import load_file
 
 from loratrain.core.devices import torch_threads
 from loratrain.core.progress import RecordingReporter
-from loratrain.facetrain.demo_data import make_photos
-from loratrain.facetrain.extract.config import ExtractConfig
-from loratrain.facetrain.extract.extract import run_face_extract
 from loratrain.facetrain.train.config import FaceTrainConfig
 from loratrain.facetrain.train.parallel import EveryNth, ShardSampler
 from loratrain.facetrain.train.trainer import run_face_train
 
 
 @pytest.fixture(scope="module")
-def facesets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("facesets")
-    for look, seed in (("src", 0), ("dst", 1)):
-        make_photos(root / f"{look}_photos", 6, seed, look)
-        run_face_extract(ExtractConfig(input=str(root / f"{look}_photos"), output_dir=str(root / look), image_size=96, max_faces=1),
-                         RecordingReporter())
-    return root / "src", root / "dst"
+def facesets(facesets6):
+    return facesets6
 
 
 def cfg_for(facesets, model_dir, **kw) -> FaceTrainConfig:

@@ -13,24 +13,19 @@ from loratrain.cli import main
 from loratrain.core.progress import RecordingReporter
 from loratrain.facetrain.augment import apply_warp, warp_params
 from loratrain.facetrain.color import COLOR_TRANSFERS
-from loratrain.facetrain.demo_data import astronaut_bgr, make_photos
+from loratrain.facetrain.demo_data import astronaut_bgr
 from loratrain.facetrain.export import export_onnx, load_face_model
-from loratrain.facetrain.extract.config import ExtractConfig
-from loratrain.facetrain.extract.extract import run_face_extract
 from loratrain.facetrain.grow import grow_model
 from loratrain.facetrain.models.archi import ArchSpec, FaceModelConfig, build_model
 from loratrain.facetrain.train.config import FaceTrainConfig
 from loratrain.facetrain.train.trainer import run_face_train
 
+from .conftest import extract_facesets
+
 
 @pytest.fixture(scope="module")
 def facesets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("facesets")
-    for look, seed in (("src", 0), ("dst", 1)):
-        make_photos(root / f"{look}_photos", 8, seed, look)
-        run_face_extract(ExtractConfig(input=str(root / f"{look}_photos"), output_dir=str(root / look), image_size=96, max_faces=1),
-                      RecordingReporter())
-    return root / "src", root / "dst"
+    return extract_facesets(tmp_path_factory.mktemp("facesets"), 8)
 
 
 def cfg_for(facesets, model_dir, **kw) -> FaceTrainConfig:
