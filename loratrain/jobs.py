@@ -47,6 +47,7 @@ JOBS: Registry[JobSpec] = Registry("command")
 GROUPS = {"face": "DeepFaceLab-style face tools: extract, sort, train (DF / LIAE), grow, export, swap. "
                   "Use only faces of people who have given their consent.",
           "face xseg": "masks: train a segmenter on hand-labelled faces, apply it to a faceset, remove or undo",
+          "face swapper": "identity-injection swappers (FaceFusion's inswapper family): fine-tune on one person, inspect",
           "face snapshot": "pinned copies of a face model (never rotated away): save, list, restore (itself undoable)",
           "lora": "bake LoRAs (and LyCORIS files) into a checkpoint, merge LoRAs, resize a LoRA's rank, extract a LoRA "
                   "from two checkpoints, convert an (IA)^3 file to a LoRA",
@@ -168,6 +169,17 @@ add(
             "remove the XSeg masks of a faceset (polygons stay; undo: `face xseg undo`)", extras=("cv2",)),
     JobSpec(("face", "xseg", "undo"), f"{F}.xseg.config:XSegUndoConfig", f"{F}.xseg.apply:run_xseg_undo",
             "undo the newest `face xseg apply` or `face xseg remove` on a faceset", extras=("cv2",)),
+    JobSpec(("face", "swapper", "train"), f"{F}.swapper.config:SwapperTrainConfig", f"{F}.swapper.train:run_swapper_train",
+            "fine-tune an identity-injection swapper (inswapper-style .onnx) on one person, or train ours from scratch",
+            "Identity (recogniser cosine), L1/L2/LPIPS reconstruction, attribute and GAN losses; freeze the early blocks "
+            "(--freeze_until); AdamW, cosine schedule, accumulation, bf16/fp16, held-out validation with early stopping. "
+            "The saved .onnx keeps the input and output names, shapes and embedding map of the file it came from, so "
+            "FaceFusion and `face swap --swapper` load it unchanged. Models and their licences are yours to bring. "
+            "Use only faces of people who have given their consent.",
+            extras=("cv2", "onnx"), stop_when="after this iteration and saving", gpu=True),
+    JobSpec(("face", "swapper", "info"), f"{F}.swapper.config:SwapperInfoConfig", f"{F}.swapper.info:run_swapper_info",
+            "show a swapper file's inputs, outputs, crop, embedding map and blocks (for --freeze_until)",
+            extras=("cv2", "onnx")),
     *(JobSpec(("face", "snapshot", op), f"{F}.snapshots:SnapshotConfig", f"{F}.snapshots:run_face_snapshot", text, text,
               fixed={"op": op}, stop_when="(each action is one short copy)")
       for op, text in (("save", "pin a copy of a face model (model, optimizer state, plan state) as snapshots/NAME"),
