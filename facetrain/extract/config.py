@@ -52,9 +52,15 @@ class SortConfig(JobConfig):
     faceset: str = opt("", "folder of aligned faces", positional=True, path="dir")
     by: str = opt("yaw", "yaw, pitch, blur, hist or identity", choices=SORT_NAMES)
     reference: list[str] = opt([], "identity: face files of the wanted person (default: the whole set's median)", path="file")
-    identity_threshold: float = opt(0.6, "identity: faces farther than this from the reference move to _other/", gt=0)
+    recognizer: str = opt("", "identity: an ArcFace-style face recogniser (ONNX file, input N x 3 x 112 x 112) to compare "
+                          "faces by cosine distance instead of dlib's embedding", path="file")
+    identity_threshold: float = opt(0.0, "identity: faces farther than this from the reference move to _other/ (0 = the "
+                                    "encoder's default: 0.6, dlib's Euclidean or the recogniser's cosine distance)", ge=0)
     descending: bool = opt(False, "largest first")
     dry_run: bool = opt(False, "print the order without renaming or moving")
 
     def requirements(self) -> list[Problem]:
-        return [("faceset", "is required")] if not self.faceset else []
+        out: list[Problem] = [("faceset", "is required")] if not self.faceset else []
+        if self.recognizer and not Path(self.recognizer).is_file():
+            out.append(("recognizer", f"recogniser file not found: {self.recognizer}"))
+        return out

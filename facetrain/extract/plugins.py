@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from loratrain.core.faces import (  # noqa: F401  (re-exported: the extract/swap
     dlib_module,
     find_faces,
 )
+from loratrain.core.paths import confine
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
@@ -112,7 +114,9 @@ def onnx_2dfan4(model_path: str = "", **_: object) -> Landmarker:
 
 
 class IdentityEncoder:
-    """dlib's 128-d face embedding; distances under about 0.6 mean the same person."""
+    """dlib's 128-d face embedding; Euclidean distances under about 0.6 mean the same person."""
+
+    default_threshold = 0.6
 
     def __init__(self) -> None:
         dlib = dlib_module()
@@ -128,6 +132,48 @@ class IdentityEncoder:
         return np.asarray(self.net.compute_face_descriptor(np.ascontiguousarray(rgb), shape), np.float32)
 
 
+    @staticmethod
+    def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
+        """Euclidean distance over the last axis (a float for two embeddings, an array for a stack against one)."""
+        d = np.linalg.norm(np.asarray(a, np.float64) - np.asarray(b, np.float64), axis=-1)
+        return float(d) if np.ndim(d) == 0 else d
+
+
+class IdentityEncoderLike(Protocol):
+    """What sort, the swap's reference filter and the likeness score need of an identity encoder."""
+
+    default_threshold: float
+
+    def __call__(self, rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray: ...
+
+    def distance(self, a: np.ndarray, b: np.ndarray) -> np.ndarray | float: ...
+
+
 @lru_cache(maxsize=1)
-def identity_encoder() -> IdentityEncoder:
+def _dlib_encoder() -> IdentityEncoder:
     return IdentityEncoder()
+
+
+@lru_cache(maxsize=2)
+def _recognizer_encoder(path: str, size: int, mtime_ns: int) -> IdentityEncoderLike:
+    from ..swapper.recognizer import RecognizerIdentity
+
+    return RecognizerIdentity(path)
+
+
+def identity_encoder(recognizer: str = "") -> IdentityEncoderLike:
+    """The one place identity is chosen: dlib's 128-d embedding (Euclidean), or with `recognizer` (an ArcFace-style
+    ONNX file, `--recognizer`) its L2-normalised embedding (cosine distance). Loaded once per file and version."""
+    if not recognizer:
+        return _dlib_encoder()
+    path = confine(recognizer, "recognizer")
+    if not path.is_file():
+        raise ConfigError(f"recognizer: recogniser file not found: {recognizer}")
+    st = path.stat()
+    return _recognizer_encoder(str(path), st.st_size, st.st_mtime_ns)
+
+
+def identity_threshold(encoder: IdentityEncoderLike, value: float) -> float:
+    """`--identity_threshold` for this encoder: 0 means its own default (dlib 0.6 Euclidean, a recogniser 0.6 cosine
+    distance), any other number is taken as given."""
+    return float(value) if value > 0 else float(encoder.default_threshold)

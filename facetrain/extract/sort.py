@@ -23,7 +23,7 @@ from loratrain.core.registry import Registry
 from ..faceset import FaceMeta, list_faces, load_face
 from ..landmarks import estimate_yaw_pitch, hull_mask
 from .config import SortConfig
-from .plugins import identity_encoder
+from .plugins import identity_encoder, identity_threshold
 
 RANK = re.compile(r"^\d{5}_")
 SortKey = Callable[[list[tuple[Path, np.ndarray, FaceMeta]], SortConfig], list[float]]
@@ -73,24 +73,25 @@ def _hist(faces, cfg):  # noqa: ANN001, ANN202
     return rank.tolist()
 
 
-def embeddings(faces: list[tuple[Path, np.ndarray, FaceMeta]]) -> np.ndarray:
-    enc = identity_encoder()
+def embeddings(faces: list[tuple[Path, np.ndarray, FaceMeta]], recognizer: str = "") -> np.ndarray:
+    """Identity embeddings of these faces: dlib's, or the `--recognizer` ONNX file's (L2-normalised)."""
+    enc = identity_encoder(recognizer)
     return np.stack([enc(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), m.landmarks_array()) for _, img, m in faces])
 
 
-def reference_embedding(paths: list[str]) -> np.ndarray:
+def reference_embedding(paths: list[str], recognizer: str = "") -> np.ndarray:
     """The mean identity embedding of these face files: the person `--reference` names."""
-    return embeddings([(Path(p), *load_face(p)) for p in paths]).mean(0)
+    return embeddings([(Path(p), *load_face(p)) for p in paths], recognizer).mean(0)
 
 
 @SORT_KEYS.register("identity")
 def _identity(faces, cfg):  # noqa: ANN001, ANN202
-    emb = embeddings(faces)
+    emb = embeddings(faces, cfg.recognizer)
     if cfg.reference:
-        ref = reference_embedding(cfg.reference)
+        ref = reference_embedding(cfg.reference, cfg.recognizer)
     else:
         ref = np.median(emb, axis=0)
-    return np.linalg.norm(emb - ref, axis=1).tolist()
+    return np.asarray(identity_encoder(cfg.recognizer).distance(emb, ref), np.float64).reshape(-1).tolist()
 
 
 @dataclass
@@ -135,10 +136,11 @@ def run_face_sort(cfg: SortConfig, reporter: Reporter, stop: StopFlag) -> SortRe
         return result
     keep = ranked
     if cfg.by == "identity":
-        keep = [(p, s) for p, s in ranked if s <= cfg.identity_threshold]
+        limit = identity_threshold(identity_encoder(cfg.recognizer), cfg.identity_threshold)
+        keep = [(p, s) for p, s in ranked if s <= limit]
         other = folder / "_other"
         for p, s in ranked:
-            if s > cfg.identity_threshold:
+            if s > limit:
                 other.mkdir(exist_ok=True)
                 dst = other / p.name
                 os.replace(p, dst)

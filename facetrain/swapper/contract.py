@@ -1,6 +1,6 @@
 """What a swapper file promises: its input and output names, its crop, its normalisation and its embedding map.
 
-FaceFusion's inswapper contract (docs: shared reference face_swap.md §7.2): input `target` N x 3 x S x S (RGB,
+FaceFusion's inswapper contract (its face_swapper processor): input `target` N x 3 x S x S (RGB,
 0..1, crop by the `arcface_128` template), input `source` N x 512, output N x 3 x S x S (RGB 0..1); the source is
 the recogniser's raw embedding multiplied by the graph's last initializer (`emap`, 512 x 512) and divided by the
 embedding's norm. Files we export keep all of it and add metadata (`loratrain.template`, `loratrain.normalisation`)

@@ -62,6 +62,19 @@ class TorchSwapper(nn.Module):
         label = f"{what} {Path(path).name}"
         return cls(OnnxModule(proto, label), read_contract(proto, label))
 
+    def probe(self) -> None:
+        """Run the graph once on zeros, so a file the importer cannot run fails here, clearly, before training."""
+        c = self.contract
+        dev = self.emap.device
+        try:
+            with torch.no_grad():
+                out = self(torch.zeros(1, 3, c.size, c.size, device=dev), torch.zeros(1, c.embed, device=dev))
+        except Exception as e:  # any op failing on this graph is a property of the user's file
+            raise ConfigError(f"{self.module.what}: the importer cannot run this graph ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        if tuple(out.shape) != (1, 3, c.size, c.size):
+            raise ConfigError(f"{self.module.what}: the output is {list(out.shape)}, expected [1, 3, {c.size}, {c.size}]")
+
     @property
     def size(self) -> int:
         return self.contract.size
@@ -101,6 +114,17 @@ class TorchRecognizer(nn.Module):
     @classmethod
     def load(cls, path: str | Path, src_template: str, src_size: int) -> TorchRecognizer:
         return cls(OnnxModule(load_onnx(path, "recognizer"), f"recognizer {Path(path).name}"), src_template, src_size)
+
+    def probe(self) -> int:
+        """Run once on zeros; the embedding size, or a ConfigError naming the file."""
+        dev = next(iter(self.module.parameters()), self.theta).device
+        try:
+            with torch.no_grad():
+                out = self(torch.zeros(1, 3, self.src_size, self.src_size, device=dev))
+        except Exception as e:  # any op failing on this graph is a property of the user's file
+            raise ConfigError(f"{self.module.what}: the importer cannot run this graph ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        return int(out.shape[1])
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
         """Raw embeddings of N x 3 x S x S RGB 0..1 crops at the source template."""

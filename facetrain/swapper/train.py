@@ -118,6 +118,10 @@ class SwapperTrainer:
         for m in (self.swapper, self.recognizer, self.lpips):
             if m is not None:
                 m.to(self.device)
+        self.swapper.probe()
+        if (d := self.recognizer.probe()) != c.embed:
+            raise ConfigError(f"recognizer {Path(cfg.recognizer).name}: its embeddings have {d} values, the swapper's "
+                              f"source input takes {c.embed}")
         self.named = [(n, p) for n, p in self.swapper.module.named_weights().items() if p.requires_grad]
         if not self.named:
             raise ConfigError(f"freeze_until {cfg.freeze_until}: nothing is left to train")

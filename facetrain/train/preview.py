@@ -34,18 +34,19 @@ def write_preview(image_bgr: np.ndarray, path: Path) -> Path:
 
 
 class Likeness:
-    """Mean dlib identity distance between swapped dst faces and the src person (lower is more like src)."""
+    """Mean identity distance between swapped dst faces and the src person (lower is more like src): dlib's, or with
+    `recognizer` (an ArcFace-style ONNX file) the cosine distance of its embeddings."""
 
-    def __init__(self, src_faces: np.ndarray, src_landmarks: list[np.ndarray]) -> None:
+    def __init__(self, src_faces: np.ndarray, src_landmarks: list[np.ndarray], recognizer: str = "") -> None:
         from ..extract.plugins import identity_encoder
 
-        self.encode = identity_encoder()
+        self.encode = identity_encoder(recognizer)
         emb = [self.encode(_rgb8(f), lm) for f, lm in zip(src_faces, src_landmarks)]
         self.reference = np.mean(emb, axis=0)
 
     def __call__(self, swaps: torch.Tensor, dst_landmarks: list[np.ndarray]) -> float:
         faces = swaps.detach().float().clamp(0, 1).cpu().numpy().transpose(0, 2, 3, 1)
-        dists = [np.linalg.norm(self.encode(_rgb8(f), lm) - self.reference) for f, lm in zip(faces, dst_landmarks)]
+        dists = [self.encode.distance(self.encode(_rgb8(f), lm), self.reference) for f, lm in zip(faces, dst_landmarks)]
         return float(np.mean(dists))
 
 
