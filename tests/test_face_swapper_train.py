@@ -217,3 +217,22 @@ def test_cli_info_and_clear_errors(models, facesets6, tmp_path) -> None:
         assert res.returncode == 2 and "Traceback" not in res.stderr, (extra, res.returncode, res.stderr[-2000:])
         assert text in res.stderr, (extra, res.stderr[-1000:])
     assert not out.exists()
+
+
+def test_face_training_likeness_reads_the_recognizer(models, facesets6, tmp_path) -> None:
+    """Identity everywhere: the autoencoder's likeness score comes from the user's recogniser when given one."""
+    from loratrain.facetrain.train.config import FaceTrainConfig
+    from loratrain.facetrain.train.trainer import run_face_train
+
+    _, recognizer = models
+    src, dst = facesets6
+    rep = RecordingReporter()
+    run_face_train(FaceTrainConfig(model_dir=str(tmp_path / "m"), src_faceset=str(src), dst_faceset=str(dst), archi="df",
+                                   resolution=32, ae_dims=16, e_dims=4, d_dims=4, batch_size=2, workers=0, max_iters=2,
+                                   preview_every=1, likeness_recognizer=str(recognizer)), rep)
+    scores = [m["likeness"] for m in rep.metrics if "likeness" in m]
+    assert scores and all(0 <= s <= 2 for s in scores)  # a cosine distance, not dlib's Euclidean scale
+    assert not any("no likeness score" in line for line in rep.lines)
+    res = cli("face", "train", tmp_path / "m2", "--src_faceset", src, "--dst_faceset", dst, "--likeness_recognizer",
+              tmp_path / "nope.onnx")
+    assert res.returncode == 2 and "likeness_recognizer" in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]

@@ -340,7 +340,8 @@ def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag, extra_watch
     rows = [(src.sample(i % len(src), rng, augment=False), dst.sample(i % len(dst), rng, augment=False)) for i in range(4)]
     likeness = None
     try:
-        likeness = Likeness(np.stack([r[0]["target"] for r in rows]), [r[0]["landmarks"] for r in rows])
+        likeness = Likeness(np.stack([r[0]["target"] for r in rows]), [r[0]["landmarks"] for r in rows],
+                            cfg.likeness_recognizer)
     except (ImportError, FileNotFoundError) as e:
         reporter.log(f"note: no likeness score ({e})")
     from torch.utils.tensorboard import SummaryWriter

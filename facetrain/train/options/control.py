@@ -23,6 +23,8 @@ class ControlOptions(BaseModel):
                                            "RMSprop (DFL's) have none: a value with them is refused", ge=0, group=GROUP)
     likeness_patience: int = opt(0, "warn when the likeness score has not beaten its best for this many previews "
                                     "(0 = off)", ge=0, group=GROUP)
+    likeness_recognizer: str = opt("", "an ArcFace-style face recogniser .onnx of yours for the likeness score "
+                                       "(cosine distance); empty: dlib's face embedding", path="file", group=GROUP)
     validation_faces: float = opt(0.0, "faces held out of training from src (and dst) for a validation loss: "
                                        "a count (>= 1) or a share (below 1); 0 = none", ge=0, group=GROUP)
     validation_every: int = opt(100, "validation loss every N iterations (with validation_faces)", ge=1, group=GROUP)
@@ -34,6 +36,8 @@ class ControlOptions(BaseModel):
 
     def group_problems(self) -> list[Problem]:
         out: list[Problem] = []
+        if self.likeness_recognizer and not Path(self.likeness_recognizer).is_file():
+            out.append(("likeness_recognizer", f"recogniser file not found: {self.likeness_recognizer}"))
         optimizer = getattr(self, "optimizer", "adamw")
         if self.weight_decay is not None and self.weight_decay > 0 and optimizer != "adamw":
             out.append(("weight_decay", f"optimizer {optimizer} has no weight decay (DeepFaceLab's has none); use "
