@@ -217,6 +217,13 @@ def test_cli_info_and_clear_errors(models, facesets6, tmp_path) -> None:
         assert res.returncode == 2 and "Traceback" not in res.stderr, (extra, res.returncode, res.stderr[-2000:])
         assert text in res.stderr, (extra, res.stderr[-1000:])
     assert not out.exists()
+    # the output is never an input (the base would be overwritten), and someone's own .onnx is never "resumed"
+    foreign = tmp_path / "mine.onnx"
+    foreign.write_bytes(swapper.read_bytes())
+    for model, text in ((swapper, "destroy the input"), (foreign, "not written by `face swapper train`")):
+        res = cli("face", "swapper", "train", src, model, "--base", swapper, "--recognizer", recognizer, "--iterations", "1")
+        assert res.returncode == 2 and text in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
+    assert foreign.read_bytes() == swapper.read_bytes()
 
 
 def test_face_training_likeness_reads_the_recognizer(models, facesets6, tmp_path) -> None:

@@ -91,6 +91,11 @@ class SwapperTrainConfig(JobConfig):
             out.append(("mixed_precision", "fp16 needs a GPU; use bf16 on the CPU"))
         if self.resolution % 4:
             out.append(("resolution", "must be a multiple of 4"))
+        from loratrain.core.safe_io import output_conflicts
+
+        # the model is written (and resumed): never one of the inputs, nor inside a faceset
+        out += [("model", m) for m in output_conflicts(self.model, [self.base, self.recognizer, self.lpips_model,
+                                                                    self.faceset, self.dst_faceset])]
         return out
 
     def requirements(self) -> list[Problem]:

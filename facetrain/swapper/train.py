@@ -92,6 +92,9 @@ class SwapperTrainer:
         if self.path.exists():
             proto = load_onnx(self.path, "model")
             props = {p.key: p.value for p in proto.metadata_props}
+            if ITERATION_KEY not in props:  # someone's own model file: resuming would overwrite it
+                raise ConfigError(f"model {self.path}: exists and was not written by `face swapper train`; give a new "
+                                  "file name (to start from this file, pass it as --base)")
             self.iteration = int(props.get(ITERATION_KEY, "0")) if props.get(ITERATION_KEY, "0").isdigit() else 0
             reporter.log(f"resuming {self.path.name} at iteration {self.iteration} (its own graph; --base is not read)")
         elif cfg.base:
@@ -350,6 +353,7 @@ def _train(cfg: SwapperTrainConfig, trainer: SwapperTrainer, reporter: Reporter,
     preview_path = trainer.path.with_name(trainer.path.stem + "_preview.png")
     reporter.start(cfg.iterations, f"training swapper {trainer.swapper.size}px on {trainer.device.type}",
                    initial=min(trainer.iteration, cfg.iterations))
+    start = trainer.iteration
     try:
         while trainer.iteration < cfg.iterations:
             sums = trainer.step(data.batches(cfg.seed, trainer.iteration, cfg.batch_size, cfg.grad_accum))
@@ -384,7 +388,8 @@ def _train(cfg: SwapperTrainConfig, trainer: SwapperTrainer, reporter: Reporter,
             if stop.is_set():
                 result.stopped = True
                 break
-        trainer.save(meta)
+        if trainer.iteration > start and trainer.iteration % cfg.save_every:  # not saved by the loop just now
+            trainer.save(meta)
     finally:
         writer.close()
         reporter.done("")
