@@ -180,7 +180,7 @@ def test_recognizer_refuses_files_that_are_no_recogniser(tmp_path):
     with pytest.raises(ConfigError, match=r"fmap\.onnx: expected .*outputs fmap 1x2x28x28"):
         Recognizer(feature_map(tmp_path / "fmap.onnx"))
     (tmp_path / "junk.onnx").write_bytes(b"not a model at all")
-    with pytest.raises(ConfigError, match=r"junk\.onnx: not an ONNX model"):
+    with pytest.raises(ConfigError, match=r"junk\.onnx: not a readable ONNX file"):
         Recognizer(tmp_path / "junk.onnx")
     with pytest.raises(ConfigError, match="recogniser file not found"):
         Recognizer(tmp_path / "missing.onnx")

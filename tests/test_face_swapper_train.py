@@ -243,3 +243,41 @@ def test_face_training_likeness_reads_the_recognizer(models, facesets6, tmp_path
     res = cli("face", "train", tmp_path / "m2", "--src_faceset", src, "--dst_faceset", dst, "--likeness_recognizer",
               tmp_path / "nope.onnx")
     assert res.returncode == 2 and "likeness_recognizer" in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
+
+
+def test_side_files_of_weights_are_confined_to_the_models_folder(models, tmp_path) -> None:
+    """ONNX external data: a name inside a file is untrusted; only plain files beside the model are read."""
+    from loratrain.facetrain.swapper.onnx_file import load_onnx, ort_source
+
+    swapper, _ = models
+    good = tmp_path / "good" / "split.onnx"
+    good.parent.mkdir()
+    onnx.save(onnx.load(str(swapper)), str(good), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="split.weights", size_threshold=0)
+    target = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    source = np.ones((1, 512), np.float32) / 512 ** 0.5
+    want = session(swapper).run(None, {"target": target, "source": source})[0]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    got = ort.InferenceSession(ort_source(good), opts, providers=["CPUExecutionProvider"]).run(None, {"target": target, "source": source})[0]
+    np.testing.assert_array_equal(got, want)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 4096)
+    for location in ("../secret.bin", str(secret)):
+        evil = onnx.load(str(good), load_external_data=False)
+        for t in evil.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = location
+        (tmp_path / "good" / "evil.onnx").write_bytes(evil.SerializeToString())
+        with pytest.raises(ConfigError, match="only a file beside the model"):
+            load_onnx(tmp_path / "good" / "evil.onnx", "base")
+    (tmp_path / "good" / "link.weights").symlink_to(secret)
+    evil = onnx.load(str(good), load_external_data=False)
+    for t in evil.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "link.weights"
+    (tmp_path / "good" / "linked.onnx").write_bytes(evil.SerializeToString())
+    with pytest.raises(ConfigError):
+        load_onnx(tmp_path / "good" / "linked.onnx", "base")

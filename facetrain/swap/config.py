@@ -25,7 +25,13 @@ C2PA_ALGS = ("es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519")
 
 class SwapConfig(JobConfig):
     input: str = opt("", "a video, a folder of frames or one image", positional=True, path="any", group="input and output")
-    model: str = opt("", "the trained face.safetensors, or an exported .onnx / .dfm", path="file", group="input and output")
+    model: str = opt("", "the trained face.safetensors, or an exported .onnx / .dfm (or --swapper instead)", path="file",
+                     group="input and output")
+    swapper: str = opt("", "instead of --model: an identity-injection swapper (.onnx, inswapper-style) that puts the "
+                       "person of --source into every face, no training; needs --source and --recognizer", path="file",
+                       group="input and output")
+    source: list[str] = opt([], "with --swapper: images of the person to put in, or one folder of them (the largest face "
+                            "of each; their recogniser embeddings are averaged)", path="any", group="input and output")
     output: str = opt("", "a video file (.mp4, .mkv, ...), an image file, or a folder for frames", positional=True,
                       path="output", group="input and output")
     output_frames: str = opt("", "also write the swapped frames as PNG into this folder (video output)", path="output",
@@ -54,9 +60,12 @@ class SwapConfig(JobConfig):
     min_face: int = opt(40, "ignore detections smaller than this many pixels", group="faces")
     min_score: float = opt(0.0, "ignore detections scoring below this", group="faces")
     max_faces: int = opt(0, "swap at most this many faces per frame, largest first (0 = all)", ge=0, group="faces")
-    reference: list[str] = opt([], "only swap faces close to these face files (dlib identity embedding)", path="file",
-                               group="faces")
-    identity_threshold: float = opt(0.6, "identity distance under which a face counts as the reference person", gt=0,
+    reference: list[str] = opt([], "only swap faces close to these face files (dlib identity embedding, or --recognizer's)",
+                               path="file", group="faces")
+    recognizer: str = opt("", "an ArcFace-style face recogniser (ONNX file, input N x 3 x 112 x 112) for --reference: "
+                          "cosine distance of its embeddings instead of dlib's", path="file", group="faces")
+    identity_threshold: float = opt(0.0, "identity distance under which a face counts as the reference person (0 = the "
+                                    "encoder's default: 0.6, dlib's Euclidean or the recogniser's cosine distance)", ge=0,
                                     group="faces")
     smooth: bool = opt(True, "temporal smoothing of the landmarks (one-euro filter) so the face does not jitter",
                        group="faces")
@@ -68,6 +77,13 @@ class SwapConfig(JobConfig):
     batch_size: int = opt(8, "faces predicted together", ge=1, group="model")
     morph_value: float = opt(1.0, "for .dfm models with a morph_value input (AMP): 0..1", ge=0, le=1, group="model")
     device: str = opt("auto", "auto, cpu or cuda (torch models; ONNX uses its best provider)", choices=DEVICES, group="model")
+    restore_model: str = opt("", "with --swapper: a face restoration model run on each swapped face (.onnx, GFPGAN / "
+                             "CodeFormer-style: N x 3 x S x S in and out at -1..1, FFHQ-aligned crop)", path="file",
+                             group="model", advanced=True)
+    restore_blend: float = opt(0.8, "how much of the restored face replaces the swapped one (0 = none, 1 = all)", ge=0,
+                               le=1, group="model", advanced=True)
+    restore_fidelity: float = opt(0.5, "CodeFormer's weight input (0 = sharper, 1 = closer to the swapped face); models "
+                                  "without it ignore it", ge=0, le=1, group="model", advanced=True)
     # ---- merge (DFL's merger options)
     mode: str = opt("overlay", "blend: original, overlay, hist-match, seamless, seamless-hist-match, raw-rgb, raw-predict",
                     choices=BLEND_MODES, group="merge")
@@ -102,6 +118,11 @@ class SwapConfig(JobConfig):
     quiet: bool = opt(False, "no progress bar")
 
     @property
+    def model_file(self) -> str:
+        """The file that makes the faces (--model or --swapper): what the labels and the resume key name."""
+        return self.model or self.swapper
+
+    @property
     def output_kind(self) -> str:
         suffix = Path(self.output).suffix.lower()
         if suffix in VIDEO_EXTENSIONS:
@@ -114,6 +135,15 @@ class SwapConfig(JobConfig):
             out.append(("end", f"must be after --start ({self.start})"))
         if self.model and Path(self.model).suffix.lower() not in MODEL_SUFFIXES:
             out.append(("model", f"{self.model}: expected a .safetensors face model or an .onnx / .dfm export"))
+        if self.model and self.swapper:
+            out.append(("swapper", "give --model (a trained face model) or --swapper (an identity-injection swapper), not both"))
+        for name in ("swapper", "restore_model"):
+            value = getattr(self, name)
+            if value and Path(value).suffix.lower() != ".onnx":
+                out.append((name, f"{value}: expected an .onnx file" + ("; a DeepFaceLab .dfm or a trained face model goes to "
+                                                                       "--model" if name == "swapper" else "")))
+        if not self.swapper:
+            out += [(name, "only with --swapper") for name in ("source", "restore_model") if getattr(self, name)]
         if self.output_frames and self.output_kind != "video":
             out.append(("output_frames", "only with a video --output (the output itself holds the frames otherwise)"))
         if bool(self.c2pa_cert) != bool(self.c2pa_key):
@@ -127,7 +157,21 @@ class SwapConfig(JobConfig):
         return out
 
     def requirements(self) -> list[Problem]:
-        out: list[Problem] = [(name, "is required") for name in ("input", "model", "output") if not getattr(self, name)]
+        out: list[Problem] = [(name, "is required") for name in ("input", "output") if not getattr(self, name)]
+        if not self.model and not self.swapper:
+            out.append(("model", "is required (a trained face model; or --swapper with --source and --recognizer)"))
+        if self.swapper:
+            if not self.source:
+                out.append(("source", "--swapper needs the person to put in: --source FACE.png ... or a folder of images"))
+            if not self.recognizer:
+                out.append(("recognizer", "--swapper needs the recogniser its identity embeddings come from: --recognizer "
+                            "an ArcFace-style .onnx (112 px in, 512-d out)"))
+            for name in ("swapper", "restore_model"):
+                if getattr(self, name) and not Path(getattr(self, name)).is_file():
+                    out.append((name, f"file not found: {getattr(self, name)}"))
+            out += [("source", f"not found: {s}") for s in self.source if not Path(s).exists()]
+            if len(self.source) > 1 and any(Path(s).is_dir() for s in self.source):
+                out.append(("source", "one folder, or image files: not a folder among other paths"))
         if self.input and not Path(self.input).exists():
             out.append(("input", f"input not found: {self.input}"))
         if self.model and not Path(self.model).is_file():
@@ -145,4 +189,6 @@ class SwapConfig(JobConfig):
         for ref in self.reference:
             if not Path(ref).is_file():
                 out.append(("reference", f"face file not found: {ref}"))
+        if self.recognizer and not Path(self.recognizer).is_file():
+            out.append(("recognizer", f"recogniser file not found: {self.recognizer}"))
         return out

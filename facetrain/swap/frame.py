@@ -26,9 +26,10 @@ import numpy as np
 
 from loratrain.core.errors import ConfigError
 
-from ..extract.plugins import DETECTORS, LANDMARKERS, find_faces, identity_encoder
+from ..extract.plugins import DETECTORS, LANDMARKERS, find_faces, identity_encoder, identity_threshold
 from ..extract.sort import reference_embedding
 from ..faceset import list_faces, read_meta
+from ..landmarks import transform_points
 from .compose import FaceCrop, MergeOptions, crop_hull, merge_face, prepare
 from .config import SwapConfig
 from .label import draw_mark
@@ -88,8 +89,9 @@ class FaceFinder:
         else:
             self.detect = DETECTORS.get(cfg.detector)(upsample=cfg.upsample, model_path=cfg.detector_model)
             self.landmark = LANDMARKERS.get(cfg.landmarker)(model_path=cfg.landmarker_model)
-        self.reference = reference_embedding(cfg.reference) if cfg.reference else None
-        self.encoder = identity_encoder() if cfg.reference else None
+        self.reference = reference_embedding(cfg.reference, cfg.recognizer) if cfg.reference else None
+        self.encoder = identity_encoder(cfg.recognizer) if cfg.reference else None
+        self.threshold = identity_threshold(self.encoder, cfg.identity_threshold) if self.encoder else 0.0
         self.other_people = 0
 
     def __call__(self, index: int, rgb: np.ndarray) -> list[np.ndarray]:
@@ -99,7 +101,7 @@ class FaceFinder:
         else:
             faces = [lm for _, lm in find_faces(rgb, self.detect, self.landmark, cfg.min_face, cfg.min_score)]
         if self.reference is not None:
-            kept = [lm for lm in faces if np.linalg.norm(self.encoder(rgb, lm) - self.reference) <= cfg.identity_threshold]
+            kept = [lm for lm in faces if self.encoder.distance(self.encoder(rgb, lm), self.reference) <= self.threshold]
             self.other_people += len(faces) - len(kept)
             faces = kept
         return faces[:cfg.max_faces] if cfg.max_faces else faces
@@ -153,7 +155,10 @@ def predict_crops(predictor: Predictor, crops: list[FaceCrop], segmenter: Segmen
     if not crops:
         return []
     dst = np.stack([c.dst for c in crops])
-    pred = predictor.predict(dst)
+    if predictor.needs_landmarks:  # a swapper aligns each crop on its own template from the face's points
+        pred = predictor.predict(dst, [transform_points(c.landmarks, c.mat) for c in crops])
+    else:
+        pred = predictor.predict(dst)
     none: list[np.ndarray | None] = [None] * len(crops)
     on_prd = segmenter is not None and segmenter.on_prd
     on_dst = segmenter is not None and segmenter.on_dst

@@ -102,8 +102,8 @@ def open_source(path: str | Path, fps: float = 0.0) -> Source:
 def fingerprint(cfg: object, fields: dict) -> str:
     """What makes two runs the same swap: every option that changes a pixel, and the model's and input's identity."""
     data = dict(fields)
-    for name in ("model", "input"):
-        p = Path(getattr(cfg, name))
+    for name in ("model", "input"):  # the model: --model's file, or --swapper's
+        p = Path(getattr(cfg, "model_file", None) or getattr(cfg, name)) if name == "model" else Path(getattr(cfg, name))
         st = p.stat()
         data[f"{name}_id"] = [p.name, st.st_size, st.st_mtime_ns] if p.is_file() else [p.name, sorted(x.name for x in p.iterdir())]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -17,7 +17,8 @@ from loratrain.core.registry import Registry
 
 
 class Predict(Protocol):
-    def __call__(self, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+    def __call__(self, faces: np.ndarray, landmarks: list[np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 @dataclass
@@ -26,6 +27,8 @@ class Predictor:
     resolution: int
     face_type: str  # "" when the file does not say
     name: str
+    #: the predictor also takes each crop's landmarks in crop coordinates (a swapper aligns on its own template)
+    needs_landmarks: bool = False
 
 
 PREDICTORS: Registry = Registry("face model kind")
@@ -100,3 +103,13 @@ def load_predictor(path: str | Path, device: str = "auto", morph_value: float = 
     path = Path(path)
     kind = "torch" if path.suffix.lower() == ".safetensors" else "onnx"
     return PREDICTORS.get(kind)(path, device=device, morph_value=morph_value)
+
+
+def open_predictor(cfg: object) -> Predictor:
+    """The predictor of a swap's options: `--swapper` (swapper_predict.py: an identity-injection swapper with its
+    source person) or `--model`."""
+    if getattr(cfg, "swapper", ""):
+        from .swapper_predict import load_swapper
+
+        return load_swapper(cfg)
+    return load_predictor(cfg.model, cfg.device, cfg.morph_value)  # type: ignore[attr-defined]

@@ -52,7 +52,12 @@ def preview(cfg: SwapConfig, index: int) -> Preview:
     if got is None:  # a video's frame count is an estimate: its last frames may not exist
         got = next(iter(source.frames(0, 1)))
     index, rgb = got
-    predictor = _predictor(str(cfg.model), Path(cfg.model).stat().st_mtime_ns, cfg.device, cfg.morph_value)
+    if cfg.swapper:
+        from .swapper_predict import cached_swapper
+
+        predictor = cached_swapper(cfg)
+    else:
+        predictor = _predictor(str(cfg.model), Path(cfg.model).stat().st_mtime_ns, cfg.device, cfg.morph_value)
     face_type = check_model(cfg, predictor)
     segmenter = open_segmenter(cfg, _cached_segmenter)
     out = swap_frame(index, rgb, FaceFinder(cfg, source), predictor, face_type, MergeOptions.of(cfg), cfg.visible_mark,

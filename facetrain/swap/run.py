@@ -26,11 +26,12 @@ from loratrain.core.errors import ConfigError
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.progress import Reporter, StopFlag
 
+from ..extract.plugins import IdentityEncoder
 from .compose import FaceCrop, MergeOptions
 from .config import SwapConfig
 from .frame import FaceFinder, Prediction, check_model, compose_frame, find_crops, open_segmenter, output_size, predict_crops, to_work
 from .media import ResumeState, Source, VideoSink, fingerprint, open_source, write_frame_image, write_image
-from .predict import load_predictor
+from .predict import open_predictor
 from .smooth import Smoother
 
 #: options that do not change a pixel of the output (everything else is part of the resume key)
@@ -154,6 +155,19 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
         key_fields["xseg_model_id"] = [Path(cfg.xseg_model).name, st.st_size, st.st_mtime_ns]
     else:  # no segmenter: the same key as before the option existed, so such a stopped swap still resumes
         key_fields.pop("xseg_model")
+    if cfg.recognizer:  # which faces pass the --reference filter depends on the recogniser's file too
+        st = Path(cfg.recognizer).stat()
+        key_fields["recognizer_id"] = [Path(cfg.recognizer).name, st.st_size, st.st_mtime_ns]
+    else:  # dlib, as before the option existed (0 now means its 0.6): the same key, so such a stopped swap resumes
+        key_fields.pop("recognizer")
+        key_fields["identity_threshold"] = cfg.identity_threshold or IdentityEncoder.default_threshold
+    if cfg.swapper:  # the pixels depend on the swapper, the source photos and the restorer files too
+        from .swapper_predict import file_ids
+
+        key_fields.update(file_ids(cfg))
+    else:  # a --model swap: the same key as before the swapper options existed, so such a stopped swap still resumes
+        for name in ("swapper", "source", "restore_model", "restore_blend", "restore_fidelity"):
+            key_fields.pop(name)
     key = fingerprint(cfg, key_fields)
     state = ResumeState(parts, key, "state.json" if kind == "video" else ".swap-state.json")
     resumed = kind != "image" and state.load(cfg.overwrite, str(parts))
@@ -164,8 +178,8 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
     if cfg.c2pa_cert:
         from .label import C2paSigner
 
-        signer = C2paSigner(cfg.c2pa_cert, cfg.c2pa_key, cfg.c2pa_alg, cfg.model)
-    predictor = load_predictor(cfg.model, cfg.device, cfg.morph_value)
+        signer = C2paSigner(cfg.c2pa_cert, cfg.c2pa_key, cfg.c2pa_alg, cfg.model_file)
+    predictor = open_predictor(cfg)
     face_type = check_model(cfg, predictor)
     segmenter = open_segmenter(cfg)
     finder = FaceFinder(cfg, source)
@@ -233,7 +247,7 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
                     sink.open(f"seg_{(item.index - first) // seg:05d}.mp4")
                 sink.write(bgr)
             if frames_dir is not None:
-                write_frame_image(frames_dir, source.frame_name(item.index), bgr, cfg.model, signer)
+                write_frame_image(frames_dir, source.frame_name(item.index), bgr, cfg.model_file, signer)
             if kind == "image":
                 image.append(bgr)
             result.frames += 1
@@ -299,9 +313,9 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
         if sink.writer is not None:
             state.segments.append(sink.close())
         last = start_at + result.frames
-        sink.join(state.segments, source, first, last - first, cfg.model, signer)
+        sink.join(state.segments, source, first, last - first, cfg.model_file, signer)
     elif image:
-        write_image(out, image[-1], cfg.model, signer)
+        write_image(out, image[-1], cfg.model_file, signer)
     elif kind == "frames":
         (out / ".swap-state.json").unlink(missing_ok=True)
     return result

@@ -19,6 +19,7 @@ from torch import nn
 
 from loratrain.core.errors import ConfigError
 
+from .onnx_file import load_onnx  # noqa: F401  (re-exported: the loader lives where torch is not imported)
 from .onnx_ops import OPS
 
 #: node inputs that are settings, not learnt weights (a float initializer there is never trained)
@@ -26,36 +27,6 @@ _FIXED_INPUTS = {"Resize": {1, 2, 3}, "Upsample": {1}, "Clip": {1, 2}, "Pad": {1
                  "Reshape": {1}, "Expand": {1}, "ConstantOfShape": {0}, "Slice": {1, 2, 3, 4}, "Split": {1},
                  "Unsqueeze": {1}, "Squeeze": {1}, "ReduceMean": {1}, "ReduceSum": {1}}
 _FLOATS = {1: torch.float32, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
-
-
-def load_onnx(path: str | Path, what: str = "model") -> Any:
-    """The ModelProto of a user's file, or a ConfigError naming it (never a protobuf traceback)."""
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and OSError alike
-        raise ConfigError(f"{what} {path}: not a readable ONNX file ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
-    if not len(model.graph.node):
-        raise ConfigError(f"{what} {path}: the ONNX graph is empty")
-    external = [t for t in model.graph.initializer if uses_external_data(t)]
-    if external:
-        # weights in side files: each must be a plain file beside the model (a name inside a file is untrusted)
-        from loratrain.core.paths import confine
-
-        folder = Path(path).resolve().parent
-        for t in external:
-            loc = ExternalDataInfo(t).location
-            if not loc or Path(loc).name != loc or loc in (".", ".."):
-                raise ConfigError(f"{what} {path}: weight {t.name} names the side file {loc!r}; only a file beside the "
-                                  "model is read")
-            side = confine(folder / loc, f"{what} weights file")
-            if side.is_symlink() or not side.is_file() or side.resolve().parent != folder:
-                raise ConfigError(f"{what} {path}: side file {loc!r} of weight {t.name} is missing or not a plain file "
-                                  "beside the model")
-        onnx.load_external_data_for_model(model, str(folder))
-    return model
 
 
 def block_name(name: str) -> str:

@@ -55,8 +55,11 @@ class Recognizer:
         self.path = confine(path, what)
         if not self.path.is_file():
             raise ConfigError(f"{what}: recogniser file not found: {path}")
+        from .onnx_file import ort_source
+
+        source = ort_source(self.path, what)  # a file that is no ONNX at all: a ConfigError naming it
         try:
-            self.session = ort.InferenceSession(str(self.path), providers=_providers())
+            self.session = ort.InferenceSession(source, providers=_providers())
         except Exception as exc:  # onnxruntime raises its own exception types for files that are no (valid) model
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"{what} {path}: not an ONNX model onnxruntime can load ({reason})") from exc
