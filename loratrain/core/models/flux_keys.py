@@ -1,0 +1,145 @@
+"""FLUX.1 transformer weights between BFL's layout (our model, single files) and diffusers' FluxTransformer2DModel.
+
+Why: a diffusers folder (`transformer/`) must load into our BFL-layout model, and a LoRA or checkpoint we write must
+be readable by diffusers. The differences are names plus three reshapes: BFL fuses q/k/v (`img_attn.qkv`, and in
+single blocks q/k/v + MLP-in as `linear1`) where diffusers keeps separate Linears; and the final AdaLN emits
+[shift | scale] where diffusers' `norm_out.linear` emits [scale | shift].
+"""
+from __future__ import annotations
+
+import torch
+
+from loratrain.core.errors import ConfigError
+
+#: one-to-one modules: BFL module path -> diffusers module path ({i}: block index)
+_TOP = {
+    "img_in": "x_embedder", "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+}
+_DOUBLE = {
+    "img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
+    "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+    "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
+    "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2",
+}
+_DOUBLE_NORMS = {
+    "img_attn.norm.query_norm.scale": "attn.norm_q.weight", "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight", "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+}
+_SINGLE = {"linear2": "proj_out", "modulation.lin": "norm.linear"}
+_SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
+#: fused BFL Linears -> the diffusers Linears their output rows split into, in order
+DOUBLE_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+              "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+SINGLE_LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+FINAL_MOD = ("final_layer.adaLN_modulation.1", "norm_out.linear")
+
+
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """[a | b] -> [b | a] along the output rows: BFL's final [shift | scale] <-> diffusers' [scale | shift]."""
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def module_map(depth: int, depth_single: int, hidden: int, mlp_hidden: int) -> dict[str, list[tuple[str, int, int]]]:
+    """BFL Linear path -> [(diffusers Linear path, first row, end row)] for every Linear of the transformer.
+
+    A one-to-one module maps to one entry covering all its rows. The final modulation is listed as one entry too;
+    its row halves swap (see `swap_halves`).
+    """
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    for bfl, diff in _TOP.items():
+        out[bfl] = [(diff, 0, -1)]
+    out[FINAL_MOD[0]] = [(FINAL_MOD[1], 0, -1)]
+    for i in range(depth):
+        for bfl, diff in _DOUBLE.items():
+            out[f"double_blocks.{i}.{bfl}"] = [(f"transformer_blocks.{i}.{diff}", 0, -1)]
+        for bfl, parts in DOUBLE_QKV.items():
+            out[f"double_blocks.{i}.{bfl}"] = [(f"transformer_blocks.{i}.{p}", j * hidden, (j + 1) * hidden)
+                                               for j, p in enumerate(parts)]
+    sizes = [hidden, hidden, hidden, mlp_hidden]
+    for i in range(depth_single):
+        for bfl, diff in _SINGLE.items():
+            out[f"single_blocks.{i}.{bfl}"] = [(f"single_transformer_blocks.{i}.{diff}", 0, -1)]
+        starts = [sum(sizes[:j]) for j in range(4)]
+        out[f"single_blocks.{i}.linear1"] = [(f"single_transformer_blocks.{i}.{p}", s, s + n)
+                                             for p, s, n in zip(SINGLE_LINEAR1, starts, sizes)]
+    return out
+
+
+def _blocks(keys: object, stem: str) -> int:
+    idx = {int(k[len(stem):].split(".", 1)[0]) for k in keys if k.startswith(stem)}  # type: ignore[attr-defined]
+    return max(idx) + 1 if idx else 0
+
+
+def bfl_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A bare BFL-layout transformer state dict -> FluxTransformer2DModel's."""
+    if "double_blocks.0.img_attn.qkv.weight" not in sd:
+        raise ConfigError("not a bare BFL-layout FLUX state dict (no double_blocks.0.img_attn.qkv.weight)")
+    hidden = sd["img_in.weight"].shape[0]
+    mlp = sd["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden if "single_blocks.0.linear1.weight" in sd else 0
+    table = module_map(_blocks(sd, "double_blocks."), _blocks(sd, "single_blocks."), hidden, mlp)
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for bfl, targets in table.items():
+        for suffix in ("weight", "bias"):
+            key = f"{bfl}.{suffix}"
+            if key not in sd:
+                continue
+            used.add(key)
+            t = sd[key]
+            if bfl == FINAL_MOD[0]:
+                t = swap_halves(t)
+            for diff, start, end in targets:
+                out[f"{diff}.{suffix}"] = t if end < 0 else t[start:end].clone()
+    for i in range(_blocks(sd, "double_blocks.")):
+        for bfl, diff in _DOUBLE_NORMS.items():
+            out[f"transformer_blocks.{i}.{diff}"] = sd[f"double_blocks.{i}.{bfl}"]
+            used.add(f"double_blocks.{i}.{bfl}")
+    for i in range(_blocks(sd, "single_blocks.")):
+        for bfl, diff in _SINGLE_NORMS.items():
+            out[f"single_transformer_blocks.{i}.{diff}"] = sd[f"single_blocks.{i}.{bfl}"]
+            used.add(f"single_blocks.{i}.{bfl}")
+    left = sorted(set(sd) - used)
+    if left:
+        raise ConfigError(f"FLUX state dict has keys this converter does not know: {left[:3]}")
+    return out
+
+
+def diffusers_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FluxTransformer2DModel's state dict (bare, or under `transformer.`) -> BFL's layout."""
+    if any(k.startswith("transformer.") for k in sd):
+        sd = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
+    if "transformer_blocks.0.attn.to_q.weight" not in sd:
+        raise ConfigError("not a diffusers FluxTransformer2DModel state dict (no transformer_blocks.0.attn.to_q.weight)")
+    hidden = sd["x_embedder.weight"].shape[0]
+    mlp = sd["single_transformer_blocks.0.proj_mlp.weight"].shape[0] if "single_transformer_blocks.0.proj_mlp.weight" in sd else 0
+    table = module_map(_blocks(sd, "transformer_blocks."), _blocks(sd, "single_transformer_blocks."), hidden, mlp)
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for bfl, targets in table.items():
+        for suffix in ("weight", "bias"):
+            keys = [f"{diff}.{suffix}" for diff, _, _ in targets]
+            if not all(k in sd for k in keys):
+                continue
+            used.update(keys)
+            t = torch.cat([sd[k] for k in keys], dim=0) if len(keys) > 1 else sd[keys[0]]
+            out[f"{bfl}.{suffix}"] = swap_halves(t) if bfl == FINAL_MOD[0] else t
+    for i in range(_blocks(sd, "transformer_blocks.")):
+        for bfl, diff in _DOUBLE_NORMS.items():
+            out[f"double_blocks.{i}.{bfl}"] = sd[f"transformer_blocks.{i}.{diff}"]
+            used.add(f"transformer_blocks.{i}.{diff}")
+    for i in range(_blocks(sd, "single_transformer_blocks.")):
+        for bfl, diff in _SINGLE_NORMS.items():
+            out[f"single_blocks.{i}.{bfl}"] = sd[f"single_transformer_blocks.{i}.{diff}"]
+            used.add(f"single_transformer_blocks.{i}.{diff}")
+    left = sorted(set(sd) - used)
+    if left:
+        raise ConfigError(f"diffusers FLUX state dict has keys this converter does not know: {left[:3]}")
+    return out
