@@ -26,6 +26,13 @@ def refusal(api: str, message: str) -> Exception:
     return gr.Error(message, print_exception=False)
 
 
+def plotted_series(snap: Snapshot | None) -> tuple[str, ...]:
+    """The loss plot's series, in order of first appearance (panel.view plots every metric but the lr ones)."""
+    if snap is None:
+        return ()
+    return tuple(dict.fromkeys(k for row in snap.metrics for k in row if k != "step" and not k.startswith("lr")))
+
+
 class JobPanel:
     def __init__(self, ctx: AppContext, prefix: str, kinds: tuple[str, ...], plots: bool = True, lr: bool = False,
                  images_label: str = "images", images: Callable[[Snapshot], list[tuple[str, str]]] | None = None) -> None:
@@ -73,7 +80,18 @@ class JobPanel:
                 record = None
         marker = (job_id, record.state if record else None, snap.step if snap else 0, len(snap.logs) if snap else 0,
                   len(snap.samples) if snap else 0, len(snap.metrics) if snap else 0, snap.error if snap else "",
-                  snap.exit_code if snap else None)
+                  snap.exit_code if snap else None, plotted_series(snap))
+        # Gradio's LinePlot keeps the series (colours) of the chart it built from its first data and then only swaps
+        # the data: a series that starts later (a validation metric) stayed undrawn until a reload. A new legend list
+        # rebuilds the chart, but from the data the browser held before that update, so it is sent one tick after the
+        # data with the new series. The marker's last item is the chart: (series it was built with, legend list sent).
+        prev = seen if isinstance(seen, tuple) and len(seen) == len(marker) + 1 else None
+        series = marker[-1]
+        built, legend = (series, ()) if prev is None else prev[-1]
+        if prev is not None and not prev[-2]:
+            built = series  # an empty plot builds its chart from the first data it gets
+        rebuild = bool(series) and prev is not None and prev[-2] == series and (built != series or legend not in ((), series))
+        marker += ((series, series) if rebuild else (built, legend),)
         quiet = self.runner.quiet_for(job_id) if record and record.state == "running" else 0.0
         if marker == seen and quiet < 60:
             return [gr.skip() for _ in self.outputs()] + [seen]
@@ -82,7 +100,7 @@ class JobPanel:
             v.images = self.images_of(snap)
         out: list[Any] = [v.status]
         if self.loss is not None:
-            out.append(v.loss)
+            out.append(gr.update(value=v.loss, colors_in_legend=list(series)) if rebuild else v.loss)
         if self.lr_plot is not None:
             out.append(v.lr)
         out += [v.images, v.log]

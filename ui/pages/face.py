@@ -1,6 +1,8 @@
 """The face page: extract aligned faces from images or a video, browse and sort a faceset (setting other
 people aside in `_other/`), label XSeg masks and train / apply a segmenter (face_masks.py), train a DF / LIAE
-model with its live preview and loss curves, export it, and swap it onto a video with a one-frame interactive preview.
+model with its live preview and loss curves, export it, fine-tune an identity-injection swapper (inswapper-style
+.onnx) with its source | target | result preview and loss / likeness curves, and swap either onto a video with a
+one-frame interactive preview.
 
 Face swapping is dual use: the page states the consent rule before anything else.
 """
@@ -24,6 +26,11 @@ from .face_report import WorstFacesTab
 CONSENT = ("**Use only faces of people who have given their consent.** Everything made with these tools from a real "
            "person's face needs that person's permission; swap outputs are labelled as synthetic.")
 MAX_FACES = 400
+SWAPPER_HELP = ("Fine-tune an identity-injection swapper (an inswapper-style .onnx, FaceFusion's family) on one "
+                "person's faceset, or train ours from scratch with **base** empty. The result is an .onnx that FaceFusion "
+                "and the Swap tab's **swapper** load unchanged. The swapper, the face recogniser (ArcFace-style, for the "
+                "identity loss) and any LPIPS network are yours to bring, with their licences: nothing is downloaded. "
+                "Train only on faces of people who consented. **Inspect** lists a file's blocks for **freeze_until**.")
 
 
 def faceset_gallery(folder: Path) -> tuple[list[tuple[str, str]], str]:
@@ -67,6 +74,11 @@ class Page:
             "Grow": JobSection(ctx, "face grow", "face-grow", title=lambda c: f"grow {Path(c.model).name}", start_label="Grow"),
             "Export": JobSection(ctx, "face export", "face-export", title=lambda c: f"export {Path(c.output).name}",
                                  start_label="Export"),
+            "Swapper": JobSection(ctx, "face swapper train", "face-swapper", plots=True, open_groups=("data",),
+                                  images=lambda snap: list(snap.samples[-1:]),
+                                  images_label="preview: source | target | result",
+                                  title=lambda c: f"swapper {Path(c.model).name}",
+                                  start_label="Train (resumes the model there)"),
             "Swap": JobSection(ctx, "face swap", "face-swap", title=lambda c: f"swap onto {Path(c.input).name}",
                                start_label="Swap (resumes a stopped swap)"),
         }
@@ -107,6 +119,17 @@ class Page:
                     self.sections[name].render()
                     if name == "Train":
                         self.plan_view.render(self.sections[name].form.components)
+            with gr.Tab("Swapper", elem_id="face-tab-swapper"):
+                gr.Markdown(SWAPPER_HELP)
+                section = self.sections["Swapper"]
+                section.render()
+                with gr.Row():
+                    inspect = gr.Button("Inspect (base, else model)", elem_id="face-swapper-inspect", scale=1)
+                    blocks = gr.Textbox(label="swapper file: inputs, crop, blocks (for freeze_until)", lines=4,
+                                        interactive=False, elem_id="face-swapper-info", scale=4)
+                fields = section.form.components
+                inspect.click(self.inspect_swapper, [fields["base"], fields["model"]], [blocks],
+                              api_name="face_swapper_inspect")
             with gr.Tab("Swap", elem_id="face-tab-swap"):
                 gr.Markdown("Put the trained face onto a video, frames or an image. Every output is labelled "
                             "AI-generated. Preview one frame with the options below, then start the whole swap.")
@@ -146,6 +169,25 @@ class Page:
         if got.occluded:
             note += "; XSeg: " + ", ".join(f"{share:.0%}" for share in got.occluded) + " of the face covered"
         return [side_by_side(*images), note]
+
+    def inspect_swapper(self, base: str, model: str) -> str:
+        """`face swapper info` on the Swapper form's base (or, without one, the model being trained): the block
+        names freeze_until takes. Plain text (a Textbox), so nothing read from the file can add markup."""
+        name, value = ("base", base) if (base or "").strip() else ("model", model)
+        if not (value or "").strip():
+            return "set base (a swapper .onnx) or model (one trained before) to inspect it"
+        try:
+            from loratrain.facetrain.swapper.config import SwapperInfoConfig
+            from loratrain.facetrain.swapper.info import run_swapper_info
+
+            path = self.ctx.workspace.resolve(value, name)  # type: ignore[attr-defined]
+            if not path.is_file():
+                return f"{name}: {value}: no such file"
+            return "\n".join(run_swapper_info(SwapperInfoConfig(model=str(path))).summary())
+        except (ConfigError, OSError, ValueError) as e:
+            return str(e)
+        except ImportError as e:
+            return f"inspecting a swapper needs onnx and torch: pip install 'loratrain[face]' ({e.name})"
 
     def open(self, folder: str) -> list[Any]:
         try:
