@@ -49,6 +49,10 @@ def test_every_bench_starts(script, tmp_path):
 def test_tiny_benches_run(script, tmp_path):
     res = run(script, TINY[script], tmp_path)
     assert res.returncode == 0, (res.stdout[-1500:], res.stderr[-2000:])
+    if script == "face_swap.py":  # its second section: `face swap --swapper` against the swapper alone
+        sw = run(script, ["--swapper", "--frames", "4", "--batch_size", "2", "--swapper_base", "8", "--swapper_blocks", "1"],
+                 tmp_path)
+        assert sw.returncode == 0 and sw.stdout.count("ratio to ceiling") == 2, (sw.stdout[-1500:], sw.stderr[-2000:])
     assert "peak" in (res.stdout + res.stderr).lower() or "ratio" in (res.stdout + res.stderr).lower()
     parse = gpu_suite().PARSERS.get(script)  # the GPU suite reads this bench's figures from what it prints
     if parse is not None:

@@ -77,7 +77,9 @@ def open_segmenter(cfg: SwapConfig, load: Callable[[str, str], Callable[[np.ndar
 class FaceFinder:
     """Landmarks of the faces to swap in one frame: from a dst faceset, or detected; identity-filtered."""
 
-    def __init__(self, cfg: SwapConfig, source: Source) -> None:
+    def __init__(self, cfg: SwapConfig, source: Source, tools: list | None = None) -> None:
+        """`tools`: [detector, landmarker] the run already built for these options (the swapper's source faces), or
+        empty / None to build them here."""
         self.cfg, self.source = cfg, source
         self.table: dict[str, list[np.ndarray]] | None = None
         if cfg.dst_faceset:
@@ -86,6 +88,8 @@ class FaceFinder:
                 meta = read_meta(p)
                 file, sep, frame = meta.source_filename.partition("#")  # `clip.mp4#000012` for a video's frame
                 self.table.setdefault(Path(file).name + sep + frame, []).append(np.asarray(meta.source_landmarks, np.float64))
+        elif tools:
+            self.detect, self.landmark = tools[0], tools[1]
         else:
             self.detect = DETECTORS.get(cfg.detector)(upsample=cfg.upsample, model_path=cfg.detector_model)
             self.landmark = LANDMARKERS.get(cfg.landmarker)(model_path=cfg.landmarker_model)

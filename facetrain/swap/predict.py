@@ -105,11 +105,11 @@ def load_predictor(path: str | Path, device: str = "auto", morph_value: float = 
     return PREDICTORS.get(kind)(path, device=device, morph_value=morph_value)
 
 
-def open_predictor(cfg: object) -> Predictor:
+def open_predictor(cfg: object, tools: list | None = None) -> Predictor:
     """The predictor of a swap's options: `--swapper` (swapper_predict.py: an identity-injection swapper with its
-    source person) or `--model`."""
+    source person) or `--model`. `tools`: the run's [detector, landmarker], shared with its frame finder."""
     if getattr(cfg, "swapper", ""):
         from .swapper_predict import load_swapper
 
-        return load_swapper(cfg)
+        return load_swapper(cfg, tools)
     return load_predictor(cfg.model, cfg.device, cfg.morph_value)  # type: ignore[attr-defined]

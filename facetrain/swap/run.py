@@ -179,10 +179,11 @@ def run_face_swap(cfg: SwapConfig, reporter: Reporter, stop: StopFlag) -> SwapRe
         from .label import C2paSigner
 
         signer = C2paSigner(cfg.c2pa_cert, cfg.c2pa_key, cfg.c2pa_alg, cfg.model_file)
-    predictor = open_predictor(cfg)
+    tools: list = []  # the detector and landmarker, built once for the swapper's sources and the frames alike
+    predictor = open_predictor(cfg, tools)
     face_type = check_model(cfg, predictor)
     segmenter = open_segmenter(cfg)
-    finder = FaceFinder(cfg, source)
+    finder = FaceFinder(cfg, source, tools)
     smoother = Smoother(source.fps, cfg.smooth, cfg.smooth_min_cutoff, cfg.smooth_beta)
     start_at = state.next_frame if resumed and state.next_frame is not None else first
     if resumed:

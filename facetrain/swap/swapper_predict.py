@@ -141,11 +141,13 @@ def _source_landmarks(path: Path, rgb: np.ndarray, finder: Any) -> np.ndarray:
     return faces[0][1]
 
 
-def source_embedding(cfg: Any, recognizer: Any) -> np.ndarray:
-    """The mean raw recogniser embedding of the largest face in each `--source` image (D,)."""
+def source_embedding(cfg: Any, recognizer: Any, tools: list[Any] | None = None) -> np.ndarray:
+    """The mean raw recogniser embedding of the largest face in each `--source` image (D,). `tools` (the run's
+    [detector, landmarker], filled here when empty) lets the frame finder reuse what was built for the sources:
+    dlib's models take most of a second to load each."""
     from ..extract.plugins import DETECTORS, LANDMARKERS, find_faces
 
-    tools: list[Any] = []
+    tools = tools if tools is not None else []
 
     def finder(rgb: np.ndarray) -> list:
         if not tools:  # built only when some source image is not an aligned face
@@ -276,7 +278,7 @@ def swapper_predictor(path: Path, *, setup: SwapperSetup | None = None, **_: obj
     return Predictor(predict, r, SWAPPER_FACE_TYPE, path.name, needs_landmarks=True)
 
 
-def load_swapper(cfg: Any) -> Predictor:
+def load_swapper(cfg: Any, tools: list[Any] | None = None) -> Predictor:
     """The predictor of `--swapper` with its source person (from `--source` through `--recognizer`) and optional
     restorer: every file confined and checked here, where it is opened, before any frame is read."""
     from ..swapper.contract import read_contract
@@ -290,7 +292,7 @@ def load_swapper(cfg: Any) -> Predictor:
     if recognizer.dim != contract.embed:
         raise ConfigError(f"recognizer {cfg.recognizer} gives {recognizer.dim}-d embeddings; the swapper {path.name} "
                           f"takes {contract.embed}-d ones (its `{contract.source}` input)")
-    source = contract.latent(source_embedding(cfg, recognizer))
+    source = contract.latent(source_embedding(cfg, recognizer, tools))
     restorer = Restorer(cfg.restore_model, cfg.restore_fidelity) if cfg.restore_model else None
     setup = SwapperSetup(contract, source, restorer, cfg.restore_blend)
     return PREDICTORS.get("swapper")(path, setup=setup)
