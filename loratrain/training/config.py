@@ -19,6 +19,7 @@ from loratrain.core.errors import ConfigError, Problem
 from .kohya import GUI_KEYS, SD_SCRIPTS_FLAGS, cli_value, translate
 from .options import DATA, LOGS, MODEL, NET, NOISE, OPTIM, SAMPLE, SAVE
 from .options.data import RANDOM_CAPTIONS, DataOptions, DatasetOptions, SubsetOptions
+from .options.flux import FluxOptions
 from .options.model import ModelOptions
 from .options.network import NetworkOptions
 from .options.noise import NoiseOptions
@@ -29,11 +30,12 @@ from .options.saving import SavingOptions
 __all__ = ["DATA", "LOGS", "MODEL", "NET", "NOISE", "OPTIM", "SAMPLE", "SAVE", "TrainConfig"]
 
 #: the option groups in the order the form and --help show them
-GROUPS = (ModelOptions, DataOptions, DatasetOptions, SubsetOptions, NetworkOptions, OptimizerOptions, NoiseOptions, SavingOptions, SamplingOptions)
+GROUPS = (ModelOptions, DataOptions, DatasetOptions, SubsetOptions, NetworkOptions, OptimizerOptions, NoiseOptions, SavingOptions,
+          SamplingOptions, FluxOptions)
 
 
 # pydantic takes a class's fields from its bases last to first: listed in reverse, they appear in GROUPS' order
-class TrainConfig(SamplingOptions, SavingOptions, NoiseOptions, OptimizerOptions, NetworkOptions, SubsetOptions, DatasetOptions,
+class TrainConfig(FluxOptions, SamplingOptions, SavingOptions, NoiseOptions, OptimizerOptions, NetworkOptions, SubsetOptions, DatasetOptions,
                   DataOptions, ModelOptions, JobConfig):
     """`loratrain train`: sd-scripts' option names; its other options (kohya.py) are accepted or refused by name."""
 

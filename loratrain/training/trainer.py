@@ -587,6 +587,11 @@ def run_train(cfg: TrainConfig, reporter: Reporter, stop: StopFlag) -> TrainResu
     saves a resumable state and returns with `stopped` set.
     Result: the LoRA file, the state folder, the step and epoch reached, the per-step losses, samples.
     """
-    trainer = LoRATrainer(cfg, reporter, stop)
+    if cfg.is_flux():  # FLUX.1: the same data, loop, saving and resume on a flow-matching transformer
+        from .flux_trainer import FluxLoRATrainer
+
+        trainer: LoRATrainer = FluxLoRATrainer(cfg, reporter, stop)
+    else:
+        trainer = LoRATrainer(cfg, reporter, stop)
     trainer.setup()
     return trainer.run()

@@ -1,0 +1,333 @@
+"""Load FLUX.1 (dev / schnell) for LoRA training: the transformer, CLIP-L, T5-XXL and the 16-channel autoencoder.
+
+Why a loader of its own: FLUX.1 is shipped as separate files, each named by its own sd-scripts option
+(`--pretrained_model_name_or_path flux1-dev.safetensors --clip_l clip_l.safetensors --t5xxl t5xxl_fp16.safetensors
+--ae ae.safetensors`), or as a diffusers folder, or as one ComfyUI file holding some of the parts. `flux_sources`
+reads only the files' headers and says where each part comes from, so a missing part is named (by its option) before
+anything loads; `load_flux` then reads only those tensors. Sizes come from the tensors' shapes over the configs
+shipped in `configs/models/flux/` (so tiny test models load with the same code); fp8-stored weights (float8_e4m3fn /
+e5m2, as in `flux1-dev-fp8`) are upcast to the compute dtype as they are read.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..paths import confine
+from .flux import FluxConfig, FluxTransformer, flux_config_from_shapes, flux_prefix
+
+#: a tensor each part always has, after the part's prefix (found in a file by its suffix)
+CLIP_MARK = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+T5_MARK = "encoder.block.0.layer.0.SelfAttention.q.weight"
+AE_MARK = "encoder.down.0.block.0.conv1.weight"
+#: AutoencoderKL scaling of FLUX.1's latents: z = (x - shift) * scale (diffusers' config; sd-scripts' AutoEncoder)
+AE_SCALE, AE_SHIFT = 0.3611, 0.1159
+
+
+@dataclass(frozen=True)
+class Part:
+    """Where one component's tensors are: a .safetensors file and a key prefix, or a diffusers subfolder."""
+
+    path: Path
+    prefix: str = ""
+    folder: bool = False
+
+
+@dataclass(frozen=True)
+class FluxSources:
+    transformer: Part
+    clip_l: Part
+    t5xxl: Part
+    ae: Part
+    t5_tokenizer: Path
+    config: FluxConfig
+
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+
+def _shapes(path: Path, what: str) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of a .safetensors file (its header only)."""
+    from safetensors import safe_open
+
+    if path.suffix.lower() != ".safetensors":
+        raise ConfigError(f"{what}: {path} is not a .safetensors file (pickled checkpoints are not read)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any unreadable header is the same problem for the user
+        raise ConfigError(f"{what}: {path} is not a readable .safetensors file ({e})") from None
+
+
+def _prefix_of(shapes: dict[str, Any], mark: str) -> str | None:
+    for key in shapes:
+        if key.endswith(mark):
+            return key[: -len(mark)]
+    return None
+
+
+def is_flux_model(model: str | Path) -> bool:
+    """Whether a base model is FLUX.1 (a BFL-layout transformer file, or a diffusers folder of a FLUX pipeline), from
+    its header or config alone; False for anything unreadable (the SD loader then says why)."""
+    try:
+        path = confine(Path(model).expanduser(), "pretrained_model_name_or_path")
+        if path.is_dir():
+            index = path / "model_index.json"
+            if index.is_file() and "Flux" in json.loads(index.read_text(encoding="utf-8")).get("_class_name", ""):
+                return True
+            cfg = path / "transformer" / "config.json"
+            return cfg.is_file() and "Flux" in json.loads(cfg.read_text(encoding="utf-8")).get("_class_name", "")
+        return path.is_file() and flux_prefix(_shapes(path, "model")) is not None
+    except Exception:  # noqa: BLE001 - only a probe
+        return False
+
+
+def _file(value: str, option: str) -> Path:
+    path = confine(Path(value).expanduser(), option)
+    if not path.is_file():
+        raise ConfigError(f"{option}: file not found: {value}")
+    return path
+
+
+def _part_in(path: Path, shapes: dict[str, Any], mark: str, option: str, what: str) -> Part:
+    prefix = _prefix_of(shapes, mark)
+    if prefix is None:
+        raise ConfigError(f"{option}: {path} holds no {what} weights (no *{mark})")
+    return Part(path, prefix)
+
+
+def flux_sources(model: str, clip_l: str = "", t5xxl: str = "", ae: str = "", t5_tokenizer: str = "") -> FluxSources:
+    """Where each FLUX.1 part comes from, from headers only; ConfigError naming the option of the first part missing.
+
+    A separate file (`--clip_l`, `--t5xxl`, `--ae`) wins; else the part inside the main single file (ComfyUI's
+    all-in-one layout) or the diffusers folder's subfolder is used."""
+    root = confine(Path(model).expanduser(), "pretrained_model_name_or_path")
+    if not root.exists():
+        raise ConfigError(f"pretrained_model_name_or_path: model not found: {model}")
+    main: dict[str, Any] = {}
+    if root.is_dir():
+        if not (root / "transformer" / "config.json").is_file():
+            raise ConfigError(f"pretrained_model_name_or_path: {root} is not a diffusers FLUX.1 folder (no transformer/)")
+        shapes: dict[str, Any] = {}
+        for f in sorted((root / "transformer").glob("*.safetensors")):
+            shapes.update(_shapes(confine(f, "model file"), "pretrained_model_name_or_path"))
+        from .flux_keys import diffusers_to_bfl
+
+        if not shapes:
+            raise ConfigError(f"pretrained_model_name_or_path: {root}/transformer has no .safetensors weights")
+        bfl = diffusers_to_bfl({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+        config = flux_config_from_shapes({k: tuple(v.shape) for k, v in bfl.items()}, str(root))
+        transformer = Part(root / "transformer", folder=True)
+    else:
+        main = _shapes(root, "pretrained_model_name_or_path")
+        config = flux_config_from_shapes(main, str(root))
+        transformer = Part(root, flux_prefix(main) or "")
+
+    def part(value: str, option: str, mark: str, what: str, sub: str) -> Part:
+        if value:
+            path = _file(value, option)
+            return _part_in(path, _shapes(path, option), mark, option, what)
+        if root.is_dir() and (root / sub).is_dir():
+            return Part(root / sub, folder=True)
+        prefix = _prefix_of(main, mark) if main else None
+        if prefix is not None:
+            return Part(root, prefix)
+        raise ConfigError(f"{option}: FLUX.1 needs the {what} ({option} FILE.safetensors); "
+                          f"{root.name} does not contain it")
+
+    clip = part(clip_l, "clip_l", CLIP_MARK, "CLIP-L text encoder", "text_encoder")
+    t5 = part(t5xxl, "t5xxl", T5_MARK, "T5-XXL text encoder", "text_encoder_2")
+    vae = part(ae, "ae", AE_MARK, "autoencoder", "vae")
+    if t5_tokenizer:
+        tok = confine(Path(t5_tokenizer).expanduser(), "t5_tokenizer")
+    elif root.is_dir() and (root / "tokenizer_2").is_dir():
+        tok = root / "tokenizer_2"
+    else:
+        from loratrain import configs
+
+        tok = configs.path("tokenizers", "t5")
+        if not tok.is_dir():
+            raise ConfigError("t5_tokenizer: no T5 tokenizer is shipped; pass --t5_tokenizer DIR (a folder with "
+                              "tokenizer.json, e.g. FLUX.1's tokenizer_2/ or google/t5-v1_1-xxl's)")
+    if not tok.is_dir() or not ((tok / "tokenizer.json").is_file() or (tok / "spiece.model").is_file()):
+        raise ConfigError(f"t5_tokenizer: {tok} is not a tokenizer folder (no tokenizer.json)")
+    return FluxSources(transformer, clip, t5, vae, tok, config)
+
+
+def _read(part: Part, dtype: torch.dtype | None, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A part's tensors without its prefix; floating ones (fp8 included) converted to `dtype` one at a time."""
+    from safetensors import safe_open
+
+    files = sorted(part.path.glob("*.safetensors")) if part.folder else [part.path]
+    out: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(confine(file, "model file")), framework="pt") as f:
+            for key in f.keys():
+                if not key.startswith(part.prefix) or key[len(part.prefix):].startswith(skip):
+                    continue
+                t = f.get_tensor(key)
+                out[key[len(part.prefix):]] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
+def _assign(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str, ignore: tuple[str, ...] = ()) -> None:
+    """Load weights into a model made under init_empty_weights; every parameter must come from the file."""
+    own = model.state_dict()
+    extra = sorted(k for k in sd if k not in own and not k.startswith(ignore))
+    if extra:
+        raise ConfigError(f"{what}: unexpected tensor {extra[0]} (not this model's; a different architecture?)")
+    bad = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise ConfigError(f"{what}: {bad[0]} is {list(sd[bad[0]].shape)}, the model's is {list(own[bad[0]].shape)}")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False, assign=True)
+    empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if empty:
+        raise ConfigError(f"{what}: missing tensor {empty[0]} (a partial or damaged file)")
+
+
+def load_transformer(part: Part, config: FluxConfig, dtype: torch.dtype) -> FluxTransformer:
+    from accelerate import init_empty_weights
+
+    if part.folder:
+        from .flux_keys import diffusers_to_bfl
+
+        sd = diffusers_to_bfl(_read(part, dtype))
+    else:
+        sd = _read(part, dtype)
+    with init_empty_weights():
+        model = FluxTransformer(config)
+    _assign(model, sd, f"transformer {part.path}")
+    return model
+
+
+def _config(name: str) -> dict[str, Any]:
+    from loratrain import configs
+
+    return json.loads(configs.path("models", "flux", name).read_text(encoding="utf-8"))
+
+
+def _count(keys: object, stem: str) -> int:
+    found = {int(k[len(stem):].split(".", 1)[0]) for k in keys if k.startswith(stem)}  # type: ignore[attr-defined]
+    return max(found) + 1 if found else 0
+
+
+def load_clip_l(part: Part, dtype: torch.dtype) -> torch.nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if part.folder:
+        return CLIPTextModel.from_pretrained(part.path, local_files_only=True, torch_dtype=dtype)
+    sd = _read(part, dtype, skip=("text_projection", "logit_scale"))
+    cfg = _config("clip_l.json")
+    vocab, hidden = sd["text_model.embeddings.token_embedding.weight"].shape
+    cfg.update(vocab_size=vocab, hidden_size=hidden, num_attention_heads=max(1, hidden // 64),
+               max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],
+               intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+               num_hidden_layers=_count(sd, "text_model.encoder.layers."))
+    with init_empty_weights():
+        model = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"}))
+    from .text_encoder_keys import to_model_names
+
+    _assign(model, to_model_names(model, sd), f"clip_l {part.path}", ignore=("text_model.embeddings.position_ids",
+                                                                           "embeddings.position_ids"))
+    return model
+
+
+def load_t5xxl(part: Part, dtype: torch.dtype) -> torch.nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import T5Config, T5EncoderModel
+
+    if part.folder:
+        return T5EncoderModel.from_pretrained(part.path, local_files_only=True, torch_dtype=dtype)
+    sd = _read(part, dtype, skip=("decoder.", "lm_head."))
+    emb = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
+    if emb is None:
+        raise ConfigError(f"t5xxl {part.path}: no token embedding (shared.weight)")
+    sd["shared.weight"] = sd["encoder.embed_tokens.weight"] = emb
+    cfg = _config("t5xxl.json")
+    heads = sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[1]
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
+    wi = sd["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"]
+    cfg.update(vocab_size=emb.shape[0], d_model=emb.shape[1], num_heads=heads, num_layers=_count(sd, "encoder.block."),
+               d_kv=sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads, d_ff=wi.shape[0],
+               relative_attention_num_buckets=sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[0],
+               feed_forward_proj="gated-gelu" if gated else "relu", dropout_rate=0.0)
+    with init_empty_weights():
+        model = T5EncoderModel(T5Config(**{k: v for k, v in cfg.items() if k != "architectures"}))
+    _assign(model, sd, f"t5xxl {part.path}")
+    return model
+
+
+def load_ae(part: Part) -> torch.nn.Module:
+    """FLUX.1's autoencoder as diffusers' AutoencoderKL (float32), from BFL's `ae.safetensors` (LDM key names)."""
+    from diffusers import AutoencoderKL
+
+    from .ldm_keys import convert_keys, vae_module_pairs, vae_reshape
+
+    if part.folder:
+        return AutoencoderKL.from_pretrained(part.path, local_files_only=True)
+    sd = _read(part, torch.float32)
+    cfg = _config("ae.json")
+    levels = _count(sd, "encoder.down.")
+    cfg.update(block_out_channels=[sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)],
+               latent_channels=sd["encoder.conv_out.weight"].shape[0] // 2, layers_per_block=_count(sd, "encoder.down.0.block."),
+               in_channels=sd["encoder.conv_in.weight"].shape[1], out_channels=sd["decoder.conv_out.weight"].shape[0],
+               down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels)
+    try:
+        sd = convert_keys(vae_reshape(sd, to_ldm=False), vae_module_pairs(cfg), to_ldm=False, what=f"ae {part.path}")
+    except KeyError as e:
+        raise ConfigError(str(e).strip("'\"")) from None
+    ae = AutoencoderKL.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    _assign(ae, sd, f"ae {part.path}")
+    return ae
+
+
+def load_t5_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = confine(folder, "t5_tokenizer")
+    if (folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), pad_token="<pad>", eos_token="</s>")
+
+
+@dataclass
+class FluxModel:
+    transformer: FluxTransformer
+    clip_l: Any
+    t5xxl: Any
+    ae: Any
+    clip_tokenizer: Any
+    t5_tokenizer: Any
+    sources: FluxSources
+
+    @property
+    def config(self) -> FluxConfig:
+        return self.transformer.config
+
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+
+def load_flux(sources: FluxSources, dtype: torch.dtype = torch.float32, encoder_dtype: torch.dtype | None = None) -> FluxModel:
+    """Every part, frozen and in eval mode, on the CPU; the autoencoder in float32. Its latent channels must be the
+    transformer's packed input channels / 4."""
+    from ..tokenizer import clip_tokenizer
+
+    transformer = load_transformer(sources.transformer, sources.config, dtype)
+    ae = load_ae(sources.ae)
+    if ae.config.latent_channels * 4 != sources.config.in_channels:
+        raise ConfigError(f"ae: {ae.config.latent_channels} latent channels, but the transformer takes "
+                          f"{sources.config.in_channels // 4} (x 2x2 patches); the autoencoder is not FLUX.1's")
+    parts = [transformer, load_clip_l(sources.clip_l, encoder_dtype or dtype), load_t5xxl(sources.t5xxl, encoder_dtype or dtype), ae]
+    for m in parts:
+        m.requires_grad_(False)
+        m.eval()
+    return FluxModel(parts[0], parts[1], parts[2], ae, clip_tokenizer(), load_t5_tokenizer(sources.t5_tokenizer), sources)

@@ -1,0 +1,249 @@
+"""FLUX.1 LoRA training: `loratrain train` with a FLUX.1 base model, as sd-scripts' flux_train_network.py trains it.
+
+Why a subclass of the SD trainer: the data (N_concept folders, dataset TOML, captions, buckets, latent caching), the
+step loop, gradient accumulation, saving, pruning, validation, NaN stop and bit-exact resume are the same; what
+differs is the model (transformer + CLIP-L + T5-XXL + 16-channel AE, core/models/flux_loading.py), the conditioning
+(CLIP-L pooled + T5 sequence and mask, encoded once per caption and kept in memory, then the encoders are freed) and
+the loss (flow matching, training/flow_matching.py, with sd-scripts' option names). Only the transformer trains.
+
+Determinism is the SD trainer's: every sample's noise and timestep come from a generator seeded by (seed, epoch,
+batch, position), so a resumed run replays exactly the steps an unbroken one takes.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from loratrain.core.errors import ConfigError
+from loratrain.core.lora.flux_network import create_flux_lora
+from loratrain.core.lora.hashes import model_file_hashes
+from loratrain.core.models.flux_loading import AE_SHIFT, flux_sources, load_flux
+from loratrain.core.precision import dtype_of
+
+from . import flow_matching as fm
+from .data.captions import changes_per_step, process_caption
+from .data.dataset import Item, TrainData
+from .metadata import dataset_metadata, lora_metadata
+from .networks.base import NetworkSpec
+from .networks.flux import FluxNetwork
+from .noise import elementwise_loss
+from .optim import create_optimizer, create_scheduler
+from .trainer import LoRATrainer, _seed_for, build_specs, seeded
+
+#: sd-scripts' FLUX metadata keys (flux_train_network.py update_metadata) and the options they record
+FLUX_METADATA = ("apply_t5_attn_mask", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale",
+                 "timestep_sampling", "sigmoid_scale", "model_prediction_type", "discrete_flow_shift")
+
+
+class FluxLoRATrainer(LoRATrainer):
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, log = self.cfg, self.reporter.log
+        for note in cfg.notes:
+            log(note)
+        for note in cfg.unused_settings():
+            log(f"note: {note}")
+        sources = flux_sources(cfg.pretrained_model_name_or_path, cfg.clip_l, cfg.t5xxl, cfg.ae, cfg.t5_tokenizer)
+        self.resume_from = self._resume_source()
+        self.data = TrainData(build_specs(cfg, log), log=log, seed=cfg.seed)
+        weight_dtype = dtype_of(self.precision)
+        self._model_hashes = ThreadPoolExecutor(1, thread_name_prefix="loratrain-hash").submit(
+            model_file_hashes, cfg.pretrained_model_name_or_path) if self.accelerator.is_main_process else None
+        self.flux = load_flux(sources, weight_dtype)
+        self.variant = self.flux.variant
+        self.t5_len = fm.t5_max_length(cfg, "flux", self.variant)
+        log(f"model: FLUX.1 {self.variant} from {sources.transformer.path.name} (CLIP-L {sources.clip_l.path.name}, "
+            f"T5-XXL {sources.t5xxl.path.name}, AE {sources.ae.path.name}); T5 tokens {self.t5_len}")
+        if not cfg.network_train_unet_only:
+            log("note: only the FLUX.1 transformer trains (as --network_train_unet_only); the text encoders stay frozen")
+        self._cache_latents()
+        self._cache_captions()
+        transformer = self.flux.transformer
+        torch.nn.Module.to(transformer, self.device, weight_dtype)
+        spec = NetworkSpec(cfg.network_dim, cfg.network_alpha, train_text_encoder=False)
+        args = {"train_blocks": cfg.train_blocks} if cfg.train_blocks != "all" else {}
+        if cfg.split_qkv:
+            args["split_qkv"] = "True"
+        if cfg.in_dims:
+            args["in_dims"] = str(cfg.in_dims_list())
+        with seeded(cfg.seed, self.device):  # adapter init: same seed, same run
+            net = create_flux_lora(self.flux.config, cfg.network_dim, cfg.network_alpha, cfg.train_blocks, cfg.split_qkv,
+                                   cfg.in_dims_list())
+        net.to(self.device, torch.float32).apply_to(transformer)  # adapters train in fp32, as sd-scripts' do
+        self.network = FluxNetwork(net, spec, args)
+        self.train_te, self.cond_cache = False, None
+        log(f"network: networks.lora_flux, {len(net.lora)} modules (train_blocks {cfg.train_blocks}"
+            f"{', split_qkv' if cfg.split_qkv else ''}); dim {cfg.network_dim}, alpha {cfg.network_alpha} -> scale "
+            f"alpha/dim = {cfg.network_alpha / cfg.network_dim:.4g}")
+        if cfg.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+            transformer.train()  # checkpointing runs in train mode only; FLUX has no dropout, so nothing else changes
+        unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
+        self.optimizer = create_optimizer(cfg.optimizer_type, self.network.param_groups({"unet": unet_lr}), cfg.learning_rate,
+                                          cfg.optimizer_args)
+        n_proc = self.accelerator.num_processes
+        self.plan = self.data.plan(cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.max_train_epochs, processes=n_proc)
+        log(self.plan.describe([s.batch_size * n_proc for s in self.data.specs]))
+        self.dataset_meta = dataset_metadata(self.data)
+        try:
+            self.scheduler = create_scheduler(cfg.lr_scheduler_type or cfg.lr_scheduler, self.optimizer, self.plan.max_train_steps,
+                                              cfg.lr_warmup_steps, cfg.lr_scheduler_num_cycles, cfg.lr_scheduler_power,
+                                              cfg.lr_decay_steps, cfg.lr_scheduler_timescale, cfg.lr_scheduler_min_lr_ratio,
+                                              cfg.learning_rate, cfg.lr_scheduler_args)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.global_step, self.epoch, self.micro = 0, 0, 0
+        if self.resume_from is not None:
+            self._resume(self.resume_from)
+        elif cfg.network_weights:
+            self._load_network_weights(Path(cfg.network_weights))
+        self.writer = None
+        if self.accelerator.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = cfg.logging_dir or str(self.out_dir / "logs")
+            self.writer = SummaryWriter(str(Path(log_dir) / cfg.output_name))
+
+    @torch.no_grad()
+    def _ae_encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A posterior sample of FLUX's AE for [-1, 1] pixels, shifted and scaled as the transformer expects:
+        (z - 0.1159) * 0.3611; the noise from `generator` on the CPU (the same on any device)."""
+        ae = self.flux.ae
+        dist = ae.encode(pixels.to(self.device, torch.float32)).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator).to(self.device)
+        shift = ae.config.shift_factor if ae.config.shift_factor is not None else AE_SHIFT
+        return (dist.mean + dist.std * noise - shift) * ae.config.scaling_factor
+
+    def _cache_latents(self) -> None:
+        torch.nn.Module.to(self.flux.ae, self.device, torch.float32)
+        gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
+        w = self.flux.ae.encoder.conv_in.weight.detach().float().cpu().numpy().tobytes()
+        ae_id = "flux-" + hashlib.sha256(w).hexdigest()[:16]
+        total = len(self.data.items()) + len(self.data.validation_items())
+        self.reporter.start(total, "caching latents", unit="img")
+        self.data.cache_latents(lambda px: self._ae_encode(px, gen), ae_id, self.cfg.cache_latents_to_disk, self.cfg.on_bad_image,
+                                progress=lambda n: self.reporter.advance(n))
+        self.reporter.done("")
+        live = sum(not it.latents for it in self.data.items())
+        if live:
+            self.reporter.log(f"{live} image(s) with color_aug / random_crop are encoded every step (their pixels change)")
+        else:
+            self.flux.ae = None  # not needed again: its memory goes back before training starts
+
+    # -- conditioning --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(CLIP-L pooled, T5 hidden states, T5 mask) as sd-scripts' FluxTextEncodingStrategy makes them: CLIP at 77
+        tokens, T5 padded to t5xxl_max_token_length; T5 sees its mask only with apply_t5_attn_mask."""
+        flux, dev = self.flux, self.device
+        clip_ids = flux.clip_tokenizer(captions, max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        pooled = flux.clip_l(clip_ids.to(dev), return_dict=True).pooler_output
+        tok = flux.t5_tokenizer(captions, max_length=self.t5_len, padding="max_length", truncation=True, return_tensors="pt")
+        mask = tok.attention_mask.to(dev)
+        t5 = flux.t5xxl(tok.input_ids.to(dev), attention_mask=mask if self.cfg.apply_t5_attn_mask else None,
+                        return_dict=True).last_hidden_state
+        return pooled.float(), t5.float(), mask
+
+    def _cache_captions(self) -> None:
+        """Every caption encoded once and kept in memory; the encoders are then freed. Captions that change per step
+        (shuffle, dropout, wildcards) keep the encoders and are encoded as they come."""
+        for m in (self.flux.clip_l, self.flux.t5xxl):
+            torch.nn.Module.to(m, self.device)
+        self.text_cache: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.live_captions = any(changes_per_step(s) for spec in self.data.specs for s in spec.subsets)
+        captions = sorted({process_caption(it.caption, it.subset, random.Random(0), 0)
+                           for it in self.data.items() + self.data.validation_items()})
+        if not self.live_captions:
+            self.reporter.start(len(captions), "caching text encoder outputs", unit="caption")
+            for c in captions:
+                self.text_cache[c] = tuple(t[0].cpu() for t in self._encode([c]))
+                self.reporter.advance(1)
+            self.reporter.done("")
+            self.flux.clip_l = self.flux.t5xxl = None
+        else:
+            self.reporter.log("captions change from step to step: CLIP-L and T5-XXL stay loaded and encode every step")
+
+    def _conditioning(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.live_captions:
+            return self._encode(captions)
+        missing = [c for c in captions if c not in self.text_cache]
+        if missing:
+            raise ConfigError(f"caption {missing[0]!r} was not cached (a caption that changes between steps)")
+        return tuple(torch.stack([self.text_cache[c][k] for c in captions]).to(self.device) for k in range(3))  # type: ignore[return-value]
+
+    # -- one micro-batch -----------------------------------------------------------------------
+    def _loss(self, batch: list[tuple[Item, bool]], epoch: int, micro: int, first: int, global_size: int,
+              seed: int | None = None, timestep: int | None = None) -> torch.Tensor:
+        """This process's per-sample flow-matching losses summed and divided by the global batch size; each sample's
+        noise and sigma from its own generator (seed, epoch, batch, position). Validation passes a fixed timestep."""
+        cfg = self.cfg
+        seed = cfg.seed if seed is None else seed
+        views = [it.latents[1 if flip else 0] if it.latents else self._live_latent(it, flip, (seed, epoch, micro, first + i))[0]
+                 for i, (it, flip) in enumerate(batch)]
+        latents = torch.stack([v.to(self.device) for v in views]).float()
+        gens = [torch.Generator(device="cpu").manual_seed(_seed_for(seed, epoch, micro, 2, first + i)) for i in range(len(batch))]
+        captions = [process_caption(it.caption, it.subset, random.Random(_seed_for(seed, epoch, micro, 1, first + i)), epoch,
+                                    self.global_step, self.plan.max_train_steps) for i, (it, _) in enumerate(batch)]
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(self.device)
+        pooled, t5, mask = self._conditioning(captions)
+        model = self.flux.transformer
+        with self.accelerator.autocast():
+            if timestep is None:
+                pred, target, _, weighting = fm.flux_prediction(
+                    model, latents, noise, t5, pooled, cfg, gens, t5_mask=mask, ip_noise_gamma=cfg.ip_noise_gamma,
+                    ip_noise_gamma_random_strength=cfg.ip_noise_gamma_random_strength)
+            else:
+                pred, target, weighting = self._fixed_sigma(model, latents, noise, t5, pooled, mask, timestep)
+        loss = elementwise_loss(pred.float(), target.float(), cfg.loss_type)
+        if weighting is not None:
+            loss = loss * weighting
+        if any(it.mask for it, _ in batch):  # masked loss: per-pixel weights at latent size (1 where an item has none)
+            loss = loss * torch.stack([it.mask[1 if flip else 0].to(loss.device) if it.mask else torch.ones_like(loss[0, :1])
+                                       for it, flip in batch])
+        loss = loss.mean(dim=(1, 2, 3))
+        weights = torch.tensor([cfg.prior_loss_weight if it.subset.is_reg else 1.0 for it, _ in batch], device=self.device)
+        return (loss * weights).sum() / global_size
+
+    def _fixed_sigma(self, model, latents, noise, t5, pooled, mask, timestep: int):
+        """Validation's forward at sigma = timestep / 1000 for every sample (flux_prediction without the draw)."""
+        b, _, h, w = latents.shape
+        sigmas = torch.full((b, 1, 1, 1), timestep / fm.NUM_TRAIN_TIMESTEPS, device=latents.device)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        guidance = torch.full((b,), float(self.cfg.guidance_scale), device=latents.device)
+        out = model(fm.pack_latents(noisy), fm.image_ids(h // 2, w // 2, b).to(latents.device), t5,
+                    fm.text_ids(b, t5.shape[1]).to(latents.device), sigmas.flatten(), pooled, guidance,
+                    mask if self.cfg.apply_t5_attn_mask else None)
+        pred, weighting = fm.apply_prediction_type(fm.unpack_latents(out, h // 2, w // 2), noisy, sigmas, self.cfg)
+        return pred, fm.flux_target(latents, noise), weighting
+
+    @torch.no_grad()
+    def _live_latent(self, it: Item, flip: bool, where: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]]:
+        pixels, crop = TrainData.live_pixels(it, flip, random.Random(_seed_for(*where, 6)))
+        return self._ae_encode(pixels[None], torch.Generator().manual_seed(_seed_for(*where, 7)))[0].cpu(), crop
+
+    # -- saving --------------------------------------------------------------------------------
+    def _metadata(self) -> dict[str, str]:
+        """The SD trainer's ss_* keys, with FLUX.1's base model version and architecture and sd-scripts' FLUX keys."""
+        if "model_hashes" not in self.session:
+            self.session["model_hashes"] = self._model_hashes.result()
+        epoch = self.epoch + 1 if self.micro else max(self.epoch, 1)
+        arch = f"flux-1-{self.variant}"
+        shim = SimpleNamespace(prediction_type="flow", family=SimpleNamespace(
+            base_model_version="flux1", modelspec_arch=arch, name="flux", is_sdxl=False))
+        meta = lora_metadata(self.cfg, shim, self.network.kind, self.network.args(), self.plan, self.session, epoch,
+                             self.global_step, self.dataset_meta, self.accelerator.num_processes)
+        meta.pop("modelspec.prediction_type", None)
+        meta.update({f"ss_{k}": str(getattr(self.cfg, k)) for k in FLUX_METADATA})
+        meta["ss_t5xxl_max_token_length"] = str(self.t5_len)
+        meta["modelspec.implementation"] = "https://github.com/black-forest-labs/flux"
+        meta["modelspec.architecture"] = arch + "/lora"
+        return meta
+
+    def _sample(self, epoch: int | None) -> None:
+        """Sample images need a FLUX sampler, not written yet; config checks refuse --sample_prompts for FLUX."""

@@ -1,0 +1,123 @@
+"""FLUX.1 options of `loratrain train`: the separate component files and sd-scripts' lora_flux network arguments, named
+as sd-scripts' flux_train_network.py names them, plus its flow-matching options (training/flow_matching.py).
+
+Why a group of its own: these options mean something only when the base model is FLUX.1, and an SD option set with
+a FLUX model (or a FLUX option with an SD model) would silently do nothing; both are named before any model loads.
+"""
+from __future__ import annotations
+
+from loratrain.core.config import opt
+from loratrain.core.errors import Problem
+
+from ..flow_matching import FlowMatchOptions
+
+FLUX = "FLUX.1"
+MODEL_FAMILIES = ("auto", "sd", "flux")
+#: SD-only options and why they are refused with a FLUX.1 model (FLUX trains on a flow, not a DDPM schedule)
+SD_ONLY = {
+    "v_parameterization": "FLUX.1 predicts a velocity; there is no v / epsilon choice",
+    "min_snr_gamma": "an SNR weight of the DDPM schedule; use weighting_scheme",
+    "debiased_estimation_loss": "a DDPM-schedule weight; use weighting_scheme",
+    "scale_v_pred_loss_like_noise_pred": "a v-prediction weight of the DDPM schedule",
+    "v_pred_like_loss": "a v-prediction weight of the DDPM schedule",
+    "zero_terminal_snr": "a DDPM-schedule change; FLUX's flow already ends at pure noise",
+    "noise_offset": "not implemented for FLUX.1 yet",
+    "multires_noise_iterations": "not implemented for FLUX.1 yet",
+    "vae": "FLUX.1's autoencoder is --ae",
+    "base_weights": "not implemented for FLUX.1 yet",
+    "fp8_base": "not implemented for FLUX.1 yet (fp8-stored files load, upcast to the training precision)",
+    "fp8_base_unet": "not implemented for FLUX.1 yet",
+    "full_fp16": "not implemented for FLUX.1 yet",
+    "full_bf16": "not implemented for FLUX.1 yet",
+    "fused_backward_pass": "not implemented for FLUX.1 yet",
+    "torch_compile": "not implemented for FLUX.1 yet",
+    "xformers": "FLUX.1 uses PyTorch's SDPA attention",
+    "scale_weight_norms": "not implemented for FLUX.1 yet",
+    "save_peft_format": "FLUX LoRAs are saved in sd-scripts' lora_flux layout only",
+    "network_train_text_encoder_only": "only the FLUX.1 transformer trains here",
+    "weighted_captions": "not implemented for FLUX.1 yet",
+    "sample_prompts": "FLUX.1 sample images are not implemented yet",
+    "network_dropout": "not implemented for FLUX.1 yet",
+    "rank_dropout": "not implemented for FLUX.1 yet",
+    "module_dropout": "not implemented for FLUX.1 yet",
+    "conv_dim": "FLUX.1 has no convolutions to train",
+    "dim_from_weights": "not implemented for FLUX.1 yet",
+    "loraplus_lr_ratio": "not implemented for FLUX.1 yet",
+    "loraplus_unet_lr_ratio": "not implemented for FLUX.1 yet",
+    "block_dims": "FLUX.1 blocks are chosen with train_blocks",
+    "down_lr_weight": "an SD UNet block weight",
+    "up_lr_weight": "an SD UNet block weight",
+    "mid_lr_weight": "an SD UNet block weight",
+}
+#: network kinds a FLUX.1 run trains (every one is sd-scripts' lora_flux here)
+FLUX_NETWORKS = ("lora", "networks.lora", "lora_flux", "networks.lora_flux")
+
+
+class FluxOptions(FlowMatchOptions):
+    model_family: str = opt("auto", "auto = from the model's keys; flux = the model must be FLUX.1 (an SD file is refused); "
+                            "sd = SD1/SD2/SDXL", choices=MODEL_FAMILIES, group=FLUX, advanced=True)
+    clip_l: str = opt("", "FLUX.1: the CLIP-L text encoder (.safetensors, transformers CLIPTextModel keys); default: the one "
+                          "inside the model file or folder", group=FLUX, path="file")
+    t5xxl: str = opt("", "FLUX.1: the T5-XXL text encoder (.safetensors, transformers T5EncoderModel keys; fp16/bf16/fp8)",
+                     group=FLUX, path="file")
+    ae: str = opt("", "FLUX.1: the autoencoder (ae.safetensors, BFL / LDM keys)", group=FLUX, path="file")
+    t5_tokenizer: str = opt("", "FLUX.1: folder of the T5 tokenizer (tokenizer.json; e.g. FLUX.1's tokenizer_2/); no T5 "
+                                "vocabulary is shipped with loratrain", group=FLUX, path="dir")
+    train_blocks: str = opt("all", "FLUX.1 LoRA (network_args train_blocks): all, single or double blocks",
+                            choices=("all", "single", "double"), group=FLUX, advanced=True)
+    split_qkv: bool = opt(False, "FLUX.1 LoRA (network_args split_qkv): one LoRA per q / k / v (and MLP-in) slice of the "
+                                 "fused Linears", group=FLUX, advanced=True)
+    in_dims: str = opt("", "FLUX.1 LoRA (network_args in_dims): ranks of the img, time, vector, guidance, txt input "
+                           "embedders, e.g. [4,0,0,0,4]", group=FLUX, advanced=True)
+
+    def in_dims_list(self) -> list[int] | None:
+        text = self.in_dims.strip().strip("[]")
+        return [int(v) for v in text.replace(",", " ").split()] if text else None
+
+    def problems(self) -> list[Problem]:
+        out = super().problems()
+        try:
+            dims = self.in_dims_list()
+        except ValueError:
+            return out + [("in_dims", f"{self.in_dims!r}: give 5 integer ranks, e.g. [4,0,0,0,4]")]
+        if dims is not None and (len(dims) != 5 or min(dims) < 0):
+            out.append(("in_dims", f"{self.in_dims!r}: give 5 ranks >= 0 (img, time, vector, guidance, txt)"))
+        return out
+
+    def is_flux(self) -> bool:
+        from loratrain.core.models.flux_loading import is_flux_model
+
+        if self.model_family != "auto":
+            return self.model_family == "flux"
+        return bool(getattr(self, "pretrained_model_name_or_path", "")) and is_flux_model(self.pretrained_model_name_or_path)
+
+    def requirements(self) -> list[Problem]:
+        """With a FLUX.1 model: every part found (headers only), and no SD-only option set; with an SD model: no FLUX
+        option set."""
+        from loratrain.core.errors import ConfigError
+        from loratrain.core.models.flux_loading import flux_sources
+
+        model = getattr(self, "pretrained_model_name_or_path", "")
+        if not model:
+            return []
+        flux_set = [n for n in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "in_dims") if getattr(self, n)]
+        flux_set += ["train_blocks"] * (self.train_blocks != "all") + ["split_qkv"] * self.split_qkv
+        if not self.is_flux():
+            if self.model_family == "sd" or flux_set:
+                return [(n, "a FLUX.1 option, but the model is not FLUX.1") for n in flux_set]
+            return []
+        out: list[Problem] = []
+        try:
+            flux_sources(model, self.clip_l, self.t5xxl, self.ae, self.t5_tokenizer)
+        except ConfigError as e:
+            field, _, text = str(e).partition(": ")
+            out.append((field, text) if field in type(self).model_fields else ("pretrained_model_name_or_path", str(e)))
+        defaults = type(self).model_fields
+        for name, why in SD_ONLY.items():
+            if name in defaults and getattr(self, name) != defaults[name].get_default(call_default_factory=True):
+                out.append((name, f"not with a FLUX.1 model: {why}"))
+        if getattr(self, "network_module", "lora") not in FLUX_NETWORKS:
+            out.append(("network_module", f"{self.network_module}: FLUX.1 trains networks.lora_flux (LoRA) only so far"))
+        if getattr(self, "loss_type", "l2") not in ("l2", "l1"):
+            out.append(("loss_type", f"{self.loss_type}: FLUX.1 trains with l2 or l1 here (huber not yet)"))
+        return out
