@@ -89,7 +89,7 @@ class MergeConfig(JobConfig):
 
 class BakeConfig(JobConfig):
     model: str = opt("", "checkpoint to bake into (.safetensors)", positional=True, path="file")
-    loras: list[str] = opt([], "LoRA files as PATH[:RATIO[:BLOCKS]]; BLOCKS a LoRA block-weight preset or 12/17/20/26 values",
+    loras: list[str] = opt([], "LoRA files as PATH[:RATIO[:BLOCKS]]; BLOCKS a LoRA block-weight preset or 12/17/20/26 values (FLUX: 61)",
                            path="lora")
     output: str = opt("", "output .safetensors", path="output")
     save_precision: str = opt("auto", "dtype of float tensors in the output (auto keeps the model's)", choices=PRECISIONS)

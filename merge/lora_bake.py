@@ -47,12 +47,18 @@ class _Applied:
 
 @job
 def run_lora_bake(cfg: BakeConfig, reporter: Reporter, stop: StopFlag) -> BakeResult:
-    """W += ratio * block_ratio * (alpha/rank) * up @ down for every LoRA, streamed into a new checkpoint.
+    """W += ratio * block_ratio * (alpha/rank) * up @ down for every LoRA, streamed into a new checkpoint (SD1/SD2/SDXL
+    here, FLUX.1 in flux_bake.py).
 
     Every LoRA is read and shape-checked against the model before the output is opened; stop is
     checked per tensor and a stopped bake writes nothing. Result: the output and how many weights changed.
     """
     out = new_output(cfg.output, cfg.overwrite)
+    from .flux_bake import bake_flux, open_flux
+
+    flux = open_flux(cfg.model)
+    if flux is not None:  # a FLUX.1 transformer: its own planner, this module's writer (flux_bake.py)
+        return bake_flux(cfg, flux, out, reporter, stop)  # type: ignore[return-value]
     model, family = open_model(cfg.model, "model")
     try:
         if out.resolve() == model.path.resolve():

@@ -42,6 +42,12 @@ def run_lora_extract(cfg: LoraExtractConfig, reporter: Reporter, stop: StopFlag)
     stop is checked per module; a stopped extraction writes nothing.
     """
     out = new_output(cfg.output, cfg.overwrite)
+    from .flux_bake import open_flux
+    from .flux_extract import extract_flux
+
+    flux = open_flux(cfg.model_org)
+    if flux is not None:  # FLUX.1: its own module list (flux_extract.py)
+        return extract_flux(cfg, flux, out, reporter, stop)  # type: ignore[return-value]
     org, fam = open_model(cfg.model_org, "base model")
     tuned, fam_t = open_model(cfg.model_tuned, "tuned model")
     try:

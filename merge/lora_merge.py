@@ -85,7 +85,9 @@ def run_lora_merge(cfg: LoraMergeConfig, reporter: Reporter, stop: StopFlag) -> 
         result[f"{name}.lora_up.weight"] = up.to(dtype)
         result[f"{name}.alpha"] = torch.tensor(float(rank), dtype=dtype)  # alpha = rank: scale 1, ratios are inside
         reporter.advance(1)
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks)), "ss_network_alpha": str(max(ranks)),
+    from loratrain.core.lora.flux_layouts import is_kohya_flux
+
+    meta = {"ss_network_module": "networks.lora_flux" if is_kohya_flux(names) else "networks.lora", "ss_network_dim": str(max(ranks)), "ss_network_alpha": str(max(ranks)),
             "loratrain.merged_loras": json.dumps([{"name": Path(s.path).name, "ratio": s.ratio, "blocks": s.blocks or None}
                                                   for s in specs]), "loratrain.merge_mode": cfg.mode}
     for key in ("ss_base_model_version", "ss_v2", "modelspec.architecture"):
@@ -109,6 +111,16 @@ def _block_scales(cfg: LoraMergeConfig, specs: list[LoraSpec], inputs: list, met
     """
     if not any(s.blocks for s in specs):
         return [{} for _ in specs]
+    from loratrain.core.lora.flux_layouts import is_kohya_flux
+
+    if any(is_kohya_flux(mods) for _, mods in inputs):  # FLUX.1: 61-value vectors, blocks from the module names
+        from loratrain.core.lora.flux_blocks import flux_block_of, flux_lbw_weights
+
+        scales = []
+        for spec, (_, mods) in zip(specs, inputs):
+            weights = flux_lbw_weights(spec.blocks) if spec.blocks else None
+            scales.append({n: weights[flux_block_of(n) or "IN"] for n in mods} if weights else {})
+        return scales
     from loratrain.core.lora.blocks import lora_name_block
     from loratrain.core.lora.keys import unet_config
     from loratrain.core.models.families import FAMILIES

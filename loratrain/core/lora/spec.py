@@ -12,6 +12,7 @@ from pathlib import Path
 from loratrain.core.models.families import Family
 
 from .blocks import BASE, block_names
+from .flux_blocks import FLUX_BLOCKS, flux_block_presets
 from .presets import lora_block_presets
 
 # LoRA block-weight formats (hako-mikan's extension); MID is our M00
@@ -20,6 +21,7 @@ LBW_LAYOUTS: dict[int, list[str]] = {
     17: [BASE, "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(3, 12)],
     20: [BASE] + [f"IN{i:02d}" for i in range(9)] + ["M00"] + [f"OUT{i:02d}" for i in range(9)],
     12: [BASE, "IN04", "IN05", "IN07", "IN08", "M00"] + [f"OUT{i:02d}" for i in range(6)],
+    61: FLUX_BLOCKS,  # FLUX.1 (flux_blocks.py); SD families refuse it, FLUX refuses the others
 }
 
 
@@ -35,7 +37,11 @@ def parse_lora_spec(text: str) -> LoraSpec:
 
     A value that names an existing file is taken as a path whole, so paths with colons still work.
     """
-    if Path(text).exists():
+    try:
+        whole = Path(text).exists()
+    except OSError:  # a name too long for the file system (a 61-value FLUX vector): not a file
+        whole = False
+    if whole:
         return LoraSpec(text)
     parts = text.split(":")
     for n_tail in (2, 1):
@@ -86,11 +92,14 @@ def spec_value_problems(text: str, spec: LoraSpec) -> list[str]:
 
 
 def lbw_values(text: str) -> list[float]:
-    """The values of a LoRA block-weight preset name or comma list (12, 17, 20 or 26 of them)."""
+    """The values of a LoRA block-weight preset name or comma list (12, 17, 20 or 26 of them; 61 for FLUX)."""
     presets = lora_block_presets()
     if re.fullmatch(r"[A-Za-z_][\w.]*", text.strip()):
+        if text.strip() not in presets and text.strip() in flux_block_presets():
+            return flux_block_presets()[text.strip()]
         if text.strip() not in presets:
-            raise ValueError(f"unknown LoRA block-weight preset {text!r}; known: {', '.join(presets)}")
+            raise ValueError(f"unknown LoRA block-weight preset {text!r}; known: {', '.join(presets)} "
+                             f"(FLUX: {', '.join(flux_block_presets())})")
         values = presets[text.strip()]
     else:
         try:
@@ -100,7 +109,7 @@ def lbw_values(text: str) -> list[float]:
     if not all(math.isfinite(v) for v in values):
         raise ValueError(f"LoRA block weights {text!r}: every value must be a finite number (no nan or inf)")
     if len(values) not in LBW_LAYOUTS:
-        raise ValueError(f"LoRA block weights need 12, 17, 20 or 26 values, got {len(values)}")
+        raise ValueError(f"LoRA block weights need 12, 17, 20 or 26 values (FLUX: 61), got {len(values)}")
     return values
 
 
