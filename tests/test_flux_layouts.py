@@ -203,3 +203,24 @@ def test_comfyui_bfl_names_and_bad_files():
         flux_lora_to_kohya({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 16)})
     with pytest.raises(ConfigError, match="DoRA"):
         flux_lora_to_kohya({"transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.zeros(16)})
+
+
+def test_network_weights_read_a_diffusers_layout_file(tmp_path):
+    """`--network_weights` with a diffusers-layout FLUX LoRA starts the trainer's network at the same ΔW."""
+    from loratrain.training.networks.base import NetworkSpec
+    from loratrain.training.networks.flux import FluxNetwork
+
+    model = _tiny_model(guidance=True, depth=2, depth_single_blocks=2)
+    cfg = model.config
+    src = _net(cfg, split_qkv=False)
+    want = kohya_deltas(kohya_flux_state_dict(src, torch.float32))
+    path = tmp_path / "diffusers_layout.safetensors"
+    save_diffusers_layout(kohya_flux_state_dict(src, torch.float32), path, {})
+    from safetensors.torch import load_file
+
+    fresh = FluxNetwork(create_flux_lora(cfg, rank=3, alpha=1.5, in_dims=[2, 2, 2, 2, 2]), NetworkSpec(), {})
+    assert fresh.load_kohya(load_file(str(path)), str(path)) == len(fresh.net.lora)
+    got = kohya_deltas(kohya_flux_state_dict(fresh.net, torch.float32))
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
