@@ -25,10 +25,11 @@ class SamplePrompt:
     cfg_scale: float = 7.5
     seed: int | None = None
     sampler: str | None = None
+    guidance: float | None = None  # FLUX.1 dev's embedded guidance (--g); None: the caller's default
 
 
 def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt:
-    """`prompt --n negative --w 512 --h 512 --s 30 --l 7.5 --d 42 --ss euler_a` (sd-scripts)."""
+    """`prompt --n negative --w 512 --h 512 --s 30 --l 7.5 --d 42 --ss euler_a --g 3.5` (sd-scripts; --g: FLUX.1)."""
     parts = line.split(" --")
     p = replace(defaults, prompt=parts[0].strip())
     for part in parts[1:]:
@@ -49,6 +50,8 @@ def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt:
                 p.seed = int(value)
             elif key == "ss":
                 p.sampler = value
+            elif key == "g":  # sd-scripts' FLUX.1 guidance scale (SD models ignore it)
+                p.guidance = float(value)
         except ValueError:
             raise ValueError(f"prompt option --{key} has a bad value {value!r} in line: {line!r}") from None
     check_weights(p)

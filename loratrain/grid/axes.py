@@ -34,6 +34,8 @@ class CellParams:
     clip_skip: int = 1
     width: int = 512
     height: int = 512
+    guidance: float = 3.5  # FLUX.1 dev's embedded guidance
+    shift: float = 0.0  # FLUX.1 schedule shift (0: BFL's own)
 
     def with_lora(self, **changes: Any) -> "CellParams":
         """Change the first LoRA slot (the one the LoRA axes compare)."""
@@ -95,6 +97,9 @@ _register(Axis("width", "Width", int, 0.0, lambda p, v: replace(p, width=v)))
 _register(Axis("height", "Height", int, 0.0, lambda p, v: replace(p, height=v)))
 _register(Axis("size", "Size", str, 0.0, lambda p, v: replace(p, width=_size(v)[0], height=_size(v)[1]),
                check=lambda v: _size(v) and None))
+# FLUX.1 only (plan._check refuses them with an SD model)
+_register(Axis("guidance", "Guidance", float, 0.0, lambda p, v: replace(p, guidance=v)), "distilled_cfg")
+_register(Axis("shift", "Shift", float, 0.0, lambda p, v: replace(p, shift=v)))
 # prompt search/replace is applied by the runner (it needs the first value); registered for parsing and labels
 _register(Axis("prompt_sr", "Prompt S/R", str, 0.0, lambda p, v: p), "prompt")
 

@@ -7,6 +7,7 @@ from loratrain.core.config import JobConfig, opt
 from loratrain.core.errors import ConfigError, Problem
 
 SAMPLERS = "loratrain.core.samplers:SAMPLERS"
+FLUX = "FLUX.1"
 
 
 class SamplingOptions(JobConfig):
@@ -23,6 +24,35 @@ class SamplingOptions(JobConfig):
     sampler: str = opt("ddim", "sampler", registry=SAMPLERS, group="Sampling")
     clip_skip: int = opt(1, "clip skip", ge=1, group="Sampling")
     allow_pickle: bool = opt(False, "allow a pickled .ckpt base model", group="Model", advanced=True)
+    # FLUX.1 (core/flux_sampling.py): the parts and settings sd-scripts names the same way; unused with an SD model
+    clip_l: str = opt("", "FLUX.1: CLIP-L file (default: inside the model)", group=FLUX, path="file", advanced=True)
+    t5xxl: str = opt("", "FLUX.1: T5-XXL file (default: inside the model)", group=FLUX, path="file", advanced=True)
+    ae: str = opt("", "FLUX.1: autoencoder file (default: inside the model)", group=FLUX, path="file", advanced=True)
+    t5_tokenizer: str = opt("", "FLUX.1: T5 tokenizer folder", group=FLUX, path="dir", advanced=True)
+    t5xxl_max_token_length: int | None = opt(None, "FLUX.1: T5 tokens (unset: 512 dev, 256 schnell)", ge=1, group=FLUX,
+                                             advanced=True)
+    apply_t5_attn_mask: bool = opt(False, "FLUX.1: mask T5's padding (as the LoRA was trained)", group=FLUX, advanced=True)
+    guidance: float = opt(3.5, "FLUX.1 dev: embedded (distilled) guidance; cfg_scale is a true CFG only with a "
+                               "negative prompt", ge=0, group=FLUX)
+    shift: float = opt(0.0, "FLUX.1: fixed schedule shift s (sigma -> s*sigma / (1 + (s-1)*sigma)); 0 = BFL's: from "
+                            "the image size for dev, none for schnell", ge=0, group=FLUX, advanced=True)
+
+    def flux_problems(self, models: list[str]) -> list[Problem]:
+        """FLUX.1 parts found (headers only) when the models are FLUX.1; FLUX options refused with SD models."""
+        from loratrain.core.flux_sampling import is_flux_checkpoint
+        from loratrain.core.models.flux_loading import flux_sources
+
+        flux = [m for m in models if m and Path(m).exists() and is_flux_checkpoint(m)]
+        if not flux:
+            return []
+        if len(flux) != len([m for m in models if m]):
+            return [("model", "FLUX.1 and SD checkpoints cannot share one grid")]
+        for m in flux:
+            try:
+                flux_sources(m, self.clip_l, self.t5xxl, self.ae, self.t5_tokenizer)
+            except ConfigError as e:
+                return [("model", str(e))]
+        return []
 
 
 class GenerateConfig(SamplingOptions):
@@ -46,6 +76,8 @@ class GenerateConfig(SamplingOptions):
             out.append(("prompt", str(e)))
         from loratrain.core.session import lora_use
 
+        if not out:
+            out += self.flux_problems([self.model])
         for text in self.network_weights:
             try:
                 lora_use(text, self.model)
@@ -59,7 +91,7 @@ class GridConfig(SamplingOptions):
     loras: list[str] = opt([], "LoRAs as PATH[:WEIGHT[:BLOCKS]]; the LoRA axes change the first one", group="Model",
                            path="lora")
     x_type: str = opt("", "X axis: checkpoint, lora, lora_weight, lora_blocks, seed, steps, cfg_scale, sampler, "
-                          "clip_skip, width, height, size, prompt_sr", group="Axes")
+                          "clip_skip, width, height, size, prompt_sr; FLUX.1: guidance, shift", group="Axes")
     x_values: str = opt("", "X values: a,b,c or 1-5 or 1-5 (+2) or 0-1 [5]", group="Axes")
     y_type: str = opt("", "Y axis (as X)", group="Axes")
     y_values: str = opt("", "Y values", group="Axes")

@@ -29,6 +29,10 @@ def run_generate(cfg: GenerateConfig, reporter: Reporter, stop: StopFlag) -> Gen
     Result: the PNG (with A1111 `parameters`) and its parameter text; the image also reaches the reporter.
     """
     reporter.start(2, "generate", unit="step")
+    from loratrain.core.flux_sampling import is_flux_checkpoint
+
+    if is_flux_checkpoint(cfg.model):  # FLUX.1: its own sampler and LoRA hooks (core/flux_sampling.py)
+        return _generate_flux(cfg, reporter, stop)
     session = ModelSession(load_model, cfg.allow_pickle)
     model = session.ensure(cfg.model)
     reporter.advance(1)
@@ -37,6 +41,24 @@ def run_generate(cfg: GenerateConfig, reporter: Reporter, stop: StopFlag) -> Gen
     session.activate([lora_use(v) for v in cfg.network_weights], cfg.sampler)
     prompt = SamplePrompt(cfg.prompt, cfg.negative_prompt, cfg.width, cfg.height, cfg.steps, cfg.cfg_scale, cfg.seed, cfg.sampler)
     made = generate(model, prompt, cfg.output, cfg.sampler, cfg.clip_skip)
+    reporter.advance(1)
+    reporter.sample([str(made.path)], [cfg.prompt])
+    reporter.done("")
+    return GenerateResult(image=made.path, parameters=made.parameters)
+
+
+def _generate_flux(cfg: GenerateConfig, reporter: Reporter, stop: StopFlag) -> GenerateResult:
+    from loratrain.core.flux_sampling import FluxParts, FluxSession
+
+    session = FluxSession(FluxParts.of(cfg))
+    session.ensure(cfg.model)
+    reporter.advance(1)
+    if stop.is_set():
+        return GenerateResult(image=None, stopped=True)
+    session.activate([lora_use(v) for v in cfg.network_weights])
+    prompt = SamplePrompt(cfg.prompt, cfg.negative_prompt, cfg.width, cfg.height, cfg.steps, cfg.cfg_scale, cfg.seed,
+                          guidance=cfg.guidance)
+    made = session.generate(prompt, cfg.output, shift=cfg.shift or None)
     reporter.advance(1)
     reporter.sample([str(made.path)], [cfg.prompt])
     reporter.done("")

@@ -47,7 +47,8 @@ def parse_axes(cfg: GridConfig) -> tuple[AxisValues, AxisValues, AxisValues]:
 def cell_params(cfg: GridConfig, axes: tuple[AxisValues, ...], seed: int) -> dict[tuple[int, int, int], CellParams]:
     """Parameters of every cell, computed (and so checked) before anything is generated."""
     base = CellParams(cfg.model, cfg.prompt, cfg.negative_prompt, [lora_use(t, cfg.model) for t in cfg.loras], seed, cfg.steps,
-                      cfg.cfg_scale, cfg.sampler, cfg.clip_skip, cfg.width, cfg.height)
+                      cfg.cfg_scale, cfg.sampler, cfg.clip_skip, cfg.width, cfg.height, getattr(cfg, "guidance", 3.5),
+                      getattr(cfg, "shift", 0.0))
     cells = {}
     for iz, iy, ix in itertools.product(*(range(len(a.values)) for a in (axes[2], axes[1], axes[0]))):
         p = base
@@ -66,6 +67,7 @@ def cell_params(cfg: GridConfig, axes: tuple[AxisValues, ...], seed: int) -> dic
 
 
 def _check(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tuple[int, int, int], CellParams]) -> None:
+    _check_flux(cfg, axes, cells)
     for av in axes:
         if av.axis is not None and av.axis.name == "prompt_sr":
             first = av.values[0]
@@ -88,6 +90,26 @@ def _check(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tuple[int,
     pixels = sum(p.width * p.height for p in cells.values())
     if pixels > cfg.max_megapixels * 1e6:
         raise ConfigError(f"the grid would have {pixels / 1e6:.0f} MP, above --max_megapixels {cfg.max_megapixels}")
+
+
+def _check_flux(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tuple[int, int, int], CellParams]) -> None:
+    """FLUX-only axes need FLUX.1 checkpoints; FLUX.1 checkpoints take no SD-only axis and share no grid with SD ones."""
+    from loratrain.core.flux_sampling import is_flux_checkpoint
+
+    models = sorted({p.checkpoint for p in cells.values() if p.checkpoint})
+    flux = bool(models) and any(is_flux_checkpoint(m) for m in models)
+    names = {a.axis.name for a in axes if a.axis}
+    if not flux and names & {"guidance", "shift"}:
+        raise ConfigError(f"axis {sorted(names & {'guidance', 'shift'})[0]}: a FLUX.1 setting; the model is not FLUX.1")
+    if not flux:
+        return
+    sd_only = names & {"sampler", "clip_skip", "lora_blocks"}
+    if sd_only:
+        raise ConfigError(f"axis {sorted(sd_only)[0]}: not used by FLUX.1 sampling (one Euler flow sampler, no clip skip, "
+                          "no LoRA block weights yet)")
+    problems = cfg.flux_problems(models) if hasattr(cfg, "flux_problems") else []
+    if problems:
+        raise ConfigError(problems[0][1])
 
 
 def loop_order(axes: tuple[AxisValues, ...]) -> list[tuple[int, int, int]]:

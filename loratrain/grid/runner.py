@@ -60,7 +60,7 @@ def run_grid(cfg: GridConfig, reporter: Reporter, stop: StopFlag, loader: Callab
     axes, cells = plan_grid(cfg, seed)
     out_dir = Path(cfg.output_dir)
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)
-    state = ModelSession(loader, cfg.allow_pickle)
+    state = _session(cfg, cells, loader)
     done: dict[tuple[int, int, int], Path] = {}
     infotexts: dict[tuple[int, int, int], str] = {}
     order = loop_order(axes)
@@ -78,8 +78,7 @@ def run_grid(cfg: GridConfig, reporter: Reporter, stop: StopFlag, loader: Callab
             if use.blocks:
                 extra[f"LoRA Block Weight {i}"] = use.blocks
         path = out_dir / "cells" / f"z{idx[2]:02d}_y{idx[1]:02d}_x{idx[0]:02d}.png"
-        made = generate(model, SamplePrompt(p.prompt, p.negative_prompt, p.width, p.height, p.steps, p.cfg_scale, p.seed, p.sampler),
-                        path, p.sampler, p.clip_skip, extra_params=extra)
+        made = _make(state, model, p, path, extra)
         done[idx] = path
         infotexts[idx] = made.parameters
         reporter.advance(1)
@@ -109,14 +108,31 @@ def _color_drift(cfg: GridConfig, cells: dict[tuple[int, int, int], CellParams],
             model = state.ensure(p.checkpoint)
             state.activate(p.loras, p.sampler)
             path = out_dir / "cells" / f"reference_{k:02d}.png"
-            generate(model, SamplePrompt(p.prompt, p.negative_prompt, p.width, p.height, p.steps, p.cfg_scale, p.seed, p.sampler),
-                     path, p.sampler, p.clip_skip)
+            _make(state, model, p, path)
             extra[(-1, -1, k)] = (p, path)
     drift = measure_drift(cells, done, extra, cfg.drift_delta_e, cfg.drift_chroma)
     if drift:
         atomic_write_json(out_dir / DRIFT_REPORT, {"max_delta_e": cfg.drift_delta_e, "max_chroma_change": cfg.drift_chroma,
                                                          "cells": as_json(drift)})
     return drift, drift_summary(drift, cfg.drift_delta_e, cfg.drift_chroma)
+
+
+def _session(cfg: GridConfig, cells: dict[tuple[int, int, int], CellParams], loader: Callable[..., SDModel]) -> Any:
+    """FLUX.1 checkpoints get FLUX's session (its sampler, LoRA hooks); plan_grid has refused mixing families."""
+    from loratrain.core.flux_sampling import FluxParts, FluxSession, is_flux_checkpoint
+
+    if any(is_flux_checkpoint(p.checkpoint) for p in cells.values()):
+        return FluxSession(FluxParts.of(cfg))
+    return ModelSession(loader, cfg.allow_pickle)
+
+
+def _make(state: Any, model: Any, p: CellParams, path: Path, extra: dict[str, str] | None = None) -> Any:
+    """One cell's image with the session's sampler (FLUX.1: guidance and shift from the cell)."""
+    prompt = SamplePrompt(p.prompt, p.negative_prompt, p.width, p.height, p.steps, p.cfg_scale, p.seed, p.sampler)
+    if not isinstance(state, ModelSession):
+        prompt.guidance = p.guidance
+        return state.generate(prompt, path, shift=p.shift or None, extra_params=extra)
+    return generate(model, prompt, path, p.sampler, p.clip_skip, extra_params=extra)
 
 
 def _write_grids(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tuple[int, int, int], CellParams],

@@ -1,0 +1,279 @@
+"""FLUX.1 sample images: training samples (`--sample_prompts`), `loratrain generate` and the grid with a FLUX.1 model.
+
+Why a sampler of its own: FLUX.1 is a rectified flow over packed 2x2 latent tokens, not a DDPM UNet, so none of the
+diffusers SD pipelines or schedulers of sampling.py apply. This follows BFL's reference sampler as sd-scripts'
+flux_train_utils uses it: Euler steps x += (sigma_next - sigma) * v over `flow_matching.flux_schedule` (time-shifted
+by the image's token count for dev; unshifted for schnell, as BFL samples it), the embedded guidance value for dev
+(`--g`, default 3.5; schnell has no guidance input), CLIP-L pooled + T5-XXL conditioning (T5 mask only with
+apply_t5_attn_mask), then the AE decodes (z / scaling_factor + shift_factor, from its config).
+
+Prompt lines are sd-scripts' (`--w --h --s --d --g --n --l`). `--l` is a true CFG scale that runs a second
+(negative) pass only when a negative prompt is given and it is not 1: FLUX.1 dev is guidance-distilled, so SD's
+default 7.5 without a negative prompt would only double the cost and burn the image. A1111 attention weights are not
+applied to FLUX prompts (the text is encoded as written). The noise comes from a CPU generator seeded by the prompt's
+seed, drawn in sd-scripts' packed (1, tokens, 64) shape, so a seed gives the same image on any device and run.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .errors import ConfigError
+from .models.flux_loading import AE_SHIFT, FluxModel
+from .safe_io import atomic_path
+from .sampling import Generated, SamplePrompt, infotext
+
+DEFAULT_GUIDANCE = 3.5
+DEFAULT_STEPS = 20  # sd-scripts' FLUX sample default
+SAMPLER_NAME = "Euler (flow)"
+Cond = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (CLIP-L pooled, T5 hidden states, T5 mask), batch of 1
+
+
+@dataclass
+class FluxTextOptions:
+    """How prompts are encoded: the T5 length and whether T5's padding is masked (the training run's settings)."""
+
+    t5_len: int = 512
+    apply_t5_attn_mask: bool = False
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def encode_text(flux: FluxModel, text: str, opts: FluxTextOptions) -> Cond:
+    """(pooled, T5 states, T5 mask) for one prompt, as the trainer encodes captions: CLIP at 77 tokens, T5 padded."""
+    if flux.clip_l is None or flux.t5xxl is None:
+        raise ConfigError(f"prompt {text[:60]!r} was not encoded before the text encoders were freed")
+    clip_ids = flux.clip_tokenizer([text], max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    pooled = flux.clip_l(clip_ids.to(_device(flux.clip_l)), return_dict=True).pooler_output
+    tok = flux.t5_tokenizer([text], max_length=opts.t5_len, padding="max_length", truncation=True, return_tensors="pt")
+    dev = _device(flux.t5xxl)
+    mask = tok.attention_mask.to(dev)
+    t5 = flux.t5xxl(tok.input_ids.to(dev), attention_mask=mask if opts.apply_t5_attn_mask else None,
+                    return_dict=True).last_hidden_state
+    return pooled.float().cpu(), t5.float().cpu(), mask.cpu()
+
+
+def latent_factor(flux: FluxModel) -> int:
+    """Image pixels per latent pixel (8 for FLUX.1's AE: 2^(levels - 1))."""
+    return 2 ** (len(flux.ae.config.block_out_channels) - 1)
+
+
+def sample_size(flux: FluxModel, width: int, height: int) -> tuple[int, int]:
+    """Sides rounded down to whole 2x2 latent patches (16 px for FLUX.1), as sd-scripts rounds them."""
+    patch = 2 * latent_factor(flux)
+    return max(patch, width - width % patch), max(patch, height - height % patch)
+
+
+def schedule(flux: FluxModel, steps: int, seq_len: int, shift: float | None = None) -> list[float]:
+    """The sigmas from 1 to 0: `shift` s > 0 is a fixed shift s*t / (1 + (s-1)*t) (= BFL's with mu = ln s); None or
+    0 is BFL's own: resolution-dependent for dev, none for schnell."""
+    from loratrain.training import flow_matching as fm
+
+    if shift:
+        return fm.shift_sigmas(torch.linspace(1, 0, steps + 1), float(shift)).tolist()
+    return fm.flux_schedule(steps, seq_len, shift=flux.variant != "schnell")
+
+
+@torch.no_grad()
+def denoise(flux: FluxModel, noise: torch.Tensor, ph: int, pw: int, cond: Cond, sigmas: list[float], guidance: float,
+            opts: FluxTextOptions, uncond: Cond | None = None, cfg_scale: float = 1.0) -> torch.Tensor:
+    """Euler over `sigmas` from packed `noise` (1, ph*pw, C); the state stays float32 whatever the model's dtype."""
+    from loratrain.training import flow_matching as fm
+
+    model = flux.transformer
+    dev = _device(model)
+    x = noise.to(dev, torch.float32)
+    ids = fm.image_ids(ph, pw, 1).to(dev)
+
+    def velocity(c: Cond, t: float) -> torch.Tensor:
+        pooled, t5, mask = (v.to(dev) for v in c)
+        g = torch.full((1,), float(guidance), device=dev)
+        out = model(x, ids, t5, fm.text_ids(1, t5.shape[1]).to(dev), torch.full((1,), t, device=dev), pooled, g,
+                    mask if opts.apply_t5_attn_mask else None)
+        return out.float()
+
+    for cur, nxt in zip(sigmas[:-1], sigmas[1:]):
+        v = velocity(cond, cur)
+        if uncond is not None:
+            v = _cfg(v, velocity(uncond, cur), cfg_scale)
+        x = x + (nxt - cur) * v
+    return x
+
+
+def _cfg(cond_v: torch.Tensor, uncond_v: torch.Tensor, scale: float) -> torch.Tensor:
+    return uncond_v + scale * (cond_v - uncond_v)
+
+
+@torch.no_grad()
+def decode(flux: FluxModel, latents: torch.Tensor) -> Image.Image:
+    """(1, C, h, w) transformer latents -> an RGB image: undo the AE's shift and scale, decode, map [-1, 1] to 0..255."""
+    ae = flux.ae
+    if ae is None:
+        raise ConfigError("the autoencoder was freed; sample images need it")
+    shift = ae.config.shift_factor if ae.config.shift_factor is not None else AE_SHIFT
+    p = next(ae.parameters())
+    z = latents.to(p.device, p.dtype) / ae.config.scaling_factor + shift
+    x = ae.decode(z).sample[0].float().clamp(-1, 1)
+    return Image.fromarray(((x + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+
+
+@torch.no_grad()
+def flux_generate(flux: FluxModel, prompt: SamplePrompt, out_path: str | Path, opts: FluxTextOptions,
+                  guidance: float = DEFAULT_GUIDANCE, shift: float | None = None,
+                  encoded: dict[str, Cond] | None = None, extra_info: dict[str, str] | None = None,
+                  extra_params: dict[str, str] | None = None) -> Generated:
+    """One FLUX.1 image saved atomically as PNG with A1111-style `parameters` (Forge's `Distilled CFG Scale`).
+
+    `encoded`: prompts already encoded (training frees the text encoders after caching); others are encoded now.
+    `prompt.guidance` (--g) wins over `guidance`; the seed is the prompt's or a random one (torch's global RNG is
+    never touched)."""
+    from loratrain.training import flow_matching as fm
+
+    seed = prompt.seed if prompt.seed is not None else secrets.randbelow(2**31 - 1)
+    width, height = sample_size(flux, prompt.width, prompt.height)
+    prompt = replace(prompt, width=width, height=height)
+    g = prompt.guidance if prompt.guidance is not None else guidance
+    f = latent_factor(flux)
+    ph, pw = height // (2 * f), width // (2 * f)
+
+    def cond_of(text: str) -> Cond:
+        if encoded is not None and text in encoded:
+            return encoded[text]
+        return encode_text(flux, text, opts)
+
+    cond = cond_of(prompt.prompt)
+    true_cfg = bool(prompt.negative_prompt) and prompt.cfg_scale != 1.0
+    uncond = cond_of(prompt.negative_prompt) if true_cfg else None
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn(1, ph * pw, flux.config.in_channels, generator=gen)
+    sigmas = schedule(flux, prompt.steps, ph * pw, shift)
+    x = denoise(flux, noise, ph, pw, cond, sigmas, g, opts, uncond, prompt.cfg_scale)
+    image = decode(flux, fm.unpack_latents(x, ph, pw))
+    extra = {"Distilled CFG Scale": f"{g:g}"} if flux.config.guidance_embed else {}
+    if shift:
+        extra["Shift"] = f"{shift:g}"
+    if not true_cfg:
+        prompt = replace(prompt, cfg_scale=1.0)
+    params = infotext(prompt, SAMPLER_NAME, seed, 1, {**extra, "Model type": f"FLUX.1 {flux.variant}", **(extra_params or {})})
+    info = PngInfo()
+    info.add_text("parameters", params)
+    for k, v in (extra_info or {}).items():
+        info.add_text(k, v)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Generated(out_path, params)
+
+
+# ---- a loaded FLUX.1 model with LoRAs, for `generate` and the grid ------------------------------------------------
+def is_flux_checkpoint(path: str) -> bool:
+    from .models.flux_loading import is_flux_model
+
+    return bool(path) and is_flux_model(path)
+
+
+def read_flux_lora(path: str, flux: FluxModel) -> Any:
+    """A FluxLoraNetwork from a LoRA file (sd-scripts' lora_flux layout, or another layout flux_layouts converts)."""
+    from safetensors import safe_open
+
+    from .lora.flux_network import flux_lora_from_kohya
+    from .paths import confine
+
+    with safe_open(str(confine(path, "LoRA")), framework="pt") as f:
+        sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    try:
+        from .lora.flux_layouts import flux_lora_to_kohya
+    except ImportError:  # the layout converter is optional here: kohya files load without it
+        flux_lora_to_kohya = None
+    if flux_lora_to_kohya is not None:
+        sd = flux_lora_to_kohya(sd, meta, source=path)
+    te = sorted(k for k in sd if k.startswith("lora_te"))
+    if te:
+        raise ConfigError(f"{path}: holds text-encoder LoRA modules ({te[0]}); FLUX.1 sampling applies transformer "
+                          "LoRAs only so far")
+    return flux_lora_from_kohya(flux.config, sd, source=path)
+
+
+@dataclass
+class FluxParts:
+    """The FLUX.1 part files shared by every checkpoint of a run (sd-scripts' option names)."""
+
+    clip_l: str = ""
+    t5xxl: str = ""
+    ae: str = ""
+    t5_tokenizer: str = ""
+    t5xxl_max_token_length: int | None = None
+    apply_t5_attn_mask: bool = False
+
+    @classmethod
+    def of(cls, cfg: Any) -> FluxParts:
+        return cls(*(getattr(cfg, n, d) for n, d in (("clip_l", ""), ("t5xxl", ""), ("ae", ""), ("t5_tokenizer", ""),
+                                                      ("t5xxl_max_token_length", None), ("apply_t5_attn_mask", False))))
+
+
+@dataclass
+class FluxSession:
+    """The grid's / generate's model session for FLUX.1: one checkpoint loaded at a time, each LoRA file read once
+    per checkpoint and hooked onto the transformer at its weight (weight 0 is not hooked at all: the base model)."""
+
+    parts: FluxParts = field(default_factory=FluxParts)
+    path: str | None = None
+    model: FluxModel | None = None
+    loads: int = 0
+    networks: dict[tuple[str, int], Any] = field(default_factory=dict)
+
+    def ensure(self, path: str) -> FluxModel:
+        from .devices import pick_device
+        from .models.flux_loading import flux_sources, load_flux
+
+        if path != self.path:
+            self.model, self.networks = None, {}
+            p = self.parts
+            device = pick_device("auto")
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            flux = load_flux(flux_sources(path, p.clip_l, p.t5xxl, p.ae, p.t5_tokenizer), dtype)
+            for m in (flux.transformer, flux.clip_l, flux.t5xxl, flux.ae):
+                torch.nn.Module.to(m, device)
+            self.model, self.path = flux, path
+            self.loads += 1
+        assert self.model is not None
+        return self.model
+
+    def text_options(self) -> FluxTextOptions:
+        from loratrain.training.flow_matching import t5_max_length
+
+        assert self.model is not None
+        return FluxTextOptions(t5_max_length(self.parts, "flux", self.model.variant), self.parts.apply_t5_attn_mask)
+
+    def activate(self, loras: list[Any], sampler: str = "") -> None:
+        """Hook exactly `loras` (LoraUse: path, weight, blocks) onto the transformer; every other one is unhooked."""
+        assert self.model is not None
+        for net in self.networks.values():
+            net.remove()
+        seen: dict[str, int] = {}
+        for use in loras:
+            if use.blocks:
+                raise ConfigError(f"{use.path}: LoRA block weights are not supported for FLUX.1 sampling yet")
+            key = (use.path, seen.get(use.path, 0))
+            seen[use.path] = key[1] + 1
+            if key not in self.networks:
+                dev = _device(self.model.transformer)
+                self.networks[key] = read_flux_lora(use.path, self.model).to(dev, torch.float32)
+            if use.weight != 0:
+                self.networks[key].set_multiplier(float(use.weight))
+                self.networks[key].apply_to(self.model.transformer)
+
+    def generate(self, prompt: SamplePrompt, out_path: str | Path, shift: float | None = None,
+                 extra_params: dict[str, str] | None = None) -> Generated:
+        assert self.model is not None
+        return flux_generate(self.model, prompt, out_path, self.text_options(), shift=shift, extra_params=extra_params)
