@@ -18,6 +18,7 @@ TINY = {  # a few seconds each; load_memory and ui_overhead need real-size model
     "face_swap.py": ["--frames", "4", "--batch_size", "2"],
     "grid.py": ["--cells", "2", "--steps", "1", "--resolution", "64", "--rounds", "1"],
     "dataset_check.py": ["--tiny"],
+    "flux_train.py": ["--tiny", "--steps", "1", "--warmup", "1"],
     "xseg.py": ["--resolution", "64", "--base", "8", "--depth", "4", "--faces", "8", "--side", "96", "--iters", "2",
                 "--rounds", "1"],
 }

@@ -64,7 +64,9 @@ class FluxLoRATrainer(LoRATrainer):
         self._cache_latents()
         self._cache_captions()
         transformer = self.flux.transformer
-        torch.nn.Module.to(transformer, self.device, weight_dtype)
+        from .flux_memory import adapter_dtype, place_transformer  # fp8_base, blocks_to_swap, full_bf16
+
+        self.block_swap = place_transformer(transformer, cfg, self.device, weight_dtype, log)
         spec = NetworkSpec(cfg.network_dim, cfg.network_alpha, train_text_encoder=False)
         args = {"train_blocks": cfg.train_blocks} if cfg.train_blocks != "all" else {}
         if cfg.split_qkv:
@@ -74,7 +76,7 @@ class FluxLoRATrainer(LoRATrainer):
         with seeded(cfg.seed, self.device):  # adapter init: same seed, same run
             net = create_flux_lora(self.flux.config, cfg.network_dim, cfg.network_alpha, cfg.train_blocks, cfg.split_qkv,
                                    cfg.in_dims_list())
-        net.to(self.device, torch.float32).apply_to(transformer)  # adapters train in fp32, as sd-scripts' do
+        net.to(self.device, adapter_dtype(cfg)).apply_to(transformer)  # fp32 as sd-scripts' (bf16 with full_bf16)
         self.network = FluxNetwork(net, spec, args)
         self.train_te, self.cond_cache = False, None
         log(f"network: networks.lora_flux, {len(net.lora)} modules (train_blocks {cfg.train_blocks}"
@@ -133,7 +135,7 @@ class FluxLoRATrainer(LoRATrainer):
         live = sum(not it.latents for it in self.data.items())
         if live:
             self.reporter.log(f"{live} image(s) with color_aug / random_crop are encoded every step (their pixels change)")
-        else:
+        elif not self.cfg.sample_prompts:  # sample images decode with it
             self.flux.ae = None  # not needed again: its memory goes back before training starts
 
     # -- conditioning --------------------------------------------------------------------------
@@ -165,6 +167,7 @@ class FluxLoRATrainer(LoRATrainer):
                 self.text_cache[c] = tuple(t[0].cpu() for t in self._encode([c]))
                 self.reporter.advance(1)
             self.reporter.done("")
+            self._encode_sample_prompts()
             self.flux.clip_l = self.flux.t5xxl = None
         else:
             self.reporter.log("captions change from step to step: CLIP-L and T5-XXL stay loaded and encode every step")
@@ -245,5 +248,63 @@ class FluxLoRATrainer(LoRATrainer):
         meta["modelspec.architecture"] = arch + "/lora"
         return meta
 
+    def _sample_prompts(self) -> list:
+        from loratrain.core.flux_sampling import DEFAULT_STEPS
+        from loratrain.core.sampling import SamplePrompt, load_prompts
+
+        res = self.cfg.resolution_wh()
+        return load_prompts(self.cfg.sample_prompts, SamplePrompt("", width=res[0], height=res[1], steps=DEFAULT_STEPS,
+                                                                  cfg_scale=1.0))
+
+    def _encode_sample_prompts(self) -> None:
+        """The sample prompts (and negatives) encoded before the text encoders are freed, as sd-scripts does."""
+        from loratrain.core.flux_sampling import FluxTextOptions, encode_text
+
+        self.sample_cache: dict = {}
+        if not self.cfg.sample_prompts or not self.accelerator.is_main_process:
+            return
+        opts = FluxTextOptions(self.t5_len, self.cfg.apply_t5_attn_mask)
+        for p in self._sample_prompts():
+            for text in {p.prompt, p.negative_prompt}:
+                self.sample_cache.setdefault(text, encode_text(self.flux, text, opts))
+
     def _sample(self, epoch: int | None) -> None:
-        """Sample images need a FLUX sampler, not written yet; config checks refuse --sample_prompts for FLUX."""
+        """Sample images with the adapters active (core/flux_sampling.py), written and logged as the SD trainer does."""
+        from loratrain.core.errors import ConfigError as _ConfigError
+        from loratrain.core.flux_sampling import FluxTextOptions, flux_generate
+        from loratrain.core.sampling import sample_file_name
+
+        cfg = self.cfg
+        if not cfg.sample_prompts or not self.accelerator.is_main_process:
+            return
+        transformer = self.flux.transformer
+        was_training = transformer.training
+        transformer.eval()
+        self._optimizer_mode("eval")
+        opts = FluxTextOptions(self.t5_len, cfg.apply_t5_attn_mask)
+        sample_dir = self.out_dir / "sample"
+        paths, captions = [], []
+        with self.accelerator.autocast():
+            for i, p in enumerate(self._sample_prompts()):
+                if p.seed is None:
+                    p.seed = cfg.seed + i
+                try:
+                    path = flux_generate(self.flux, p, sample_dir / sample_file_name(cfg.output_name, epoch, self.global_step, i, p.seed),
+                                         opts, encoded=getattr(self, "sample_cache", None),
+                                         extra_info={"loratrain_step": str(self.global_step)}).path
+                except _ConfigError as e:  # a prompt added to the file mid-run, after the encoders were freed
+                    self.reporter.log(f"sample {i} skipped: {e}")
+                    continue
+                paths.append(path)
+                captions.append(f"step {self.global_step}: {p.prompt}")
+                if self.writer:
+                    import numpy as np
+                    from PIL import Image
+
+                    self.writer.add_image(f"sample/{i:02d}", np.asarray(Image.open(path).convert("RGB")), self.global_step,
+                                          dataformats="HWC")
+        if was_training:
+            transformer.train()
+        self._optimizer_mode("train")
+        self.samples.extend(paths)
+        self.reporter.sample([str(p) for p in paths], captions)

@@ -197,12 +197,19 @@ def load_transformer(part: Part, config: FluxConfig, dtype: torch.dtype) -> Flux
     if part.folder:
         from .flux_keys import diffusers_to_bfl
 
-        sd = diffusers_to_bfl(_read(part, dtype))
-    else:
-        sd = _read(part, dtype)
+        sd, scales = diffusers_to_bfl(_read(part, dtype)), {}
+    else:  # native dtypes first: a scaled-fp8 file's float32 scales must not be rounded to `dtype`
+        from .fp8_linear import dequantize, split_scaled
+
+        sd, scales = split_scaled(_read(part, None))
+        sd = dequantize(sd, scales, dtype)
+        for k, v in sd.items():  # one tensor at a time: each original is freed as it is replaced
+            if v.is_floating_point():
+                sd[k] = v.to(dtype)
     with init_empty_weights():
         model = FluxTransformer(config)
     _assign(model, sd, f"transformer {part.path}")
+    model.fp8_scales = scales  # reused by --fp8_base, so a scaled file's fp8 values come back exactly
     return model
 
 

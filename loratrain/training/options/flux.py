@@ -25,10 +25,7 @@ SD_ONLY = {
     "multires_noise_iterations": "not implemented for FLUX.1 yet",
     "vae": "FLUX.1's autoencoder is --ae",
     "base_weights": "not implemented for FLUX.1 yet",
-    "fp8_base": "not implemented for FLUX.1 yet (fp8-stored files load, upcast to the training precision)",
-    "fp8_base_unet": "not implemented for FLUX.1 yet",
     "full_fp16": "not implemented for FLUX.1 yet",
-    "full_bf16": "not implemented for FLUX.1 yet",
     "fused_backward_pass": "not implemented for FLUX.1 yet",
     "torch_compile": "not implemented for FLUX.1 yet",
     "xformers": "FLUX.1 uses PyTorch's SDPA attention",
@@ -36,7 +33,6 @@ SD_ONLY = {
     "save_peft_format": "FLUX LoRAs are saved in sd-scripts' lora_flux layout only",
     "network_train_text_encoder_only": "only the FLUX.1 transformer trains here",
     "weighted_captions": "not implemented for FLUX.1 yet",
-    "sample_prompts": "FLUX.1 sample images are not implemented yet",
     "network_dropout": "not implemented for FLUX.1 yet",
     "rank_dropout": "not implemented for FLUX.1 yet",
     "module_dropout": "not implemented for FLUX.1 yet",
@@ -67,6 +63,10 @@ class FluxOptions(FlowMatchOptions):
                             choices=("all", "single", "double"), group=FLUX, advanced=True)
     split_qkv: bool = opt(False, "FLUX.1 LoRA (network_args split_qkv): one LoRA per q / k / v (and MLP-in) slice of the "
                                  "fused Linears", group=FLUX, advanced=True)
+    blocks_to_swap: int = opt(0, "FLUX.1: keep this many of the last transformer blocks in host memory and copy each to "
+                                 "the GPU just before it runs (sd-scripts' meaning: N//2 double and (N-N//2)*2 single "
+                                 "blocks); less GPU memory, slower steps; needs gradient_checkpointing", ge=0,
+                              group=FLUX, advanced=True)
     in_dims: str = opt("", "FLUX.1 LoRA (network_args in_dims): ranks of the img, time, vector, guidance, txt input "
                            "embedders, e.g. [4,0,0,0,4]", group=FLUX, advanced=True)
 
@@ -102,13 +102,18 @@ class FluxOptions(FlowMatchOptions):
             return []
         flux_set = [n for n in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "in_dims") if getattr(self, n)]
         flux_set += ["train_blocks"] * (self.train_blocks != "all") + ["split_qkv"] * self.split_qkv
+        flux_set += ["blocks_to_swap"] * bool(self.blocks_to_swap)
         if not self.is_flux():
             if self.model_family == "sd" or flux_set:
                 return [(n, "a FLUX.1 option, but the model is not FLUX.1") for n in flux_set]
             return []
         out: list[Problem] = []
         try:
-            flux_sources(model, self.clip_l, self.t5xxl, self.ae, self.t5_tokenizer)
+            found = flux_sources(model, self.clip_l, self.t5xxl, self.ae, self.t5_tokenizer)
+            if self.blocks_to_swap:
+                from loratrain.core.models.block_swap import swap_counts
+
+                swap_counts(found.config.depth, found.config.depth_single_blocks, self.blocks_to_swap)
         except ConfigError as e:
             field, _, text = str(e).partition(": ")
             out.append((field, text) if field in type(self).model_fields else ("pretrained_model_name_or_path", str(e)))
@@ -116,6 +121,9 @@ class FluxOptions(FlowMatchOptions):
         for name, why in SD_ONLY.items():
             if name in defaults and getattr(self, name) != defaults[name].get_default(call_default_factory=True):
                 out.append((name, f"not with a FLUX.1 model: {why}"))
+        if self.blocks_to_swap and not getattr(self, "gradient_checkpointing", False):
+            out.append(("blocks_to_swap", "needs --gradient_checkpointing (a swapped block's weights must not be "
+                                          "kept for backward)"))
         if getattr(self, "network_module", "lora") not in FLUX_NETWORKS:
             out.append(("network_module", f"{self.network_module}: FLUX.1 trains networks.lora_flux (LoRA) only so far"))
         if getattr(self, "loss_type", "l2") not in ("l2", "l1"):
