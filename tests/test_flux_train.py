@@ -91,7 +91,8 @@ def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def test_cli_trains_a_flux_lora_with_sd_scripts_keys_and_metadata(flux_files, tmp_path):
-    res = _cli(_args(flux_files, tmp_path / "o", "--network_args", "train_blocks=all", "split_qkv=True"))
+    res = _cli(_args(flux_files, tmp_path / "o", "--network_args", "train_blocks=all", "split_qkv=True",
+                     "--save_diffusers_layout"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "FLUX.1 dev" in res.stdout + res.stderr
     sd, meta = _tensors(tmp_path / "o" / "f.safetensors")
@@ -108,6 +109,19 @@ def test_cli_trains_a_flux_lora_with_sd_scripts_keys_and_metadata(flux_files, tm
     assert meta["ss_steps"] == "4" and "sshs_model_hash" in meta
     losses = json.loads((tmp_path / "o" / "f-state" / "train_state.json").read_text())["losses"]
     assert len(losses) == 4 and all(np.isfinite(losses))
+    # --save_diffusers_layout: the diffusers twin converts back to the same ΔW
+    from loratrain.core.lora.flux_layouts import flux_lora_to_kohya
+
+    twin, _ = _tensors(tmp_path / "o" / "f.diffusers.safetensors")
+    assert twin and all(k.startswith("transformer.") and ".lora_" in k for k in twin)
+    back = flux_lora_to_kohya(twin)
+
+    def delta(s: dict, name: str) -> torch.Tensor:
+        down, up = s[f"{name}.lora_down.weight"].double(), s[f"{name}.lora_up.weight"].double()
+        return float(s.get(f"{name}.alpha", down.shape[0])) / down.shape[0] * up @ down
+
+    for name in ("lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"):
+        assert torch.allclose(delta(back, name), delta(sd, name), rtol=1e-4, atol=1e-6), name
 
 
 def test_stop_and_resume_equals_an_unbroken_run(flux_files, tmp_path):

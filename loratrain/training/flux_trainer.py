@@ -78,6 +78,7 @@ class FluxLoRATrainer(LoRATrainer):
                                    cfg.in_dims_list())
         net.to(self.device, adapter_dtype(cfg)).apply_to(transformer)  # fp32 as sd-scripts' (bf16 with full_bf16)
         self.network = FluxNetwork(net, spec, args)
+        self.network.diffusers_copy = cfg.save_diffusers_layout
         self.train_te, self.cond_cache = False, None
         log(f"network: networks.lora_flux, {len(net.lora)} modules (train_blocks {cfg.train_blocks}"
             f"{', split_qkv' if cfg.split_qkv else ''}); dim {cfg.network_dim}, alpha {cfg.network_alpha} -> scale "

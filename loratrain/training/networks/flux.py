@@ -23,6 +23,7 @@ class FluxNetwork(Network):
 
     def __init__(self, net: FluxLoraNetwork, spec: NetworkSpec, network_args: dict[str, str]) -> None:
         self.model, self.spec, self.net, self._args = None, spec, net, network_args
+        self.diffusers_copy = False  # --save_diffusers_layout (set by the FLUX trainer)
         self.targets = [Target("unet", path, name, m.rank, m.alpha) for (name, path), m in zip(net.paths.items(), net.lora.values())]
 
     def parts(self) -> dict[str, nn.Module]:
@@ -54,6 +55,17 @@ class FluxNetwork(Network):
         kohya = flux_lora_to_kohya(sd, meta, source)
         load_kohya_flux_state_dict(self.net, {k: v for k, v in kohya.items() if k.startswith("lora_unet_")}, source)
         return len(self.net.lora)
+
+    def save(self, path: Any, precision: str, metadata: dict[str, str], peft_copy: bool = False) -> Any:
+        """The kohya file, and with `diffusers_copy` its diffusers-layout twin (`<name>.diffusers.safetensors`)."""
+        out = super().save(path, precision, metadata, False)
+        if self.diffusers_copy:
+            from loratrain.core.lora.flux_layouts import save_diffusers_layout
+            from loratrain.core.precision import dtype_of
+
+            save_diffusers_layout(self.kohya_state_dict(dtype_of(precision)),
+                                  out.with_name(out.stem + ".diffusers.safetensors"), metadata)
+        return out
 
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
         raise ConfigError("scale_weight_norms is not implemented for FLUX.1 yet")

@@ -30,7 +30,7 @@ SD_ONLY = {
     "torch_compile": "not implemented for FLUX.1 yet",
     "xformers": "FLUX.1 uses PyTorch's SDPA attention",
     "scale_weight_norms": "not implemented for FLUX.1 yet",
-    "save_peft_format": "FLUX LoRAs are saved in sd-scripts' lora_flux layout only",
+    "save_peft_format": "for FLUX.1 use --save_diffusers_layout",
     "network_train_text_encoder_only": "only the FLUX.1 transformer trains here",
     "weighted_captions": "not implemented for FLUX.1 yet",
     "network_dropout": "not implemented for FLUX.1 yet",
@@ -67,6 +67,9 @@ class FluxOptions(FlowMatchOptions):
                                  "the GPU just before it runs (sd-scripts' meaning: N//2 double and (N-N//2)*2 single "
                                  "blocks); less GPU memory, slower steps; needs gradient_checkpointing", ge=0,
                               group=FLUX, advanced=True)
+    save_diffusers_layout: bool = opt(False, "FLUX.1: also write each saved LoRA in the diffusers layout (`transformer.*` "
+                                             "lora_A / lora_B) beside it as <name>.diffusers.safetensors", group=FLUX,
+                                      advanced=True)
     in_dims: str = opt("", "FLUX.1 LoRA (network_args in_dims): ranks of the img, time, vector, guidance, txt input "
                            "embedders, e.g. [4,0,0,0,4]", group=FLUX, advanced=True)
 
@@ -102,7 +105,7 @@ class FluxOptions(FlowMatchOptions):
             return []
         flux_set = [n for n in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "in_dims") if getattr(self, n)]
         flux_set += ["train_blocks"] * (self.train_blocks != "all") + ["split_qkv"] * self.split_qkv
-        flux_set += ["blocks_to_swap"] * bool(self.blocks_to_swap)
+        flux_set += ["blocks_to_swap"] * bool(self.blocks_to_swap) + ["save_diffusers_layout"] * self.save_diffusers_layout
         if not self.is_flux():
             if self.model_family == "sd" or flux_set:
                 return [(n, "a FLUX.1 option, but the model is not FLUX.1") for n in flux_set]
