@@ -154,6 +154,29 @@ class SwapConfig(JobConfig):
             out.append(("xseg_model", f"{self.xseg_model}: expected a .safetensors segmenter from `face xseg train`"))
         if self.blursharpen_amount > 0 and self.sharpen_mode == "none":
             out.append(("sharpen_mode", "set box or gaussian to sharpen (a positive --blursharpen_amount)"))
+        return out + self._reads_clash()
+
+    def _reads_clash(self) -> list[Problem]:
+        """An output that is a file the swap reads (a --source photo, a --reference face, a model) or lies inside a
+        folder it reads (--source, --dst_faceset): --overwrite replaces earlier outputs, never the person's photos,
+        and an output in the --source folder would become a source of the next run. A frames folder that merely
+        holds a model or a photo is left alone: writing frames there replaces neither."""
+        import os
+
+        from loratrain.core.safe_io import output_conflicts
+
+        reads = [p for p in (self.model, self.swapper, self.recognizer, self.restore_model, self.xseg_model,
+                             self.dst_faceset, *self.source, *self.reference) if p]
+        out: list[Problem] = []
+        for name in ("output", "output_frames"):
+            value = getattr(self, name)
+            if not value:
+                continue
+            where = Path(os.path.realpath(os.path.expanduser(value)))
+            for inp in reads:
+                if where in Path(os.path.realpath(os.path.expanduser(inp))).parents:
+                    continue  # the output folder holds the input: not one of the cases above
+                out += [(name, m) for m in output_conflicts(value, [inp])]
         return out
 
     def requirements(self) -> list[Problem]:

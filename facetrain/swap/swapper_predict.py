@@ -188,6 +188,9 @@ class Restorer:
         self.input = images[0].name
         self.size = sizes[0] if sizes else RESTORE_DEFAULT_SIZE
         self.batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+        if not 16 <= self.size <= 2048 or (self.batch or 1) > 256:  # every buffer is sized from these
+            raise ConfigError(f"restore_model {path}: a crop of {self.size} px and a fixed batch of {self.batch}; a face "
+                              "restorer has 16 to 2048 px and a batch of at most 256")
         self.extra: dict[str, np.ndarray] = {}
         for i in others:
             dtype = np.float64 if i.type == "tensor(double)" else np.float32
@@ -199,6 +202,8 @@ class Restorer:
         if probe.shape != (1, self.size, self.size, 3):
             raise ConfigError(f"restore_model {path}: expected an output N x 3 x {self.size} x {self.size}, got one of "
                               f"shape {probe.shape[0]} x {probe.shape[3]} x {probe.shape[1]} x {probe.shape[2]}")
+        if not np.isfinite(probe).all():
+            raise ConfigError(f"restore_model {path}: its output for a blank face holds NaN or inf (its weights do?)")
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         y = self.session.run(None, {self.input: x, **self.extra})[0]
@@ -269,8 +274,10 @@ def swapper_predictor(path: Path, *, setup: SwapperSetup | None = None, **_: obj
     try:  # one blank face through the whole path: a file whose shapes lie fails here, named, before any frame
         blank = np.zeros((1, r, r, 3), np.float32)
         c = r / 2
-        predict(blank, [np.array([[c - r / 8, c - r / 12], [c + r / 8, c - r / 12], [c, c + r / 24],
-                                  [c - r / 10, c + r / 8], [c + r / 10, c + r / 8]])])
+        face = predict(blank, [np.array([[c - r / 8, c - r / 12], [c + r / 8, c - r / 12], [c, c + r / 24],
+                                         [c - r / 10, c + r / 8], [c + r / 10, c + r / 8]])])[0]
+        if not np.isfinite(face).all():  # NaN in the weights: every frame would get a black square
+            raise ConfigError(f"swapper {path}: its output for a blank face holds NaN or inf (its weights do?)")
     except ConfigError:
         raise
     except Exception as e:  # onnxruntime's own exception types

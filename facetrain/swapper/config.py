@@ -6,6 +6,7 @@ colour jitter, +-10 degree rotations and 0.9-1 crops, near-duplicate and blurry 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from loratrain.core.config import JobConfig, opt
@@ -13,6 +14,7 @@ from loratrain.core.devices import DEVICES
 from loratrain.core.errors import Problem
 
 PRECISIONS = ("no", "bf16", "fp16")
+MAX_FLOAT = 1e9  # no float option here means anything near this (loss weights are around 0.1 to 10)
 SCHEDULES = ("cosine", "constant")
 
 
@@ -83,6 +85,13 @@ class SwapperTrainConfig(JobConfig):
 
     def problems(self) -> list[Problem]:
         out: list[Problem] = []
+        # a range like ge=0 lets inf through (inf >= 0): an infinite (or absurd) loss weight trains a model of NaN
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                out.append((name, f"must be a finite number, not {value}"))
+            elif isinstance(value, float) and abs(value) > MAX_FLOAT:
+                out.append((name, f"too large (at most {MAX_FLOAT:g})"))
         for name in ("model", "base", "recognizer", "lpips_model"):
             value = getattr(self, name)
             if value and Path(value).suffix.lower() != ".onnx":
@@ -103,6 +112,13 @@ class SwapperTrainConfig(JobConfig):
         if not self.recognizer:
             out.append(("recognizer", "is required: the identity loss and the source embeddings come from a face "
                         "recogniser you provide (ArcFace-style .onnx)"))
+        # named here, before any model is read; the job confines and opens each where it reads it
+        for name in ("faceset", "dst_faceset"):
+            if getattr(self, name) and not Path(getattr(self, name)).expanduser().is_dir():
+                out.append((name, f"faceset folder not found: {getattr(self, name)}"))
+        for name in ("base", "recognizer", "lpips_model"):
+            if getattr(self, name) and not Path(getattr(self, name)).expanduser().is_file():
+                out.append((name, f"file not found: {getattr(self, name)}"))
         return out
 
 

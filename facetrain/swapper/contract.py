@@ -16,6 +16,11 @@ import numpy as np
 from loratrain.core.errors import ConfigError
 
 NORMALISATIONS = ("0..1", "-1..1")
+#: crop sizes and embedding widths a swapper may declare: every known one (inswapper 128, SimSwap 224 / 512, HyperSwap
+#: 256; embeddings of 512) lies well inside; a file declaring more would only make every buffer sized from it huge
+SIZES, EMBEDS = (16, 2048), (1, 8192)
+#: ONNX element types of float tensors (float, float16, double, bfloat16): the crop and the embedding are floats
+FLOAT_TYPES = (1, 10, 11, 16)
 TEMPLATE_KEY, NORM_KEY = "loratrain.template", "loratrain.normalisation"
 
 
@@ -69,11 +74,20 @@ def read_contract(model: Any, what: str = "swapper") -> SwapperContract:
     if t[1] != 3 or not isinstance(t[2], int) or t[2] != t[3] or not isinstance(src[1], int):
         raise ConfigError(f"{what}: the target input must be N x 3 x S x S and the source N x D with fixed S and D; "
                           f"it has {shapes}")
+    if not SIZES[0] <= t[2] <= SIZES[1] or not EMBEDS[0] <= src[1] <= EMBEDS[1]:
+        raise ConfigError(f"{what}: a crop of {t[2]} px and an embedding of {src[1]} values; a face swapper has "
+                          f"{SIZES[0]} to {SIZES[1]} px and 1 to {EMBEDS[1]} values")
+    odd = [i.name for i in (images[0], vectors[0], outs[0]) if i.type.tensor_type.elem_type not in FLOAT_TYPES]
+    if odd:
+        raise ConfigError(f"{what}: {', '.join(odd)}: not a float tensor (the crop, the embedding and the result are)")
     embed = int(src[1])
     emap = None
     last = model.graph.initializer[-1] if len(model.graph.initializer) else None
     if last is not None and list(last.dims) == [embed, embed]:
-        emap = np.asarray(numpy_helper.to_array(last), np.float32)
+        try:
+            emap = np.asarray(numpy_helper.to_array(last), np.float32)
+        except Exception as e:  # data of the wrong length, a type numpy cannot hold as float32
+            raise ConfigError(f"{what}: its embedding map {last.name!r} cannot be read ({str(e).strip()[:160]})") from None
     meta = {p.key: p.value for p in model.metadata_props}
     norm = meta.get(NORM_KEY, "0..1")
     if norm not in NORMALISATIONS:
@@ -84,6 +98,8 @@ def read_contract(model: Any, what: str = "swapper") -> SwapperContract:
     if template not in TEMPLATES:
         raise ConfigError(f"{what}: metadata {TEMPLATE_KEY}={template!r}; expected one of {', '.join(TEMPLATES)}")
     batch = t[0] if isinstance(t[0], int) and t[0] > 0 else None
+    if batch is not None and batch > 256:  # every run pads up to a fixed batch
+        raise ConfigError(f"{what}: a fixed batch of {batch} faces; at most 256")
     return SwapperContract(images[0].name, vectors[0].name, outs[0].name, int(t[2]), embed, batch, template, norm, emap)
 
 

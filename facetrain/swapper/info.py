@@ -1,7 +1,7 @@
 """`loratrain face swapper info`: what a swapper file promises (I/O, crop, embedding map) and its blocks.
 
 Before fine-tuning, a user needs the block names `--freeze_until` takes and to know whether the file is one
-our importer runs at all; this answers both without training anything.
+our importer runs at all; this answers both without training anything (the graph is run once, on a blank face).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from loratrain.core.progress import Reporter, StopFlag
 
 from .config import SwapperInfoConfig
 from .contract import read_contract
+from .model import TorchSwapper
 from .onnx_module import OnnxModule, load_onnx
 
 
@@ -46,6 +47,7 @@ def run_swapper_info(cfg: SwapperInfoConfig, reporter: Reporter, stop: StopFlag)
     label = f"model {path.name}"
     contract = read_contract(proto, label)
     module = OnnxModule(proto, label)
+    TorchSwapper(module, contract).probe()  # a graph the importer cannot run (or that yields NaN) is named here
     return SwapperInfoResult(model=path.name, inputs=module.input_shapes, outputs=module.output_shapes,
                              template=contract.template, normalisation=contract.normalisation,
                              emap=contract.emap is not None, blocks=module.blocks(),

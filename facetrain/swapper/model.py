@@ -74,6 +74,9 @@ class TorchSwapper(nn.Module):
                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
         if tuple(out.shape) != (1, 3, c.size, c.size):
             raise ConfigError(f"{self.module.what}: the output is {list(out.shape)}, expected [1, 3, {c.size}, {c.size}]")
+        if not torch.isfinite(out).all():
+            raise ConfigError(f"{self.module.what}: its output for a blank face holds NaN or inf (its weights do?); "
+                              "training it would only spread them")
 
     @property
     def size(self) -> int:
@@ -116,14 +119,23 @@ class TorchRecognizer(nn.Module):
         return cls(OnnxModule(load_onnx(path, "recognizer"), f"recognizer {Path(path).name}"), src_template, src_size)
 
     def probe(self) -> int:
-        """Run once on zeros; the embedding size, or a ConfigError naming the file."""
+        """Run once on two different faces (a batch of 2 when the file's batch is free: one embedding per face, not
+        one for the batch); the embedding size, or a ConfigError naming the file."""
         dev = next(iter(self.module.parameters()), self.theta).device
+        batch = self.module.input_shapes[self.module.inputs[0]][0]
+        n = min(batch, 256) if isinstance(batch, int) and batch > 0 else 2
+        x = torch.linspace(0, 1, n, device=dev).reshape(n, 1, 1, 1).expand(n, 3, self.src_size, self.src_size)
         try:
             with torch.no_grad():
-                out = self(torch.zeros(1, 3, self.src_size, self.src_size, device=dev))
+                out = self(x)
         except Exception as e:  # any op failing on this graph is a property of the user's file
             raise ConfigError(f"{self.module.what}: the importer cannot run this graph ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        if out.shape[0] != n or out.shape[1] < 1:
+            raise ConfigError(f"{self.module.what}: {n} faces in gave embeddings of shape {list(out.shape)}; a recogniser "
+                              "gives one embedding per face")
+        if not torch.isfinite(out).all():
+            raise ConfigError(f"{self.module.what}: its embeddings hold NaN or inf (its weights do?)")
         return int(out.shape[1])
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
@@ -146,10 +158,27 @@ class TorchLpips(nn.Module):
         if len(module.inputs) != 2:
             raise ConfigError(f"{module.what}: an LPIPS network takes two images; it has inputs {module.inputs}")
 
+    def probe(self, size: int) -> None:
+        """Run once on two pairs of different images: one finite distance per pair, or a ConfigError naming the file
+        (before training, not at its first step)."""
+        a = torch.linspace(0, 1, 2).reshape(2, 1, 1, 1).expand(2, 3, size, size)
+        dev = next(iter(self.module.parameters()), a).device
+        try:
+            with torch.no_grad():
+                d = self(a.to(dev), a.flip(0).to(dev))
+        except Exception as e:  # any op failing on this graph is a property of the user's file
+            raise ConfigError(f"{self.module.what}: the importer cannot run this graph on two {size} px images "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        if tuple(d.shape) != (2,) or not torch.isfinite(d).all():
+            raise ConfigError(f"{self.module.what}: two image pairs in gave {list(d.shape)} values "
+                              f"({d.flatten()[:4].tolist()}); an LPIPS network gives one finite distance per pair")
+
     @classmethod
     def load(cls, path: str | Path) -> TorchLpips:
         return cls(OnnxModule(load_onnx(path, "lpips_model"), f"lpips_model {Path(path).name}"))
 
     def forward(self, a01: torch.Tensor, b01: torch.Tensor) -> torch.Tensor:
         d = self.module(a01 * 2 - 1, b01 * 2 - 1)
+        if d.dim() == 0 or d.shape[0] != a01.shape[0]:
+            raise ValueError(f"{a01.shape[0]} image pairs gave distances of shape {list(d.shape)}")
         return d.reshape(d.shape[0], -1).mean(1)

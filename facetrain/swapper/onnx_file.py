@@ -34,7 +34,9 @@ def _load(path: str | Path, what: str) -> tuple[Any, bool]:
         raise ConfigError(f"{what} {path}: not a readable ONNX file ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
     if not len(model.graph.node):
         raise ConfigError(f"{what} {path}: the ONNX graph is empty")
-    external = [t for t in model.graph.initializer if uses_external_data(t)]
+    # every tensor of the file, not only the graph's initializers: a Constant node's value, a sparse initializer or
+    # a subgraph's weight may name a side file too (onnxruntime and onnx.load would follow those as well)
+    external = [t for t in _tensors(model.graph) if uses_external_data(t)]
     if external:
         # weights in side files: each must be a plain file beside the model (a name inside a file is untrusted)
         from loratrain.core.paths import confine
@@ -49,5 +51,37 @@ def _load(path: str | Path, what: str) -> tuple[Any, bool]:
             if side.is_symlink() or not side.is_file() or side.resolve().parent != folder:
                 raise ConfigError(f"{what} {path}: side file {loc!r} of weight {t.name} is missing or not a plain file "
                                   "beside the model")
-        onnx.load_external_data_for_model(model, str(folder))
+        try:
+            onnx.load_external_data_for_model(model, str(folder))
+        except Exception as e:  # an offset or length past the side file's end, ...: onnx's own exception types
+            raise ConfigError(f"{what} {path}: its side files of weights cannot be read ({_first_line(e)})") from None
+        if any(uses_external_data(t) for t in _tensors(model.graph)):  # onnx reads in dense tensors only
+            raise ConfigError(f"{what} {path}: a sparse tensor's data lives in a side file; save the model with its "
+                              "weights inside")
     return model, bool(external)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+def _tensors(graph: Any) -> list[Any]:
+    """Every TensorProto a graph holds: initializers, sparse initializers' values and indices, and the tensors of
+    node attributes (Constant values), in subgraphs (If / Loop bodies) too."""
+    out = list(graph.initializer)
+    for sparse in graph.sparse_initializer:
+        out += [sparse.values, sparse.indices]
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                out.append(a.t)
+            out.extend(a.tensors)
+            for sparse in [a.sparse_tensor] if a.HasField("sparse_tensor") else []:
+                out += [sparse.values, sparse.indices]
+            for sparse in a.sparse_tensors:
+                out += [sparse.values, sparse.indices]
+            for sub in [a.g] if a.HasField("g") else []:
+                out += _tensors(sub)
+            for sub in a.graphs:
+                out += _tensors(sub)
+    return out

@@ -43,7 +43,7 @@ class OnnxModule(nn.Module):
 
     def __init__(self, model: Any, what: str = "model") -> None:
         super().__init__()
-        from onnx import helper, numpy_helper
+        from onnx import helper
 
         self.proto = model
         graph = model.graph
@@ -70,14 +70,14 @@ class OnnxModule(nn.Module):
         self.consts: dict[str, torch.Tensor] = {}
         self._index: dict[str, int] = {}
         for t in graph.initializer:
-            arr = numpy_helper.to_array(t)
+            arr = _array(t, what)
             if t.data_type in _FLOATS:
                 learnt = t.name in used and t.name not in fixed and arr.size > 1  # a scalar is an epsilon or a constant
                 self._index[t.name] = len(self.param_names)
                 self.param_names.append(t.name)
                 self.params.append(nn.Parameter(torch.from_numpy(np.array(arr, np.float32)), requires_grad=learnt))
             else:
-                self.consts[t.name] = torch.from_numpy(np.array(arr))
+                self.consts[t.name] = _tensor(arr, t.name, what)
         self.learnable = {n for n in self.param_names if self.params[self._index[n]].requires_grad}
         self.nodes: list[tuple[str, list[str], list[str], dict[str, Any]]] = []
         for node in graph.node:
@@ -85,15 +85,21 @@ class OnnxModule(nn.Module):
             for a in node.attribute:
                 v = helper.get_attribute_value(a)
                 if a.type == a.TENSOR:
-                    v = torch.from_numpy(np.array(numpy_helper.to_array(v)))
+                    v = _tensor(_array(v, what), f"{node.op_type} {a.name}", what)
                 elif a.type in (a.GRAPH, a.GRAPHS):
                     raise ConfigError(f"{what}: control flow ({node.op_type}) is not supported by the importer")
                 attrs[a.name] = v
             if node.op_type == "Constant":
-                self.consts[node.output[0]] = _constant(attrs)
+                if len(node.output) != 1:
+                    raise ConfigError(f"{what}: a Constant node with {len(node.output)} outputs")
+                self.consts[node.output[0]] = _constant(attrs, what)
                 continue
+            if not any(node.output):
+                raise ConfigError(f"{what}: a {node.op_type} node has no output")
             attrs["_op"], attrs["_n_out"] = node.op_type, len(node.output)
             self.nodes.append((node.op_type, list(node.input), list(node.output), attrs))
+        self.nodes = _ordered(self.nodes, {i.name for i in graph.input} | set(self._index) | set(self.consts),
+                              self.outputs, what)
         # free each intermediate after its last reader (inference memory); graph outputs are kept
         last: dict[str, int] = {}
         for k, (_, ins, _, _) in enumerate(self.nodes):
@@ -180,14 +186,69 @@ class OnnxModule(nn.Module):
         return res[0] if len(res) == 1 else tuple(res)
 
 
-def _constant(attrs: dict[str, Any]) -> torch.Tensor:
+def _ordered(nodes: list, known: set[str], outputs: list[str], what: str) -> list:
+    """The nodes in an order where each runs after the nodes that make its inputs: the file's own order when it is
+    one (the ONNX standard asks for it; onnxruntime sorts by itself, so we do too). A name nothing makes, or nodes
+    waiting on each other, is a ConfigError naming it, before anything runs."""
+    import heapq
+
+    producer = {o: k for k, (_, _, outs, _) in enumerate(nodes) for o in outs if o}
+    for op, ins, _, _ in nodes:
+        for n in ins:
+            if n and n not in known and n not in producer:
+                raise ConfigError(f"{what}: a {op} node reads {n!r}, which no input, weight or node makes")
+    for n in outputs:
+        if n not in known and n not in producer:
+            raise ConfigError(f"{what}: the graph's output {n!r} is made by no node")
+    waits = [{producer[n] for n in ins if n and n not in known} for _, ins, _, _ in nodes]
+    users: dict[int, list[int]] = {}
+    for k, deps in enumerate(waits):
+        for d in deps:
+            users.setdefault(d, []).append(k)
+    left = [len(d) for d in waits]
+    ready = [k for k, n in enumerate(left) if n == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for u in users.get(k, []):
+            left[u] -= 1
+            if left[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) < len(nodes):
+        stuck = next(k for k, n in enumerate(left) if n)
+        raise ConfigError(f"{what}: its nodes form a cycle (a {nodes[stuck][0]} node waits, through others, on its own "
+                          "output)")
+    return [nodes[k] for k in order]
+
+
+def _array(t: Any, what: str) -> np.ndarray:
+    """A TensorProto's values, or a ConfigError naming the file and the tensor (data of the wrong length, ...)."""
+    from onnx import numpy_helper
+
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as e:  # onnx / numpy raise ValueError, TypeError, ... for a damaged tensor
+        raise ConfigError(f"{what}: tensor {t.name!r} cannot be read ({str(e).strip()[:160] or type(e).__name__})") from None
+
+
+def _tensor(arr: np.ndarray, name: str, what: str) -> torch.Tensor:
+    """A non-float tensor as torch: strings, 8-bit and 4-bit floats have no torch type the importer runs."""
+    try:
+        return torch.from_numpy(np.array(arr))
+    except TypeError:
+        raise ConfigError(f"{what}: tensor {name!r} has the type {arr.dtype}, which the importer cannot run") from None
+
+
+def _constant(attrs: dict[str, Any], what: str = "model") -> torch.Tensor:
     if "value" in attrs:
         return attrs["value"]
     for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32), ("value_int", torch.int64),
                        ("value_ints", torch.int64)):
         if key in attrs:
             return torch.tensor(attrs[key], dtype=dtype)
-    raise ConfigError(f"a Constant node with an unsupported value ({', '.join(attrs)})")
+    raise ConfigError(f"{what}: a Constant node with an unsupported value ({', '.join(attrs) or 'none'})")
 
 
 def load_module(path: str | Path, what: str = "model") -> OnnxModule:

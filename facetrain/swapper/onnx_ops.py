@@ -21,6 +21,22 @@ Op = Callable[..., Any]
 OPS: Registry[Op] = Registry("ONNX operator")
 
 
+#: the most elements one tensor may get from sizes a file computes (Expand, ConstantOfShape, Resize, Pad): 4 GiB
+#: of float32, far above any face model's activations; a hostile or broken file fails here, named, instead of
+#: the machine running out of memory
+MAX_ELEMENTS = 1 << 30
+
+
+def _check_size(shape: list[int], op: str) -> None:
+    n = 1
+    for d in shape:
+        if d < 0:
+            raise ValueError(f"{op}: a negative size {d} in {shape}")
+        n *= d
+    if n > MAX_ELEMENTS:
+        raise ValueError(f"{op}: a tensor of shape {shape} ({n:,} values) is too large for a face model")
+
+
 def _ints(t: torch.Tensor | None) -> list[int]:
     return [] if t is None else [int(v) for v in t.reshape(-1).tolist()]
 
@@ -189,6 +205,7 @@ def _pad(x, pads_in=None, value=None, axes_in=None, *, mode: bytes | str = "cons
     for i, a in enumerate(axes):
         a %= x.dim()
         full[a], full[x.dim() + a] = p[i], p[n + i]
+    _check_size([d + full[a] + full[x.dim() + a] for a, d in enumerate(x.shape)], "Pad")
     torch_pads = [v for a in reversed(range(x.dim())) for v in (full[a], full[x.dim() + a])]
     while torch_pads[-2:] == [0, 0] and len(torch_pads) > 2:  # torch pads from the last dimension back
         torch_pads = torch_pads[:-2]
@@ -208,6 +225,7 @@ def _resize(x, roi=None, scales=None, sizes=None, *, mode: bytes | str = "neares
         size = _ints(sizes)[2:]
     else:
         size = [int(round(float(n) * float(s))) for n, s in zip(x.shape[2:], scales.reshape(-1).tolist()[2:])]
+    _check_size([*x.shape[:2], *size], "Resize")
     m, ct = _s(mode), _s(coordinate_transformation_mode)
     if m == "nearest":
         if ct == "asymmetric" and _s(nearest_mode) == "floor":
@@ -322,13 +340,17 @@ def _torch_dtype(np_dtype: Any) -> torch.dtype:
 @OPS.register("ConstantOfShape")
 def _const_of_shape(shape, *, value=None, **_):  # noqa: ANN001, ANN202
     fill = value if isinstance(value, torch.Tensor) else torch.zeros(1)
+    _check_size(_ints(shape), "ConstantOfShape")
     return torch.full(_ints(shape), fill.reshape(-1)[0].item(), dtype=fill.dtype)
 
 
 @OPS.register("Expand")
 def _expand(x, shape, **_):  # noqa: ANN001, ANN202
     dims = _ints(shape)
-    return x * torch.ones(dims, dtype=x.dtype, device=x.device) if dims else x
+    if not dims:
+        return x
+    _check_size(list(torch.broadcast_shapes(tuple(x.shape), tuple(max(d, 1) for d in dims))), "Expand")
+    return x * torch.ones(dims, dtype=x.dtype, device=x.device)
 
 
 @OPS.register("Where")

@@ -26,6 +26,8 @@ SIZE = 112
 TEMPLATE = "arcface_112_v2"
 #: crops per run for a model whose batch dimension is free (keeps memory flat on long facesets)
 CHUNK = 64
+#: the largest fixed batch a file may declare (every crop run pads up to it)
+MAX_BATCH = 256
 
 
 def normed(v: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -79,13 +81,20 @@ class Recognizer:
         self.input = inputs[0].name
         self.dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
         self.batch = fixed[0]  # None: any batch size; an int (usually 1): exactly that many crops per run
+        if self.batch is not None and self.batch > MAX_BATCH:
+            raise ConfigError(f"{expected} (a fixed batch of {self.batch}: at most {MAX_BATCH})")
+        n = self.batch or 2  # two different faces when the batch is free: one embedding per face, not per batch
         try:
-            probe = self._run(np.zeros((self.batch or 1, SIZE, SIZE, 3), np.uint8))
+            grey = np.linspace(0, 255, n).astype(np.uint8)[:, None, None, None]
+            probe = self._run(np.broadcast_to(grey, (n, SIZE, SIZE, 3)))
         except Exception as exc:  # a graph whose declared shapes lie fails only when it runs
-            raise ConfigError(f"{expected}; running it on one blank face failed: "
+            raise ConfigError(f"{expected}; running it on blank faces failed: "
                               f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}") from exc
-        if probe.ndim != 2 or probe.shape[0] != (self.batch or 1) or probe.shape[1] < 1:
-            raise ConfigError(f"{expected}; its output for one face has shape {'x'.join(map(str, probe.shape))}")
+        if probe.ndim != 2 or probe.shape[0] != n or probe.shape[1] < 1:
+            raise ConfigError(f"{expected}; its output for {n} face(s) has shape {'x'.join(map(str, probe.shape))}, "
+                              "not one embedding per face")
+        if not np.isfinite(probe).all():
+            raise ConfigError(f"{what} {path}: its embeddings hold NaN or inf (its weights do?)")
         self.dim = int(probe.shape[1])
 
     def _run(self, crops: np.ndarray) -> np.ndarray:

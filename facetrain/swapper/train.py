@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,8 @@ from .onnx_module import OnnxModule, block_name, load_onnx
 
 STATE_KEY = "loratrain.swapper_state"
 ITERATION_KEY = "loratrain.iteration"
+#: one random id per save, in the model's metadata and in its state: a state restores only the model saved with it
+SAVE_ID_KEY = "loratrain.save_id"
 
 
 @dataclass(kw_only=True)
@@ -88,10 +91,11 @@ class SwapperTrainer:
         self.path = confine(cfg.model, "model", write=True)
         self.state_path = self.path.with_name(self.path.stem + ".state.safetensors")
         self.device = pick_device(cfg.device)
-        self.iteration, self.meta = 0, {}
+        self.iteration, self.meta, self.save_id = 0, {}, ""
         if self.path.exists():
             proto = load_onnx(self.path, "model")
             props = {p.key: p.value for p in proto.metadata_props}
+            self.save_id = props.get(SAVE_ID_KEY, "")
             if ITERATION_KEY not in props:  # someone's own model file: resuming would overwrite it
                 raise ConfigError(f"model {self.path}: exists and was not written by `face swapper train`; give a new "
                                   "file name (to start from this file, pass it as --base)")
@@ -109,6 +113,8 @@ class SwapperTrainer:
         c = self.swapper.contract
         self.recognizer = TorchRecognizer.load(confine(cfg.recognizer, "recognizer"), c.template, c.size)
         self.lpips = TorchLpips.load(confine(cfg.lpips_model, "lpips_model")) if cfg.lpips_model else None
+        if self.lpips is not None:
+            self.lpips.probe(c.size)
         if not self.lpips and cfg.lpips_weight > 0:
             reporter.log("no --lpips_model: LPIPS needs a pretrained network you provide; training without it")
         self.disc = None
@@ -144,6 +150,8 @@ class SwapperTrainer:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             if int(meta.get("iteration", -1)) != self.iteration:
                 raise ValueError(f"it is from iteration {meta.get('iteration')}, the model from {self.iteration}")
+            if self.save_id and meta.get("save_id") != self.save_id:  # same iteration, but another run's model
+                raise ValueError("it was saved with another model file than this one")
             weights = self.swapper.module.named_weights()
             with torch.no_grad():
                 for k, t in tensors.items():
@@ -163,7 +171,8 @@ class SwapperTrainer:
             rotate_backup(p, cfg.keep_backups)
         tensors, opt_meta = optimizer_tensors(self.opt, self.named, "opt")
         tensors.update({f"w.{n}": p.detach().float().cpu().contiguous() for n, p in self.named})
-        full = {"iteration": self.iteration, "opt": opt_meta, **meta}
+        self.save_id = secrets.token_hex(8)
+        full = {"iteration": self.iteration, "opt": opt_meta, **meta, "save_id": self.save_id}
         if self.disc is not None:
             d_tensors, full["disc"] = optimizer_tensors(self.opt_d, list(self.disc.named_parameters()), "optd")
             tensors.update(d_tensors)
@@ -171,7 +180,8 @@ class SwapperTrainer:
         save_safetensors({k: v.cpu().contiguous() for k, v in tensors.items()}, self.state_path,
                          {STATE_KEY: json.dumps(full)})
         # no paths of this machine in a file people share: names only
-        extra = {ITERATION_KEY: str(self.iteration), "loratrain.recognizer": Path(cfg.recognizer).name,
+        extra = {ITERATION_KEY: str(self.iteration), SAVE_ID_KEY: self.save_id,
+                 "loratrain.recognizer": Path(cfg.recognizer).name,
                  "loratrain.base": Path(cfg.base).name if cfg.base else str(meta.get("base", "loratrain generator"))}
         save_onnx(self.swapper.to_onnx(extra), self.path)
 
@@ -224,6 +234,10 @@ class SwapperTrainer:
         sums: dict[str, float] = {}
         for target, emb, own in batches:
             terms = self.losses(target.to(self.device), emb.to(self.device), own.to(self.device))
+            if not torch.isfinite(terms["total"]):
+                raise FloatingPointError(f"the loss became {float(terms['total'].detach())} at iteration "
+                                         f"{self.iteration + 1}; stopping without saving (the last save of "
+                                         f"{self.path.name} is intact). Lower --lr or the loss weights, or turn off fp16")
             loss = terms["total"] / len(batches)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             if self.disc is not None:
@@ -240,6 +254,12 @@ class SwapperTrainer:
         if self.disc is not None:
             self.opt_d.step()
             self.opt_d.zero_grad(set_to_none=True)
+        finite = torch.stack([torch.isfinite(p).all() for _, p in self.named])  # one device sync, not one per weight
+        if not finite.all():  # a finite loss can still step to inf: never preview or save such a model
+            bad = self.named[int((~finite).nonzero()[0])][0]
+            raise FloatingPointError(f"weight {bad} became NaN or inf at iteration {self.iteration + 1}; stopping "
+                                     f"without saving (the last save of {self.path.name} is intact). Lower --lr or the "
+                                     "loss weights")
         self.iteration += 1
         return sums
 
@@ -354,6 +374,9 @@ def _train(cfg: SwapperTrainConfig, trainer: SwapperTrainer, reporter: Reporter,
     reporter.start(cfg.iterations, f"training swapper {trainer.swapper.size}px on {trainer.device.type}",
                    initial=min(trainer.iteration, cfg.iterations))
     start = trainer.iteration
+    if start >= cfg.iterations:
+        reporter.log(f"{trainer.path.name} is at iteration {start} already (--iterations {cfg.iterations}): nothing to "
+                     "train; raise --iterations to go on")
     try:
         while trainer.iteration < cfg.iterations:
             sums = trainer.step(data.batches(cfg.seed, trainer.iteration, cfg.batch_size, cfg.grad_accum))

@@ -68,8 +68,9 @@ def _rotate_backup(path: Path, keep: int) -> None:
         return
     folder = confine(path.parent / "backups", "backups folder", write=True)
     folder.mkdir(exist_ok=True)
+    # exactly <stem>_<digits>: a.onnx's glob also matches a_1.onnx's backups, which are not a.onnx's to delete
     numbered = sorted((int(p.stem.rsplit("_", 1)[1]), p) for p in folder.glob(f"{path.stem}_*{path.suffix}")
-                      if p.stem.rsplit("_", 1)[1].isdigit())
+                      if p.stem.rsplit("_", 1)[0] == path.stem and p.stem.rsplit("_", 1)[1].isdigit())
     number = numbered[-1][0] + 1 if numbered else 1
     with atomic_path(folder / f"{path.stem}_{number:06d}{path.suffix}") as tmp:
         shutil.copy2(path, tmp)
