@@ -76,7 +76,7 @@ def sample_size(flux: FluxModel, width: int, height: int) -> tuple[int, int]:
 def schedule(flux: FluxModel, steps: int, seq_len: int, shift: float | None = None) -> list[float]:
     """The sigmas from 1 to 0: `shift` s > 0 is a fixed shift s*t / (1 + (s-1)*t) (= BFL's with mu = ln s); None or
     0 is BFL's own: resolution-dependent for dev, none for schnell."""
-    from loratrain.training import flow_matching as fm
+    from loratrain.core import flow_schedule as fm
 
     if shift:
         return fm.shift_sigmas(torch.linspace(1, 0, steps + 1), float(shift)).tolist()
@@ -87,7 +87,7 @@ def schedule(flux: FluxModel, steps: int, seq_len: int, shift: float | None = No
 def denoise(flux: FluxModel, noise: torch.Tensor, ph: int, pw: int, cond: Cond, sigmas: list[float], guidance: float,
             opts: FluxTextOptions, uncond: Cond | None = None, cfg_scale: float = 1.0) -> torch.Tensor:
     """Euler over `sigmas` from packed `noise` (1, ph*pw, C); the state stays float32 whatever the model's dtype."""
-    from loratrain.training import flow_matching as fm
+    from loratrain.core import flow_schedule as fm
 
     model = flux.transformer
     dev = _device(model)
@@ -136,7 +136,7 @@ def flux_generate(flux: FluxModel, prompt: SamplePrompt, out_path: str | Path, o
     `encoded`: prompts already encoded (training frees the text encoders after caching); others are encoded now.
     `prompt.guidance` (--g) wins over `guidance`; the seed is the prompt's or a random one (torch's global RNG is
     never touched)."""
-    from loratrain.training import flow_matching as fm
+    from loratrain.core import flow_schedule as fm
 
     seed = prompt.seed if prompt.seed is not None else secrets.randbelow(2**31 - 1)
     width, height = sample_size(flux, prompt.width, prompt.height)
@@ -250,7 +250,7 @@ class FluxSession:
         return self.model
 
     def text_options(self) -> FluxTextOptions:
-        from loratrain.training.flow_matching import t5_max_length
+        from loratrain.core.flow_schedule import t5_max_length
 
         assert self.model is not None
         return FluxTextOptions(t5_max_length(self.parts, "flux", self.model.variant), self.parts.apply_t5_attn_mask)
