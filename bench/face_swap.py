@@ -119,10 +119,11 @@ def swapper_main(args: argparse.Namespace) -> int:
     from loratrain.facetrain.swap.config import SwapConfig
     from loratrain.facetrain.swap.media import open_source
     from loratrain.facetrain.swap.run import run_face_swap
-    from loratrain.facetrain.swap.swapper_predict import _batched, _session, read_model
+    from loratrain.facetrain.swap.swapper_predict import _batched
     from loratrain.facetrain.swapper.align import align_crop, five_points
     from loratrain.facetrain.swapper.arch import GeneratorSpec, build_generator_onnx, build_recognizer_onnx
     from loratrain.facetrain.swapper.contract import read_contract
+    from loratrain.facetrain.swapper.onnx_file import ort_session, read_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -135,10 +136,11 @@ def swapper_main(args: argparse.Namespace) -> int:
                          NullReporter())
         faces = {read_meta(p).source_filename.split("#")[1]: read_meta(p).source_landmarks for p in list_faces(root / "dst")}
         frames = {i: rgb for i, rgb in open_source(clip).frames(0, 0)}
-        contract = read_contract(read_model(swapper))
+        model, runtime = read_onnx(swapper, "swapper")
+        contract = read_contract(model)
         crops = np.stack([align_crop(frames[int(k)].astype(np.float32) / 255, five_points(np.asarray(lm)), contract.template,
                                      contract.size)[0] for k, lm in sorted(faces.items())])
-        session = _session(swapper, "swapper")
+        session = ort_session(swapper, "swapper", runtime)
         source = contract.latent(np.random.default_rng(0).normal(size=contract.embed))
 
         def alone(chunk: np.ndarray) -> None:

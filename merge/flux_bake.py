@@ -11,20 +11,16 @@ files we bake into hold the transformer. Scaled-fp8 files (`*.scale_weight`) are
 """
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 from loratrain.core.errors import ConfigError
-from loratrain.core.jobs import Stopped
-from loratrain.core.lora.files import LoraModule, parse_lora_spec
+from loratrain.core.lora.files import LoraModule, parse_lora_spec, read_lora
 from loratrain.core.lora.flux_blocks import flux_block_of, flux_lbw_weights
-from loratrain.core.lora.flux_layouts import bfl_path, flux_lora_to_kohya, is_kohya_flux
+from loratrain.core.lora.flux_layouts import bfl_path, is_kohya_flux
 from loratrain.core.lora.keys import LoraSite
 from loratrain.core.models.flux import flux_prefix
 from loratrain.core.progress import Reporter, StopFlag
-from loratrain.core.tensor_io import LazySafetensors, OutputTensor, out_dtype
-from loratrain.core.weights import load_state_dict
+from loratrain.core.tensor_io import LazySafetensors
 
 from .config import BakeConfig
 
@@ -39,28 +35,19 @@ def open_flux(path: str) -> LazySafetensors | None:
 
 
 def read_flux_lora(path: str) -> tuple[dict[str, LoraModule], dict[str, str]]:
-    """A FLUX LoRA file in any layout flux_layouts reads -> kohya-named LoraModules (alpha kept) and its metadata."""
-    sd, meta = load_state_dict(path)
-    kohya = flux_lora_to_kohya(sd, meta, source=str(path))
-    if not is_kohya_flux(kohya):
+    """A FLUX LoRA file in any layout flux_layouts reads -> kohya-named LoraModules (alpha kept) and its metadata
+    (`read_lora` converts the other layouts to ours)."""
+    modules, meta = read_lora(path)
+    if not is_kohya_flux(modules):
         raise ConfigError(f"{path}: not a FLUX.1 LoRA (no double_blocks / single_blocks modules); is it for SD?")
-    modules: dict[str, LoraModule] = {}
-    for key, value in kohya.items():
-        name, _, part = key.partition(".")
-        if part == "lora_down.weight":
-            down, up = value, kohya.get(f"{name}.lora_up.weight")
-            if up is None:
-                raise ConfigError(f"{path}: module {name} has lora_down but no lora_up")
-            alpha = kohya.get(f"{name}.alpha")
-            alpha = float(alpha) if alpha is not None and float(alpha) != 0 else float(down.shape[0])
-            modules[name] = LoraModule(name, down, up, alpha)
-        elif part not in ("lora_up.weight", "alpha"):
-            raise ConfigError(f"{path}: {key}: only plain LoRA modules bake into FLUX so far (no LyCORIS / DoRA)")
+    other = next((n for n, m in modules.items() if type(m) is not LoraModule), None)
+    if other is not None:
+        raise ConfigError(f"{path}: {other}: only plain LoRA modules bake into FLUX so far (no LyCORIS / DoRA)")
     return modules, meta
 
 
 def bake_flux(cfg: BakeConfig, model: LazySafetensors, out: Path, reporter: Reporter, stop: StopFlag) -> object:
-    from .lora_bake import BakeResult, _Applied, _write_baked
+    from .lora_bake import _Applied, write_bake
 
     try:
         if out.resolve() == model.path.resolve():
@@ -73,7 +60,7 @@ def bake_flux(cfg: BakeConfig, model: LazySafetensors, out: Path, reporter: Repo
         for text in cfg.loras:
             spec = parse_lora_spec(text)
             modules, _ = read_flux_lora(spec.path)
-            blocks = flux_lbw_weights(spec.blocks) if spec.blocks else None
+            blocks = flux_lbw_weights(spec.blocks, spec.path) if spec.blocks else None
             te = [n for n in modules if n.startswith("lora_te")]
             if te:
                 reporter.log(f"{spec.path}: {len(te)} text-encoder modules skipped (the checkpoint holds the transformer)")
@@ -98,18 +85,6 @@ def bake_flux(cfg: BakeConfig, model: LazySafetensors, out: Path, reporter: Repo
             recipe.append({"name": Path(spec.path).name, "ratio": spec.ratio, "blocks": spec.blocks or None})
         if any(model.tensors[k].dtype.itemsize == 1 for k in by_key) and cfg.save_precision == "auto":
             reporter.log("the checkpoint stores fp8 weights: the baked ΔW is rounded to fp8 (--save_precision bf16 keeps it)")
-        plan = [OutputTensor(k, out_dtype(model.tensors[k].dtype, cfg.save_precision), model.tensors[k].shape) for k in model.keys()]
-        meta = {k: v for k, v in model.metadata.items() if not k.startswith("sd_merge")}
-        meta["format"] = "pt"
-        meta["loratrain.baked_loras"] = json.dumps(recipe)
-        t0 = time.perf_counter()
-        reporter.start(len(plan), "bake", unit="tensor")
-        try:
-            _write_baked(model, plan, meta, by_key, out, reporter, stop)
-        except Stopped:
-            reporter.done("")
-            return BakeResult(output=None, stopped=True)
-        reporter.done("")
-        return BakeResult(output=out, loras=len(cfg.loras), weights_changed=len(by_key), seconds=time.perf_counter() - t0)
+        return write_bake(cfg, model, by_key, recipe, out, reporter, stop)
     finally:
         model.close()

@@ -52,8 +52,8 @@ def extract_flux(cfg: LoraExtractConfig, org: LazySafetensors, out: Path, report
             result[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
             reporter.advance(1)
         meta = {"ss_network_module": "networks.lora_flux", "ss_network_dim": str(cfg.dim), "ss_network_alpha": str(cfg.dim),
-                "ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora" if "guidance_in.in_layer.weight"
-                in {k[len(p_org):] for k in org.tensors} else "flux-1-schnell/lora",
+                "ss_base_model_version": "flux1", "modelspec.architecture": "flux-1-dev/lora" if p_org + "guidance_in.in_layer.weight"
+                in org.tensors else "flux-1-schnell/lora",
                 "loratrain.extracted_from": json.dumps([org.path.name, tuned.path.name])}
         save_safetensors(result, out, meta)
         reporter.done("")

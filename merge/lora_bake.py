@@ -87,24 +87,28 @@ def run_lora_bake(cfg: BakeConfig, reporter: Reporter, stop: StopFlag) -> BakeRe
                 if ratio != 0:
                     by_key.setdefault(site.key, []).append(_Applied(module, site, ratio))
             recipe.append({"name": Path(spec.path).name, "ratio": spec.ratio, "blocks": spec.blocks or None})
-        plan = []
-        for key in model.keys():
-            info = model.tensors[key]
-            plan.append(OutputTensor(key, out_dtype(info.dtype, cfg.save_precision), info.shape))
-        meta = {k: v for k, v in model.metadata.items() if not k.startswith("sd_merge")}
-        meta["format"] = "pt"
-        meta["loratrain.baked_loras"] = json.dumps(recipe)
-        t0 = time.perf_counter()
-        reporter.start(len(plan), "bake", unit="tensor")
-        try:
-            _write_baked(model, plan, meta, by_key, out, reporter, stop)
-        except Stopped:
-            reporter.done("")
-            return BakeResult(output=None, stopped=True)
-        reporter.done("")
-        return BakeResult(output=out, loras=len(cfg.loras), weights_changed=len(by_key), seconds=time.perf_counter() - t0)
+        return write_bake(cfg, model, by_key, recipe, out, reporter, stop)
     finally:
         model.close()
+
+
+def write_bake(cfg: BakeConfig, model: Any, by_key: dict[str, list[_Applied]], recipe: list[dict[str, Any]], out: Path,
+               reporter: Reporter, stop: StopFlag) -> BakeResult:
+    """Stream the checkpoint into `out` with every planned ΔW added (the SD and FLUX bakes' common writer); the
+    metadata is the model's (less sd_merge*) plus the recipe. A stopped bake writes nothing."""
+    plan = [OutputTensor(k, out_dtype(model.tensors[k].dtype, cfg.save_precision), model.tensors[k].shape) for k in model.keys()]
+    meta = {k: v for k, v in model.metadata.items() if not k.startswith("sd_merge")}
+    meta["format"] = "pt"
+    meta["loratrain.baked_loras"] = json.dumps(recipe)
+    t0 = time.perf_counter()
+    reporter.start(len(plan), "bake", unit="tensor")
+    try:
+        _write_baked(model, plan, meta, by_key, out, reporter, stop)
+    except Stopped:
+        reporter.done("")
+        return BakeResult(output=None, stopped=True)
+    reporter.done("")
+    return BakeResult(output=out, loras=len(cfg.loras), weights_changed=len(by_key), seconds=time.perf_counter() - t0)
 
 
 def _write_baked(model: Any, plan: list[OutputTensor], meta: dict[str, str], by_key: dict[str, list[_Applied]], out: Path,

@@ -118,7 +118,7 @@ def _block_scales(cfg: LoraMergeConfig, specs: list[LoraSpec], inputs: list, met
 
         scales = []
         for spec, (_, mods) in zip(specs, inputs):
-            weights = flux_lbw_weights(spec.blocks) if spec.blocks else None
+            weights = flux_lbw_weights(spec.blocks, spec.path) if spec.blocks else None
             scales.append({n: weights[flux_block_of(n) or "IN"] for n in mods} if weights else {})
         return scales
     from loratrain.core.lora.blocks import lora_name_block

@@ -218,3 +218,24 @@ def test_swapper_errors_are_one_clear_line(kit, tmp_path, capsys):
     cv2.imwrite(str(blank), np.full((120, 120, 3), 90, np.uint8))
     assert "no face found" in fails("--swapper", str(kit["g"]), "--source", str(blank), "--recognizer", str(kit["r"]))
     assert not Path(out).exists()
+
+
+def test_the_swapper_file_is_parsed_once_on_the_swap_path(kit, tmp_path, monkeypatch):
+    """An inswapper is 550 MB: its contract and the onnxruntime session come from one read of the file (the
+    recogniser, a separate file, is read at most once: a process keeps it loaded for --reference's filter too)."""
+    import onnx as onnx_mod
+
+    from loratrain.facetrain.swap.swapper_predict import load_swapper
+
+    reads: list[str] = []
+    real = onnx_mod.load
+
+    def counting(path, *a, **kw):  # noqa: ANN001, ANN202
+        reads.append(Path(str(path)).name)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(onnx_mod, "load", counting)
+    cfg = SwapConfig(input=str(kit["dst"]), swapper=str(kit["g"]), source=[str(kit["root"] / "src")],
+                     recognizer=str(kit["r"]), output=str(tmp_path / "out.png"))
+    load_swapper(cfg)
+    assert reads.count(kit["g"].name) == 1 and reads.count(kit["r"].name) <= 1, reads

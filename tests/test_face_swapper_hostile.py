@@ -293,6 +293,26 @@ def test_the_app_confines_every_file_the_job_opens(kit, tmp_path) -> None:
     assert digest(outside) == before and not (ws / "me.onnx").exists()
 
 
+@pytest.mark.parametrize("name", ["me.state.safetensors", "me_logs", "me_preview.png"])
+def test_a_file_beside_the_model_linked_out_of_the_workspace_is_refused_before_work(kit, tmp_path, name) -> None:
+    """The state file, the logs folder and the preview live beside the model: one of them a link out of the workspace
+    is refused when the trainer starts, before the state is read or anything is written through the link."""
+    ws, outside = tmp_path / "ws", tmp_path / "outside"
+    ws.mkdir()
+    outside.mkdir()
+    run_swapper_train(train_cfg(kit, ws / "me.onnx"))
+    shutil.move(str(ws / name), str(outside / name))
+    os.symlink(outside / name, ws / name)
+    before, model = digest(outside), (ws / "me.onnx").read_bytes()
+    paths.confine_to([ws, kit["root"], kit["src"]])
+    try:
+        with pytest.raises(ConfigError, match="outside the workspace"):
+            SwapperTrainer(train_cfg(kit, ws / "me.onnx", iterations=2), NullReporter())
+    finally:
+        paths.unconfine()
+    assert digest(outside) == before and (ws / "me.onnx").read_bytes() == model
+
+
 def test_a_loss_or_weights_gone_nan_stop_without_saving(kit, tmp_path, monkeypatch) -> None:
     """A finite loss can still step the weights to NaN (lr 1, huge weights): the run stops with FloatingPointError
     (the CLI's one error line) and the last good save stays as it was."""

@@ -123,13 +123,14 @@ def test_t5_mask_hides_padded_tokens():
     assert (a - c).abs().max() > 1e-3
 
 
-def test_lora_starts_as_no_op_then_trains_only_itself():
-    model = _tiny_model()
-    x = _inputs(model.config)
+def check_lora_starts_as_no_op_then_trains_only_itself(model, make_net, x):
+    """A hooked LoRA network (FLUX's, SD3's) starts as exactly the base model, gets the same loss and grads with
+    gradient checkpointing, trains only itself (base weights and keys untouched) and is removed without a trace.
+    Returns the network (its grads are the checkpointed pass's)."""
     with torch.no_grad():
         before = model(**x)
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    net = create_flux_lora(model.config, rank=4, alpha=2.0).apply_to(model)
+    net = make_net().apply_to(model)
     model.requires_grad_(False)
     with torch.no_grad():
         assert torch.equal(model(**x), before)  # zero-initialised up: exactly the base model
@@ -156,6 +157,13 @@ def test_lora_starts_as_no_op_then_trains_only_itself():
     net.remove()
     with torch.no_grad():
         assert torch.equal(model(**x), before)
+    return net
+
+
+def test_lora_starts_as_no_op_then_trains_only_itself():
+    model = _tiny_model()
+    check_lora_starts_as_no_op_then_trains_only_itself(
+        model, lambda: create_flux_lora(model.config, rank=4, alpha=2.0), _inputs(model.config))
 
 
 @pytest.mark.parametrize("split_qkv", [False, True], ids=["fused", "split_qkv"])

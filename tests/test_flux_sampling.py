@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.test_flux_train import _args, flux_files  # noqa: F401,F811 - the module-scoped fixture of tiny FLUX files
@@ -82,3 +83,13 @@ def test_flux_only_axes_are_refused_with_an_sd_model(tmp_path):
         assert "guidance" in str(e) and "FLUX" in str(e)
     else:
         raise AssertionError("a guidance axis without a FLUX.1 model was accepted")
+
+
+def test_flux_options_with_an_sd_model_are_named(flux_files, tmp_path):  # noqa: F811
+    from loratrain.core.errors import ConfigError
+    from loratrain.grid.config import GenerateConfig
+
+    with pytest.raises(ConfigError) as e:  # the AE file exists and is no FLUX.1 transformer
+        GenerateConfig.build({"model": str(flux_files["ae"]), "prompt": "x", "output": str(tmp_path / "x.png"),
+                              "clip_l": str(flux_files["clip_l"]), "shift": 2.0}).check()
+    assert [f for f, _ in e.value.problems] == ["clip_l", "shift"], e.value.problems

@@ -179,3 +179,50 @@ def test_a_non_flux_file_is_refused_clearly(flux_files, tmp_path):
     res = _cli(args)
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     assert "not a FLUX.1 transformer" in res.stderr and "sd.safetensors" in res.stderr
+
+
+def test_an_sd_vae_as_ae_is_refused_before_loading(flux_files, tmp_path):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(flux_files["ae"]))
+    with_quant = _save({**sd, "quant_conv.weight": torch.zeros(8, 8, 1, 1)}, tmp_path / "sd_vae.safetensors")
+    res = _cli(_args(flux_files, tmp_path / "o", "--ae", str(with_quant), skip=("ae",)))
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "error: ae:" in res.stderr and "not FLUX.1's autoencoder" in res.stderr and "Traceback" not in res.stderr
+    assert "caching latents" not in res.stdout + res.stderr and not (tmp_path / "o").exists()
+    from loratrain.core.errors import ConfigError
+    from loratrain.core.models.flux_loading import flux_sources
+
+    wide = _save({**sd, "encoder.conv_out.weight": torch.zeros(16, 32, 3, 3)}, tmp_path / "wide.safetensors")
+    with pytest.raises(ConfigError, match="8 latent channels, the transformer takes 4"):
+        flux_sources(str(flux_files["model"]), str(flux_files["clip_l"]), str(flux_files["t5xxl"]), str(wide),
+                     str(flux_files["t5_tokenizer"]))
+
+
+def test_a_damaged_or_linked_out_t5_tokenizer_is_named_before_loading(flux_files, tmp_path):
+    import os
+
+    from loratrain.core.errors import ConfigError
+    from loratrain.core.models.flux_loading import flux_sources
+    from loratrain.core.paths import confined
+
+    def sources(tok: Path) -> object:
+        return flux_sources(str(flux_files["model"]), str(flux_files["clip_l"]), str(flux_files["t5xxl"]),
+                            str(flux_files["ae"]), str(tok))
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("not json")
+    with pytest.raises(ConfigError, match=r"^t5_tokenizer: .*bad is not a readable tokenizer"):
+        sources(tmp_path / "bad")
+    (tmp_path / "spm").mkdir()
+    (tmp_path / "spm" / "spiece.model").write_bytes(b"x")  # no tokenizer.json nor tokenizer_config.json to load it by
+    with pytest.raises(ConfigError, match="no tokenizer.json"):
+        sources(tmp_path / "spm")
+    # the folder is inside the roots, its vocabulary (read by the tokenizers library, not Python) links out
+    root = tmp_path / "ws"
+    (root / "tok").mkdir(parents=True)
+    os.symlink(flux_files["t5_tokenizer"] / "tokenizer.json", root / "tok" / "tokenizer.json")
+    for name in ("model", "clip_l", "t5xxl", "ae"):
+        os.link(flux_files[name], root / flux_files[name].name)
+    with confined([root]), pytest.raises(ConfigError, match=r"^t5_tokenizer: .*outside the workspace"):
+        flux_sources(*(str(root / flux_files[n].name) for n in ("model", "clip_l", "t5xxl", "ae")), str(root / "tok"))

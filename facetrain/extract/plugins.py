@@ -131,7 +131,6 @@ class IdentityEncoder:
         shape = self.dlib.full_object_detection(rect, [self.dlib.point(int(round(x)), int(round(y))) for x, y in lm])
         return np.asarray(self.net.compute_face_descriptor(np.ascontiguousarray(rgb), shape), np.float32)
 
-
     @staticmethod
     def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
         """Euclidean distance over the last axis (a float for two embeddings, an array for a stack against one)."""
@@ -155,22 +154,23 @@ def _dlib_encoder() -> IdentityEncoder:
 
 
 @lru_cache(maxsize=2)
-def _recognizer_encoder(path: str, size: int, mtime_ns: int) -> IdentityEncoderLike:
+def _recognizer_encoder(path: str, size: int, mtime_ns: int, what: str) -> IdentityEncoderLike:
     from ..swapper.recognizer import RecognizerIdentity
 
-    return RecognizerIdentity(path)
+    return RecognizerIdentity(path, what)
 
 
-def identity_encoder(recognizer: str = "") -> IdentityEncoderLike:
+def identity_encoder(recognizer: str = "", what: str = "recognizer") -> IdentityEncoderLike:
     """The one place identity is chosen: dlib's 128-d embedding (Euclidean), or with `recognizer` (an ArcFace-style
-    ONNX file, `--recognizer`) its L2-normalised embedding (cosine distance). Loaded once per file and version."""
+    ONNX file, `--recognizer`) its L2-normalised embedding (cosine distance). Loaded once per file and version.
+    `what`: the option that named the file (`likeness_recognizer`), which every error about it names."""
     if not recognizer:
         return _dlib_encoder()
-    path = confine(recognizer, "recognizer")
+    path = confine(recognizer, what)
     if not path.is_file():
-        raise ConfigError(f"recognizer: recogniser file not found: {recognizer}")
+        raise ConfigError(f"{what}: recogniser file not found: {recognizer}")
     st = path.stat()
-    return _recognizer_encoder(str(path), st.st_size, st.st_mtime_ns)
+    return _recognizer_encoder(str(path), st.st_size, st.st_mtime_ns, what)
 
 
 def identity_threshold(encoder: IdentityEncoderLike, value: float) -> float:

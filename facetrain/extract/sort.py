@@ -120,6 +120,8 @@ def run_face_sort(cfg: SortConfig, reporter: Reporter, stop: StopFlag) -> SortRe
     paths = list_faces(folder)
     if not paths:
         raise ConfigError(f"{folder}: no faces")
+    if cfg.by == "identity":  # the encoder first (loaded once, kept): a wrong --recognizer is named before faces are read
+        identity_encoder(cfg.recognizer)
     reporter.start(len(paths), "reading faces", unit="face")
     faces = []
     for p in paths:

@@ -18,6 +18,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from loratrain.core.video import SAFE_INPUT, VIDEO_INPUT, read_video, video_inpu
 
 from ..extract.config import VIDEO_EXTENSIONS
 from .label import save_labelled_image, video_metadata_args
+
+if TYPE_CHECKING:
+    from .config import SwapConfig
 
 MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".avi": "avi"}
 
@@ -99,11 +103,11 @@ def open_source(path: str | Path, fps: float = 0.0) -> Source:
     return Source("image" if path.is_file() else "frames", path, fps or 25.0, first, len(files), False, files)
 
 
-def fingerprint(cfg: object, fields: dict) -> str:
+def fingerprint(cfg: SwapConfig, fields: dict) -> str:
     """What makes two runs the same swap: every option that changes a pixel, and the model's and input's identity."""
     data = dict(fields)
-    for name in ("model", "input"):  # the model: --model's file, or --swapper's
-        p = Path(getattr(cfg, "model_file", None) or getattr(cfg, name)) if name == "model" else Path(getattr(cfg, name))
+    for name, value in (("model", cfg.model_file), ("input", cfg.input)):  # the model: --model's file, or --swapper's
+        p = Path(value)
         st = p.stat()
         data[f"{name}_id"] = [p.name, st.st_size, st.st_mtime_ns] if p.is_file() else [p.name, sorted(x.name for x in p.iterdir())]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -34,6 +34,7 @@ from loratrain.core.paths import confine
 
 from ..faceset import FACE_EXTENSIONS
 from ..swapper.align import align_crop, five_points
+from ..swapper.onnx_file import ort_session, read_onnx
 from .predict import PREDICTORS, Predictor
 
 #: the crop the swap cuts for a swapper: whole face, at CROP_SCALE x the swapper's size (module docstring), capped
@@ -45,36 +46,6 @@ RESTORE_TEMPLATE, RESTORE_DEFAULT_SIZE = "ffhq_512", 512
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-def read_model(path: Path, what: str = "swapper") -> Any:
-    """The file's ModelProto (its contract and embedding map are read from it), or a ConfigError naming it: read
-    by the swapper package's light loader (no torch), which also confines any side files of weights it names."""
-    from ..swapper.onnx_file import load_onnx
-
-    return load_onnx(path, what)
-
-
-def _session(path: Path, what: str) -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ImportError("running .onnx swappers needs onnxruntime: pip install 'loratrain[tagger]'") from None
-    from ..swapper.recognizer import _providers
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: inswapper-style files keep `emap` as an unused initializer on purpose
-    # no busy-waiting between ops: the swap's finder and writer threads need those cores while the model runs (on two
-    # busy CPU cores, bench/face_swap.py --swapper ran both the swapper alone and the whole swap faster without it)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        # a file whose weights live in side files is handed over as the model our loader checked and completed,
-        # so onnxruntime never follows a side-file name itself
-        from ..swapper.onnx_file import ort_source
-
-        return ort.InferenceSession(ort_source(path, what), sess_options=options, providers=_providers())
-    except Exception as e:  # onnxruntime raises its own exception types for a bad file
-        raise ConfigError(f"{what} {path}: onnxruntime cannot load it ({_reason(e)})") from None
 
 
 def _batched(run: Any, x: np.ndarray, batch: int | None, *extra: np.ndarray) -> np.ndarray:
@@ -174,7 +145,7 @@ class Restorer:
         self.path = confine(path, "restore_model")
         if not self.path.is_file():
             raise ConfigError(f"restore_model: file not found: {path}")
-        self.session = _session(self.path, "restore_model")
+        self.session = ort_session(self.path, "restore_model")
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         images = [i for i in inputs if len(i.shape or []) == 4]
         others = [i for i in inputs if len(i.shape or []) != 4]
@@ -222,6 +193,7 @@ class Restorer:
 @dataclass
 class SwapperSetup:
     contract: Any                 # the file's SwapperContract (swapper/contract.py)
+    runtime: str | bytes          # what onnxruntime loads: read_onnx's (the path, or the file as read and checked)
     source: np.ndarray            # the swapper's `source` input (1 x D), from the mean embedding
     restorer: Restorer | None
     restore_blend: float
@@ -233,7 +205,7 @@ def swapper_predictor(path: Path, *, setup: SwapperSetup | None = None, **_: obj
     if setup is None:
         raise ConfigError("swapper: needs --source and --recognizer (the person to put in)")
     contract = setup.contract
-    session = _session(path, "swapper")
+    session = ort_session(path, "swapper", setup.runtime)
     s = contract.size
     r = min(int(round(CROP_SCALE * s)), MAX_CROP)
     box, square = soft_box(s)[..., None], np.ones((s, s, 1), np.float32)
@@ -242,7 +214,7 @@ def swapper_predictor(path: Path, *, setup: SwapperSetup | None = None, **_: obj
     def run(target: np.ndarray, src: np.ndarray) -> np.ndarray:
         return np.asarray(session.run([contract.output], {contract.target: target, contract.source: src})[0], np.float32)
 
-    restorer = setup.restorer
+    restorer, blend = setup.restorer, setup.restore_blend  # not `setup`: it may hold the whole file's bytes
     restore_box = soft_box(restorer.size)[..., None] if restorer is not None else None
 
     def predict(faces: np.ndarray, landmarks: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -262,11 +234,11 @@ def swapper_predictor(path: Path, *, setup: SwapperSetup | None = None, **_: obj
             out[k] = faces[k] * (1 - hard) + face * hard
             fmask[k] = _back(box, mat, res)[..., None]
             dmask[k] = hard
-        if restorer is not None and setup.restore_blend > 0:
+        if restorer is not None and blend > 0:
             crops = [align_crop(np.ascontiguousarray(f[..., ::-1]), p, RESTORE_TEMPLATE, restorer.size) for f, p in zip(out, points)]
             restored = restorer(np.stack([c[0] for c in crops]))
             for k, (_, mat) in enumerate(crops):
-                alpha = setup.restore_blend * _back(restore_box, mat, res)[..., None]
+                alpha = blend * _back(restore_box, mat, res)[..., None]
                 back = _back(np.ascontiguousarray(restored[k][..., ::-1]), mat, res, cv2.BORDER_REPLICATE)
                 out[k] = out[k] * (1 - alpha) + back * alpha
         return np.clip(out, 0, 1), np.clip(fmask, 0, 1), np.clip(dmask, 0, 1)
@@ -288,20 +260,22 @@ def swapper_predictor(path: Path, *, setup: SwapperSetup | None = None, **_: obj
 def load_swapper(cfg: Any, tools: list[Any] | None = None) -> Predictor:
     """The predictor of `--swapper` with its source person (from `--source` through `--recognizer`) and optional
     restorer: every file confined and checked here, where it is opened, before any frame is read."""
+    from ..extract.plugins import identity_encoder
     from ..swapper.contract import read_contract
-    from ..swapper.recognizer import Recognizer
 
     path = confine(cfg.swapper, "swapper")
     if not path.is_file():
         raise ConfigError(f"swapper: file not found: {cfg.swapper}")
-    contract = read_contract(read_model(path), f"swapper {path}")  # the contract first: the clearest error
-    recognizer = Recognizer(cfg.recognizer)
+    model, runtime = read_onnx(path, "swapper")  # parsed once: the contract is read from it, the session built from it
+    contract = read_contract(model, f"swapper {path}")  # the contract first: the clearest error
+    del model  # not held while onnxruntime builds its own copy
+    recognizer = identity_encoder(cfg.recognizer).recognizer  # the --reference filter's too: one session of the file
     if recognizer.dim != contract.embed:
         raise ConfigError(f"recognizer {cfg.recognizer} gives {recognizer.dim}-d embeddings; the swapper {path.name} "
                           f"takes {contract.embed}-d ones (its `{contract.source}` input)")
     source = contract.latent(source_embedding(cfg, recognizer, tools))
     restorer = Restorer(cfg.restore_model, cfg.restore_fidelity) if cfg.restore_model else None
-    setup = SwapperSetup(contract, source, restorer, cfg.restore_blend)
+    setup = SwapperSetup(contract, runtime, source, restorer, cfg.restore_blend)
     return PREDICTORS.get("swapper")(path, setup=setup)
 
 

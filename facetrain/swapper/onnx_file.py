@@ -14,8 +14,14 @@ from loratrain.core.errors import ConfigError
 def ort_source(path: str | Path, what: str = "model") -> str | bytes:
     """What to hand onnxruntime for a user's file: its path, or, when its weights live in side files, the model as
     our loader checked and completed it (so onnxruntime never follows a side-file name itself)."""
+    return read_onnx(path, what)[1]
+
+
+def read_onnx(path: str | Path, what: str = "model") -> tuple[Any, str | bytes]:
+    """`load_onnx` and `ort_source` from one parse of the file (an inswapper is 550 MB): (ModelProto, what to hand
+    onnxruntime)."""
     model, external = _load(path, what)
-    return model.SerializeToString() if external else str(path)
+    return model, (model.SerializeToString() if external else str(path))
 
 
 def load_onnx(path: str | Path, what: str = "model") -> Any:
@@ -59,6 +65,33 @@ def _load(path: str | Path, what: str) -> tuple[Any, bool]:
             raise ConfigError(f"{what} {path}: a sparse tensor's data lives in a side file; save the model with its "
                               "weights inside")
     return model, bool(external)
+
+
+def providers() -> list[str]:
+    """CUDA when this onnxruntime has it (onnxruntime-gpu), else the CPU."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in have else ["CPUExecutionProvider"]
+
+
+def ort_session(path: str | Path, what: str = "model", source: str | bytes | None = None) -> Any:
+    """An onnxruntime session of a user's file, or a ConfigError naming it. `source`: `read_onnx`'s for the file when
+    it was read already (else it is read here, side files confined)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError("running .onnx face models needs onnxruntime: pip install 'loratrain[tagger]'") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: inswapper-style files keep `emap` as an unused initializer on purpose
+    # no busy-waiting between ops: the swap's finder and writer threads need those cores while the model runs (on two
+    # busy CPU cores, bench/face_swap.py --swapper ran both the swapper alone and the whole swap faster without it)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = ort_source(path, what) if source is None else source  # a file that is no ONNX at all: a ConfigError
+    try:
+        return ort.InferenceSession(source, sess_options=options, providers=providers())
+    except Exception as e:  # onnxruntime raises its own exception types for a bad file
+        raise ConfigError(f"{what} {path}: onnxruntime cannot load it ({_first_line(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -21,6 +21,7 @@ from loratrain.core.errors import ConfigError
 from loratrain.core.paths import confine
 
 from .align import align_crop, five_points
+from .onnx_file import ort_session
 
 SIZE = 112
 TEMPLATE = "arcface_112_v2"
@@ -40,31 +41,14 @@ def _shape(arg: object) -> str:
     return "x".join(str(d) if isinstance(d, int) else "N" for d in getattr(arg, "shape", []) or []) or "scalar"
 
 
-def _providers() -> list[str]:
-    """CUDA when this onnxruntime has it (onnxruntime-gpu), else the CPU."""
-    import onnxruntime as ort
-
-    have = ort.get_available_providers()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in have else ["CPUExecutionProvider"]
-
-
 class Recognizer:
     """The user's ONNX face recogniser: aligned 112 px RGB crops -> raw (unnormalised) N x D embeddings."""
 
     def __init__(self, path: str | Path, what: str = "recognizer") -> None:
-        import onnxruntime as ort
-
         self.path = confine(path, what)
         if not self.path.is_file():
             raise ConfigError(f"{what}: recogniser file not found: {path}")
-        from .onnx_file import ort_source
-
-        source = ort_source(self.path, what)  # a file that is no ONNX at all: a ConfigError naming it
-        try:
-            self.session = ort.InferenceSession(source, providers=_providers())
-        except Exception as exc:  # onnxruntime raises its own exception types for files that are no (valid) model
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"{what} {path}: not an ONNX model onnxruntime can load ({reason})") from exc
+        self.session = ort_session(self.path, what)  # a file that is no (valid) ONNX model: a ConfigError naming it
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         found = (f"inputs {', '.join(f'{a.name} {_shape(a)}' for a in inputs) or 'none'}; "
                  f"outputs {', '.join(f'{a.name} {_shape(a)}' for a in outputs) or 'none'}")
@@ -131,8 +115,8 @@ class RecognizerIdentity:
 
     default_threshold = 0.6
 
-    def __init__(self, path: str | Path) -> None:
-        self.recognizer = Recognizer(path)
+    def __init__(self, path: str | Path, what: str = "recognizer") -> None:
+        self.recognizer = Recognizer(path, what)
 
     def __call__(self, rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
         return normed(self.recognizer.embed(rgb, landmarks))

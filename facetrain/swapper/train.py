@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from loratrain.core.devices import pick_device
 from loratrain.core.errors import ConfigError
@@ -30,8 +29,7 @@ from loratrain.core.progress import Reporter, StopFlag
 from loratrain.core.safe_io import save_safetensors
 
 from ..train.preview import write_preview
-from ..train.state import load_optimizer, optimizer_tensors
-from ..xseg.train import _rotate_backup as rotate_backup
+from ..train.state import companions, load_optimizer, optimizer_tensors, read_state, rotate_backup
 from .arch import GeneratorSpec, build_generator, save_onnx
 from .config import SwapperTrainConfig
 from .contract import read_contract
@@ -89,7 +87,7 @@ class SwapperTrainer:
     def __init__(self, cfg: SwapperTrainConfig, reporter: Reporter) -> None:
         self.cfg, self.reporter = cfg, reporter
         self.path = confine(cfg.model, "model", write=True)
-        self.state_path = self.path.with_name(self.path.stem + ".state.safetensors")
+        self.state_path, self.logs_dir, self.preview_path = companions(self.path)
         self.device = pick_device(cfg.device)
         self.iteration, self.meta, self.save_id = 0, {}, ""
         if self.path.exists():
@@ -99,7 +97,7 @@ class SwapperTrainer:
             if ITERATION_KEY not in props:  # someone's own model file: resuming would overwrite it
                 raise ConfigError(f"model {self.path}: exists and was not written by `face swapper train`; give a new "
                                   "file name (to start from this file, pass it as --base)")
-            self.iteration = int(props.get(ITERATION_KEY, "0")) if props.get(ITERATION_KEY, "0").isdigit() else 0
+            self.iteration = int(props[ITERATION_KEY]) if props[ITERATION_KEY].isdigit() else 0
             reporter.log(f"resuming {self.path.name} at iteration {self.iteration} (its own graph; --base is not read)")
         elif cfg.base:
             proto = load_onnx(confine(cfg.base, "base"), "base")
@@ -145,11 +143,7 @@ class SwapperTrainer:
         if not self.iteration or not self.state_path.exists():
             return
         try:
-            with safe_open(str(self.state_path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})[STATE_KEY])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            if int(meta.get("iteration", -1)) != self.iteration:
-                raise ValueError(f"it is from iteration {meta.get('iteration')}, the model from {self.iteration}")
+            tensors, meta = read_state(self.state_path, STATE_KEY, self.iteration)
             if self.save_id and meta.get("save_id") != self.save_id:  # same iteration, but another run's model
                 raise ValueError("it was saved with another model file than this one")
             weights = self.swapper.module.named_weights()
@@ -328,7 +322,7 @@ def preview(trainer: SwapperTrainer, data: Data) -> np.ndarray:
     x = faces.tensor(list(range(min(3, len(faces.names))))).to(dev)
     out = sw(x, sw.latent(data.mean_emb.to(dev).expand(len(x), -1))).float().clamp(0, 1).cpu()
     src = data.train.tensor([0]).expand(len(x), -1, -1, -1)
-    rows = torch.cat([torch.cat([src, x.cpu(), out], 3)], 0)
+    rows = torch.cat([src, x.cpu(), out], 3)
     scale = max(1, math.ceil(128 / sw.size))
     rows = F.interpolate(rows, scale_factor=scale, mode="nearest") if scale > 1 else rows
     grid = torch.cat(list(rows), 1).permute(1, 2, 0).numpy()
@@ -369,8 +363,7 @@ def _train(cfg: SwapperTrainConfig, trainer: SwapperTrainer, reporter: Reporter,
                                 dropped_duplicate=data.dropped_duplicate, frozen=trainer.frozen)
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(trainer.path.with_name(trainer.path.stem + "_logs")))
-    preview_path = trainer.path.with_name(trainer.path.stem + "_preview.png")
+    writer = SummaryWriter(str(trainer.logs_dir))
     reporter.start(cfg.iterations, f"training swapper {trainer.swapper.size}px on {trainer.device.type}",
                    initial=min(trainer.iteration, cfg.iterations))
     start = trainer.iteration
@@ -400,7 +393,7 @@ def _train(cfg: SwapperTrainConfig, trainer: SwapperTrainer, reporter: Reporter,
             reporter.advance(1, **{k: v for k, v in row.items() if k != "iteration"})
             if it % cfg.preview_every == 0 or it == cfg.iterations:
                 grid = preview(trainer, data)
-                result.preview_path = str(write_preview(grid, preview_path))
+                result.preview_path = str(write_preview(grid, trainer.preview_path))
                 reporter.sample([result.preview_path], [f"iteration {it}: source | target | result"])
                 writer.add_image("swapper/preview", grid[..., ::-1].copy(), it, dataformats="HWC")
             if it % cfg.save_every == 0:

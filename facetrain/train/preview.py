@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import torch
 
 from loratrain.core.safe_io import atomic_path
+
+if TYPE_CHECKING:
+    from ..extract.plugins import IdentityEncoderLike
 
 
 def preview_grid(src: torch.Tensor, pred_src: torch.Tensor, dst: torch.Tensor, pred_dst: torch.Tensor,
@@ -34,13 +38,11 @@ def write_preview(image_bgr: np.ndarray, path: Path) -> Path:
 
 
 class Likeness:
-    """Mean identity distance between swapped dst faces and the src person (lower is more like src): dlib's, or with
-    `recognizer` (an ArcFace-style ONNX file) the cosine distance of its embeddings."""
+    """Mean identity distance between swapped dst faces and the src person (lower is more like src), by `encoder`
+    (extract/plugins.py `identity_encoder`: dlib's, or an ArcFace-style ONNX file's cosine distance)."""
 
-    def __init__(self, src_faces: np.ndarray, src_landmarks: list[np.ndarray], recognizer: str = "") -> None:
-        from ..extract.plugins import identity_encoder
-
-        self.encode = identity_encoder(recognizer)
+    def __init__(self, src_faces: np.ndarray, src_landmarks: list[np.ndarray], encoder: IdentityEncoderLike) -> None:
+        self.encode = encoder
         emb = [self.encode(_rgb8(f), lm) for f, lm in zip(src_faces, src_landmarks)]
         self.reference = np.mean(emb, axis=0)
 

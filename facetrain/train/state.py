@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from loratrain.core.paths import confine
 from loratrain.core.safe_io import atomic_path, atomic_write_json, save_safetensors
 
 CONFIG_KEY = "loratrain.face_model"
@@ -92,6 +93,43 @@ def backup_file(path: Path, keep: int) -> None:
         order.pop(old.name, None)
     existing = {p.name for p in folder.iterdir()}
     atomic_write_json(folder / ORDER, {n: v for n, v in order.items() if n in existing})
+
+
+def companions(model: Path) -> tuple[Path, Path, Path]:
+    """The state file, TensorBoard logs folder and preview an xseg or swapper trainer keeps beside `model`, confined
+    like it: one of them linked out of the workspace is refused before anything reads or writes it."""
+    return tuple(confine(model.with_name(model.stem + end), what, write=True) for end, what in
+                 ((".state.safetensors", "model state file"), ("_logs", "logs folder"), ("_preview.png", "preview")))
+
+
+def rotate_backup(path: Path, keep: int) -> None:
+    """Copy the previous save into backups/ as <stem>_<save number>; keep the newest `keep` by that number, which
+    only grows (naming backups by iteration breaks the moment an iteration counter starts again). For files whose
+    iteration is not in safetensors metadata (an xseg model's, an ONNX swapper's) and their state files."""
+    if not path.exists() or keep <= 0:
+        return
+    folder = confine(path.parent / "backups", "backups folder", write=True)
+    folder.mkdir(exist_ok=True)
+    # exactly <stem>_<digits>: a.onnx's glob also matches a_1.onnx's backups, which are not a.onnx's to delete
+    numbered = sorted((int(p.stem.rsplit("_", 1)[1]), p) for p in folder.glob(f"{path.stem}_*{path.suffix}")
+                      if p.stem.rsplit("_", 1)[0] == path.stem and p.stem.rsplit("_", 1)[1].isdigit())
+    number = numbered[-1][0] + 1 if numbered else 1
+    with atomic_path(folder / f"{path.stem}_{number:06d}{path.suffix}") as tmp:
+        shutil.copy2(path, tmp)
+    for _, old in (numbered + [(number, None)])[:-keep]:
+        if old is not None:
+            old.unlink(missing_ok=True)
+
+
+def read_state(path: Path, key: str, iteration: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and the JSON metadata (under `key`) of a training state file, which must be the one saved with
+    the model at `iteration`; any problem raises (callers start the optimizer fresh, never lose the model)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})[key])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if int(meta.get("iteration", -1)) != iteration:
+        raise ValueError(f"it is from iteration {meta.get('iteration')}, the model from {iteration}")
+    return tensors, meta
 
 
 def save_checkpoint(model_path: Path, state_path: Path, weights: dict[str, torch.Tensor], info: dict,

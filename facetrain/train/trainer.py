@@ -324,6 +324,13 @@ def run_face_train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag) -> 
 def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag, extra_watchers: list[Watcher] | None = None
            ) -> FaceTrainResult:
     """One run of the loop. `extra_watchers` (a plan's end rule) follow it beside the ones the options ask for."""
+    from ..extract.plugins import identity_encoder
+
+    encoder = None  # the likeness score's, loaded first: a wrong --likeness_recognizer is named before any face loads
+    try:
+        encoder = identity_encoder(cfg.likeness_recognizer, "likeness_recognizer")
+    except (ImportError, FileNotFoundError) as e:
+        reporter.log(f"note: no likeness score ({e})")
     trainer = FaceTrainer(cfg, reporter)
     cfg = trainer.cfg
     trainer.dist.broadcast(trainer.model, trainer.code_d, trainer.gan_d)
@@ -339,11 +346,8 @@ def _train(cfg: FaceTrainConfig, reporter: Reporter, stop: StopFlag, extra_watch
     rng = np.random.default_rng(cfg.seed)
     rows = [(src.sample(i % len(src), rng, augment=False), dst.sample(i % len(dst), rng, augment=False)) for i in range(4)]
     likeness = None
-    try:
-        likeness = Likeness(np.stack([r[0]["target"] for r in rows]), [r[0]["landmarks"] for r in rows],
-                            cfg.likeness_recognizer)
-    except (ImportError, FileNotFoundError) as e:
-        reporter.log(f"note: no likeness score ({e})")
+    if encoder is not None:
+        likeness = Likeness(np.stack([r[0]["target"] for r in rows]), [r[0]["landmarks"] for r in rows], encoder)
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(trainer.dir / "logs")) if trainer.dist.is_main else NullWriter()

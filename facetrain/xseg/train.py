@@ -7,24 +7,22 @@ uninterrupted run would have. Each save first copies the previous one into `back
 from __future__ import annotations
 
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from loratrain.core.devices import pick_device
 from loratrain.core.errors import ConfigError
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.paths import confine
 from loratrain.core.progress import Reporter, StopFlag
-from loratrain.core.safe_io import atomic_path, save_safetensors
+from loratrain.core.safe_io import save_safetensors
 
 from ..train.preview import write_preview
-from ..train.state import load_optimizer, optimizer_tensors
+from ..train.state import companions, load_optimizer, optimizer_tensors, read_state, rotate_backup
 from .config import XSegTrainConfig
 from .data import XSegAugment, XSegSamples, iou, labelled_faces
 from .model import XSegNet, XSegSpec, load_xseg, save_xseg, to_input
@@ -61,29 +59,11 @@ def _split(labelled: list[Path], holdout: int, seed: int, saved: list[str] | Non
     return [p for p in labelled if p not in held], held
 
 
-def _rotate_backup(path: Path, keep: int) -> None:
-    """Copy the previous save into backups/ as <stem>_<save number>; keep the newest `keep` by that number, which
-    only grows (naming backups by iteration breaks the moment an iteration counter starts again)."""
-    if not path.exists() or keep <= 0:
-        return
-    folder = confine(path.parent / "backups", "backups folder", write=True)
-    folder.mkdir(exist_ok=True)
-    # exactly <stem>_<digits>: a.onnx's glob also matches a_1.onnx's backups, which are not a.onnx's to delete
-    numbered = sorted((int(p.stem.rsplit("_", 1)[1]), p) for p in folder.glob(f"{path.stem}_*{path.suffix}")
-                      if p.stem.rsplit("_", 1)[0] == path.stem and p.stem.rsplit("_", 1)[1].isdigit())
-    number = numbered[-1][0] + 1 if numbered else 1
-    with atomic_path(folder / f"{path.stem}_{number:06d}{path.suffix}") as tmp:
-        shutil.copy2(path, tmp)
-    for _, old in (numbered + [(number, None)])[:-keep]:
-        if old is not None:
-            old.unlink(missing_ok=True)
-
-
 class XSegTrainer:
     def __init__(self, cfg: XSegTrainConfig, reporter: Reporter) -> None:
         self.cfg, self.reporter = cfg, reporter
         self.path = confine(cfg.model, "model", write=True)
-        self.state_path = self.path.with_name(self.path.stem + ".state.safetensors")
+        self.state_path, self.logs_dir, self.preview_path = companions(self.path)
         self.device = pick_device(cfg.device)
         self.iteration, self.saved_heldout = 0, None
         if self.path.exists():
@@ -104,18 +84,14 @@ class XSegTrainer:
         if not self.state_path.exists() or not self.iteration:
             return
         try:
-            with safe_open(str(self.state_path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})[STATE_KEY])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            if int(meta.get("iteration", -1)) != self.iteration:
-                raise ValueError(f"it is from iteration {meta.get('iteration')}, the model from {self.iteration}")
+            tensors, meta = read_state(self.state_path, STATE_KEY, self.iteration)
             load_optimizer(self.opt, list(self.model.named_parameters()), "opt", tensors, meta)
         except Exception as e:  # a stale or damaged state costs the optimizer's momentum, never the model
             self.reporter.log(f"note: optimizer state not restored ({str(e)[:160]}); it starts fresh")
 
     def save(self, info: dict) -> None:
         for p in (self.path, self.state_path):
-            _rotate_backup(p, self.cfg.keep_backups)
+            rotate_backup(p, self.cfg.keep_backups)
         tensors, meta = optimizer_tensors(self.opt, list(self.model.named_parameters()), "opt")
         save_safetensors(tensors, self.state_path, {STATE_KEY: json.dumps({"iteration": self.iteration, **meta})})
         save_xseg(self.model, self.path, {"iteration": self.iteration, **info})
@@ -218,8 +194,7 @@ def _train(cfg: XSegTrainConfig, trainer: XSegTrainer, labelled: list[Path], unl
     info = {"held_out": [p.name for p in held_paths], "labelled": len(labelled)}
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(trainer.path.with_name(trainer.path.stem + "_logs")))
-    preview_path = trainer.path.with_name(trainer.path.stem + "_preview.png")
+    writer = SummaryWriter(str(trainer.logs_dir))
     reporter.start(cfg.iterations, f"training xseg {spec.resolution}px on {trainer.device.type}",
                    initial=min(trainer.iteration, cfg.iterations))
     pool = ThreadPoolExecutor(cfg.workers) if cfg.workers > 0 else None
@@ -242,7 +217,7 @@ def _train(cfg: XSegTrainConfig, trainer: XSegTrainer, labelled: list[Path], unl
                     result.history[-1]["iou"] = result.iou
                 if show:
                     grid = _preview(trainer, show, show_truth)
-                    result.preview_path = str(write_preview(grid, preview_path))
+                    result.preview_path = str(write_preview(grid, trainer.preview_path))
                     iou_text = f", held-out IoU {result.iou:.3f}" if result.iou is not None else ""
                     reporter.sample([result.preview_path], [f"iteration {it}{iou_text}: face | predicted mask | label"])
                     writer.add_image("xseg/preview", grid[..., ::-1].copy(), it, dataformats="HWC")

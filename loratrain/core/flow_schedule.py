@@ -1,5 +1,5 @@
 """Flow-matching maths shared by training and sampling: FLUX.1's shifted schedule, SD3's flow shift, 2x2 latent
-packing and RoPE ids, and the T5 length rule.
+packing and RoPE ids, the T5 length rule and the transformer call they all make.
 
 Why in core: the samplers (core/flux_sampling.py, used by `generate`, the grid and training samples) need them,
 and features may not import each other; training/flow_matching.py re-exports them beside the training maths.
@@ -95,3 +95,16 @@ def text_ids(batch_size: int, length: int) -> torch.Tensor:
     import torch
 
     return torch.zeros(batch_size, length, 3)
+
+
+def flux_forward(model: Any, packed: torch.Tensor, packed_height: int, packed_width: int, t5: torch.Tensor,
+                 pooled: torch.Tensor, timesteps: torch.Tensor, guidance: float, t5_mask: torch.Tensor | None = None,
+                 ) -> torch.Tensor:
+    """One FLUX.1 transformer call as training, validation and the sampler make it: packed tokens (B, h*w, C*4), their
+    RoPE ids, T5 states with all-zero ids, timesteps = sigma in [0, 1] (B,), CLIP-L pooled, the embedded guidance (the
+    same for the batch) and the T5 mask or None. The output is in the same packed layout."""
+    import torch
+
+    b, dev = packed.shape[0], packed.device
+    return model(packed, image_ids(packed_height, packed_width, b).to(dev), t5, text_ids(b, t5.shape[1]).to(dev),
+                 timesteps, pooled, torch.full((b,), float(guidance), device=dev), t5_mask)

@@ -16,7 +16,7 @@ seed, drawn in sd-scripts' packed (1, tokens, 64) shape, so a seed gives the sam
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import ConfigError
-from .models.flux_loading import AE_SHIFT, FluxModel
+from .models.flux_loading import FluxModel
 from .safe_io import atomic_path
 from .sampling import Generated, SamplePrompt, infotext
 
@@ -48,18 +48,26 @@ def _device(module: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def encode_text(flux: FluxModel, text: str, opts: FluxTextOptions) -> Cond:
-    """(pooled, T5 states, T5 mask) for one prompt, as the trainer encodes captions: CLIP at 77 tokens, T5 padded."""
+def encode_texts(flux: FluxModel, texts: list[str], opts: FluxTextOptions) -> Cond:
+    """(CLIP-L pooled, T5 states, T5 mask) for a batch, on the encoders' device, as sd-scripts'
+    FluxTextEncodingStrategy makes them: CLIP at 77 tokens, T5 padded to `t5_len`; T5 sees its mask only with
+    apply_t5_attn_mask. Training's captions and the sample prompts go through here alike."""
     if flux.clip_l is None or flux.t5xxl is None:
-        raise ConfigError(f"prompt {text[:60]!r} was not encoded before the text encoders were freed")
-    clip_ids = flux.clip_tokenizer([text], max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        raise ConfigError(f"prompt {texts[0][:60]!r} was not encoded before the text encoders were freed")
+    clip_ids = flux.clip_tokenizer(texts, max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
     pooled = flux.clip_l(clip_ids.to(_device(flux.clip_l)), return_dict=True).pooler_output
-    tok = flux.t5_tokenizer([text], max_length=opts.t5_len, padding="max_length", truncation=True, return_tensors="pt")
+    tok = flux.t5_tokenizer(texts, max_length=opts.t5_len, padding="max_length", truncation=True, return_tensors="pt")
     dev = _device(flux.t5xxl)
     mask = tok.attention_mask.to(dev)
     t5 = flux.t5xxl(tok.input_ids.to(dev), attention_mask=mask if opts.apply_t5_attn_mask else None,
                     return_dict=True).last_hidden_state
-    return pooled.float().cpu(), t5.float().cpu(), mask.cpu()
+    return pooled.float(), t5.float(), mask
+
+
+def encode_text(flux: FluxModel, text: str, opts: FluxTextOptions) -> Cond:
+    """encode_texts of one prompt, kept on the CPU (the sample cache outlives the encoders)."""
+    pooled, t5, mask = encode_texts(flux, [text], opts)
+    return pooled.cpu(), t5.cpu(), mask.cpu()
 
 
 def latent_factor(flux: FluxModel) -> int:
@@ -92,14 +100,11 @@ def denoise(flux: FluxModel, noise: torch.Tensor, ph: int, pw: int, cond: Cond, 
     model = flux.transformer
     dev = _device(model)
     x = noise.to(dev, torch.float32)
-    ids = fm.image_ids(ph, pw, 1).to(dev)
 
     def velocity(c: Cond, t: float) -> torch.Tensor:
         pooled, t5, mask = (v.to(dev) for v in c)
-        g = torch.full((1,), float(guidance), device=dev)
-        out = model(x, ids, t5, fm.text_ids(1, t5.shape[1]).to(dev), torch.full((1,), t, device=dev), pooled, g,
-                    mask if opts.apply_t5_attn_mask else None)
-        return out.float()
+        return fm.flux_forward(model, x, ph, pw, t5, pooled, torch.full((1,), t, device=dev), guidance,
+                               mask if opts.apply_t5_attn_mask else None).float()
 
     for cur, nxt in zip(sigmas[:-1], sigmas[1:]):
         v = velocity(cond, cur)
@@ -119,9 +124,8 @@ def decode(flux: FluxModel, latents: torch.Tensor) -> Image.Image:
     ae = flux.ae
     if ae is None:
         raise ConfigError("the autoencoder was freed; sample images need it")
-    shift = ae.config.shift_factor if ae.config.shift_factor is not None else AE_SHIFT
     p = next(ae.parameters())
-    z = latents.to(p.device, p.dtype) / ae.config.scaling_factor + shift
+    z = latents.to(p.device, p.dtype) / ae.config.scaling_factor + ae.config.shift_factor  # load_ae sets it
     x = ae.decode(z).sample[0].float().clamp(-1, 1)
     return Image.fromarray(((x + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
 
@@ -217,8 +221,7 @@ class FluxParts:
 
     @classmethod
     def of(cls, cfg: Any) -> FluxParts:
-        return cls(*(getattr(cfg, n, d) for n, d in (("clip_l", ""), ("t5xxl", ""), ("ae", ""), ("t5_tokenizer", ""),
-                                                      ("t5xxl_max_token_length", None), ("apply_t5_attn_mask", False))))
+        return cls(**{f.name: getattr(cfg, f.name, f.default) for f in fields(cls)})
 
 
 @dataclass

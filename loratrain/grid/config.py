@@ -8,6 +8,8 @@ from loratrain.core.errors import ConfigError, Problem
 
 SAMPLERS = "loratrain.core.samplers:SAMPLERS"
 FLUX = "FLUX.1"
+#: FLUX.1 options that an SD model would silently ignore (guidance cannot tell a set value from its default)
+FLUX_ONLY = ("clip_l", "t5xxl", "ae", "t5_tokenizer", "t5xxl_max_token_length", "apply_t5_attn_mask", "shift")
 
 
 class SamplingOptions(JobConfig):
@@ -44,14 +46,15 @@ class SamplingOptions(JobConfig):
 
         flux = [m for m in models if m and Path(m).exists() and is_flux_checkpoint(m)]
         if not flux:
-            return []
+            return [(n, "a FLUX.1 option, but the model is not FLUX.1") for n in FLUX_ONLY if getattr(self, n)]
         if len(flux) != len([m for m in models if m]):
             return [("model", "FLUX.1 and SD checkpoints cannot share one grid")]
         for m in flux:
             try:
                 flux_sources(m, self.clip_l, self.t5xxl, self.ae, self.t5_tokenizer)
-            except ConfigError as e:
-                return [("model", str(e))]
+            except ConfigError as e:  # named by its own option when it is one ("ae: ...")
+                field, _, text = str(e).partition(": ")
+                return [(field, text) if field in type(self).model_fields else ("model", str(e))]
         return []
 
 

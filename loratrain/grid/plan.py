@@ -47,8 +47,7 @@ def parse_axes(cfg: GridConfig) -> tuple[AxisValues, AxisValues, AxisValues]:
 def cell_params(cfg: GridConfig, axes: tuple[AxisValues, ...], seed: int) -> dict[tuple[int, int, int], CellParams]:
     """Parameters of every cell, computed (and so checked) before anything is generated."""
     base = CellParams(cfg.model, cfg.prompt, cfg.negative_prompt, [lora_use(t, cfg.model) for t in cfg.loras], seed, cfg.steps,
-                      cfg.cfg_scale, cfg.sampler, cfg.clip_skip, cfg.width, cfg.height, getattr(cfg, "guidance", 3.5),
-                      getattr(cfg, "shift", 0.0))
+                      cfg.cfg_scale, cfg.sampler, cfg.clip_skip, cfg.width, cfg.height, cfg.guidance, cfg.shift)
     cells = {}
     for iz, iy, ix in itertools.product(*(range(len(a.values)) for a in (axes[2], axes[1], axes[0]))):
         p = base
@@ -101,15 +100,13 @@ def _check_flux(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tuple
     names = {a.axis.name for a in axes if a.axis}
     if not flux and names & {"guidance", "shift"}:
         raise ConfigError(f"axis {sorted(names & {'guidance', 'shift'})[0]}: a FLUX.1 setting; the model is not FLUX.1")
-    if not flux:
-        return
     sd_only = names & {"sampler", "clip_skip", "lora_blocks"}
-    if sd_only:
+    if flux and sd_only:
         raise ConfigError(f"axis {sorted(sd_only)[0]}: not used by FLUX.1 sampling (one Euler flow sampler, no clip skip, "
                           "no LoRA block weights yet)")
-    problems = cfg.flux_problems(models) if hasattr(cfg, "flux_problems") else []
+    problems = cfg.flux_problems(models)  # FLUX.1: every part found; SD: no FLUX option set
     if problems:
-        raise ConfigError(problems[0][1])
+        raise ConfigError(problems=problems)
 
 
 def loop_order(axes: tuple[AxisValues, ...]) -> list[tuple[int, int, int]]:

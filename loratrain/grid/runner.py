@@ -121,7 +121,7 @@ def _session(cfg: GridConfig, cells: dict[tuple[int, int, int], CellParams], loa
     """FLUX.1 checkpoints get FLUX's session (its sampler, LoRA hooks); plan_grid has refused mixing families."""
     from loratrain.core.flux_sampling import FluxParts, FluxSession, is_flux_checkpoint
 
-    if any(is_flux_checkpoint(p.checkpoint) for p in cells.values()):
+    if any(is_flux_checkpoint(m) for m in {p.checkpoint for p in cells.values()}):  # each file once, not per cell
         return FluxSession(FluxParts.of(cfg))
     return ModelSession(loader, cfg.allow_pickle)
 

@@ -36,6 +36,7 @@ from loratrain.core.flow_schedule import (  # noqa: F401
     BASE_SHIFT,
     MAX_SEQ_LEN,
     MAX_SHIFT,
+    flux_forward,
     flux_mu,
     flux_schedule,
     image_ids,
@@ -312,15 +313,20 @@ def flux_prediction(model: Any, latents: torch.Tensor, noise: torch.Tensor, t5_o
     """One FLUX.1 training forward as sd-scripts' FluxNetworkTrainer.get_noise_pred_and_target does it: noisy input,
     pack, run the transformer (timesteps / 1000, guidance_scale, T5 mask only with apply_t5_attn_mask), unpack, apply
     the prediction type. Returns (prediction, target, timesteps, weighting or None) in latents' (B, C, H, W) layout."""
-    import torch
-
     s = sample_timesteps(latents, noise, opts, generator, dtype, ip_noise_gamma=ip_noise_gamma,
                          ip_noise_gamma_random_strength=ip_noise_gamma_random_strength)
-    b, _, h, w = latents.shape
-    ph, pw = h // 2, w // 2
-    device = latents.device
-    guidance = torch.full((b,), float(opts.guidance_scale), device=device)
-    pred = model(pack_latents(s.noisy), image_ids(ph, pw, b).to(device), t5_out, text_ids(b, t5_out.shape[1]).to(device),
-                 s.timesteps / NUM_TRAIN_TIMESTEPS, clip_pooled, guidance, t5_mask if opts.apply_t5_attn_mask else None)
-    pred, weighting = apply_prediction_type(unpack_latents(pred, ph, pw), s.noisy, s.sigmas, opts)
+    pred, weighting = flux_predict(model, s.noisy, s.sigmas, s.timesteps / NUM_TRAIN_TIMESTEPS, t5_out, clip_pooled,
+                                   opts, t5_mask)
     return pred, flux_target(latents, noise), s.timesteps, weighting
+
+
+def flux_predict(model: Any, noisy: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor, t5_out: torch.Tensor,
+                 clip_pooled: torch.Tensor, opts: Any, t5_mask: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prediction, weighting or None) for a noisy (B, C, H, W) input at `sigmas` (B, 1, 1, 1): pack, run the
+    transformer (timesteps in [0, 1], guidance_scale, T5 mask only with apply_t5_attn_mask), unpack, apply the
+    prediction type. flux_prediction draws the input first; validation passes a fixed sigma."""
+    ph, pw = noisy.shape[-2] // 2, noisy.shape[-1] // 2
+    out = flux_forward(model, pack_latents(noisy), ph, pw, t5_out, clip_pooled, timesteps, opts.guidance_scale,
+                       t5_mask if opts.apply_t5_attn_mask else None)
+    return apply_prediction_type(unpack_latents(out, ph, pw), noisy, sigmas, opts)

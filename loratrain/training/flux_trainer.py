@@ -11,6 +11,7 @@ batch, position), so a resumed run replays exactly the steps an unbroken one tak
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +21,10 @@ from types import SimpleNamespace
 import torch
 
 from loratrain.core.errors import ConfigError
+from loratrain.core.flux_sampling import FluxTextOptions, encode_text, encode_texts
 from loratrain.core.lora.flux_network import create_flux_lora
 from loratrain.core.lora.hashes import model_file_hashes
-from loratrain.core.models.flux_loading import AE_SHIFT, flux_sources, load_flux
+from loratrain.core.models.flux_loading import flux_sources, load_flux
 from loratrain.core.precision import dtype_of
 
 from . import flow_matching as fm
@@ -33,7 +35,7 @@ from .networks.base import NetworkSpec
 from .networks.flux import FluxNetwork
 from .noise import elementwise_loss
 from .optim import create_optimizer, create_scheduler
-from .trainer import LoRATrainer, _seed_for, build_specs, seeded
+from .trainer import LoRATrainer, _seed_for, build_specs, sample_latents, seeded
 
 #: sd-scripts' FLUX metadata keys (flux_train_network.py update_metadata) and the options they record
 FLUX_METADATA = ("apply_t5_attn_mask", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale",
@@ -57,11 +59,13 @@ class FluxLoRATrainer(LoRATrainer):
         self.flux = load_flux(sources, weight_dtype)
         self.variant = self.flux.variant
         self.t5_len = fm.t5_max_length(cfg, "flux", self.variant)
+        self.text_opts = FluxTextOptions(self.t5_len, cfg.apply_t5_attn_mask)
         log(f"model: FLUX.1 {self.variant} from {sources.transformer.path.name} (CLIP-L {sources.clip_l.path.name}, "
             f"T5-XXL {sources.t5xxl.path.name}, AE {sources.ae.path.name}); T5 tokens {self.t5_len}")
         if not cfg.network_train_unet_only:
             log("note: only the FLUX.1 transformer trains (as --network_train_unet_only); the text encoders stay frozen")
-        self._cache_latents()
+        with self.accelerator.main_process_first() if cfg.cache_latents_to_disk else contextlib.nullcontext():
+            self._cache_latents()  # on disk: encoded once, by the first process; the others read its files
         self._cache_captions()
         transformer = self.flux.transformer
         from .flux_memory import adapter_dtype, place_transformer  # fp8_base, blocks_to_swap, full_bf16
@@ -113,24 +117,15 @@ class FluxLoRATrainer(LoRATrainer):
             log_dir = cfg.logging_dir or str(self.out_dir / "logs")
             self.writer = SummaryWriter(str(Path(log_dir) / cfg.output_name))
 
-    @torch.no_grad()
-    def _ae_encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A posterior sample of FLUX's AE for [-1, 1] pixels, shifted and scaled as the transformer expects:
-        (z - 0.1159) * 0.3611; the noise from `generator` on the CPU (the same on any device)."""
-        ae = self.flux.ae
-        dist = ae.encode(pixels.to(self.device, torch.float32)).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator).to(self.device)
-        shift = ae.config.shift_factor if ae.config.shift_factor is not None else AE_SHIFT
-        return (dist.mean + dist.std * noise - shift) * ae.config.scaling_factor
-
     def _cache_latents(self) -> None:
+        """The SD trainer's cache, through FLUX's AE: (z - shift_factor) * scaling_factor (sample_latents)."""
         torch.nn.Module.to(self.flux.ae, self.device, torch.float32)
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
         w = self.flux.ae.encoder.conv_in.weight.detach().float().cpu().numpy().tobytes()
         ae_id = "flux-" + hashlib.sha256(w).hexdigest()[:16]
         total = len(self.data.items()) + len(self.data.validation_items())
         self.reporter.start(total, "caching latents", unit="img")
-        self.data.cache_latents(lambda px: self._ae_encode(px, gen), ae_id, self.cfg.cache_latents_to_disk, self.cfg.on_bad_image,
+        self.data.cache_latents(lambda px: sample_latents(self.flux.ae, px, gen), ae_id, self.cfg.cache_latents_to_disk, self.cfg.on_bad_image,
                                 progress=lambda n: self.reporter.advance(n))
         self.reporter.done("")
         live = sum(not it.latents for it in self.data.items())
@@ -139,33 +134,21 @@ class FluxLoRATrainer(LoRATrainer):
         elif not self.cfg.sample_prompts:  # sample images decode with it
             self.flux.ae = None  # not needed again: its memory goes back before training starts
 
-    # -- conditioning --------------------------------------------------------------------------
-    @torch.no_grad()
-    def _encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(CLIP-L pooled, T5 hidden states, T5 mask) as sd-scripts' FluxTextEncodingStrategy makes them: CLIP at 77
-        tokens, T5 padded to t5xxl_max_token_length; T5 sees its mask only with apply_t5_attn_mask."""
-        flux, dev = self.flux, self.device
-        clip_ids = flux.clip_tokenizer(captions, max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
-        pooled = flux.clip_l(clip_ids.to(dev), return_dict=True).pooler_output
-        tok = flux.t5_tokenizer(captions, max_length=self.t5_len, padding="max_length", truncation=True, return_tensors="pt")
-        mask = tok.attention_mask.to(dev)
-        t5 = flux.t5xxl(tok.input_ids.to(dev), attention_mask=mask if self.cfg.apply_t5_attn_mask else None,
-                        return_dict=True).last_hidden_state
-        return pooled.float(), t5.float(), mask
-
+    # -- conditioning (core/flux_sampling.py's encode_texts: the captions and the sample prompts alike) ----------------
     def _cache_captions(self) -> None:
         """Every caption encoded once and kept in memory; the encoders are then freed. Captions that change per step
         (shuffle, dropout, wildcards) keep the encoders and are encoded as they come."""
         for m in (self.flux.clip_l, self.flux.t5xxl):
             torch.nn.Module.to(m, self.device)
         self.text_cache: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.sample_cache: dict = {}  # sample prompts, encoded before the encoders go (empty: they stay)
         self.live_captions = any(changes_per_step(s) for spec in self.data.specs for s in spec.subsets)
         captions = sorted({process_caption(it.caption, it.subset, random.Random(0), 0)
                            for it in self.data.items() + self.data.validation_items()})
         if not self.live_captions:
             self.reporter.start(len(captions), "caching text encoder outputs", unit="caption")
             for c in captions:
-                self.text_cache[c] = tuple(t[0].cpu() for t in self._encode([c]))
+                self.text_cache[c] = tuple(t[0].cpu() for t in encode_texts(self.flux, [c], self.text_opts))
                 self.reporter.advance(1)
             self.reporter.done("")
             self._encode_sample_prompts()
@@ -175,7 +158,7 @@ class FluxLoRATrainer(LoRATrainer):
 
     def _conditioning(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.live_captions:
-            return self._encode(captions)
+            return encode_texts(self.flux, captions, self.text_opts)
         missing = [c for c in captions if c not in self.text_cache]
         if missing:
             raise ConfigError(f"caption {missing[0]!r} was not cached (a caption that changes between steps)")
@@ -216,20 +199,16 @@ class FluxLoRATrainer(LoRATrainer):
 
     def _fixed_sigma(self, model, latents, noise, t5, pooled, mask, timestep: int):
         """Validation's forward at sigma = timestep / 1000 for every sample (flux_prediction without the draw)."""
-        b, _, h, w = latents.shape
-        sigmas = torch.full((b, 1, 1, 1), timestep / fm.NUM_TRAIN_TIMESTEPS, device=latents.device)
+        sigmas = torch.full((latents.shape[0], 1, 1, 1), timestep / fm.NUM_TRAIN_TIMESTEPS, device=latents.device)
         noisy = (1.0 - sigmas) * latents + sigmas * noise
-        guidance = torch.full((b,), float(self.cfg.guidance_scale), device=latents.device)
-        out = model(fm.pack_latents(noisy), fm.image_ids(h // 2, w // 2, b).to(latents.device), t5,
-                    fm.text_ids(b, t5.shape[1]).to(latents.device), sigmas.flatten(), pooled, guidance,
-                    mask if self.cfg.apply_t5_attn_mask else None)
-        pred, weighting = fm.apply_prediction_type(fm.unpack_latents(out, h // 2, w // 2), noisy, sigmas, self.cfg)
+        pred, weighting = fm.flux_predict(model, noisy, sigmas, sigmas.flatten(), t5, pooled, self.cfg, mask)
         return pred, fm.flux_target(latents, noise), weighting
 
     @torch.no_grad()
     def _live_latent(self, it: Item, flip: bool, where: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, int]]:
         pixels, crop = TrainData.live_pixels(it, flip, random.Random(_seed_for(*where, 6)))
-        return self._ae_encode(pixels[None], torch.Generator().manual_seed(_seed_for(*where, 7)))[0].cpu(), crop
+        gen = torch.Generator().manual_seed(_seed_for(*where, 7))
+        return sample_latents(self.flux.ae, pixels[None], gen)[0].cpu(), crop
 
     # -- saving --------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, str]:
@@ -259,20 +238,15 @@ class FluxLoRATrainer(LoRATrainer):
 
     def _encode_sample_prompts(self) -> None:
         """The sample prompts (and negatives) encoded before the text encoders are freed, as sd-scripts does."""
-        from loratrain.core.flux_sampling import FluxTextOptions, encode_text
-
-        self.sample_cache: dict = {}
         if not self.cfg.sample_prompts or not self.accelerator.is_main_process:
             return
-        opts = FluxTextOptions(self.t5_len, self.cfg.apply_t5_attn_mask)
         for p in self._sample_prompts():
             for text in {p.prompt, p.negative_prompt}:
-                self.sample_cache.setdefault(text, encode_text(self.flux, text, opts))
+                self.sample_cache.setdefault(text, encode_text(self.flux, text, self.text_opts))
 
     def _sample(self, epoch: int | None) -> None:
         """Sample images with the adapters active (core/flux_sampling.py), written and logged as the SD trainer does."""
-        from loratrain.core.errors import ConfigError as _ConfigError
-        from loratrain.core.flux_sampling import FluxTextOptions, flux_generate
+        from loratrain.core.flux_sampling import flux_generate
         from loratrain.core.sampling import sample_file_name
 
         cfg = self.cfg
@@ -282,7 +256,6 @@ class FluxLoRATrainer(LoRATrainer):
         was_training = transformer.training
         transformer.eval()
         self._optimizer_mode("eval")
-        opts = FluxTextOptions(self.t5_len, cfg.apply_t5_attn_mask)
         sample_dir = self.out_dir / "sample"
         paths, captions = [], []
         with self.accelerator.autocast():
@@ -291,9 +264,9 @@ class FluxLoRATrainer(LoRATrainer):
                     p.seed = cfg.seed + i
                 try:
                     path = flux_generate(self.flux, p, sample_dir / sample_file_name(cfg.output_name, epoch, self.global_step, i, p.seed),
-                                         opts, encoded=getattr(self, "sample_cache", None),
+                                         self.text_opts, encoded=self.sample_cache,
                                          extra_info={"loratrain_step": str(self.global_step)}).path
-                except _ConfigError as e:  # a prompt added to the file mid-run, after the encoders were freed
+                except ConfigError as e:  # a prompt added to the file mid-run, after the encoders were freed
                     self.reporter.log(f"sample {i} skipped: {e}")
                     continue
                 paths.append(path)

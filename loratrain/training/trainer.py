@@ -113,12 +113,14 @@ def _vae_id(model: SDModel) -> str:
 
 @torch.no_grad()
 def sample_latents(vae: torch.nn.Module, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A sample of the VAE's posterior for a batch of [-1, 1] pixels, scaled for the UNet; the noise comes from
-    `generator` (on the CPU, so a run draws the same on any device)."""
+    """A sample of the VAE's posterior for a batch of [-1, 1] pixels, shifted (FLUX.1's AE) and scaled for the
+    denoiser; the noise comes from `generator` (on the CPU, so a run draws the same on any device)."""
     device = next(vae.parameters()).device
     dist = vae.encode(pixels.to(device, torch.float32)).latent_dist
     noise = torch.randn(dist.mean.shape, generator=generator).to(device)
-    return (dist.mean + dist.std * noise) * vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)  # None for SD's VAEs
+    z = dist.mean + dist.std * noise
+    return (z if shift is None else z - shift) * vae.config.scaling_factor
 
 
 class LoRATrainer:

@@ -49,11 +49,10 @@ def read_lora(path: str | Path) -> tuple[dict[str, LoraModule], dict[str, str]]:
     LyCORIS one (LoHa, LoKr, (IA)^3, full, any of them with DoRA's `dora_scale`) or an sd-scripts OFT one
     (`oft_unet_*.oft_blocks`, read under LoRA's names) or a LyCORIS / ComfyUI-layout OFT one (`lora_unet_*.oft_blocks`);
     see `kinds.py`. FLUX.1 LoRAs in any layout `flux_layouts.py` reads come back in our kohya layout."""
+    from .flux_layouts import flux_lora_to_kohya, is_flux_lora
     from .kinds import DoraModule, lycoris_module
 
     sd, meta = load_state_dict(path)
-    from .flux_layouts import flux_lora_to_kohya, is_flux_lora
-
     if is_flux_lora(sd):  # FLUX in the diffusers / PEFT / ai-toolkit / ComfyUI layouts: to ours, same ΔW (kohya: as is)
         sd = flux_lora_to_kohya(sd, meta, source=str(path))
     groups: dict[str, dict[str, torch.Tensor]] = {}

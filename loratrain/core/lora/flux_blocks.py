@@ -10,7 +10,6 @@ name U-Net blocks FLUX does not have, so they are refused for FLUX rather than g
 """
 from __future__ import annotations
 
-import math
 import re
 from functools import cache
 
@@ -48,22 +47,17 @@ def flux_block_of(name: str) -> str | None:
     return None
 
 
-def flux_lbw_weights(text: str) -> dict[str, float]:
-    """Block name -> ratio from a FLUX preset name or 61 comma-separated values (CLIP, T5, IN, D00..D18, S00..S37, OUT)."""
-    name = text.strip()
-    presets = flux_block_presets()
-    if re.fullmatch(r"[A-Za-z_][\w.]*", name):
-        if name not in presets:
-            raise ConfigError(f"unknown FLUX block-weight preset {name!r}; known: {', '.join(presets)}")
-        values = presets[name]
-    else:
-        try:
-            values = [float(v) for v in name.split(",")]
-        except ValueError:
-            raise ConfigError(f"FLUX block weights {text!r}: not a preset name or a list of numbers") from None
-    if not all(math.isfinite(v) for v in values):
-        raise ConfigError(f"FLUX block weights {text!r}: every value must be a finite number (no nan or inf)")
+def flux_lbw_weights(text: str, source: str = "") -> dict[str, float]:
+    """Block name -> ratio from a FLUX preset name or 61 comma-separated values (CLIP, T5, IN, D00..D18, S00..S37, OUT);
+    `source` (the LoRA they are for) leads any error message."""
+    from .spec import block_values  # (spec imports this module for FLUX_BLOCKS)
+
+    lead = f"{source}: " if source else ""
+    try:
+        values = block_values(text, flux_block_presets(), "FLUX")
+    except ConfigError as e:
+        raise ConfigError(f"{lead}{e}") from None
     if len(values) != len(FLUX_BLOCKS):
-        raise ConfigError(f"FLUX block weights need {len(FLUX_BLOCKS)} values (CLIP, T5, IN, D00-D18, S00-S37, OUT), "
-                          f"got {len(values)}")
+        raise ConfigError(f"{lead}FLUX block weights need {len(FLUX_BLOCKS)} values (CLIP, T5, IN, D00-D18, S00-S37, "
+                          f"OUT), got {len(values)}")
     return dict(zip(FLUX_BLOCKS, values))

@@ -28,6 +28,7 @@ import re
 import torch
 
 from loratrain.core.errors import ConfigError
+from loratrain.core.models.dit_parts import block_count
 from loratrain.core.models.flux_keys import FINAL_MOD, module_map, swap_halves
 
 from .flux_network import DOUBLE, PREFIX, SINGLE
@@ -83,11 +84,6 @@ def _te_path(name: str) -> tuple[str, str] | None:
             mod = mod.replace("SelfAttention_", "SelfAttention.").replace("DenseReluDense_", "DenseReluDense.")
             return prefix, f"encoder.block.{block}.layer.{layer}.{mod}"
     return None
-
-
-def _count(names: list[str], pattern: str) -> int:
-    found = [int(m.group(1)) for n in names for m in [re.search(pattern, n)] if m]
-    return max(found) + 1 if found else 0
 
 
 def _metadata_alphas(meta: dict[str, str] | None) -> tuple[float | None, dict[str, float]]:
@@ -159,8 +155,7 @@ def flux_lora_to_kohya(sd: dict[str, torch.Tensor], metadata: dict[str, str] | N
             _put(out, PREFIX + path.replace(".", "_"), down, up, scale)
         return out
     hidden, mlp = _sizes(transformer, source)
-    table = module_map(_count(paths, r"^transformer_blocks\.(\d+)\."), _count(paths, r"^single_transformer_blocks\.(\d+)\."),
-                       hidden, mlp)
+    table = module_map(block_count(paths, "transformer_blocks."), block_count(paths, "single_transformer_blocks."), hidden, mlp)
     where = {diff: (bfl, start, end) for bfl, targets in table.items() for diff, start, end in targets}
     unknown = sorted(set(paths) - set(where))
     if unknown:

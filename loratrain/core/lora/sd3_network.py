@@ -34,10 +34,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratrain.core.errors import ConfigError
-from loratrain.core.lora.flux_network import FluxLoraModule, _group
 from loratrain.core.models.sd3 import SD3Config
 
-PREFIX = "lora_unet_"
+from .hooked_network import (  # noqa: F401  (PREFIX, kohya_name: public here too)
+    PREFIX,
+    FusedLoraModule,
+    HookedLoraNetwork,
+    group_kohya,
+    kohya_name,
+    kohya_ranks,
+    kohya_state_dict,
+    load_kohya_state_dict,
+    save_kohya,
+)
+
 #: type_dims order (sd-scripts'): (network_arg, half, kind); kind is matched against the module path like theirs
 TYPE_DIMS = (("context_attn_dim", "context_block", "attn"), ("context_mlp_dim", "context_block", "mlp"),
              ("context_mod_dim", "context_block", "adaLN_modulation"), ("x_attn_dim", "x_block", "attn"),
@@ -46,10 +56,6 @@ TYPE_DIMS = (("context_attn_dim", "context_block", "attn"), ("context_mlp_dim", 
 EMB_GROUPS = (("context_embedder",), ("t_embedder.mlp.0", "t_embedder.mlp.2"), ("x_embedder.proj",),
               ("y_embedder.mlp.0", "y_embedder.mlp.2"), ("final_layer.adaLN_modulation.1",), ("final_layer.linear",))
 CONV = "x_embedder.proj"
-
-
-def kohya_name(path: str) -> str:
-    return PREFIX + path.replace(".", "_")
 
 
 def half_linears(cfg: SD3Config, index: int) -> dict[str, tuple[int, int]]:
@@ -142,6 +148,8 @@ def sd3_lora_targets(cfg: SD3Config, rank: int = 4, alpha: float = 1.0, type_dim
 class SD3ConvLoraModule(nn.Module):
     """LoRA on the patchifying Conv2d: a p x p strided conv down to rank channels, then a 1x1 conv up."""
 
+    layer = nn.Conv2d
+
     def __init__(self, in_channels: int, out_channels: int, kernel: int, rank: int, alpha: float) -> None:
         super().__init__()
         self.in_features, self.out_features, self.kernel = in_channels, out_channels, kernel
@@ -176,48 +184,19 @@ class SD3ConvLoraModule(nn.Module):
         self.alpha = float(alpha)
 
 
-class SD3LoraNetwork(nn.Module):
+class SD3LoraNetwork(HookedLoraNetwork):
     """One adapter per target, keyed by its kohya name; `apply_to(model)` hooks them onto the model's layers."""
 
+    label = "SD3"
+
     def __init__(self, cfg: SD3Config, targets: dict[str, tuple[int, float]], split_qkv: bool = False) -> None:
-        super().__init__()
-        self.config, self.split_qkv = cfg, split_qkv
-        shapes = linear_shapes(cfg)
-        unknown = sorted(set(targets) - set(shapes))
-        if unknown:
-            raise ConfigError(f"SD3 LoRA: no Linear {unknown[0]} in this model")
-        self.paths = {kohya_name(p): p for p in targets}
-        self.lora = nn.ModuleDict()
-        for p, (r, a) in targets.items():
-            if p == CONV:
-                self.lora[kohya_name(p)] = SD3ConvLoraModule(*shapes[p], cfg.patch_size, r, a)
-            else:
-                self.lora[kohya_name(p)] = FluxLoraModule(*shapes[p], r, a, split_sizes(p, cfg) if split_qkv else None)
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        def make(path: str, shape: tuple[int, int], target: tuple[int, float]) -> nn.Module:
+            r, a = target
+            if path == CONV:
+                return SD3ConvLoraModule(*shape, cfg.patch_size, r, a)
+            return FusedLoraModule(*shape, r, a, split_sizes(path, cfg) if split_qkv else None)
 
-    def apply_to(self, model: nn.Module) -> SD3LoraNetwork:
-        """Add each adapter's output to its layer's (forward hooks; the model's weights and keys are untouched)."""
-        self.remove()
-        modules = dict(model.named_modules())
-        for name, path in self.paths.items():
-            layer, lora = modules.get(path), self.lora[name]
-            kind = nn.Conv2d if path == CONV else nn.Linear
-            have = (layer.in_channels, layer.out_channels) if isinstance(layer, nn.Conv2d) else \
-                (getattr(layer, "in_features", None), getattr(layer, "out_features", None))
-            if not isinstance(layer, kind) or have != (lora.in_features, lora.out_features):
-                raise ConfigError(f"SD3 LoRA {name}: the model has no {lora.in_features}->{lora.out_features} "
-                                  f"{kind.__name__} at {path}")
-            self._hooks.append(layer.register_forward_hook(lambda _m, args, out, lora=lora: out + lora(args[0])))
-        return self
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    def set_multiplier(self, value: float) -> None:
-        for m in self.lora.values():
-            m.multiplier = value
+        super().__init__(cfg, split_qkv, linear_shapes(cfg), targets, make)
 
 
 def create_sd3_lora(cfg: SD3Config, rank: int = 4, alpha: float = 1.0, split_qkv: bool = False,
@@ -232,53 +211,31 @@ def create_sd3_lora(cfg: SD3Config, rank: int = 4, alpha: float = 1.0, split_qkv
 
 def kohya_sd3_state_dict(network: SD3LoraNetwork, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The network as sd-scripts' lora_sd3 saves it (alpha stays float32)."""
-    out = {}
-    for name, module in network.lora.items():
-        for part, t in module.kohya_tensors().items():
-            out[f"{name}.{part}"] = t.to(dtype) if dtype is not None and part != "alpha" else t.clone()
-    return out
+    return kohya_state_dict(network, dtype)
 
 
 def load_kohya_sd3_state_dict(network: SD3LoraNetwork, sd: dict[str, torch.Tensor], source: str = "LoRA") -> None:
     """Reverse of kohya_sd3_state_dict: fill a network built with the same targets (every module must be there)."""
-    groups = _group(sd, source)
-    extra, missing = sorted(set(groups) - set(network.lora)), sorted(set(network.lora) - set(groups))
-    if extra or missing:
-        raise ConfigError(f"{source}: modules do not match the network ({'extra ' + extra[0] if extra else ''}"
-                          f"{' ' if extra and missing else ''}{'missing ' + missing[0] if missing else ''})")
-    for name, parts in groups.items():
-        down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
-        alpha = float(parts["alpha"]) if "alpha" in parts and float(parts["alpha"]) != 0 else float(down.shape[0])
-        network.lora[name].load_kohya(name, down, up, alpha)
+    load_kohya_state_dict(network, sd, source)
 
 
 def sd3_lora_from_kohya(cfg: SD3Config, sd: dict[str, torch.Tensor], split_qkv: bool = False,
                         source: str = "LoRA") -> SD3LoraNetwork:
     """A network shaped by a kohya-layout SD3 LoRA (its modules, ranks and alphas) with its weights loaded."""
-    groups = _group(sd, source)
+    groups = group_kohya(sd, source)
     by_name = {kohya_name(p): p for p in linear_shapes(cfg)}
     unknown = sorted(n for n in groups if n not in by_name)
     if unknown:
         hint = " (text-encoder LoRAs load elsewhere)" if unknown[0].startswith("lora_te") else \
             " (a LoRA for another SD3 size or variant?)"
         raise ConfigError(f"{source}: {unknown[0]} names no layer of this SD3 {cfg.variant} model{hint}")
-    targets = {}
-    for name, parts in groups.items():
-        path = by_name[name]
-        n = len(split_sizes(path, cfg) or (1,)) if split_qkv else 1
-        rank = parts["lora_down.weight"].shape[0]
-        if rank % n:
-            raise ConfigError(f"{source}: {name} has rank {rank}, not a multiple of its {n} split_qkv slices")
-        targets[path] = (rank // n, 1.0)
-    network = SD3LoraNetwork(cfg, targets, split_qkv)
-    load_kohya_sd3_state_dict(network, sd, source)
+    ranks = kohya_ranks(groups, by_name, lambda p: len(split_sizes(p, cfg) or (1,)) if split_qkv else 1, source)
+    network = SD3LoraNetwork(cfg, {p: (r, 1.0) for p, r in ranks.items()}, split_qkv)
+    load_kohya_state_dict(network, sd, source)
     return network
 
 
 def save_sd3_lora(network: SD3LoraNetwork, path: str | Path, metadata: dict[str, str] | None = None,
                   dtype: torch.dtype | None = None) -> Path:
     """Write the kohya-layout safetensors file (atomically, like every output)."""
-    from loratrain.core.safe_io import save_safetensors
-
-    save_safetensors(kohya_sd3_state_dict(network, dtype), path, metadata)
-    return Path(path)
+    return save_kohya(kohya_state_dict(network, dtype), path, metadata)

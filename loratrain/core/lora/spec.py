@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from loratrain.core.errors import ConfigError
 from loratrain.core.models.families import Family
 
 from .blocks import BASE, block_names
@@ -91,25 +92,32 @@ def spec_value_problems(text: str, spec: LoraSpec) -> list[str]:
     return out
 
 
-def lbw_values(text: str) -> list[float]:
-    """The values of a LoRA block-weight preset name or comma list (12, 17, 20 or 26 of them; 61 for FLUX)."""
-    presets = lora_block_presets()
-    if re.fullmatch(r"[A-Za-z_][\w.]*", text.strip()):
-        if text.strip() not in presets and text.strip() in flux_block_presets():
-            return flux_block_presets()[text.strip()]
-        if text.strip() not in presets:
-            raise ValueError(f"unknown LoRA block-weight preset {text!r}; known: {', '.join(presets)} "
-                             f"(FLUX: {', '.join(flux_block_presets())})")
-        values = presets[text.strip()]
+def block_values(text: str, presets: dict[str, list[float]], label: str = "LoRA", hint: str = "") -> list[float]:
+    """The finite values of a block-weight preset name (looked up in `presets`) or comma list; the caller checks how
+    many. `label` names the kind in messages (LoRA, FLUX), `hint` is added to the unknown-preset one."""
+    name = text.strip()
+    if re.fullmatch(r"[A-Za-z_][\w.]*", name):
+        if name not in presets:
+            raise ConfigError(f"unknown {label} block-weight preset {text!r}; known: {', '.join(presets)}{hint}")
+        values = presets[name]
     else:
         try:
             values = [float(v) for v in text.split(",")]
         except ValueError:
-            raise ValueError(f"LoRA block weights {text!r}: not a preset name or a list of numbers") from None
+            raise ConfigError(f"{label} block weights {text!r}: not a preset name or a list of numbers") from None
     if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"LoRA block weights {text!r}: every value must be a finite number (no nan or inf)")
+        raise ConfigError(f"{label} block weights {text!r}: every value must be a finite number (no nan or inf)")
+    return values
+
+
+def lbw_values(text: str) -> list[float]:
+    """The values of a LoRA block-weight preset name or comma list (12, 17, 20 or 26 of them; 61 for FLUX)."""
+    presets = lora_block_presets()
+    if text.strip() not in presets and text.strip() in flux_block_presets():
+        return flux_block_presets()[text.strip()]
+    values = block_values(text, presets, hint=f" (FLUX: {', '.join(flux_block_presets())})")
     if len(values) not in LBW_LAYOUTS:
-        raise ValueError(f"LoRA block weights need 12, 17, 20 or 26 values (FLUX: 61), got {len(values)}")
+        raise ConfigError(f"LoRA block weights need 12, 17, 20 or 26 values (FLUX: 61), got {len(values)}")
     return values
 
 

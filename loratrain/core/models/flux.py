@@ -14,18 +14,27 @@ Positions are 3-axis RoPE (index, row, column) over pairs of adjacent channels; 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from loratrain.core.errors import ConfigError
 
+from .dit_parts import (
+    SINGLE_FILE_PREFIXES,
+    BlockCheckpointing,
+    block_count,
+    find_prefix,
+    layer_norm,
+    rms_norm,
+    split_heads,
+    timestep_embedding,
+)
+
 #: key prefixes single files put before the transformer's own keys (ComfyUI saves under model.diffusion_model.)
-FLUX_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+FLUX_PREFIXES = SINGLE_FILE_PREFIXES
 
 
 @dataclass(frozen=True)
@@ -76,20 +85,11 @@ _AXES_BY_HEAD = {128: (16, 56, 56), 16: (4, 4, 8)}
 
 def flux_prefix(keys: object) -> str | None:
     """The prefix in front of a BFL-layout transformer's keys (`""` when bare), None when these are not FLUX keys."""
-    keys = set(keys)  # type: ignore[arg-type]
-    for prefix in FLUX_PREFIXES:
-        if prefix + "double_blocks.0.img_attn.qkv.weight" in keys:
-            return prefix
-    return None
+    return find_prefix(keys, "double_blocks.0.img_attn.qkv.weight", FLUX_PREFIXES)
 
 
 _REQUIRED = ("img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "double_blocks.0.img_mlp.0.weight",
              "double_blocks.0.img_attn.norm.query_norm.scale")
-
-
-def _max_index(keys: set[str], stem: str) -> int:
-    found = [int(k[len(stem):].split(".", 1)[0]) for k in keys if k.startswith(stem) and k[len(stem):].split(".", 1)[0].isdigit()]
-    return max(found) + 1 if found else 0
 
 
 def flux_config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str = "checkpoint",
@@ -119,20 +119,12 @@ def flux_config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str = "c
     return FluxConfig(in_channels=in_ch, vec_in_dim=sh["vector_in.in_layer.weight"][1],
                       context_in_dim=sh["txt_in.weight"][1], hidden_size=hidden,
                       mlp_ratio=sh["double_blocks.0.img_mlp.0.weight"][0] / hidden, num_heads=hidden // head,
-                      depth=_max_index(keys, "double_blocks."), depth_single_blocks=_max_index(keys, "single_blocks."),
+                      depth=block_count(keys, "double_blocks."), depth_single_blocks=block_count(keys, "single_blocks."),
                       axes_dim=axes, qkv_bias="double_blocks.0.img_attn.qkv.bias" in keys,
                       guidance_embed="guidance_in.in_layer.weight" in keys).check()
 
 
 # ---- maths ------------------------------------------------------------------------------------------------------
-
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_000.0, factor: float = 1000.0) -> torch.Tensor:
-    """Sinusoidal embedding of t in [0, 1] (scaled by 1000), cosines first; float32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = (t.float() * factor)[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
 
 def rope_angles(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, (B, 1, L, head_dim/2), of each position id axis times its frequencies (angles in float64)."""
@@ -161,12 +153,6 @@ def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: tuple
     return out.transpose(1, 2).flatten(2)
 
 
-def _heads(qkv: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, L, 3*H*D) laid out [q | k | v], each head-major -> three (B, H, L, D)."""
-    q, k, v = qkv.unflatten(-1, (3, n, -1)).permute(2, 0, 3, 1, 4)
-    return q, k, v
-
-
 # ---- modules (attribute names are the checkpoint's key names) ---------------------------------------------------
 
 class MLPEmbedder(nn.Module):
@@ -186,8 +172,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * self.scale.float()).to(x.dtype)
+        return rms_norm(x, self.scale)
 
 
 class QKNorm(nn.Module):
@@ -219,10 +204,6 @@ def _mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
 
 
-def _layer_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
-
-
 def _key_mask(txt_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
     """A (B, 1, 1, L) boolean key mask hiding padded T5 tokens (sd-scripts' --apply_t5_attn_mask); images all attend."""
     if txt_mask is None:
@@ -243,7 +224,7 @@ class DoubleStreamBlock(nn.Module):
         self.img_mlp, self.txt_mlp = _mlp(h, cfg.mlp_hidden), _mlp(h, cfg.mlp_hidden)
 
     def _qkv(self, x: torch.Tensor, attn: SelfAttention, shift: torch.Tensor, scale: torch.Tensor):
-        q, k, v = _heads(attn.qkv((1 + scale) * _layer_norm(x) + shift), self.num_heads)
+        q, k, v = split_heads(attn.qkv((1 + scale) * layer_norm(x) + shift), self.num_heads)
         return attn.norm.query_norm(q).to(v.dtype), attn.norm.key_norm(k).to(v.dtype), v
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
@@ -256,9 +237,9 @@ class DoubleStreamBlock(nn.Module):
         out = joint_attention(torch.cat([tq, iq], 2), torch.cat([tk, ik], 2), torch.cat([tv, iv], 2), pe,
                               _key_mask(txt_mask, n_txt + img.shape[1]))
         img = img + i_g1 * self.img_attn.proj(out[:, n_txt:])
-        img = img + i_g2 * self.img_mlp((1 + i_sc2) * _layer_norm(img) + i_sh2)
+        img = img + i_g2 * self.img_mlp((1 + i_sc2) * layer_norm(img) + i_sh2)
         txt = txt + t_g1 * self.txt_attn.proj(out[:, :n_txt])
-        txt = txt + t_g2 * self.txt_mlp((1 + t_sc2) * _layer_norm(txt) + t_sh2)
+        txt = txt + t_g2 * self.txt_mlp((1 + t_sc2) * layer_norm(txt) + t_sh2)
         return img, txt
 
 
@@ -275,8 +256,8 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
                 txt_mask: torch.Tensor | None = None) -> torch.Tensor:
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = self.linear1((1 + scale) * _layer_norm(x) + shift).split([3 * self.hidden, self.mlp_hidden], dim=-1)
-        q, k, v = _heads(qkv, self.num_heads)
+        qkv, mlp = self.linear1((1 + scale) * layer_norm(x) + shift).split([3 * self.hidden, self.mlp_hidden], dim=-1)
+        q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm.query_norm(q).to(v.dtype), self.norm.key_norm(k).to(v.dtype)
         out = joint_attention(q, k, v, pe, _key_mask(txt_mask, x.shape[1]))
         return x + gate * self.linear2(torch.cat([out, F.gelu(mlp, approximate="tanh")], dim=-1))
@@ -290,10 +271,10 @@ class LastLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
-        return self.linear((1 + scale) * _layer_norm(x) + shift)
+        return self.linear((1 + scale) * layer_norm(x) + shift)
 
 
-class FluxTransformer(nn.Module):
+class FluxTransformer(BlockCheckpointing, nn.Module):
     """FLUX.1 over packed latent tokens: (B, L_img, in_channels) -> the same shape (the flow-matching velocity)."""
 
     def __init__(self, cfg: FluxConfig = FLUX_DEV) -> None:
@@ -309,16 +290,6 @@ class FluxTransformer(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single_blocks))
         self.final_layer = LastLayer(h, cfg.in_channels)
-        self.gradient_checkpointing = False
-
-    def enable_gradient_checkpointing(self, on: bool = True) -> None:
-        """Recompute each block's activations in backward (non-reentrant checkpoint): memory for ~30% more compute."""
-        self.gradient_checkpointing = on
-
-    def _run(self, block: nn.Module, *args: object) -> object:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
     def forward(self, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
                 timesteps: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor | None = None,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from loratrain.core.errors import ConfigError
+from .dit_parts import block_count
+from .fused_keys import from_diffusers, require, swap_halves, to_diffusers  # noqa: F401  (swap_halves: public here too)
 
 #: one-to-one modules: BFL module path -> diffusers module path ({i}: block index)
 _TOP = {
@@ -41,12 +42,6 @@ SINGLE_LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
 FINAL_MOD = ("final_layer.adaLN_modulation.1", "norm_out.linear")
 
 
-def swap_halves(t: torch.Tensor) -> torch.Tensor:
-    """[a | b] -> [b | a] along the output rows: BFL's final [shift | scale] <-> diffusers' [scale | shift]."""
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
 def module_map(depth: int, depth_single: int, hidden: int, mlp_hidden: int) -> dict[str, list[tuple[str, int, int]]]:
     """BFL Linear path -> [(diffusers Linear path, first row, end row)] for every Linear of the transformer.
 
@@ -73,73 +68,35 @@ def module_map(depth: int, depth_single: int, hidden: int, mlp_hidden: int) -> d
     return out
 
 
-def _blocks(keys: object, stem: str) -> int:
-    idx = {int(k[len(stem):].split(".", 1)[0]) for k in keys if k.startswith(stem)}  # type: ignore[attr-defined]
-    return max(idx) + 1 if idx else 0
+def _norm_renames(depth: int, depth_single: int) -> dict[str, str]:
+    """BFL key -> diffusers key of every q/k norm scale."""
+    out = {f"double_blocks.{i}.{bfl}": f"transformer_blocks.{i}.{diff}" for i in range(depth) for bfl, diff in _DOUBLE_NORMS.items()}
+    out.update({f"single_blocks.{i}.{bfl}": f"single_transformer_blocks.{i}.{diff}"
+                for i in range(depth_single) for bfl, diff in _SINGLE_NORMS.items()})
+    return out
+
+
+def _final(path: str) -> bool:
+    return path == FINAL_MOD[0]
 
 
 def bfl_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A bare BFL-layout transformer state dict -> FluxTransformer2DModel's."""
-    if "double_blocks.0.img_attn.qkv.weight" not in sd:
-        raise ConfigError("not a bare BFL-layout FLUX state dict (no double_blocks.0.img_attn.qkv.weight)")
+    require(sd, ("double_blocks.0.img_attn.qkv.weight", "img_in.weight"), "a bare BFL-layout FLUX state dict")
     hidden = sd["img_in.weight"].shape[0]
     mlp = sd["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden if "single_blocks.0.linear1.weight" in sd else 0
-    table = module_map(_blocks(sd, "double_blocks."), _blocks(sd, "single_blocks."), hidden, mlp)
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for bfl, targets in table.items():
-        for suffix in ("weight", "bias"):
-            key = f"{bfl}.{suffix}"
-            if key not in sd:
-                continue
-            used.add(key)
-            t = sd[key]
-            if bfl == FINAL_MOD[0]:
-                t = swap_halves(t)
-            for diff, start, end in targets:
-                out[f"{diff}.{suffix}"] = t if end < 0 else t[start:end].clone()
-    for i in range(_blocks(sd, "double_blocks.")):
-        for bfl, diff in _DOUBLE_NORMS.items():
-            out[f"transformer_blocks.{i}.{diff}"] = sd[f"double_blocks.{i}.{bfl}"]
-            used.add(f"double_blocks.{i}.{bfl}")
-    for i in range(_blocks(sd, "single_blocks.")):
-        for bfl, diff in _SINGLE_NORMS.items():
-            out[f"single_transformer_blocks.{i}.{diff}"] = sd[f"single_blocks.{i}.{bfl}"]
-            used.add(f"single_blocks.{i}.{bfl}")
-    left = sorted(set(sd) - used)
-    if left:
-        raise ConfigError(f"FLUX state dict has keys this converter does not know: {left[:3]}")
-    return out
+    depth, single = block_count(sd, "double_blocks."), block_count(sd, "single_blocks.")
+    return to_diffusers(sd, module_map(depth, single, hidden, mlp), _final, _norm_renames(depth, single),
+                        "FLUX state dict")
 
 
 def diffusers_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """FluxTransformer2DModel's state dict (bare, or under `transformer.`) -> BFL's layout."""
     if any(k.startswith("transformer.") for k in sd):
         sd = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
-    if "transformer_blocks.0.attn.to_q.weight" not in sd:
-        raise ConfigError("not a diffusers FluxTransformer2DModel state dict (no transformer_blocks.0.attn.to_q.weight)")
+    require(sd, ("transformer_blocks.0.attn.to_q.weight", "x_embedder.weight"), "a diffusers FluxTransformer2DModel state dict")
     hidden = sd["x_embedder.weight"].shape[0]
     mlp = sd["single_transformer_blocks.0.proj_mlp.weight"].shape[0] if "single_transformer_blocks.0.proj_mlp.weight" in sd else 0
-    table = module_map(_blocks(sd, "transformer_blocks."), _blocks(sd, "single_transformer_blocks."), hidden, mlp)
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for bfl, targets in table.items():
-        for suffix in ("weight", "bias"):
-            keys = [f"{diff}.{suffix}" for diff, _, _ in targets]
-            if not all(k in sd for k in keys):
-                continue
-            used.update(keys)
-            t = torch.cat([sd[k] for k in keys], dim=0) if len(keys) > 1 else sd[keys[0]]
-            out[f"{bfl}.{suffix}"] = swap_halves(t) if bfl == FINAL_MOD[0] else t
-    for i in range(_blocks(sd, "transformer_blocks.")):
-        for bfl, diff in _DOUBLE_NORMS.items():
-            out[f"double_blocks.{i}.{bfl}"] = sd[f"transformer_blocks.{i}.{diff}"]
-            used.add(f"transformer_blocks.{i}.{diff}")
-    for i in range(_blocks(sd, "single_transformer_blocks.")):
-        for bfl, diff in _SINGLE_NORMS.items():
-            out[f"single_blocks.{i}.{bfl}"] = sd[f"single_transformer_blocks.{i}.{diff}"]
-            used.add(f"single_transformer_blocks.{i}.{diff}")
-    left = sorted(set(sd) - used)
-    if left:
-        raise ConfigError(f"diffusers FLUX state dict has keys this converter does not know: {left[:3]}")
-    return out
+    depth, single = block_count(sd, "transformer_blocks."), block_count(sd, "single_transformer_blocks.")
+    renames = {diff: bfl for bfl, diff in _norm_renames(depth, single).items()}
+    return from_diffusers(sd, module_map(depth, single, hidden, mlp), _final, renames, "diffusers FLUX state dict")

@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
-from ..paths import confine
+from ..paths import confine, roots
 from .flux import FluxConfig, FluxTransformer, flux_config_from_shapes, flux_prefix
 
 #: a tensor each part always has, after the part's prefix (found in a file by its suffix)
 CLIP_MARK = "text_model.encoder.layers.0.self_attn.q_proj.weight"
 T5_MARK = "encoder.block.0.layer.0.SelfAttention.q.weight"
 AE_MARK = "encoder.down.0.block.0.conv1.weight"
-#: AutoencoderKL scaling of FLUX.1's latents: z = (x - shift) * scale (diffusers' config; sd-scripts' AutoEncoder)
-AE_SCALE, AE_SHIFT = 0.3611, 0.1159
+#: AutoencoderKL shift of FLUX.1's latents, z = (x - shift) * scale, for a diffusers config that lacks it (ae.json has it)
+AE_SHIFT = 0.1159
 
 
 @dataclass(frozen=True)
@@ -47,22 +48,33 @@ class FluxSources:
     t5_tokenizer: Path
     config: FluxConfig
 
-    @property
-    def variant(self) -> str:
-        return self.config.variant
-
 
 def _shapes(path: Path, what: str) -> dict[str, tuple[int, ...]]:
-    """The tensor names and shapes of a .safetensors file (its header only)."""
-    from safetensors import safe_open
-
+    """The tensor names and shapes of a .safetensors file (its header only; read once per file version: a config
+    check, the trainer and the samplers ask again for the same files). The caller must not change the dict."""
     if path.suffix.lower() != ".safetensors":
         raise ConfigError(f"{what}: {path} is not a .safetensors file (pickled checkpoints are not read)")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        st = path.stat()
+        return _header_shapes(str(path.resolve()), st.st_mtime_ns, st.st_size)
     except Exception as e:  # noqa: BLE001 - any unreadable header is the same problem for the user
         raise ConfigError(f"{what}: {path} is not a readable .safetensors file ({e})") from None
+
+
+@lru_cache(maxsize=32)
+def _header_shapes(path: str, _mtime_ns: int, _size: int) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _confine_tree(folder: Path, what: str) -> None:
+    """Every file under a folder the libraries open themselves (transformers, diffusers, tokenizers read weights and
+    vocabularies in native code, past the worker's audit hook): one linking out of the roots is refused here."""
+    if roots():
+        for file in sorted(folder.rglob("*")):
+            confine(file, what)
 
 
 def _prefix_of(shapes: dict[str, Any], mark: str) -> str | None:
@@ -78,11 +90,9 @@ def is_flux_model(model: str | Path) -> bool:
     try:
         path = confine(Path(model).expanduser(), "pretrained_model_name_or_path")
         if path.is_dir():
-            index = path / "model_index.json"
-            if index.is_file() and "Flux" in json.loads(index.read_text(encoding="utf-8")).get("_class_name", ""):
-                return True
-            cfg = path / "transformer" / "config.json"
-            return cfg.is_file() and "Flux" in json.loads(cfg.read_text(encoding="utf-8")).get("_class_name", "")
+            configs = (path / "model_index.json", path / "transformer" / "config.json")
+            return any(cfg.is_file() and "Flux" in json.loads(confine(cfg, "model file").read_text(encoding="utf-8"))
+                       .get("_class_name", "") for cfg in configs)
         return path.is_file() and flux_prefix(_shapes(path, "model")) is not None
     except Exception:  # noqa: BLE001 - only a probe
         return False
@@ -144,20 +154,42 @@ def flux_sources(model: str, clip_l: str = "", t5xxl: str = "", ae: str = "", t5
     clip = part(clip_l, "clip_l", CLIP_MARK, "CLIP-L text encoder", "text_encoder")
     t5 = part(t5xxl, "t5xxl", T5_MARK, "T5-XXL text encoder", "text_encoder_2")
     vae = part(ae, "ae", AE_MARK, "autoencoder", "vae")
-    if t5_tokenizer:
-        tok = confine(Path(t5_tokenizer).expanduser(), "t5_tokenizer")
-    elif root.is_dir() and (root / "tokenizer_2").is_dir():
-        tok = root / "tokenizer_2"
-    else:
+    for p in (transformer, clip, t5, vae):
+        if p.folder:  # a subfolder of the diffusers model folder (a separate part is always a file)
+            _confine_tree(p.path, "pretrained_model_name_or_path")
+    _check_ae(vae, config)
+    if t5_tokenizer or (root.is_dir() and (root / "tokenizer_2").is_dir()):
+        tok = confine(Path(t5_tokenizer).expanduser(), "t5_tokenizer") if t5_tokenizer else root / "tokenizer_2"
+        _confine_tree(tok, "t5_tokenizer" if t5_tokenizer else "pretrained_model_name_or_path")
+    else:  # shipped with loratrain (none is, so far)
         from loratrain import configs
 
         tok = configs.path("tokenizers", "t5")
         if not tok.is_dir():
             raise ConfigError("t5_tokenizer: no T5 tokenizer is shipped; pass --t5_tokenizer DIR (a folder with "
                               "tokenizer.json, e.g. FLUX.1's tokenizer_2/ or google/t5-v1_1-xxl's)")
-    if not tok.is_dir() or not ((tok / "tokenizer.json").is_file() or (tok / "spiece.model").is_file()):
+    if not tok.is_dir() or not ((tok / "tokenizer.json").is_file() or (tok / "tokenizer_config.json").is_file()):
         raise ConfigError(f"t5_tokenizer: {tok} is not a tokenizer folder (no tokenizer.json)")
+    load_t5_tokenizer(tok)  # a damaged vocabulary is named now, not after the transformer has loaded
     return FluxSources(transformer, clip, t5, vae, tok, config)
+
+
+def _check_ae(vae: Part, config: FluxConfig) -> None:
+    """The autoencoder must be FLUX.1's (no quant convs, latent channels = the transformer's packed input / 4), seen
+    from its header or config.json: an SD VAE is refused before anything loads."""
+    want = config.in_channels // 4
+    if vae.folder:
+        cfg_file = vae.path / "config.json"
+        got = json.loads(cfg_file.read_text(encoding="utf-8")).get("latent_channels") if cfg_file.is_file() else None
+        quant = False
+    else:
+        shapes = _shapes(vae.path, "ae")
+        conv_out = shapes.get(vae.prefix + "encoder.conv_out.weight")
+        got = conv_out[0] // 2 if conv_out else None
+        quant = vae.prefix + "quant_conv.weight" in shapes
+    if quant or (got is not None and got != want):
+        what = "it has quant_conv layers" if quant else f"{got} latent channels, the transformer takes {want} (x 2x2 patches)"
+        raise ConfigError(f"ae: {vae.path} is not FLUX.1's autoencoder ({what}; an SD/SDXL VAE?)")
 
 
 def _read(part: Part, dtype: torch.dtype | None, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -278,7 +310,10 @@ def load_ae(part: Part) -> torch.nn.Module:
     from .ldm_keys import convert_keys, vae_module_pairs, vae_reshape
 
     if part.folder:
-        return AutoencoderKL.from_pretrained(part.path, local_files_only=True)
+        ae = AutoencoderKL.from_pretrained(part.path, local_files_only=True)
+        if ae.config.shift_factor is None:  # an older FLUX.1 vae/config.json: the shift is FLUX.1's all the same
+            ae.register_to_config(shift_factor=AE_SHIFT)
+        return ae
     sd = _read(part, torch.float32)
     cfg = _config("ae.json")
     levels = _count(sd, "encoder.down.")
@@ -299,9 +334,13 @@ def load_t5_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     folder = confine(folder, "t5_tokenizer")
-    if (folder / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), pad_token="<pad>", eos_token="</s>")
+    try:
+        if (folder / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), pad_token="<pad>", eos_token="</s>")
+    except Exception as e:  # noqa: BLE001 - tokenizers and transformers raise their own types for a bad vocabulary
+        why = " ".join(str(e).split())[:300]
+        raise ConfigError(f"t5_tokenizer: {folder} is not a readable tokenizer ({why})") from None
 
 
 @dataclass
@@ -329,10 +368,7 @@ def load_flux(sources: FluxSources, dtype: torch.dtype = torch.float32, encoder_
     from ..tokenizer import clip_tokenizer
 
     transformer = load_transformer(sources.transformer, sources.config, dtype)
-    ae = load_ae(sources.ae)
-    if ae.config.latent_channels * 4 != sources.config.in_channels:
-        raise ConfigError(f"ae: {ae.config.latent_channels} latent channels, but the transformer takes "
-                          f"{sources.config.in_channels // 4} (x 2x2 patches); the autoencoder is not FLUX.1's")
+    ae = load_ae(sources.ae)  # FLUX.1's: flux_sources checked its latent channels
     parts = [transformer, load_clip_l(sources.clip_l, encoder_dtype or dtype), load_t5xxl(sources.t5xxl, encoder_dtype or dtype), ae]
     for m in parts:
         m.requires_grad_(False)

@@ -30,13 +30,22 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from loratrain.core.errors import ConfigError
-from loratrain.core.models.flux import timestep_embedding
+
+from .dit_parts import (
+    SINGLE_FILE_PREFIXES,
+    BlockCheckpointing,
+    block_count,
+    find_prefix,
+    layer_norm,
+    rms_norm,
+    split_heads,
+    timestep_embedding,
+)
 
 #: key prefixes single files put before the transformer's own keys (SAI's and ComfyUI's files: model.diffusion_model.)
-SD3_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+SD3_PREFIXES = SINGLE_FILE_PREFIXES
 
 
 @dataclass(frozen=True)
@@ -97,21 +106,12 @@ SD35_TINY = replace(SD3_TINY, dual_attention_layers=(0,), qk_norm="rms_norm")
 
 def sd3_prefix(keys: object) -> str | None:
     """The prefix in front of a single-file SD3 transformer's keys (`""` when bare), None when these are not SD3 keys."""
-    keys = set(keys)  # type: ignore[arg-type]
-    for prefix in SD3_PREFIXES:
-        if prefix + "joint_blocks.0.x_block.attn.qkv.weight" in keys:
-            return prefix
-    return None
+    return find_prefix(keys, "joint_blocks.0.x_block.attn.qkv.weight", SD3_PREFIXES)
 
 
 _REQUIRED = ("x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight", "y_embedder.mlp.0.weight",
              "context_embedder.weight", "joint_blocks.0.x_block.mlp.fc1.weight", "final_layer.linear.weight")
 _ATTN2 = re.compile(r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight$")
-
-
-def _block_count(keys: set[str]) -> int:
-    found = {int(k.split(".")[1]) for k in keys if k.startswith("joint_blocks.") and k.split(".")[1].isdigit()}
-    return max(found) + 1 if found else 0
 
 
 def sd3_config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str = "checkpoint",
@@ -150,7 +150,7 @@ def sd3_config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str = "ch
     keys = set(sh)
     dual = tuple(sorted(int(m.group(1)) for k in keys if (m := _ATTN2.match(k))))
     return SD3Config(patch_size=patch, in_channels=in_ch, out_channels=sh["final_layer.linear.weight"][0] // (patch * patch),
-                     num_layers=_block_count(keys), attention_head_dim=head, num_attention_heads=hidden // head,
+                     num_layers=block_count(keys, "joint_blocks."), attention_head_dim=head, num_attention_heads=hidden // head,
                      joint_attention_dim=context_in, pooled_projection_dim=sh["y_embedder.mlp.0.weight"][1],
                      pos_embed_max_size=grid, dual_attention_layers=dual, qk_norm="rms_norm" if qk else None,
                      mlp_ratio=sh["joint_blocks.0.x_block.mlp.fc1.weight"][0] / hidden).check()
@@ -160,7 +160,7 @@ def sd3_config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str = "ch
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """LayerNorm (no affine, eps 1e-6), then x * (1 + scale) + shift with (B, hidden) vectors."""
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -171,8 +171,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight)
 
 
 class Attention(nn.Module):
@@ -189,7 +188,7 @@ class Attention(nn.Module):
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, L, dim) -> q, k, v as (B, heads, L, head size), q and k normed when the model has q/k norms."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        q, k, v = split_heads(self.qkv(x), self.heads)
         if hasattr(self, "ln_q"):
             q, k = self.ln_q(q).to(v.dtype), self.ln_k(k).to(v.dtype)
         return q, k, v
@@ -293,7 +292,7 @@ class FinalLayer(nn.Module):
         return self.linear(_modulate(x, shift, scale))
 
 
-class SD3Transformer(nn.Module):
+class SD3Transformer(BlockCheckpointing, nn.Module):
     """SD3/SD3.5 over latents: (B, C, H, W) -> (B, out_channels, H, W), the flow-matching velocity."""
 
     def __init__(self, cfg: SD3Config = SD35_LARGE) -> None:
@@ -308,16 +307,6 @@ class SD3Transformer(nn.Module):
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, h)
         self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.num_layers))
         self.final_layer = FinalLayer(cfg)
-        self.gradient_checkpointing = False
-
-    def enable_gradient_checkpointing(self, on: bool = True) -> None:
-        """Recompute each block's activations in backward (non-reentrant checkpoint): memory for ~30% more compute."""
-        self.gradient_checkpointing = on
-
-    def _run(self, block: nn.Module, *args: object) -> object:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
     def cropped_pos_embed(self, rows: int, cols: int) -> torch.Tensor:
         """The centre rows x cols of the position grid, as (1, rows*cols, hidden) (what SD3 was trained with)."""

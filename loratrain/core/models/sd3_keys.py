@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from loratrain.core.errors import ConfigError
+from .dit_parts import block_count
+from .fused_keys import from_diffusers, require, to_diffusers
 
 #: one-to-one top-level modules: single-file path -> diffusers path
 _TOP = {
@@ -42,17 +43,6 @@ QKV = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
 FINAL_MOD = ("final_layer.adaLN_modulation.1", "norm_out.linear")
 
 
-def swap_halves(t: torch.Tensor) -> torch.Tensor:
-    """[a | b] -> [b | a] along the output rows: the file's [shift | scale] <-> diffusers' [scale | shift]."""
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def _blocks(keys: object, stem: str) -> int:
-    idx = {int(k[len(stem):].split(".", 1)[0]) for k in keys if k.startswith(stem)}  # type: ignore[attr-defined]
-    return max(idx) + 1 if idx else 0
-
-
 def module_map(depth: int, hidden: int) -> dict[str, list[tuple[str, int, int]]]:
     """Single-file Linear/Conv path -> [(diffusers path, first row, end row)] for every weight-bearing module of a
     transformer of this depth (modules a given model lacks, e.g. attn2 or the last block's MLP, are simply absent
@@ -73,66 +63,31 @@ def _swapped(path: str, depth: int, pre_only_last: bool) -> bool:
     return path == FINAL_MOD[0] or (pre_only_last and path == f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1")
 
 
+def _renames(depth: int) -> dict[str, str]:
+    """Single-file key -> diffusers key of the position table and every q/k norm weight."""
+    out = {f"joint_blocks.{i}.{ours}.weight": f"transformer_blocks.{i}.{theirs}.weight"
+           for i in range(depth) for ours, theirs in _NORMS.items()}
+    out[_POS[0]] = _POS[1]
+    return out
+
+
 def sd3_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A bare single-file SD3 transformer state dict -> SD3Transformer2DModel's."""
-    if "joint_blocks.0.x_block.attn.qkv.weight" not in sd:
-        raise ConfigError("not a bare single-file SD3 state dict (no joint_blocks.0.x_block.attn.qkv.weight)")
-    depth, hidden = _blocks(sd, "joint_blocks."), sd["x_embedder.proj.weight"].shape[0]
+    require(sd, ("joint_blocks.0.x_block.attn.qkv.weight", "x_embedder.proj.weight"), "a bare single-file SD3 state dict")
+    depth, hidden = block_count(sd, "joint_blocks."), sd["x_embedder.proj.weight"].shape[0]
     pre_only = f"joint_blocks.{depth - 1}.context_block.mlp.fc1.weight" not in sd
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for ours, targets in module_map(depth, hidden).items():
-        for suffix in ("weight", "bias"):
-            key = f"{ours}.{suffix}"
-            if key not in sd:
-                continue
-            used.add(key)
-            t = swap_halves(sd[key]) if _swapped(ours, depth, pre_only) else sd[key]
-            for theirs, start, end in targets:
-                out[f"{theirs}.{suffix}"] = t if end < 0 else t[start:end].clone()
-    for i in range(depth):
-        for ours, theirs in _NORMS.items():
-            key = f"joint_blocks.{i}.{ours}.weight"
-            if key in sd:
-                out[f"transformer_blocks.{i}.{theirs}.weight"] = sd[key]
-                used.add(key)
-    if _POS[0] in sd:
-        out[_POS[1]] = sd[_POS[0]]
-        used.add(_POS[0])
-    left = sorted(set(sd) - used)
-    if left:
-        raise ConfigError(f"SD3 state dict has keys this converter does not know: {left[:3]}")
-    return out
+    return to_diffusers(sd, module_map(depth, hidden), lambda p: _swapped(p, depth, pre_only), _renames(depth),
+                        "SD3 state dict")
 
 
 def diffusers_to_sd3(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SD3Transformer2DModel's state dict (bare, or under `transformer.`) -> the single-file layout (bare keys)."""
     if any(k.startswith("transformer.") for k in sd):
         sd = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
-    if "transformer_blocks.0.attn.add_q_proj.weight" not in sd:
-        raise ConfigError("not a diffusers SD3Transformer2DModel state dict (no transformer_blocks.0.attn.add_q_proj.weight)")
-    depth, hidden = _blocks(sd, "transformer_blocks."), sd["pos_embed.proj.weight"].shape[0]
+    require(sd, ("transformer_blocks.0.attn.add_q_proj.weight", "pos_embed.proj.weight"),
+            "a diffusers SD3Transformer2DModel state dict")
+    depth, hidden = block_count(sd, "transformer_blocks."), sd["pos_embed.proj.weight"].shape[0]
     pre_only = f"transformer_blocks.{depth - 1}.ff_context.net.0.proj.weight" not in sd
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for ours, targets in module_map(depth, hidden).items():
-        for suffix in ("weight", "bias"):
-            keys = [f"{theirs}.{suffix}" for theirs, _, _ in targets]
-            if not all(k in sd for k in keys):
-                continue
-            used.update(keys)
-            t = torch.cat([sd[k] for k in keys], dim=0) if len(keys) > 1 else sd[keys[0]]
-            out[f"{ours}.{suffix}"] = swap_halves(t) if _swapped(ours, depth, pre_only) else t
-    for i in range(depth):
-        for ours, theirs in _NORMS.items():
-            key = f"transformer_blocks.{i}.{theirs}.weight"
-            if key in sd:
-                out[f"joint_blocks.{i}.{ours}.weight"] = sd[key]
-                used.add(key)
-    if _POS[1] in sd:
-        out[_POS[0]] = sd[_POS[1]]
-        used.add(_POS[1])
-    left = sorted(set(sd) - used)
-    if left:
-        raise ConfigError(f"diffusers SD3 state dict has keys this converter does not know: {left[:3]}")
-    return out
+    renames = {theirs: ours for ours, theirs in _renames(depth).items()}
+    return from_diffusers(sd, module_map(depth, hidden), lambda p: _swapped(p, depth, pre_only), renames,
+                          "diffusers SD3 state dict")

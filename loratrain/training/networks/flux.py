@@ -45,13 +45,9 @@ class FluxNetwork(Network):
         """`--network_weights`: our kohya layout, or the diffusers / PEFT, SimpleTuner, ai-toolkit and ComfyUI layouts
         (converted with the same ΔW by core/lora/flux_layouts.py; SimpleTuner keeps its alphas in the header)."""
         from loratrain.core.lora.flux_layouts import flux_lora_to_kohya
+        from loratrain.core.weights import read_safetensors_metadata
 
-        meta: dict[str, str] = {}
-        if source.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(source, framework="pt") as f:
-                meta = f.metadata() or {}
+        meta = read_safetensors_metadata(source) if source.endswith(".safetensors") else {}
         kohya = flux_lora_to_kohya(sd, meta, source)
         load_kohya_flux_state_dict(self.net, {k: v for k, v in kohya.items() if k.startswith("lora_unet_")}, source)
         return len(self.net.lora)
