@@ -12,6 +12,11 @@ Prompt lines are sd-scripts' (`--w --h --s --d --g --n --l`). `--l` is a true CF
 default 7.5 without a negative prompt would only double the cost and burn the image. A1111 attention weights are not
 applied to FLUX prompts (the text is encoded as written). The noise comes from a CPU generator seeded by the prompt's
 seed, drawn in sd-scripts' packed (1, tokens, 64) shape, so a seed gives the same image on any device and run.
+
+Chroma (no CLIP-L, not guidance-distilled) as sd-scripts' sampler runs it: the shifted schedule, T5 always masked
+(Chroma needs it), and real CFG whenever `--l` is not 1, with the negative prompt (empty when none is given), in two
+passes per step; `--g` still feeds Chroma's approximator, but defaults to 0 here (sd-scripts' docs: "set --g 0 for
+Chroma"; diffusers' Chroma always passes 0), not FLUX.1 dev's 3.5.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from .safe_io import atomic_path
 from .sampling import Generated, SamplePrompt, infotext
 
 DEFAULT_GUIDANCE = 3.5
+CHROMA_GUIDANCE = 0.0
 DEFAULT_STEPS = 20  # sd-scripts' FLUX sample default
 SAMPLER_NAME = "Euler (flow)"
 Cond = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (CLIP-L pooled, T5 hidden states, T5 mask), batch of 1
@@ -43,6 +49,18 @@ class FluxTextOptions:
     apply_t5_attn_mask: bool = False
 
 
+def t5_length(opts: Any, variant: str) -> int:
+    """sd-scripts' T5 length for a FLUX-family variant: Chroma counts as not schnell (512 unless set)."""
+    from loratrain.core.flow_schedule import t5_max_length
+
+    return t5_max_length(opts, "flux", "schnell" if variant == "schnell" else "dev")
+
+
+def masks_t5(flux: FluxModel, opts: FluxTextOptions) -> bool:
+    """Whether T5's padding is masked: with apply_t5_attn_mask, and always for Chroma (it is trained so)."""
+    return opts.apply_t5_attn_mask or flux.config.chroma
+
+
 def _device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -51,16 +69,20 @@ def _device(module: torch.nn.Module) -> torch.device:
 def encode_texts(flux: FluxModel, texts: list[str], opts: FluxTextOptions) -> Cond:
     """(CLIP-L pooled, T5 states, T5 mask) for a batch, on the encoders' device, as sd-scripts'
     FluxTextEncodingStrategy makes them: CLIP at 77 tokens, T5 padded to `t5_len`; T5 sees its mask only with
-    apply_t5_attn_mask. Training's captions and the sample prompts go through here alike."""
-    if flux.clip_l is None or flux.t5xxl is None:
+    apply_t5_attn_mask (always for Chroma). Training's captions and the sample prompts go through here alike.
+    Chroma has no CLIP-L: its "pooled" is a (B, 1) zero placeholder the transformer ignores."""
+    chroma = flux.config.chroma
+    if flux.t5xxl is None or (flux.clip_l is None and not chroma):
         raise ConfigError(f"prompt {texts[0][:60]!r} was not encoded before the text encoders were freed")
-    clip_ids = flux.clip_tokenizer(texts, max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
-    pooled = flux.clip_l(clip_ids.to(_device(flux.clip_l)), return_dict=True).pooler_output
     tok = flux.t5_tokenizer(texts, max_length=opts.t5_len, padding="max_length", truncation=True, return_tensors="pt")
     dev = _device(flux.t5xxl)
     mask = tok.attention_mask.to(dev)
-    t5 = flux.t5xxl(tok.input_ids.to(dev), attention_mask=mask if opts.apply_t5_attn_mask else None,
+    t5 = flux.t5xxl(tok.input_ids.to(dev), attention_mask=mask if masks_t5(flux, opts) else None,
                     return_dict=True).last_hidden_state
+    if chroma:
+        return torch.zeros(len(texts), 1), t5.float(), mask
+    clip_ids = flux.clip_tokenizer(texts, max_length=77, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    pooled = flux.clip_l(clip_ids.to(_device(flux.clip_l)), return_dict=True).pooler_output
     return pooled.float(), t5.float(), mask
 
 
@@ -104,7 +126,7 @@ def denoise(flux: FluxModel, noise: torch.Tensor, ph: int, pw: int, cond: Cond, 
     def velocity(c: Cond, t: float) -> torch.Tensor:
         pooled, t5, mask = (v.to(dev) for v in c)
         return fm.flux_forward(model, x, ph, pw, t5, pooled, torch.full((1,), t, device=dev), guidance,
-                               mask if opts.apply_t5_attn_mask else None).float()
+                               mask if masks_t5(flux, opts) else None).float()
 
     for cur, nxt in zip(sigmas[:-1], sigmas[1:]):
         v = velocity(cond, cur)
@@ -132,19 +154,22 @@ def decode(flux: FluxModel, latents: torch.Tensor) -> Image.Image:
 
 @torch.no_grad()
 def flux_generate(flux: FluxModel, prompt: SamplePrompt, out_path: str | Path, opts: FluxTextOptions,
-                  guidance: float = DEFAULT_GUIDANCE, shift: float | None = None,
+                  guidance: float | None = None, shift: float | None = None,
                   encoded: dict[str, Cond] | None = None, extra_info: dict[str, str] | None = None,
                   extra_params: dict[str, str] | None = None) -> Generated:
     """One FLUX.1 image saved atomically as PNG with A1111-style `parameters` (Forge's `Distilled CFG Scale`).
 
     `encoded`: prompts already encoded (training frees the text encoders after caching); others are encoded now.
-    `prompt.guidance` (--g) wins over `guidance`; the seed is the prompt's or a random one (torch's global RNG is
-    never touched)."""
+    `prompt.guidance` (--g) wins over `guidance` (None: 3.5, or 0 for Chroma); the seed is the prompt's or a random
+    one (torch's global RNG is never touched)."""
     from loratrain.core import flow_schedule as fm
 
     seed = prompt.seed if prompt.seed is not None else secrets.randbelow(2**31 - 1)
     width, height = sample_size(flux, prompt.width, prompt.height)
     prompt = replace(prompt, width=width, height=height)
+    chroma = flux.config.chroma
+    if guidance is None:
+        guidance = CHROMA_GUIDANCE if chroma else DEFAULT_GUIDANCE
     g = prompt.guidance if prompt.guidance is not None else guidance
     f = latent_factor(flux)
     ph, pw = height // (2 * f), width // (2 * f)
@@ -155,19 +180,20 @@ def flux_generate(flux: FluxModel, prompt: SamplePrompt, out_path: str | Path, o
         return encode_text(flux, text, opts)
 
     cond = cond_of(prompt.prompt)
-    true_cfg = bool(prompt.negative_prompt) and prompt.cfg_scale != 1.0
+    # FLUX.1: a second pass only with a negative prompt (dev is guidance-distilled); Chroma: whenever --l is not 1
+    true_cfg = prompt.cfg_scale != 1.0 and (chroma or bool(prompt.negative_prompt))
     uncond = cond_of(prompt.negative_prompt) if true_cfg else None
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(1, ph * pw, flux.config.in_channels, generator=gen)
     sigmas = schedule(flux, prompt.steps, ph * pw, shift)
     x = denoise(flux, noise, ph, pw, cond, sigmas, g, opts, uncond, prompt.cfg_scale)
     image = decode(flux, fm.unpack_latents(x, ph, pw))
-    extra = {"Distilled CFG Scale": f"{g:g}"} if flux.config.guidance_embed else {}
+    extra = {"Distilled CFG Scale": f"{g:g}"} if flux.config.guidance_embed or (chroma and g) else {}
     if shift:
         extra["Shift"] = f"{shift:g}"
     if not true_cfg:
         prompt = replace(prompt, cfg_scale=1.0)
-    params = infotext(prompt, SAMPLER_NAME, seed, 1, {**extra, "Model type": f"FLUX.1 {flux.variant}", **(extra_params or {})})
+    params = infotext(prompt, SAMPLER_NAME, seed, 1, {**extra, "Model type": model_label(flux), **(extra_params or {})})
     info = PngInfo()
     info.add_text("parameters", params)
     for k, v in (extra_info or {}).items():
@@ -177,6 +203,10 @@ def flux_generate(flux: FluxModel, prompt: SamplePrompt, out_path: str | Path, o
     with atomic_path(out_path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
     return Generated(out_path, params)
+
+
+def model_label(flux: FluxModel) -> str:
+    return "Chroma" if flux.config.chroma else f"FLUX.1 {flux.variant}"
 
 
 # ---- a loaded FLUX.1 model with LoRAs, for `generate` and the grid ------------------------------------------------
@@ -218,6 +248,7 @@ class FluxParts:
     t5_tokenizer: str = ""
     t5xxl_max_token_length: int | None = None
     apply_t5_attn_mask: bool = False
+    model_type: str = "auto"
 
     @classmethod
     def of(cls, cfg: Any) -> FluxParts:
@@ -244,19 +275,18 @@ class FluxSession:
             p = self.parts
             device = pick_device("auto")
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            flux = load_flux(flux_sources(path, p.clip_l, p.t5xxl, p.ae, p.t5_tokenizer), dtype)
+            flux = load_flux(flux_sources(path, p.clip_l, p.t5xxl, p.ae, p.t5_tokenizer, p.model_type), dtype)
             for m in (flux.transformer, flux.clip_l, flux.t5xxl, flux.ae):
-                torch.nn.Module.to(m, device)
+                if m is not None:  # Chroma has no CLIP-L
+                    torch.nn.Module.to(m, device)
             self.model, self.path = flux, path
             self.loads += 1
         assert self.model is not None
         return self.model
 
     def text_options(self) -> FluxTextOptions:
-        from loratrain.core.flow_schedule import t5_max_length
-
         assert self.model is not None
-        return FluxTextOptions(t5_max_length(self.parts, "flux", self.model.variant), self.parts.apply_t5_attn_mask)
+        return FluxTextOptions(t5_length(self.parts, self.model.variant), self.parts.apply_t5_attn_mask)
 
     def activate(self, loras: list[Any], sampler: str = "") -> None:
         """Hook exactly `loras` (LoraUse: path, weight, blocks) onto the transformer; every other one is unhooked."""
@@ -271,10 +301,14 @@ class FluxSession:
             seen[use.path] = key[1] + 1
             if key not in self.networks:
                 dev = _device(self.model.transformer)
-                self.networks[key] = read_flux_lora(use.path, self.model).to(dev, torch.float32)
+                self.networks[key] = self._read_lora(use.path).to(dev, torch.float32)
             if use.weight != 0:
                 self.networks[key].set_multiplier(float(use.weight))
                 self.networks[key].apply_to(self.model.transformer)
+
+    def _read_lora(self, path: str) -> Any:
+        assert self.model is not None
+        return read_flux_lora(path, self.model)
 
     def generate(self, prompt: SamplePrompt, out_path: str | Path, shift: float | None = None,
                  extra_params: dict[str, str] | None = None) -> Generated:

@@ -10,6 +10,10 @@ SAMPLERS = "loratrain.core.samplers:SAMPLERS"
 FLUX = "FLUX.1"
 #: FLUX.1 options that an SD model would silently ignore (guidance cannot tell a set value from its default)
 FLUX_ONLY = ("clip_l", "t5xxl", "ae", "t5_tokenizer", "t5xxl_max_token_length", "apply_t5_attn_mask", "shift")
+#: options of the flow families (FLUX.1, SD3.5) and which of them SD3 takes (core/sd3_sampling.py's SD3Parts)
+SD3_TAKES = ("clip_l", "clip_g", "t5xxl", "vae", "t5_tokenizer", "t5xxl_max_token_length", "apply_t5_attn_mask",
+             "apply_lg_attn_mask", "shift")
+SD3_ONLY = ("clip_g", "vae", "apply_lg_attn_mask")
 
 
 class SamplingOptions(JobConfig):
@@ -34,10 +38,15 @@ class SamplingOptions(JobConfig):
     t5xxl_max_token_length: int | None = opt(None, "FLUX.1: T5 tokens (unset: 512 dev, 256 schnell)", ge=1, group=FLUX,
                                              advanced=True)
     apply_t5_attn_mask: bool = opt(False, "FLUX.1: mask T5's padding (as the LoRA was trained)", group=FLUX, advanced=True)
+    clip_g: str = opt("", "SD3.5: CLIP-G file (default: inside the model)", group=FLUX, path="file", advanced=True)
+    vae: str = opt("", "SD3.5: VAE file (default: inside the model)", group=FLUX, path="file", advanced=True)
+    apply_lg_attn_mask: bool = opt(False, "SD3.5: mask CLIP-L/G padding (as the LoRA was trained)", group=FLUX,
+                                   advanced=True)
     guidance: float = opt(3.5, "FLUX.1 dev: embedded (distilled) guidance; cfg_scale is a true CFG only with a "
                                "negative prompt", ge=0, group=FLUX)
-    shift: float = opt(0.0, "FLUX.1: fixed schedule shift s (sigma -> s*sigma / (1 + (s-1)*sigma)); 0 = BFL's: from "
-                            "the image size for dev, none for schnell", ge=0, group=FLUX, advanced=True)
+    shift: float = opt(0.0, "FLUX.1 / SD3.5: fixed schedule shift s (sigma -> s*sigma / (1 + (s-1)*sigma)); 0 = the "
+                            "model's own: BFL's from the image size for dev, none for schnell, 3.0 for SD3", ge=0,
+                       group=FLUX, advanced=True)
 
     def flux_problems(self, models: list[str]) -> list[Problem]:
         """FLUX.1 parts found (headers only) when the models are FLUX.1; FLUX options refused with SD models."""
@@ -46,7 +55,9 @@ class SamplingOptions(JobConfig):
 
         flux = [m for m in models if m and Path(m).exists() and is_flux_checkpoint(m)]
         if not flux:
-            return [(n, "a FLUX.1 option, but the model is not FLUX.1") for n in FLUX_ONLY if getattr(self, n)]
+            return self.sd3_problems(models)
+        if any(getattr(self, n) for n in SD3_ONLY):
+            return [(n, "an SD3.5 option, but the model is FLUX.1") for n in SD3_ONLY if getattr(self, n)]
         if len(flux) != len([m for m in models if m]):
             return [("model", "FLUX.1 and SD checkpoints cannot share one grid")]
         for m in flux:
@@ -56,6 +67,26 @@ class SamplingOptions(JobConfig):
                 field, _, text = str(e).partition(": ")
                 return [(field, text) if field in type(self).model_fields else ("model", str(e))]
         return []
+
+    def sd3_problems(self, models: list[str]) -> list[Problem]:
+        """SD3 parts found (headers only) when the models are SD3; FLUX/SD3 options refused with SD models."""
+        from loratrain.core.models.sd3_loading import sd3_sources
+        from loratrain.core.sd3_sampling import is_sd3_checkpoint
+
+        given = [m for m in models if m]
+        sd3 = [m for m in given if Path(m).exists() and is_sd3_checkpoint(m)]
+        if not sd3:
+            return [(n, "a FLUX.1 / SD3.5 option, but the model is SD") for n in FLUX_ONLY + SD3_ONLY if getattr(self, n)]
+        if len(sd3) != len(given):
+            return [("model", "SD3 and other checkpoints cannot share one grid")]
+        out: list[Problem] = [(n, "a FLUX.1 option; the model is SD3") for n in FLUX_ONLY if n not in SD3_TAKES and getattr(self, n)]
+        for m in sd3:
+            try:
+                sd3_sources(m, self.clip_l, self.clip_g, self.t5xxl, self.vae, self.t5_tokenizer)
+            except ConfigError as e:
+                field, _, text = str(e).partition(": ")
+                return out + [(field, text) if field in type(self).model_fields else ("model", str(e))]
+        return out
 
 
 class GenerateConfig(SamplingOptions):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loratrain.core.jobs import JobResult, job
 from loratrain.core.models.loading import load_model
@@ -30,9 +31,14 @@ def run_generate(cfg: GenerateConfig, reporter: Reporter, stop: StopFlag) -> Gen
     """
     reporter.start(2, "generate", unit="step")
     from loratrain.core.flux_sampling import is_flux_checkpoint
+    from loratrain.core.sd3_sampling import SD3Parts, SD3Session, is_sd3_checkpoint
 
-    if is_flux_checkpoint(cfg.model):  # FLUX.1: its own sampler and LoRA hooks (core/flux_sampling.py)
-        return _generate_flux(cfg, reporter, stop)
+    if is_flux_checkpoint(cfg.model):  # FLUX.1 / SD3: their own samplers and LoRA hooks (core/*_sampling.py)
+        from loratrain.core.flux_sampling import FluxParts, FluxSession
+
+        return _generate_flow(cfg, FluxSession(FluxParts.of(cfg)), reporter, stop)
+    if is_sd3_checkpoint(cfg.model):
+        return _generate_flow(cfg, SD3Session(SD3Parts.of(cfg)), reporter, stop)
     session = ModelSession(load_model, cfg.allow_pickle)
     model = session.ensure(cfg.model)
     reporter.advance(1)
@@ -47,10 +53,7 @@ def run_generate(cfg: GenerateConfig, reporter: Reporter, stop: StopFlag) -> Gen
     return GenerateResult(image=made.path, parameters=made.parameters)
 
 
-def _generate_flux(cfg: GenerateConfig, reporter: Reporter, stop: StopFlag) -> GenerateResult:
-    from loratrain.core.flux_sampling import FluxParts, FluxSession
-
-    session = FluxSession(FluxParts.of(cfg))
+def _generate_flow(cfg: GenerateConfig, session: Any, reporter: Reporter, stop: StopFlag) -> GenerateResult:
     session.ensure(cfg.model)
     reporter.advance(1)
     if stop.is_set():

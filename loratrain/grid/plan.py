@@ -96,14 +96,19 @@ def _check_flux(cfg: GridConfig, axes: tuple[AxisValues, ...], cells: dict[tuple
     from loratrain.core.flux_sampling import is_flux_checkpoint
 
     models = sorted({p.checkpoint for p in cells.values() if p.checkpoint})
+    from loratrain.core.sd3_sampling import is_sd3_checkpoint
+
     flux = bool(models) and any(is_flux_checkpoint(m) for m in models)
+    sd3 = not flux and bool(models) and any(is_sd3_checkpoint(m) for m in models)
     names = {a.axis.name for a in axes if a.axis}
-    if not flux and names & {"guidance", "shift"}:
-        raise ConfigError(f"axis {sorted(names & {'guidance', 'shift'})[0]}: a FLUX.1 setting; the model is not FLUX.1")
+    flow_axes = {"shift"} if sd3 else {"guidance", "shift"} if flux else set()
+    if names & ({"guidance", "shift"} - flow_axes):
+        name = sorted(names & ({"guidance", "shift"} - flow_axes))[0]
+        raise ConfigError(f"axis {name}: a FLUX.1{' / SD3' if name == 'shift' else ''} setting; not for this model")
     sd_only = names & {"sampler", "clip_skip", "lora_blocks"}
-    if flux and sd_only:
-        raise ConfigError(f"axis {sorted(sd_only)[0]}: not used by FLUX.1 sampling (one Euler flow sampler, no clip skip, "
-                          "no LoRA block weights yet)")
+    if (flux or sd3) and sd_only:
+        raise ConfigError(f"axis {sorted(sd_only)[0]}: not used by {'SD3' if sd3 else 'FLUX.1'} sampling (one Euler flow "
+                          "sampler, no clip skip, no LoRA block weights yet)")
     problems = cfg.flux_problems(models)  # FLUX.1: every part found; SD: no FLUX option set
     if problems:
         raise ConfigError(problems=problems)

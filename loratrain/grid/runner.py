@@ -123,6 +123,10 @@ def _session(cfg: GridConfig, cells: dict[tuple[int, int, int], CellParams], loa
 
     if any(is_flux_checkpoint(m) for m in {p.checkpoint for p in cells.values()}):  # each file once, not per cell
         return FluxSession(FluxParts.of(cfg))
+    from loratrain.core.sd3_sampling import SD3Parts, SD3Session, is_sd3_checkpoint
+
+    if any(is_sd3_checkpoint(m) for m in {p.checkpoint for p in cells.values()}):
+        return SD3Session(SD3Parts.of(cfg))
     return ModelSession(loader, cfg.allow_pickle)
 
 

@@ -26,16 +26,17 @@ from .options.noise import NoiseOptions
 from .options.optimizer import OptimizerOptions
 from .options.sampling import SamplingOptions
 from .options.saving import SavingOptions
+from .options.sd3 import SD3Options
 
 __all__ = ["DATA", "LOGS", "MODEL", "NET", "NOISE", "OPTIM", "SAMPLE", "SAVE", "TrainConfig"]
 
 #: the option groups in the order the form and --help show them
 GROUPS = (ModelOptions, DataOptions, DatasetOptions, SubsetOptions, NetworkOptions, OptimizerOptions, NoiseOptions, SavingOptions,
-          SamplingOptions, FluxOptions)
+          SamplingOptions, FluxOptions, SD3Options)
 
 
 # pydantic takes a class's fields from its bases last to first: listed in reverse, they appear in GROUPS' order
-class TrainConfig(FluxOptions, SamplingOptions, SavingOptions, NoiseOptions, OptimizerOptions, NetworkOptions, SubsetOptions, DatasetOptions,
+class TrainConfig(SD3Options, FluxOptions, SamplingOptions, SavingOptions, NoiseOptions, OptimizerOptions, NetworkOptions, SubsetOptions, DatasetOptions,
                   DataOptions, ModelOptions, JobConfig):
     """`loratrain train`: sd-scripts' option names; its other options (kohya.py) are accepted or refused by name."""
 

@@ -6,6 +6,10 @@ differs is the model (transformer + CLIP-L + T5-XXL + 16-channel AE, core/models
 (CLIP-L pooled + T5 sequence and mask, encoded once per caption and kept in memory, then the encoders are freed) and
 the loss (flow matching, training/flow_matching.py, with sd-scripts' option names). Only the transformer trains.
 
+Chroma (a FLUX.1 derivative, core/models/chroma.py) trains here too, as sd-scripts' `--model_type chroma` does: no
+CLIP-L (its pooled input is a zero placeholder the model ignores), the T5 mask required, guidance_scale fed to its
+approximator, and sd-scripts' chroma metadata (ss_base_model_version / modelspec architecture "chroma").
+
 Determinism is the SD trainer's: every sample's noise and timestep come from a generator seeded by (seed, epoch,
 batch, position), so a resumed run replays exactly the steps an unbroken one takes.
 """
@@ -17,11 +21,12 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
 from loratrain.core.errors import ConfigError
-from loratrain.core.flux_sampling import FluxTextOptions, encode_text, encode_texts
+from loratrain.core.flux_sampling import FluxTextOptions, encode_text, encode_texts, model_label, t5_length
 from loratrain.core.lora.flux_network import create_flux_lora
 from loratrain.core.lora.hashes import model_file_hashes
 from loratrain.core.models.flux_loading import flux_sources, load_flux
@@ -43,6 +48,11 @@ FLUX_METADATA = ("apply_t5_attn_mask", "weighting_scheme", "logit_mean", "logit_
 
 
 class FluxLoRATrainer(LoRATrainer):
+    #: the model's text encoders (attribute names): cached captions free them
+    ENCODERS: tuple[str, ...] = ("clip_l", "t5xxl")
+    #: the options sd-scripts records as ss_<name> for this family
+    METADATA_KEYS: tuple[str, ...] = FLUX_METADATA
+
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, log = self.cfg, self.reporter.log
@@ -50,43 +60,26 @@ class FluxLoRATrainer(LoRATrainer):
             log(note)
         for note in cfg.unused_settings():
             log(f"note: {note}")
-        sources = flux_sources(cfg.pretrained_model_name_or_path, cfg.clip_l, cfg.t5xxl, cfg.ae, cfg.t5_tokenizer)
+        sources = self._sources()
         self.resume_from = self._resume_source()
         self.data = TrainData(build_specs(cfg, log), log=log, seed=cfg.seed)
         weight_dtype = dtype_of(self.precision)
         self._model_hashes = ThreadPoolExecutor(1, thread_name_prefix="loratrain-hash").submit(
             model_file_hashes, cfg.pretrained_model_name_or_path) if self.accelerator.is_main_process else None
-        self.flux = load_flux(sources, weight_dtype)
-        self.variant = self.flux.variant
-        self.t5_len = fm.t5_max_length(cfg, "flux", self.variant)
-        self.text_opts = FluxTextOptions(self.t5_len, cfg.apply_t5_attn_mask)
-        log(f"model: FLUX.1 {self.variant} from {sources.transformer.path.name} (CLIP-L {sources.clip_l.path.name}, "
-            f"T5-XXL {sources.t5xxl.path.name}, AE {sources.ae.path.name}); T5 tokens {self.t5_len}")
+        self._load_model(sources, weight_dtype)
         if not cfg.network_train_unet_only:
-            log("note: only the FLUX.1 transformer trains (as --network_train_unet_only); the text encoders stay frozen")
+            log("note: only the transformer trains (as --network_train_unet_only); the text encoders stay frozen")
         with self.accelerator.main_process_first() if cfg.cache_latents_to_disk else contextlib.nullcontext():
             self._cache_latents()  # on disk: encoded once, by the first process; the others read its files
         self._cache_captions()
         transformer = self.flux.transformer
-        from .flux_memory import adapter_dtype, place_transformer  # fp8_base, blocks_to_swap, full_bf16
-
-        self.block_swap = place_transformer(transformer, cfg, self.device, weight_dtype, log)
-        spec = NetworkSpec(cfg.network_dim, cfg.network_alpha, train_text_encoder=False)
-        args = {"train_blocks": cfg.train_blocks} if cfg.train_blocks != "all" else {}
-        if cfg.split_qkv:
-            args["split_qkv"] = "True"
-        if cfg.in_dims:
-            args["in_dims"] = str(cfg.in_dims_list())
+        self.block_swap = self._place(transformer, weight_dtype)
         with seeded(cfg.seed, self.device):  # adapter init: same seed, same run
-            net = create_flux_lora(self.flux.config, cfg.network_dim, cfg.network_alpha, cfg.train_blocks, cfg.split_qkv,
-                                   cfg.in_dims_list())
-        net.to(self.device, adapter_dtype(cfg)).apply_to(transformer)  # fp32 as sd-scripts' (bf16 with full_bf16)
-        self.network = FluxNetwork(net, spec, args)
-        self.network.diffusers_copy = cfg.save_diffusers_layout
+            self.network = self._build_network()
+        from .flux_memory import adapter_dtype
+
+        self.network.net.to(self.device, adapter_dtype(cfg)).apply_to(transformer)  # fp32 as sd-scripts' (bf16: full_bf16)
         self.train_te, self.cond_cache = False, None
-        log(f"network: networks.lora_flux, {len(net.lora)} modules (train_blocks {cfg.train_blocks}"
-            f"{', split_qkv' if cfg.split_qkv else ''}); dim {cfg.network_dim}, alpha {cfg.network_alpha} -> scale "
-            f"alpha/dim = {cfg.network_alpha / cfg.network_dim:.4g}")
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
             transformer.train()  # checkpointing runs in train mode only; FLUX has no dropout, so nothing else changes
@@ -117,6 +110,50 @@ class FluxLoRATrainer(LoRATrainer):
             log_dir = cfg.logging_dir or str(self.out_dir / "logs")
             self.writer = SummaryWriter(str(Path(log_dir) / cfg.output_name))
 
+    # -- the family's parts (SD3's trainer overrides these) -------------------------------------------------------
+    def _sources(self):
+        cfg = self.cfg
+        return flux_sources(cfg.pretrained_model_name_or_path, cfg.clip_l, cfg.t5xxl, cfg.ae, cfg.t5_tokenizer,
+                            cfg.model_type)
+
+    def _load_model(self, sources, weight_dtype: torch.dtype) -> None:
+        cfg = self.cfg
+        self.flux = load_flux(sources, weight_dtype)
+        self.variant = self.flux.variant
+        self.t5_len = t5_length(cfg, self.variant)  # Chroma: 512 unless set, as sd-scripts (not schnell)
+        self.text_opts = FluxTextOptions(self.t5_len, cfg.apply_t5_attn_mask)
+        chroma = self.flux.config.chroma
+        self.extra_meta = {"ss_model_type": "chroma" if chroma else "flux"}  # sd-scripts' --model_type, resolved
+        for note in sources.notes:
+            self.reporter.log(f"note: {note}")
+        if chroma and cfg.guidance_scale != 0:
+            self.reporter.log(f"note: guidance_scale {cfg.guidance_scale:g} feeds Chroma's approximator as sd-scripts "
+                              "does; its docs say Chroma needs --guidance_scale 0.0 (it is not guidance-distilled)")
+        clip = f"CLIP-L {sources.clip_l.path.name}, " if sources.clip_l is not None else ""
+        self.reporter.log(f"model: {model_label(self.flux)} from {sources.transformer.path.name} ({clip}T5-XXL "
+                          f"{sources.t5xxl.path.name}, AE {sources.ae.path.name}); T5 tokens {self.t5_len}")
+
+    def _place(self, transformer: torch.nn.Module, weight_dtype: torch.dtype):
+        from .flux_memory import place_transformer  # fp8_base, blocks_to_swap
+
+        return place_transformer(transformer, self.cfg, self.device, weight_dtype, self.reporter.log)
+
+    def _build_network(self) -> FluxNetwork:
+        cfg = self.cfg
+        args = {"train_blocks": cfg.train_blocks} if cfg.train_blocks != "all" else {}
+        if cfg.split_qkv:
+            args["split_qkv"] = "True"
+        if cfg.in_dims:
+            args["in_dims"] = str(cfg.in_dims_list())
+        net = create_flux_lora(self.flux.config, cfg.network_dim, cfg.network_alpha, cfg.train_blocks, cfg.split_qkv,
+                               cfg.in_dims_list())
+        network = FluxNetwork(net, NetworkSpec(cfg.network_dim, cfg.network_alpha, train_text_encoder=False), args)
+        network.diffusers_copy = cfg.save_diffusers_layout
+        self.reporter.log(f"network: networks.lora_flux, {len(net.lora)} modules (train_blocks {cfg.train_blocks}"
+                          f"{', split_qkv' if cfg.split_qkv else ''}); dim {cfg.network_dim}, alpha {cfg.network_alpha} "
+                          f"-> scale alpha/dim = {cfg.network_alpha / cfg.network_dim:.4g}")
+        return network
+
     def _cache_latents(self) -> None:
         """The SD trainer's cache, through FLUX's AE: (z - shift_factor) * scaling_factor (sample_latents)."""
         torch.nn.Module.to(self.flux.ae, self.device, torch.float32)
@@ -138,8 +175,9 @@ class FluxLoRATrainer(LoRATrainer):
     def _cache_captions(self) -> None:
         """Every caption encoded once and kept in memory; the encoders are then freed. Captions that change per step
         (shuffle, dropout, wildcards) keep the encoders and are encoded as they come."""
-        for m in (self.flux.clip_l, self.flux.t5xxl):
-            torch.nn.Module.to(m, self.device)
+        for name in self.ENCODERS:
+            if getattr(self.flux, name) is not None:  # Chroma has no CLIP-L
+                torch.nn.Module.to(getattr(self.flux, name), self.device)
         self.text_cache: dict[str, tuple[torch.Tensor, ...]] = {}
         self.sample_cache: dict = {}  # sample prompts, encoded before the encoders go (empty: they stay)
         self.live_captions = any(changes_per_step(s) for spec in self.data.specs for s in spec.subsets)
@@ -148,21 +186,29 @@ class FluxLoRATrainer(LoRATrainer):
         if not self.live_captions:
             self.reporter.start(len(captions), "caching text encoder outputs", unit="caption")
             for c in captions:
-                self.text_cache[c] = tuple(t[0].cpu() for t in encode_texts(self.flux, [c], self.text_opts))
+                self.text_cache[c] = tuple(t[0].cpu() for t in self._encode([c]))
                 self.reporter.advance(1)
             self.reporter.done("")
             self._encode_sample_prompts()
-            self.flux.clip_l = self.flux.t5xxl = None
+            for name in self.ENCODERS:
+                setattr(self.flux, name, None)
         else:
-            self.reporter.log("captions change from step to step: CLIP-L and T5-XXL stay loaded and encode every step")
+            self.reporter.log("captions change from step to step: the text encoders stay loaded and encode every step")
 
-    def _conditioning(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, ...]:
+        return encode_texts(self.flux, texts, self.text_opts)
+
+    def _encode_one(self, text: str) -> tuple[torch.Tensor, ...]:
+        return encode_text(self.flux, text, self.text_opts)
+
+    def _conditioning(self, captions: list[str]) -> tuple[torch.Tensor, ...]:
         if self.live_captions:
-            return encode_texts(self.flux, captions, self.text_opts)
+            return self._encode(captions)
         missing = [c for c in captions if c not in self.text_cache]
         if missing:
             raise ConfigError(f"caption {missing[0]!r} was not cached (a caption that changes between steps)")
-        return tuple(torch.stack([self.text_cache[c][k] for c in captions]).to(self.device) for k in range(3))  # type: ignore[return-value]
+        return tuple(torch.stack([self.text_cache[c][k] for c in captions]).to(self.device)  # type: ignore[return-value]
+                     for k in range(len(self.text_cache[captions[0]])))
 
     # -- one micro-batch -----------------------------------------------------------------------
     def _loss(self, batch: list[tuple[Item, bool]], epoch: int, micro: int, first: int, global_size: int,
@@ -178,15 +224,8 @@ class FluxLoRATrainer(LoRATrainer):
         captions = [process_caption(it.caption, it.subset, random.Random(_seed_for(seed, epoch, micro, 1, first + i)), epoch,
                                     self.global_step, self.plan.max_train_steps) for i, (it, _) in enumerate(batch)]
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(self.device)
-        pooled, t5, mask = self._conditioning(captions)
-        model = self.flux.transformer
         with self.accelerator.autocast():
-            if timestep is None:
-                pred, target, _, weighting = fm.flux_prediction(
-                    model, latents, noise, t5, pooled, cfg, gens, t5_mask=mask, ip_noise_gamma=cfg.ip_noise_gamma,
-                    ip_noise_gamma_random_strength=cfg.ip_noise_gamma_random_strength)
-            else:
-                pred, target, weighting = self._fixed_sigma(model, latents, noise, t5, pooled, mask, timestep)
+            pred, target, weighting = self._forward(latents, noise, self._conditioning(captions), gens, timestep)
         loss = elementwise_loss(pred.float(), target.float(), cfg.loss_type)
         if weighting is not None:
             loss = loss * weighting
@@ -196,6 +235,19 @@ class FluxLoRATrainer(LoRATrainer):
         loss = loss.mean(dim=(1, 2, 3))
         weights = torch.tensor([cfg.prior_loss_weight if it.subset.is_reg else 1.0 for it, _ in batch], device=self.device)
         return (loss * weights).sum() / global_size
+
+    def _forward(self, latents: torch.Tensor, noise: torch.Tensor, cond: tuple[torch.Tensor, ...], gens: list,
+                 timestep: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(prediction, target, loss weighting or None): a drawn sigma per sample from its generator, or validation's
+        fixed timestep. The family's own step (SD3's trainer overrides this)."""
+        cfg, model = self.cfg, self.flux.transformer
+        pooled, t5, mask = cond
+        if timestep is not None:
+            return self._fixed_sigma(model, latents, noise, t5, pooled, mask, timestep)
+        pred, target, _, weighting = fm.flux_prediction(
+            model, latents, noise, t5, pooled, cfg, gens, t5_mask=mask, ip_noise_gamma=cfg.ip_noise_gamma,
+            ip_noise_gamma_random_strength=cfg.ip_noise_gamma_random_strength)
+        return pred, target, weighting
 
     def _fixed_sigma(self, model, latents, noise, t5, pooled, mask, timestep: int):
         """Validation's forward at sigma = timestep / 1000 for every sample (flux_prediction without the draw)."""
@@ -216,17 +268,24 @@ class FluxLoRATrainer(LoRATrainer):
         if "model_hashes" not in self.session:
             self.session["model_hashes"] = self._model_hashes.result()
         epoch = self.epoch + 1 if self.micro else max(self.epoch, 1)
-        arch = f"flux-1-{self.variant}"
+        version, arch, implementation = self._model_spec()
         shim = SimpleNamespace(prediction_type="flow", family=SimpleNamespace(
-            base_model_version="flux1", modelspec_arch=arch, name="flux", is_sdxl=False))
+            base_model_version=version, modelspec_arch=arch, name=version, is_sdxl=False))
         meta = lora_metadata(self.cfg, shim, self.network.kind, self.network.args(), self.plan, self.session, epoch,
                              self.global_step, self.dataset_meta, self.accelerator.num_processes)
         meta.pop("modelspec.prediction_type", None)
-        meta.update({f"ss_{k}": str(getattr(self.cfg, k)) for k in FLUX_METADATA})
+        meta.update({f"ss_{k}": str(getattr(self.cfg, k)) for k in self.METADATA_KEYS})
         meta["ss_t5xxl_max_token_length"] = str(self.t5_len)
-        meta["modelspec.implementation"] = "https://github.com/black-forest-labs/flux"
+        meta["modelspec.implementation"] = implementation
         meta["modelspec.architecture"] = arch + "/lora"
+        meta.update(getattr(self, "extra_meta", {}))
         return meta
+
+    def _model_spec(self) -> tuple[str, str, str]:
+        """(ss_base_model_version, modelspec architecture, modelspec implementation) as sd-scripts writes them."""
+        if self.flux.config.chroma:  # flux_utils.MODEL_VERSION_CHROMA, sai_model_spec's ARCH / IMPL for chroma
+            return "chroma", "chroma", "https://huggingface.co/lodestones/Chroma"
+        return "flux1", f"flux-1-{self.variant}", "https://github.com/black-forest-labs/flux"
 
     def _sample_prompts(self) -> list:
         from loratrain.core.flux_sampling import DEFAULT_STEPS
@@ -242,11 +301,15 @@ class FluxLoRATrainer(LoRATrainer):
             return
         for p in self._sample_prompts():
             for text in {p.prompt, p.negative_prompt}:
-                self.sample_cache.setdefault(text, encode_text(self.flux, text, self.text_opts))
+                self.sample_cache.setdefault(text, self._encode_one(text))
+
+    def _generate(self, prompt: Any, path: Path, extra_info: dict[str, str]) -> Any:
+        from loratrain.core.flux_sampling import flux_generate
+
+        return flux_generate(self.flux, prompt, path, self.text_opts, encoded=self.sample_cache, extra_info=extra_info)
 
     def _sample(self, epoch: int | None) -> None:
         """Sample images with the adapters active (core/flux_sampling.py), written and logged as the SD trainer does."""
-        from loratrain.core.flux_sampling import flux_generate
         from loratrain.core.sampling import sample_file_name
 
         cfg = self.cfg
@@ -263,9 +326,8 @@ class FluxLoRATrainer(LoRATrainer):
                 if p.seed is None:
                     p.seed = cfg.seed + i
                 try:
-                    path = flux_generate(self.flux, p, sample_dir / sample_file_name(cfg.output_name, epoch, self.global_step, i, p.seed),
-                                         self.text_opts, encoded=self.sample_cache,
-                                         extra_info={"loratrain_step": str(self.global_step)}).path
+                    path = self._generate(p, sample_dir / sample_file_name(cfg.output_name, epoch, self.global_step, i, p.seed),
+                                          {"loratrain_step": str(self.global_step)}).path
                 except ConfigError as e:  # a prompt added to the file mid-run, after the encoders were freed
                     self.reporter.log(f"sample {i} skipped: {e}")
                     continue

@@ -593,6 +593,10 @@ def run_train(cfg: TrainConfig, reporter: Reporter, stop: StopFlag) -> TrainResu
         from .flux_trainer import FluxLoRATrainer
 
         trainer: LoRATrainer = FluxLoRATrainer(cfg, reporter, stop)
+    elif cfg.is_sd3():  # SD3 / SD3.5: the same flow-matching trainer with SD3's parts, step and LoRA
+        from .sd3_trainer import SD3LoRATrainer
+
+        trainer = SD3LoRATrainer(cfg, reporter, stop)
     else:
         trainer = LoRATrainer(cfg, reporter, stop)
     trainer.setup()

@@ -13,6 +13,11 @@ is the n downs stacked, `lora_up` holds each slice's up on the block diagonal. s
 there, so every reader (diffusers, ComfyUI, sd-scripts' own inference) applies 1/n of what was trained; we write
 alpha * n so that alpha / file rank is the trained scale and the file means the same ΔW everywhere. (sd-scripts at
 48d368f also fails to build split_qkv on double blocks; the layout we write for them is its state_dict()'s.)
+
+On Chroma, lora_flux walks the same DoubleStreamBlock / SingleStreamBlock classes, which have no modulation Linears
+there: the targets are a double block's img/txt attn.qkv, attn.proj, mlp.0, mlp.2 and a single block's linear1,
+linear2; of in_dims only img_in and txt_in exist (Chroma has no time_in / vector_in / guidance_in, and the
+approximator, `distilled_guidance_layer`, matches none of lora_flux's filters).
 """
 from __future__ import annotations
 
@@ -45,18 +50,26 @@ TRAIN_BLOCKS = ("all", "single", "double")
 
 
 def linear_shapes(cfg: FluxConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of every Linear a FLUX LoRA may target, by BFL path; from the config alone (no model needed)."""
+    """(in, out) of every Linear a FLUX LoRA may target, by BFL path; from the config alone (no model needed).
+    Chroma's blocks have no modulation Linears and it has no time / vector / guidance embedders."""
     h, m = cfg.hidden_size, cfg.mlp_hidden
     block = {"img_mod.lin": (h, 6 * h), "img_attn.qkv": (h, 3 * h), "img_attn.proj": (h, h),
              "img_mlp.0": (h, m), "img_mlp.2": (m, h)}
     block.update({"txt" + k[3:]: v for k, v in block.items()})
-    out = {"img_in": (cfg.in_channels, h), "time_in.in_layer": (256, h), "time_in.out_layer": (h, h),
-           "vector_in.in_layer": (cfg.vec_in_dim, h), "vector_in.out_layer": (h, h), "txt_in": (cfg.context_in_dim, h)}
+    if cfg.chroma:
+        out = {"img_in": (cfg.in_channels, h), "txt_in": (cfg.context_in_dim, h)}
+    else:
+        out = {"img_in": (cfg.in_channels, h), "time_in.in_layer": (256, h), "time_in.out_layer": (h, h),
+               "vector_in.in_layer": (cfg.vec_in_dim, h), "vector_in.out_layer": (h, h),
+               "txt_in": (cfg.context_in_dim, h)}
     if cfg.guidance_embed:
         out.update({"guidance_in.in_layer": (256, h), "guidance_in.out_layer": (h, h)})
+    modulated = not cfg.chroma
     for i in range(cfg.depth):
-        out.update({f"double_blocks.{i}.{k}": block[k] for k in DOUBLE})
-    single = {"linear1": (h, 3 * h + m), "linear2": (h + m, h), "modulation.lin": (h, 3 * h)}
+        out.update({f"double_blocks.{i}.{k}": block[k] for k in DOUBLE if modulated or "_mod." not in k})
+    single = {"linear1": (h, 3 * h + m), "linear2": (h + m, h)}
+    if modulated:
+        single["modulation.lin"] = (h, 3 * h)
     for i in range(cfg.depth_single_blocks):
         out.update({f"single_blocks.{i}.{k}": v for k, v in single.items()})
     return out

@@ -11,6 +11,11 @@ and MLPs in the double-stream blocks but attend jointly; the single-stream block
 attention and MLP in parallel from one fused input projection (`linear1`) and one fused output (`linear2`). The
 conditioning vector is MLP(timestep) + MLP(CLIP pooled) (+ MLP(guidance) for dev) and drives every modulation.
 Positions are 3-axis RoPE (index, row, column) over pairs of adjacent channels; queries and keys are RMS-normed.
+
+Chroma (lodestone's FLUX.1-schnell derivative) shares these blocks without their modulation Linears: one
+"approximator" MLP makes every block's shift/scale/gate vectors at once (core/models/chroma.py). The blocks here take
+either the conditioning vector (FLUX.1: each block's own `*_mod.lin` / `modulation.lin` turns it into vectors) or,
+when built for Chroma, their vectors ready-made.
 """
 from __future__ import annotations
 
@@ -53,6 +58,11 @@ class FluxConfig:
     theta: int = 10_000
     qkv_bias: bool = True
     guidance_embed: bool = True  # dev is guidance-distilled; schnell has no guidance_in
+    #: Chroma: no time_in / vector_in / guidance_in and no per-block modulation; the approximator's sizes instead
+    chroma: bool = False
+    approximator_in_dim: int = 64  # 16 timestep + 16 guidance + 32 modulation-index sinusoid channels
+    approximator_hidden: int = 5120
+    approximator_depth: int = 5
 
     @property
     def head_dim(self) -> int:
@@ -64,13 +74,21 @@ class FluxConfig:
 
     @property
     def variant(self) -> str:
-        return "dev" if self.guidance_embed else "schnell"
+        return "chroma" if self.chroma else "dev" if self.guidance_embed else "schnell"
+
+    @property
+    def modulation_count(self) -> int:
+        """Chroma's approximator output rows: 3 per single block, 6 + 6 per double block (img, txt), 2 final."""
+        return 3 * self.depth_single_blocks + 12 * self.depth + 2
 
     def check(self) -> FluxConfig:
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"FLUX hidden size {self.hidden_size} is not a multiple of its {self.num_heads} heads")
         if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
             raise ConfigError(f"FLUX RoPE axes {list(self.axes_dim)} must be even and sum to the head size {self.head_dim}")
+        if self.chroma and (self.approximator_in_dim % 4 or self.guidance_embed):
+            raise ConfigError(f"Chroma: approximator input {self.approximator_in_dim} must be a multiple of 4 "
+                              "(timestep, guidance and 2x index channels) and there is no guidance_in")
         return self
 
 
@@ -105,23 +123,47 @@ def flux_config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str = "c
             raise ConfigError(f"{source}: a FLUX transformer in diffusers' layout; convert it with flux_keys.diffusers_to_bfl")
         raise ConfigError(f"{source}: not a FLUX.1 transformer (no double_blocks.0.img_attn.qkv.weight)")
     sh = {k[len(prefix):]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
-    if "distilled_guidance_layer.in_proj.weight" in sh or "double_blocks.0.img_mod.lin.weight" not in sh:
-        raise ConfigError(f"{source}: a Chroma-style FLUX (no per-block modulation); only FLUX.1 dev/schnell load so far")
+    if "distilled_guidance_layer.in_proj.weight" in sh:
+        return _chroma_config(sh, prefix, source, axes_dim)
+    if "double_blocks.0.img_mod.lin.weight" not in sh:
+        raise ConfigError(f"{source}: FLUX blocks without modulation (Chroma-style) but no distilled_guidance_layer "
+                          "(the approximator making their modulation): a partial or damaged file")
     missing = [k for k in _REQUIRED if k not in sh]
     if missing:
         raise ConfigError(f"{source}: FLUX transformer without {prefix}{missing[0]} (a partial or damaged file)")
+    return FluxConfig(vec_in_dim=sh["vector_in.in_layer.weight"][1], guidance_embed="guidance_in.in_layer.weight" in sh,
+                      **_block_sizes(sh, source, axes_dim)).check()
+
+
+def _block_sizes(sh: dict[str, tuple[int, ...]], source: str, axes_dim: tuple[int, ...] | None) -> dict[str, object]:
+    """The sizes FLUX.1 and Chroma read alike from their shared blocks."""
     hidden, in_ch = sh["img_in.weight"]
     head = sh["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     axes = tuple(axes_dim) if axes_dim else _AXES_BY_HEAD.get(head)
     if axes is None:
         raise ConfigError(f"{source}: FLUX with head size {head}: its RoPE axes are unknown; pass axes_dim")
     keys = set(sh)
-    return FluxConfig(in_channels=in_ch, vec_in_dim=sh["vector_in.in_layer.weight"][1],
-                      context_in_dim=sh["txt_in.weight"][1], hidden_size=hidden,
-                      mlp_ratio=sh["double_blocks.0.img_mlp.0.weight"][0] / hidden, num_heads=hidden // head,
-                      depth=block_count(keys, "double_blocks."), depth_single_blocks=block_count(keys, "single_blocks."),
-                      axes_dim=axes, qkv_bias="double_blocks.0.img_attn.qkv.bias" in keys,
-                      guidance_embed="guidance_in.in_layer.weight" in keys).check()
+    return dict(in_channels=in_ch, context_in_dim=sh["txt_in.weight"][1], hidden_size=hidden,
+                mlp_ratio=sh["double_blocks.0.img_mlp.0.weight"][0] / hidden, num_heads=hidden // head,
+                depth=block_count(keys, "double_blocks."), depth_single_blocks=block_count(keys, "single_blocks."),
+                axes_dim=axes, qkv_bias="double_blocks.0.img_attn.qkv.bias" in keys)
+
+
+_CHROMA_REQUIRED = ("img_in.weight", "txt_in.weight", "distilled_guidance_layer.out_proj.weight",
+                    "double_blocks.0.img_mlp.0.weight", "double_blocks.0.img_attn.norm.query_norm.scale")
+
+
+def _chroma_config(sh: dict[str, tuple[int, ...]], prefix: str, source: str,
+                   axes_dim: tuple[int, ...] | None) -> FluxConfig:
+    """Chroma: FLUX.1's blocks without their modulation Linears, and the approximator's sizes from its Linears."""
+    missing = [k for k in _CHROMA_REQUIRED if k not in sh]
+    if missing:
+        raise ConfigError(f"{source}: Chroma transformer without {prefix}{missing[0]} (a partial or damaged file)")
+    approx_hidden, approx_in = sh["distilled_guidance_layer.in_proj.weight"]
+    return FluxConfig(vec_in_dim=0, guidance_embed=False, chroma=True, approximator_in_dim=approx_in,
+                      approximator_hidden=approx_hidden,
+                      approximator_depth=block_count(set(sh), "distilled_guidance_layer.layers."),
+                      **_block_sizes(sh, source, axes_dim)).check()
 
 
 # ---- maths ------------------------------------------------------------------------------------------------------
@@ -218,7 +260,8 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.num_heads = cfg.num_heads
-        self.img_mod, self.txt_mod = Modulation(h, 6), Modulation(h, 6)
+        if not cfg.chroma:
+            self.img_mod, self.txt_mod = Modulation(h, 6), Modulation(h, 6)
         self.img_attn = SelfAttention(h, cfg.num_heads, cfg.qkv_bias)
         self.txt_attn = SelfAttention(h, cfg.num_heads, cfg.qkv_bias)
         self.img_mlp, self.txt_mlp = _mlp(h, cfg.mlp_hidden), _mlp(h, cfg.mlp_hidden)
@@ -229,8 +272,12 @@ class DoubleStreamBlock(nn.Module):
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
                 txt_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = self.img_mod(vec)
-        t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = self.txt_mod(vec)
+        """vec: FLUX.1's conditioning (B, hidden), or Chroma's 12 vectors (B, 12, hidden): img's 6, then txt's."""
+        if hasattr(self, "img_mod"):
+            i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = self.img_mod(vec)
+            t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = self.txt_mod(vec)
+        else:
+            i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2, t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = vec.split(1, dim=1)
         iq, ik, iv = self._qkv(img, self.img_attn, i_sh1, i_sc1)
         tq, tk, tv = self._qkv(txt, self.txt_attn, t_sh1, t_sc1)
         n_txt = txt.shape[1]
@@ -251,11 +298,13 @@ class SingleStreamBlock(nn.Module):
         self.linear1 = nn.Linear(h, 3 * h + cfg.mlp_hidden)  # [q | k | v | mlp in]
         self.linear2 = nn.Linear(h + cfg.mlp_hidden, h)  # [attention out | mlp hidden] -> h
         self.norm = QKNorm(cfg.head_dim)
-        self.modulation = Modulation(h, 3)
+        if not cfg.chroma:
+            self.modulation = Modulation(h, 3)
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor],
                 txt_mask: torch.Tensor | None = None) -> torch.Tensor:
-        shift, scale, gate = self.modulation(vec)
+        """vec: FLUX.1's conditioning (B, hidden), or Chroma's (shift, scale, gate) vectors (B, 3, hidden)."""
+        shift, scale, gate = self.modulation(vec) if hasattr(self, "modulation") else vec.split(1, dim=1)
         qkv, mlp = self.linear1((1 + scale) * layer_norm(x) + shift).split([3 * self.hidden, self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm.query_norm(q).to(v.dtype), self.norm.key_norm(k).to(v.dtype)
@@ -264,13 +313,17 @@ class SingleStreamBlock(nn.Module):
 
 
 class LastLayer(nn.Module):
-    def __init__(self, hidden: int, out_channels: int) -> None:
+    def __init__(self, hidden: int, out_channels: int, modulated: bool = True) -> None:
         super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))  # [shift | scale]
+        if modulated:  # Chroma's final (shift, scale) come from its approximator
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))  # [shift | scale]
         self.linear = nn.Linear(hidden, out_channels)
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
+        if hasattr(self, "adaLN_modulation"):
+            shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
+        else:
+            shift, scale = vec.split(1, dim=1)
         return self.linear((1 + scale) * layer_norm(x) + shift)
 
 
@@ -279,6 +332,8 @@ class FluxTransformer(BlockCheckpointing, nn.Module):
 
     def __init__(self, cfg: FluxConfig = FLUX_DEV) -> None:
         super().__init__()
+        if cfg.chroma:
+            raise ConfigError("a Chroma config builds chroma.ChromaTransformer (use chroma.build_transformer)")
         self.config = cfg.check()
         h = cfg.hidden_size
         self.img_in = nn.Linear(cfg.in_channels, h)

@@ -4,6 +4,10 @@ Why: a diffusers folder (`transformer/`) must load into our BFL-layout model, an
 be readable by diffusers. The differences are names plus three reshapes: BFL fuses q/k/v (`img_attn.qkv`, and in
 single blocks q/k/v + MLP-in as `linear1`) where diffusers keeps separate Linears; and the final AdaLN emits
 [shift | scale] where diffusers' `norm_out.linear` emits [scale | shift].
+
+Chroma (ChromaTransformer2DModel) uses the same names for what it keeps; it lacks the embedders and modulation
+Linears (absent keys are simply not converted) and adds the approximator, `distilled_guidance_layer.*`, whose
+MLP layers diffusers names linear_1 / linear_2 and whose RMS norms' `scale` diffusers names `weight`.
 """
 from __future__ import annotations
 
@@ -42,13 +46,23 @@ SINGLE_LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
 FINAL_MOD = ("final_layer.adaLN_modulation.1", "norm_out.linear")
 
 
-def module_map(depth: int, depth_single: int, hidden: int, mlp_hidden: int) -> dict[str, list[tuple[str, int, int]]]:
+APPROX = "distilled_guidance_layer"
+
+
+def module_map(depth: int, depth_single: int, hidden: int, mlp_hidden: int,
+               approximator_depth: int = 0) -> dict[str, list[tuple[str, int, int]]]:
     """BFL Linear path -> [(diffusers Linear path, first row, end row)] for every Linear of the transformer.
 
     A one-to-one module maps to one entry covering all its rows. The final modulation is listed as one entry too;
-    its row halves swap (see `swap_halves`).
+    its row halves swap (see `swap_halves`). `approximator_depth` > 0 adds Chroma's approximator Linears.
     """
     out: dict[str, list[tuple[str, int, int]]] = {}
+    if approximator_depth:
+        for name in ("in_proj", "out_proj"):
+            out[f"{APPROX}.{name}"] = [(f"{APPROX}.{name}", 0, -1)]
+        for i in range(approximator_depth):
+            out[f"{APPROX}.layers.{i}.in_layer"] = [(f"{APPROX}.layers.{i}.linear_1", 0, -1)]
+            out[f"{APPROX}.layers.{i}.out_layer"] = [(f"{APPROX}.layers.{i}.linear_2", 0, -1)]
     for bfl, diff in _TOP.items():
         out[bfl] = [(diff, 0, -1)]
     out[FINAL_MOD[0]] = [(FINAL_MOD[1], 0, -1)]
@@ -68,9 +82,10 @@ def module_map(depth: int, depth_single: int, hidden: int, mlp_hidden: int) -> d
     return out
 
 
-def _norm_renames(depth: int, depth_single: int) -> dict[str, str]:
-    """BFL key -> diffusers key of every q/k norm scale."""
-    out = {f"double_blocks.{i}.{bfl}": f"transformer_blocks.{i}.{diff}" for i in range(depth) for bfl, diff in _DOUBLE_NORMS.items()}
+def _norm_renames(depth: int, depth_single: int, approximator_depth: int = 0) -> dict[str, str]:
+    """BFL key -> diffusers key of every q/k norm scale (and of Chroma's approximator norms)."""
+    out = {f"{APPROX}.norms.{i}.scale": f"{APPROX}.norms.{i}.weight" for i in range(approximator_depth)}
+    out |= {f"double_blocks.{i}.{bfl}": f"transformer_blocks.{i}.{diff}" for i in range(depth) for bfl, diff in _DOUBLE_NORMS.items()}
     out.update({f"single_blocks.{i}.{bfl}": f"single_transformer_blocks.{i}.{diff}"
                 for i in range(depth_single) for bfl, diff in _SINGLE_NORMS.items()})
     return out
@@ -86,7 +101,8 @@ def bfl_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     hidden = sd["img_in.weight"].shape[0]
     mlp = sd["single_blocks.0.linear1.weight"].shape[0] - 3 * hidden if "single_blocks.0.linear1.weight" in sd else 0
     depth, single = block_count(sd, "double_blocks."), block_count(sd, "single_blocks.")
-    return to_diffusers(sd, module_map(depth, single, hidden, mlp), _final, _norm_renames(depth, single),
+    approx = block_count(sd, f"{APPROX}.layers.")
+    return to_diffusers(sd, module_map(depth, single, hidden, mlp, approx), _final, _norm_renames(depth, single, approx),
                         "FLUX state dict")
 
 
@@ -98,5 +114,7 @@ def diffusers_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     hidden = sd["x_embedder.weight"].shape[0]
     mlp = sd["single_transformer_blocks.0.proj_mlp.weight"].shape[0] if "single_transformer_blocks.0.proj_mlp.weight" in sd else 0
     depth, single = block_count(sd, "transformer_blocks."), block_count(sd, "single_transformer_blocks.")
-    renames = {diff: bfl for bfl, diff in _norm_renames(depth, single).items()}
-    return from_diffusers(sd, module_map(depth, single, hidden, mlp), _final, renames, "diffusers FLUX state dict")
+    approx = block_count(sd, f"{APPROX}.layers.")
+    renames = {diff: bfl for bfl, diff in _norm_renames(depth, single, approx).items()}
+    return from_diffusers(sd, module_map(depth, single, hidden, mlp, approx), _final, renames,
+                          "diffusers FLUX state dict")

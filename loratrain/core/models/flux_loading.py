@@ -7,6 +7,10 @@ reads only the files' headers and says where each part comes from, so a missing 
 anything loads; `load_flux` then reads only those tensors. Sizes come from the tensors' shapes over the configs
 shipped in `configs/models/flux/` (so tiny test models load with the same code); fp8-stored weights (float8_e4m3fn /
 e5m2, as in `flux1-dev-fp8`) are upcast to the compute dtype as they are read.
+
+Chroma (a FLUX.1 derivative without CLIP-L, core/models/chroma.py) loads through the same path: detected from its
+keys (`distilled_guidance_layer.*`), or named with `model_type` (sd-scripts' --model_type flux|chroma; a mismatch with
+the file is an error); it needs no `--clip_l` (one given is reported unused), T5-XXL and the AE are FLUX.1's.
 """
 from __future__ import annotations
 
@@ -20,12 +24,15 @@ import torch
 
 from ..errors import ConfigError
 from ..paths import confine, roots
+from .chroma import build_transformer
 from .flux import FluxConfig, FluxTransformer, flux_config_from_shapes, flux_prefix
 
 #: a tensor each part always has, after the part's prefix (found in a file by its suffix)
 CLIP_MARK = "text_model.encoder.layers.0.self_attn.q_proj.weight"
 T5_MARK = "encoder.block.0.layer.0.SelfAttention.q.weight"
 AE_MARK = "encoder.down.0.block.0.conv1.weight"
+#: sd-scripts' --model_type values ("auto": from the file's keys)
+MODEL_TYPES = ("auto", "flux", "chroma")
 #: AutoencoderKL shift of FLUX.1's latents, z = (x - shift) * scale, for a diffusers config that lacks it (ae.json has it)
 AE_SHIFT = 0.1159
 
@@ -42,11 +49,12 @@ class Part:
 @dataclass(frozen=True)
 class FluxSources:
     transformer: Part
-    clip_l: Part
+    clip_l: Part | None  # None for Chroma (no CLIP-L)
     t5xxl: Part
     ae: Part
     t5_tokenizer: Path
     config: FluxConfig
+    notes: tuple[str, ...] = ()  # what was given but is not used (a --clip_l with Chroma)
 
 
 def _shapes(path: Path, what: str) -> dict[str, tuple[int, ...]]:
@@ -91,8 +99,9 @@ def is_flux_model(model: str | Path) -> bool:
         path = confine(Path(model).expanduser(), "pretrained_model_name_or_path")
         if path.is_dir():
             configs = (path / "model_index.json", path / "transformer" / "config.json")
-            return any(cfg.is_file() and "Flux" in json.loads(confine(cfg, "model file").read_text(encoding="utf-8"))
-                       .get("_class_name", "") for cfg in configs)
+            names = [json.loads(confine(cfg, "model file").read_text(encoding="utf-8")).get("_class_name", "")
+                     for cfg in configs if cfg.is_file()]
+            return any("Flux" in n or "Chroma" in n for n in names)
         return path.is_file() and flux_prefix(_shapes(path, "model")) is not None
     except Exception:  # noqa: BLE001 - only a probe
         return False
@@ -112,11 +121,13 @@ def _part_in(path: Path, shapes: dict[str, Any], mark: str, option: str, what: s
     return Part(path, prefix)
 
 
-def flux_sources(model: str, clip_l: str = "", t5xxl: str = "", ae: str = "", t5_tokenizer: str = "") -> FluxSources:
+def flux_sources(model: str, clip_l: str = "", t5xxl: str = "", ae: str = "", t5_tokenizer: str = "",
+                 model_type: str = "auto") -> FluxSources:
     """Where each FLUX.1 part comes from, from headers only; ConfigError naming the option of the first part missing.
 
     A separate file (`--clip_l`, `--t5xxl`, `--ae`) wins; else the part inside the main single file (ComfyUI's
-    all-in-one layout) or the diffusers folder's subfolder is used."""
+    all-in-one layout) or the diffusers folder's subfolder is used. `model_type` flux / chroma must be what the
+    transformer's keys say (auto: whichever they say); Chroma takes no CLIP-L."""
     root = confine(Path(model).expanduser(), "pretrained_model_name_or_path")
     if not root.exists():
         raise ConfigError(f"pretrained_model_name_or_path: model not found: {model}")
@@ -138,6 +149,7 @@ def flux_sources(model: str, clip_l: str = "", t5xxl: str = "", ae: str = "", t5
         main = _shapes(root, "pretrained_model_name_or_path")
         config = flux_config_from_shapes(main, str(root))
         transformer = Part(root, flux_prefix(main) or "")
+    _check_model_type(model_type, config, root)
 
     def part(value: str, option: str, mark: str, what: str, sub: str) -> Part:
         if value:
@@ -151,15 +163,23 @@ def flux_sources(model: str, clip_l: str = "", t5xxl: str = "", ae: str = "", t5
         raise ConfigError(f"{option}: FLUX.1 needs the {what} ({option} FILE.safetensors); "
                           f"{root.name} does not contain it")
 
-    clip = part(clip_l, "clip_l", CLIP_MARK, "CLIP-L text encoder", "text_encoder")
-    t5 = part(t5xxl, "t5xxl", T5_MARK, "T5-XXL text encoder", "text_encoder_2")
+    notes: tuple[str, ...] = ()
+    if config.chroma:  # Chroma has no CLIP-L: sd-scripts builds a dummy one; nothing is read here
+        clip = None
+        if clip_l:
+            notes = (f"clip_l: {Path(clip_l).name} is unused: Chroma has no CLIP-L text encoder",)
+    else:
+        clip = part(clip_l, "clip_l", CLIP_MARK, "CLIP-L text encoder", "text_encoder")
+    # a diffusers ChromaPipeline folder keeps T5 and its tokenizer as text_encoder / tokenizer (FLUX.1: *_2)
+    t5_sub, tok_sub = ("text_encoder", "tokenizer") if config.chroma else ("text_encoder_2", "tokenizer_2")
+    t5 = part(t5xxl, "t5xxl", T5_MARK, "T5-XXL text encoder", t5_sub)
     vae = part(ae, "ae", AE_MARK, "autoencoder", "vae")
     for p in (transformer, clip, t5, vae):
-        if p.folder:  # a subfolder of the diffusers model folder (a separate part is always a file)
+        if p is not None and p.folder:  # a subfolder of the diffusers model folder (a separate part is always a file)
             _confine_tree(p.path, "pretrained_model_name_or_path")
     _check_ae(vae, config)
-    if t5_tokenizer or (root.is_dir() and (root / "tokenizer_2").is_dir()):
-        tok = confine(Path(t5_tokenizer).expanduser(), "t5_tokenizer") if t5_tokenizer else root / "tokenizer_2"
+    if t5_tokenizer or (root.is_dir() and (root / tok_sub).is_dir()):
+        tok = confine(Path(t5_tokenizer).expanduser(), "t5_tokenizer") if t5_tokenizer else root / tok_sub
         _confine_tree(tok, "t5_tokenizer" if t5_tokenizer else "pretrained_model_name_or_path")
     else:  # shipped with loratrain (none is, so far)
         from loratrain import configs
@@ -171,7 +191,18 @@ def flux_sources(model: str, clip_l: str = "", t5xxl: str = "", ae: str = "", t5
     if not tok.is_dir() or not ((tok / "tokenizer.json").is_file() or (tok / "tokenizer_config.json").is_file()):
         raise ConfigError(f"t5_tokenizer: {tok} is not a tokenizer folder (no tokenizer.json)")
     load_t5_tokenizer(tok)  # a damaged vocabulary is named now, not after the transformer has loaded
-    return FluxSources(transformer, clip, t5, vae, tok, config)
+    return FluxSources(transformer, clip, t5, vae, tok, config, notes)
+
+
+def _check_model_type(model_type: str, config: FluxConfig, root: Path) -> None:
+    """sd-scripts' --model_type is a claim about the file: refused when the keys say otherwise."""
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"model_type: {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+    found = "chroma" if config.chroma else "flux"
+    if model_type != "auto" and model_type != found:
+        what = "a Chroma transformer (distilled_guidance_layer, no per-block modulation)" if config.chroma \
+            else f"a FLUX.1 {config.variant} transformer"
+        raise ConfigError(f"model_type: {model_type}, but {root.name} is {what}; use --model_type {found} (or auto)")
 
 
 def _check_ae(vae: Part, config: FluxConfig) -> None:
@@ -239,7 +270,7 @@ def load_transformer(part: Part, config: FluxConfig, dtype: torch.dtype) -> Flux
             if v.is_floating_point():
                 sd[k] = v.to(dtype)
     with init_empty_weights():
-        model = FluxTransformer(config)
+        model = build_transformer(config)
     _assign(model, sd, f"transformer {part.path}")
     model.fp8_scales = scales  # reused by --fp8_base, so a scaled file's fp8 values come back exactly
     return model
@@ -345,8 +376,8 @@ def load_t5_tokenizer(folder: Path) -> Any:
 
 @dataclass
 class FluxModel:
-    transformer: FluxTransformer
-    clip_l: Any
+    transformer: FluxTransformer  # a chroma.ChromaTransformer for Chroma
+    clip_l: Any  # None for Chroma
     t5xxl: Any
     ae: Any
     clip_tokenizer: Any
@@ -369,8 +400,11 @@ def load_flux(sources: FluxSources, dtype: torch.dtype = torch.float32, encoder_
 
     transformer = load_transformer(sources.transformer, sources.config, dtype)
     ae = load_ae(sources.ae)  # FLUX.1's: flux_sources checked its latent channels
-    parts = [transformer, load_clip_l(sources.clip_l, encoder_dtype or dtype), load_t5xxl(sources.t5xxl, encoder_dtype or dtype), ae]
+    clip = load_clip_l(sources.clip_l, encoder_dtype or dtype) if sources.clip_l is not None else None
+    parts = [transformer, clip, load_t5xxl(sources.t5xxl, encoder_dtype or dtype), ae]
     for m in parts:
-        m.requires_grad_(False)
-        m.eval()
-    return FluxModel(parts[0], parts[1], parts[2], ae, clip_tokenizer(), load_t5_tokenizer(sources.t5_tokenizer), sources)
+        if m is not None:
+            m.requires_grad_(False)
+            m.eval()
+    return FluxModel(parts[0], clip, parts[2], ae, clip_tokenizer() if clip is not None else None,
+                     load_t5_tokenizer(sources.t5_tokenizer), sources)

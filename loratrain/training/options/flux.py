@@ -12,7 +12,7 @@ from loratrain.core.errors import Problem
 from ..flow_matching import FlowMatchOptions
 
 FLUX = "FLUX.1"
-MODEL_FAMILIES = ("auto", "sd", "flux")
+MODEL_FAMILIES = ("auto", "sd", "flux", "sd3")
 #: SD-only options and why they are refused with a FLUX.1 model (FLUX trains on a flow, not a DDPM schedule)
 SD_ONLY = {
     "v_parameterization": "FLUX.1 predicts a velocity; there is no v / epsilon choice",
@@ -51,7 +51,10 @@ FLUX_NETWORKS = ("lora", "networks.lora", "lora_flux", "networks.lora_flux")
 
 class FluxOptions(FlowMatchOptions):
     model_family: str = opt("auto", "auto = from the model's keys; flux = the model must be FLUX.1 (an SD file is refused); "
-                            "sd = SD1/SD2/SDXL", choices=MODEL_FAMILIES, group=FLUX, advanced=True)
+                            "sd = SD1/SD2/SDXL; sd3 = SD3 / SD3.5", choices=MODEL_FAMILIES, group=FLUX, advanced=True)
+    model_type: str = opt("auto", "FLUX.1 family (sd-scripts' --model_type): flux = FLUX.1 dev/schnell, chroma = Chroma "
+                          "(no CLIP-L; needs apply_t5_attn_mask); auto = from the transformer's keys. A type the file "
+                          "is not is refused", choices=("auto", "flux", "chroma"), group=FLUX, advanced=True)
     clip_l: str = opt("", "FLUX.1: the CLIP-L text encoder (.safetensors, transformers CLIPTextModel keys); default: the one "
                           "inside the model file or folder", group=FLUX, path="file")
     t5xxl: str = opt("", "FLUX.1: the T5-XXL text encoder (.safetensors, transformers T5EncoderModel keys; fp16/bf16/fp8)",
@@ -104,15 +107,21 @@ class FluxOptions(FlowMatchOptions):
         if not model:
             return []
         flux_set = [n for n in ("clip_l", "t5xxl", "ae", "t5_tokenizer", "in_dims") if getattr(self, n)]
+        flux_set += ["model_type"] * (self.model_type != "auto")
         flux_set += ["train_blocks"] * (self.train_blocks != "all") + ["split_qkv"] * self.split_qkv
         flux_set += ["blocks_to_swap"] * bool(self.blocks_to_swap) + ["save_diffusers_layout"] * self.save_diffusers_layout
         if not self.is_flux():
+            if getattr(self, "is_sd3", lambda: False)():  # SD3 shares some and refuses the rest (options/sd3.py)
+                return []
             if self.model_family == "sd" or flux_set:
                 return [(n, "a FLUX.1 option, but the model is not FLUX.1") for n in flux_set]
             return []
         out: list[Problem] = []
         try:
-            found = flux_sources(model, self.clip_l, self.t5xxl, self.ae, self.t5_tokenizer)
+            found = flux_sources(model, self.clip_l, self.t5xxl, self.ae, self.t5_tokenizer, self.model_type)
+            if found.config.chroma and not self.apply_t5_attn_mask:  # sd-scripts asserts it for Chroma
+                out.append(("apply_t5_attn_mask", "Chroma needs --apply_t5_attn_mask (it attends only each prompt's "
+                                                  "T5 tokens; sd-scripts refuses Chroma without it)"))
             if self.blocks_to_swap:
                 from loratrain.core.models.block_swap import swap_counts
 

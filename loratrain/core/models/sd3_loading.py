@@ -1,0 +1,254 @@
+"""Load SD3 / SD3.5 (3 medium, 3.5 medium, 3.5 large) for LoRA training: the MMDiT, CLIP-L, CLIP-G, T5-XXL and the
+16-channel VAE.
+
+Why a loader of its own: SAI ships SD3.5 as a transformer file (`model.diffusion_model.*`, often with the VAE as
+`first_stage_model.*` and, in the `..._incl_clips_t5xxl` files, the encoders as `text_encoders.clip_l|clip_g|t5xxl.
+transformer.*`) plus separate encoder files, which sd-scripts names `--clip_l --clip_g --t5xxl --vae`; diffusers ships
+a folder. As for FLUX.1 (flux_loading.py, whose readers this reuses), `sd3_sources` reads headers only and names the
+option of a missing part before anything loads; `load_sd3` then reads just those tensors. Both CLIPs keep their
+`text_projection`: SD3's pooled vector is the projected one (FLUX.1's CLIP-L pooled is not).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..paths import confine
+from .flux_loading import (
+    AE_MARK,
+    CLIP_MARK,
+    T5_MARK,
+    Part,
+    _assign,
+    _confine_tree,
+    _count,
+    _file,
+    _read,
+    _shapes,
+    load_ae,
+    load_t5_tokenizer,
+    load_t5xxl,
+)
+from .sd3 import SD3Config, SD3Transformer, sd3_config_from_shapes, sd3_prefix
+
+#: SD3's VAE latents, z = (x - shift) * scale (sd-scripts' sd3_models.VAE_SHIFT_FACTOR / VAE_SCALE_FACTOR)
+VAE_SCALE, VAE_SHIFT = 1.5305, 0.0609
+#: a CLIP's hidden states and pooled output; SD3 takes the penultimate layer's states
+CLIP_G_ACT, CLIP_L_ACT = "gelu", "quick_gelu"
+
+
+@dataclass(frozen=True)
+class SD3Sources:
+    transformer: Part
+    clip_l: Part
+    clip_g: Part
+    t5xxl: Part
+    vae: Part
+    t5_tokenizer: Path
+    config: SD3Config
+
+
+def is_sd3_model(model: str | Path) -> bool:
+    """Whether a base model is SD3/SD3.5 (an MMDiT single file, or a diffusers folder of an SD3 pipeline), from its
+    header or config alone; False for anything unreadable (the SD loader then says why)."""
+    try:
+        path = confine(Path(model).expanduser(), "pretrained_model_name_or_path")
+        if path.is_dir():
+            configs = (path / "model_index.json", path / "transformer" / "config.json")
+            return any(c.is_file() and "SD3" in json.loads(confine(c, "model file").read_text(encoding="utf-8"))
+                       .get("_class_name", "") for c in configs)
+        return path.is_file() and sd3_prefix(_shapes(path, "model")) is not None
+    except Exception:  # noqa: BLE001 - only a probe
+        return False
+
+
+def _find(shapes: dict[str, Any], mark: str, role: str = "") -> str | None:
+    """The prefix of the part whose keys end in `mark`; with several (an all-in-one file's two CLIPs) the one whose
+    prefix names `role` (SAI's `text_encoders.clip_g.`), else the first."""
+    found = [k[: -len(mark)] for k in shapes if k.endswith(mark)]
+    named = [p for p in found if role and role in p]
+    return (named or found or [None])[0]
+
+
+def sd3_sources(model: str, clip_l: str = "", clip_g: str = "", t5xxl: str = "", vae: str = "",
+                t5_tokenizer: str = "") -> SD3Sources:
+    """Where each SD3 part comes from, from headers only; ConfigError naming the option of the first part missing.
+    A separate file wins; else the part inside the model file, or the diffusers folder's subfolder."""
+    root = confine(Path(model).expanduser(), "pretrained_model_name_or_path")
+    if not root.exists():
+        raise ConfigError(f"pretrained_model_name_or_path: model not found: {model}")
+    main: dict[str, Any] = {}
+    if root.is_dir():
+        if not (root / "transformer" / "config.json").is_file():
+            raise ConfigError(f"pretrained_model_name_or_path: {root} is not a diffusers SD3 folder (no transformer/)")
+        from .sd3_keys import diffusers_to_sd3
+
+        shapes: dict[str, Any] = {}
+        for f in sorted((root / "transformer").glob("*.safetensors")):
+            shapes.update(_shapes(confine(f, "model file"), "pretrained_model_name_or_path"))
+        if not shapes:
+            raise ConfigError(f"pretrained_model_name_or_path: {root}/transformer has no .safetensors weights")
+        native = diffusers_to_sd3({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+        config = sd3_config_from_shapes({k: tuple(v.shape) for k, v in native.items()}, str(root))
+        transformer = Part(root / "transformer", folder=True)
+    else:
+        main = _shapes(root, "pretrained_model_name_or_path")
+        config = sd3_config_from_shapes(main, str(root))
+        transformer = Part(root, sd3_prefix(main) or "")
+
+    def part(value: str, option: str, mark: str, what: str, sub: str, role: str) -> Part:
+        if value:
+            path = _file(value, option)
+            prefix = _find(_shapes(path, option), mark, role)
+            if prefix is None:
+                raise ConfigError(f"{option}: {path} holds no {what} weights (no *{mark})")
+            return Part(path, prefix)
+        if root.is_dir() and (root / sub).is_dir():
+            return Part(root / sub, folder=True)
+        prefix = _find(main, mark, role) if main else None
+        if prefix is not None and (not role or role in prefix):
+            return Part(root, prefix)
+        raise ConfigError(f"{option}: SD3 needs the {what} ({option} FILE.safetensors); {root.name} does not contain it")
+
+    clip_l_part = part(clip_l, "clip_l", CLIP_MARK, "CLIP-L text encoder", "text_encoder", "clip_l")
+    clip_g_part = part(clip_g, "clip_g", CLIP_MARK, "CLIP-G text encoder", "text_encoder_2", "clip_g")
+    t5_part = part(t5xxl, "t5xxl", T5_MARK, "T5-XXL text encoder", "text_encoder_3", "")
+    vae_part = part(vae, "vae", AE_MARK, "VAE", "vae", "")
+    if clip_l_part == clip_g_part:
+        raise ConfigError(f"clip_g: SD3 needs CLIP-G as well as CLIP-L; {clip_l_part.path.name} holds one CLIP only")
+    for p in (transformer, clip_l_part, clip_g_part, t5_part, vae_part):
+        if p.folder:
+            _confine_tree(p.path, "pretrained_model_name_or_path")
+    _check_vae(vae_part, config)
+    tok = _t5_tokenizer(root, t5_tokenizer)
+    return SD3Sources(transformer, clip_l_part, clip_g_part, t5_part, vae_part, tok, config)
+
+
+def _t5_tokenizer(root: Path, value: str) -> Path:
+    if value:
+        tok = confine(Path(value).expanduser(), "t5_tokenizer")
+        if tok.is_dir():
+            _confine_tree(tok, "t5_tokenizer")
+    elif root.is_dir() and (root / "tokenizer_3").is_dir():
+        tok = root / "tokenizer_3"
+        _confine_tree(tok, "pretrained_model_name_or_path")
+    else:
+        from loratrain import configs
+
+        tok = configs.path("tokenizers", "t5")
+        if not tok.is_dir():
+            raise ConfigError("t5_tokenizer: no T5 tokenizer is shipped; pass --t5_tokenizer DIR (a folder with "
+                              "tokenizer.json, e.g. SD3.5's tokenizer_3/ or google/t5-v1_1-xxl's)")
+    if not tok.is_dir() or not ((tok / "tokenizer.json").is_file() or (tok / "tokenizer_config.json").is_file()):
+        raise ConfigError(f"t5_tokenizer: {tok} is not a tokenizer folder (no tokenizer.json)")
+    load_t5_tokenizer(tok)  # a damaged vocabulary is named now, not after the transformer has loaded
+    return tok
+
+
+def _check_vae(vae: Part, config: SD3Config) -> None:
+    """The VAE must be SD3's: no quant convs, latent channels = the transformer's input channels (an SD/SDXL VAE has
+    4 and quant convs), read from its header or config.json."""
+    if vae.folder:
+        cfg_file = vae.path / "config.json"
+        got = json.loads(cfg_file.read_text(encoding="utf-8")).get("latent_channels") if cfg_file.is_file() else None
+        quant = False
+    else:
+        shapes = _shapes(vae.path, "vae")
+        conv_out = shapes.get(vae.prefix + "encoder.conv_out.weight")
+        got = conv_out[0] // 2 if conv_out else None
+        quant = vae.prefix + "quant_conv.weight" in shapes
+    if quant or (got is not None and got != config.in_channels):
+        what = "it has quant_conv layers" if quant else f"{got} latent channels, the transformer takes {config.in_channels}"
+        raise ConfigError(f"vae: {vae.path} is not SD3's VAE ({what}; an SD/SDXL VAE?)")
+
+
+def load_transformer(part: Part, config: SD3Config, dtype: torch.dtype) -> SD3Transformer:
+    from accelerate import init_empty_weights
+
+    from .fp8_linear import dequantize, split_scaled
+
+    if part.folder:
+        from .sd3_keys import diffusers_to_sd3
+
+        sd, scales = diffusers_to_sd3(_read(part, dtype)), {}
+    else:  # native dtypes first: a scaled-fp8 file's float32 scales must not be rounded to `dtype`
+        sd, scales = split_scaled(_read(part, None))
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in dequantize(sd, scales, dtype).items()}
+    with init_empty_weights():
+        model = SD3Transformer(config)
+    _assign(model, sd, f"transformer {part.path}")
+    model.fp8_scales = scales
+    return model
+
+
+def load_clip(part: Part, dtype: torch.dtype, role: str) -> torch.nn.Module:
+    """CLIP-L or CLIP-G as transformers' CLIPTextModelWithProjection (SD3 pools through text_projection). Sizes come
+    from the shapes; the activation from the role (OpenCLIP's bigG uses gelu, OpenAI's L quick_gelu)."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from .text_encoder_keys import to_model_names
+
+    what = f"{role} {part.path}"
+    if part.folder:
+        return CLIPTextModelWithProjection.from_pretrained(part.path, local_files_only=True, torch_dtype=dtype)
+    sd = _read(part, dtype, skip=("logit_scale",))
+    try:
+        vocab, hidden = sd["text_model.embeddings.token_embedding.weight"].shape
+        proj = sd["text_projection.weight"].shape[0]
+        config = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, projection_dim=proj,
+                                num_attention_heads=max(1, hidden // 64), num_hidden_layers=_count(sd, "text_model.encoder.layers."),
+                                intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+                                max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],
+                                hidden_act=CLIP_G_ACT if role == "clip_g" else CLIP_L_ACT, eos_token_id=49407)
+    except KeyError as e:
+        raise ConfigError(f"{what}: missing tensor {e} (SD3 needs the CLIP with its text_projection)") from None
+    with init_empty_weights():
+        model = CLIPTextModelWithProjection(config)
+    _assign(model, to_model_names(model, sd), what, ignore=("text_model.embeddings.position_ids", "embeddings.position_ids"))
+    return model
+
+
+@dataclass
+class SD3Model:
+    transformer: SD3Transformer
+    clip_l: Any
+    clip_g: Any
+    t5xxl: Any
+    ae: Any
+    clip_tokenizer: Any
+    clip_g_tokenizer: Any
+    t5_tokenizer: Any
+    sources: SD3Sources
+
+    @property
+    def config(self) -> SD3Config:
+        return self.transformer.config
+
+    @property
+    def variant(self) -> str:
+        return self.config.variant
+
+
+def load_sd3(sources: SD3Sources, dtype: torch.dtype = torch.float32, encoder_dtype: torch.dtype | None = None) -> SD3Model:
+    """Every part, frozen and in eval mode, on the CPU; the VAE in float32 with SD3's latent shift and scale."""
+    from ..tokenizer import clip_tokenizer
+
+    transformer = load_transformer(sources.transformer, sources.config, dtype)
+    ae = load_ae(sources.vae)
+    if not sources.vae.folder:  # the LDM-key file carries no config: SD3's factors (a diffusers vae/config.json has them)
+        ae.register_to_config(scaling_factor=VAE_SCALE, shift_factor=VAE_SHIFT)
+    enc = encoder_dtype or dtype
+    parts = [transformer, load_clip(sources.clip_l, enc, "clip_l"), load_clip(sources.clip_g, enc, "clip_g"),
+             load_t5xxl(sources.t5xxl, enc), ae]
+    for m in parts:
+        m.requires_grad_(False)
+        m.eval()
+    # sd-scripts pads CLIP-G with token 0 (`!`, as OpenCLIP does) and CLIP-L with <|endoftext|>
+    return SD3Model(parts[0], parts[1], parts[2], parts[3], ae, clip_tokenizer(), clip_tokenizer("!"),
+                    load_t5_tokenizer(sources.t5_tokenizer), sources)

@@ -1,0 +1,104 @@
+"""SD3 / SD3.5 options of `loratrain train`, named as sd-scripts' sd3_train_network.py names them: the CLIP-G file,
+the CLIP masks and lora_sd3's network arguments. The CLIP-L / T5-XXL files, the T5 tokenizer, `--vae`, the flow
+options (weighting_scheme, logit_mean/std, mode_scale, training_shift, apply_t5_attn_mask, t5xxl_max_token_length)
+and `split_qkv` are shared with FLUX.1 and SD.
+
+Why a group of its own: these options mean something only with an SD3 model, and an option of another family would
+silently do nothing there; both directions are named before any model loads.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from loratrain.core.config import opt
+from loratrain.core.errors import Problem
+
+SD3 = "SD3.5"
+#: FLUX.1 options that mean nothing to SD3 (sd-scripts' sd3_train_network.py has no such option), and why
+FLUX_ONLY = {
+    "ae": "SD3's VAE is --vae",
+    "train_blocks": "SD3 blocks are chosen with train_block_indices",
+    "in_dims": "SD3's embedders take emb_dims",
+    "timestep_sampling": "SD3 draws timesteps with weighting_scheme and training_shift",
+    "sigmoid_scale": "SD3 draws timesteps with weighting_scheme and training_shift",
+    "discrete_flow_shift": "SD3's shift is training_shift",
+    "model_prediction_type": "SD3's prediction is always the preconditioned one (noisy - sigma * output)",
+    "guidance_scale": "SD3 has no guidance input",
+    "blocks_to_swap": "not implemented for SD3 yet",
+    "save_diffusers_layout": "not implemented for SD3 yet",
+}
+#: SD1/SDXL options refused with SD3 besides FluxOptions' SD_ONLY list (which names them for FLUX.1)
+SD3_NETWORKS = ("lora", "networks.lora", "lora_sd3", "networks.lora_sd3")
+
+
+class SD3Options(BaseModel):
+    clip_g: str = opt("", "SD3.5: the CLIP-G text encoder (.safetensors with text_projection, transformers "
+                          "CLIPTextModelWithProjection keys); default: the one inside the model file or folder",
+                      group=SD3, path="file")
+    apply_lg_attn_mask: bool = opt(False, "SD3.5: mask CLIP-L's and CLIP-G's padding tokens in the text encoders",
+                                   group=SD3, advanced=True)
+    train_block_indices: str = opt("", "SD3.5 LoRA (network_args train_block_indices): joint blocks that get a LoRA, "
+                                       "all / none / e.g. 0-5,10; empty = all", group=SD3, advanced=True)
+    emb_dims: str = opt("", "SD3.5 LoRA (network_args emb_dims): ranks of context_embedder, t_embedder, x_embedder, "
+                            "y_embedder, final modulation and final linear, e.g. [4,0,0,4,0,4]", group=SD3, advanced=True)
+
+    def emb_dims_list(self) -> list[int] | None:
+        text = self.emb_dims.strip().strip("[]")
+        return [int(v) for v in text.replace(",", " ").split()] if text else None
+
+    def problems(self) -> list[Problem]:
+        try:
+            dims = self.emb_dims_list()
+        except ValueError:
+            return [("emb_dims", f"{self.emb_dims!r}: give 6 integer ranks, e.g. [4,0,0,4,0,4]")]
+        if dims is not None and (len(dims) != 6 or min(dims) < 0):
+            return [("emb_dims", f"{self.emb_dims!r}: give 6 ranks >= 0 (context, t, x, y, final_mod, final_linear)")]
+        return []
+
+    def is_sd3(self) -> bool:
+        from loratrain.core.models.sd3_loading import is_sd3_model
+
+        family = getattr(self, "model_family", "auto")
+        if family != "auto":
+            return family == "sd3"
+        model = getattr(self, "pretrained_model_name_or_path", "")
+        return bool(model) and is_sd3_model(model)
+
+    def requirements(self) -> list[Problem]:
+        """With an SD3 model: every part found (headers only), lora_sd3's block selection valid, and no option of
+        another family set; with any other model: no SD3 option set."""
+        from loratrain.core.errors import ConfigError
+        from loratrain.core.models.sd3_loading import sd3_sources
+
+        from .flux import SD_ONLY
+
+        model = getattr(self, "pretrained_model_name_or_path", "")
+        if not model:
+            return []
+        own = [n for n in ("clip_g", "train_block_indices", "emb_dims") if getattr(self, n)]
+        own += ["apply_lg_attn_mask"] * self.apply_lg_attn_mask + ["training_shift"] * (getattr(self, "training_shift", 1.0) != 1.0)
+        if not self.is_sd3():
+            return [(n, "an SD3.5 option, but the model is not SD3/SD3.5") for n in own]
+        out: list[Problem] = []
+        try:
+            found = sd3_sources(model, getattr(self, "clip_l", ""), self.clip_g, getattr(self, "t5xxl", ""),
+                                getattr(self, "vae", "") or "", getattr(self, "t5_tokenizer", ""))
+            if self.train_block_indices:
+                from loratrain.core.lora.sd3_network import parse_block_selection
+
+                parse_block_selection(self.train_block_indices, found.config.num_layers)
+        except ConfigError as e:
+            field, _, text = str(e).partition(": ")
+            if field.startswith("network_args train_block_indices"):
+                field, text = "train_block_indices", str(e)
+            out.append((field, text) if field in type(self).model_fields else ("pretrained_model_name_or_path", str(e)))
+        defaults = type(self).model_fields
+        refused = {k: v for k, v in SD_ONLY.items() if k != "vae"} | FLUX_ONLY
+        for name, why in refused.items():
+            if name in defaults and getattr(self, name) != defaults[name].get_default(call_default_factory=True):
+                out.append((name, f"not with an SD3 model: {why}"))
+        if getattr(self, "network_module", "lora") not in SD3_NETWORKS:
+            out.append(("network_module", f"{self.network_module}: SD3 trains networks.lora_sd3 (LoRA) only so far"))
+        if getattr(self, "loss_type", "l2") not in ("l2", "l1"):
+            out.append(("loss_type", f"{self.loss_type}: SD3 trains with l2 or l1 here (huber not yet)"))
+        return out
