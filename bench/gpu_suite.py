@@ -5,7 +5,7 @@
 
 Rows: SD1.5 LoRA at 512 px bf16, batch 1/4/8 (it/s, peak GPU memory, MFU); the same through kohya's sd-scripts
 when its tree is given (same model file, images, rank and steps); SDXL LoRA at 1024 px (peak memory); FLUX.1
-(not built yet); face training it/s (DF and LIAE, 256 px, bf16); swap frames/s on 1080x1080 frames; tagger
+LoRA at FLUX.1-dev's shapes (bench/flux_train.py's rows); face training it/s (DF and LIAE, 256 px, bf16); swap frames/s on 1080x1080 frames; tagger
 images/s with onnxruntime's CUDA provider. Each row runs an existing bench (`bench/<name>.py`) in its own
 process with GPU settings and parses what it prints, so the suite and the benches cannot drift apart; the models
 are random-weight builds with real shapes (nothing is downloaded). A row that fails (a missing package, no
@@ -279,8 +279,34 @@ def sdxl(s: Suite) -> None:
     s.rows.append(row)
 
 
+FLUX_LINE = re.compile(r"^(.+?)\s+step ([\d.]+) s\s+peak (\d+) MiB(?:\s+time x([\d.]+))?")
+
+
+def parse_flux(text: str) -> list[dict]:
+    """bench/flux_train.py's result lines: name, seconds per step, peak MiB, step time against all-on-GPU (or None)."""
+    rows = []
+    for line in text.splitlines():
+        m = FLUX_LINE.match(line.strip())
+        if m:
+            rows.append({"name": m.group(1).strip(), "step_s": float(m.group(2)), "peak_mib": int(m.group(3)),
+                         "time_ratio": float(m.group(4)) if m.group(4) else None})
+    return rows
+
+
+PARSERS["flux_train.py"] = parse_flux
+
+
 def flux(s: Suite) -> None:
-    s.rows.append(Row("FLUX.1 LoRA", "not built yet"))
+    """bench/flux_train.py: FLUX.1-dev shapes, 1024 px, rank 16: all on GPU, bf16 + swap, fp8 + swap, diffusers+PEFT."""
+    args = ["--tiny", "--steps", "1", "--warmup", "1"] if s.tiny else ["--steps", "4", "--warmup", "2"]
+    rc, text, limit = s.bench("flux_train.py", args, 300)
+    rows = parse_flux(text)
+    if not rows:
+        s.rows.append(Row("FLUX.1 LoRA 1024px rank 16", failure(text, rc, limit)))
+        return
+    for r in rows:
+        note = f"step time x{r['time_ratio']:.2f} of all-on-GPU" if r["time_ratio"] else ""
+        s.rows.append(Row(f"FLUX.1 LoRA {r['name']}", f"{1 / r['step_s']:.2f} it/s", f"{r['peak_mib']:,} MiB", note=note))
 
 
 def face_train(s: Suite) -> None:

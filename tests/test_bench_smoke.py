@@ -61,7 +61,8 @@ def test_tiny_benches_run(script, tmp_path):
         figures = {"train_throughput.py": lambda g: [*g["ours"], *g["plain"]],
                    "face_train.py": lambda g: [r[k] for r in g for k in ("full", "alone", "peak_mib")] + [len(g) == 2],
                    "face_swap.py": lambda g: [g["ceiling"], g["peak_mib"], *g["fps"].values()] + [len(g["fps"]) == 2],
-                   "tagger.py": lambda g: [g["pipeline"], g["model"], g["provider"] == "CPUExecutionProvider"]}[script](got)
+                   "tagger.py": lambda g: [g["pipeline"], g["model"], g["provider"] == "CPUExecutionProvider"],
+                   "flux_train.py": lambda g: [r[k] for r in g for k in ("step_s", "peak_mib")] + [len(g) >= 3]}[script](got)
         assert all(v and v > 0 for v in figures), (script, got, res.stdout[-1500:])
 
 
@@ -96,9 +97,8 @@ def test_gpu_suite_parts(tmp_path):
     # a row whose bench fails says why in its cell, and the table still prints
     s = suite.Suite(budget=60, tmp=tmp_path, peak=None, sd_scripts=tmp_path / "no_such_tree", tiny=True)
     suite.sd_scripts(s)
-    suite.flux(s)
     text = suite.table(s.rows)
-    assert "no_such_tree/train_network.py not found" in text and "not built yet" in text
+    assert "no_such_tree/train_network.py not found" in text
     rc, out, _ = s.run([sys.executable, "-c", "import surely_not_installed_pkg"], 30)
     assert rc == 1 and suite.failure(out, rc, 30) == "missing package: surely_not_installed_pkg"
 
@@ -119,7 +119,8 @@ def test_gpu_suite_rows_at_tiny_size(tmp_path):
                  "face training df", "face training liae"):
         assert rows[name][0].endswith("it/s") and rows[name][1].endswith("MiB"), (name, rows[name])
     assert rows["sd-scripts SD1.5 LoRA 64px fp32 batch 2"][0] == "3.00 it/s"
-    assert rows["FLUX.1 LoRA"][0] == "not built yet"
+    flux = {k: v for k, v in rows.items() if k.startswith("FLUX.1 LoRA ")}
+    assert len(flux) >= 3 and all(v[0].endswith("it/s") and v[1].endswith("MiB") for v in flux.values()), flux
     assert rows["face swap, detecting faces 128x128"][0].endswith("frames/s")
     assert rows["face swap, faces from a dst faceset 128x128"][0].endswith("frames/s")
     assert rows["tagger small"][0].endswith("images/s")
