@@ -59,6 +59,11 @@ def run_lora_bake(cfg: BakeConfig, reporter: Reporter, stop: StopFlag) -> BakeRe
     flux = open_flux(cfg.model)
     if flux is not None:  # a FLUX.1 transformer: its own planner, this module's writer (flux_bake.py)
         return bake_flux(cfg, flux, out, reporter, stop)  # type: ignore[return-value]
+    from .sd3_tools import bake_sd3, open_sd3
+
+    sd3 = open_sd3(cfg.model)
+    if sd3 is not None:  # an SD3 MMDiT file: its module table from its shapes (sd3_tools.py)
+        return bake_sd3(cfg, sd3, out, reporter, stop)  # type: ignore[return-value]
     model, family = open_model(cfg.model, "model")
     try:
         if out.resolve() == model.path.resolve():

@@ -48,6 +48,11 @@ def run_lora_extract(cfg: LoraExtractConfig, reporter: Reporter, stop: StopFlag)
     flux = open_flux(cfg.model_org)
     if flux is not None:  # FLUX.1: its own module list (flux_extract.py)
         return extract_flux(cfg, flux, out, reporter, stop)  # type: ignore[return-value]
+    from .sd3_tools import extract_sd3, open_sd3
+
+    sd3 = open_sd3(cfg.model_org)
+    if sd3 is not None:  # SD3: the module table from the checkpoint's shapes (sd3_tools.py)
+        return extract_sd3(cfg, sd3, out, reporter, stop)  # type: ignore[return-value]
     org, fam = open_model(cfg.model_org, "base model")
     tuned, fam_t = open_model(cfg.model_tuned, "tuned model")
     try:

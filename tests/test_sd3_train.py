@@ -245,3 +245,32 @@ def test_generate_and_grid_with_an_sd3_model_and_lora(sd3_files, tmp_path):
     assert res.returncode == 2 and "guidance" in res.stderr, res.stderr[-2000:]
     res = run("generate", "--ae", str(sd3_files["clip_l"]), "--output", str(tmp_path / "bad.png"))
     assert res.returncode == 2 and "ae" in res.stderr and not (tmp_path / "bad.png").exists(), res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("clip, words", [
+    ((64, 32), "hidden sizes 16 + 64 = 80 are wider than this transformer's context (32)"),
+    ((16, 48), "pooled sizes 32 + 48 = 80, this transformer's pooled_projection_dim is 64"),
+])
+def test_a_clip_g_that_does_not_fit_the_transformer_is_named_before_latents(sd3_files, tmp_path, clip, words):
+    """A wrong CLIP-G (wider hidden states, another projection) was found only inside encoding or the first step."""
+    wrong = _save(_clip(*clip), tmp_path / "wrong_g.safetensors")
+    res = _cli(_args(sd3_files, tmp_path / "o", "--clip_g", str(wrong), skip=("clip_g",)))
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "error: clip_g:" in res.stderr and words in res.stderr, res.stderr[-2000:]
+    assert "caching" not in res.stdout + res.stderr and not (tmp_path / "o").exists()
+
+
+def test_the_same_clip_twice_through_dot_dot_is_refused(sd3_files, tmp_path):
+    same = sd3_files["clip_l"].parent / "t5_tok" / ".." / sd3_files["clip_l"].name
+    res = _cli(_args(sd3_files, tmp_path / "o", "--clip_g", str(same), skip=("clip_g",)))
+    assert res.returncode == 2 and "clip_g" in res.stderr and "one CLIP only" in res.stderr, res.stderr[-2000:]
+
+
+def test_a_flux_lora_as_network_weights_is_named_before_loading(sd3_files, tmp_path):
+    from loratrain.core.lora.flux_network import create_flux_lora, kohya_flux_state_dict
+    from loratrain.core.models.flux import FLUX_TINY
+
+    flux_lora = _save(kohya_flux_state_dict(create_flux_lora(FLUX_TINY, 4, 1.0)), tmp_path / "flux_lora.safetensors")
+    res = _cli(_args(sd3_files, tmp_path / "o", "--network_weights", str(flux_lora)))
+    assert res.returncode == 2 and "network_weights" in res.stderr and "double_blocks" in res.stderr, res.stderr[-2000:]
+    assert "caching" not in res.stdout + res.stderr and not (tmp_path / "o" / "s.safetensors").exists()

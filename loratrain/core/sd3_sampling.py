@@ -72,7 +72,11 @@ def encode_texts(sd3: SD3Model, texts: list[str], opts: SD3TextOptions) -> Cond:
         raise ConfigError(f"SD3 text encoders do not fit this transformer: CLIP-L + CLIP-G give {lg.shape[-1]} channels, "
                           f"T5 {t5.shape[-1]}; its context_embedder takes {width}")
     context = torch.cat([F.pad(lg, (0, width - lg.shape[-1])), t5], dim=-2)
-    return context, torch.cat([l_pooled.to(dev), g_pooled.to(dev)], dim=-1)
+    pooled = torch.cat([l_pooled.to(dev), g_pooled.to(dev)], dim=-1)
+    if pooled.shape[-1] != sd3.config.pooled_projection_dim:  # a folder's config may lack the sizes sd3_sources checks
+        raise ConfigError(f"SD3 text encoders do not fit this transformer: CLIP-L + CLIP-G pool {pooled.shape[-1]} "
+                          f"channels; its pooled_projection_dim is {sd3.config.pooled_projection_dim}")
+    return context, pooled
 
 
 def encode_text(sd3: SD3Model, text: str, opts: SD3TextOptions) -> Cond:

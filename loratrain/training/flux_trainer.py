@@ -88,7 +88,8 @@ class FluxLoRATrainer(LoRATrainer):
                                           cfg.optimizer_args)
         n_proc = self.accelerator.num_processes
         self.plan = self.data.plan(cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.max_train_epochs, processes=n_proc)
-        log(self.plan.describe([s.batch_size * n_proc for s in self.data.specs]))
+        log(self.plan.describe([s.batch_size * n_proc for s in self.data.specs])
+            + (f" (batch {cfg.train_batch_size} per process x {n_proc} processes)" if n_proc > 1 else ""))
         self.dataset_meta = dataset_metadata(self.data)
         try:
             self.scheduler = create_scheduler(cfg.lr_scheduler_type or cfg.lr_scheduler, self.optimizer, self.plan.max_train_steps,

@@ -119,12 +119,13 @@ def sd3_sources(model: str, clip_l: str = "", clip_g: str = "", t5xxl: str = "",
     clip_g_part = part(clip_g, "clip_g", CLIP_MARK, "CLIP-G text encoder", "text_encoder_2", "clip_g")
     t5_part = part(t5xxl, "t5xxl", T5_MARK, "T5-XXL text encoder", "text_encoder_3", "")
     vae_part = part(vae, "vae", AE_MARK, "VAE", "vae", "")
-    if clip_l_part == clip_g_part:
+    if (clip_l_part.path.resolve(), clip_l_part.prefix) == (clip_g_part.path.resolve(), clip_g_part.prefix):  # `a/../x`
         raise ConfigError(f"clip_g: SD3 needs CLIP-G as well as CLIP-L; {clip_l_part.path.name} holds one CLIP only")
     for p in (transformer, clip_l_part, clip_g_part, t5_part, vae_part):
         if p.folder:
             _confine_tree(p.path, "pretrained_model_name_or_path")
     _check_vae(vae_part, config)
+    _check_widths(clip_l_part, clip_g_part, t5_part, config)
     tok = _t5_tokenizer(root, t5_tokenizer)
     return SD3Sources(transformer, clip_l_part, clip_g_part, t5_part, vae_part, tok, config)
 
@@ -148,6 +149,39 @@ def _t5_tokenizer(root: Path, value: str) -> Path:
         raise ConfigError(f"t5_tokenizer: {tok} is not a tokenizer folder (no tokenizer.json)")
     load_t5_tokenizer(tok)  # a damaged vocabulary is named now, not after the transformer has loaded
     return tok
+
+
+def _width(part: Part, option: str, mark: str, axis: int, key: str, fields: tuple[str, ...]) -> tuple[int | None, ...]:
+    """From a part's header (or config.json): the width of the `mark` tensor's `axis` and of `key`'s first axis
+    (None where absent: the loader then names what is missing)."""
+    if part.folder:
+        cfg_file = part.path / "config.json"
+        cfg = json.loads(confine(cfg_file, option).read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+        return tuple(cfg.get(f) for f in fields)
+    shapes = _shapes(part.path, option)
+    marked, extra = shapes.get(part.prefix + mark), shapes.get(part.prefix + key) if key else None
+    return (marked[axis] if marked else None, extra[0] if extra else None)
+
+
+def _check_widths(clip_l: Part, clip_g: Part, t5: Part, config: SD3Config) -> None:
+    """The encoders must fit the transformer: CLIP-L's and CLIP-G's hidden states side by side no wider than the
+    context_embedder's input (they are zero-padded up to it), T5's as wide, and the two projected pooled vectors
+    summing to pooled_projection_dim. Checked from headers, so a wrong file is named before latents are cached rather
+    than as a matrix-shape error inside the first training step (the pooled vector is only used there)."""
+    l_hidden, l_proj = _width(clip_l, "clip_l", CLIP_MARK, 0, "text_projection.weight", ("hidden_size", "projection_dim"))
+    g_hidden, g_proj = _width(clip_g, "clip_g", CLIP_MARK, 0, "text_projection.weight", ("hidden_size", "projection_dim"))
+    (t5_width, _) = _width(t5, "t5xxl", T5_MARK, 1, "", ("d_model", "d_model"))
+    ctx, pooled = config.joint_attention_dim, config.pooled_projection_dim
+    names = f"CLIP-L {clip_l.path.name}, CLIP-G {clip_g.path.name}"
+    if l_hidden and g_hidden and l_hidden + g_hidden > ctx:
+        raise ConfigError(f"clip_g: with clip_l, {names}: hidden sizes {l_hidden} + {g_hidden} = {l_hidden + g_hidden} are "
+                          f"wider than this transformer's context ({ctx}); wrong CLIP file for this model?")
+    if t5_width and t5_width != ctx:
+        raise ConfigError(f"t5xxl: {t5.path.name} has width {t5_width}, this transformer's context takes {ctx}; "
+                          "wrong T5 file for this model?")
+    if l_proj and g_proj and l_proj + g_proj != pooled:
+        raise ConfigError(f"clip_g: with clip_l, {names}: pooled sizes {l_proj} + {g_proj} = {l_proj + g_proj}, this "
+                          f"transformer's pooled_projection_dim is {pooled}; wrong CLIP file for this model?")
 
 
 def _check_vae(vae: Part, config: SD3Config) -> None:

@@ -87,6 +87,7 @@ class SD3Options(BaseModel):
                 from loratrain.core.lora.sd3_network import parse_block_selection
 
                 parse_block_selection(self.train_block_indices, found.config.num_layers)
+            out += _weights_problems(getattr(self, "network_weights", ""), found.config)
         except ConfigError as e:
             field, _, text = str(e).partition(": ")
             if field.startswith("network_args train_block_indices"):
@@ -102,3 +103,28 @@ class SD3Options(BaseModel):
         if getattr(self, "loss_type", "l2") not in ("l2", "l1"):
             out.append(("loss_type", f"{self.loss_type}: SD3 trains with l2 or l1 here (huber not yet)"))
         return out
+
+
+def _weights_problems(value: str, config: object) -> list[Problem]:
+    """`--network_weights` FILE must name modules of this SD3 model (a FLUX or SD LoRA is refused before anything
+    loads, from the file's header); a training-state folder is checked when it loads."""
+    from pathlib import Path
+
+    from loratrain.core.lora.sd3_network import kohya_name, linear_shapes
+    from loratrain.core.paths import confine
+
+    if not value or not value.endswith(".safetensors") or not Path(value).is_file():
+        return []
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(confine(value, "network_weights")), framework="pt") as f:
+            names = {k.split(".", 1)[0] for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - an unreadable header is the user's file problem
+        return [("network_weights", f"{value} is not a readable .safetensors file ({e})")]
+    known = {kohya_name(p) for p in linear_shapes(config)}  # type: ignore[arg-type]
+    unknown = sorted(n for n in names if n not in known and not n.startswith("lora_te"))
+    if unknown:
+        return [("network_weights", f"{value}: module {unknown[0]} is not a layer of this SD3 model (a LoRA for "
+                                    "another model or SD3 size?)")]
+    return []
