@@ -274,3 +274,20 @@ def test_a_flux_lora_as_network_weights_is_named_before_loading(sd3_files, tmp_p
     res = _cli(_args(sd3_files, tmp_path / "o", "--network_weights", str(flux_lora)))
     assert res.returncode == 2 and "network_weights" in res.stderr and "double_blocks" in res.stderr, res.stderr[-2000:]
     assert "caching" not in res.stdout + res.stderr and not (tmp_path / "o" / "s.safetensors").exists()
+
+
+def test_sd3_blocks_to_swap_and_fp8_train_what_the_plain_run_trains(sd3_files, tmp_path):
+    """On the CPU swapping saves nothing, but a swapped block that ran without its weights would change the result:
+    the file must equal an unswapped run's bit for bit; fp8 base weights train too (and differ: they are rounded)."""
+    runs = {}
+    for label, extra in (("plain", ()), ("swap", ("--blocks_to_swap", "3")), ("fp8", ("--fp8_base", "--blocks_to_swap", "1"))):
+        res = _cli(_args(sd3_files, tmp_path / label, "--max_train_steps", "2", *extra))
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        runs[label], _ = _tensors(tmp_path / label / "s.safetensors")
+        if label == "swap":
+            assert "the last 3 joint blocks" in res.stdout + res.stderr
+    assert all(torch.equal(runs["plain"][k], runs["swap"][k]) for k in runs["plain"])
+    assert runs["fp8"].keys() == runs["plain"].keys()
+    assert all(torch.isfinite(v).all() for v in runs["fp8"].values())
+    res = _cli(_args(sd3_files, tmp_path / "bad", "--blocks_to_swap", "9"))
+    assert res.returncode == 2 and "blocks_to_swap" in res.stderr and "this model has 4" in res.stderr, res.stderr[-2000:]

@@ -48,17 +48,9 @@ class SD3LoRATrainer(FluxLoRATrainer):
                           f"{sources.vae.path.name}); T5 tokens {self.t5_len}")
 
     def _place(self, transformer: torch.nn.Module, weight_dtype: torch.dtype):
-        cfg = self.cfg
-        torch.nn.Module.to(transformer, dtype=weight_dtype)
-        if cfg.fp8_base or getattr(cfg, "fp8_base_unet", False):
-            from loratrain.core.models.fp8_linear import parameter_bytes, store_in_fp8
+        from .flux_memory import place_transformer  # fp8_base (the joint blocks' Linears), blocks_to_swap (joint blocks)
 
-            before = parameter_bytes(transformer)
-            n = store_in_fp8(transformer, weight_dtype, getattr(transformer, "fp8_scales", None), parts=FP8_PARTS)
-            self.reporter.log(f"fp8 base weights: {n} Linears of the joint blocks stored in float8_e4m3fn: "
-                              f"{before / 2**30:.2f} -> {parameter_bytes(transformer) / 2**30:.2f} GiB")
-        torch.nn.Module.to(transformer, self.device)
-        return None  # blocks_to_swap is refused for SD3 by its options
+        return place_transformer(transformer, self.cfg, self.device, weight_dtype, self.reporter.log, fp8_parts=FP8_PARTS)
 
     def _build_network(self) -> SD3Network:
         cfg = self.cfg

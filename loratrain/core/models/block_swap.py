@@ -1,4 +1,4 @@
-"""`--blocks_to_swap N` for FLUX.1: the last transformer blocks live in host memory and visit the GPU only to run.
+"""`--blocks_to_swap N` for FLUX.1 and SD3: the last transformer blocks live in host memory and visit the GPU only to run.
 
 Why: FLUX.1's 57 blocks are 23.8 GB in bf16. Training a LoRA needs the frozen base weights only for the matmuls
 that run right now, so the blocks that do not fit stay in (pinned) host memory and each is copied to the device just
@@ -8,7 +8,8 @@ gradients and optimizer state stay on the device.
 
 N means what it means in sd-scripts (flux_models.Flux.enable_block_swap): N // 2 double blocks and (N - N // 2) * 2
 single blocks (a double block weighs about two single ones), the last ones of each list. sd-scripts allows up to 35
-for FLUX.1 (2 of each kind stay resident); here every block may swap.
+for FLUX.1 (2 of each kind stay resident); here every block may swap. For SD3 it is the last N joint blocks (sd-scripts
+allows num_blocks - 2; here all may swap).
 
 Order: forward runs the blocks 0..56, and in backward gradient checkpointing recomputes them 56..0, so "the next
 block" is the following one in forward and the preceding one in backward (told apart by autograd's graph task). A
@@ -47,15 +48,27 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
+def swap_layout(model: nn.Module, blocks_to_swap: int) -> tuple[list[nn.Module], set[int]]:
+    """(blocks in execution order, indices of the swapped ones) in sd-scripts' meaning for the model's family: FLUX.1
+    swaps N // 2 double and (N - N // 2) * 2 single blocks; SD3's MMDiT (sd3_models.MMDiT.enable_block_swap) the last
+    N joint blocks."""
+    if hasattr(model, "joint_blocks"):
+        blocks = list(model.joint_blocks)
+        if not 0 <= blocks_to_swap <= len(blocks):
+            raise ConfigError(f"blocks_to_swap: {blocks_to_swap} joint blocks; this model has {len(blocks)}")
+        return blocks, set(range(len(blocks) - blocks_to_swap, len(blocks)))
+    doubles, singles = swap_counts(len(model.double_blocks), len(model.single_blocks), blocks_to_swap)
+    blocks = [*model.double_blocks, *model.single_blocks]
+    depth = len(model.double_blocks)
+    return blocks, set(range(depth - doubles, depth)) | set(range(len(blocks) - singles, len(blocks)))
+
+
 class BlockSwap:
     """Keeps the last blocks of a FluxTransformer on the host and streams them in; `remove()` undoes the hooks."""
 
     def __init__(self, model: nn.Module, blocks_to_swap: int, device: torch.device | str, *, poison: bool = False) -> None:
         self.model, self.device = model, torch.device(device)
-        doubles, singles = swap_counts(len(model.double_blocks), len(model.single_blocks), blocks_to_swap)
-        self.blocks: list[nn.Module] = [*model.double_blocks, *model.single_blocks]  # execution order
-        depth = len(model.double_blocks)
-        self.swapped = set(range(depth - doubles, depth)) | set(range(len(self.blocks) - singles, len(self.blocks)))
+        self.blocks, self.swapped = swap_layout(model, blocks_to_swap)
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.events: list[tuple[str, int]] = []  # ("load" | "use" | "free", block): what the tests check
@@ -167,7 +180,11 @@ def enable_block_swap(model: nn.Module, blocks_to_swap: int, device: torch.devic
     """Place `model` on `device` except its swapped blocks' frozen weights, which stream in as they run."""
     swap = BlockSwap(model, blocks_to_swap, device, poison=poison)
     if log is not None:
-        doubles = sum(i < len(model.double_blocks) for i in swap.swapped)
-        log(f"blocks_to_swap {blocks_to_swap}: {doubles} double and {len(swap.swapped) - doubles} single blocks "
-            f"({swap.bytes_on_host / 2**30:.2f} GiB) stay in host memory and are copied in as they run")
+        if hasattr(model, "joint_blocks"):
+            what = f"the last {len(swap.swapped)} joint blocks"
+        else:
+            doubles = sum(i < len(model.double_blocks) for i in swap.swapped)
+            what = f"{doubles} double and {len(swap.swapped) - doubles} single blocks"
+        log(f"blocks_to_swap {blocks_to_swap}: {what} ({swap.bytes_on_host / 2**30:.2f} GiB) stay in host memory and are "
+            "copied in as they run")
     return swap

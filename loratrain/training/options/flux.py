@@ -66,13 +66,16 @@ class FluxOptions(FlowMatchOptions):
                             choices=("all", "single", "double"), group=FLUX, advanced=True)
     split_qkv: bool = opt(False, "FLUX.1 LoRA (network_args split_qkv): one LoRA per q / k / v (and MLP-in) slice of the "
                                  "fused Linears", group=FLUX, advanced=True)
-    blocks_to_swap: int = opt(0, "FLUX.1: keep this many of the last transformer blocks in host memory and copy each to "
-                                 "the GPU just before it runs (sd-scripts' meaning: N//2 double and (N-N//2)*2 single "
-                                 "blocks); less GPU memory, slower steps; needs gradient_checkpointing", ge=0,
-                              group=FLUX, advanced=True)
+    blocks_to_swap: int = opt(0, "FLUX.1 / SD3: keep this many of the last transformer blocks in host memory and copy "
+                                 "each to the GPU just before it runs (sd-scripts' meaning: FLUX N//2 double and "
+                                 "(N-N//2)*2 single blocks, SD3 the last N joint blocks); less GPU memory, slower steps; "
+                                 "needs gradient_checkpointing", ge=0, group=FLUX, advanced=True)
     save_diffusers_layout: bool = opt(False, "FLUX.1: also write each saved LoRA in the diffusers layout (`transformer.*` "
                                              "lora_A / lora_B) beside it as <name>.diffusers.safetensors", group=FLUX,
                                       advanced=True)
+    train_t5xxl: bool = opt(False, "FLUX.1 / SD3 LoRA (network_args train_t5xxl): train a LoRA on T5-XXL too (lora_te3_*), "
+                                   "besides the CLIP encoders that train unless network_train_unet_only", group=FLUX,
+                            advanced=True)
     in_dims: str = opt("", "FLUX.1 LoRA (network_args in_dims): ranks of the img, time, vector, guidance, txt input "
                            "embedders, e.g. [4,0,0,0,4]", group=FLUX, advanced=True)
 
@@ -88,6 +91,8 @@ class FluxOptions(FlowMatchOptions):
             return out + [("in_dims", f"{self.in_dims!r}: give 5 integer ranks, e.g. [4,0,0,0,4]")]
         if dims is not None and (len(dims) != 5 or min(dims) < 0):
             out.append(("in_dims", f"{self.in_dims!r}: give 5 ranks >= 0 (img, time, vector, guidance, txt)"))
+        if self.train_t5xxl and getattr(self, "network_train_unet_only", False):
+            out.append(("train_t5xxl", "trains a text encoder, but network_train_unet_only trains the transformer only"))
         return out
 
     def is_flux(self) -> bool:
@@ -110,6 +115,7 @@ class FluxOptions(FlowMatchOptions):
         flux_set += ["model_type"] * (self.model_type != "auto")
         flux_set += ["train_blocks"] * (self.train_blocks != "all") + ["split_qkv"] * self.split_qkv
         flux_set += ["blocks_to_swap"] * bool(self.blocks_to_swap) + ["save_diffusers_layout"] * self.save_diffusers_layout
+        flux_set += ["train_t5xxl"] * self.train_t5xxl
         if not self.is_flux():
             if getattr(self, "is_sd3", lambda: False)():  # SD3 shares some and refuses the rest (options/sd3.py)
                 return []

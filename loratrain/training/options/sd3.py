@@ -24,7 +24,6 @@ FLUX_ONLY = {
     "discrete_flow_shift": "SD3's shift is training_shift",
     "model_prediction_type": "SD3's prediction is always the preconditioned one (noisy - sigma * output)",
     "guidance_scale": "SD3 has no guidance input",
-    "blocks_to_swap": "not implemented for SD3 yet",
     "save_diffusers_layout": "not implemented for SD3 yet",
 }
 #: SD1/SDXL options refused with SD3 besides FluxOptions' SD_ONLY list (which names them for FLUX.1)
@@ -88,6 +87,12 @@ class SD3Options(BaseModel):
 
                 parse_block_selection(self.train_block_indices, found.config.num_layers)
             out += _weights_problems(getattr(self, "network_weights", ""), found.config)
+            swap = getattr(self, "blocks_to_swap", 0)
+            if swap > found.config.num_layers:
+                out.append(("blocks_to_swap", f"{swap} joint blocks; this model has {found.config.num_layers}"))
+            if swap and not getattr(self, "gradient_checkpointing", False):
+                out.append(("blocks_to_swap", "needs --gradient_checkpointing (a swapped block's weights must not be "
+                                              "kept for backward)"))
         except ConfigError as e:
             field, _, text = str(e).partition(": ")
             if field.startswith("network_args train_block_indices"):
