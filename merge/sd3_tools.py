@@ -14,14 +14,11 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from loratrain.core.errors import ConfigError
-from loratrain.core.lora.files import LoraModule, factorize, parse_lora_spec, read_lora
+from loratrain.core.lora.files import LoraModule, parse_lora_spec, read_lora
 from loratrain.core.lora.keys import LoraSite
 from loratrain.core.lora.sd3_network import CONV, kohya_name, linear_shapes
 from loratrain.core.models.sd3 import SD3Config, sd3_config_from_shapes, sd3_prefix
-from loratrain.core.precision import dtype_of
 from loratrain.core.progress import Reporter, StopFlag
 from loratrain.core.safe_io import save_safetensors
 from loratrain.core.tensor_io import LazySafetensors
@@ -95,6 +92,7 @@ def bake_sd3(cfg: BakeConfig, model: LazySafetensors, out: Path, reporter: Repor
 def extract_sd3(cfg: LoraExtractConfig, org: LazySafetensors, out: Path, reporter: Reporter, stop: StopFlag) -> object:
     """A `lora_sd3` file with sd-scripts' default targets (every Linear of every joint block) by truncated SVD of
     tuned - base, one module at a time."""
+    from .flux_extract import extract_modules
     from .lora_extract import LoraExtractResult
 
     tuned = LazySafetensors(cfg.model_tuned, what="tuned model")
@@ -109,18 +107,9 @@ def extract_sd3(cfg: LoraExtractConfig, org: LazySafetensors, out: Path, reporte
             if a is None or b is None or tuple(a.shape) != tuple(b.shape):
                 raise ConfigError(f"{p}.weight: missing or of another shape in {tuned.path.name}")
         t0 = time.perf_counter()
-        dtype = dtype_of(cfg.save_precision)
-        result: dict[str, torch.Tensor] = {}
-        reporter.start(len(chosen), "extract", unit="module")
-        for p in chosen:
-            if stop.is_set():
-                return LoraExtractResult(output=None, stopped=True)
-            delta = tuned.read(p_tuned + p + ".weight").float() - org.read(p_org + p + ".weight").float()
-            up, down = factorize(delta, cfg.dim, cfg.clamp_quantile)
-            name = kohya_name(p)
-            result[f"{name}.lora_up.weight"], result[f"{name}.lora_down.weight"] = up.to(dtype), down.to(dtype)
-            result[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
-            reporter.advance(1)
+        result = extract_modules(cfg, org, tuned, p_org, p_tuned, chosen, reporter, stop)
+        if result is None:
+            return LoraExtractResult(output=None, stopped=True)
         meta = {"ss_network_module": "networks.lora_sd3", "ss_network_dim": str(cfg.dim), "ss_network_alpha": str(cfg.dim),
                 "ss_base_model_version": sd3.variant, "modelspec.architecture": f"stable-diffusion-3-{sd3.variant}/lora",
                 "loratrain.extracted_from": json.dumps([org.path.name, tuned.path.name])}
