@@ -313,3 +313,40 @@ def test_sd3_block_swap_gives_the_same_loss_and_lora_gradients():
     assert all(torch.equal(grads[k], grads_s[k]) for k in grads)
     assert [i for kind, i in sw.events if kind == "use"] == [1, 2, 3, 3, 2, 1]
     assert all(torch.isnan(t).all() for t in sw.model.joint_blocks[-1].parameters())  # "on the host" again
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_diffusers_layout_lora_gives_diffusers_the_same_output(split):
+    """Our kohya SD3 LoRA written in diffusers' PEFT layout (--save_diffusers_layout) and loaded by diffusers'
+    own SD3Transformer2DModel.load_lora_adapter computes what our model computes with the kohya file; read back, it
+    is the same ΔW in our layout."""
+    from diffusers import SD3Transformer2DModel
+
+    from loratrain.core.lora.sd3_layouts import diffusers_sd3_to_kohya, kohya_sd3_to_diffusers
+    from loratrain.core.lora.sd3_network import create_sd3_lora, kohya_sd3_state_dict, sd3_lora_from_kohya
+
+    cfg = SD35_TINY
+    ours = _tiny_model(cfg)
+    torch.manual_seed(5)
+    net = create_sd3_lora(cfg, 4, 2.0, split_qkv=split, emb_dims=[2, 2, 0, 2, 2, 2])
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "up" in name:
+                p.normal_(0, 0.3)
+    kohya = kohya_sd3_state_dict(net)
+    twin = kohya_sd3_to_diffusers(kohya, cfg)
+    assert all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in twin)
+    theirs = SD3Transformer2DModel(**{**DIFFUSERS_TINY, "dual_attention_layers": (0,), "qk_norm": "rms_norm"}).eval()
+    theirs.load_state_dict(sd3_to_diffusers(ours.state_dict()), strict=True)
+    theirs.load_lora_adapter(twin, prefix="transformer", adapter_name="t")
+    net.apply_to(ours)
+    x = _inputs(cfg)
+    with torch.no_grad():
+        ref = theirs(hidden_states=x["x"], encoder_hidden_states=x["context"], pooled_projections=x["y"],
+                     timestep=x["timesteps"]).sample
+        out = ours(**x)
+    assert (ref - out).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
+    back = diffusers_sd3_to_kohya(twin, cfg)
+    again = sd3_lora_from_kohya(cfg, back)
+    for name, module in net.lora.items():
+        assert (again.lora[name].delta_weight() - module.delta_weight()).abs().max() < 1e-5, name

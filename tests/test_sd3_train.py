@@ -291,3 +291,36 @@ def test_sd3_blocks_to_swap_and_fp8_train_what_the_plain_run_trains(sd3_files, t
     assert all(torch.isfinite(v).all() for v in runs["fp8"].values())
     res = _cli(_args(sd3_files, tmp_path / "bad", "--blocks_to_swap", "9"))
     assert res.returncode == 2 and "blocks_to_swap" in res.stderr and "this model has 4" in res.stderr, res.stderr[-2000:]
+
+
+def test_sd3_save_diffusers_layout_twin_reloads(sd3_files, tmp_path):
+    res = _cli(_args(sd3_files, tmp_path / "o", "--max_train_steps", "1", "--save_diffusers_layout"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    twin, meta = _tensors(tmp_path / "o" / "s.diffusers.safetensors")
+    assert twin and all(k.startswith("transformer.transformer_blocks.") for k in twin) and meta["format"] == "pt"
+    res = _cli(_args(sd3_files, tmp_path / "r", "--max_train_steps", "1", "--network_weights",
+                     str(tmp_path / "o" / "s.diffusers.safetensors")))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    n = len({k.split(".")[0] for k in _tensors(tmp_path / "o" / "s.safetensors")[0]})
+    assert f"{n} of {n} modules" in res.stdout + res.stderr
+
+
+def test_text_encoder_outputs_cached_on_disk_train_the_same_and_are_reused(sd3_files, tmp_path):
+    import shutil
+
+    data = tmp_path / "img"
+    shutil.copytree(sd3_files["data"], data)
+    files = {**sd3_files, "data": data}
+    runs = {}
+    for label, extra in (("memory", ()), ("disk", ("--cache_text_encoder_outputs_to_disk",)),
+                         ("again", ("--cache_text_encoder_outputs_to_disk",))):
+        res = _cli(_args(files, tmp_path / label, "--max_train_steps", "2", *extra))
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        runs[label], _ = _tensors(tmp_path / label / "s.safetensors")
+        if label == "disk":
+            cached = sorted(data.rglob("*.flow_te.safetensors"))
+            assert len(cached) == 2, cached  # one file per distinct caption, beside an image
+            stamps = {p: p.stat().st_mtime_ns for p in cached}
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # the second run read them, wrote nothing
+    for label in ("disk", "again"):
+        assert all(torch.equal(runs["memory"][k], runs[label][k]) for k in runs["memory"])

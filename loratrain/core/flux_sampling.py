@@ -71,6 +71,11 @@ def encode_texts(flux: FluxModel, texts: list[str], opts: FluxTextOptions) -> Co
     FluxTextEncodingStrategy makes them: CLIP at 77 tokens, T5 padded to `t5_len`; T5 sees its mask only with
     apply_t5_attn_mask (always for Chroma). Training's captions and the sample prompts go through here alike.
     Chroma has no CLIP-L: its "pooled" is a (B, 1) zero placeholder the transformer ignores."""
+    return encode_texts_grad(flux, texts, opts)
+
+
+def encode_texts_grad(flux: FluxModel, texts: list[str], opts: FluxTextOptions) -> Cond:
+    """encode_texts with autograd on: a training run whose text-encoder LoRA trains backpropagates through it."""
     chroma = flux.config.chroma
     if flux.t5xxl is None or (flux.clip_l is None and not chroma):
         raise ConfigError(f"prompt {texts[0][:60]!r} was not encoded before the text encoders were freed")

@@ -58,6 +58,11 @@ def _clip(model: torch.nn.Module, tokenizer: object, texts: list[str], masked: b
 @torch.no_grad()
 def encode_texts(sd3: SD3Model, texts: list[str], opts: SD3TextOptions) -> Cond:
     """(context, pooled) for a batch, on the T5 encoder's device; training's captions and sample prompts alike."""
+    return encode_texts_grad(sd3, texts, opts)
+
+
+def encode_texts_grad(sd3: SD3Model, texts: list[str], opts: SD3TextOptions) -> Cond:
+    """encode_texts with autograd on: a training run whose text-encoder LoRA trains backpropagates through it."""
     if sd3.clip_l is None or sd3.clip_g is None or sd3.t5xxl is None:
         raise ConfigError(f"prompt {texts[0][:60]!r} was not encoded before the text encoders were freed")
     l_out, l_pooled = _clip(sd3.clip_l, sd3.clip_tokenizer, texts, opts.apply_lg_attn_mask)
@@ -203,6 +208,10 @@ class SD3Session(FluxSession):
         if te:
             raise ConfigError(f"{path}: holds text-encoder LoRA modules ({te[0]}); SD3 sampling applies transformer "
                               "LoRAs only so far")
+        from .lora.sd3_layouts import diffusers_sd3_to_kohya, is_diffusers_sd3_lora
+
+        if is_diffusers_sd3_lora(sd):  # diffusers' PEFT layout: the same ΔW in ours
+            sd = diffusers_sd3_to_kohya(sd, self.model.config, path)  # type: ignore[union-attr]
         return sd3_lora_from_kohya(self.model.config, sd, source=path)  # type: ignore[union-attr]
 
     def generate(self, prompt: SamplePrompt, out_path: str | Path, shift: float | None = None,

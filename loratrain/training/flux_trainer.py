@@ -4,7 +4,12 @@ Why a subclass of the SD trainer: the data (N_concept folders, dataset TOML, cap
 step loop, gradient accumulation, saving, pruning, validation, NaN stop and bit-exact resume are the same; what
 differs is the model (transformer + CLIP-L + T5-XXL + 16-channel AE, core/models/flux_loading.py), the conditioning
 (CLIP-L pooled + T5 sequence and mask, encoded once per caption and kept in memory, then the encoders are freed) and
-the loss (flow matching, training/flow_matching.py, with sd-scripts' option names). Only the transformer trains.
+the loss (flow matching, training/flow_matching.py, with sd-scripts' option names).
+
+Text encoders train as sd-scripts' flux_train_network.py trains them: without --network_train_unet_only a CLIP-L LoRA
+(`lora_te1_*`), with network_args train_t5xxl=True a T5-XXL LoRA too (`lora_te3_*`), saved in the one file beside
+`lora_unet_*` (networks/flux.py FlowTextEncoderLoRA: the SD trainer's PEFT LoRA). Their captions are then encoded
+every step with gradients (no caption cache), at text_encoder_lr per encoder (sd-scripts' [CLIP-L, T5] list).
 
 Chroma (a FLUX.1 derivative, core/models/chroma.py) trains here too, as sd-scripts' `--model_type chroma` does: no
 CLIP-L (its pooled input is a zero placeholder the model ignores), the T5 mask required, guidance_scale fed to its
@@ -26,7 +31,14 @@ from typing import Any
 import torch
 
 from loratrain.core.errors import ConfigError
-from loratrain.core.flux_sampling import FluxTextOptions, encode_text, encode_texts, model_label, t5_length
+from loratrain.core.flux_sampling import (
+    FluxTextOptions,
+    encode_text,
+    encode_texts,
+    encode_texts_grad,
+    model_label,
+    t5_length,
+)
 from loratrain.core.lora.flux_network import create_flux_lora
 from loratrain.core.lora.hashes import model_file_hashes
 from loratrain.core.models.flux_loading import flux_sources, load_flux
@@ -37,7 +49,7 @@ from .data.captions import changes_per_step, process_caption
 from .data.dataset import Item, TrainData
 from .metadata import dataset_metadata, lora_metadata
 from .networks.base import NetworkSpec
-from .networks.flux import FluxNetwork
+from .networks.flux import FlowTextEncoderLoRA, FluxNetwork
 from .noise import elementwise_loss
 from .optim import create_optimizer, create_scheduler
 from .trainer import LoRATrainer, _seed_for, build_specs, sample_latents, seeded
@@ -67,8 +79,7 @@ class FluxLoRATrainer(LoRATrainer):
         self._model_hashes = ThreadPoolExecutor(1, thread_name_prefix="loratrain-hash").submit(
             model_file_hashes, cfg.pretrained_model_name_or_path) if self.accelerator.is_main_process else None
         self._load_model(sources, weight_dtype)
-        if not cfg.network_train_unet_only:
-            log("note: only the transformer trains (as --network_train_unet_only); the text encoders stay frozen")
+        self.te_parts = self._trained_encoders()
         with self.accelerator.main_process_first() if cfg.cache_latents_to_disk else contextlib.nullcontext():
             self._cache_latents()  # on disk: encoded once, by the first process; the others read its files
         self._cache_captions()
@@ -79,12 +90,20 @@ class FluxLoRATrainer(LoRATrainer):
         from .flux_memory import adapter_dtype
 
         self.network.net.to(self.device, adapter_dtype(cfg)).apply_to(transformer)  # fp32 as sd-scripts' (bf16: full_bf16)
-        self.train_te, self.cond_cache = False, None
+        self.train_te, self.cond_cache = self.network.te is not None, None
+        if self.network.te is not None:
+            for part in self.network.te.parts():
+                for p in self.network.te.trainable_parameters(part):
+                    p.data = p.data.to(self.device, adapter_dtype(cfg))
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
             transformer.train()  # checkpointing runs in train mode only; FLUX has no dropout, so nothing else changes
+            for _, _, attr, _ in self.te_parts:  # sd-scripts: the trained encoders checkpoint too (their inputs get grads)
+                te = getattr(self.flux, attr)
+                (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
         unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
-        self.optimizer = create_optimizer(cfg.optimizer_type, self.network.param_groups({"unet": unet_lr}), cfg.learning_rate,
+        lrs = {"unet": unet_lr, **{component: self._text_encoder_lr(slot) for component, _, _, slot in self.te_parts}}
+        self.optimizer = create_optimizer(cfg.optimizer_type, self.network.param_groups(lrs), cfg.learning_rate,
                                           cfg.optimizer_args)
         n_proc = self.accelerator.num_processes
         self.plan = self.data.plan(cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.max_train_epochs, processes=n_proc)
@@ -139,6 +158,39 @@ class FluxLoRATrainer(LoRATrainer):
 
         return place_transformer(transformer, self.cfg, self.device, weight_dtype, self.reporter.log)
 
+    def _trained_encoders(self) -> list[tuple[str, str, str, int]]:
+        """(part, kohya prefix, model attribute, text_encoder_lr slot) of each text encoder whose LoRA trains, as
+        sd-scripts' lora_flux picks them: CLIP-L unless network_train_unet_only, T5-XXL with train_t5xxl."""
+        cfg, log = self.cfg, self.reporter.log
+        if cfg.network_train_unet_only:
+            return []
+        out = [("text_encoder", "lora_te1", "clip_l", 0)] if self.flux.clip_l is not None else []
+        if cfg.train_t5xxl:
+            out.append(("text_encoder_3", "lora_te3", "t5xxl", 1))
+        if not out:
+            log("note: Chroma has no CLIP-L, so only the transformer trains (network_args train_t5xxl=True trains T5)")
+        return out
+
+    def _text_encoder_lr(self, slot: int) -> float:
+        """sd-scripts' text_encoder_lr list: one value for every encoder, else one per slot, the last repeated."""
+        lrs = list(self.cfg.text_encoder_lr) or [self.cfg.learning_rate]
+        return lrs[min(slot, len(lrs) - 1)]
+
+    def _te_network(self) -> FlowTextEncoderLoRA | None:
+        """The text-encoder LoRA on the encoders that train (None: the transformer only), logged per encoder."""
+        if not self.te_parts:
+            return None
+        cfg = self.cfg
+        te = FlowTextEncoderLoRA([(part, prefix, getattr(self.flux, attr)) for part, prefix, attr, _ in self.te_parts],
+                                 NetworkSpec(cfg.network_dim, cfg.network_alpha, train_unet=False))
+        for part, prefix, attr, slot in self.te_parts:
+            n = sum(t.part == part for t in te.targets)
+            self.reporter.log(f"network: {n} {prefix}_* modules on {attr} (text_encoder_lr {self._text_encoder_lr(slot):g})")
+        return te
+
+    def _network_args(self, args: dict[str, str]) -> dict[str, str]:
+        return {**args, "train_t5xxl": "True"} if self.cfg.train_t5xxl else args
+
     def _build_network(self) -> FluxNetwork:
         cfg = self.cfg
         args = {"train_blocks": cfg.train_blocks} if cfg.train_blocks != "all" else {}
@@ -148,7 +200,8 @@ class FluxLoRATrainer(LoRATrainer):
             args["in_dims"] = str(cfg.in_dims_list())
         net = create_flux_lora(self.flux.config, cfg.network_dim, cfg.network_alpha, cfg.train_blocks, cfg.split_qkv,
                                cfg.in_dims_list())
-        network = FluxNetwork(net, NetworkSpec(cfg.network_dim, cfg.network_alpha, train_text_encoder=False), args)
+        network = FluxNetwork(net, NetworkSpec(cfg.network_dim, cfg.network_alpha, train_text_encoder=bool(self.te_parts)),
+                              self._network_args(args), self._te_network())
         network.diffusers_copy = cfg.save_diffusers_layout
         self.reporter.log(f"network: networks.lora_flux, {len(net.lora)} modules (train_blocks {cfg.train_blocks}"
                           f"{', split_qkv' if cfg.split_qkv else ''}); dim {cfg.network_dim}, alpha {cfg.network_alpha} "
@@ -179,24 +232,30 @@ class FluxLoRATrainer(LoRATrainer):
         for name in self.ENCODERS:
             if getattr(self.flux, name) is not None:  # Chroma has no CLIP-L
                 torch.nn.Module.to(getattr(self.flux, name), self.device)
-        self.text_cache: dict[str, tuple[torch.Tensor, ...]] = {}
+        from .flow_text_cache import FlowTextCache, encoder_id
+
+        self.text_cache = FlowTextCache()
         self.sample_cache: dict = {}  # sample prompts, encoded before the encoders go (empty: they stay)
-        self.live_captions = any(changes_per_step(s) for spec in self.data.specs for s in spec.subsets)
-        captions = sorted({process_caption(it.caption, it.subset, random.Random(0), 0)
-                           for it in self.data.items() + self.data.validation_items()})
+        self.live_captions = any(changes_per_step(s) for spec in self.data.specs for s in spec.subsets) or bool(self.te_parts)
+        files = {process_caption(it.caption, it.subset, random.Random(0), 0): it.image
+                 for it in sorted(self.data.items() + self.data.validation_items(), key=lambda it: str(it.image))}
         if not self.live_captions:
-            self.reporter.start(len(captions), "caching text encoder outputs", unit="caption")
-            for c in captions:
-                self.text_cache[c] = tuple(t[0].cpu() for t in self._encode([c]))
-                self.reporter.advance(1)
-            self.reporter.done("")
+            to_disk = bool(self.cfg.cache_text_encoder_outputs_to_disk)
+            encoder = encoder_id(type(self).__name__ + self.variant, self.text_opts,
+                                 [getattr(self.flux, n) for n in self.ENCODERS]) if to_disk else ""
+            with self.accelerator.main_process_first() if to_disk else contextlib.nullcontext():  # one process writes
+                self.text_cache.fill(files, lambda c: self._encode([c]), self.reporter, encoder, to_disk)
             self._encode_sample_prompts()
             for name in self.ENCODERS:
                 setattr(self.flux, name, None)
+        elif self.te_parts:
+            self.reporter.log("text encoders train: they stay loaded and encode the captions every step, with gradients")
         else:
             self.reporter.log("captions change from step to step: the text encoders stay loaded and encode every step")
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, ...]:
+        if self.te_parts and torch.is_grad_enabled():  # a training step: backward reaches the text-encoder LoRA
+            return encode_texts_grad(self.flux, texts, self.text_opts)
         return encode_texts(self.flux, texts, self.text_opts)
 
     def _encode_one(self, text: str) -> tuple[torch.Tensor, ...]:
@@ -208,8 +267,8 @@ class FluxLoRATrainer(LoRATrainer):
         missing = [c for c in captions if c not in self.text_cache]
         if missing:
             raise ConfigError(f"caption {missing[0]!r} was not cached (a caption that changes between steps)")
-        return tuple(torch.stack([self.text_cache[c][k] for c in captions]).to(self.device)  # type: ignore[return-value]
-                     for k in range(len(self.text_cache[captions[0]])))
+        outs = [self.text_cache[c] for c in captions]
+        return tuple(torch.stack([o[k] for o in outs]).to(self.device) for k in range(len(outs[0])))
 
     # -- one micro-batch -----------------------------------------------------------------------
     def _loss(self, batch: list[tuple[Item, bool]], epoch: int, micro: int, first: int, global_size: int,
@@ -279,6 +338,7 @@ class FluxLoRATrainer(LoRATrainer):
         meta["ss_t5xxl_max_token_length"] = str(self.t5_len)
         meta["modelspec.implementation"] = implementation
         meta["modelspec.architecture"] = arch + "/lora"
+        meta["ss_network_train_unet_only"] = str(not self.te_parts)
         meta.update(getattr(self, "extra_meta", {}))
         return meta
 
@@ -317,8 +377,9 @@ class FluxLoRATrainer(LoRATrainer):
         if not cfg.sample_prompts or not self.accelerator.is_main_process:
             return
         transformer = self.flux.transformer
-        was_training = transformer.training
-        transformer.eval()
+        modes = {m: m.training for m in (transformer, *(getattr(self.flux, attr) for _, _, attr, _ in self.te_parts))}
+        for m in modes:  # the trained encoders (with their LoRA) encode the prompts, in eval mode
+            m.eval()
         self._optimizer_mode("eval")
         sample_dir = self.out_dir / "sample"
         paths, captions = [], []
@@ -340,8 +401,8 @@ class FluxLoRATrainer(LoRATrainer):
 
                     self.writer.add_image(f"sample/{i:02d}", np.asarray(Image.open(path).convert("RGB")), self.global_step,
                                           dataformats="HWC")
-        if was_training:
-            transformer.train()
+        for m, training in modes.items():
+            m.train(training)
         self._optimizer_mode("train")
         self.samples.extend(paths)
         self.reporter.sample([str(p) for p in paths], captions)

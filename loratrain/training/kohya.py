@@ -144,7 +144,7 @@ OFF_VALUES: dict[str, tuple[Any, ...]] = {
 
 NETWORK_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "unit": "dylora_unit", "block_size": "dylora_unit",
                 "enable_all_linear": "enable_all_linear", "enable_conv": "enable_conv",
-                "train_blocks": "train_blocks", "split_qkv": "split_qkv", "in_dims": "in_dims",  # sd-scripts' lora_flux
+                "train_blocks": "train_blocks", "split_qkv": "split_qkv", "in_dims": "in_dims", "train_t5xxl": "train_t5xxl",
                 "train_block_indices": "train_block_indices", "emb_dims": "emb_dims",  # sd-scripts' lora_sd3
                 **{k: k for k in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
                                   "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "rank_dropout", "module_dropout",

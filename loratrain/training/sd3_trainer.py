@@ -6,7 +6,9 @@ VAE, core/models/sd3_loading.py), its conditioning (core/sd3_sampling.py's encod
 projected pooled vectors), its timestep draw and loss (sd-scripts' sd3_train_utils: u from weighting_scheme's density,
 shifted by training_shift, integer timesteps; the output preconditioned to noisy - sigma * output and compared with
 the clean latents, weighted by weighting_scheme) and its LoRA (networks.lora_sd3, core/lora/sd3_network.py).
-Only the transformer trains, as with `--network_train_unet_only` (sd-scripts can also train CLIP-L/G: not yet here).
+Without `--network_train_unet_only` CLIP-L and CLIP-G LoRAs train too (`lora_te1_*`, `lora_te2_*`), and T5-XXL's with
+network_args train_t5xxl=True (`lora_te3_*`), as sd-scripts' sd3_train_network.py trains them (the FLUX trainer's
+machinery; text_encoder_lr is sd-scripts' [CLIP-L, CLIP-G, T5] list).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 
 from loratrain.core.lora.sd3_network import create_sd3_lora
 from loratrain.core.models.sd3_loading import load_sd3, sd3_sources
-from loratrain.core.sd3_sampling import SD3TextOptions, encode_text, encode_texts
+from loratrain.core.sd3_sampling import SD3TextOptions, encode_text, encode_texts, encode_texts_grad
 
 from . import flow_matching as fm
 from .flux_trainer import FluxLoRATrainer
@@ -66,10 +68,22 @@ class SD3LoRATrainer(FluxLoRATrainer):
         self.reporter.log(f"network: networks.lora_sd3, {len(net.lora)} modules{' (split_qkv)' if cfg.split_qkv else ''}; "
                           f"dim {cfg.network_dim}, alpha {cfg.network_alpha} -> scale alpha/dim = "
                           f"{cfg.network_alpha / cfg.network_dim:.4g}")
-        return SD3Network(net, NetworkSpec(cfg.network_dim, cfg.network_alpha, train_text_encoder=False), args)
+        network = SD3Network(net, NetworkSpec(cfg.network_dim, cfg.network_alpha, train_text_encoder=bool(self.te_parts)),
+                             self._network_args(args), self._te_network())
+        network.diffusers_copy = cfg.save_diffusers_layout
+        return network
+
+    def _trained_encoders(self) -> list[tuple[str, str, str, int]]:
+        """sd-scripts' lora_sd3: CLIP-L and CLIP-G unless network_train_unet_only, T5-XXL with train_t5xxl."""
+        if self.cfg.network_train_unet_only:
+            return []
+        out = [("text_encoder", "lora_te1", "clip_l", 0), ("text_encoder_2", "lora_te2", "clip_g", 1)]
+        return out + ([("text_encoder_3", "lora_te3", "t5xxl", 2)] if self.cfg.train_t5xxl else [])
 
     # -- conditioning and the step -------------------------------------------------------------
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, ...]:
+        if self.te_parts and torch.is_grad_enabled():  # a training step: backward reaches the text-encoder LoRA
+            return encode_texts_grad(self.flux, texts, self.text_opts)
         return encode_texts(self.flux, texts, self.text_opts)
 
     def _encode_one(self, text: str) -> tuple[torch.Tensor, ...]:

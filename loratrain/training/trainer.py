@@ -12,9 +12,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from .data.captions import changes_per_step, process_caption
 from .data.dataset import Item, TrainData
 from .data.subsets import DatasetSpec, specs_from_toml, subsets_from_folders
 from .data_parallel import local_share, sum_across_processes
+from .fsdp import hand_reduced
 from .health import health_line
 from .metadata import dataset_metadata, lora_metadata
 from .model_prep import allow_fp16_unscale, dims_from_weights, merge_base_weights, store_in_fp8, training_schedule
@@ -43,6 +42,7 @@ from .networks import Network, NetworkSpec, build_network
 from .noise import debiased_weight, elementwise_loss, huber_c, min_snr_weight, offset_noise, pyramid_noise, snr_scale
 from .optim import create_optimizer, create_scheduler
 from .options.data import dataset_defaults
+from .randomness import _seed_for, sample_latents, seeded  # noqa: F401 - the flow trainers import them from here
 from .saving import STATE_SUFFIX, find_state, load_state, prune_saves, save_state
 from .validation import validate
 
@@ -73,15 +73,6 @@ class TrainResult(JobResult):
         return health_line(self.losses, self.val_losses)
 
 
-@contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """torch's global generator seeded for the block, and restored after it."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def build_specs(cfg: TrainConfig, log=lambda text: None) -> list[DatasetSpec]:
     defaults = dataset_defaults(cfg)
     if cfg.dataset_config:
@@ -102,28 +93,15 @@ def build_specs(cfg: TrainConfig, log=lambda text: None) -> list[DatasetSpec]:
     return specs
 
 
-def _seed_for(*parts: int) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "little")
-
-
 def _vae_id(model: SDModel) -> str:
     w = model.vae.encoder.conv_in.weight.detach().float().cpu().numpy().tobytes()
     return hashlib.sha256(w).hexdigest()[:16] + f"-{model.vae.config.scaling_factor}"
 
 
-@torch.no_grad()
-def sample_latents(vae: torch.nn.Module, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A sample of the VAE's posterior for a batch of [-1, 1] pixels, shifted (FLUX.1's AE) and scaled for the
-    denoiser; the noise comes from `generator` (on the CPU, so a run draws the same on any device)."""
-    device = next(vae.parameters()).device
-    dist = vae.encode(pixels.to(device, torch.float32)).latent_dist
-    noise = torch.randn(dist.mean.shape, generator=generator).to(device)
-    shift = getattr(vae.config, "shift_factor", None)  # None for SD's VAEs
-    z = dist.mean + dist.std * noise
-    return (z if shift is None else z - shift) * vae.config.scaling_factor
-
-
 class LoRATrainer:
+    #: the model is sharded with FSDP (training/fsdp.py): every process runs every forward, FSDP sums those gradients
+    sharded = False
+
     def __init__(self, cfg: TrainConfig, reporter: Reporter, stop: StopFlag) -> None:
         self.cfg, self.reporter, self.stop = cfg, reporter, stop
         self.precision = canonical(cfg.mixed_precision)
@@ -422,6 +400,7 @@ class LoRATrainer:
         accum = cfg.gradient_accumulation_steps
         stopped = False
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        summed = hand_reduced(params)  # FSDP reduces (sums) its sharded parameters' gradients itself
         self._optimizer_mode("train")
         while self.global_step < plan.max_train_steps and self.epoch < plan.epochs and not stopped:
             batches = self.data.batches_for_epoch(self.epoch, cfg.seed, acc.num_processes)
@@ -431,16 +410,20 @@ class LoRATrainer:
                 self.network.begin_step(_seed_for(cfg.seed, self.epoch, self.micro, 5, 0))
                 for offset, global_batch in enumerate(group):
                     batch, first = local_share(global_batch, acc.process_index, acc.num_processes)
-                    if not batch:
+                    idle = not batch
+                    if idle and not self.sharded:
                         continue
+                    if idle:  # FSDP: every process takes part in each forward / backward; this one adds nothing
+                        batch, first = list(global_batch[:1]), 0
                     # dropout: per process, so shares of one batch do not get the same masks
                     with seeded(_seed_for(cfg.seed, self.epoch, self.micro + offset, 3, acc.process_index), self.device):
                         loss = self._loss(batch, self.epoch, self.micro + offset, first, len(global_batch))
+                        loss = loss * 0.0 if idle else loss
                         acc.backward(loss / len(group))
                     step_loss += loss.item() / len(group)
                 stop_asked = None
                 if acc.num_processes > 1:  # one collective: gradients, the loss, and whether any process was asked to stop
-                    step_loss, stops = sum_across_processes(params, [step_loss, float(self.stop.is_set())], self.device)
+                    step_loss, stops = sum_across_processes(summed, [step_loss, float(self.stop.is_set())], self.device)
                     stop_asked = stops > 0  # the same answer in every process, so all stop after the same step
                 if not math.isfinite(step_loss):
                     self._nan(step_loss)
@@ -590,9 +573,9 @@ def run_train(cfg: TrainConfig, reporter: Reporter, stop: StopFlag) -> TrainResu
     Result: the LoRA file, the state folder, the step and epoch reached, the per-step losses, samples.
     """
     if cfg.is_flux():  # FLUX.1: the same data, loop, saving and resume on a flow-matching transformer
-        from .flux_trainer import FluxLoRATrainer
+        from .flux_full import flux_trainer_class  # the LoRA trainer, or the full fine-tune's
 
-        trainer: LoRATrainer = FluxLoRATrainer(cfg, reporter, stop)
+        trainer: LoRATrainer = flux_trainer_class(cfg)(cfg, reporter, stop)
     elif cfg.is_sd3():  # SD3 / SD3.5: the same flow-matching trainer with SD3's parts, step and LoRA
         from .sd3_trainer import SD3LoRATrainer
 

@@ -121,6 +121,46 @@ def _part_in(path: Path, shapes: dict[str, Any], mark: str, option: str, what: s
     return Part(path, prefix)
 
 
+def transformer_source(root: Path, family: str, to_native: Any, config_from_shapes: Any,
+                       prefix_of: Any) -> tuple[dict[str, Any], Any, Part]:
+    """(the main file's tensor shapes ({} for a folder), the config read from the shapes, the transformer's Part) of a
+    single file or a diffusers folder (its `transformer/` keys converted to the native layout by `to_native`, on
+    the meta device: shapes only). Shared by the DiT families (FLUX.1, SD3)."""
+    if not root.is_dir():
+        main = _shapes(root, "pretrained_model_name_or_path")
+        return main, config_from_shapes(main, str(root)), Part(root, prefix_of(main) or "")
+    if not (root / "transformer" / "config.json").is_file():
+        raise ConfigError(f"pretrained_model_name_or_path: {root} is not a diffusers {family} folder (no transformer/)")
+    shapes: dict[str, Any] = {}
+    for f in sorted((root / "transformer").glob("*.safetensors")):
+        shapes.update(_shapes(confine(f, "model file"), "pretrained_model_name_or_path"))
+    if not shapes:
+        raise ConfigError(f"pretrained_model_name_or_path: {root}/transformer has no .safetensors weights")
+    native = to_native({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    return {}, config_from_shapes({k: tuple(v.shape) for k, v in native.items()}, str(root)), \
+        Part(root / "transformer", folder=True)
+
+
+def find_t5_tokenizer(root: Path, value: str, sub: str) -> Path:
+    """The T5 tokenizer folder: `--t5_tokenizer`, else the diffusers folder's own (`sub`), else one shipped with
+    loratrain (none is yet); its vocabulary is loaded once here so a damaged one is named before any model loads."""
+    if value or (root.is_dir() and (root / sub).is_dir()):
+        tok = confine(Path(value).expanduser(), "t5_tokenizer") if value else root / sub
+        if tok.is_dir():
+            _confine_tree(tok, "t5_tokenizer" if value else "pretrained_model_name_or_path")
+    else:
+        from loratrain import configs
+
+        tok = configs.path("tokenizers", "t5")
+        if not tok.is_dir():
+            raise ConfigError("t5_tokenizer: no T5 tokenizer is shipped; pass --t5_tokenizer DIR (a folder with "
+                              "tokenizer.json, e.g. FLUX.1's tokenizer_2/, SD3.5's tokenizer_3/ or google/t5-v1_1-xxl's)")
+    if not tok.is_dir() or not ((tok / "tokenizer.json").is_file() or (tok / "tokenizer_config.json").is_file()):
+        raise ConfigError(f"t5_tokenizer: {tok} is not a tokenizer folder (no tokenizer.json)")
+    load_t5_tokenizer(tok)  # a damaged vocabulary is named now, not after the transformer has loaded
+    return tok
+
+
 def flux_sources(model: str, clip_l: str = "", t5xxl: str = "", ae: str = "", t5_tokenizer: str = "",
                  model_type: str = "auto") -> FluxSources:
     """Where each FLUX.1 part comes from, from headers only; ConfigError naming the option of the first part missing.
@@ -131,24 +171,9 @@ def flux_sources(model: str, clip_l: str = "", t5xxl: str = "", ae: str = "", t5
     root = confine(Path(model).expanduser(), "pretrained_model_name_or_path")
     if not root.exists():
         raise ConfigError(f"pretrained_model_name_or_path: model not found: {model}")
-    main: dict[str, Any] = {}
-    if root.is_dir():
-        if not (root / "transformer" / "config.json").is_file():
-            raise ConfigError(f"pretrained_model_name_or_path: {root} is not a diffusers FLUX.1 folder (no transformer/)")
-        shapes: dict[str, Any] = {}
-        for f in sorted((root / "transformer").glob("*.safetensors")):
-            shapes.update(_shapes(confine(f, "model file"), "pretrained_model_name_or_path"))
-        from .flux_keys import diffusers_to_bfl
+    from .flux_keys import diffusers_to_bfl
 
-        if not shapes:
-            raise ConfigError(f"pretrained_model_name_or_path: {root}/transformer has no .safetensors weights")
-        bfl = diffusers_to_bfl({k: torch.empty(s, device="meta") for k, s in shapes.items()})
-        config = flux_config_from_shapes({k: tuple(v.shape) for k, v in bfl.items()}, str(root))
-        transformer = Part(root / "transformer", folder=True)
-    else:
-        main = _shapes(root, "pretrained_model_name_or_path")
-        config = flux_config_from_shapes(main, str(root))
-        transformer = Part(root, flux_prefix(main) or "")
+    main, config, transformer = transformer_source(root, "FLUX.1", diffusers_to_bfl, flux_config_from_shapes, flux_prefix)
     _check_model_type(model_type, config, root)
 
     def part(value: str, option: str, mark: str, what: str, sub: str) -> Part:
@@ -178,19 +203,7 @@ def flux_sources(model: str, clip_l: str = "", t5xxl: str = "", ae: str = "", t5
         if p is not None and p.folder:  # a subfolder of the diffusers model folder (a separate part is always a file)
             _confine_tree(p.path, "pretrained_model_name_or_path")
     _check_ae(vae, config)
-    if t5_tokenizer or (root.is_dir() and (root / tok_sub).is_dir()):
-        tok = confine(Path(t5_tokenizer).expanduser(), "t5_tokenizer") if t5_tokenizer else root / tok_sub
-        _confine_tree(tok, "t5_tokenizer" if t5_tokenizer else "pretrained_model_name_or_path")
-    else:  # shipped with loratrain (none is, so far)
-        from loratrain import configs
-
-        tok = configs.path("tokenizers", "t5")
-        if not tok.is_dir():
-            raise ConfigError("t5_tokenizer: no T5 tokenizer is shipped; pass --t5_tokenizer DIR (a folder with "
-                              "tokenizer.json, e.g. FLUX.1's tokenizer_2/ or google/t5-v1_1-xxl's)")
-    if not tok.is_dir() or not ((tok / "tokenizer.json").is_file() or (tok / "tokenizer_config.json").is_file()):
-        raise ConfigError(f"t5_tokenizer: {tok} is not a tokenizer folder (no tokenizer.json)")
-    load_t5_tokenizer(tok)  # a damaged vocabulary is named now, not after the transformer has loaded
+    tok = find_t5_tokenizer(root, t5_tokenizer, tok_sub)
     return FluxSources(transformer, clip, t5, vae, tok, config, notes)
 
 

@@ -30,9 +30,11 @@ from .flux_loading import (
     _file,
     _read,
     _shapes,
+    find_t5_tokenizer,
     load_ae,
     load_t5_tokenizer,
     load_t5xxl,
+    transformer_source,
 )
 from .sd3 import SD3Config, SD3Transformer, sd3_config_from_shapes, sd3_prefix
 
@@ -82,24 +84,9 @@ def sd3_sources(model: str, clip_l: str = "", clip_g: str = "", t5xxl: str = "",
     root = confine(Path(model).expanduser(), "pretrained_model_name_or_path")
     if not root.exists():
         raise ConfigError(f"pretrained_model_name_or_path: model not found: {model}")
-    main: dict[str, Any] = {}
-    if root.is_dir():
-        if not (root / "transformer" / "config.json").is_file():
-            raise ConfigError(f"pretrained_model_name_or_path: {root} is not a diffusers SD3 folder (no transformer/)")
-        from .sd3_keys import diffusers_to_sd3
+    from .sd3_keys import diffusers_to_sd3
 
-        shapes: dict[str, Any] = {}
-        for f in sorted((root / "transformer").glob("*.safetensors")):
-            shapes.update(_shapes(confine(f, "model file"), "pretrained_model_name_or_path"))
-        if not shapes:
-            raise ConfigError(f"pretrained_model_name_or_path: {root}/transformer has no .safetensors weights")
-        native = diffusers_to_sd3({k: torch.empty(s, device="meta") for k, s in shapes.items()})
-        config = sd3_config_from_shapes({k: tuple(v.shape) for k, v in native.items()}, str(root))
-        transformer = Part(root / "transformer", folder=True)
-    else:
-        main = _shapes(root, "pretrained_model_name_or_path")
-        config = sd3_config_from_shapes(main, str(root))
-        transformer = Part(root, sd3_prefix(main) or "")
+    main, config, transformer = transformer_source(root, "SD3", diffusers_to_sd3, sd3_config_from_shapes, sd3_prefix)
 
     def part(value: str, option: str, mark: str, what: str, sub: str, role: str) -> Part:
         if value:
@@ -126,29 +113,8 @@ def sd3_sources(model: str, clip_l: str = "", clip_g: str = "", t5xxl: str = "",
             _confine_tree(p.path, "pretrained_model_name_or_path")
     _check_vae(vae_part, config)
     _check_widths(clip_l_part, clip_g_part, t5_part, config)
-    tok = _t5_tokenizer(root, t5_tokenizer)
+    tok = find_t5_tokenizer(root, t5_tokenizer, "tokenizer_3")
     return SD3Sources(transformer, clip_l_part, clip_g_part, t5_part, vae_part, tok, config)
-
-
-def _t5_tokenizer(root: Path, value: str) -> Path:
-    if value:
-        tok = confine(Path(value).expanduser(), "t5_tokenizer")
-        if tok.is_dir():
-            _confine_tree(tok, "t5_tokenizer")
-    elif root.is_dir() and (root / "tokenizer_3").is_dir():
-        tok = root / "tokenizer_3"
-        _confine_tree(tok, "pretrained_model_name_or_path")
-    else:
-        from loratrain import configs
-
-        tok = configs.path("tokenizers", "t5")
-        if not tok.is_dir():
-            raise ConfigError("t5_tokenizer: no T5 tokenizer is shipped; pass --t5_tokenizer DIR (a folder with "
-                              "tokenizer.json, e.g. SD3.5's tokenizer_3/ or google/t5-v1_1-xxl's)")
-    if not tok.is_dir() or not ((tok / "tokenizer.json").is_file() or (tok / "tokenizer_config.json").is_file()):
-        raise ConfigError(f"t5_tokenizer: {tok} is not a tokenizer folder (no tokenizer.json)")
-    load_t5_tokenizer(tok)  # a damaged vocabulary is named now, not after the transformer has loaded
-    return tok
 
 
 def _width(part: Part, option: str, mark: str, axis: int, key: str, fields: tuple[str, ...]) -> tuple[int | None, ...]:

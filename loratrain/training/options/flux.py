@@ -45,6 +45,20 @@ SD_ONLY = {
     "up_lr_weight": "an SD UNet block weight",
     "mid_lr_weight": "an SD UNet block weight",
 }
+#: FLUX options a full fine-tune (network_module full) cannot use, and why
+FULL_REFUSES = {
+    "blocks_to_swap": "block swap keeps each swapped block's weights on the host for good, as frozen LoRA base "
+                      "weights; a full fine-tune changes them every step (use --fsdp with several processes)",
+    "train_blocks": "a LoRA argument; a full fine-tune trains every block",
+    "split_qkv": "a LoRA argument",
+    "in_dims": "a LoRA argument",
+    "save_diffusers_layout": "writes a LoRA's diffusers twin; a full fine-tune saves the BFL-layout model",
+    "train_t5xxl": "a full fine-tune trains the transformer only (as sd-scripts' flux_train.py)",
+    # `loratrain finetune` / `dreambooth` options the FLUX.1 full fine-tune does not implement (yet)
+    "use_ema": "not implemented for FLUX.1 yet",
+    "save_diffusers": "not implemented for FLUX.1 yet (the save is the BFL-layout single file)",
+    "stop_text_encoder_training": "FLUX.1's text encoders do not train in a full fine-tune",
+}
 #: network kinds a FLUX.1 run trains (every one is sd-scripts' lora_flux here)
 FLUX_NETWORKS = ("lora", "networks.lora", "lora_flux", "networks.lora_flux")
 
@@ -76,6 +90,9 @@ class FluxOptions(FlowMatchOptions):
     train_t5xxl: bool = opt(False, "FLUX.1 / SD3 LoRA (network_args train_t5xxl): train a LoRA on T5-XXL too (lora_te3_*), "
                                    "besides the CLIP encoders that train unless network_train_unet_only", group=FLUX,
                             advanced=True)
+    fsdp: bool = opt(False, "FLUX.1 full fine-tune (network_module full) with several processes: shard the transformer's "
+                            "weights, gradients and optimizer state across them (PyTorch FSDP2), each process holding "
+                            "1/N; launch with torchrun / accelerate launch", group=FLUX, advanced=True)
     in_dims: str = opt("", "FLUX.1 LoRA (network_args in_dims): ranks of the img, time, vector, guidance, txt input "
                            "embedders, e.g. [4,0,0,0,4]", group=FLUX, advanced=True)
 
@@ -91,9 +108,23 @@ class FluxOptions(FlowMatchOptions):
             return out + [("in_dims", f"{self.in_dims!r}: give 5 integer ranks, e.g. [4,0,0,0,4]")]
         if dims is not None and (len(dims) != 5 or min(dims) < 0):
             out.append(("in_dims", f"{self.in_dims!r}: give 5 ranks >= 0 (img, time, vector, guidance, txt)"))
+        out += self._fsdp_problems()
         if self.train_t5xxl and getattr(self, "network_train_unet_only", False):
             out.append(("train_t5xxl", "trains a text encoder, but network_train_unet_only trains the transformer only"))
         return out
+
+    def _fsdp_problems(self) -> list[Problem]:
+        """--fsdp shards a full fine-tune, and the parts that run on the first process alone cannot take part yet."""
+        if not self.fsdp:
+            return []
+        if getattr(self, "network_kind", "") != "full":
+            return [("fsdp", "shards a full fine-tune: needs network_module full (a LoRA's few weights are not worth "
+                             "sharding)")]
+        return [(n, f"not yet with --fsdp: {why}") for n, why in (
+            ("sample_prompts", "sample images are made on the first process only, and a sharded transformer needs "
+                               "every process for each forward"),
+            ("validation_split", "validation runs on the first process only, and a sharded transformer needs every "
+                                 "process for each forward")) if getattr(self, n, None)]
 
     def is_flux(self) -> bool:
         from loratrain.core.models.flux_loading import is_flux_model
@@ -115,7 +146,7 @@ class FluxOptions(FlowMatchOptions):
         flux_set += ["model_type"] * (self.model_type != "auto")
         flux_set += ["train_blocks"] * (self.train_blocks != "all") + ["split_qkv"] * self.split_qkv
         flux_set += ["blocks_to_swap"] * bool(self.blocks_to_swap) + ["save_diffusers_layout"] * self.save_diffusers_layout
-        flux_set += ["train_t5xxl"] * self.train_t5xxl
+        flux_set += ["train_t5xxl"] * self.train_t5xxl + ["fsdp"] * self.fsdp
         if not self.is_flux():
             if getattr(self, "is_sd3", lambda: False)():  # SD3 shares some and refuses the rest (options/sd3.py)
                 return []
@@ -142,7 +173,11 @@ class FluxOptions(FlowMatchOptions):
         if self.blocks_to_swap and not getattr(self, "gradient_checkpointing", False):
             out.append(("blocks_to_swap", "needs --gradient_checkpointing (a swapped block's weights must not be "
                                           "kept for backward)"))
-        if getattr(self, "network_module", "lora") not in FLUX_NETWORKS:
+        full = getattr(self, "network_kind", "") == "full"
+        if full:
+            out += [(n, f"not with a FLUX.1 full fine-tune: {why}") for n, why in FULL_REFUSES.items()
+                    if n in defaults and getattr(self, n) != defaults[n].get_default(call_default_factory=True)]
+        elif getattr(self, "network_module", "lora") not in FLUX_NETWORKS:
             out.append(("network_module", f"{self.network_module}: FLUX.1 trains networks.lora_flux (LoRA) only so far"))
         if getattr(self, "loss_type", "l2") not in ("l2", "l1"):
             out.append(("loss_type", f"{self.loss_type}: FLUX.1 trains with l2 or l1 here (huber not yet)"))

@@ -24,7 +24,6 @@ FLUX_ONLY = {
     "discrete_flow_shift": "SD3's shift is training_shift",
     "model_prediction_type": "SD3's prediction is always the preconditioned one (noisy - sigma * output)",
     "guidance_scale": "SD3 has no guidance input",
-    "save_diffusers_layout": "not implemented for SD3 yet",
 }
 #: SD1/SDXL options refused with SD3 besides FluxOptions' SD_ONLY list (which names them for FLUX.1)
 SD3_NETWORKS = ("lora", "networks.lora", "lora_sd3", "networks.lora_sd3")
@@ -124,10 +123,18 @@ def _weights_problems(value: str, config: object) -> list[Problem]:
 
     try:
         with safe_open(str(confine(value, "network_weights")), framework="pt") as f:
-            names = {k.split(".", 1)[0] for k in f.keys()}
+            keys = list(f.keys())
     except Exception as e:  # noqa: BLE001 - an unreadable header is the user's file problem
         return [("network_weights", f"{value} is not a readable .safetensors file ({e})")]
+    names = {k.split(".", 1)[0] for k in keys}
     known = {kohya_name(p) for p in linear_shapes(config)}  # type: ignore[arg-type]
+    if any(".lora_A." in k for k in keys):  # diffusers' PEFT layout (sd3_layouts.py reads it): its module names
+        from loratrain.core.lora.sd3_layouts import PREFIX
+        from loratrain.core.models.sd3_keys import module_map
+
+        known = {PREFIX + theirs for targets in module_map(config.num_layers, config.hidden_size).values()  # type: ignore[attr-defined]
+                 for theirs, _, _ in targets}
+        names = {k.split(".lora_", 1)[0] for k in keys}
     unknown = sorted(n for n in names if n not in known and not n.startswith("lora_te"))
     if unknown:
         return [("network_weights", f"{value}: module {unknown[0]} is not a layer of this SD3 model (a LoRA for "
