@@ -186,34 +186,13 @@ def test_cli_trains_a_chroma_lora_samples_with_cfg_and_generate_applies_it(chrom
 
 
 def test_chroma_stop_and_resume_equals_an_unbroken_run(chroma_files, tmp_path):
-    from loratrain.core.progress import RecordingReporter, StopFlag
-    from loratrain.training.config import TrainConfig
+    from loratrain.core.progress import RecordingReporter
     from loratrain.training.trainer import run_train
 
-    def cfg(out: Path) -> TrainConfig:
-        args, flat, i = _args(chroma_files, out), {}, 0
-        while i < len(args):  # the CLI's flags as a config (switches have no value)
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                flat[args[i][2:]], i = args[i + 1], i + 2
-            else:
-                flat[args[i][2:]], i = True, i + 1
-        return TrainConfig.build(flat)
+    from .flow_helpers import config_from_args, run_stopped_at
 
-    straight = run_train(cfg(tmp_path / "a"), RecordingReporter())
-
-    class StopAt(RecordingReporter):
-        def __init__(self, stop):
-            super().__init__()
-            self.stop_flag = stop
-
-        def advance(self, n=1, **metrics):
-            super().advance(n, **metrics)
-            if metrics and self.step >= 2:
-                self.stop_flag.set()
-
-    stop = StopFlag()
-    first = run_train(cfg(tmp_path / "b"), StopAt(stop), stop)
-    assert first.stopped and first.global_step == 2
+    straight = run_train(config_from_args(_args(chroma_files, tmp_path / "a")), RecordingReporter())
+    run_stopped_at(_args(chroma_files, tmp_path / "b"))
     res = _run("train", *_args(chroma_files, tmp_path / "b", "--resume", "latest"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     a, _ = _tensors(straight.lora_path)

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from loratrain.core.progress import StopFlag
 from tests.test_flux_train import _args as flux_args
 from tests.test_flux_train import flux_files  # noqa: F401  (fixture)
 from tests.test_sd3_train import _args as sd3_args
@@ -86,19 +85,11 @@ def test_train_t5xxl_with_unet_only_is_refused_before_loading(flux_files, tmp_pa
 
 def test_sd3_trains_clip_l_and_clip_g_loras_stop_resume_and_reload(sd3_files, tmp_path):  # noqa: F811
     from loratrain.core.progress import RecordingReporter
-    from loratrain.training.config import TrainConfig
     from loratrain.training.trainer import run_train
 
-    def cfg(out: Path) -> TrainConfig:
-        args, flat, i = _te(sd3_args(sd3_files, out)), {}, 0
-        while i < len(args):  # the CLI's flags as a config (switches have no value)
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                flat[args[i][2:]], i = args[i + 1], i + 2
-            else:
-                flat[args[i][2:]], i = True, i + 1
-        return TrainConfig.build(flat)
+    from .flow_helpers import config_from_args, run_stopped_at
 
-    straight = run_train(cfg(tmp_path / "a"), RecordingReporter())
+    straight = run_train(config_from_args(_te(sd3_args(sd3_files, tmp_path / "a"))), RecordingReporter())
     sd, meta = _tensors(straight.lora_path)
     assert _modules(sd, "lora_te1_") and _modules(sd, "lora_te2_") and not _modules(sd, "lora_te3_")
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in _modules(sd, "lora_te1_")
@@ -107,19 +98,7 @@ def test_sd3_trains_clip_l_and_clip_g_loras_stop_resume_and_reload(sd3_files, tm
         assert sd[f"{name}.lora_up.weight"].abs().max() > 0, name
     assert meta["ss_network_train_unet_only"] == "False"
 
-    class StopAt(RecordingReporter):
-        def __init__(self, stop):
-            super().__init__()
-            self.stop_flag = stop
-
-        def advance(self, n=1, **metrics):
-            super().advance(n, **metrics)
-            if metrics and self.step >= 2:
-                self.stop_flag.set()
-
-    stop = StopFlag()
-    first = run_train(cfg(tmp_path / "b"), StopAt(stop), stop)
-    assert first.stopped and first.global_step == 2
+    run_stopped_at(_te(sd3_args(sd3_files, tmp_path / "b")))
     res = _cli(*_te(sd3_args(sd3_files, tmp_path / "b", "--resume", "latest")))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     resumed, _ = _tensors(straight.lora_path.parent.parent / "b" / straight.lora_path.name)

@@ -16,7 +16,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from loratrain.core.models.flux import FLUX_TINY, FluxTransformer
-from loratrain.core.progress import StopFlag
 
 CFG = dataclasses.replace(FLUX_TINY, in_channels=16, guidance_embed=True)  # 4 latent channels x 2x2 patch; dev
 
@@ -126,37 +125,12 @@ def test_cli_trains_a_flux_lora_with_sd_scripts_keys_and_metadata(flux_files, tm
 
 def test_stop_and_resume_equals_an_unbroken_run(flux_files, tmp_path):
     from loratrain.core.progress import RecordingReporter
-    from loratrain.training.config import TrainConfig
     from loratrain.training.trainer import run_train
 
-    def cfg(out: Path, **kw) -> TrainConfig:
-        args = _args(flux_files, out)
-        flat = {}
-        i = 0
-        while i < len(args):  # the CLI's flags as a config (switches have no value)
-            key = args[i][2:]
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                flat[key], i = args[i + 1], i + 2
-            else:
-                flat[key], i = True, i + 1
-        flat.update(kw)
-        return TrainConfig.build(flat)
+    from .flow_helpers import config_from_args, run_stopped_at
 
-    straight = run_train(cfg(tmp_path / "a"), RecordingReporter())
-
-    class StopAt(RecordingReporter):
-        def __init__(self, stop):
-            super().__init__()
-            self.stop_flag = stop
-
-        def advance(self, n=1, **metrics):
-            super().advance(n, **metrics)
-            if metrics and self.step >= 2:
-                self.stop_flag.set()
-
-    stop = StopFlag()
-    first = run_train(cfg(tmp_path / "b"), StopAt(stop), stop)
-    assert first.stopped and first.global_step == 2
+    straight = run_train(config_from_args(_args(flux_files, tmp_path / "a")), RecordingReporter())
+    run_stopped_at(_args(flux_files, tmp_path / "b"))
     res = _cli(_args(flux_files, tmp_path / "b", "--resume", "latest"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "resumed from" in res.stdout + res.stderr

@@ -16,7 +16,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from loratrain.core.models.sd3 import SD35_TINY, SD3Transformer
-from loratrain.core.progress import StopFlag
 
 CFG = SD35_TINY  # patch 1, 4 latent channels, 4 joint blocks, MMDiT-X attn2 on block 0: "5-medium"
 
@@ -143,34 +142,12 @@ def test_cli_trains_an_sd35_lora_with_sd_scripts_keys_metadata_and_samples(sd3_f
 
 def test_sd35_stop_and_resume_equals_an_unbroken_run(sd3_files, tmp_path):
     from loratrain.core.progress import RecordingReporter
-    from loratrain.training.config import TrainConfig
     from loratrain.training.trainer import run_train
 
-    def cfg(out: Path) -> TrainConfig:
-        args, flat, i = _args(sd3_files, out), {}, 0
-        while i < len(args):  # the CLI's flags as a config (switches have no value)
-            key = args[i][2:]
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                flat[key], i = args[i + 1], i + 2
-            else:
-                flat[key], i = True, i + 1
-        return TrainConfig.build(flat)
+    from .flow_helpers import config_from_args, run_stopped_at
 
-    straight = run_train(cfg(tmp_path / "a"), RecordingReporter())
-
-    class StopAt(RecordingReporter):
-        def __init__(self, stop):
-            super().__init__()
-            self.stop_flag = stop
-
-        def advance(self, n=1, **metrics):
-            super().advance(n, **metrics)
-            if metrics and self.step >= 2:
-                self.stop_flag.set()
-
-    stop = StopFlag()
-    first = run_train(cfg(tmp_path / "b"), StopAt(stop), stop)
-    assert first.stopped and first.global_step == 2
+    straight = run_train(config_from_args(_args(sd3_files, tmp_path / "a")), RecordingReporter())
+    run_stopped_at(_args(sd3_files, tmp_path / "b"))
     res = _cli(_args(sd3_files, tmp_path / "b", "--resume", "latest"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "resumed from" in res.stdout + res.stderr

@@ -272,22 +272,27 @@ class FluxSession:
     networks: dict[tuple[str, int], Any] = field(default_factory=dict)
 
     def ensure(self, path: str) -> FluxModel:
+        """The model of `path`, loaded (bf16 on CUDA, float32 elsewhere) and placed on the device unless it is the one
+        already loaded; LoRAs read for another checkpoint are forgotten."""
         from .devices import pick_device
-        from .models.flux_loading import flux_sources, load_flux
 
         if path != self.path:
             self.model, self.networks = None, {}
-            p = self.parts
             device = pick_device("auto")
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            flux = load_flux(flux_sources(path, p.clip_l, p.t5xxl, p.ae, p.t5_tokenizer, p.model_type), dtype)
-            for m in (flux.transformer, flux.clip_l, flux.t5xxl, flux.ae):
-                if m is not None:  # Chroma has no CLIP-L
-                    torch.nn.Module.to(m, device)
-            self.model, self.path = flux, path
+            model = self._load(path, torch.bfloat16 if device.type == "cuda" else torch.float32)
+            for name in ("transformer", "clip_l", "clip_g", "t5xxl", "ae"):
+                if getattr(model, name, None) is not None:  # Chroma has no CLIP-L, FLUX no CLIP-G
+                    torch.nn.Module.to(getattr(model, name), device)
+            self.model, self.path = model, path
             self.loads += 1
         assert self.model is not None
         return self.model
+
+    def _load(self, path: str, dtype: torch.dtype) -> FluxModel:
+        from .models.flux_loading import flux_sources, load_flux
+
+        p = self.parts
+        return load_flux(flux_sources(path, p.clip_l, p.t5xxl, p.ae, p.t5_tokenizer, p.model_type), dtype)
 
     def text_options(self) -> FluxTextOptions:
         assert self.model is not None

@@ -172,21 +172,11 @@ class SD3Session(FluxSession):
         super().__init__()
         self.parts = parts  # type: ignore[assignment]
 
-    def ensure(self, path: str) -> SD3Model:  # type: ignore[override]
-        from .devices import pick_device
+    def _load(self, path: str, dtype: torch.dtype) -> SD3Model:  # type: ignore[override]
         from .models.sd3_loading import load_sd3, sd3_sources
 
-        if path != self.path:
-            self.model, self.networks = None, {}
-            p = self.parts
-            device = pick_device("auto")
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            sd3 = load_sd3(sd3_sources(path, p.clip_l, p.clip_g, p.t5xxl, p.vae, p.t5_tokenizer), dtype)
-            for m in (sd3.transformer, sd3.clip_l, sd3.clip_g, sd3.t5xxl, sd3.ae):
-                torch.nn.Module.to(m, device)
-            self.model, self.path = sd3, path  # type: ignore[assignment]
-            self.loads += 1
-        return self.model  # type: ignore[return-value]
+        p = self.parts
+        return load_sd3(sd3_sources(path, p.clip_l, p.clip_g, p.t5xxl, p.vae, p.t5_tokenizer), dtype)
 
     def text_options(self) -> SD3TextOptions:  # type: ignore[override]
         from .flow_schedule import t5_max_length

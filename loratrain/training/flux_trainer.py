@@ -30,12 +30,10 @@ from typing import Any
 
 import torch
 
+from loratrain.core import flux_sampling
 from loratrain.core.errors import ConfigError
 from loratrain.core.flux_sampling import (
     FluxTextOptions,
-    encode_text,
-    encode_texts,
-    encode_texts_grad,
     model_label,
     t5_length,
 )
@@ -62,6 +60,8 @@ FLUX_METADATA = ("apply_t5_attn_mask", "weighting_scheme", "logit_mean", "logit_
 class FluxLoRATrainer(LoRATrainer):
     #: the model's text encoders (attribute names): cached captions free them
     ENCODERS: tuple[str, ...] = ("clip_l", "t5xxl")
+    #: the family's text encoding (encode_texts / encode_texts_grad / encode_text): core/flux_sampling.py here
+    TEXT: Any = flux_sampling
     #: the options sd-scripts records as ss_<name> for this family
     METADATA_KEYS: tuple[str, ...] = FLUX_METADATA
 
@@ -255,11 +255,11 @@ class FluxLoRATrainer(LoRATrainer):
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, ...]:
         if self.te_parts and torch.is_grad_enabled():  # a training step: backward reaches the text-encoder LoRA
-            return encode_texts_grad(self.flux, texts, self.text_opts)
-        return encode_texts(self.flux, texts, self.text_opts)
+            return self.TEXT.encode_texts_grad(self.flux, texts, self.text_opts)
+        return self.TEXT.encode_texts(self.flux, texts, self.text_opts)
 
     def _encode_one(self, text: str) -> tuple[torch.Tensor, ...]:
-        return encode_text(self.flux, text, self.text_opts)
+        return self.TEXT.encode_text(self.flux, text, self.text_opts)
 
     def _conditioning(self, captions: list[str]) -> tuple[torch.Tensor, ...]:
         if self.live_captions:

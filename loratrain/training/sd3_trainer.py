@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from loratrain.core import sd3_sampling
 from loratrain.core.lora.sd3_network import create_sd3_lora
 from loratrain.core.models.sd3_loading import load_sd3, sd3_sources
-from loratrain.core.sd3_sampling import SD3TextOptions, encode_text, encode_texts, encode_texts_grad
+from loratrain.core.sd3_sampling import SD3TextOptions
 
 from . import flow_matching as fm
 from .flux_trainer import FluxLoRATrainer
@@ -31,6 +32,7 @@ FP8_PARTS = ("joint_blocks.",)
 
 class SD3LoRATrainer(FluxLoRATrainer):
     ENCODERS = ("clip_l", "clip_g", "t5xxl")
+    TEXT = sd3_sampling
     METADATA_KEYS = SD3_METADATA
 
     # -- parts ---------------------------------------------------------------------------------
@@ -81,14 +83,6 @@ class SD3LoRATrainer(FluxLoRATrainer):
         return out + ([("text_encoder_3", "lora_te3", "t5xxl", 2)] if self.cfg.train_t5xxl else [])
 
     # -- conditioning and the step -------------------------------------------------------------
-    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, ...]:
-        if self.te_parts and torch.is_grad_enabled():  # a training step: backward reaches the text-encoder LoRA
-            return encode_texts_grad(self.flux, texts, self.text_opts)
-        return encode_texts(self.flux, texts, self.text_opts)
-
-    def _encode_one(self, text: str) -> tuple[torch.Tensor, ...]:
-        return encode_text(self.flux, text, self.text_opts)
-
     def _forward(self, latents: torch.Tensor, noise: torch.Tensor, cond: tuple[torch.Tensor, ...], gens: list,
                  timestep: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """sd-scripts' SD3 step; each sample's u from its own generator (so resume and several processes draw the
