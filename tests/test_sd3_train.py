@@ -160,6 +160,7 @@ def test_sd35_stop_and_resume_equals_an_unbroken_run(sd3_files, tmp_path):
     (("clip_g",), (), "clip_g", "CLIP-G"),
     ((), ("--guidance_scale", "2"), "guidance_scale", "SD3 has no guidance input"),
     ((), ("--train_blocks", "single"), "train_blocks", "train_block_indices"),
+    ((), ("--model_type", "chroma"), "model_type", "SD3 model is told from its keys"),
     ((), ("--train_block_indices", "0-9"), "train_block_indices", "outside"),
     ((), ("--network_module", "lycoris.kohya", "--network_args", "algo=loha"), "network_module", "lora_sd3"),
 ])

@@ -24,6 +24,7 @@ FLUX_ONLY = {
     "discrete_flow_shift": "SD3's shift is training_shift",
     "model_prediction_type": "SD3's prediction is always the preconditioned one (noisy - sigma * output)",
     "guidance_scale": "SD3 has no guidance input",
+    "model_type": "flux / chroma name FLUX.1 files; an SD3 model is told from its keys",
 }
 #: SD1/SDXL options refused with SD3 besides FluxOptions' SD_ONLY list (which names them for FLUX.1)
 SD3_NETWORKS = ("lora", "networks.lora", "lora_sd3", "networks.lora_sd3")
