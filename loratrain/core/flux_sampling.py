@@ -27,12 +27,10 @@ from typing import Any
 
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from .errors import ConfigError
 from .models.flux_loading import FluxModel
-from .safe_io import atomic_path
-from .sampling import Generated, SamplePrompt, infotext
+from .sampling import Generated, SamplePrompt, infotext, save_sample
 
 DEFAULT_GUIDANCE = 3.5
 CHROMA_GUIDANCE = 0.0
@@ -199,15 +197,7 @@ def flux_generate(flux: FluxModel, prompt: SamplePrompt, out_path: str | Path, o
     if not true_cfg:
         prompt = replace(prompt, cfg_scale=1.0)
     params = infotext(prompt, SAMPLER_NAME, seed, 1, {**extra, "Model type": model_label(flux), **(extra_params or {})})
-    info = PngInfo()
-    info.add_text("parameters", params)
-    for k, v in (extra_info or {}).items():
-        info.add_text(k, v)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-    return Generated(out_path, params)
+    return save_sample(image, out_path, params, extra_info)
 
 
 def model_label(flux: FluxModel) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .models.loading import SDModel
@@ -129,12 +130,18 @@ def generate(model: SDModel, prompt: SamplePrompt, out_path: str | Path, sampler
                              zero_empty_negative=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)))
     image = pipe(**embeds, width=prompt.width, height=prompt.height, num_inference_steps=prompt.steps,
                  guidance_scale=prompt.cfg_scale, generator=gen, output_type="pil").images[0]
-    params = infotext(prompt, used, seed, clip_skip, extra_params)
+    return save_sample(image, out_path, infotext(prompt, used, seed, clip_skip, extra_params), extra_info)
+
+
+def save_sample(image: Image.Image, out_path: str | Path, params: str, extra_info: dict[str, str] | None = None) -> Generated:
+    """A sample image written atomically as PNG with A1111's `parameters` text (and any extra text chunks); every
+    family's sampler ends here."""
     info = PngInfo()
     info.add_text("parameters", params)
     for k, v in (extra_info or {}).items():
         info.add_text(k, v)
     out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
     return Generated(out_path, params)

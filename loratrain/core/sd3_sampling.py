@@ -20,14 +20,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL.PngImagePlugin import PngInfo
 
 from .errors import ConfigError
 from .flow_schedule import shift_sigmas
 from .flux_sampling import FluxSession, decode
 from .models.sd3_loading import SD3Model
-from .safe_io import atomic_path
-from .sampling import Generated, SamplePrompt, infotext
+from .sampling import Generated, SamplePrompt, infotext, save_sample
 
 DEFAULT_STEPS, DEFAULT_SCALE, SAMPLE_SHIFT = 30, 7.5, 3.0  # sd-scripts' SD3 sample defaults
 SAMPLER_NAME = "Euler (flow)"
@@ -128,15 +126,7 @@ def sd3_generate(sd3: SD3Model, prompt: SamplePrompt, out_path: str | Path, opts
     image = decode(sd3, x)  # type: ignore[arg-type] - decode needs only `.ae`
     params = infotext(prompt, SAMPLER_NAME, seed, 1, {"Shift": f"{shift:g}", "Model type": f"SD3 {sd3.variant}",
                                                           **(extra_params or {})})
-    info = PngInfo()
-    info.add_text("parameters", params)
-    for k, v in (extra_info or {}).items():
-        info.add_text(k, v)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-    return Generated(out_path, params)
+    return save_sample(image, out_path, params, extra_info)
 
 
 # ---- a loaded SD3 model with LoRAs, for `generate` and the grid ---------------------------------------------------

@@ -23,7 +23,7 @@ from .flux_memory import adapter_dtype
 from .flux_trainer import FluxLoRATrainer
 from .networks.base import NetworkSpec
 from .networks.flux_full import FluxFullNetwork
-from .saving import load_state, save_state
+from .saving import save_state
 
 
 class _Held:
@@ -106,25 +106,18 @@ class FluxFullTrainer(FluxLoRATrainer):
             self.network.gathered = None
             self._optimizer_mode("train")
 
-    def _resume(self, path: Path) -> None:
-        from .fsdp import load_full_optimizer_state
-
-        net_sd, opt_sd, info = load_state(path)
+    def _check_state(self, path: Path, info: dict) -> None:
         if info.get("network_module") != "full":
             raise ConfigError(f"resume: {path} is the state of a {info.get('network_module')} run, not a full fine-tune")
-        self.network.load_state_dict(net_sd)
+
+    def _load_optimizer(self, path: Path, state: dict) -> None:
+        """The optimizer state is saved by parameter name (whole tensors), so it loads sharded or not."""
+        from .fsdp import load_full_optimizer_state
+
         try:
-            load_full_optimizer_state(self.flux.transformer, self._inner_optimizer(), opt_sd["optimizer"])
+            load_full_optimizer_state(self.flux.transformer, self._inner_optimizer(), state)
         except (KeyError, ValueError, RuntimeError) as e:
             raise ConfigError(f"resume: the optimizer state in {path} does not fit this run ({e})") from None
-        self.scheduler.load_state_dict(opt_sd["scheduler"])
-        if info.get("max_train_steps") != self.plan.max_train_steps:
-            self.reporter.log(f"WARNING: the saved run planned {info.get('max_train_steps')} steps, this one {self.plan.max_train_steps}")
-        self.global_step, self.epoch, self.micro = info["global_step"], info["epoch"], info["micro"]
-        self.losses = list(info.get("losses", []))
-        self.val_losses = [(int(s), float(v)) for s, v in info.get("val_losses", [])]
-        self.reporter.log(f"resumed from {path} at step {self.global_step} (epoch {self.epoch + 1}, batch {self.micro})")
-
 
 def flux_trainer_class(cfg: Any) -> type[FluxLoRATrainer]:
     """The FLUX trainer for this config: the full fine-tune's, or the LoRA trainer."""

@@ -301,8 +301,9 @@ class LoRATrainer:
 
     def _resume(self, path: Path) -> None:
         net_sd, opt_sd, info = load_state(path)
+        self._check_state(path, info)
         self.network.load_state_dict(net_sd)
-        self.optimizer.load_state_dict(opt_sd["optimizer"])
+        self._load_optimizer(path, opt_sd["optimizer"])
         self.scheduler.load_state_dict(opt_sd["scheduler"])
         if info.get("max_train_steps") != self.plan.max_train_steps:
             self.reporter.log(f"WARNING: the saved run planned {info.get('max_train_steps')} steps, this one {self.plan.max_train_steps}")
@@ -310,6 +311,12 @@ class LoRATrainer:
         self.losses = list(info.get("losses", []))
         self.val_losses = [(int(s), float(v)) for s, v in info.get("val_losses", [])]
         self.reporter.log(f"resumed from {path} at step {self.global_step} (epoch {self.epoch + 1}, batch {self.micro})")
+
+    def _check_state(self, path: Path, info: dict) -> None:
+        """A state folder this run cannot continue from is refused here (the full fine-tune checks its kind)."""
+
+    def _load_optimizer(self, path: Path, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
 
     # -- one micro-batch -----------------------------------------------------------------------
     def _loss(self, batch: list[tuple[Item, bool]], epoch: int, micro: int, first: int, global_size: int,
