@@ -35,14 +35,12 @@ def open_flux(path: str) -> LazySafetensors | None:
 
 
 def read_flux_lora(path: str) -> tuple[dict[str, LoraModule], dict[str, str]]:
-    """A FLUX LoRA file in any layout flux_layouts reads -> kohya-named LoraModules (alpha kept) and its metadata
-    (`read_lora` converts the other layouts to ours)."""
+    """A FLUX LoRA file in any layout flux_layouts reads -> kohya-named modules (alpha kept) and its metadata
+    (`read_lora` converts the other layouts to ours; LyCORIS modules, LoHa / LoKr as training writes them, come as
+    core/lora/kinds.py's modules, whose ΔW is LyCORIS' formula)."""
     modules, meta = read_lora(path)
     if not is_kohya_flux(modules):
         raise ConfigError(f"{path}: not a FLUX.1 LoRA (no double_blocks / single_blocks modules); is it for SD?")
-    other = next((n for n, m in modules.items() if type(m) is not LoraModule), None)
-    if other is not None:
-        raise ConfigError(f"{path}: {other}: only plain LoRA modules bake into FLUX so far (no LyCORIS / DoRA)")
     return modules, meta
 
 
@@ -74,7 +72,8 @@ def bake_flux(cfg: BakeConfig, model: LazySafetensors, out: Path, reporter: Repo
                     missing.append(name)
                     continue
                 shape = tuple(model.tensors[key].shape)
-                module.delta(shape)  # shape check now, before anything is written
+                if not module.needs_base:  # LoRA, LoHa, LoKr, full; DoRA / (IA)^3 / OFT are checked with W in hand
+                    module.delta(shape)  # shape check now, before anything is written
                 block = flux_block_of(name) or "IN"
                 ratio = spec.ratio * (blocks[block] if blocks else 1.0)
                 if ratio != 0:

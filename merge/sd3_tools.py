@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from loratrain.core.errors import ConfigError
-from loratrain.core.lora.files import LoraModule, parse_lora_spec, read_lora
+from loratrain.core.lora.files import parse_lora_spec, read_lora
 from loratrain.core.lora.keys import LoraSite
 from loratrain.core.lora.sd3_network import CONV, kohya_name, linear_shapes
 from loratrain.core.models.sd3 import SD3Config, sd3_config_from_shapes, sd3_prefix
@@ -61,9 +61,6 @@ def bake_sd3(cfg: BakeConfig, model: LazySafetensors, out: Path, reporter: Repor
             if spec.blocks:
                 raise ConfigError(f"{spec.path}: LoRA block weights are not defined for SD3 (no BLOCKS part, please)")
             modules, _ = read_lora(spec.path)
-            other = next((n for n, m in modules.items() if type(m) is not LoraModule), None)
-            if other is not None:
-                raise ConfigError(f"{spec.path}: {other}: only plain LoRA modules bake into SD3 so far (no LyCORIS / DoRA)")
             te = [n for n in modules if n.startswith("lora_te")]
             if te:
                 reporter.log(f"{spec.path}: {len(te)} text-encoder modules skipped (the checkpoint's MMDiT only)")
@@ -76,7 +73,8 @@ def bake_sd3(cfg: BakeConfig, model: LazySafetensors, out: Path, reporter: Repor
                     missing.append(name)
                     continue
                 shape = tuple(model.tensors[key].shape)
-                module.delta(shape)  # shape check now, before anything is written
+                if not module.needs_base:  # DoRA / (IA)^3 / OFT are checked with W in hand
+                    module.delta(shape)  # shape check now, before anything is written
                 if spec.ratio != 0:
                     kind = "conv" if names[name] == CONV else "attn"
                     by_key.setdefault(key, []).append(_Applied(module, LoraSite(name, key, None, "BASE", kind, shape), spec.ratio))

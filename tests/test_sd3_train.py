@@ -162,7 +162,8 @@ def test_sd35_stop_and_resume_equals_an_unbroken_run(sd3_files, tmp_path):
     ((), ("--train_blocks", "single"), "train_blocks", "train_block_indices"),
     ((), ("--model_type", "chroma"), "model_type", "SD3 model is told from its keys"),
     ((), ("--train_block_indices", "0-9"), "train_block_indices", "outside"),
-    ((), ("--network_module", "lycoris.kohya", "--network_args", "algo=loha"), "network_module", "lora_sd3"),
+    ((), ("--network_module", "lycoris.kohya", "--network_args", "algo=ia3"), "network_module", "lora_sd3"),
+    ((), ("--network_module", "lokr", "--network_args", "emb_dims=[0,0,2,0,0,0]"), "emb_dims", "patchifying conv"),
 ])
 def test_sd3_mistakes_are_named_before_loading(sd3_files, tmp_path, skip, extra, field, words):
     res = _cli(_args(sd3_files, tmp_path / "o", *extra, skip=skip))

@@ -212,25 +212,20 @@ def is_flux_checkpoint(path: str) -> bool:
 
 
 def read_flux_lora(path: str, flux: FluxModel) -> Any:
-    """A FluxLoraNetwork from a LoRA file (sd-scripts' lora_flux layout, or another layout flux_layouts converts)."""
+    """A LoRA file (sd-scripts' lora_flux layout, or another layout flux_layouts converts; LoRA, LoHa or LoKr) as a
+    FlowLoraFile: its transformer network and its text-encoder modules' hooks."""
     from safetensors import safe_open
 
+    from .lora.flow_te_hooks import FlowLoraFile, split_text_encoders
     from .lora.flux_network import flux_lora_from_kohya
     from .paths import confine
 
     with safe_open(str(confine(path, "LoRA")), framework="pt") as f:
         sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    try:
-        from .lora.flux_layouts import flux_lora_to_kohya
-    except ImportError:  # the layout converter is optional here: kohya files load without it
-        flux_lora_to_kohya = None
-    if flux_lora_to_kohya is not None:
-        sd = flux_lora_to_kohya(sd, meta, source=path)
-    te = sorted(k for k in sd if k.startswith("lora_te"))
-    if te:
-        raise ConfigError(f"{path}: holds text-encoder LoRA modules ({te[0]}); FLUX.1 sampling applies transformer "
-                          "LoRAs only so far")
-    return flux_lora_from_kohya(flux.config, sd, source=path)
+    from .lora.flux_layouts import flux_lora_to_kohya
+
+    unet, encoders = split_text_encoders(flux_lora_to_kohya(sd, meta, source=path), flux, path)
+    return FlowLoraFile(flux_lora_from_kohya(flux.config, unet, source=path) if unet else None, encoders)
 
 
 @dataclass
@@ -253,7 +248,8 @@ class FluxParts:
 @dataclass
 class FluxSession:
     """The grid's / generate's model session for FLUX.1: one checkpoint loaded at a time, each LoRA file read once
-    per checkpoint and hooked onto the transformer at its weight (weight 0 is not hooked at all: the base model)."""
+    per checkpoint and hooked onto the transformer and text encoders at its weight (weight 0 is not hooked at all: the
+    base model)."""
 
     parts: FluxParts = field(default_factory=FluxParts)
     path: str | None = None
@@ -289,7 +285,7 @@ class FluxSession:
         return FluxTextOptions(t5_length(self.parts, self.model.variant), self.parts.apply_t5_attn_mask)
 
     def activate(self, loras: list[Any], sampler: str = "") -> None:
-        """Hook exactly `loras` (LoraUse: path, weight, blocks) onto the transformer; every other one is unhooked."""
+        """Hook exactly `loras` (LoraUse: path, weight, blocks) onto the model; every other one is unhooked."""
         assert self.model is not None
         for net in self.networks.values():
             net.remove()
@@ -304,7 +300,7 @@ class FluxSession:
                 self.networks[key] = self._read_lora(use.path).to(dev, torch.float32)
             if use.weight != 0:
                 self.networks[key].set_multiplier(float(use.weight))
-                self.networks[key].apply_to(self.model.transformer)
+                self.networks[key].apply_to(self.model)
 
     def _read_lora(self, path: str) -> Any:
         assert self.model is not None

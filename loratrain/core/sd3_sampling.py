@@ -175,24 +175,22 @@ class SD3Session(FluxSession):
         return SD3TextOptions(t5_max_length(p, "sd3"), p.apply_lg_attn_mask, p.apply_t5_attn_mask)
 
     def _read_lora(self, path: str) -> Any:
-        """An SD3LoraNetwork from a kohya-layout lora_sd3 file (a split_qkv file loads as its block-diagonal fused
-        form: the same ΔW)."""
+        """A FlowLoraFile from a kohya-layout lora_sd3 file (LoRA, LoHa or LoKr; a split_qkv file loads as its
+        block-diagonal fused form: the same ΔW) or diffusers' PEFT layout, with its text-encoder modules' hooks."""
         from safetensors import safe_open
 
+        from .lora.flow_te_hooks import FlowLoraFile, split_text_encoders
+        from .lora.sd3_layouts import diffusers_sd3_to_kohya, is_diffusers_sd3_lora
         from .lora.sd3_network import sd3_lora_from_kohya
         from .paths import confine
 
         with safe_open(str(confine(path, "LoRA")), framework="pt") as f:
             sd = {k: f.get_tensor(k) for k in f.keys()}
-        te = sorted(k for k in sd if k.startswith("lora_te"))
-        if te:
-            raise ConfigError(f"{path}: holds text-encoder LoRA modules ({te[0]}); SD3 sampling applies transformer "
-                              "LoRAs only so far")
-        from .lora.sd3_layouts import diffusers_sd3_to_kohya, is_diffusers_sd3_lora
-
-        if is_diffusers_sd3_lora(sd):  # diffusers' PEFT layout: the same ΔW in ours
-            sd = diffusers_sd3_to_kohya(sd, self.model.config, path)  # type: ignore[union-attr]
-        return sd3_lora_from_kohya(self.model.config, sd, source=path)  # type: ignore[union-attr]
+        unet, encoders = split_text_encoders(sd, self.model, path)
+        if is_diffusers_sd3_lora(unet):  # diffusers' PEFT layout: the same ΔW in ours
+            unet = diffusers_sd3_to_kohya(unet, self.model.config, path)  # type: ignore[union-attr]
+        return FlowLoraFile(sd3_lora_from_kohya(self.model.config, unet, source=path) if unet else None,  # type: ignore[union-attr]
+                            encoders)
 
     def generate(self, prompt: SamplePrompt, out_path: str | Path, shift: float | None = None,
                  extra_params: dict[str, str] | None = None) -> Generated:

@@ -8,7 +8,7 @@ the loss (flow matching, training/flow_matching.py, with sd-scripts' option name
 
 Text encoders train as sd-scripts' flux_train_network.py trains them: without --network_train_unet_only a CLIP-L LoRA
 (`lora_te1_*`), with network_args train_t5xxl=True a T5-XXL LoRA too (`lora_te3_*`), saved in the one file beside
-`lora_unet_*` (networks/flux.py FlowTextEncoderLoRA: the SD trainer's PEFT LoRA). Their captions are then encoded
+`lora_unet_*` (networks/flux.py FLOW_TEXT_ENCODERS: the SD trainer's PEFT network of the run's kind). Their captions are then encoded
 every step with gradients (no caption cache), at text_encoder_lr per encoder (sd-scripts' [CLIP-L, T5] list).
 
 Chroma (a FLUX.1 derivative, core/models/chroma.py) trains here too, as sd-scripts' `--model_type chroma` does: no
@@ -47,7 +47,7 @@ from .data.captions import changes_per_step, process_caption
 from .data.dataset import Item, TrainData
 from .metadata import dataset_metadata, lora_metadata
 from .networks.base import NetworkSpec
-from .networks.flux import FlowTextEncoderLoRA, FluxNetwork
+from .networks.flux import FLOW_TEXT_ENCODERS, FluxNetwork
 from .noise import elementwise_loss
 from .optim import create_optimizer, create_scheduler
 from .trainer import LoRATrainer, _seed_for, build_specs, sample_latents, seeded
@@ -176,20 +176,32 @@ class FluxLoRATrainer(LoRATrainer):
         lrs = list(self.cfg.text_encoder_lr) or [self.cfg.learning_rate]
         return lrs[min(slot, len(lrs) - 1)]
 
-    def _te_network(self) -> FlowTextEncoderLoRA | None:
+    def _te_network(self) -> Any:
         """The text-encoder LoRA on the encoders that train (None: the transformer only), logged per encoder."""
         if not self.te_parts:
             return None
         cfg = self.cfg
-        te = FlowTextEncoderLoRA([(part, prefix, getattr(self.flux, attr)) for part, prefix, attr, _ in self.te_parts],
-                                 NetworkSpec(cfg.network_dim, cfg.network_alpha, train_unet=False))
+        te = FLOW_TEXT_ENCODERS[self.adapter_kind]([(part, prefix, getattr(self.flux, attr)) for part, prefix, attr, _ in self.te_parts],
+                                                   NetworkSpec(cfg.network_dim, cfg.network_alpha, train_unet=False))
         for part, prefix, attr, slot in self.te_parts:
             n = sum(t.part == part for t in te.targets)
             self.reporter.log(f"network: {n} {prefix}_* modules on {attr} (text_encoder_lr {self._text_encoder_lr(slot):g})")
         return te
 
+    @property
+    def adapter_kind(self) -> str:
+        """lora (sd-scripts' lora_flux / lora_sd3), or the LyCORIS kind (loha, lokr) on the same modules."""
+        kind = self.cfg.network_kind
+        return kind if kind in ("loha", "lokr") else "lora"
+
     def _network_args(self, args: dict[str, str]) -> dict[str, str]:
+        """ss_network_args: the run's network_args as sd-scripts (or LyCORIS' kohya wrapper: algo=) records them."""
+        args = {**args, "algo": self.adapter_kind} if self.adapter_kind != "lora" else args
         return {**args, "train_t5xxl": "True"} if self.cfg.train_t5xxl else args
+
+    def _network_label(self, net: Any) -> str:
+        kind = self.adapter_kind
+        return f"lycoris.kohya algo={kind}" if kind != "lora" else f"networks.{'lora_sd3' if net.label == 'SD3' else 'lora_flux'}"
 
     def _build_network(self) -> FluxNetwork:
         cfg = self.cfg
@@ -199,11 +211,11 @@ class FluxLoRATrainer(LoRATrainer):
         if cfg.in_dims:
             args["in_dims"] = str(cfg.in_dims_list())
         net = create_flux_lora(self.flux.config, cfg.network_dim, cfg.network_alpha, cfg.train_blocks, cfg.split_qkv,
-                               cfg.in_dims_list())
+                               cfg.in_dims_list(), self.adapter_kind)
         network = FluxNetwork(net, NetworkSpec(cfg.network_dim, cfg.network_alpha, train_text_encoder=bool(self.te_parts)),
                               self._network_args(args), self._te_network())
         network.diffusers_copy = cfg.save_diffusers_layout
-        self.reporter.log(f"network: networks.lora_flux, {len(net.lora)} modules (train_blocks {cfg.train_blocks}"
+        self.reporter.log(f"network: {self._network_label(net)}, {len(net.lora)} modules (train_blocks {cfg.train_blocks}"
                           f"{', split_qkv' if cfg.split_qkv else ''}); dim {cfg.network_dim}, alpha {cfg.network_alpha} "
                           f"-> scale alpha/dim = {cfg.network_alpha / cfg.network_dim:.4g}")
         return network

@@ -66,8 +66,9 @@ class SD3LoRATrainer(FluxLoRATrainer):
         if cfg.emb_dims:
             args["emb_dims"] = str(cfg.emb_dims_list())
         net = create_sd3_lora(self.flux.config, cfg.network_dim, cfg.network_alpha, cfg.split_qkv,
-                              emb_dims=cfg.emb_dims_list(), train_block_indices=cfg.train_block_indices or None)
-        self.reporter.log(f"network: networks.lora_sd3, {len(net.lora)} modules{' (split_qkv)' if cfg.split_qkv else ''}; "
+                              emb_dims=cfg.emb_dims_list(), train_block_indices=cfg.train_block_indices or None,
+                              kind=self.adapter_kind)
+        self.reporter.log(f"network: {self._network_label(net)}, {len(net.lora)} modules{' (split_qkv)' if cfg.split_qkv else ''}; "
                           f"dim {cfg.network_dim}, alpha {cfg.network_alpha} -> scale alpha/dim = "
                           f"{cfg.network_alpha / cfg.network_dim:.4g}")
         network = SD3Network(net, NetworkSpec(cfg.network_dim, cfg.network_alpha, train_text_encoder=bool(self.te_parts)),

@@ -32,11 +32,13 @@ from .hooked_network import (  # noqa: F401  (PREFIX, kohya_name: public here to
     PREFIX,
     FusedLoraModule,
     HookedLoraNetwork,
+    file_kind,
     group_kohya,
     kohya_name,
     kohya_ranks,
     kohya_state_dict,
     load_kohya_state_dict,
+    make_adapter,
     save_kohya,
 )
 
@@ -104,23 +106,29 @@ FluxLoraModule = FusedLoraModule  # the adapter of one (fused) Linear; shared wi
 
 
 class FluxLoraNetwork(HookedLoraNetwork):
-    """One FusedLoraModule per target, keyed by its kohya name; `apply_to(model)` hooks them onto the model's Linears."""
+    """One adapter per target, keyed by its kohya name; `apply_to(model)` hooks them onto the model's Linears. `kind`
+    is lora (sd-scripts' lora_flux) or a LyCORIS kind (loha, lokr: hooked_kinds.py) on the same targets and names;
+    `file_parts` shapes a LyCORIS network from a file's modules (by BFL path)."""
 
     label = "FLUX"
 
     def __init__(self, cfg: FluxConfig, ranks: dict[str, int], alpha: float | dict[str, float] = 1.0,
-                 split_qkv: bool = False) -> None:
-        def make(path: str, shape: tuple[int, int], rank: int) -> FusedLoraModule:
-            return FusedLoraModule(*shape, rank, alpha[path] if isinstance(alpha, dict) else alpha,
-                                   split_sizes(path, cfg) if split_qkv else None)
+                 split_qkv: bool = False, kind: str = "lora",
+                 file_parts: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+        def make(path: str, shape: tuple[int, int], rank: int) -> torch.nn.Module:
+            return make_adapter(kind, kohya_name(path), shape, rank, alpha[path] if isinstance(alpha, dict) else alpha,
+                                split_sizes(path, cfg) if split_qkv else None, (file_parts or {}).get(path))
 
         super().__init__(cfg, split_qkv, linear_shapes(cfg), ranks, make)
+        self.kind = kind
 
 
 def create_flux_lora(cfg: FluxConfig, rank: int = 4, alpha: float = 1.0, train_blocks: str = "all",
-                     split_qkv: bool = False, in_dims: list[int] | None = None) -> FluxLoraNetwork:
-    """A new network as sd-scripts' `create_network(network_dim=rank, network_alpha=alpha, **network_args)` builds it."""
-    return FluxLoraNetwork(cfg, flux_lora_targets(cfg, rank, train_blocks, in_dims), alpha, split_qkv)
+                     split_qkv: bool = False, in_dims: list[int] | None = None, kind: str = "lora") -> FluxLoraNetwork:
+    """A new network as sd-scripts' `create_network(network_dim=rank, network_alpha=alpha, **network_args)` builds it
+    (or LyCORIS' kohya wrapper, for kind loha / lokr: the same Linears, whose default preset on FLUX.1 is every Linear
+    of the double and single blocks, as train_blocks all)."""
+    return FluxLoraNetwork(cfg, flux_lora_targets(cfg, rank, train_blocks, in_dims), alpha, split_qkv, kind)
 
 
 def kohya_flux_state_dict(network: FluxLoraNetwork, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -141,8 +149,13 @@ def flux_lora_from_kohya(cfg: FluxConfig, sd: dict[str, torch.Tensor], split_qkv
     unknown = sorted(n for n in groups if n not in by_name)
     if unknown:
         raise ConfigError(f"{source}: {unknown[0]} names no Linear of this FLUX model (text-encoder LoRAs load elsewhere)")
-    ranks = kohya_ranks(groups, by_name, lambda p: len(split_sizes(p, cfg) or (1,)) if split_qkv else 1, source)
-    network = FluxLoraNetwork(cfg, ranks, 1.0, split_qkv)
+    kind = file_kind(groups, source)
+    if kind != "lora":  # LyCORIS: each module shaped by its own tensors
+        parts = {by_name[n]: g for n, g in groups.items()}
+        network = FluxLoraNetwork(cfg, dict.fromkeys(parts, 1), 1.0, False, kind, parts)
+    else:
+        ranks = kohya_ranks(groups, by_name, lambda p: len(split_sizes(p, cfg) or (1,)) if split_qkv else 1, source)
+        network = FluxLoraNetwork(cfg, ranks, 1.0, split_qkv)
     load_kohya_state_dict(network, sd, source)
     return network
 

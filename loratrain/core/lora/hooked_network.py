@@ -19,16 +19,35 @@ from loratrain.core.errors import ConfigError
 
 PREFIX = "lora_unet_"
 KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+#: LyCORIS' LoHa / LoKr tensor suffixes (hooked_kinds.py builds the kinds; Tucker and low-rank-W1 ones are read so
+#: that they are refused by name rather than as unknown keys)
+LYCORIS_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
+                 "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
 def kohya_name(path: str) -> str:
     return PREFIX + path.replace(".", "_")
 
 
+def make_adapter(kind: str, name: str, shape: tuple[int, int], rank: int, alpha: float,
+                 splits: tuple[int, ...] | None = None, file_parts: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """The adapter of one Linear: plain LoRA (FusedLoraModule) or a LyCORIS kind (hooked_kinds.py), new or shaped by
+    a file module's tensors (`file_parts`; LoRA reads its ranks elsewhere)."""
+    if kind == "lora":
+        return FusedLoraModule(*shape, rank, alpha, splits)
+    from .hooked_kinds import HOOKED_KINDS
+
+    if splits:
+        raise ConfigError(f"split_qkv is an argument of sd-scripts' LoRA; a {kind} network trains each fused Linear whole")
+    cls = HOOKED_KINDS.get(kind)
+    return cls.from_parts(name, *shape, file_parts) if file_parts is not None else cls(*shape, rank, alpha)
+
+
 class FusedLoraModule(nn.Module):
     """alpha/rank * up(down(x)) for one Linear; with `splits`, one (down, up) pair per output slice, concatenated."""
 
     layer = nn.Linear  #: the kind of layer this adapter hooks onto
+    kind = "lora"
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  splits: tuple[int, ...] | None = None) -> None:
@@ -151,30 +170,55 @@ def kohya_state_dict(network: HookedLoraNetwork, dtype: torch.dtype | None = Non
 
 
 def group_kohya(sd: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
-    """A kohya-layout LoRA state dict by module: name -> {lora_down.weight, lora_up.weight[, alpha]}."""
+    """A kohya-layout state dict by module: name -> {lora_down.weight, lora_up.weight[, alpha]}, or a LyCORIS LoHa /
+    LoKr module's tensors by suffix (hada_*, lokr_*[, alpha])."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
         name, _, part = key.partition(".")
-        if part not in KOHYA_PARTS:
-            raise ConfigError(f"{source}: {key} is not part of a kohya LoRA (lora_down.weight / lora_up.weight / alpha)")
+        if part == "dora_scale":
+            raise ConfigError(f"{source}: {key}: a DoRA module; FLUX.1 / SD3 networks take LoRA, LoHa and LoKr so far")
+        if part not in KOHYA_PARTS + LYCORIS_PARTS:
+            raise ConfigError(f"{source}: {key} is not part of a kohya LoRA (lora_down.weight / lora_up.weight / alpha) "
+                              "or a LyCORIS LoHa / LoKr module")
         groups.setdefault(name, {})[part] = value
+    from .hooked_kinds import kind_of_parts
+
     for name, parts in groups.items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+        if kind_of_parts(parts) == "lora" and ("lora_down.weight" not in parts or "lora_up.weight" not in parts):
             raise ConfigError(f"{source}: module {name} lacks lora_down or lora_up")
     return groups
 
 
+def file_kind(groups: Mapping[str, Mapping[str, torch.Tensor]], source: str) -> str:
+    """The one adapter kind of a grouped file ("lora", "loha", "lokr"); a file mixing kinds is refused."""
+    from .hooked_kinds import kind_of_parts
+
+    kinds = {kind_of_parts(parts) for parts in groups.values()}
+    if len(kinds) > 1:
+        raise ConfigError(f"{source}: mixes module kinds ({', '.join(sorted(kinds))}); one kind per file here")
+    return kinds.pop() if kinds else "lora"
+
+
 def load_kohya_state_dict(network: HookedLoraNetwork, sd: Mapping[str, torch.Tensor], source: str = "LoRA") -> None:
     """Reverse of kohya_state_dict: fill a network built with the same targets (every module must be there)."""
+    from .hooked_kinds import kind_of_parts
+
     groups = group_kohya(sd, source)
     extra, missing = sorted(set(groups) - set(network.lora)), sorted(set(network.lora) - set(groups))
     if extra or missing:
         raise ConfigError(f"{source}: modules do not match the network ({'extra ' + extra[0] if extra else ''}"
                           f"{' ' if extra and missing else ''}{'missing ' + missing[0] if missing else ''})")
     for name, parts in groups.items():
+        module, kind = network.lora[name], kind_of_parts(parts)
+        if kind != getattr(module, "kind", "lora"):
+            raise ConfigError(f"{source}: {name} is a {kind} module; this network trains {module.kind} "
+                              "(network_module)")
+        if kind != "lora":
+            module.load_parts(f"{source}: {name}", parts)
+            continue
         down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
         alpha = float(parts["alpha"]) if "alpha" in parts and float(parts["alpha"]) != 0 else float(down.shape[0])
-        network.lora[name].load_kohya(name, down, up, alpha)
+        module.load_kohya(name, down, up, alpha)
 
 
 def kohya_ranks(groups: Mapping[str, Mapping[str, torch.Tensor]], by_name: Mapping[str, str],

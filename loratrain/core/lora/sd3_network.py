@@ -40,11 +40,13 @@ from .hooked_network import (  # noqa: F401  (PREFIX, kohya_name: public here to
     PREFIX,
     FusedLoraModule,
     HookedLoraNetwork,
+    file_kind,
     group_kohya,
     kohya_name,
     kohya_ranks,
     kohya_state_dict,
     load_kohya_state_dict,
+    make_adapter,
     save_kohya,
 )
 
@@ -189,24 +191,30 @@ class SD3LoraNetwork(HookedLoraNetwork):
 
     label = "SD3"
 
-    def __init__(self, cfg: SD3Config, targets: dict[str, tuple[int, float]], split_qkv: bool = False) -> None:
+    def __init__(self, cfg: SD3Config, targets: dict[str, tuple[int, float]], split_qkv: bool = False,
+                 kind: str = "lora", file_parts: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
         def make(path: str, shape: tuple[int, int], target: tuple[int, float]) -> nn.Module:
             r, a = target
             if path == CONV:
+                if kind != "lora":
+                    raise ConfigError(f"emb_dims' x_embedder (the patchifying conv) is a LoRA argument; a {kind} "
+                                      "network trains Linears only")
                 return SD3ConvLoraModule(*shape, cfg.patch_size, r, a)
-            return FusedLoraModule(*shape, r, a, split_sizes(path, cfg) if split_qkv else None)
+            return make_adapter(kind, kohya_name(path), shape, r, a, split_sizes(path, cfg) if split_qkv else None,
+                                (file_parts or {}).get(path))
 
         super().__init__(cfg, split_qkv, linear_shapes(cfg), targets, make)
+        self.kind = kind
 
 
 def create_sd3_lora(cfg: SD3Config, rank: int = 4, alpha: float = 1.0, split_qkv: bool = False,
                     type_dims: dict[str, int] | None = None, emb_dims: list[int] | None = None,
                     train_block_indices: str | None = None, conv_dim: int | None = None,
-                    conv_alpha: float | None = None) -> SD3LoraNetwork:
+                    conv_alpha: float | None = None, kind: str = "lora") -> SD3LoraNetwork:
     """A new network as sd-scripts' `create_network(network_dim=rank, network_alpha=alpha, **network_args)` builds it
-    (type_dims holds the six *_dim args by name)."""
+    (type_dims holds the six *_dim args by name); kind loha / lokr puts LyCORIS' adapters on the same Linears."""
     return SD3LoraNetwork(cfg, sd3_lora_targets(cfg, rank, alpha, type_dims, emb_dims, train_block_indices,
-                                                conv_dim, conv_alpha), split_qkv)
+                                                conv_dim, conv_alpha), split_qkv, kind)
 
 
 def kohya_sd3_state_dict(network: SD3LoraNetwork, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -229,8 +237,13 @@ def sd3_lora_from_kohya(cfg: SD3Config, sd: dict[str, torch.Tensor], split_qkv: 
         hint = " (text-encoder LoRAs load elsewhere)" if unknown[0].startswith("lora_te") else \
             " (a LoRA for another SD3 size or variant?)"
         raise ConfigError(f"{source}: {unknown[0]} names no layer of this SD3 {cfg.variant} model{hint}")
-    ranks = kohya_ranks(groups, by_name, lambda p: len(split_sizes(p, cfg) or (1,)) if split_qkv else 1, source)
-    network = SD3LoraNetwork(cfg, {p: (r, 1.0) for p, r in ranks.items()}, split_qkv)
+    kind = file_kind(groups, source)
+    if kind != "lora":  # LyCORIS: each module shaped by its own tensors
+        parts = {by_name[n]: g for n, g in groups.items()}
+        network = SD3LoraNetwork(cfg, dict.fromkeys(parts, (1, 1.0)), False, kind, parts)
+    else:
+        ranks = kohya_ranks(groups, by_name, lambda p: len(split_sizes(p, cfg) or (1,)) if split_qkv else 1, source)
+        network = SD3LoraNetwork(cfg, {p: (r, 1.0) for p, r in ranks.items()}, split_qkv)
     load_kohya_state_dict(network, sd, source)
     return network
 

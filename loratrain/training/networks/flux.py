@@ -18,17 +18,19 @@ from loratrain.core.lora.keys import te_lora_name
 
 from .base import TE_CONTAINERS, Network, NetworkKind, NetworkSpec, Target, _children, register
 from .lora import ADAPTER, PeftLoRANetwork, inject_adapter_in_model
+from .lycoris import PeftLohaNetwork, PeftLokrNetwork
 
 #: sd-scripts' lora_flux / lora_sd3 TEXT_ENCODER_TARGET_REPLACE_MODULE: the CLIP classes and T5's attention and gated MLP
 FLOW_TE_CONTAINERS = TE_CONTAINERS | {"T5Attention", "T5DenseGatedActDense"}
 
 
-class FlowTextEncoderLoRA(PeftLoRANetwork):
-    """The text-encoder half of a FLUX.1 / SD3 LoRA: the SD trainer's PEFT LoRA (lora.py) on transformers' CLIP / T5,
-    with sd-scripts' lora_flux / lora_sd3 names (`lora_te1_text_model_...` CLIP-L, `lora_te2_...` CLIP-G,
-    `lora_te3_encoder_block_...` T5). Why a subclass: the SD network finds its encoders through an SDModel's family;
-    here the trainer hands over the encoders (component, kohya prefix, module) that train, and the rest (PEFT
-    injection, resume state, kohya save / load, multiplier) is the SD network's own code."""
+class _FlowTextEncoders:
+    """The text-encoder half of a FLUX.1 / SD3 network: the SD trainer's PEFT network of the run's kind (lora.py,
+    lycoris.py) on transformers' CLIP / T5, with sd-scripts' lora_flux / lora_sd3 names (`lora_te1_text_model_...`
+    CLIP-L, `lora_te2_...` CLIP-G, `lora_te3_encoder_block_...` T5; LyCORIS' kohya wrapper names them the same). Why a
+    mixin: the SD network finds its encoders through an SDModel's family; here the trainer hands over the encoders
+    (component, kohya prefix, module) that train, and the rest (PEFT injection, resume state, kohya save / load,
+    multiplier) is the SD network's own code for that kind."""
 
     def __init__(self, encoders: list[tuple[str, str, nn.Module]], spec: NetworkSpec) -> None:
         targets = []
@@ -39,12 +41,12 @@ class FlowTextEncoderLoRA(PeftLoRANetwork):
                 clip = type(module).__name__.startswith("CLIP")
                 name = te_lora_name(prefix, path) if clip else f"{prefix}_{path.replace('.', '_')}"
                 targets.append(Target(component, path, name, spec.network_dim, spec.network_alpha))
-        Network.__init__(self, None, spec, targets)
+        Network.__init__(self, None, spec, targets)  # type: ignore[arg-type]
         self._modules_by_part = {component: module for component, _, module in encoders}
         for part, module in self.parts().items():
             inject_adapter_in_model(self.peft_config([t for t in targets if t.part == part]), module, adapter_name=ADAPTER)
             for name, p in module.named_parameters():
-                p.requires_grad_(ADAPTER in name and "lora_" in name)
+                p.requires_grad_(ADAPTER in name and any(k in name for k in self.trained))
         self._by_path = {(t.part, t.module_path): t for t in targets}
 
     def parts(self) -> dict[str, nn.Module]:
@@ -54,12 +56,30 @@ class FlowTextEncoderLoRA(PeftLoRANetwork):
         return Network.param_groups(self, lrs)  # one group per encoder at its text_encoder_lr (no block lrs / LoRA+)
 
 
+class FlowTextEncoderLoRA(_FlowTextEncoders, PeftLoRANetwork):
+    pass
+
+
+class FlowTextEncoderLoHa(_FlowTextEncoders, PeftLohaNetwork):
+    pass
+
+
+class FlowTextEncoderLoKr(_FlowTextEncoders, PeftLokrNetwork):
+    pass
+
+
+#: the text-encoder network of each kind a FLUX.1 / SD3 run trains (the transformer's is core/lora/hooked_kinds.py)
+FLOW_TEXT_ENCODERS = {"lora": FlowTextEncoderLoRA, "loha": FlowTextEncoderLoHa, "lokr": FlowTextEncoderLoKr}
+
+
 class FluxNetwork(Network):
     kind = "lora_flux"
 
     def __init__(self, net: FluxLoraNetwork, spec: NetworkSpec, network_args: dict[str, str],
                  te: FlowTextEncoderLoRA | None = None) -> None:
         self.model, self.spec, self.net, self._args, self.te = None, spec, net, network_args, te
+        if net.kind != "lora":  # LyCORIS on the same modules: ss_network_module lycoris.kohya, algo= in the args
+            self.kind = net.kind
         self.diffusers_copy = False  # --save_diffusers_layout (set by the FLUX trainer)
         self.targets = [Target("unet", path, name, m.rank, m.alpha) for (name, path), m in zip(net.paths.items(), net.lora.values())]
         self.targets += te.targets if te is not None else []

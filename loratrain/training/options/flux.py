@@ -59,8 +59,27 @@ FULL_REFUSES = {
     "save_diffusers": "not implemented for FLUX.1 yet (the save is the BFL-layout single file)",
     "stop_text_encoder_training": "FLUX.1's text encoders do not train in a full fine-tune",
 }
-#: network kinds a FLUX.1 run trains (every one is sd-scripts' lora_flux here)
+#: network kinds a FLUX.1 run trains: sd-scripts' lora_flux, or LyCORIS' LoHa / LoKr on the same modules
 FLUX_NETWORKS = ("lora", "networks.lora", "lora_flux", "networks.lora_flux")
+FLOW_LYCORIS = ("loha", "lokr")
+#: LoRA-only options of the flow families, refused with a LyCORIS kind
+LYCORIS_REFUSES = {
+    "split_qkv": "an argument of sd-scripts' LoRA (one adapter per q / k / v slice); LyCORIS trains each fused Linear whole",
+    "save_diffusers_layout": "diffusers' PEFT layout holds LoRA only; a LoHa / LoKr file is read in LyCORIS' layout (ComfyUI, "
+                             "A1111, this tool)",
+}
+
+
+def flow_network_problems(cfg: object, lora_spellings: tuple[str, ...], label: str, lora_name: str) -> list[Problem]:
+    """The network a FLUX.1 / SD3 run trains: `lora_name` (sd-scripts' spellings), or LoHa / LoKr
+    (`lycoris.kohya` with algo=, or their names); the LoRA-only options refused with a LyCORIS kind."""
+    module, kind = getattr(cfg, "network_module", "lora"), getattr(cfg, "network_kind", "lora")
+    if kind in FLOW_LYCORIS:
+        return [(n, f"not with network_module {kind}: {why}") for n, why in LYCORIS_REFUSES.items() if getattr(cfg, n, False)]
+    if module not in lora_spellings:
+        return [("network_module", f"{module}: {label} trains {lora_name} (LoRA), LoHa or LoKr (network_module loha / "
+                                   "lokr, or lycoris.kohya with algo=loha / lokr)")]
+    return []
 
 
 class FluxOptions(FlowMatchOptions):
@@ -177,8 +196,8 @@ class FluxOptions(FlowMatchOptions):
         if full:
             out += [(n, f"not with a FLUX.1 full fine-tune: {why}") for n, why in FULL_REFUSES.items()
                     if n in defaults and getattr(self, n) != defaults[n].get_default(call_default_factory=True)]
-        elif getattr(self, "network_module", "lora") not in FLUX_NETWORKS:
-            out.append(("network_module", f"{self.network_module}: FLUX.1 trains networks.lora_flux (LoRA) only so far"))
+        else:
+            out += flow_network_problems(self, FLUX_NETWORKS, "FLUX.1", "networks.lora_flux")
         if getattr(self, "loss_type", "l2") not in ("l2", "l1"):
             out.append(("loss_type", f"{self.loss_type}: FLUX.1 trains with l2 or l1 here (huber not yet)"))
         return out

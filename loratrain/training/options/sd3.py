@@ -103,8 +103,12 @@ class SD3Options(BaseModel):
         for name, why in refused.items():
             if name in defaults and getattr(self, name) != defaults[name].get_default(call_default_factory=True):
                 out.append((name, f"not with an SD3 model: {why}"))
-        if getattr(self, "network_module", "lora") not in SD3_NETWORKS:
-            out.append(("network_module", f"{self.network_module}: SD3 trains networks.lora_sd3 (LoRA) only so far"))
+        from .flux import FLOW_LYCORIS, flow_network_problems
+
+        out += flow_network_problems(self, SD3_NETWORKS, "SD3", "networks.lora_sd3")
+        if getattr(self, "network_kind", "lora") in FLOW_LYCORIS and not self.problems() and (self.emb_dims_list() or [0] * 3)[2]:
+            out.append(("emb_dims", "x_embedder's rank (the 3rd value) trains the patchifying conv: a LoRA argument; "
+                                    "LoHa / LoKr train Linears only"))
         if getattr(self, "loss_type", "l2") not in ("l2", "l1"):
             out.append(("loss_type", f"{self.loss_type}: SD3 trains with l2 or l1 here (huber not yet)"))
         return out
