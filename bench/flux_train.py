@@ -1,5 +1,5 @@
-"""FLUX.1-dev LoRA training step on a GPU: all on the GPU, bf16 + --blocks_to_swap, fp8 + --blocks_to_swap, and a
-plain diffusers FluxTransformer2DModel + PEFT loop doing the same step.
+"""FLUX.1-dev LoRA training step on a GPU: all on the GPU, bf16 + --blocks_to_swap, fp8 + --blocks_to_swap, all on the
+GPU with --cpu_offload_checkpointing, and a plain diffusers FluxTransformer2DModel + PEFT loop doing the same step.
 
 Why random weights: the shapes are what cost time and memory, and a 24 GB download is not a benchmark's business.
 Every row has FLUX.1-dev's real shapes (19 double + 38 single blocks, hidden 3072), built on the meta device and
@@ -136,7 +136,9 @@ def run_row(name: str, cfg: FluxConfig, args: argparse.Namespace, device: torch.
         torch.manual_seed(0)
         net = create_flux_lora(cfg, args.rank, float(args.rank)).to(device, torch.float32)
         net.apply_to(model)
-        model.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing(cpu_offload="offload" in name)
+        if "offload" in name:
+            note += "; block activations kept in host memory (cpu_offload_checkpointing)"
         params = list(net.parameters())
 
         def forward():  # noqa: F811 - one forward per kind of row
@@ -174,7 +176,9 @@ def main() -> int:
     ap.add_argument("--bf16_gib", type=float, default=8.0)
     ap.add_argument("--fp8_gib", type=float, default=6.0)
     ap.add_argument("--reserve_gib", type=float, default=3.0, help="room left for activations, adapters and optimizer")
-    ap.add_argument("--rows", default="gpu,bf16 swap,fp8 swap,diffusers")
+    ap.add_argument("--rows", default="gpu,bf16 swap,fp8 swap,diffusers,offload",
+                    help="which rows: gpu, bf16 swap, fp8 swap, diffusers, offload (all weights on the GPU, activations "
+                         "between blocks in host memory: --cpu_offload_checkpointing)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
@@ -194,7 +198,7 @@ def main() -> int:
                      None)
             setattr(args, attr, n if n is not None else max(n for n in range(2 * cfg.depth + 2) if _valid(cfg, n)))
     names = {"gpu": "all on GPU (bf16)", "bf16 swap": "bf16 + block swap", "fp8 swap": "fp8 + block swap",
-             "diffusers": "diffusers + PEFT"}
+             "diffusers": "diffusers + PEFT", "offload": "bf16 + cpu offload ckpt"}
     print(f"FLUX.1 {'tiny' if args.tiny else 'dev'} LoRA step, {args.latent * 8}px ({(args.latent // 2) ** 2} tokens), "
           f"T5 {args.t5_len}, rank {args.rank}, batch 1, gradient checkpointing, device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else ""))

@@ -30,7 +30,7 @@ def _model(dtype=torch.float32) -> FluxTransformer:
     return FluxTransformer(CFG).to(dtype).requires_grad_(False)
 
 
-def _step(model: FluxTransformer, *, swap: int = 0, fp8: bool = False, dtype=torch.float32):
+def _step(model: FluxTransformer, *, swap: int = 0, fp8: bool = False, dtype=torch.float32, offload: bool = False):
     """One checkpointed forward + backward with a rank-4 LoRA (non-zero ups): loss, LoRA grads, output, BlockSwap."""
     model = copy.deepcopy(model)
     if fp8:
@@ -42,7 +42,7 @@ def _step(model: FluxTransformer, *, swap: int = 0, fp8: bool = False, dtype=tor
         for u in m.up:
             torch.nn.init.normal_(u, std=0.1)
     net.apply_to(model)
-    model.enable_gradient_checkpointing()
+    model.enable_gradient_checkpointing(cpu_offload=offload)
     model.train()
     g = torch.Generator().manual_seed(3)
     img, txt, y = torch.randn(2, 16, 16, generator=g), torch.randn(2, 5, 32, generator=g), torch.randn(2, 32, generator=g)
@@ -71,6 +71,53 @@ def test_block_swap_gives_the_same_loss_and_lora_gradients_and_streams_in_order(
     assert all(p.device.type == "cpu" for p in sw.model.parameters())
     sw.remove()
     assert torch.equal(sw.model.single_blocks[-1].linear1.weight, base.single_blocks[-1].linear1.weight)
+
+
+def test_cpu_offload_checkpointing_moves_every_block_output_to_the_host_and_changes_nothing_else(monkeypatch):
+    """On the CPU the host is the device, so what is pinned down is the path: every checkpointed block (forward and
+    backward's recompute) takes its inputs to the compute device and hands its output to the host, and the loss and
+    LoRA gradients are bit-identical to plain checkpointing. The GPU memory saved is bench/flux_train.py's row."""
+    from loratrain.core.models import dit_parts
+
+    calls: list[str] = []
+    moved = dit_parts._moved
+    monkeypatch.setattr(dit_parts, "_moved", lambda x, device: calls.append(device.type) or moved(x, device))
+    base = _model()
+    loss, grads, out, _ = _step(base)
+    assert not calls
+    loss_o, grads_o, out_o, _ = _step(base, offload=True)
+    blocks = CFG.depth + CFG.depth_single_blocks
+    # forward: inputs to the device, output to the host; backward's recompute: inputs again (torch stops a recompute
+    # once it has every saved tensor back, so its output move may not run)
+    assert 3 * blocks <= len(calls) <= 4 * blocks and set(calls) == {"cpu"}  # (the compute device is the CPU here)
+    assert torch.equal(loss, loss_o) and torch.equal(out, out_o)
+    assert grads.keys() == grads_o.keys() and all(torch.equal(grads[k], grads_o[k]) for k in grads)
+
+
+def test_cpu_offload_checkpointing_on_sd3_and_chroma_changes_nothing_but_where_activations_wait():
+    from loratrain.core.models.chroma import CHROMA_TINY, ChromaTransformer
+    from loratrain.core.models.sd3 import SD35_TINY, SD3Transformer
+
+    def grads(model, run, offload):
+        model = copy.deepcopy(model)
+        model.enable_gradient_checkpointing(cpu_offload=offload)
+        model.train()
+        out = run(model)
+        out.pow(2).mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    torch.manual_seed(0)
+    sd3 = SD3Transformer(SD35_TINY)
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(1, 4, 8, 8, generator=g), torch.tensor([300.0]), torch.randn(1, 5, 32, generator=g),
+         torch.randn(1, 64, generator=g))
+    chroma = ChromaTransformer(CHROMA_TINY)
+    c = CHROMA_TINY
+    cx = (torch.randn(1, 16, c.in_channels, generator=g), fm.image_ids(4, 4, 1), torch.randn(1, 5, c.context_in_dim, generator=g),
+          fm.text_ids(1, 5), torch.rand(1, generator=g))
+    for model, run in ((sd3, lambda m: m(*x)), (chroma, lambda m: m(*cx))):
+        (a, ga), (b, gb) = grads(model, run, False), grads(model, run, True)
+        assert torch.equal(a, b) and len(ga) == len(gb) > 0 and all(torch.equal(u, v) for u, v in zip(ga, gb))
 
 
 def test_block_swap_refuses_what_cannot_work():
@@ -175,6 +222,21 @@ def test_cli_trains_with_fp8_base_and_blocks_to_swap(deeper_flux, tmp_path):
     c, meta = _tensors(tmp_path / "c" / "f.safetensors")
     assert meta["ss_fp8_base"] == "True" and c.keys() == a.keys()
     assert any(c[k].abs().max() > 0 for k in c if k.endswith("lora_up.weight"))  # it trained
+
+
+def test_cli_cpu_offload_checkpointing_trains_what_checkpointing_trains(deeper_flux, tmp_path):
+    plain = _cli(_args(deeper_flux, tmp_path / "a", "--max_train_steps", "2"))
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    args = [a for a in _args(deeper_flux, tmp_path / "b", "--max_train_steps", "2", "--cpu_offload_checkpointing")
+            if a != "--gradient_checkpointing"]
+    offload = _cli(args)
+    assert offload.returncode == 0, offload.stdout[-3000:] + offload.stderr[-3000:]
+    assert "cpu_offload_checkpointing turns gradient checkpointing on" in offload.stdout + offload.stderr
+    a, _ = _tensors(tmp_path / "a" / "f.safetensors")
+    b, _ = _tensors(tmp_path / "b" / "f.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    res = _cli(_args(deeper_flux, tmp_path / "c", "--cpu_offload_checkpointing", "--blocks_to_swap", "2"))
+    assert res.returncode == 2 and "cpu_offload_checkpointing" in res.stderr and "blocks_to_swap" in res.stderr, res.stderr[-2000:]
 
 
 def test_cli_blocks_to_swap_errors_name_the_option(deeper_flux, tmp_path):

@@ -95,9 +95,12 @@ class FluxLoRATrainer(LoRATrainer):
             for part in self.network.te.parts():
                 for p in self.network.te.trainable_parameters(part):
                     p.data = p.data.to(self.device, adapter_dtype(cfg))
-        if cfg.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+        if cfg.cpu_offload_checkpointing and not cfg.gradient_checkpointing:
+            log("cpu_offload_checkpointing turns gradient checkpointing on for the transformer (as sd-scripts' flux_train.py)")
+        if cfg.gradient_checkpointing or cfg.cpu_offload_checkpointing:
+            transformer.enable_gradient_checkpointing(cpu_offload=cfg.cpu_offload_checkpointing)
             transformer.train()  # checkpointing runs in train mode only; FLUX has no dropout, so nothing else changes
+        if cfg.gradient_checkpointing:
             for _, _, attr, _ in self.te_parts:  # sd-scripts: the trained encoders checkpoint too (their inputs get grads)
                 te = getattr(self.flux, attr)
                 (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()

@@ -111,7 +111,6 @@ REFUSED = {
     "dataset_class": "custom dataset classes are not supported",
     "dataset_repeats": "only for in_json datasets, which are not supported",
     "log_with": "only TensorBoard is supported (always on; see logging_dir)",
-    "cpu_offload_checkpointing": "not implemented yet",
     "no_metadata": "the metadata is always written (it carries no paths)",
     "huggingface_repo_id": "uploading is not supported: loratrain works offline",
     "huggingface_repo_type": "uploading is not supported: loratrain works offline",

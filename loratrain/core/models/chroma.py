@@ -131,7 +131,7 @@ class ChromaTransformer(FluxTransformer):
         x = torch.cat([t, x], dim=1)
         for i, block in enumerate(self.single_blocks):
             x = self._run(block, x, mods[:, 3 * i:3 * i + 3], pe, mask)
-        return self.final_layer(x[:, n_txt:], mods[:, -2:])
+        return self.final_layer(self._back(x[:, n_txt:]), mods[:, -2:])
 
 
 def build_transformer(cfg: FluxConfig) -> FluxTransformer:

@@ -55,17 +55,52 @@ def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tens
     return q, k, v
 
 
+def _moved(x: object, device: torch.device) -> object:
+    """Tensors (also inside tuples / lists) on `device`; anything else as it is."""
+    def move(v: object) -> object:
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        return type(v)(move(u) for u in v) if isinstance(v, (tuple, list)) else v
+
+    return move(x)
+
+
 class BlockCheckpointing:
-    """`enable_gradient_checkpointing()` and `_run(block, ...)` for a transformer whose forward runs its blocks."""
+    """`enable_gradient_checkpointing()` and `_run(block, ...)` for a transformer whose forward runs its blocks.
+
+    With `cpu_offload` (sd-scripts' --cpu_offload_checkpointing) each checkpointed block hands its output back in host
+    memory, so the activations kept between blocks for backward (a block's input, the only thing a checkpoint keeps)
+    live on the CPU; the block moves its inputs to the compute device when it runs, in forward and again when backward
+    recomputes it. The forward calls `_back(x)` on the last block's output before the final layer."""
 
     gradient_checkpointing = False
+    cpu_offload_checkpointing = False
     training: bool
 
-    def enable_gradient_checkpointing(self, on: bool = True) -> None:
-        """Recompute each block's activations in backward (non-reentrant checkpoint): memory for ~30% more compute."""
+    def enable_gradient_checkpointing(self, on: bool = True, cpu_offload: bool = False) -> None:
+        """Recompute each block's activations in backward (non-reentrant checkpoint): memory for ~30% more compute;
+        `cpu_offload` also keeps the blocks' inputs in host memory."""
         self.gradient_checkpointing = on
+        self.cpu_offload_checkpointing = bool(on and cpu_offload)
+
+    def _checkpointing(self) -> bool:
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+
+    def _compute_device(self) -> torch.device:
+        return next(self.parameters()).device  # type: ignore[attr-defined]  # the input projection: never swapped out
 
     def _run(self, block: nn.Module, *args: object) -> object:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if not self._checkpointing():
+            return block(*args)
+        if not self.cpu_offload_checkpointing:
             return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        device, host = self._compute_device(), torch.device("cpu")
+
+        def offloaded(*inputs: object) -> object:
+            return _moved(block(*_moved(inputs, device)), host)
+
+        return checkpoint(offloaded, *args, use_reentrant=False)
+
+    def _back(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output on the compute device (it is in host memory with cpu_offload)."""
+        return x.to(self._compute_device()) if self.cpu_offload_checkpointing and self._checkpointing() else x

@@ -368,4 +368,4 @@ class FluxTransformer(BlockCheckpointing, nn.Module):
         x = torch.cat([t, x], dim=1)
         for block in self.single_blocks:
             x = self._run(block, x, vec, pe, txt_mask)
-        return self.final_layer(x[:, n_txt:], vec)
+        return self.final_layer(self._back(x[:, n_txt:]), vec)

@@ -332,6 +332,6 @@ class SD3Transformer(BlockCheckpointing, nn.Module):
         ctx = self.context_embedder(context.to(dtype))
         for block in self.joint_blocks:
             ctx, tokens = self._run(block, ctx, tokens, c)
-        out = self.final_layer(tokens, c)
+        out = self.final_layer(self._back(tokens), c)
         out = out.view(batch, rows, cols, p, p, -1).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(batch, -1, height, width)

@@ -103,6 +103,10 @@ class FluxOptions(FlowMatchOptions):
                                  "each to the GPU just before it runs (sd-scripts' meaning: FLUX N//2 double and "
                                  "(N-N//2)*2 single blocks, SD3 the last N joint blocks); less GPU memory, slower steps; "
                                  "needs gradient_checkpointing", ge=0, group=FLUX, advanced=True)
+    cpu_offload_checkpointing: bool = opt(False, "FLUX.1 / SD3 (sd-scripts' option): with gradient checkpointing, keep the "
+                                                 "activations between transformer blocks in host memory (less GPU "
+                                                 "memory, a copy per block each way); turns gradient_checkpointing on; "
+                                                 "not with blocks_to_swap (as sd-scripts)", group=FLUX, advanced=True)
     save_diffusers_layout: bool = opt(False, "FLUX.1: also write each saved LoRA in the diffusers layout (`transformer.*` "
                                              "lora_A / lora_B) beside it as <name>.diffusers.safetensors", group=FLUX,
                                       advanced=True)
@@ -166,6 +170,7 @@ class FluxOptions(FlowMatchOptions):
         flux_set += ["train_blocks"] * (self.train_blocks != "all") + ["split_qkv"] * self.split_qkv
         flux_set += ["blocks_to_swap"] * bool(self.blocks_to_swap) + ["save_diffusers_layout"] * self.save_diffusers_layout
         flux_set += ["train_t5xxl"] * self.train_t5xxl + ["fsdp"] * self.fsdp
+        flux_set += ["cpu_offload_checkpointing"] * self.cpu_offload_checkpointing
         if not self.is_flux():
             if getattr(self, "is_sd3", lambda: False)():  # SD3 shares some and refuses the rest (options/sd3.py)
                 return []
@@ -189,6 +194,9 @@ class FluxOptions(FlowMatchOptions):
         for name, why in SD_ONLY.items():
             if name in defaults and getattr(self, name) != defaults[name].get_default(call_default_factory=True):
                 out.append((name, f"not with a FLUX.1 model: {why}"))
+        if self.blocks_to_swap and self.cpu_offload_checkpointing:
+            out.append(("cpu_offload_checkpointing", "not with blocks_to_swap (sd-scripts refuses the pair too): choose "
+                                                     "one way to save GPU memory"))
         if self.blocks_to_swap and not getattr(self, "gradient_checkpointing", False):
             out.append(("blocks_to_swap", "needs --gradient_checkpointing (a swapped block's weights must not be "
                                           "kept for backward)"))
