@@ -34,7 +34,8 @@ class SamplingOptions(JobConfig):
     clip_l: str = opt("", "FLUX.1: CLIP-L file (default: inside the model)", group=FLUX, path="file", advanced=True)
     t5xxl: str = opt("", "FLUX.1: T5-XXL file (default: inside the model)", group=FLUX, path="file", advanced=True)
     ae: str = opt("", "FLUX.1: autoencoder file (default: inside the model)", group=FLUX, path="file", advanced=True)
-    t5_tokenizer: str = opt("", "FLUX.1: T5 tokenizer folder", group=FLUX, path="dir", advanced=True)
+    t5_tokenizer: str = opt("", "FLUX.1 / SD3: T5 tokenizer folder (empty: the model folder's own, else the shipped T5 "
+                                "v1.1 tokenizer)", group=FLUX, path="dir", advanced=True)
     t5xxl_max_token_length: int | None = opt(None, "FLUX.1: T5 tokens (unset: 512 dev, 256 schnell)", ge=1, group=FLUX,
                                              advanced=True)
     apply_t5_attn_mask: bool = opt(False, "FLUX.1: mask T5's padding (as the LoRA was trained)", group=FLUX, advanced=True)

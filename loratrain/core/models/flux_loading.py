@@ -142,8 +142,9 @@ def transformer_source(root: Path, family: str, to_native: Any, config_from_shap
 
 
 def find_t5_tokenizer(root: Path, value: str, sub: str) -> Path:
-    """The T5 tokenizer folder: `--t5_tokenizer`, else the diffusers folder's own (`sub`), else one shipped with
-    loratrain (none is yet); its vocabulary is loaded once here so a damaged one is named before any model loads."""
+    """The T5 tokenizer folder: `--t5_tokenizer`, else the diffusers folder's own (`sub`), else the one shipped with
+    loratrain (T5 v1.1's, configs/tokenizers/t5: what FLUX.1 and SD3.5 use); its vocabulary is loaded once here so a
+    damaged one is named before any model loads."""
     if value or (root.is_dir() and (root / sub).is_dir()):
         tok = confine(Path(value).expanduser(), "t5_tokenizer") if value else root / sub
         if tok.is_dir():
@@ -153,8 +154,8 @@ def find_t5_tokenizer(root: Path, value: str, sub: str) -> Path:
 
         tok = configs.path("tokenizers", "t5")
         if not tok.is_dir():
-            raise ConfigError("t5_tokenizer: no T5 tokenizer is shipped; pass --t5_tokenizer DIR (a folder with "
-                              "tokenizer.json, e.g. FLUX.1's tokenizer_2/, SD3.5's tokenizer_3/ or google/t5-v1_1-xxl's)")
+            raise ConfigError(f"t5_tokenizer: the shipped T5 tokenizer is missing ({tok}: a damaged install?); pass "
+                              "--t5_tokenizer DIR (a folder with tokenizer.json, e.g. FLUX.1's tokenizer_2/)")
     if not tok.is_dir() or not ((tok / "tokenizer.json").is_file() or (tok / "tokenizer_config.json").is_file()):
         raise ConfigError(f"t5_tokenizer: {tok} is not a tokenizer folder (no tokenizer.json)")
     load_t5_tokenizer(tok)  # a damaged vocabulary is named now, not after the transformer has loaded
@@ -377,7 +378,10 @@ def load_ae(part: Part) -> torch.nn.Module:
 def load_t5_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    folder = confine(folder, "t5_tokenizer")
+    from loratrain import configs
+
+    if Path(folder) != configs.path("tokenizers", "t5"):  # the shipped one is the package's own data, not user input
+        folder = confine(folder, "t5_tokenizer")
     try:
         if (folder / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

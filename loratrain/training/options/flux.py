@@ -93,8 +93,9 @@ class FluxOptions(FlowMatchOptions):
     t5xxl: str = opt("", "FLUX.1: the T5-XXL text encoder (.safetensors, transformers T5EncoderModel keys; fp16/bf16/fp8)",
                      group=FLUX, path="file")
     ae: str = opt("", "FLUX.1: the autoencoder (ae.safetensors, BFL / LDM keys)", group=FLUX, path="file")
-    t5_tokenizer: str = opt("", "FLUX.1: folder of the T5 tokenizer (tokenizer.json; e.g. FLUX.1's tokenizer_2/); no T5 "
-                                "vocabulary is shipped with loratrain", group=FLUX, path="dir")
+    t5_tokenizer: str = opt("", "FLUX.1 / SD3: folder of the T5 tokenizer (tokenizer.json; e.g. FLUX.1's tokenizer_2/); "
+                                "empty = a diffusers folder's own, else the T5 v1.1 tokenizer shipped with loratrain",
+                            group=FLUX, path="dir")
     train_blocks: str = opt("all", "FLUX.1 LoRA (network_args train_blocks): all, single or double blocks",
                             choices=("all", "single", "double"), group=FLUX, advanced=True)
     split_qkv: bool = opt(False, "FLUX.1 LoRA (network_args split_qkv): one LoRA per q / k / v (and MLP-in) slice of the "
