@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 from loratrain.core.models.flux import FluxTransformer
@@ -103,7 +105,6 @@ def test_full_finetune_resumes_bit_identically(flux_files, tmp_path):  # noqa: F
     (["--network_module", "full", "--fp8_base"], "fp8_base", "full precision"),
     (["--network_module", "full", "--split_qkv"], "split_qkv", "LoRA argument"),
     (["--fsdp"], "fsdp", "needs network_module full"),
-    (["--network_module", "full", "--fsdp", "--sample_prompts", "PROMPTS"], "sample_prompts", "not yet with --fsdp"),
 ])
 def test_what_a_full_finetune_cannot_do_is_refused_before_loading(flux_files, tmp_path, extra, option, words):  # noqa: F811
     (tmp_path / "p.txt").write_text("a photo of sks dog\n")
@@ -116,10 +117,14 @@ def test_what_a_full_finetune_cannot_do_is_refused_before_loading(flux_files, tm
 
 def test_fsdp_two_processes_equal_one_with_twice_the_batch(deep_files, tmp_path):
     runs, logs = {}, {}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks dog --w 64 --h 64 --s 2 --d 3\n")
     for label, batch, processes, fsdp in (("one", "2", 1, False), ("fsdp", "1", 2, True), ("b1", "1", 1, False)):
-        # plain SGD without clipping: a step scales with the gradient, so an average in place of the sum would show
+        # plain SGD without clipping: a step scales with the gradient, so an average in place of the sum would show.
+        # Samples and validation run in both (every process takes part in a sharded forward) and change no weight.
         args = _full(deep_files, tmp_path / label, "--optimizer_type", "SGD", "--max_grad_norm", "0",
-                     *(["--fsdp"] if fsdp else []))
+                     "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--validation_split", "0.25",
+                     "--validate_every_n_steps", "2", *(["--fsdp"] if fsdp else []))
         args[args.index("--train_batch_size") + 1] = batch
         args[args.index("--learning_rate") + 1] = "0.5"
         res = _train(args, processes)
@@ -136,7 +141,15 @@ def test_fsdp_two_processes_equal_one_with_twice_the_batch(deep_files, tmp_path)
     total = int(shares[0][2])
     assert total == sum(v.numel() for v in runs["one"].values())
     assert all(45 <= float(pct) <= 55 for *_, pct in shares) and sum(int(n) for _, n, _, _ in shares) >= total
-    assert sorted(p.name for p in (tmp_path / "fsdp").iterdir()) == ["f-state", "f.safetensors", "logs"]
+    assert sorted(p.name for p in (tmp_path / "fsdp").iterdir()) == ["f-state", "f.safetensors", "logs", "sample"]
+    for label in ("one", "fsdp"):  # the first process wrote each sample once; the validation loss was logged
+        assert len(list((tmp_path / label / "sample").glob("*.png"))) == 2, label
+        assert "validation loss" in logs[label], logs[label][-2000:]
+    one = re.findall(r"validation loss ([\d.]+) at step (\d+)", logs["one"])
+    sharded = re.findall(r"validation loss ([\d.]+) at step (\d+)", logs["fsdp"])
+    assert len(one) == len(sharded) >= 2 and all(abs(float(a[0]) - float(b[0])) < 1e-4 for a, b in zip(one, sharded))
+    a, b = (np.asarray(Image.open(sorted((tmp_path / k / "sample").glob("*.png"))[-1])).astype(int) for k in ("one", "fsdp"))
+    assert np.abs(a - b).max() <= 1  # the sharded model samples what the whole one does
 
 
 def test_fsdp_run_resumes_bit_identically_and_from_an_unsharded_state(deep_files, tmp_path):

@@ -135,3 +135,33 @@ def test_the_trigger_stays_ahead_of_a_caption_prefix():
     sub = Subset(image_dir="x", trigger_word="sks", caption_prefix="photo,", keep_tokens=1, shuffle_caption=True)
     for seed in range(5):
         assert process_caption("sks, dog, grass", sub, random.Random(seed)).startswith("sks, ")
+
+
+def test_the_training_page_names_the_models_family_from_its_header(tmp_path):
+    """The line above the training form (ui/pages/train.model_family): FLUX.1, SD3 or SD, read from headers inside
+    the workspace; a path outside it is refused, a missing one says nothing."""
+    import torch
+    from safetensors.torch import save_file
+
+    from loratrain.core.models.flux import FLUX_TINY, FluxTransformer
+    from loratrain.core.models.sd3 import SD35_TINY, SD3Transformer
+    from loratrain.ui.config import AppContext
+    from loratrain.ui.pages.train import model_family
+    from loratrain.ui.workspace import Workspace
+
+    ctx = AppContext(workspace=Workspace([tmp_path]), runner=None)
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in FluxTransformer(FLUX_TINY).state_dict().items()},
+              tmp_path / "flux.safetensors")
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in SD3Transformer(SD35_TINY).state_dict().items()},
+              tmp_path / "sd3.safetensors")
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "sd.safetensors")
+    assert model_family(ctx, str(tmp_path / "flux.safetensors"))[0] == "flux"
+    kind, text = model_family(ctx, str(tmp_path / "sd3.safetensors"))
+    assert kind == "sd3" and "clip_g" in text
+    assert model_family(ctx, str(tmp_path / "sd.safetensors"))[0] == "sd"
+    assert model_family(ctx, str(tmp_path / "missing.safetensors")) == ("", "")
+    kind, text = model_family(ctx, "/etc/hostname")
+    assert kind == "" and "outside" in text
+    (tmp_path / "link.safetensors").symlink_to("/etc/hostname")
+    kind, text = model_family(ctx, str(tmp_path / "link.safetensors"))
+    assert kind == "" and "outside" in text

@@ -174,3 +174,21 @@ def test_edit_a_caption_and_undo_it_byte_for_byte(page, app):
     page.locator("#ds-undo").click()
     expect(page.locator("#ds-result")).to_contain_text("undid", timeout=30_000)
     assert caption_file.read_bytes() == original
+
+
+def test_a_flux_model_path_names_its_family_and_opens_its_options(page, app):
+    """Issue 25: the training page shows the family's options. A FLUX.1 file in the model field is named for what it
+    is (from its header) and the FLUX.1 group opens on its parts; a path outside the workspace is refused there."""
+    from loratrain.core.models.flux import FLUX_TINY, FluxTransformer
+
+    path = app["root"] / "models" / "flux_tiny.safetensors"
+    if not path.exists():
+        torch.manual_seed(0)
+        save_file({"model.diffusion_model." + k: v.contiguous() for k, v in FluxTransformer(FLUX_TINY).state_dict().items()},
+                  path)
+    expect(page.locator("#train-clip_l")).not_to_be_visible()
+    fill(page, "train-pretrained_model_name_or_path", str(path))
+    expect(page.locator("#train-family")).to_contain_text("a FLUX.1 / Chroma transformer", timeout=30_000)
+    expect(page.locator("#train-clip_l")).to_be_visible(timeout=10_000)
+    fill(page, "train-pretrained_model_name_or_path", "../../../etc/passwd")
+    expect(page.locator("#train-family")).to_contain_text("outside", timeout=30_000)

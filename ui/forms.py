@@ -51,6 +51,7 @@ class Form:
         self.open_groups = open_groups
         self.defaults = {**{n: self._default(n) for n in self.names}, **(defaults or {})}
         self.components: dict[str, gr.Component] = {}
+        self.groups: dict[str, gr.Accordion] = {}  # by group name, for a page that opens one (the model's family)
 
     def _default(self, name: str) -> Any:
         field = self.cfg_cls.model_fields[name]
@@ -71,7 +72,8 @@ class Form:
             basic = [n for n in names if not self.cfg_cls.extra(n).get("advanced")]
             advanced = [n for n in names if self.cfg_cls.extra(n).get("advanced")]
             with gr.Accordion(group, open=group in self.open_groups or len(groups) == 1,
-                              elem_id=f"{self.prefix}-group-{group.lower().replace(' ', '-')}"):
+                              elem_id=f"{self.prefix}-group-{group.lower().replace(' ', '-')}") as accordion:
+                self.groups[group] = accordion
                 self._fields(basic)
                 if advanced:
                     with gr.Accordion("Advanced", open=False):

@@ -133,9 +133,13 @@ def generate(model: SDModel, prompt: SamplePrompt, out_path: str | Path, sampler
     return save_sample(image, out_path, infotext(prompt, used, seed, clip_skip, extra_params), extra_info)
 
 
-def save_sample(image: Image.Image, out_path: str | Path, params: str, extra_info: dict[str, str] | None = None) -> Generated:
+def save_sample(image: Image.Image, out_path: str | Path | None, params: str,
+                extra_info: dict[str, str] | None = None) -> Generated:
     """A sample image written atomically as PNG with A1111's `parameters` text (and any extra text chunks); every
-    family's sampler ends here."""
+    family's sampler ends here. `out_path` None writes nothing: a sharded run's other processes take part in every
+    forward of a sample, and only the first one writes it."""
+    if out_path is None:
+        return Generated(None, params)  # type: ignore[arg-type]
     info = PngInfo()
     info.add_text("parameters", params)
     for k, v in (extra_info or {}).items():

@@ -47,11 +47,10 @@ class FluxFullTrainer(FluxLoRATrainer):
     def _shard(self) -> bool:
         return bool(self.cfg.fsdp) and self.accelerator.num_processes > 1
 
-    def _load_model(self, sources: Any, weight_dtype: torch.dtype) -> None:
-        if self._shard and self.data.validation_items():
-            raise ConfigError("validation_split: not yet with --fsdp (validation runs on the first process only, and a "
-                              "sharded transformer needs every process for each forward)")
-        super()._load_model(sources, weight_dtype)
+    def _every_process_forwards(self) -> bool:
+        """Sharded, every process holds part of each block: samples and validation run on all of them (the first
+        writes the images and logs the loss)."""
+        return self._shard
 
     def _place(self, transformer: torch.nn.Module, weight_dtype: torch.dtype) -> None:
         """The weights that train in their training dtype (fp32; bf16 with full_bf16), on the device; with --fsdp left

@@ -371,9 +371,14 @@ class FluxLoRATrainer(LoRATrainer):
         return load_prompts(self.cfg.sample_prompts, SamplePrompt("", width=res[0], height=res[1], steps=DEFAULT_STEPS,
                                                                   cfg_scale=1.0))
 
+    def _every_process_forwards(self) -> bool:
+        """Whether samples and validation run on every process (a sharded transformer needs all of them for each
+        forward; flux_full.py) rather than on the first one alone."""
+        return False
+
     def _encode_sample_prompts(self) -> None:
         """The sample prompts (and negatives) encoded before the text encoders are freed, as sd-scripts does."""
-        if not self.cfg.sample_prompts or not self.accelerator.is_main_process:
+        if not self.cfg.sample_prompts or not (self.accelerator.is_main_process or self._every_process_forwards()):
             return
         for p in self._sample_prompts():
             for text in {p.prompt, p.negative_prompt}:
@@ -388,8 +393,8 @@ class FluxLoRATrainer(LoRATrainer):
         """Sample images with the adapters active (core/flux_sampling.py), written and logged as the SD trainer does."""
         from loratrain.core.sampling import sample_file_name
 
-        cfg = self.cfg
-        if not cfg.sample_prompts or not self.accelerator.is_main_process:
+        cfg, main = self.cfg, self.accelerator.is_main_process
+        if not cfg.sample_prompts or not (main or self._every_process_forwards()):
             return
         transformer = self.flux.transformer
         modes = {m: m.training for m in (transformer, *(getattr(self.flux, attr) for _, _, attr, _ in self.te_parts))}
@@ -402,11 +407,13 @@ class FluxLoRATrainer(LoRATrainer):
             for i, p in enumerate(self._sample_prompts()):
                 if p.seed is None:
                     p.seed = cfg.seed + i
+                target = sample_dir / sample_file_name(cfg.output_name, epoch, self.global_step, i, p.seed) if main else None
                 try:
-                    path = self._generate(p, sample_dir / sample_file_name(cfg.output_name, epoch, self.global_step, i, p.seed),
-                                          {"loratrain_step": str(self.global_step)}).path
+                    path = self._generate(p, target, {"loratrain_step": str(self.global_step)}).path
                 except ConfigError as e:  # a prompt added to the file mid-run, after the encoders were freed
                     self.reporter.log(f"sample {i} skipped: {e}")
+                    continue
+                if not main:
                     continue
                 paths.append(path)
                 captions.append(f"step {self.global_step}: {p.prompt}")

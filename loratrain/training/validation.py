@@ -13,7 +13,8 @@ def validate(trainer: Any, when: str) -> float | None:
     because the network did. Logged as loss/validation/{step,epoch}_average and shown on the UI's loss plot."""
     cfg = trainer.cfg
     batches = trainer.data.validation_batches(cfg.max_validation_steps)
-    if not batches or not trainer.accelerator.is_main_process:
+    every = getattr(trainer, "_every_process_forwards", lambda: False)()  # a sharded model: every process forwards
+    if not batches or not (trainer.accelerator.is_main_process or every):
         return None
     seed = cfg.seed if cfg.validation_seed is None else cfg.validation_seed
     span = cfg.max_timestep - cfg.min_timestep

@@ -12,6 +12,8 @@ from loratrain.core.errors import ConfigError, Problem
 from loratrain.core.paths import check_name, confine
 from loratrain.core.safe_io import atomic_write_text
 from loratrain.training.config import DATA, MODEL, NET, OPTIM, TrainConfig
+from loratrain.training.options.flux import FLUX
+from loratrain.training.options.sd3 import SD3
 from loratrain.training.simple import KINDS, simple_plan
 
 from ..config import AppContext
@@ -114,6 +116,35 @@ def step_plan(cfg: TrainConfig) -> str:
     return "**Step plan:** " + text + "".join(f"\n\n{line.splitlines()[0]}" for line in logs)
 
 
+def model_family(ctx: AppContext, value: str) -> tuple[str, str]:
+    """(family, a line for the form) of the base model a path names: "flux" (FLUX.1 / Chroma), "sd3", "sd" or ""
+    (empty, not found, outside the workspace). Headers only, inside the workspace's roots like every other read."""
+    from loratrain.core import paths
+    from loratrain.core.models.flux_loading import is_flux_model
+    from loratrain.core.models.sd3_loading import is_sd3_model
+
+    text = str(value or "").strip()
+    if not text:
+        return "", ""
+    ws = ctx.workspace
+    try:
+        path = ws.resolve(text, "base model")
+    except ConfigError as e:
+        return "", f"**Base model:** {e}"
+    if not path.exists():
+        return "", ""
+    with paths.confined(ws.roots, ws.denied, base=ws.home):
+        if is_flux_model(path):
+            return "flux", (f"**{path.name}: a FLUX.1 / Chroma transformer.** Its parts (clip_l, t5xxl, ae; the T5 "
+                            f"tokenizer ships with loratrain) and options are in the **{FLUX}** group; SD-only options "
+                            "are refused by name.")
+        if is_sd3_model(path):
+            return "sd3", (f"**{path.name}: an SD3 / SD3.5 MMDiT.** Its parts are clip_l, t5xxl (**{FLUX}** group), "
+                           f"clip_g (**{SD3}** group) and vae, unless the file holds them; SD3's options are in the "
+                           f"**{SD3}** group.")
+    return "sd", f"**{path.name}: an SD1 / SD2 / SDXL model** (the {FLUX} and {SD3} groups do not apply)."
+
+
 class TrainPage:
     def __init__(self, ctx: AppContext) -> None:
         self.ctx = ctx
@@ -138,6 +169,7 @@ class TrainPage:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 with gr.Column(visible=bool(self.ctx.demo_config), elem_id="train-full") as full:
+                    family = gr.Markdown(elem_id="train-family")
                     self.form.render()
                 with gr.Accordion("Config file and command line", open=False):
                     with gr.Row():
@@ -154,6 +186,9 @@ class TrainPage:
                 self.panel.render()
 
         inputs = self.form.inputs()
+        groups = [self.form.groups[g] for g in (FLUX, SD3)]
+        self.form.components["pretrained_model_name_or_path"].change(self.family, [self.form.components[
+            "pretrained_model_name_or_path"]], [family, *groups], api_name="train_family")
         mode.change(lambda m: (gr.update(visible=m == "Simple"), gr.update(visible=m == "Full")), [mode], [simple, full])
         s_apply.click(self.apply_simple, [s_kind, s_model, s_images, s_trigger, s_name, *inputs],
                       [*inputs, plan, mode, simple, full], api_name="train_simple")
@@ -164,6 +199,11 @@ class TrainPage:
         load.click(self.load, [cfg_path], [*inputs, plan], api_name="train_load")
 
     # ---- handlers (plain functions of the form values: tested without a browser) ----------------
+    def family(self, model: str) -> list[Any]:
+        """The model's family in a line above the form, and its option group opened."""
+        kind, text = model_family(self.ctx, model)
+        return [text, *[gr.update(open=True) if kind == k else gr.skip() for k in ("flux", "sd3")]]
+
     def validate(self, values: list[Any], ready: bool) -> tuple[TrainConfig | None, list[Problem]]:
         cfg, problems = validate(self.ctx, TrainConfig, self.form.to_dict(values), ready)
         if cfg is not None and ready:

@@ -138,17 +138,13 @@ class FluxOptions(FlowMatchOptions):
         return out
 
     def _fsdp_problems(self) -> list[Problem]:
-        """--fsdp shards a full fine-tune, and the parts that run on the first process alone cannot take part yet."""
+        """--fsdp shards a full fine-tune (samples and validation then run on every process: flux_full.py)."""
         if not self.fsdp:
             return []
         if getattr(self, "network_kind", "") != "full":
             return [("fsdp", "shards a full fine-tune: needs network_module full (a LoRA's few weights are not worth "
                              "sharding)")]
-        return [(n, f"not yet with --fsdp: {why}") for n, why in (
-            ("sample_prompts", "sample images are made on the first process only, and a sharded transformer needs "
-                               "every process for each forward"),
-            ("validation_split", "validation runs on the first process only, and a sharded transformer needs every "
-                                 "process for each forward")) if getattr(self, n, None)]
+        return []
 
     def is_flux(self) -> bool:
         from loratrain.core.models.flux_loading import is_flux_model
