@@ -37,11 +37,18 @@ class _Held:
 
 
 class FluxFullTrainer(FluxLoRATrainer):
+    LABEL = "FLUX.1"  #: the family in messages
+    PEER = "flux_train.py"  #: sd-scripts' script for this family's full fine-tune
+
     def _trained_encoders(self) -> list[tuple[str, str, str, int]]:
-        """None: as sd-scripts' flux_train.py, a full fine-tune trains the transformer only."""
-        self.reporter.log("note: a FLUX.1 full fine-tune trains the transformer only (as sd-scripts' flux_train.py); "
+        """None: as sd-scripts' flux_train.py (and sd3_train.py by default), a full fine-tune trains the transformer."""
+        self.reporter.log(f"note: a {self.LABEL} full fine-tune trains the transformer only (as sd-scripts' {self.PEER}); "
                           "the text encoders stay frozen and their outputs are cached")
         return []
+
+    def _full_network(self, transformer: torch.nn.Module) -> FluxFullNetwork:
+        """The saved layout: bare BFL keys, as flux_train.py writes them (SD3's trainer overrides this)."""
+        return FluxFullNetwork(transformer, NetworkSpec(train_text_encoder=False))
 
     @property
     def _shard(self) -> bool:
@@ -63,9 +70,9 @@ class FluxFullTrainer(FluxLoRATrainer):
     def _build_network(self) -> FluxFullNetwork:
         cfg, log = self.cfg, self.reporter.log
         transformer = self.flux.transformer
-        network = FluxFullNetwork(transformer, NetworkSpec(train_text_encoder=False))
+        network = self._full_network(transformer)
         n = sum(p.numel() for p in transformer.parameters())
-        log(f"network: full fine-tune of the FLUX.1 transformer, {n:,} parameters in "
+        log(f"network: full fine-tune of the {self.LABEL} transformer, {n:,} parameters in "
             f"{str(adapter_dtype(cfg)).replace('torch.', '')}")
         self.sharded = False
         if self._shard:
@@ -119,5 +126,14 @@ class FluxFullTrainer(FluxLoRATrainer):
             raise ConfigError(f"resume: the optimizer state in {path} does not fit this run ({e})") from None
 
 def flux_trainer_class(cfg: Any) -> type[FluxLoRATrainer]:
-    """The FLUX trainer for this config: the full fine-tune's, or the LoRA trainer."""
-    return FluxFullTrainer if cfg.network_kind == "full" else FluxLoRATrainer
+    """The flow trainer for this config: FLUX.1's or SD3's, the full fine-tune's or the LoRA trainer."""
+    full = cfg.network_kind == "full"
+    if cfg.is_sd3():
+        from .sd3_trainer import SD3LoRATrainer
+
+        if full:
+            from .sd3_full import SD3FullTrainer
+
+            return SD3FullTrainer
+        return SD3LoRATrainer
+    return FluxFullTrainer if full else FluxLoRATrainer

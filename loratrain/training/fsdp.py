@@ -42,14 +42,15 @@ def hand_reduced(params: list[nn.Parameter]) -> list[nn.Parameter]:
 
 
 def shard_transformer(transformer: nn.Module, log: Callable[[str], None]) -> tuple[int, int]:
-    """Shard each double / single block and then the root (the embedders and the final layer) with FSDP2, with
+    """Shard each double / single (FLUX.1) or joint (SD3) block and then the root (the embedders and the final layer) with FSDP2, with
     gradients summed across processes. Returns (parameter values this process holds, values in the whole model);
     the first process logs every process's share."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     total = sum(p.numel() for p in transformer.parameters())
-    units = [*getattr(transformer, "double_blocks", []), *getattr(transformer, "single_blocks", [])]
+    units = [*getattr(transformer, "double_blocks", []), *getattr(transformer, "single_blocks", []),
+             *getattr(transformer, "joint_blocks", [])]  # FLUX.1's blocks, or SD3's
     for block in units:
         fully_shard(block)
     fully_shard(transformer)

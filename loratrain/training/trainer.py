@@ -579,14 +579,10 @@ def run_train(cfg: TrainConfig, reporter: Reporter, stop: StopFlag) -> TrainResu
     saves a resumable state and returns with `stopped` set.
     Result: the LoRA file, the state folder, the step and epoch reached, the per-step losses, samples.
     """
-    if cfg.is_flux():  # FLUX.1: the same data, loop, saving and resume on a flow-matching transformer
-        from .flux_full import flux_trainer_class  # the LoRA trainer, or the full fine-tune's
+    if cfg.is_flux() or cfg.is_sd3():  # FLUX.1, SD3 / SD3.5: the same data, loop, saving and resume on a flow-matching
+        from .flux_full import flux_trainer_class  # transformer; the LoRA trainer or the full fine-tune's
 
         trainer: LoRATrainer = flux_trainer_class(cfg)(cfg, reporter, stop)
-    elif cfg.is_sd3():  # SD3 / SD3.5: the same flow-matching trainer with SD3's parts, step and LoRA
-        from .sd3_trainer import SD3LoRATrainer
-
-        trainer = SD3LoRATrainer(cfg, reporter, stop)
     else:
         trainer = LoRATrainer(cfg, reporter, stop)
     trainer.setup()

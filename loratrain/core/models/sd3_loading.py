@@ -252,3 +252,19 @@ def load_sd3(sources: SD3Sources, dtype: torch.dtype = torch.float32, encoder_dt
     # sd-scripts pads CLIP-G with token 0 (`!`, as OpenCLIP does) and CLIP-L with <|endoftext|>
     return SD3Model(parts[0], parts[1], parts[2], parts[3], ae, clip_tokenizer(), clip_tokenizer("!"),
                     load_t5_tokenizer(sources.t5_tokenizer), sources)
+
+
+def vae_ldm_state(part: Part) -> dict[str, torch.Tensor]:
+    """SD3's VAE as the single files hold it (LDM keys, no prefix), from wherever it was loaded: a single file's
+    `first_stage_model.*` (or a separate --vae file) as it is, a diffusers `vae/` folder converted back. A full
+    fine-tune's save writes it beside the transformer, as sd-scripts' sd3_train.py does."""
+    if not part.folder:
+        return _read(part, None)
+    from diffusers import AutoencoderKL
+
+    from .ldm_keys import convert_keys, vae_module_pairs, vae_reshape
+
+    ae = AutoencoderKL.from_pretrained(confine(part.path, "vae"), local_files_only=True)
+    return vae_reshape(convert_keys(ae.state_dict(), vae_module_pairs(dict(ae.config)), to_ldm=True, what=f"vae {part.path}"),
+                       to_ldm=True)
+

@@ -11,6 +11,7 @@ flux_train_utils.save_models writes `flux.state_dict()`: what BFL's own files, C
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,17 @@ class _InPlace:
 
 
 class FluxFullNetwork(Network):
+    """The transformer as the network. `key_prefix` goes in front of its keys in the saved file and `extra` gives
+    tensors saved beside them (SD3: `model.diffusion_model.` and the VAE as `first_stage_model.*`, as sd-scripts'
+    sd3_train.py writes; FLUX.1: bare BFL keys, nothing else); `label` names the family in messages."""
+
     kind = "full"
 
-    def __init__(self, transformer: nn.Module, spec: NetworkSpec) -> None:
+    def __init__(self, transformer: nn.Module, spec: NetworkSpec, key_prefix: str = "",
+                 extra: Callable[[], dict[str, torch.Tensor]] | None = None, label: str = "FLUX.1") -> None:
         super().__init__(None, spec, [Target("unet", "", "transformer", 0, 0.0)])
         self.transformer, self.net, self.te = transformer, _InPlace(), None
+        self.key_prefix, self.extra, self.label = key_prefix, extra, label
         transformer.requires_grad_(True)
         self.gathered: dict[str, torch.Tensor] | None = None  # the full weights for the next save (set by the trainer)
 
@@ -60,14 +67,14 @@ class FluxFullNetwork(Network):
         own = self.transformer.state_dict()
         if set(sd) != set(own):
             extra, missing = sorted(set(sd) - set(own)), sorted(set(own) - set(sd))
-            raise ConfigError("the training state is not a full fine-tune of this FLUX.1 model "
+            raise ConfigError(f"the training state is not a full fine-tune of this {self.label} model "
                               f"({'unexpected ' + extra[0] if extra else 'missing ' + missing[0]}); was it a LoRA run?")
         if any(is_sharded(p) for p in self.transformer.parameters()):
             load_full_model_state(self.transformer, sd)
             return
         for k, v in own.items():
             if v.shape != sd[k].shape:
-                raise ConfigError(f"the training state does not fit this FLUX.1 model ({k}: {tuple(sd[k].shape)} vs "
+                raise ConfigError(f"the training state does not fit this {self.label} model ({k}: {tuple(sd[k].shape)} vs "
                                   f"{tuple(v.shape)})")
         self.transformer.load_state_dict(sd, strict=True)
 
@@ -79,7 +86,8 @@ class FluxFullNetwork(Network):
         from loratrain.core.safe_io import save_safetensors
 
         dtype = dtype_of(precision)
-        sd = self.state_dict()
+        sd = {self.key_prefix + k: v for k, v in self.state_dict().items()}
+        sd.update(self.extra() if self.extra is not None else {})
         flat = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
         keep = {k: v for k, v in metadata.items() if k.startswith(("modelspec.", "ss_training_comment", "ss_output_name",
                                                                     "ss_base_model_version", "ss_model_type"))}

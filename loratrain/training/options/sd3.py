@@ -28,6 +28,19 @@ FLUX_ONLY = {
 }
 #: SD1/SDXL options refused with SD3 besides FluxOptions' SD_ONLY list (which names them for FLUX.1)
 SD3_NETWORKS = ("lora", "networks.lora", "lora_sd3", "networks.lora_sd3")
+#: options an SD3 full fine-tune (network_module full; sd-scripts' sd3_train.py) cannot use, and why
+SD3_FULL_REFUSES = {
+    "blocks_to_swap": "block swap keeps each swapped block's weights on the host for good, as frozen LoRA base "
+                      "weights; a full fine-tune changes them every step (use --fsdp with several processes)",
+    "split_qkv": "a LoRA argument",
+    "train_block_indices": "a LoRA argument; a full fine-tune trains every block",
+    "emb_dims": "a LoRA argument",
+    "save_diffusers_layout": "writes a LoRA's diffusers twin; a full fine-tune saves the single-file model",
+    "train_t5xxl": "a full fine-tune trains the transformer only here (sd3_train.py's --train_text_encoder is not built)",
+    "use_ema": "not implemented for SD3 yet",
+    "save_diffusers": "not implemented for SD3 yet (the save is the single-file model, as sd3_train.py writes)",
+    "stop_text_encoder_training": "SD3's text encoders do not train in a full fine-tune here",
+}
 
 
 class SD3Options(BaseModel):
@@ -108,7 +121,11 @@ class SD3Options(BaseModel):
                 out.append((name, f"not with an SD3 model: {why}"))
         from .flux import FLOW_LYCORIS, flow_network_problems
 
-        out += flow_network_problems(self, SD3_NETWORKS, "SD3", "networks.lora_sd3")
+        if getattr(self, "network_kind", "lora") == "full":
+            out += [(n, f"not with an SD3 full fine-tune: {why}") for n, why in SD3_FULL_REFUSES.items()
+                    if n in defaults and getattr(self, n) != defaults[n].get_default(call_default_factory=True)]
+        else:
+            out += flow_network_problems(self, SD3_NETWORKS, "SD3", "networks.lora_sd3")
         if getattr(self, "network_kind", "lora") in FLOW_LYCORIS and not self.problems() and (self.emb_dims_list() or [0] * 3)[2]:
             out.append(("emb_dims", "x_embedder's rank (the 3rd value) trains the patchifying conv: a LoRA argument; "
                                     "LoHa / LoKr train Linears only"))
