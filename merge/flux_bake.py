@@ -45,7 +45,7 @@ def read_flux_lora(path: str) -> tuple[dict[str, LoraModule], dict[str, str]]:
 
 
 def bake_flux(cfg: BakeConfig, model: LazySafetensors, out: Path, reporter: Reporter, stop: StopFlag) -> object:
-    from .lora_bake import _Applied, write_bake
+    from .lora_bake import _Applied, check_delta, write_bake
 
     try:
         if out.resolve() == model.path.resolve():
@@ -72,8 +72,7 @@ def bake_flux(cfg: BakeConfig, model: LazySafetensors, out: Path, reporter: Repo
                     missing.append(name)
                     continue
                 shape = tuple(model.tensors[key].shape)
-                if not module.needs_base:  # LoRA, LoHa, LoKr, full; DoRA / (IA)^3 / OFT are checked with W in hand
-                    module.delta(shape)  # shape check now, before anything is written
+                check_delta(spec.path, module, shape)
                 block = flux_block_of(name) or "IN"
                 ratio = spec.ratio * (blocks[block] if blocks else 1.0)
                 if ratio != 0:

@@ -38,6 +38,18 @@ class BakeResult(JobResult):
         return [f"wrote {self.output}: {self.loras} LoRA(s) baked into {self.weights_changed} weights in {self.seconds:.1f} s"]
 
 
+def check_delta(path: str, module: object, shape: tuple[int, ...]) -> None:
+    """A module's ΔW for a weight of `shape`, worked out once before anything is written, so a file whose module does
+    not fit is named (file and module) rather than failing half way; kinds that need the weight itself (DoRA, (IA)^3,
+    OFT) are checked when it is in hand."""
+    if getattr(module, "needs_base", False):
+        return
+    try:
+        module.delta(shape)  # type: ignore[attr-defined]
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 @dataclass
 class _Applied:
     module: LoraModule
@@ -87,8 +99,7 @@ def run_lora_bake(cfg: BakeConfig, reporter: Reporter, stop: StopFlag) -> BakeRe
                 if site is None:
                     continue
                 ratio = spec.ratio * (blocks[site.block] if blocks else 1.0)
-                if not module.needs_base:
-                    module.delta(site.shape)  # shape check now, before anything is written
+                check_delta(spec.path, module, site.shape)
                 if ratio != 0:
                     by_key.setdefault(site.key, []).append(_Applied(module, site, ratio))
             recipe.append({"name": Path(spec.path).name, "ratio": spec.ratio, "blocks": spec.blocks or None})

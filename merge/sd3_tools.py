@@ -47,7 +47,7 @@ def module_paths(cfg: SD3Config) -> dict[str, str]:
 
 
 def bake_sd3(cfg: BakeConfig, model: LazySafetensors, out: Path, reporter: Reporter, stop: StopFlag) -> object:
-    from .lora_bake import _Applied, write_bake
+    from .lora_bake import _Applied, check_delta, write_bake
 
     try:
         if out.resolve() == model.path.resolve():
@@ -62,6 +62,8 @@ def bake_sd3(cfg: BakeConfig, model: LazySafetensors, out: Path, reporter: Repor
                 raise ConfigError(f"{spec.path}: LoRA block weights are not defined for SD3 (no BLOCKS part, please)")
             modules, _ = read_lora(spec.path)
             te = [n for n in modules if n.startswith("lora_te")]
+            if len(te) == len(modules):
+                raise ConfigError(f"{spec.path}: holds text-encoder modules only; nothing of it bakes into the MMDiT")
             if te:
                 reporter.log(f"{spec.path}: {len(te)} text-encoder modules skipped (the checkpoint's MMDiT only)")
             missing = []
@@ -73,8 +75,7 @@ def bake_sd3(cfg: BakeConfig, model: LazySafetensors, out: Path, reporter: Repor
                     missing.append(name)
                     continue
                 shape = tuple(model.tensors[key].shape)
-                if not module.needs_base:  # DoRA / (IA)^3 / OFT are checked with W in hand
-                    module.delta(shape)  # shape check now, before anything is written
+                check_delta(spec.path, module, shape)
                 if spec.ratio != 0:
                     kind = "conv" if names[name] == CONV else "attn"
                     by_key.setdefault(key, []).append(_Applied(module, LoraSite(name, key, None, "BASE", kind, shape), spec.ratio))

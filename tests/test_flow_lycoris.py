@@ -195,3 +195,72 @@ def test_a_flux_checkpoint_bakes_a_lokr_as_the_live_hooks_apply(tmp_path):
     with torch.no_grad():
         net.apply_to(model)
         torch.testing.assert_close(baked(**x), model(**x), rtol=2e-5, atol=2e-5)
+
+
+def _lying_files(cfg) -> dict[str, dict[str, torch.Tensor]]:
+    """LoHa / LoKr / LoRA files that lie (a hostile review's list): each is refused with its file and module named."""
+    g = torch.Generator().manual_seed(5)
+    good = {k: v for k, v in kohya_flux_state_dict(create_flux_lora(cfg, 4, 2.0, kind="lokr")).items()}
+    loha = kohya_flux_state_dict(create_flux_lora(cfg, 4, 2.0, kind="loha"))
+    lora = kohya_flux_state_dict(create_flux_lora(cfg, 4, 2.0))
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    w1, w2a = good[f"{name}.lokr_w1"], good[f"{name}.lokr_w2_a"]
+
+    def edit(base: dict, **parts) -> dict:
+        out = dict(base)
+        for part, value in parts.items():
+            if value is None:
+                out.pop(f"{name}.{part}")
+            else:
+                out[f"{name}.{part}"] = value
+        return out
+
+    return {
+        "loha_missing_w1_b": edit(loha, hada_w1_b=None),
+        "loha_w1_b_0d": edit(loha, hada_w1_b=torch.tensor(1.0)),
+        "loha_rank_mismatch": edit(loha, hada_w2_a=torch.randn(loha[f"{name}.hada_w2_a"].shape[0], 3, generator=g)),
+        "lokr_w2_missing_b": edit(good, lokr_w2_b=None),
+        "lokr_only_w1": {f"{name}.lokr_w1": w1},
+        "lokr_w1_transposed": edit(good, lokr_w1=w1.t().contiguous()),  # same element count, another ΔW shape
+        "lokr_w2_whole_and_pair": edit(good, lokr_w2=torch.randn(w2a.shape[0], 8, generator=g)),
+        "loha_plus_lora_parts": {**loha, f"{name}.lora_down.weight": torch.zeros(4, 32)},
+        "alpha_nan": edit(loha, alpha=torch.tensor(float("nan"))),
+        "alpha_two_values": edit(good, alpha=torch.tensor([1.0, 2.0])),
+        "lora_weight_inf": {**lora, f"{name}.lora_up.weight": torch.full_like(lora[f"{name}.lora_up.weight"], float("inf"))},
+    }
+
+
+def test_lying_lycoris_files_are_refused_with_file_and_module_named(tmp_path, capsys):
+    from loratrain.core.errors import ConfigError
+
+    model = _tiny_model(guidance=True, depth=2, depth_single_blocks=2).eval()
+    ckpt = tmp_path / "flux.safetensors"
+    save_safetensors({"model.diffusion_model." + k: v for k, v in model.state_dict().items()}, ckpt)
+    for label, sd in _lying_files(model.config).items():
+        path = tmp_path / f"{label}.safetensors"
+        save_safetensors(sd, path)
+        with pytest.raises(ConfigError) as e:  # what generate / the grid / --network_weights read
+            flux_lora_from_kohya(model.config, sd, source=str(path))
+        assert f"{label}.safetensors" in str(e.value) and "lora_unet_double_blocks_0_img_attn_qkv" in str(e.value), label
+        out = tmp_path / f"{label}_baked.safetensors"
+        capsys.readouterr()
+        assert main(["lora", "bake", str(ckpt), "--loras", str(path), "--output", str(out)]) != 0, label
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"{label}.safetensors" in err and "img_attn_qkv" in err, (label, err)
+        assert not out.exists(), label
+
+
+def test_empty_lora_files_and_vocabulary_less_t5_tokenizers_are_named(tmp_path):
+    from types import SimpleNamespace
+
+    from loratrain.core.errors import ConfigError
+    from loratrain.core.flux_sampling import read_flux_lora
+    from loratrain.core.models.flux_loading import find_t5_tokenizer
+
+    save_safetensors({}, tmp_path / "empty.safetensors")
+    with pytest.raises(ConfigError, match="empty.safetensors: no LoRA modules"):
+        read_flux_lora(str(tmp_path / "empty.safetensors"), SimpleNamespace(config=FLUX_CFG))
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text('{"tokenizer_class": "T5Tokenizer"}')
+    with pytest.raises(ConfigError, match="holds no vocabulary"):
+        find_t5_tokenizer(tmp_path, str(tmp_path / "tok"), "tokenizer_2")

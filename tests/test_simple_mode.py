@@ -154,11 +154,19 @@ def test_the_training_page_names_the_models_family_from_its_header(tmp_path):
               tmp_path / "flux.safetensors")
     save_file({"model.diffusion_model." + k: v.contiguous() for k, v in SD3Transformer(SD35_TINY).state_dict().items()},
               tmp_path / "sd3.safetensors")
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "sd.safetensors")
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+               "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(4)}, tmp_path / "sd.safetensors")
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, tmp_path / "lora.safetensors")
+    (tmp_path / "notes.txt").write_text("hello")
     assert model_family(ctx, str(tmp_path / "flux.safetensors"))[0] == "flux"
     kind, text = model_family(ctx, str(tmp_path / "sd3.safetensors"))
     assert kind == "sd3" and "clip_g" in text
-    assert model_family(ctx, str(tmp_path / "sd.safetensors"))[0] == "sd"
+    assert model_family(ctx, str(tmp_path / "sd.safetensors")) == ("sd", "**sd.safetensors: an SD1 model** (the "
+                                                                  "FLUX.1 and SD3.5 groups do not apply).")
+    kind, text = model_family(ctx, str(tmp_path / "lora.safetensors"))
+    assert kind == "" and "a LoRA file, not a base checkpoint" in text
+    assert model_family(ctx, str(tmp_path / "notes.txt"))[0] == ""
+    assert model_family(ctx, str(tmp_path))[0] == ""  # a folder that is no diffusers model
     assert model_family(ctx, str(tmp_path / "missing.safetensors")) == ("", "")
     kind, text = model_family(ctx, "/etc/hostname")
     assert kind == "" and "outside" in text

@@ -222,6 +222,8 @@ def read_flux_lora(path: str, flux: FluxModel) -> Any:
 
     with safe_open(str(confine(path, "LoRA")), framework="pt") as f:
         sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    if not sd:
+        raise ConfigError(f"{path}: no LoRA modules found (an empty file)")
     from .lora.flux_layouts import flux_lora_to_kohya
 
     unet, encoders = split_text_encoders(flux_lora_to_kohya(sd, meta, source=path), flux, path)

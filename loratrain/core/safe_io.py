@@ -301,4 +301,13 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     from safetensors.torch import save as st_save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write_bytes(path, st_save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    if not tensors:  # the safetensors writer emits an unreadable header for no tensors with metadata: write ours
+        import json
+        import struct
+
+        head = json.dumps({"__metadata__": meta} if meta else {}, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        atomic_write_bytes(path, struct.pack("<Q", len(head)) + head)
+        return
+    atomic_write_bytes(path, st_save(tensors, metadata=meta))

@@ -186,6 +186,8 @@ class SD3Session(FluxSession):
 
         with safe_open(str(confine(path, "LoRA")), framework="pt") as f:
             sd = {k: f.get_tensor(k) for k in f.keys()}
+        if not sd:
+            raise ConfigError(f"{path}: no LoRA modules found (an empty file)")
         unet, encoders = split_text_encoders(sd, self.model, path)
         if is_diffusers_sd3_lora(unet):  # diffusers' PEFT layout: the same ΔW in ours
             unet = diffusers_sd3_to_kohya(unet, self.model.config, path)  # type: ignore[union-attr]

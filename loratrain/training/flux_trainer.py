@@ -376,11 +376,30 @@ class FluxLoRATrainer(LoRATrainer):
         forward; flux_full.py) rather than on the first one alone."""
         return False
 
+    def _shared_prompts(self) -> list:
+        """The sample prompts as the first process reads them; with samples on every process, sent to the others, so
+        each runs the same forwards even if the file changes between their reads (a sharded forward needs them all).
+        A prompt file that cannot be read now is logged and skipped, never left to stop one process alone."""
+        prompts: list | None = None
+        if self.accelerator.is_main_process:
+            try:
+                prompts = self._sample_prompts()
+            except (ConfigError, OSError) as e:
+                self.reporter.log(f"samples skipped: {e}")
+                prompts = []
+        if self._every_process_forwards():
+            import torch.distributed as dist
+
+            box = [prompts]
+            dist.broadcast_object_list(box, src=0)
+            prompts = box[0]
+        return prompts or []
+
     def _encode_sample_prompts(self) -> None:
         """The sample prompts (and negatives) encoded before the text encoders are freed, as sd-scripts does."""
         if not self.cfg.sample_prompts or not (self.accelerator.is_main_process or self._every_process_forwards()):
             return
-        for p in self._sample_prompts():
+        for p in self._shared_prompts():
             for text in {p.prompt, p.negative_prompt}:
                 self.sample_cache.setdefault(text, self._encode_one(text))
 
@@ -404,13 +423,13 @@ class FluxLoRATrainer(LoRATrainer):
         sample_dir = self.out_dir / "sample"
         paths, captions = [], []
         with self.accelerator.autocast():
-            for i, p in enumerate(self._sample_prompts()):
+            for i, p in enumerate(self._shared_prompts()):
                 if p.seed is None:
                     p.seed = cfg.seed + i
                 target = sample_dir / sample_file_name(cfg.output_name, epoch, self.global_step, i, p.seed) if main else None
                 try:
                     path = self._generate(p, target, {"loratrain_step": str(self.global_step)}).path
-                except ConfigError as e:  # a prompt added to the file mid-run, after the encoders were freed
+                except (ConfigError, OSError) as e:  # a prompt added mid-run, after the encoders were freed; a full disk
                     self.reporter.log(f"sample {i} skipped: {e}")
                     continue
                 if not main:

@@ -142,7 +142,32 @@ def model_family(ctx: AppContext, value: str) -> tuple[str, str]:
             return "sd3", (f"**{path.name}: an SD3 / SD3.5 MMDiT.** Its parts are clip_l, t5xxl (**{FLUX}** group), "
                            f"clip_g (**{SD3}** group) and vae, unless the file holds them; SD3's options are in the "
                            f"**{SD3}** group.")
-    return "sd", f"**{path.name}: an SD1 / SD2 / SDXL model** (the {FLUX} and {SD3} groups do not apply)."
+        sd, why = _sd_family(path)
+    if not sd:
+        return "", f"**{path.name}:** {why}"
+    return "sd", f"**{path.name}: an {sd} model** (the {FLUX} and {SD3} groups do not apply)."
+
+
+def _sd_family(path: Path) -> tuple[str, str]:
+    """("SD1" / "SD2" / "SDXL", "") for an SD checkpoint file or diffusers folder, else ("", why not): from the header
+    or model_index.json only, like the trainer's own check."""
+    from loratrain.core.models.families import detect_family
+
+    if path.is_dir():
+        return ("SD1 / SD2 / SDXL", "") if (path / "model_index.json").is_file() else \
+            ("", "a folder without model_index.json: not a diffusers model")
+    if not path.is_file() or path.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".bin"):
+        return "", "not a model file (.safetensors, or a diffusers folder)"
+    if path.suffix.lower() != ".safetensors":
+        return "SD1 / SD2 / SDXL (pickle)", ""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+        return detect_family(keys, path.name).name.upper(), ""
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: said in the line, never raised
+        return "", " ".join(str(e).split())[:200] or "not a readable .safetensors file"
 
 
 class TrainPage:

@@ -64,19 +64,23 @@ def read_lora(path: str | Path) -> tuple[dict[str, LoraModule], dict[str, str]]:
     if any(".lora_A." in k or ".lora_B." in k for k in sd):
         raise ValueError(f"{path}: PEFT-layout LoRA; use the kohya-layout file our trainer writes next to it")
     modules: dict[str, LoraModule] = {}
+    from .module_checks import check_lora
+
     for name, parts in groups.items():
-        if "lora_down.weight" not in parts:
-            other = lycoris_module(name, parts)
+        if "lora_down.weight" not in parts and "lora_up.weight" not in parts:
+            try:
+                other = lycoris_module(name, parts)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
             if other is None:
                 raise ValueError(f"{path}: module {name} has {sorted(parts)[0]!r}, which is none of LoRA, LoCon, LoHa, LoKr, "
                                  "(IA)^3, full or DoRA")
             modules[name] = other  # type: ignore[assignment]
             continue
-        down, up = parts["lora_down.weight"], parts.get("lora_up.weight")
-        if up is None:
-            raise ValueError(f"{path}: module {name} has lora_down but no lora_up")
         if "lora_mid.weight" in parts:
             raise ValueError(f"{path}: module {name} is a Tucker LoCon (lora_mid), which is not supported yet")
+        check_lora(f"{path}: {name}", parts)
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         alpha = float(parts["alpha"]) if "alpha" in parts and float(parts["alpha"]) != 0 else float(down.shape[0])
         module = LoraModule(name, down, up, alpha)
         modules[name] = DoraModule(module, parts["dora_scale"]) if "dora_scale" in parts else module  # type: ignore[assignment]

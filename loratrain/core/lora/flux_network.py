@@ -114,9 +114,10 @@ class FluxLoraNetwork(HookedLoraNetwork):
 
     def __init__(self, cfg: FluxConfig, ranks: dict[str, int], alpha: float | dict[str, float] = 1.0,
                  split_qkv: bool = False, kind: str = "lora",
-                 file_parts: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+                 file_parts: dict[str, dict[str, torch.Tensor]] | None = None, source: str = "") -> None:
         def make(path: str, shape: tuple[int, int], rank: int) -> torch.nn.Module:
-            return make_adapter(kind, kohya_name(path), shape, rank, alpha[path] if isinstance(alpha, dict) else alpha,
+            label = f"{source}: {kohya_name(path)}" if source else kohya_name(path)
+            return make_adapter(kind, label, shape, rank, alpha[path] if isinstance(alpha, dict) else alpha,
                                 split_sizes(path, cfg) if split_qkv else None, (file_parts or {}).get(path))
 
         super().__init__(cfg, split_qkv, linear_shapes(cfg), ranks, make)
@@ -152,7 +153,7 @@ def flux_lora_from_kohya(cfg: FluxConfig, sd: dict[str, torch.Tensor], split_qkv
     kind = file_kind(groups, source)
     if kind != "lora":  # LyCORIS: each module shaped by its own tensors
         parts = {by_name[n]: g for n, g in groups.items()}
-        network = FluxLoraNetwork(cfg, dict.fromkeys(parts, 1), 1.0, False, kind, parts)
+        network = FluxLoraNetwork(cfg, dict.fromkeys(parts, 1), 1.0, False, kind, parts, source)
     else:
         ranks = kohya_ranks(groups, by_name, lambda p: len(split_sizes(p, cfg) or (1,)) if split_qkv else 1, source)
         network = FluxLoraNetwork(cfg, ranks, 1.0, split_qkv)

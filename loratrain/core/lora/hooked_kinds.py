@@ -44,6 +44,18 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return m, dimension // m
 
 
+def _checked(name: str, parts: Mapping[str, torch.Tensor], kind: str) -> None:
+    """A file module's parts checked (module_checks.py) before any shape is read from them."""
+    from .module_checks import check_module
+
+    try:
+        found = check_module(name, parts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if found != kind:
+        raise ConfigError(f"{name} is a {found} module, not {kind}")
+
+
 class _HookedAdapter(nn.Module):
     """What every hooked LyCORIS adapter shares: its Linear's sizes, alpha, the run's multiplier and the hook's add."""
 
@@ -76,12 +88,12 @@ class _HookedAdapter(nn.Module):
         mine = self._params()
         have = set(parts) - {"alpha"}
         if have != set(mine):
-            raise ConfigError(f"{name}: holds {sorted(have)}, this {self.kind} network {sorted(mine)} (set network_dim "
-                              "to the file's)")
+            raise ConfigError(f"{name}: holds {sorted(have)}, this {self.kind} network {sorted(mine)} (a file made with "
+                              "another network_dim, or for another model?)")
         for k, p in mine.items():
             if tuple(parts[k].shape) != tuple(p.shape):
-                raise ConfigError(f"{name}.{k} is {list(parts[k].shape)}, this network's {list(p.shape)} (set "
-                                  "network_dim to the file's)")
+                raise ConfigError(f"{name}.{k} is {list(parts[k].shape)}, this network's {list(p.shape)} (a file made "
+                                  "with another network_dim, or for another model?)")
             p.copy_(parts[k].to(p.dtype))
         alpha = parts.get("alpha")
         self.alpha = float(alpha) if alpha is not None and float(alpha) != 0 else float(self.rank)
@@ -108,6 +120,7 @@ class HookedLohaModule(_HookedAdapter):
 
     @classmethod
     def from_parts(cls, name: str, in_features: int, out_features: int, parts: Mapping[str, torch.Tensor]) -> HookedLohaModule:
+        _checked(name, parts, "loha")
         if "hada_t1" in parts:
             raise ConfigError(f"{name}: a Tucker (use_tucker) LoHa; FLUX.1 / SD3 Linears take the plain one")
         return cls(in_features, out_features, parts["hada_w1_b"].shape[0], 1.0)
@@ -147,6 +160,7 @@ class HookedLokrModule(_HookedAdapter):
 
     @classmethod
     def from_parts(cls, name: str, in_features: int, out_features: int, parts: Mapping[str, torch.Tensor]) -> HookedLokrModule:
+        _checked(name, parts, "lokr")
         if "lokr_w1" not in parts or "lokr_t2" in parts:
             raise ConfigError(f"{name}: a LoKr with a low-rank W1 (decompose_both) or Tucker W2; FLUX.1 / SD3 "
                               "Linears take LyCORIS' default LoKr (whole W1)")
@@ -184,8 +198,10 @@ HOOKED_KINDS.register("lokr")(HookedLokrModule)
 
 
 def kind_of_parts(parts: Mapping[str, torch.Tensor]) -> str:
-    """"lora" or the LyCORIS kind a file module's tensors (by suffix) are."""
-    for name in HOOKED_KINDS.names():
-        if any(m in parts for m in HOOKED_KINDS.get(name).markers):
-            return name
-    return "lora"
+    """"lora" or the LyCORIS kind a file module's tensors (by suffix) are (module_checks.kind_of)."""
+    from .module_checks import kind_of
+
+    try:
+        return kind_of("module", parts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

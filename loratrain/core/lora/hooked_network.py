@@ -181,11 +181,13 @@ def group_kohya(sd: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[s
             raise ConfigError(f"{source}: {key} is not part of a kohya LoRA (lora_down.weight / lora_up.weight / alpha) "
                               "or a LyCORIS LoHa / LoKr module")
         groups.setdefault(name, {})[part] = value
-    from .hooked_kinds import kind_of_parts
+    from .module_checks import check_module
 
-    for name, parts in groups.items():
-        if kind_of_parts(parts) == "lora" and ("lora_down.weight" not in parts or "lora_up.weight" not in parts):
-            raise ConfigError(f"{source}: module {name} lacks lora_down or lora_up")
+    for name, parts in groups.items():  # every part there, shapes that multiply, finite numbers, one alpha
+        try:
+            check_module(f"{source}: {name}", parts)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return groups
 
 
@@ -218,7 +220,7 @@ def load_kohya_state_dict(network: HookedLoraNetwork, sd: Mapping[str, torch.Ten
             continue
         down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
         alpha = float(parts["alpha"]) if "alpha" in parts and float(parts["alpha"]) != 0 else float(down.shape[0])
-        module.load_kohya(name, down, up, alpha)
+        module.load_kohya(f"{source}: {name}", down, up, alpha)
 
 
 def kohya_ranks(groups: Mapping[str, Mapping[str, torch.Tensor]], by_name: Mapping[str, str],

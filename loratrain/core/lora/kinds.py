@@ -17,9 +17,9 @@ from loratrain.core.registry import Registry
 
 
 def _fit(name: str, d: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    if d.numel() != math.prod(shape):
-        raise ValueError(f"{name}: delta {list(d.shape)} does not fit the model weight {list(shape)}")
-    return d.reshape(shape)
+    from .module_checks import fits_weight
+
+    return fits_weight(name, d, shape)
 
 
 def _tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -199,7 +199,18 @@ class DoraModule:
 
 
 def lycoris_module(name: str, parts: dict[str, torch.Tensor]) -> object | None:
-    """The module these tensors describe, or None when they are not a LyCORIS kind (plain LoRA is read elsewhere)."""
+    """The module these tensors describe, or None when they are not a LyCORIS kind (plain LoRA is read elsewhere).
+    LoHa and LoKr parts are checked first (module_checks.py): a file that lacks a part or lies about a shape is a
+    ValueError naming the module, never a traceback or a quietly wrong ΔW."""
+    from .module_checks import check_loha, check_lokr, check_values, kind_of
+
+    kind = kind_of(name, parts)
+    if kind == "loha":
+        check_loha(name, parts)
+    elif kind == "lokr":
+        check_lokr(name, parts)
+    else:
+        check_values(name, parts)
     cls = next((MODULE_KINDS.get(k) for k in MODULE_KINDS.names() if any(m in parts for m in MODULE_KINDS.get(k).markers)), None)
     if cls is None:
         return None

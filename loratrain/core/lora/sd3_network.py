@@ -192,15 +192,17 @@ class SD3LoraNetwork(HookedLoraNetwork):
     label = "SD3"
 
     def __init__(self, cfg: SD3Config, targets: dict[str, tuple[int, float]], split_qkv: bool = False,
-                 kind: str = "lora", file_parts: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+                 kind: str = "lora", file_parts: dict[str, dict[str, torch.Tensor]] | None = None,
+                 source: str = "") -> None:
         def make(path: str, shape: tuple[int, int], target: tuple[int, float]) -> nn.Module:
             r, a = target
+            label = f"{source}: {kohya_name(path)}" if source else kohya_name(path)
             if path == CONV:
                 if kind != "lora":
-                    raise ConfigError(f"emb_dims' x_embedder (the patchifying conv) is a LoRA argument; a {kind} "
-                                      "network trains Linears only")
+                    raise ConfigError(f"{label}: a {kind} module on x_embedder (the patchifying conv); LoHa / LoKr "
+                                      "train Linears only here (emb_dims' x_embedder rank is a LoRA argument)")
                 return SD3ConvLoraModule(*shape, cfg.patch_size, r, a)
-            return make_adapter(kind, kohya_name(path), shape, r, a, split_sizes(path, cfg) if split_qkv else None,
+            return make_adapter(kind, label, shape, r, a, split_sizes(path, cfg) if split_qkv else None,
                                 (file_parts or {}).get(path))
 
         super().__init__(cfg, split_qkv, linear_shapes(cfg), targets, make)
@@ -240,7 +242,7 @@ def sd3_lora_from_kohya(cfg: SD3Config, sd: dict[str, torch.Tensor], split_qkv: 
     kind = file_kind(groups, source)
     if kind != "lora":  # LyCORIS: each module shaped by its own tensors
         parts = {by_name[n]: g for n, g in groups.items()}
-        network = SD3LoraNetwork(cfg, dict.fromkeys(parts, (1, 1.0)), False, kind, parts)
+        network = SD3LoraNetwork(cfg, dict.fromkeys(parts, (1, 1.0)), False, kind, parts, source)
     else:
         ranks = kohya_ranks(groups, by_name, lambda p: len(split_sizes(p, cfg) or (1,)) if split_qkv else 1, source)
         network = SD3LoraNetwork(cfg, {p: (r, 1.0) for p, r in ranks.items()}, split_qkv)

@@ -158,6 +158,9 @@ def find_t5_tokenizer(root: Path, value: str, sub: str) -> Path:
                               "--t5_tokenizer DIR (a folder with tokenizer.json, e.g. FLUX.1's tokenizer_2/)")
     if not tok.is_dir() or not ((tok / "tokenizer.json").is_file() or (tok / "tokenizer_config.json").is_file()):
         raise ConfigError(f"t5_tokenizer: {tok} is not a tokenizer folder (no tokenizer.json)")
+    if not ((tok / "tokenizer.json").is_file() or (tok / "spiece.model").is_file()):  # a config alone loads an empty
+        raise ConfigError(f"t5_tokenizer: {tok} holds no vocabulary (tokenizer.json or spiece.model); every word "
+                          "would be <unk>")
     load_t5_tokenizer(tok)  # a damaged vocabulary is named now, not after the transformer has loaded
     return tok
 
@@ -384,7 +387,7 @@ def load_t5_tokenizer(folder: Path) -> Any:
         folder = confine(folder, "t5_tokenizer")
     try:
         if (folder / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), pad_token="<pad>", eos_token="</s>")
     except Exception as e:  # noqa: BLE001 - tokenizers and transformers raise their own types for a bad vocabulary
         why = " ".join(str(e).split())[:300]

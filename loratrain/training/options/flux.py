@@ -45,6 +45,8 @@ SD_ONLY = {
     "up_lr_weight": "an SD UNet block weight",
     "mid_lr_weight": "an SD UNet block weight",
 }
+#: options of this class SD3 takes too (the rest are FLUX.1's own)
+FLOW_SHARED = ("clip_l", "t5xxl", "t5_tokenizer", "blocks_to_swap", "cpu_offload_checkpointing", "fsdp", "train_t5xxl")
 #: FLUX options a full fine-tune (network_module full) cannot use, and why
 FULL_REFUSES = {
     "blocks_to_swap": "block swap keeps each swapped block's weights on the host for good, as frozen LoRA base "
@@ -172,7 +174,8 @@ class FluxOptions(FlowMatchOptions):
             if getattr(self, "is_sd3", lambda: False)():  # SD3 shares some and refuses the rest (options/sd3.py)
                 return []
             if self.model_family == "sd" or flux_set:
-                return [(n, "a FLUX.1 option, but the model is not FLUX.1") for n in flux_set]
+                return [(n, f"a {'FLUX.1 / SD3' if n in FLOW_SHARED else 'FLUX.1'} option, but the model is "
+                            f"{'neither' if n in FLOW_SHARED else 'not FLUX.1'}") for n in flux_set]
             return []
         out: list[Problem] = []
         try:
