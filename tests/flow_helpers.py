@@ -8,16 +8,19 @@ from loratrain.core.progress import RecordingReporter, StopFlag
 
 
 def config_from_args(args: list[str]) -> Any:
-    """The CLI's flags as a TrainConfig (switches have no value)."""
+    """The CLI's flags as a TrainConfig (switches have no value; a flag with several values, e.g. --network_args a=1 b=2,
+    gives a list)."""
     from loratrain.training.config import TrainConfig
 
     flat: dict[str, Any] = {}
     i = 0
     while i < len(args):
-        if i + 1 < len(args) and not args[i + 1].startswith("--"):
-            flat[args[i][2:]], i = args[i + 1], i + 2
-        else:
-            flat[args[i][2:]], i = True, i + 1
+        j = i + 1
+        while j < len(args) and not args[j].startswith("--"):
+            j += 1
+        values = args[i + 1:j]
+        flat[args[i][2:]] = True if not values else values[0] if len(values) == 1 else values
+        i = j
     return TrainConfig.build(flat)
 
 

@@ -264,3 +264,81 @@ def test_empty_lora_files_and_vocabulary_less_t5_tokenizers_are_named(tmp_path):
     (tmp_path / "tok" / "tokenizer_config.json").write_text('{"tokenizer_class": "T5Tokenizer"}')
     with pytest.raises(ConfigError, match="holds no vocabulary"):
         find_t5_tokenizer(tmp_path, str(tmp_path / "tok"), "tokenizer_2")
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_dora_file_means_what_the_hooks_apply(family, tmp_path):
+    """DoRA (LyCORIS' LoRA with dora_wd) on FLUX.1 / SD3: starts as a no-op (dora_scale = ‖W‖ per row, taken when it
+    is hooked on), and the file's change, as the bake reader (files.read_lora -> kinds.DoraModule) computes it from
+    the weight, is what the hooks apply; the file rebuilds the same network."""
+    from loratrain.core.lora.files import read_lora
+
+    torch.manual_seed(0)
+    if family == "flux":
+        model = _tiny_model(guidance=True, depth=2, depth_single_blocks=2).eval()
+        x = _inputs(model.config)
+        net, run = create_flux_lora(model.config, 4, 2.0, kind="dora"), (lambda m: m(**x))
+        to_file, from_file = kohya_flux_state_dict, flux_lora_from_kohya
+    else:
+        model = SD3Transformer(SD35_TINY).eval()
+        c = SD35_TINY
+        x = (torch.randn(1, c.in_channels, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, c.joint_attention_dim),
+             torch.randn(1, c.pooled_projection_dim))
+        net, run = create_sd3_lora(SD35_TINY, 4, 2.0, kind="dora"), (lambda m: m(*x))
+        to_file, from_file = kohya_sd3_state_dict, sd3_lora_from_kohya
+    with torch.no_grad():
+        base = run(model)
+        net.apply_to(model)
+        torch.testing.assert_close(run(model), base)  # up = 0 and dora_scale = ‖W‖: no change yet
+        net.remove()
+        g = torch.Generator().manual_seed(1)
+        for name, p in net.named_parameters():
+            p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g)) if "dora_scale" in name else p.copy_(
+                torch.randn(p.shape, generator=g) * 0.3)
+    sd = to_file(net)
+    first = next(iter(net.lora))
+    assert {k.split(".", 1)[1] for k in sd if k.startswith(first + ".")} == {"lora_down.weight", "lora_up.weight", "alpha",
+                                                                          "dora_scale"}
+    assert sd[f"{first}.dora_scale"].shape == (net.lora[first].out_features, 1)  # LyCORIS' wd_on_out layout
+    save_safetensors(sd, tmp_path / "dora.safetensors")
+    modules, _ = read_lora(tmp_path / "dora.safetensors")
+    with torch.no_grad():
+        net.apply_to(model)
+        live = run(model)
+        net.remove()
+        weights = dict(model.named_parameters())
+        for name in net.lora:
+            w = weights[net.paths[name] + ".weight"]
+            w.add_(modules[name].delta(tuple(w.shape), w.detach().clone()))
+        merged = run(model)
+    assert (live - base).abs().max() > 1e-2
+    torch.testing.assert_close(live, merged, rtol=1e-4, atol=1e-5)
+    assert from_file(SD35_TINY if family == "sd3" else model.config, sd).kind == "dora"
+
+
+def test_cli_trains_a_flux_dora_from_sd_scripts_args_resumes_and_generates(flux_files, tmp_path):  # noqa: F811
+    from tests.test_flux_sampling import _generate, _pixels
+
+    from .flow_helpers import config_from_args, run_stopped_at
+
+    def args(out):
+        return [a for a in flux_args(flux_files, tmp_path / out, "--network_module", "lycoris.kohya", "--network_args",
+                                     "algo=lora", "dora_wd=True") if a != "--network_train_unet_only"]
+
+    from loratrain.core.progress import RecordingReporter
+    from loratrain.training.trainer import run_train
+
+    straight = run_train(config_from_args(args("a")), RecordingReporter())
+    run_stopped_at(args("b"))
+    res = _cli(args("b") + ["--resume", "latest"])
+    assert res.returncode == 0 and "resumed from" in res.stdout + res.stderr, res.stdout[-3000:] + res.stderr[-3000:]
+    a, meta = _tensors(straight.lora_path)
+    b, _ = _tensors(tmp_path / "b" / "f.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # dora_scale resumes too
+    assert any(k.startswith("lora_te1_") and k.endswith(".dora_scale") for k in a)  # the CLIP-L half is DoRA too
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"]) == {"algo": "lora", "dora_wd": "True"}
+    base = _pixels(_generate(flux_files, tmp_path / "base.png"))
+    off = _pixels(_generate(flux_files, tmp_path / "off.png", "--network_weights", f"{straight.lora_path}:0"))
+    on = _pixels(_generate(flux_files, tmp_path / "on.png", "--network_weights", f"{straight.lora_path}:1"))
+    assert (base == off).all() and (on != base).any()

@@ -194,17 +194,23 @@ class FluxLoRATrainer(LoRATrainer):
     @property
     def adapter_kind(self) -> str:
         """lora (sd-scripts' lora_flux / lora_sd3), or the LyCORIS kind (loha, lokr) on the same modules."""
+        from .options.flux import FLOW_LYCORIS
+
         kind = self.cfg.network_kind
-        return kind if kind in ("loha", "lokr") else "lora"
+        return kind if kind in FLOW_LYCORIS else "lora"
 
     def _network_args(self, args: dict[str, str]) -> dict[str, str]:
         """ss_network_args: the run's network_args as sd-scripts (or LyCORIS' kohya wrapper: algo=) records them."""
-        args = {**args, "algo": self.adapter_kind} if self.adapter_kind != "lora" else args
+        kind = self.adapter_kind
+        if kind != "lora":  # DoRA is LyCORIS' LoRA with dora_wd
+            args = {**args, **({"algo": "lora", "dora_wd": "True"} if kind == "dora" else {"algo": kind})}
         return {**args, "train_t5xxl": "True"} if self.cfg.train_t5xxl else args
 
     def _network_label(self, net: Any) -> str:
         kind = self.adapter_kind
-        return f"lycoris.kohya algo={kind}" if kind != "lora" else f"networks.{'lora_sd3' if net.label == 'SD3' else 'lora_flux'}"
+        if kind == "lora":
+            return f"networks.{'lora_sd3' if net.label == 'SD3' else 'lora_flux'}"
+        return "lycoris.kohya algo=lora dora_wd=True" if kind == "dora" else f"lycoris.kohya algo={kind}"
 
     def _build_network(self) -> FluxNetwork:
         cfg = self.cfg

@@ -191,10 +191,66 @@ class HookedLokrModule(_HookedAdapter):
         return torch.kron(self.lokr_w1.float(), self._w2().float()) * self.scale
 
 
+class HookedDoraModule(_HookedAdapter):
+    """LyCORIS' DoRA (LoRA with `dora_wd`) on one Linear: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm per output row
+    (`wd_on_out`, what PEFT and our SD DoRA learn), ΔW = alpha / r · up @ down; the hook adds x (W' - W)ᵀ, the same
+    change core/lora/kinds.DoraModule bakes. The magnitude `dora_scale` [out, 1] starts as ‖W‖ per row, taken from the
+    layer when the network is first hooked on (the network is built from shapes alone); a loaded file's is kept.
+    Needs the layer's own weight at every forward, so it is refused with fp8-stored weights (as our SD DoRA is)."""
+
+    kind, markers, needs_layer = "dora", ("dora_scale",), True
+    parts = ("lora_down.weight", "lora_up.weight", "dora_scale")
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float) -> None:
+        super().__init__(in_features, out_features, rank, alpha)
+        self.down = nn.Parameter(torch.empty(rank, in_features))
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        self.up = nn.Parameter(torch.zeros(out_features, rank))
+        self.dora_scale = nn.Parameter(torch.full((out_features, 1), float("nan")))  # set from W on first hook-up
+
+    @classmethod
+    def from_parts(cls, name: str, in_features: int, out_features: int, parts: Mapping[str, torch.Tensor]) -> HookedDoraModule:
+        _checked(name, parts, "dora")
+        return cls(in_features, out_features, parts["lora_down.weight"].shape[0], 1.0)
+
+    def _params(self) -> dict[str, nn.Parameter]:
+        return {"lora_down.weight": self.down, "lora_up.weight": self.up, "dora_scale": self.dora_scale}
+
+    @torch.no_grad()
+    def load_parts(self, name: str, parts: Mapping[str, torch.Tensor]) -> None:
+        scale = parts.get("dora_scale")
+        if scale is not None and scale.numel() == self.out_features and tuple(scale.shape) != (self.out_features, 1):
+            parts = {**parts, "dora_scale": scale.reshape(self.out_features, 1)}  # [out] as some writers store it
+        super().load_parts(name, parts)
+
+    @torch.no_grad()
+    def start_from(self, weight: torch.Tensor) -> None:
+        """dora_scale = ‖W‖ per output row, unless it holds values already (a resumed or loaded network)."""
+        if bool(torch.isnan(self.dora_scale).any()):
+            self.dora_scale.copy_(weight.detach().float().norm(dim=1, keepdim=True).to(self.dora_scale))
+
+    def _change(self, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.detach().to(self.down.dtype)
+        merged = w + (self.up @ self.down) * self.scale
+        return merged * (self.dora_scale / merged.norm(dim=1, keepdim=True).clamp(min=1e-12)) - w
+
+    def forward(self, x: torch.Tensor, layer: nn.Module | None = None) -> torch.Tensor:  # type: ignore[override]
+        if layer is None:
+            raise ConfigError("a DoRA module needs its layer's weight (hooked with apply_to)")
+        return (F.linear(x.to(self.down.dtype), self._change(layer.weight)) * self.multiplier).to(x.dtype)
+
+    @torch.no_grad()
+    def delta_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if weight is None:
+            raise ConfigError("a DoRA module's change depends on the weight it is applied to")
+        return self._change(weight).float()
+
+
 #: the hooked adapter kinds besides plain LoRA (hooked_network.FusedLoraModule), by the trainer's network kind name
 HOOKED_KINDS: Registry[type[_HookedAdapter]] = Registry("FLUX.1 / SD3 adapter kind")
 HOOKED_KINDS.register("loha")(HookedLohaModule)
 HOOKED_KINDS.register("lokr")(HookedLokrModule)
+HOOKED_KINDS.register("dora")(HookedDoraModule)
 
 
 def kind_of_parts(parts: Mapping[str, torch.Tensor]) -> str:

@@ -147,7 +147,11 @@ class HookedLoraNetwork(nn.Module):
             if not isinstance(layer, kind) or have != (lora.in_features, lora.out_features):
                 raise ConfigError(f"{self.label} LoRA {name}: the model has no {lora.in_features}->{lora.out_features} "
                                   f"{kind.__name__} at {path}")
-            self._hooks.append(layer.register_forward_hook(lambda _m, args, out, lora=lora: out + lora(args[0])))
+            if getattr(lora, "needs_layer", False):  # DoRA: its change depends on the layer's own weight
+                lora.start_from(layer.weight)
+                self._hooks.append(layer.register_forward_hook(lambda m, args, out, lora=lora: out + lora(args[0], m)))
+            else:
+                self._hooks.append(layer.register_forward_hook(lambda _m, args, out, lora=lora: out + lora(args[0])))
         return self
 
     def remove(self) -> None:
@@ -175,9 +179,7 @@ def group_kohya(sd: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[s
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
         name, _, part = key.partition(".")
-        if part == "dora_scale":
-            raise ConfigError(f"{source}: {key}: a DoRA module; FLUX.1 / SD3 networks take LoRA, LoHa and LoKr so far")
-        if part not in KOHYA_PARTS + LYCORIS_PARTS:
+        if part not in KOHYA_PARTS + LYCORIS_PARTS + ("dora_scale",):
             raise ConfigError(f"{source}: {key} is not part of a kohya LoRA (lora_down.weight / lora_up.weight / alpha) "
                               "or a LyCORIS LoHa / LoKr module")
         groups.setdefault(name, {})[part] = value

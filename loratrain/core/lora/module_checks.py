@@ -29,13 +29,15 @@ def kind_of(name: str, parts: Mapping[str, torch.Tensor]) -> str:
     loha, lokr = any(k.startswith("hada_") for k in parts), any(k.startswith("lokr_") for k in parts)
     if loha and lokr:
         raise ValueError(f"{name} mixes LoHa (hada_*) and LoKr (lokr_*) parts: one kind per module")
-    return "loha" if loha else "lokr" if lokr else "lora"
+    if "dora_scale" in parts and (loha or lokr):
+        raise ValueError(f"{name}: DoRA on a {'LoHa' if loha else 'LoKr'} module; FLUX.1 / SD3 take DoRA on LoRA only")
+    return "loha" if loha else "lokr" if lokr else "dora" if "dora_scale" in parts else "lora"
 
 
 def check_module(name: str, parts: Mapping[str, torch.Tensor]) -> str:
     """Check a LoRA / LoHa / LoKr module's parts; returns its kind."""
     kind = kind_of(name, parts)
-    {"lora": check_lora, "loha": check_loha, "lokr": check_lokr}[kind](name, parts)
+    {"lora": check_lora, "dora": check_dora, "loha": check_loha, "lokr": check_lokr}[kind](name, parts)
     return kind
 
 
@@ -84,6 +86,15 @@ def check_lora(name: str, parts: Mapping[str, torch.Tensor]) -> None:
     if down.dim() < 2 or up.dim() < 2 or up.shape[1] != down.shape[0]:
         raise ValueError(f"{name}: lora_down {list(down.shape)} and lora_up {list(up.shape)} do not multiply")
     check_values(name, parts)
+
+
+def check_dora(name: str, parts: Mapping[str, torch.Tensor]) -> None:
+    """LoRA's parts plus a magnitude per output channel (LyCORIS' wd_on_out: dora_scale [out, 1])."""
+    check_lora(name, parts)
+    scale, up = parts["dora_scale"], parts["lora_up.weight"]
+    if scale.numel() != up.shape[0]:
+        raise ValueError(f"{name}.dora_scale has {scale.numel()} values for {up.shape[0]} output channels (only "
+                         "per-output-channel DoRA, LyCORIS' wd_on_out, is read here)")
 
 
 def check_loha(name: str, parts: Mapping[str, torch.Tensor]) -> None:

@@ -18,7 +18,7 @@ from loratrain.core.lora.keys import te_lora_name
 
 from .base import TE_CONTAINERS, Network, NetworkKind, NetworkSpec, Target, _children, register
 from .lora import ADAPTER, PeftLoRANetwork, inject_adapter_in_model
-from .lycoris import PeftLohaNetwork, PeftLokrNetwork
+from .lycoris import PeftDoraNetwork, PeftLohaNetwork, PeftLokrNetwork
 
 #: sd-scripts' lora_flux / lora_sd3 TEXT_ENCODER_TARGET_REPLACE_MODULE: the CLIP classes and T5's attention and gated MLP
 FLOW_TE_CONTAINERS = TE_CONTAINERS | {"T5Attention", "T5DenseGatedActDense"}
@@ -68,8 +68,13 @@ class FlowTextEncoderLoKr(_FlowTextEncoders, PeftLokrNetwork):
     pass
 
 
+class FlowTextEncoderDoRA(_FlowTextEncoders, PeftDoraNetwork):
+    pass
+
+
 #: the text-encoder network of each kind a FLUX.1 / SD3 run trains (the transformer's is core/lora/hooked_kinds.py)
-FLOW_TEXT_ENCODERS = {"lora": FlowTextEncoderLoRA, "loha": FlowTextEncoderLoHa, "lokr": FlowTextEncoderLoKr}
+FLOW_TEXT_ENCODERS = {"lora": FlowTextEncoderLoRA, "loha": FlowTextEncoderLoHa, "lokr": FlowTextEncoderLoKr,
+                      "dora": FlowTextEncoderDoRA}
 
 
 class FluxNetwork(Network):

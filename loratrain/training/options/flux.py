@@ -63,12 +63,12 @@ FULL_REFUSES = {
 }
 #: network kinds a FLUX.1 run trains: sd-scripts' lora_flux, or LyCORIS' LoHa / LoKr on the same modules
 FLUX_NETWORKS = ("lora", "networks.lora", "lora_flux", "networks.lora_flux")
-FLOW_LYCORIS = ("loha", "lokr")
+FLOW_LYCORIS = ("loha", "lokr", "dora")
 #: LoRA-only options of the flow families, refused with a LyCORIS kind
 LYCORIS_REFUSES = {
     "split_qkv": "an argument of sd-scripts' LoRA (one adapter per q / k / v slice); LyCORIS trains each fused Linear whole",
-    "save_diffusers_layout": "diffusers' PEFT layout holds LoRA only; a LoHa / LoKr file is read in LyCORIS' layout (ComfyUI, "
-                             "A1111, this tool)",
+    "save_diffusers_layout": "diffusers' PEFT layout holds LoRA only; a LoHa / LoKr / DoRA file is read in LyCORIS' layout "
+                             "(ComfyUI, A1111, this tool)",
 }
 
 
@@ -79,8 +79,8 @@ def flow_network_problems(cfg: object, lora_spellings: tuple[str, ...], label: s
     if kind in FLOW_LYCORIS:
         return [(n, f"not with network_module {kind}: {why}") for n, why in LYCORIS_REFUSES.items() if getattr(cfg, n, False)]
     if module not in lora_spellings:
-        return [("network_module", f"{module}: {label} trains {lora_name} (LoRA), LoHa or LoKr (network_module loha / "
-                                   "lokr, or lycoris.kohya with algo=loha / lokr)")]
+        return [("network_module", f"{module}: {label} trains {lora_name} (LoRA), LoHa, LoKr or DoRA (network_module "
+                                   "loha / lokr / dora, or lycoris.kohya with algo=loha / lokr, or dora_wd=True)")]
     return []
 
 
