@@ -193,7 +193,7 @@ class FluxLoRATrainer(LoRATrainer):
 
     @property
     def adapter_kind(self) -> str:
-        """lora (sd-scripts' lora_flux / lora_sd3), or the LyCORIS kind (loha, lokr) on the same modules."""
+        """lora (sd-scripts' lora_flux / lora_sd3), or the LyCORIS kind (loha, lokr, dora) on the same modules."""
         from .options.flux import FLOW_LYCORIS
 
         kind = self.cfg.network_kind

@@ -1,4 +1,4 @@
-"""LoHa and LoKr adapters for the hook-based transformer networks (FLUX.1, SD3), in LyCORIS' tensor layout.
+"""LoHa, LoKr and DoRA adapters for the hook-based transformer networks (FLUX.1, SD3), in LyCORIS' tensor layout.
 
 Why here and not PEFT: FLUX's and SD3's adapters hook onto our own BFL / single-file-layout Linears so the file's
 names are `lora_unet_<path with _>` (what LyCORIS' kohya wrapper writes when sd-scripts trains these models, and what
@@ -14,6 +14,8 @@ Formulas and shapes are LyCORIS' (docs/lora-formats.md, core/lora/kinds.py reads
   w2_b [r, in_n]) when r < max(out_k, in_n) / 2, otherwise whole. scale = alpha / r with a low-rank factor; with both
   factors whole LyCORIS ignores alpha (scale 1, and the file's alpha is r). W2 (or w2_b) starts at zero.
   The forward never builds kron(W1, W2): y = W1 · X · W2ᵀ on x viewed as [in_m, in_n].
+- DoRA (LoRA with dora_wd): see HookedDoraModule; its change depends on the layer's own weight, so its hook passes
+  the layer.
 """
 from __future__ import annotations
 
