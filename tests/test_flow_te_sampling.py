@@ -105,3 +105,24 @@ def test_generate_applies_a_flux_loras_text_encoder_part(flux_files, tmp_path): 
     on = _pixels(_generate(flux_files, tmp_path / "on.png", "--network_weights", f"{only_te}:1"))
     assert np.array_equal(base, off)
     assert np.abs(on - base).max() > 0  # only the text encoders changed: the prompt's encoding did
+
+
+def test_a_bad_lora_on_a_later_grid_value_fails_before_any_cell_is_written(flux_files, tmp_path):  # noqa: F811
+    """The grid reads every LoRA of its LoRA axis before the first cell: a file that lies (here a LoHa missing a part)
+    on the last axis value is named, and nothing is left in the output folder."""
+    from loratrain.core.lora.flux_network import create_flux_lora, kohya_flux_state_dict
+    from tests.test_flux_sampling import _parts, _run
+    from tests.test_flux_train import CFG
+
+    good = _save(kohya_flux_state_dict(create_flux_lora(CFG, 4, 2.0)), tmp_path / "good.safetensors")
+    bad_sd = kohya_flux_state_dict(create_flux_lora(CFG, 4, 2.0, kind="loha"))
+    bad_sd.pop("lora_unet_double_blocks_0_img_attn_qkv.hada_w2_b")
+    bad = _save(bad_sd, tmp_path / "bad.safetensors")
+    out = tmp_path / "grid"
+    res = _run("grid", "--model", str(flux_files["model"]), "--prompt", "sks dog", "--width", "64", "--height", "64",
+               "--steps", "2", "--seed", "3", "--loras", str(good), "--x_type", "lora", "--x_values", f"{good},{bad}",
+               "--y_type", "seed", "--y_values", "3,4", "--output_dir", str(out), "--color_drift", "off",
+               *_parts(flux_files))
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "bad.safetensors" in res.stderr and "lacks hada_w2_b" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists() or not any(out.rglob("*.png"))

@@ -59,11 +59,12 @@ def run_grid(cfg: GridConfig, reporter: Reporter, stop: StopFlag, loader: Callab
     seed = cfg.seed if cfg.seed != -1 else random.randrange(0, 4294967294)
     axes, cells = plan_grid(cfg, seed)
     out_dir = Path(cfg.output_dir)
-    (out_dir / "cells").mkdir(parents=True, exist_ok=True)
     state = _session(cfg, cells, loader)
     done: dict[tuple[int, int, int], Path] = {}
     infotexts: dict[tuple[int, int, int], str] = {}
     order = loop_order(axes)
+    _read_loras_first(state, cells, order)
+    (out_dir / "cells").mkdir(parents=True, exist_ok=True)
     reporter.start(len(order), "grid", unit="cell")
     for idx in order:
         if stop.is_set():
@@ -92,6 +93,24 @@ def run_grid(cfg: GridConfig, reporter: Reporter, stop: StopFlag, loader: Callab
     reporter.done("")
     return GridResult(grids=grids, cells=done, complete=complete, model_loads=state.loads, params=cells, stopped=not complete,
                       drift=drift, drift_line=drift_line)
+
+
+def _read_loras_first(state: Any, cells: dict[tuple[int, int, int], CellParams], order: list[tuple[int, int, int]]) -> None:
+    """Every LoRA file the first checkpoint's cells use, read (and so checked) before the first cell is made: a bad
+    file on a later value of a LoRA axis fails the grid before anything is written, not half way through it. The
+    files are read once and kept by the session, so the cells do not read them again. (A later checkpoint's are read
+    when it loads: reading them now would load every checkpoint twice.)"""
+    if not order:
+        return
+    first = cells[order[0]].checkpoint
+    state.ensure(first)
+    seen: set[tuple[tuple[str, str], ...]] = set()
+    for idx in order:
+        p = cells[idx]
+        key = tuple((u.path, u.blocks or "") for u in p.loras)
+        if p.checkpoint == first and p.loras and key not in seen:
+            seen.add(key)
+            state.activate(p.loras, p.sampler)
 
 
 def _color_drift(cfg: GridConfig, cells: dict[tuple[int, int, int], CellParams], done: dict[tuple[int, int, int], Path],
