@@ -61,7 +61,7 @@ class TextEncoderHooks(HookedLoraNetwork):
             rank = parts["lora_down.weight"].shape[0] if kind == "lora" else 1
             self.lora[name] = make_adapter(kind, f"{source}: {name}", (layer.in_features, layer.out_features), rank,
                                            1.0, None, parts if kind != "lora" else None)
-        load_kohya_state_dict(self, sd, source)
+        load_kohya_state_dict(self, sd, source, groups)
 
 
 class FlowLoraFile:

@@ -157,7 +157,7 @@ def flux_lora_from_kohya(cfg: FluxConfig, sd: dict[str, torch.Tensor], split_qkv
     else:
         ranks = kohya_ranks(groups, by_name, lambda p: len(split_sizes(p, cfg) or (1,)) if split_qkv else 1, source)
         network = FluxLoraNetwork(cfg, ranks, 1.0, split_qkv)
-    load_kohya_state_dict(network, sd, source)
+    load_kohya_state_dict(network, sd, source, groups)
     return network
 
 

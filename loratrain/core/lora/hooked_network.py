@@ -17,12 +17,13 @@ from torch import nn
 
 from loratrain.core.errors import ConfigError
 
+from .module_checks import LOHA, LOKR, check_module
+
 PREFIX = "lora_unet_"
 KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
-#: LyCORIS' LoHa / LoKr tensor suffixes (hooked_kinds.py builds the kinds; Tucker and low-rank-W1 ones are read so
+#: LyCORIS' LoHa / LoKr / DoRA tensor suffixes (module_checks.py's lists; Tucker and low-rank-W1 ones are read so
 #: that they are refused by name rather than as unknown keys)
-LYCORIS_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
-                 "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+LYCORIS_PARTS = LOHA + ("hada_t1", "hada_t2") + LOKR + ("dora_scale",)
 
 
 def kohya_name(path: str) -> str:
@@ -179,12 +180,10 @@ def group_kohya(sd: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[s
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
         name, _, part = key.partition(".")
-        if part not in KOHYA_PARTS + LYCORIS_PARTS + ("dora_scale",):
+        if part not in KOHYA_PARTS + LYCORIS_PARTS:
             raise ConfigError(f"{source}: {key} is not part of a kohya LoRA (lora_down.weight / lora_up.weight / alpha) "
                               "or a LyCORIS LoHa / LoKr module")
         groups.setdefault(name, {})[part] = value
-    from .module_checks import check_module
-
     for name, parts in groups.items():  # every part there, shapes that multiply, finite numbers, one alpha
         try:
             check_module(f"{source}: {name}", parts)
@@ -203,11 +202,14 @@ def file_kind(groups: Mapping[str, Mapping[str, torch.Tensor]], source: str) -> 
     return kinds.pop() if kinds else "lora"
 
 
-def load_kohya_state_dict(network: HookedLoraNetwork, sd: Mapping[str, torch.Tensor], source: str = "LoRA") -> None:
-    """Reverse of kohya_state_dict: fill a network built with the same targets (every module must be there)."""
+def load_kohya_state_dict(network: HookedLoraNetwork, sd: Mapping[str, torch.Tensor], source: str = "LoRA",
+                          groups: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Reverse of kohya_state_dict: fill a network built with the same targets (every module must be there).
+    `groups`: `sd` already grouped (and so checked) by group_kohya, which a caller that shaped the network from the
+    file has done; the tensors are not checked twice."""
     from .hooked_kinds import kind_of_parts
 
-    groups = group_kohya(sd, source)
+    groups = group_kohya(sd, source) if groups is None else groups
     extra, missing = sorted(set(groups) - set(network.lora)), sorted(set(network.lora) - set(groups))
     if extra or missing:
         raise ConfigError(f"{source}: modules do not match the network ({'extra ' + extra[0] if extra else ''}"

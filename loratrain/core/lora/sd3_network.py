@@ -246,7 +246,7 @@ def sd3_lora_from_kohya(cfg: SD3Config, sd: dict[str, torch.Tensor], split_qkv: 
     else:
         ranks = kohya_ranks(groups, by_name, lambda p: len(split_sizes(p, cfg) or (1,)) if split_qkv else 1, source)
         network = SD3LoraNetwork(cfg, {p: (r, 1.0) for p, r in ranks.items()}, split_qkv)
-    load_kohya_state_dict(network, sd, source)
+    load_kohya_state_dict(network, sd, source, groups)
     return network
 
 

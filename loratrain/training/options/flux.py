@@ -137,6 +137,9 @@ class FluxOptions(FlowMatchOptions):
         out += self._fsdp_problems()
         if self.train_t5xxl and getattr(self, "network_train_unet_only", False):
             out.append(("train_t5xxl", "trains a text encoder, but network_train_unet_only trains the transformer only"))
+        if self.blocks_to_swap and self.cpu_offload_checkpointing:  # FLUX.1 and SD3 alike, whatever the model
+            out.append(("cpu_offload_checkpointing", "not with blocks_to_swap (sd-scripts refuses the pair too): choose "
+                                                     "one way to save GPU memory"))
         return out
 
     def _fsdp_problems(self) -> list[Problem]:
@@ -194,9 +197,6 @@ class FluxOptions(FlowMatchOptions):
         for name, why in SD_ONLY.items():
             if name in defaults and getattr(self, name) != defaults[name].get_default(call_default_factory=True):
                 out.append((name, f"not with a FLUX.1 model: {why}"))
-        if self.blocks_to_swap and self.cpu_offload_checkpointing:
-            out.append(("cpu_offload_checkpointing", "not with blocks_to_swap (sd-scripts refuses the pair too): choose "
-                                                     "one way to save GPU memory"))
         if self.blocks_to_swap and not getattr(self, "gradient_checkpointing", False):
             out.append(("blocks_to_swap", "needs --gradient_checkpointing (a swapped block's weights must not be "
                                           "kept for backward)"))

@@ -106,9 +106,6 @@ class SD3Options(BaseModel):
             if swap and not getattr(self, "gradient_checkpointing", False):
                 out.append(("blocks_to_swap", "needs --gradient_checkpointing (a swapped block's weights must not be "
                                               "kept for backward)"))
-            if swap and getattr(self, "cpu_offload_checkpointing", False):
-                out.append(("cpu_offload_checkpointing", "not with blocks_to_swap (sd-scripts refuses the pair too): "
-                                                         "choose one way to save GPU memory"))
         except ConfigError as e:
             field, _, text = str(e).partition(": ")
             if field.startswith("network_args train_block_indices"):
